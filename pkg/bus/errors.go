@@ -1,0 +1,55 @@
+package bus
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// ErrPoison marks a message that can never be processed: it does not decode,
+// fails validation, or a handler judged it invalid. The runner moves it to
+// the dead-letter subject at once instead of retrying it.
+var ErrPoison = errors.New("poison message")
+
+// Poison marks err as terminal for the message being handled.
+func Poison(err error) error {
+	if err == nil {
+		err = errors.New("unspecified")
+	}
+	return fmt.Errorf("%w: %w", ErrPoison, err)
+}
+
+// RetryAfter marks err as transient with a delay the caller knows better
+// than the runner's backoff, such as Exchange's throttling back-off.
+func RetryAfter(d time.Duration, err error) error {
+	return &retryAfterError{delay: d, err: err}
+}
+
+type retryAfterError struct {
+	delay time.Duration
+	err   error
+}
+
+func (e *retryAfterError) Error() string {
+	return fmt.Sprintf("retry after %s: %v", e.delay, e.err)
+}
+
+func (e *retryAfterError) Unwrap() error { return e.err }
+
+// RetryAfter returns the delay asked for.
+func (e *retryAfterError) RetryAfter() time.Duration { return e.delay }
+
+// retryAfter is implemented by any error that knows how long to wait; other
+// packages can implement it without importing bus.
+type retryAfter interface {
+	RetryAfter() time.Duration
+}
+
+// retryDelay returns the delay an error asks for, if any.
+func retryDelay(err error) (time.Duration, bool) {
+	var ra retryAfter
+	if errors.As(err, &ra) {
+		return ra.RetryAfter(), true
+	}
+	return 0, false
+}

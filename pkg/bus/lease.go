@@ -1,0 +1,243 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// ErrLeaseTTL is returned when the lease bucket has no TTL, so a lease
+// could never expire and a crashed holder would keep its duty forever.
+var ErrLeaseTTL = errors.New("lease bucket has no TTL")
+
+// Lease elects one holder per duty and org among replicas: the active
+// collector, the org-settings enforcer. It follows the renewable-lease
+// pattern: Create the key in a bucket whose TTL is the lease TTL, Update it
+// with the last revision every TTL/3, and count the lease as lost when an
+// update is refused or when no update has succeeded for most of a TTL. The
+// holder gives up before the key can expire on the server, so two holders
+// never overlap; a standby watches the key and takes over as soon as it
+// expires.
+type Lease struct {
+	kv     jetstream.KeyValue
+	key    string
+	holder string
+	ttl    time.Duration
+	log    *slog.Logger
+
+	held atomic.Bool
+	mu   sync.Mutex
+	rev  uint64
+}
+
+// leaseRecord is the value of a lease key: who holds it, for operators.
+type leaseRecord struct {
+	Holder     string    `json:"holder"`
+	AcquiredAt time.Time `json:"acquired_at"`
+	RenewedAt  time.Time `json:"renewed_at"`
+}
+
+// NewLease prepares a lease on duty for org, held under the name holder
+// (unique per replica, e.g. hostname and pid). The key TTL is the bucket's
+// (see Topology.LeaseKeyTTL).
+func NewLease(ctx context.Context, kv jetstream.KeyValue, duty string, org Org, holder string, log *slog.Logger) (*Lease, error) {
+	if _, err := ParseOrg(string(org)); err != nil {
+		return nil, fmt.Errorf("new lease %s: %w", duty, err)
+	}
+	if duty == "" || holder == "" {
+		return nil, errors.New("new lease: duty and holder must not be empty")
+	}
+	st, err := kv.Status(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("new lease %s/%s: bucket status: %w", duty, org, err)
+	}
+	if st.TTL() <= 0 {
+		return nil, fmt.Errorf("new lease %s/%s: %w", duty, org, ErrLeaseTTL)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	key := duty + "." + string(org)
+	return &Lease{kv: kv, key: key, holder: holder, ttl: st.TTL(), log: log.With("lease", key, "holder", holder)}, nil
+}
+
+// Held reports whether this replica holds the lease now.
+func (l *Lease) Held() bool { return l.held.Load() }
+
+// KeyTTL returns how long the lease key lives after its last renewal.
+func (l *Lease) KeyTTL() time.Duration { return l.ttl }
+
+// Holder returns the name of the current holder as recorded in the bucket,
+// or "" when nobody holds the lease.
+func (l *Lease) Holder(ctx context.Context) (string, error) {
+	e, err := l.kv.Get(ctx, l.key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("lease %s holder: %w", l.key, err)
+	}
+	var rec leaseRecord
+	if err := json.Unmarshal(e.Value(), &rec); err != nil {
+		return "", fmt.Errorf("lease %s holder: %w", l.key, err)
+	}
+	return rec.Holder, nil
+}
+
+// Run campaigns for the lease until ctx is cancelled. Each time it is
+// acquired, lead runs with a context that is cancelled the moment the lease
+// is lost; Run waits for lead to return before campaigning again. On exit
+// Run releases the lease so a standby takes over at once. If lead returns
+// on its own, Run releases the lease and returns.
+func (l *Lease) Run(ctx context.Context, lead func(ctx context.Context)) error {
+	w, err := l.kv.Watch(ctx, l.key, jetstream.UpdatesOnly())
+	if err != nil {
+		return fmt.Errorf("lease %s: watch: %w", l.key, err)
+	}
+	defer func() { _ = w.Stop() }()
+	for {
+		acquired, err := l.acquire(ctx)
+		if err != nil {
+			l.log.Warn("acquire", "error", err)
+		}
+		if acquired {
+			if l.lead(ctx, lead) {
+				l.release()
+				return nil
+			}
+			continue
+		}
+		// Wait for the key to go (expiry marker or release), or poll: a
+		// watch can miss an event across a reconnect.
+		t := time.NewTimer(l.ttl / 4)
+	wait:
+		for {
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			case <-t.C:
+				break wait
+			case e := <-w.Updates():
+				if e != nil && (e.Operation() == jetstream.KeyValueDelete || e.Operation() == jetstream.KeyValuePurge) {
+					t.Stop()
+					break wait
+				}
+			}
+		}
+	}
+}
+
+// acquire tries to create the key.
+func (l *Lease) acquire(ctx context.Context) (bool, error) {
+	now := time.Now()
+	val, _ := json.Marshal(leaseRecord{Holder: l.holder, AcquiredAt: now, RenewedAt: now})
+	actx, cancel := context.WithTimeout(ctx, l.ttl/3)
+	defer cancel()
+	rev, err := l.kv.Create(actx, l.key, val)
+	if errors.Is(err, jetstream.ErrKeyExists) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("lease %s: create: %w", l.key, err)
+	}
+	l.mu.Lock()
+	l.rev = rev
+	l.mu.Unlock()
+	l.held.Store(true)
+	l.log.Info("lease acquired", "ttl", l.ttl)
+	return true, nil
+}
+
+// lead runs the duty while renewing; it returns true when Run should stop
+// (ctx cancelled or lead returned on its own) and false when the lease was lost.
+func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop bool) {
+	lctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		lead(lctx)
+	}()
+	acquiredAt := time.Now()
+	lastOK := acquiredAt
+	// Give up a little before the server could expire the key: the key
+	// lives TTL after the server stored our last update, which is after we
+	// sent it, so a standby can only get it after we stopped leading.
+	deadline := func() time.Time { return lastOK.Add(l.ttl - l.ttl/5) }
+	renew := time.NewTicker(l.ttl / 3)
+	defer renew.Stop()
+	expire := time.NewTimer(time.Until(deadline()))
+	defer expire.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			cancel()
+			<-done
+			return true
+		case <-done:
+			cancel()
+			return true
+		case <-expire.C:
+			l.lost(cancel, done, "no renewal succeeded within the TTL")
+			return false
+		case <-renew.C:
+		}
+		sent := time.Now()
+		rctx, rcancel := context.WithDeadline(ctx, deadline())
+		val, _ := json.Marshal(leaseRecord{Holder: l.holder, AcquiredAt: acquiredAt, RenewedAt: sent})
+		l.mu.Lock()
+		rev, err := l.kv.Update(rctx, l.key, val, l.rev)
+		if err == nil {
+			l.rev = rev
+		}
+		l.mu.Unlock()
+		rcancel()
+		switch {
+		case err == nil:
+			lastOK = sent
+			expire.Reset(time.Until(deadline()))
+		case errors.Is(err, jetstream.ErrKeyRevisionMismatch), errors.Is(err, jetstream.ErrKeyNotFound):
+			l.lost(cancel, done, "the key changed under us: "+err.Error())
+			return false
+		case ctx.Err() != nil:
+			// Shutting down; the next turn of the loop returns.
+		case !time.Now().Before(deadline()):
+			l.lost(cancel, done, "renewal failed until the deadline: "+err.Error())
+			return false
+		default:
+			l.log.Warn("lease renewal failed; retrying", "error", err)
+		}
+	}
+}
+
+func (l *Lease) lost(cancel context.CancelFunc, done <-chan struct{}, why string) {
+	l.held.Store(false)
+	cancel()
+	<-done
+	l.log.Warn("lease lost", "reason", why)
+}
+
+// release deletes the key if it is still ours, so a standby need not wait
+// for the TTL.
+func (l *Lease) release() {
+	if !l.held.Swap(false) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), l.ttl/3)
+	defer cancel()
+	l.mu.Lock()
+	rev := l.rev
+	l.mu.Unlock()
+	if err := l.kv.Delete(ctx, l.key, jetstream.LastRevision(rev)); err != nil {
+		l.log.Warn("lease release failed; it expires on its own", "error", err)
+		return
+	}
+	l.log.Info("lease released")
+}

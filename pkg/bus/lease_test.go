@@ -1,0 +1,144 @@
+package bus_test
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/natsembed/natstest"
+)
+
+type contender struct {
+	name   string
+	lease  *bus.Lease
+	leads  atomic.Int32
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func startContender(t *testing.T, kv jetstream.KeyValue, name string) *contender {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	l, err := bus.NewLease(ctx, kv, "collector", org, name, quietLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &contender{name: name, lease: l, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		_ = l.Run(ctx, func(ctx context.Context) {
+			c.leads.Add(1)
+			<-ctx.Done()
+		})
+	}()
+	t.Cleanup(func() { cancel(); <-c.done })
+	return c
+}
+
+func TestLeaseOneHolderAndTakeoverWithinTTL(t *testing.T) {
+	s := natstest.Server(t)
+	_, js := natstest.Connect(t, s)
+	topo := fastTopology()
+	if err := bus.Provision(natstest.Context(t), js, topo); err != nil {
+		t.Fatal(err)
+	}
+	// Each contender has its own connection, as replicas on different hosts do.
+	kvFor := func(name string) (jetstream.KeyValue, func()) {
+		nc, err := s.Connect(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		js, _ := jetstream.New(nc)
+		kv, err := js.KeyValue(natstest.Context(t), bus.BucketLeases)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return kv, nc.Close
+	}
+	kvA, crashA := kvFor("a")
+	kvB, _ := kvFor("b")
+	a := startContender(t, kvA, "replica-a")
+	natstest.Eventually(t, 5*time.Second, "a holds", func() bool { return a.lease.Held() })
+	b := startContender(t, kvB, "replica-b")
+
+	// For several TTLs, exactly one holds it at every sample: a renews, b waits.
+	ttl := topo.LeaseTTL
+	end := time.Now().Add(3 * ttl)
+	natstest.Eventually(t, 10*ttl, "three TTLs of single holding", func() bool {
+		ha, hb := a.lease.Held(), b.lease.Held()
+		if ha == hb {
+			t.Fatalf("a holds %v, b holds %v", ha, hb)
+		}
+		return time.Now().After(end)
+	})
+	if a.leads.Load() != 1 || b.leads.Load() != 0 {
+		t.Fatalf("leads: a %d, b %d", a.leads.Load(), b.leads.Load())
+	}
+	if h, err := b.lease.Holder(natstest.Context(t)); err != nil || h != "replica-a" {
+		t.Fatalf("recorded holder %q, %v", h, err)
+	}
+
+	// a's process dies: its connection goes, it stops renewing without
+	// releasing. b must take over within the TTL, and never overlap with a.
+	crashA()
+	crashed := time.Now()
+	natstest.Eventually(t, 3*ttl, "b takes over", func() bool {
+		ha, hb := a.lease.Held(), b.lease.Held()
+		if ha && hb {
+			t.Fatal("a and b hold the lease at once")
+		}
+		return hb
+	})
+	took := time.Since(crashed)
+	t.Logf("takeover %s after the holder died (lease TTL %s, key TTL %s)", took, ttl, a.lease.KeyTTL())
+	// The holder's last renewal was before the crash, so the standby must
+	// hold the lease within the TTL of the crash.
+	if took > ttl {
+		t.Errorf("takeover took %s, more than the lease TTL %s", took, ttl)
+	}
+	if a.lease.Held() {
+		t.Fatal("a still believes it holds the lease")
+	}
+	if b.leads.Load() != 1 {
+		t.Fatalf("b led %d times", b.leads.Load())
+	}
+}
+
+func TestLeaseReleasedOnStop(t *testing.T) {
+	_, _, js := natstest.Start(t)
+	if err := bus.Provision(natstest.Context(t), js, fastTopology()); err != nil {
+		t.Fatal(err)
+	}
+	kv, _ := js.KeyValue(natstest.Context(t), bus.BucketLeases)
+	a := startContender(t, kv, "replica-a")
+	natstest.Eventually(t, 5*time.Second, "a holds", func() bool { return a.lease.Held() })
+	b := startContender(t, kv, "replica-b")
+	start := time.Now()
+	a.cancel()
+	<-a.done
+	natstest.Eventually(t, 5*time.Second, "b takes over", func() bool { return b.lease.Held() })
+	// A released lease is taken at once, not after the TTL.
+	if took := time.Since(start); took > a.lease.KeyTTL()/2 {
+		t.Errorf("takeover after release took %s", took)
+	}
+}
+
+func TestLeaseNeedsBucketTTL(t *testing.T) {
+	_, _, js := natstest.Start(t)
+	ctx := natstest.Context(t)
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "no_ttl"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bus.NewLease(ctx, kv, "collector", org, "x", nil); !errors.Is(err, bus.ErrLeaseTTL) {
+		t.Fatalf("err = %v, want ErrLeaseTTL", err)
+	}
+	if _, err := bus.NewLease(ctx, kv, "collector", "Bad Org", "x", nil); !errors.Is(err, bus.ErrBadOrg) {
+		t.Fatalf("err = %v, want ErrBadOrg", err)
+	}
+}

@@ -1,0 +1,205 @@
+package bus
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Stream names. Facts that may be replayed or audited use limits retention;
+// commands consumed exactly once use work-queue retention.
+const (
+	StreamEAS          = "EASGUARD_EAS"
+	StreamMDM          = "EASGUARD_MDM"
+	StreamMatch        = "EASGUARD_MATCH"
+	StreamDecisions    = "EASGUARD_DECISIONS"
+	StreamApplied      = "EASGUARD_APPLIED"
+	StreamNotify       = "EASGUARD_NOTIFY"
+	StreamSyncRequests = "EASGUARD_SYNC_REQUESTS"
+	StreamSync         = "EASGUARD_SYNC"
+	StreamAlerts       = "EASGUARD_ALERTS"
+	StreamDLQ          = "EASGUARD_DLQ"
+	// StreamAdvisories captures the server's max-deliveries advisories,
+	// which are fire-and-forget core messages, so that the dead-letter mover
+	// can process every one even if it was down when it was sent.
+	StreamAdvisories = "EASGUARD_ADVISORIES"
+)
+
+// BucketLeases is the KV bucket holding per-org singleton leases. Its
+// bucket TTL is the lease TTL: a holder that stops renewing loses its key.
+const BucketLeases = "easguard_leases"
+
+// maxDeliveriesAdvisory is the subject prefix of the server's advisory sent
+// when a message reaches a consumer's MaxDeliver.
+const maxDeliveriesAdvisory = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+// Topology holds the tunables of every stream, consumer and bucket. The
+// zero value is not useful; start from DefaultTopology.
+type Topology struct {
+	// Replicas of every stream and bucket: 1 for a single server, 3 for a cluster.
+	Replicas int
+	// FactsMaxAge bounds how long observed, matched, decided and applied events are kept.
+	FactsMaxAge time.Duration
+	// DeadLetterMaxAge bounds how long dead letters and alerts are kept; long, because a human reads them.
+	DeadLetterMaxAge time.Duration
+	// DuplicateWindow is how long a Nats-Msg-Id is remembered; it must cover
+	// the longest publisher retry and a worker restart.
+	DuplicateWindow time.Duration
+	// LeaseTTL bounds how long a singleton duty stays unattended after its
+	// holder stops renewing: a standby takes over within it. At least 2s.
+	LeaseTTL time.Duration
+	// Consumer holds the defaults for durable consumers.
+	Consumer ConsumerDefaults
+}
+
+// ConsumerDefaults are the redelivery settings of durable consumers.
+type ConsumerDefaults struct {
+	// AckWait is how long a delivered message may go without an ack or a
+	// progress heartbeat before the server redelivers it.
+	AckWait time.Duration
+	// MaxDeliver bounds deliveries; the last failed one is dead-lettered.
+	MaxDeliver int
+	// MaxAckPending bounds unacknowledged messages across all instances of
+	// a consumer: the real concurrency limit of a stage.
+	MaxAckPending int
+}
+
+// DefaultTopology returns production defaults.
+func DefaultTopology() Topology {
+	return Topology{
+		Replicas:         1,
+		FactsMaxAge:      14 * 24 * time.Hour,
+		DeadLetterMaxAge: 90 * 24 * time.Hour,
+		DuplicateWindow:  10 * time.Minute,
+		LeaseTTL:         15 * time.Second,
+		Consumer: ConsumerDefaults{
+			AckWait:       30 * time.Second,
+			MaxDeliver:    10,
+			MaxAckPending: 256,
+		},
+	}
+}
+
+// StreamConfigs returns the configuration of every stream easguard uses.
+func (t Topology) StreamConfigs() []jetstream.StreamConfig {
+	facts := func(e Event, desc string) jetstream.StreamConfig {
+		return jetstream.StreamConfig{
+			Name:        e.stream,
+			Description: desc,
+			Subjects:    []string{e.streamSubject()},
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      t.FactsMaxAge,
+			Duplicates:  t.DuplicateWindow,
+			Storage:     jetstream.FileStorage,
+			Replicas:    t.Replicas,
+		}
+	}
+	syncReq := facts(SyncRequested, "sync commands for the collector, consumed once")
+	syncReq.Retention = jetstream.WorkQueuePolicy
+	alerts := facts(AlertRaised, "alerts for operators")
+	alerts.MaxAge = t.DeadLetterMaxAge
+	dlq := facts(DeadLetter, "messages a worker gave up on, with the reason in headers")
+	dlq.MaxAge = t.DeadLetterMaxAge
+	return []jetstream.StreamConfig{
+		facts(EASObserved, "ActiveSync partnerships as observed on Exchange"),
+		facts(MDMChanged, "device records changed in an MDM"),
+		facts(DeviceMatched, "partnerships joined with MDM records"),
+		facts(AccessDecided, "access decisions of the evaluator"),
+		facts(AccessApplied, "access changes applied on Exchange"),
+		facts(NotifySent, "notification mails sent"),
+		syncReq,
+		facts(SyncCompleted, "sync passes of the collector"),
+		alerts,
+		dlq,
+		{
+			Name:        StreamAdvisories,
+			Description: "max-deliveries advisories for the dead-letter mover",
+			Subjects:    []string{maxDeliveriesAdvisory + ".>"},
+			Retention:   jetstream.WorkQueuePolicy,
+			MaxAge:      t.DeadLetterMaxAge,
+			Storage:     jetstream.FileStorage,
+			Replicas:    t.Replicas,
+		},
+	}
+}
+
+// LeaseKeyTTL is how long a lease key lives on the server after its last
+// renewal. The server removes expired messages up to about a quarter second
+// late, so the key TTL is shorter than LeaseTTL by a fifth (at least 300ms):
+// that way a standby holds the lease within LeaseTTL of the holder's last
+// renewal, as promised.
+func (t Topology) LeaseKeyTTL() time.Duration {
+	allowance := t.LeaseTTL / 5
+	if allowance < 300*time.Millisecond {
+		allowance = 300 * time.Millisecond
+	}
+	return t.LeaseTTL - allowance
+}
+
+// LeaseBucketConfig returns the configuration of the lease bucket. Limit
+// markers make an expired lease visible to watchers at once, so a standby
+// takes over as soon as the holder's key expires instead of at its next poll.
+func (t Topology) LeaseBucketConfig() jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{
+		Bucket:         BucketLeases,
+		Description:    "per-org singleton leases",
+		History:        1,
+		TTL:            t.LeaseKeyTTL(),
+		LimitMarkerTTL: t.LeaseTTL,
+		Storage:        jetstream.FileStorage,
+		Replicas:       t.Replicas,
+	}
+}
+
+// ConsumerConfig returns the durable consumer of one route. The durable name
+// is service-route[-org]; all instances of a service share it, which is how
+// a stage scales out.
+func (t Topology) ConsumerConfig(service, route, filter string, org Org) jetstream.ConsumerConfig {
+	name := service + "-" + route
+	if org != "" {
+		name += "-" + string(org)
+	}
+	md := map[string]string{"easguard.service": service, "easguard.route": route}
+	if org != "" {
+		md["easguard.org"] = string(org)
+	}
+	return jetstream.ConsumerConfig{
+		Durable:       name,
+		Description:   fmt.Sprintf("%s consumes %s", service, filter),
+		FilterSubject: filter,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       t.Consumer.AckWait,
+		MaxDeliver:    t.Consumer.MaxDeliver,
+		MaxAckPending: t.Consumer.MaxAckPending,
+		Metadata:      md,
+	}
+}
+
+// Provision creates or updates every stream and bucket. It is idempotent and
+// safe to call from every worker at start: the first caller creates, the
+// others find the same configuration.
+func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
+	for _, cfg := range t.StreamConfigs() {
+		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+			return fmt.Errorf("provision stream %s: %w", cfg.Name, err)
+		}
+	}
+	if _, err := js.CreateOrUpdateKeyValue(ctx, t.LeaseBucketConfig()); err != nil {
+		return fmt.Errorf("provision bucket %s: %w", BucketLeases, err)
+	}
+	return nil
+}
+
+// isWorkQueue reports whether a stream removes a message once it is acked,
+// which decides whether a dead-lettered message must also be deleted.
+func isWorkQueue(t Topology, stream string) (known, wq bool) {
+	for _, cfg := range t.StreamConfigs() {
+		if cfg.Name == stream {
+			return true, cfg.Retention == jetstream.WorkQueuePolicy
+		}
+	}
+	return false, false
+}

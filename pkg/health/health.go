@@ -1,0 +1,112 @@
+// Package health serves the three endpoints every easguard worker exposes:
+// /healthz (the process is alive), /readyz (its consumers are bound and it
+// can do work; orchestrators route and roll out on it) and /metrics
+// (Prometheus text format).
+package health
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Check returns nil when its part of the worker is ready.
+type Check func() error
+
+// Server is a worker's health and metrics endpoint.
+type Server struct {
+	mu      sync.RWMutex
+	checks  map[string]Check
+	metrics http.Handler
+}
+
+// New returns a server that serves metrics with the given handler (nil:
+// no /metrics).
+func New(metrics http.Handler) *Server {
+	return &Server{checks: map[string]Check{}, metrics: metrics}
+}
+
+// AddReadiness registers a readiness check under a name shown by /readyz.
+func (s *Server) AddReadiness(name string, c Check) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.checks[name] = c
+}
+
+// Ready runs every readiness check; the error lists each one that failed.
+// With no checks registered the worker is not ready: it has nothing bound.
+func (s *Server) Ready() error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if len(s.checks) == 0 {
+		return errors.New("no components registered")
+	}
+	names := make([]string, 0, len(s.checks))
+	for n := range s.checks {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	var errs []error
+	for _, n := range names {
+		if err := s.checks[n](); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", n, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Handler returns the mux with /healthz, /readyz and /metrics.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if err := s.Ready(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "not ready:")
+			for _, line := range strings.Split(err.Error(), "\n") {
+				fmt.Fprintln(w, "  "+line)
+			}
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	if s.metrics != nil {
+		mux.Handle("GET /metrics", s.metrics)
+	}
+	return mux
+}
+
+// Listen binds addr at once, so a port clash stops the worker at start,
+// and returns the bound address with a function that serves until ctx ends.
+func (s *Server) Listen(addr string) (net.Addr, func(ctx context.Context) error, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("health listen %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	serve := func(ctx context.Context) error {
+		errc := make(chan error, 1)
+		go func() { errc <- srv.Serve(ln) }()
+		select {
+		case err := <-errc:
+			return fmt.Errorf("health serve: %w", err)
+		case <-ctx.Done():
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(sctx)
+			<-errc
+			return nil
+		}
+	}
+	return ln.Addr(), serve, nil
+}

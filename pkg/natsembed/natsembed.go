@@ -1,0 +1,142 @@
+// Package natsembed runs a NATS server with JetStream inside the easguard
+// process. The all-in-one binary uses it so that one command runs the whole
+// pipeline; tests use it so that they talk to a real JetStream, never a mock.
+// Workers connect to it in-process, exactly as they would to a remote server
+// through a URL.
+package natsembed
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+)
+
+// Options configures the embedded server.
+type Options struct {
+	// StoreDir holds JetStream's file store; it survives restarts.
+	StoreDir string
+	// Listen is host:port for clients outside the process (the nats CLI,
+	// separate worker processes); empty means in-process only. Port 0
+	// picks a free port.
+	Listen string
+	// MonitorListen is host:port for the server's HTTP monitoring
+	// (/healthz, /jsz); empty disables it.
+	MonitorListen string
+	// ReadyTimeout bounds the wait for the server to accept connections.
+	ReadyTimeout time.Duration
+	// Logs enables the server's own log on stderr.
+	Logs bool
+}
+
+// Server is a running embedded NATS server.
+type Server struct {
+	ns *server.Server
+}
+
+// Start starts the server and waits until it accepts connections.
+func Start(o Options) (*Server, error) {
+	if o.StoreDir == "" {
+		return nil, errors.New("start embedded nats: store directory is empty")
+	}
+	opts := &server.Options{
+		ServerName: "easguard-embedded",
+		JetStream:  true,
+		StoreDir:   o.StoreDir,
+		NoSigs:     true,
+		NoLog:      !o.Logs,
+		DontListen: o.Listen == "",
+	}
+	if o.Listen != "" {
+		host, port, err := splitHostPort(o.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("start embedded nats: listen address: %w", err)
+		}
+		opts.Host, opts.Port = host, port
+		if port == 0 {
+			opts.Port = server.RANDOM_PORT
+		}
+	}
+	if o.MonitorListen != "" {
+		host, port, err := splitHostPort(o.MonitorListen)
+		if err != nil {
+			return nil, fmt.Errorf("start embedded nats: monitor address: %w", err)
+		}
+		opts.HTTPHost, opts.HTTPPort = host, port
+		if port == 0 {
+			opts.HTTPPort = server.RANDOM_PORT
+		}
+	}
+	ns, err := server.NewServer(opts)
+	if err != nil {
+		return nil, fmt.Errorf("start embedded nats: %w", err)
+	}
+	if o.Logs {
+		ns.ConfigureLogger()
+	}
+	go ns.Start()
+	timeout := o.ReadyTimeout
+	if timeout == 0 {
+		timeout = 10 * time.Second
+	}
+	if !ns.ReadyForConnections(timeout) {
+		ns.Shutdown()
+		return nil, fmt.Errorf("start embedded nats: not ready after %s (store %s)", timeout, o.StoreDir)
+	}
+	if !ns.JetStreamEnabled() {
+		ns.Shutdown()
+		return nil, fmt.Errorf("start embedded nats: JetStream did not start (store %s)", o.StoreDir)
+	}
+	return &Server{ns: ns}, nil
+}
+
+func splitHostPort(addr string) (string, int, error) {
+	host, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil || port < 0 || port > 65535 {
+		return "", 0, fmt.Errorf("port %q is not a number from 0 to 65535", p)
+	}
+	return host, port, nil
+}
+
+// Connect opens a client connection through an in-process pipe, no socket.
+func (s *Server) Connect(name string, opts ...nats.Option) (*nats.Conn, error) {
+	opts = append([]nats.Option{nats.Name(name), nats.InProcessServer(s.ns)}, opts...)
+	nc, err := nats.Connect("", opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connect to embedded nats: %w", err)
+	}
+	return nc, nil
+}
+
+// ClientURL returns the nats:// URL of the client listener, or "" when the
+// server listens only in-process.
+func (s *Server) ClientURL() string {
+	addr := s.ns.Addr()
+	if addr == nil {
+		return ""
+	}
+	return "nats://" + addr.String()
+}
+
+// MonitorURL returns the http:// URL of the monitoring listener, or "".
+func (s *Server) MonitorURL() string {
+	addr := s.ns.MonitorAddr()
+	if addr == nil {
+		return ""
+	}
+	return "http://" + addr.String()
+}
+
+// Shutdown stops the server and waits until it has stopped.
+func (s *Server) Shutdown() {
+	s.ns.Shutdown()
+	s.ns.WaitForShutdown()
+}

@@ -1,0 +1,245 @@
+// Package service is the life cycle every easguard binary shares: logs,
+// telemetry, the NATS connection (embedded or remote), the topology, the
+// health endpoint, the runners, and an orderly shutdown. Workers supply
+// routes; this package supplies everything around them, once.
+package service
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/health"
+	"github.com/easguard/easguard/pkg/natsembed"
+	"github.com/easguard/easguard/pkg/telemetry"
+)
+
+// Options configure Start.
+type Options struct {
+	// Name is the service name in logs, traces and NATS connection names.
+	Name    string
+	Version string
+	Common  config.Common
+	// Embedded, when set and Common.NatsURL is empty, starts an in-process
+	// NATS server with these options instead of dialling one.
+	Embedded *natsembed.Options
+	// LogOutput receives the JSON logs; nil means stderr.
+	LogOutput io.Writer
+}
+
+// Service is a started process: connected, provisioned, serving health.
+type Service struct {
+	Log      *slog.Logger
+	Tel      *telemetry.Telemetry
+	NC       *nats.Conn
+	JS       jetstream.JetStream
+	Health   *health.Server
+	Embedded *natsembed.Server
+	// HTTPAddr is the bound address of the health endpoint.
+	HTTPAddr string
+
+	opts     Options
+	topology bus.Topology
+	serve    func(ctx context.Context) error
+
+	mu    sync.Mutex
+	tasks []task
+}
+
+type task struct {
+	name string
+	run  func(ctx context.Context) error
+}
+
+// Start brings a process up to the point where it can run workers. On error
+// everything already started is stopped again.
+func Start(ctx context.Context, o Options) (_ *Service, err error) {
+	level, err := telemetry.ParseLevel(o.Common.LogLevel)
+	if err != nil {
+		return nil, err
+	}
+	out := o.LogOutput
+	if out == nil {
+		out = os.Stderr
+	}
+	s := &Service{opts: o, topology: o.Common.Topology()}
+	s.Log = telemetry.NewLogger(out, level, o.Name).With("org", o.Common.Org)
+	var undo []func()
+	defer func() {
+		if err != nil {
+			for i := len(undo) - 1; i >= 0; i-- {
+				undo[i]()
+			}
+		}
+	}()
+
+	s.Tel, err = telemetry.Setup(ctx, telemetry.Config{
+		ServiceName: o.Name, ServiceVersion: o.Version, InstanceID: o.Common.InstanceID,
+		Org: o.Common.Org, Endpoint: o.Common.OtelEndpoint,
+	})
+	if err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { _ = s.Tel.Shutdown(context.Background()) })
+
+	if o.Common.NatsURL == "" && o.Embedded != nil {
+		eo := *o.Embedded
+		if err := os.MkdirAll(eo.StoreDir, 0o750); err != nil {
+			return nil, fmt.Errorf("embedded nats store %s: %w", eo.StoreDir, err)
+		}
+		if abs, err := filepath.Abs(eo.StoreDir); err == nil {
+			eo.StoreDir = abs
+		}
+		s.Embedded, err = natsembed.Start(eo)
+		if err != nil {
+			return nil, err
+		}
+		undo = append(undo, s.Embedded.Shutdown)
+		s.NC, err = s.Embedded.Connect(o.Name)
+		if err != nil {
+			return nil, err
+		}
+		s.Log.Info("embedded nats started", "store", eo.StoreDir, "client_url", s.Embedded.ClientURL(), "monitor_url", s.Embedded.MonitorURL())
+	} else {
+		if o.Common.NatsURL == "" {
+			return nil, errors.New("EASGUARD_NATS_URL is empty and this binary has no embedded server")
+		}
+		s.NC, err = bus.Connect(bus.ConnectOptions{
+			URL: o.Common.NatsURL, Name: o.Name + "/" + o.Common.Org, User: o.Common.NatsUser,
+			Password: o.Common.NatsPassword.Reveal(), Token: o.Common.NatsToken.Reveal(),
+			CredsFile: o.Common.NatsCredsFile, Logger: s.Log,
+		})
+		if err != nil {
+			return nil, err
+		}
+		s.Log.Info("connected to nats", "server", s.NC.ConnectedUrlRedacted())
+	}
+	undo = append(undo, s.NC.Close)
+	s.JS, err = jetstream.New(s.NC)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := bus.Provision(pctx, s.JS, s.topology); err != nil {
+		return nil, err
+	}
+
+	s.Health = health.New(s.Tel.MetricsHandler())
+	s.Health.AddReadiness("nats", func() error {
+		if !s.NC.IsConnected() {
+			return fmt.Errorf("not connected (%s)", s.NC.Status())
+		}
+		return nil
+	})
+	addr, serve, err := s.Health.Listen(o.Common.HTTPAddr)
+	if err != nil {
+		return nil, err
+	}
+	s.HTTPAddr = addr.String()
+	s.serve = serve
+	return s, nil
+}
+
+// Topology returns the topology the service provisioned.
+func (s *Service) Topology() bus.Topology { return s.topology }
+
+// RunnerConfig returns a runner configuration wired to this service's
+// logs, telemetry and topology.
+func (s *Service) RunnerConfig(service string, org bus.Org) bus.RunnerConfig {
+	return bus.RunnerConfig{
+		Service: service, Org: org, Topology: s.topology,
+		DrainTimeout: s.opts.Common.ShutdownTimeout,
+		Logger:       s.Log,
+		Instrumentation: bus.Instrumentation{
+			TracerProvider: s.Tel.TracerProvider, MeterProvider: s.Tel.MeterProvider, Propagator: s.Tel.Propagator,
+		},
+	}
+}
+
+// AddRunner builds a runner, registers its readiness and schedules it.
+func (s *Service) AddRunner(cfg bus.RunnerConfig, routes ...bus.Route) (*bus.Runner, error) {
+	r, err := bus.NewRunner(s.JS, cfg, routes...)
+	if err != nil {
+		return nil, err
+	}
+	s.Health.AddReadiness("runner "+cfg.Service, r.Ready)
+	s.Go("runner "+cfg.Service, r.Run)
+	return r, nil
+}
+
+// Go schedules a long-running task; Run starts it. A task that returns an
+// error before shutdown stops the whole process, so a broken part is never
+// silently missing.
+func (s *Service) Go(name string, run func(ctx context.Context) error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tasks = append(s.tasks, task{name: name, run: run})
+}
+
+// Run runs the health endpoint and every task until ctx is cancelled or a
+// task fails, then stops them, drains the NATS connection, stops the
+// embedded server and flushes telemetry, in that order.
+func (s *Service) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s.mu.Lock()
+	tasks := append([]task{{name: "health", run: s.serve}}, s.tasks...)
+	s.mu.Unlock()
+
+	errc := make(chan error, len(tasks))
+	var wg sync.WaitGroup
+	for _, t := range tasks {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := t.run(ctx)
+			if err != nil && ctx.Err() == nil {
+				err = fmt.Errorf("%s: %w", t.name, err)
+				s.Log.Error("task failed; stopping", "task", t.name, "error", err)
+				errc <- err
+				cancel()
+			}
+		}()
+	}
+	s.Log.Info("running", "http", "http://"+s.HTTPAddr, "tasks", len(tasks))
+	<-ctx.Done()
+	s.Log.Info("stopping")
+	wg.Wait()
+	close(errc)
+	runErr := <-errc
+
+	shutdown, scancel := context.WithTimeout(context.Background(), s.opts.Common.ShutdownTimeout)
+	defer scancel()
+	closed := make(chan struct{})
+	s.NC.SetClosedHandler(func(*nats.Conn) { close(closed) })
+	if err := s.NC.Drain(); err != nil {
+		s.Log.Warn("nats drain", "error", err)
+	} else {
+		select {
+		case <-closed:
+		case <-shutdown.Done():
+			s.Log.Warn("nats drain timed out")
+		}
+	}
+	s.NC.Close()
+	if s.Embedded != nil {
+		s.Embedded.Shutdown()
+	}
+	if err := s.Tel.Shutdown(shutdown); err != nil {
+		s.Log.Warn("telemetry shutdown", "error", err)
+	}
+	s.Log.Info("stopped")
+	return runErr
+}

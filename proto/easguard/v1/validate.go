@@ -1,0 +1,154 @@
+package easguardv1
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"unicode/utf8"
+)
+
+// ErrInvalid is wrapped by every validation error, so a consumer can tell a
+// message that will never be processable from a transient failure.
+var ErrInvalid = errors.New("invalid event")
+
+// MaxDeviceIDLen is Exchange's limit on a DeviceId (msExchDeviceID).
+const MaxDeviceIDLen = 32
+
+// problems collects what is wrong with one message.
+type problems []string
+
+func (p *problems) need(ok bool, format string, args ...any) {
+	if !ok {
+		*p = append(*p, fmt.Sprintf(format, args...))
+	}
+}
+
+func (p problems) err() error {
+	if len(p) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: %s", ErrInvalid, strings.Join(p, "; "))
+}
+
+func (p *problems) deviceID(field, id string) {
+	p.need(id != "", "%s is empty", field)
+	p.need(utf8.RuneCountInString(id) <= MaxDeviceIDLen, "%s is longer than %d characters", field, MaxDeviceIDLen)
+	p.need(utf8.ValidString(id), "%s is not valid UTF-8", field)
+}
+
+func (p *problems) partnership(field string, e *EASPartnership) {
+	if e == nil {
+		p.need(false, "%s is missing", field)
+		return
+	}
+	p.deviceID(field+".device_id", e.GetDeviceId())
+	p.need(e.GetMailbox().GetIdentity() != "", "%s.mailbox.identity is empty", field)
+}
+
+// Validate checks what every consumer of an observation relies on.
+func (e *EASPartnershipObserved) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.partnership("partnership", e.GetPartnership())
+	p.need(e.GetSync().GetSyncId() != "", "sync.sync_id is empty")
+	p.need(e.GetSync().GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "sync.kind is unspecified")
+	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
+	p.need(e.GetChange() != ObservationChange_OBSERVATION_CHANGE_UNSPECIFIED, "change is unspecified")
+	return p.err()
+}
+
+// Validate checks what the matcher relies on.
+func (e *MDMDeviceChanged) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	d := e.GetDevice()
+	p.need(d != nil, "device is missing")
+	p.need(d.GetSource() != "", "device.source is empty")
+	p.need(d.GetMdmDeviceId() != "", "device.mdm_device_id is empty")
+	if id := d.GetEasDeviceId(); id != "" {
+		p.deviceID("device.eas_device_id", id)
+	}
+	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
+	return p.err()
+}
+
+// Validate checks that a verdict is either a match or a reasoned no-match.
+func (e *DeviceMatched) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetObserved() != nil, "observed is missing")
+	p.partnership("observed.partnership", e.GetObserved().GetPartnership())
+	matched := e.GetMdm() != nil
+	p.need(!matched || e.GetMethod() != MatchMethod_MATCH_METHOD_UNSPECIFIED, "mdm is set but method is unspecified")
+	p.need(matched || e.GetNoMatchReason() != NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, "no mdm record and no no_match_reason")
+	p.need(!matched || e.GetNoMatchReason() == NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, "mdm is set together with no_match_reason")
+	p.need(e.GetMatchedAt().IsValid(), "matched_at is missing")
+	return p.err()
+}
+
+// Validate checks what the executor and the mailer rely on.
+func (e *AccessDecided) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetDecisionId() != "", "decision_id is empty")
+	p.partnership("partnership", e.GetPartnership())
+	p.need(e.GetDesired() != DesiredAccess_DESIRED_ACCESS_UNSPECIFIED, "desired is unspecified")
+	p.need(e.GetRule() != "", "rule is empty")
+	p.need(e.GetDecidedAt().IsValid(), "decided_at is missing")
+	return p.err()
+}
+
+// Validate checks that every item of an applied batch says what happened.
+func (e *AccessApplied) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(len(e.GetItems()) > 0, "items is empty")
+	for i, it := range e.GetItems() {
+		p.need(it.GetDeviceId() != "", "items[%d].device_id is empty", i)
+		p.need(it.GetOutcome() != ApplyOutcome_APPLY_OUTCOME_UNSPECIFIED, "items[%d].outcome is unspecified", i)
+	}
+	p.need(e.GetAppliedAt().IsValid(), "applied_at is missing")
+	return p.err()
+}
+
+// Validate checks the record of a sent mail.
+func (e *NotificationSent) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetRecipient() != "", "recipient is empty")
+	p.need(e.GetTemplate() != "", "template is empty")
+	p.need(e.GetMessageId() != "", "message_id is empty")
+	p.need(e.GetSentAt().IsValid(), "sent_at is missing")
+	return p.err()
+}
+
+// Validate checks a sync command.
+func (e *SyncRequested) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetSyncId() != "", "sync_id is empty")
+	p.need(e.GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "kind is unspecified")
+	p.need(e.GetRequestedBy() != "", "requested_by is empty")
+	return p.err()
+}
+
+// Validate checks a sync report.
+func (e *SyncCompleted) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetSyncId() != "", "sync_id is empty")
+	p.need(e.GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "kind is unspecified")
+	p.need(e.GetStartedAt().IsValid(), "started_at is missing")
+	p.need(e.GetFinishedAt().IsValid(), "finished_at is missing")
+	return p.err()
+}
+
+// Validate checks an alert.
+func (e *Alert) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetAlertId() != "", "alert_id is empty")
+	p.need(e.GetKind() != AlertKind_ALERT_KIND_UNSPECIFIED, "kind is unspecified")
+	p.need(e.GetSummary() != "", "summary is empty")
+	return p.err()
+}

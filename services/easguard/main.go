@@ -1,0 +1,157 @@
+// Command easguard is the all-in-one easguard binary: it runs the platform
+// and the workers of one Exchange organisation in one process, around an
+// embedded NATS server unless EASGUARD_NATS_URL names a real one.
+//
+// Usage:
+//
+//	easguard [run]        run until SIGINT or SIGTERM
+//	easguard help         this text and every environment variable
+//	easguard config-doc   the environment variables as a Markdown table
+//	easguard version      the version
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/natsembed"
+	"github.com/easguard/easguard/pkg/service"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+// Config is the all-in-one binary's configuration: the settings every
+// worker shares plus those of the embedded NATS server.
+type Config struct {
+	config.Common
+	DataDir           string `split_words:"true" default:"./data" desc:"Directory of the embedded NATS server's JetStream store; it survives restarts. Unused with EASGUARD_NATS_URL."`
+	NatsListen        string `split_words:"true" desc:"Also accept NATS clients (the nats CLI, separate worker processes) on this host:port; embedded server only. Empty: in-process only."`
+	NatsMonitorListen string `split_words:"true" desc:"Serve the embedded NATS server's monitoring endpoints (/varz, /jsz) on this host:port. Empty: off."`
+}
+
+// Validate checks the shared settings, then the embedded server's.
+func (c *Config) Validate() error {
+	if err := c.Common.Validate(); err != nil {
+		return err
+	}
+	for _, a := range []*string{&c.NatsListen, &c.NatsMonitorListen} {
+		if *a == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(*a); err != nil {
+			return config.Invalid(a, "%q is not host:port", *a)
+		}
+		if c.NatsURL != "" {
+			return config.Invalid(a, "only applies to the embedded server, but EASGUARD_NATS_URL is set")
+		}
+	}
+	if c.NatsURL == "" && c.DataDir == "" {
+		return config.Invalid(&c.DataDir, "must not be empty when the embedded server is used")
+	}
+	return nil
+}
+
+const summary = `easguard gates Exchange ActiveSync devices by their MDM compliance.
+
+Usage:
+  easguard [run]        run the platform and workers until SIGINT or SIGTERM
+  easguard help         print this help
+  easguard config-doc   print the environment variables as a Markdown table
+  easguard version      print the version
+
+Every setting is an environment variable. A secret can instead be put in a
+file named by the variable with _FILE appended.
+
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run is main without the exit, for tests: 0 success, 1 failure at run
+// time, 2 bad usage or configuration.
+func run(args []string, stdout, stderr io.Writer) int {
+	cmd := "run"
+	if len(args) > 0 {
+		cmd = args[0]
+		args = args[1:]
+	}
+	if len(args) > 0 {
+		fmt.Fprintf(stderr, "easguard %s: unexpected arguments %q\n", cmd, args)
+		return 2
+	}
+	switch cmd {
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, summary)
+		if err := config.Usage(stdout, &Config{}); err != nil {
+			fmt.Fprintln(stderr, "easguard:", err)
+			return 1
+		}
+		return 0
+	case "config-doc":
+		if err := config.Markdown(stdout, &Config{}); err != nil {
+			fmt.Fprintln(stderr, "easguard:", err)
+			return 1
+		}
+		return 0
+	case "version", "--version":
+		fmt.Fprintln(stdout, "easguard", version)
+		return 0
+	case "run":
+	default:
+		fmt.Fprintf(stderr, "easguard: unknown command %q; see easguard help\n", cmd)
+		return 2
+	}
+
+	var cfg Config
+	if err := config.Load(&cfg); err != nil {
+		fmt.Fprintf(stderr, "easguard: %v\n(easguard help lists every variable)\n", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := serve(ctx, cfg, stderr); err != nil {
+		fmt.Fprintln(stderr, "easguard:", err)
+		return 1
+	}
+	return 0
+}
+
+// serve starts the platform for the configured org and runs until ctx ends.
+func serve(ctx context.Context, cfg Config, logs io.Writer) error {
+	svc, err := service.Start(ctx, service.Options{
+		Name: "easguard", Version: version, Common: cfg.Common, LogOutput: logs,
+		Embedded: &natsembed.Options{
+			StoreDir: filepath.Join(cfg.DataDir, "nats"), Listen: cfg.NatsListen, MonitorListen: cfg.NatsMonitorListen,
+		},
+	})
+	if err != nil {
+		return err
+	}
+	// One dead-letter mover per process; in a split deployment every
+	// worker set runs one and they share its durable consumer.
+	if _, err := svc.AddRunner(svc.RunnerConfig("deadletter", ""), bus.DeadLetterMover()); err != nil {
+		return errors.Join(err, svc.Run(cancelled()))
+	}
+	svc.Log.Info("easguard started; the pipeline workers (collector, matcher, evaluator, executor, mailer) are not part of this build yet",
+		"version", version, "health", "http://"+svc.HTTPAddr+"/readyz", "metrics", "http://"+svc.HTTPAddr+"/metrics")
+	return svc.Run(ctx)
+}
+
+// cancelled returns a context that is already done, to shut a started
+// service down at once.
+func cancelled() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}
