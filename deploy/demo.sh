@@ -12,6 +12,16 @@ export EASGUARD_NATS_MONITOR_LISTEN="${EASGUARD_NATS_MONITOR_LISTEN:-127.0.0.1:8
 log="${EASGUARD_DATA_DIR}/easguard.log"
 mkdir -p "$EASGUARD_DATA_DIR"
 
+# ready asks /readyz over bash's /dev/tcp, so the demo needs no curl.
+ready() {
+	local host=${EASGUARD_HTTP_ADDR%:*} port=${EASGUARD_HTTP_ADDR##*:} status
+	{ exec 3<>"/dev/tcp/$host/$port"; } 2>/dev/null || return 1
+	printf 'GET /readyz HTTP/1.0\r\nHost: %s\r\n\r\n' "$host" >&3
+	read -r _ status _ <&3 || true
+	exec 3<&- 3>&-
+	[ "$status" = 200 ]
+}
+
 ./bin/easguard run 2>"$log" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true; echo; echo "easguard stopped"' EXIT INT TERM
@@ -22,12 +32,12 @@ for _ in $(seq 1 300); do
 		cat "$log" >&2
 		exit 1
 	fi
-	if curl -sf "http://$EASGUARD_HTTP_ADDR/readyz" >/dev/null 2>&1; then
+	if ready; then
 		break
 	fi
 	sleep 0.1
 done
-curl -sf "http://$EASGUARD_HTTP_ADDR/readyz" >/dev/null || { echo "easguard did not become ready; log: $log" >&2; exit 1; }
+ready || { echo "easguard did not become ready; log: $log" >&2; exit 1; }
 
 cat <<TXT
 easguard is running for organisation "$EASGUARD_ORG" (pid $pid).

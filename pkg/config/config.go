@@ -242,53 +242,50 @@ func checkTags(t reflect.Type) error {
 	return nil
 }
 
-// Usage writes a table of every variable of the specs, for --help.
-func Usage(w io.Writer, specs ...any) error {
+// help is a variable's description as --help and the README show it.
+func (v Var) help(code func(string) string) string {
+	if v.Secret {
+		return v.Description + " Or put it in a file named by " + code(v.Key+"_FILE") + "."
+	}
+	return v.Description
+}
+
+// Usage writes a table of every variable of spec, for --help.
+func Usage(w io.Writer, spec any) error {
+	vars, err := Vars(spec)
+	if err != nil {
+		return err
+	}
 	tw := tabwriter.NewWriter(w, 2, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "VARIABLE\tTYPE\tDEFAULT\tDESCRIPTION")
-	for _, spec := range specs {
-		vars, err := Vars(spec)
-		if err != nil {
-			return err
+	for _, v := range vars {
+		def := v.Default
+		if v.Required {
+			def = "(required)"
 		}
-		for _, v := range vars {
-			def := v.Default
-			if v.Required {
-				def = "(required)"
-			}
-			desc := v.Description
-			if v.Secret {
-				desc += " Or put it in a file named by " + v.Key + "_FILE."
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", v.Key, v.Type, def, desc)
-		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", v.Key, v.Type, def, v.help(func(s string) string { return s }))
 	}
 	return tw.Flush()
 }
 
-// Markdown writes the variables of the specs as a Markdown table, for the README.
-func Markdown(w io.Writer, specs ...any) error {
+// Markdown writes the variables of spec as a Markdown table, for the README.
+func Markdown(w io.Writer, spec any) error {
+	vars, err := Vars(spec)
+	if err != nil {
+		return err
+	}
 	fmt.Fprintln(w, "| Variable | Type | Default | Description |")
 	fmt.Fprintln(w, "|---|---|---|---|")
-	for _, spec := range specs {
-		vars, err := Vars(spec)
-		if err != nil {
-			return err
+	for _, v := range vars {
+		def := "`" + v.Default + "`"
+		switch {
+		case v.Required:
+			def = "**required**"
+		case v.Default == "":
+			def = ""
 		}
-		for _, v := range vars {
-			def := "`" + v.Default + "`"
-			switch {
-			case v.Required:
-				def = "**required**"
-			case v.Default == "":
-				def = ""
-			}
-			desc := v.Description
-			if v.Secret {
-				desc += " Or put it in a file named by `" + v.Key + "_FILE`."
-			}
-			fmt.Fprintf(w, "| `%s` | %s | %s | %s |\n", v.Key, v.Type, def, strings.ReplaceAll(desc, "|", `\|`))
-		}
+		desc := v.help(func(s string) string { return "`" + s + "`" })
+		fmt.Fprintf(w, "| `%s` | %s | %s | %s |\n", v.Key, v.Type, def, strings.ReplaceAll(desc, "|", `\|`))
 	}
 	return nil
 }

@@ -51,24 +51,15 @@ func Start(o Options) (*Server, error) {
 		NoLog:      !o.Logs,
 		DontListen: o.Listen == "",
 	}
+	var err error
 	if o.Listen != "" {
-		host, port, err := splitHostPort(o.Listen)
-		if err != nil {
+		if opts.Host, opts.Port, err = listenAddr(o.Listen); err != nil {
 			return nil, fmt.Errorf("start embedded nats: listen address: %w", err)
-		}
-		opts.Host, opts.Port = host, port
-		if port == 0 {
-			opts.Port = server.RANDOM_PORT
 		}
 	}
 	if o.MonitorListen != "" {
-		host, port, err := splitHostPort(o.MonitorListen)
-		if err != nil {
+		if opts.HTTPHost, opts.HTTPPort, err = listenAddr(o.MonitorListen); err != nil {
 			return nil, fmt.Errorf("start embedded nats: monitor address: %w", err)
-		}
-		opts.HTTPHost, opts.HTTPPort = host, port
-		if port == 0 {
-			opts.HTTPPort = server.RANDOM_PORT
 		}
 	}
 	ns, err := server.NewServer(opts)
@@ -94,7 +85,9 @@ func Start(o Options) (*Server, error) {
 	return &Server{ns: ns}, nil
 }
 
-func splitHostPort(addr string) (string, int, error) {
+// listenAddr splits host:port for the server's options; port 0 asks the
+// server to pick a free one.
+func listenAddr(addr string) (string, int, error) {
 	host, p, err := net.SplitHostPort(addr)
 	if err != nil {
 		return "", 0, err
@@ -102,6 +95,9 @@ func splitHostPort(addr string) (string, int, error) {
 	port, err := strconv.Atoi(p)
 	if err != nil || port < 0 || port > 65535 {
 		return "", 0, fmt.Errorf("port %q is not a number from 0 to 65535", p)
+	}
+	if port == 0 {
+		port = server.RANDOM_PORT
 	}
 	return host, port, nil
 }
