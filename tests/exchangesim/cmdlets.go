@@ -1,0 +1,993 @@
+package exchangesim
+
+import (
+	"fmt"
+	"net/mail"
+	"sort"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/easguard/easguard/pkg/exchange"
+)
+
+var (
+	levelEnum = []string{"Allow", "Block", "Quarantine"}
+	charEnum  = []string{"DeviceType", "DeviceModel", "DeviceOS", "UserAgent", "XMSWLHeader"}
+)
+
+const (
+	levelType = "Microsoft.Exchange.Data.Directory.SystemConfiguration.DeviceAccessLevel"
+	charType  = "Microsoft.Exchange.Data.Directory.SystemConfiguration.DeviceAccessCharacteristic"
+)
+
+// Filterable properties per object kind (reference/exchange.md §1.2).
+var (
+	deviceFilterProps = props("ClientType", "DeviceAccessControlRule", "DeviceAccessState", "DeviceAccessStateReason",
+		"DeviceActiveSyncVersion", "DeviceId", "DeviceImei", "DeviceMobileOperator", "DeviceModel", "DeviceOS",
+		"DeviceOSLanguage", "DeviceTelephoneNumber", "DeviceType", "DeviceUserAgent", "FirstSyncTime", "FriendlyName",
+		"ProvisioningFlags", "UserDisplayName")
+	recipientFilterProps = props("Alias", "DisplayName", "Name", "PrimarySmtpAddress", "EmailAddresses", "SamAccountName",
+		"UserPrincipalName", "Guid", "DistinguishedName", "WhenChanged", "WhenCreated", "HasActiveSyncDevicePartnership",
+		"ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs", "ActiveSyncEnabled", "ActiveSyncMailboxPolicy",
+		"RecipientType", "RecipientTypeDetails")
+	classFilterProps = props("DeviceType", "DeviceModel", "LastUpdateTime", "Name")
+)
+
+func props(names ...string) map[string]string {
+	m := map[string]string{}
+	for _, n := range names {
+		m[strings.ToLower(n)] = n
+	}
+	return m
+}
+
+// deviceProp returns a device property for filters.
+func deviceProp(d *Device, name string) any {
+	switch name {
+	case "ClientType":
+		return d.ClientType
+	case "DeviceAccessControlRule":
+		if d.Rule != nil {
+			return d.Rule.Name()
+		}
+		return nil
+	case "DeviceAccessState":
+		return d.State.String()
+	case "DeviceAccessStateReason":
+		return d.Reason.String()
+	case "DeviceActiveSyncVersion":
+		return d.ActiveSyncVersion
+	case "DeviceId":
+		return d.DeviceID
+	case "DeviceImei":
+		return d.IMEI
+	case "DeviceMobileOperator":
+		return d.MobileOperator
+	case "DeviceModel":
+		return d.DeviceModel
+	case "DeviceOS":
+		return d.DeviceOS
+	case "DeviceOSLanguage":
+		return d.OSLanguage
+	case "DeviceTelephoneNumber":
+		return d.TelephoneNumber
+	case "DeviceType":
+		return d.DeviceType
+	case "DeviceUserAgent":
+		return d.UserAgent
+	case "FirstSyncTime":
+		return d.FirstSyncTime
+	case "FriendlyName":
+		return d.FriendlyName
+	case "ProvisioningFlags":
+		return int64(0)
+	case "UserDisplayName":
+		return d.Mailbox.Canonical()
+	}
+	return nil
+}
+
+func recipientProp(o *Org, m *Mailbox, name string) any {
+	switch name {
+	case "Alias":
+		return m.Alias
+	case "DisplayName":
+		return m.DisplayName
+	case "Name":
+		return m.Name
+	case "PrimarySmtpAddress":
+		return m.PrimarySMTP
+	case "EmailAddresses":
+		return m.EmailAddresses
+	case "SamAccountName":
+		return m.SamAccountName
+	case "UserPrincipalName":
+		return m.UPN
+	case "Guid":
+		return m.GUID
+	case "DistinguishedName":
+		return m.DN()
+	case "WhenChanged":
+		return m.WhenChanged
+	case "WhenCreated":
+		return m.WhenCreated
+	case "HasActiveSyncDevicePartnership":
+		return len(m.Devices) > 0
+	case "ActiveSyncAllowedDeviceIDs":
+		return m.Allowed
+	case "ActiveSyncBlockedDeviceIDs":
+		return m.Blocked
+	case "ActiveSyncEnabled":
+		return m.ActiveSyncEnabled
+	case "ActiveSyncMailboxPolicy":
+		return o.policyOf(m).Name
+	case "RecipientType", "RecipientTypeDetails":
+		return "UserMailbox"
+	}
+	return nil
+}
+
+// filterArg parses -Filter, or reports Exchange's binding error.
+func (s *Session) filterArg(cmdlet string, a args, allowed map[string]string, out *output) (filterNode, bool) {
+	src := a.str("Filter")
+	if !a.has("Filter") || src == "" {
+		return nil, true
+	}
+	n, err := parseFilter(src, allowed)
+	if err != nil {
+		out.fail(newError(fmt.Sprintf("Cannot bind parameter 'Filter' to the target. Exception setting \"Filter\": \"%s\"", err.Error()),
+			"InvalidArgument", "ParameterBindingException", "ParameterBindingFailed,"+taskClass(cmdlet), ""))
+		return nil, false
+	}
+	return n, true
+}
+
+// resolveMailbox finds exactly one mailbox in the session's scope by any
+// of the identity forms Exchange accepts.
+func (s *Session) resolveMailbox(cmdlet, id string) (*Mailbox, *exchange.Error) {
+	var found []*Mailbox
+	for _, m := range s.org.byKey[strings.ToLower(strings.TrimSpace(id))] {
+		if s.inScope(m) {
+			found = append(found, m)
+		}
+	}
+	switch len(found) {
+	case 1:
+		return found[0], nil
+	case 0:
+		e := s.notFound(cmdlet, id)
+		return nil, &e
+	}
+	e := s.ambiguous(cmdlet, id)
+	return nil, &e
+}
+
+// resolveDevice finds a partnership by GUID, DN, canonical identity, or
+// <mailbox>\ExchangeActiveSyncDevices\<type>§<id>.
+func (s *Session) resolveDevice(cmdlet, id string) (*Device, *exchange.Error) {
+	key := strings.ToLower(strings.TrimSpace(id))
+	if d, ok := s.org.byGUID[key]; ok && s.inScope(d.Mailbox) {
+		return d, nil
+	}
+	for _, sep := range []string{`\exchangeactivesyncdevices\`, "/exchangeactivesyncdevices/"} {
+		i := strings.LastIndex(key, sep)
+		if i < 0 {
+			continue
+		}
+		m, err := s.resolveMailbox(cmdlet, id[:i])
+		if err != nil {
+			e := s.notFound(cmdlet, id)
+			return nil, &e
+		}
+		name := id[i+len(sep):]
+		for _, d := range m.Devices {
+			if strings.EqualFold(d.Name(), name) {
+				return d, nil
+			}
+		}
+		e := s.notFound(cmdlet, id)
+		return nil, &e
+	}
+	for _, m := range s.org.mailboxes {
+		if !s.inScope(m) {
+			continue
+		}
+		for _, d := range m.Devices {
+			if strings.EqualFold(d.DN(), id) {
+				return d, nil
+			}
+		}
+	}
+	e := s.notFound(cmdlet, id)
+	return nil, &e
+}
+
+// devicesInScope lists partnerships the way Get-MobileDevice does:
+// mailbox by mailbox in creation order, monitoring probes hidden unless
+// asked for, and only EAS partnerships with -ActiveSync.
+func (s *Session) devicesInScope(a args, easOnly bool) []*Device {
+	var out []*Device
+	monitoring := a.boolean("Monitoring")
+	for _, m := range s.org.mailboxes {
+		if !s.inScope(m) {
+			continue
+		}
+		for _, d := range m.Devices {
+			if d.DeviceType == "EASProbeDeviceType" && !monitoring {
+				continue
+			}
+			if easOnly && d.ClientType != "EAS" {
+				continue
+			}
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+func getDevices(cmdlet string, easOnlyAlways bool) func(s *Session, a args, out *output) {
+	return func(s *Session, a args, out *output) {
+		s.org.mu.RLock()
+		defer s.org.mu.RUnlock()
+		f, ok := s.filterArg(cmdlet, a, deviceFilterProps, out)
+		if !ok {
+			return
+		}
+		easOnly := easOnlyAlways || a.boolean("ActiveSync")
+		var list []*Device
+		switch {
+		case a.has("Identity") && a["Identity"] != nil:
+			d, err := s.resolveDevice(cmdlet, a.str("Identity"))
+			if err != nil {
+				out.fail(*err)
+				return
+			}
+			list = []*Device{d}
+		case a.has("Mailbox"):
+			m, err := s.resolveMailbox(cmdlet, a.str("Mailbox"))
+			if err != nil {
+				out.fail(*err)
+				return
+			}
+			for _, d := range m.Devices {
+				if !easOnly || d.ClientType == "EAS" {
+					list = append(list, d)
+				}
+			}
+		default:
+			list = s.devicesInScope(a, easOnly)
+		}
+		var matched []*Device
+		for _, d := range list {
+			if f == nil || f.eval(func(p string) any { return deviceProp(d, p) }) {
+				matched = append(matched, d)
+			}
+		}
+		n := limit(a, len(matched), out)
+		objs := make([]exchange.Object, 0, n)
+		for _, d := range matched[:n] {
+			objs = append(objs, s.org.mobileDeviceObject(d))
+		}
+		sortObjects(objs, a.str("SortBy"))
+		for _, o := range objs {
+			out.object(o)
+		}
+	}
+}
+
+func getStatistics(cmdlet string) func(s *Session, a args, out *output) {
+	return func(s *Session, a args, out *output) {
+		s.org.mu.RLock()
+		defer s.org.mu.RUnlock()
+		var list []*Device
+		switch {
+		case a.has("Mailbox"):
+			m, err := s.resolveMailbox(cmdlet, a.str("Mailbox"))
+			if err != nil {
+				out.fail(*err)
+				return
+			}
+			list = m.Devices
+		case a.has("Identity") && a["Identity"] != nil:
+			d, err := s.resolveDevice(cmdlet, a.str("Identity"))
+			if err != nil {
+				out.fail(*err)
+				return
+			}
+			list = []*Device{d}
+		default:
+			// A $null or missing -Identity returns every partnership
+			// (reference/exchange.md §2): callers must guard against it.
+			list = s.devicesInScope(a, false)
+		}
+		for _, d := range list {
+			if a.boolean("ActiveSync") && d.ClientType != "EAS" {
+				continue
+			}
+			out.object(s.org.deviceStatisticsObject(d))
+		}
+	}
+}
+
+// applyMulti applies a bound multi-valued parameter to a list. Adding a
+// value already present (case-insensitively) does nothing; UNCONFIRMED:
+// Exchange's own behaviour for duplicates in these lists.
+func applyMulti(list []string, mv *multi) []string {
+	if mv.replace {
+		var out []string
+		for _, v := range mv.values {
+			if !containsFold(out, v) {
+				out = append(out, v)
+			}
+		}
+		return out
+	}
+	out := append([]string(nil), list...)
+	for _, v := range mv.rmove {
+		out = removeFold(out, v)
+	}
+	for _, v := range mv.add {
+		if !containsFold(out, v) {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// checkDeviceIDs validates values for the device id lists: at most 32
+// characters like the DeviceId attribute, and no NUL, which AD strings
+// cannot hold. UNCONFIRMED: that the list attributes enforce the 32
+// character limit of msExchDeviceID.
+func (s *Session) checkDeviceIDs(cmdlet string, mv *multi, out *output) bool {
+	vals := append(append(append([]string(nil), mv.values...), mv.add...), mv.rmove...)
+	for _, v := range vals {
+		if n := utf8.RuneCountInString(v); n > exchange.MaxDeviceIDLen {
+			out.fail(s.tooLong(cmdlet, exchange.MaxDeviceIDLen, n))
+			return false
+		}
+		if strings.ContainsRune(v, 0) {
+			out.fail(s.exchangeError(cmdlet, "NotSpecified", "DataValidationException", "", "The value contains a NUL character, which is not valid in a directory string."))
+			return false
+		}
+	}
+	return true
+}
+
+func setCASMailbox(s *Session, a args, out *output) {
+	const cmdlet = "Set-CASMailbox"
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	m, err := s.resolveMailbox(cmdlet, a.str("Identity"))
+	if err != nil {
+		out.fail(*err)
+		return
+	}
+	allowedArg, allowedSet := a["ActiveSyncAllowedDeviceIDs"].(*multi)
+	blockedArg, blockedSet := a["ActiveSyncBlockedDeviceIDs"].(*multi)
+	allowed, blocked := m.Allowed, m.Blocked
+	if allowedSet {
+		if !s.checkDeviceIDs(cmdlet, allowedArg, out) {
+			return
+		}
+		allowed = applyMulti(m.Allowed, allowedArg)
+	}
+	if blockedSet {
+		if !s.checkDeviceIDs(cmdlet, blockedArg, out) {
+			return
+		}
+		blocked = applyMulti(m.Blocked, blockedArg)
+	}
+	// reference/exchange.md §3.4: editing both lists with an id in both is
+	// an error; editing one list removes its ids from the other.
+	switch {
+	case allowedSet && blockedSet:
+		for _, id := range allowed {
+			if containsFold(blocked, id) {
+				out.fail(s.exchangeError(cmdlet, "InvalidArgument", "ArgumentException", m.Canonical(),
+					"The device ID '%s' can't be in both ActiveSyncAllowedDeviceIDs and ActiveSyncBlockedDeviceIDs.", id))
+				return
+			}
+		}
+	case allowedSet:
+		for _, id := range allowed {
+			blocked = removeFold(blocked, id)
+		}
+	case blockedSet:
+		for _, id := range blocked {
+			allowed = removeFold(allowed, id)
+		}
+	}
+	if a.has("ActiveSyncMailboxPolicy") {
+		if a["ActiveSyncMailboxPolicy"] == nil {
+			m.Policy = nil
+		} else {
+			p := s.org.findPolicy(a.str("ActiveSyncMailboxPolicy"))
+			if p == nil {
+				out.fail(s.notFound(cmdlet, a.str("ActiveSyncMailboxPolicy")))
+				return
+			}
+			m.Policy = p
+		}
+	}
+	for name, field := range map[string]*bool{
+		"ActiveSyncEnabled": &m.ActiveSyncEnabled, "ActiveSyncDebugLogging": &m.ActiveSyncDebugLogging,
+		"OWAEnabled": &m.OWAEnabled, "EwsEnabled": &m.EwsEnabled, "MAPIEnabled": &m.MAPIEnabled,
+		"PopEnabled": &m.PopEnabled, "ImapEnabled": &m.ImapEnabled,
+	} {
+		if v, ok := a[name].(bool); ok {
+			*field = v
+		}
+	}
+	m.Allowed, m.Blocked = allowed, blocked
+	m.WhenChanged = s.org.now()
+	if allowedSet || blockedSet {
+		s.org.restamp(m)
+	}
+}
+
+func getCASMailbox(s *Session, a args, out *output) {
+	listMailboxes(s, a, out, "Get-CASMailbox", s.org.casMailboxObject)
+}
+
+func getRecipient(s *Session, a args, out *output) {
+	listMailboxes(s, a, out, "Get-Recipient", s.org.recipientObject)
+}
+
+func listMailboxes(s *Session, a args, out *output, cmdlet string, obj func(*Mailbox) exchange.Object) {
+	s.org.mu.RLock()
+	defer s.org.mu.RUnlock()
+	f, ok := s.filterArg(cmdlet, a, recipientFilterProps, out)
+	if !ok {
+		return
+	}
+	var list []*Mailbox
+	if a.has("Identity") && a["Identity"] != nil {
+		m, err := s.resolveMailbox(cmdlet, a.str("Identity"))
+		if err != nil {
+			out.fail(*err)
+			return
+		}
+		list = []*Mailbox{m}
+	} else {
+		for _, m := range s.org.mailboxes {
+			if s.inScope(m) {
+				list = append(list, m)
+			}
+		}
+	}
+	var matched []*Mailbox
+	for _, m := range list {
+		if f == nil || f.eval(func(p string) any { return recipientProp(s.org, m, p) }) {
+			matched = append(matched, m)
+		}
+	}
+	n := limit(a, len(matched), out)
+	objs := make([]exchange.Object, 0, n)
+	for _, m := range matched[:n] {
+		objs = append(objs, obj(m))
+	}
+	sortObjects(objs, a.str("SortBy"))
+	for _, o := range objs {
+		out.object(o)
+	}
+}
+
+func (o *Org) findPolicy(id string) *MailboxPolicy {
+	for _, p := range o.Policies {
+		if strings.EqualFold(p.Name, id) || strings.EqualFold(p.GUID, id) {
+			return p
+		}
+	}
+	return nil
+}
+
+func (o *Org) findRule(id string) *DeviceAccessRule {
+	for _, r := range o.Rules {
+		if strings.EqualFold(r.Name(), id) || strings.EqualFold(r.GUID, id) || strings.EqualFold(o.configDN("CN="+escapeDN(r.Name())+",CN=Mobile Mailbox Settings"), id) {
+			return r
+		}
+	}
+	return nil
+}
+
+func validSMTP(s string) bool {
+	a, err := mail.ParseAddress(s)
+	return err == nil && a.Address == s && strings.Contains(s[strings.IndexByte(s, '@')+1:], ".")
+}
+
+func setOrgSettings(s *Session, a args, out *output) {
+	const cmdlet = "Set-ActiveSyncOrganizationSettings"
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	if id := a.str("Identity"); a.has("Identity") && !strings.EqualFold(id, "Mobile Mailbox Settings") {
+		out.fail(s.notFound(cmdlet, id))
+		return
+	}
+	st := s.org.Settings
+	if v, ok := a["DefaultAccessLevel"].(string); ok {
+		for i, n := range levelEnum {
+			if n == v {
+				st.DefaultAccessLevel = AccessLevel(i)
+			}
+		}
+	}
+	for _, f := range []struct {
+		name string
+		dst  *string
+	}{{"UserMailInsert", &st.UserMailInsert}, {"OtaNotificationMailInsert", &st.OtaNotificationMailInsert}} {
+		if !a.has(f.name) {
+			continue
+		}
+		v := a.str(f.name)
+		if n := utf8.RuneCountInString(v); n > 256 {
+			out.fail(s.tooLong(cmdlet, 256, n))
+			return
+		}
+		*f.dst = v
+	}
+	if mv, ok := a["AdminMailRecipients"].(*multi); ok {
+		for _, v := range append(append([]string(nil), mv.values...), mv.add...) {
+			if !validSMTP(v) {
+				out.fail(bindConvert(cmdlet, "AdminMailRecipients", fmt.Sprintf("Cannot convert value \"%s\" to type \"Microsoft.Exchange.Data.MultiValuedProperty`1[Microsoft.Exchange.Data.SmtpAddress]\". Error: \"The email address \"%s\" isn't correct. Please use this format: user name, the @ sign, followed by the domain name. For example, tonysmith@contoso.com or tony.smith@contoso.com.\"", v, v)))
+				return
+			}
+		}
+		st.AdminMailRecipients = applyMulti(st.AdminMailRecipients, mv)
+	}
+	if v, ok := a["AllowAccessForUnSupportedPlatform"].(bool); ok {
+		st.AllowAccessForUnSupportedPlatform = v
+	}
+	st.WhenChanged = s.org.now()
+	s.org.Settings = st
+}
+
+var policyParams = []param{
+	{name: "AllowNonProvisionableDevices", kind: kBool}, {name: "AllowExternalDeviceManagement", kind: kBool},
+	{name: "DevicePasswordEnabled", kind: kBool}, {name: "AlphanumericDevicePasswordRequired", kind: kBool},
+	{name: "AllowSimpleDevicePassword", kind: kBool}, {name: "MinDevicePasswordLength", kind: kInt},
+	{name: "RequireDeviceEncryption", kind: kBool}, {name: "DeviceEncryptionEnabled", kind: kBool},
+	{name: "MaxInactivityTimeDeviceLock", kind: kString}, {name: "DevicePolicyRefreshInterval", kind: kString},
+	{name: "IsDefault", kind: kBool},
+}
+
+func applyPolicy(o *Org, p *MailboxPolicy, a args) {
+	bools := map[string]*bool{
+		"AllowNonProvisionableDevices": &p.AllowNonProvisionableDevices, "AllowExternalDeviceManagement": &p.AllowExternalDeviceManagement,
+		"DevicePasswordEnabled": &p.DevicePasswordEnabled, "AlphanumericDevicePasswordRequired": &p.AlphanumericPasswordRequired,
+		"AllowSimpleDevicePassword": &p.AllowSimpleDevicePassword, "RequireDeviceEncryption": &p.RequireDeviceEncryption,
+		"DeviceEncryptionEnabled": &p.RequireDeviceEncryption,
+	}
+	for n, dst := range bools {
+		if v, ok := a[n].(bool); ok {
+			*dst = v
+		}
+	}
+	if v, ok := a["MinDevicePasswordLength"].(int64); ok {
+		p.MinDevicePasswordLength = int(v)
+	}
+	for n, dst := range map[string]*string{"MaxInactivityTimeDeviceLock": &p.MaxInactivityTimeDeviceLock, "DevicePolicyRefreshInterval": &p.DevicePolicyRefreshInterval} {
+		if a.has(n) {
+			*dst = a.str(n)
+		}
+	}
+	if v, ok := a["IsDefault"].(bool); ok && v {
+		for _, q := range o.Policies {
+			q.IsDefault = false
+		}
+		p.IsDefault = true
+	}
+	p.WhenChanged = o.now()
+}
+
+func newPolicy(s *Session, a args, out *output) {
+	const cmdlet = "New-ActiveSyncMailboxPolicy"
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	name := a.str("Name")
+	if p := s.org.findPolicy(name); p != nil {
+		out.fail(s.exchangeError(cmdlet, "NotSpecified", "ADObjectAlreadyExistsException", "",
+			"Active Directory operation failed on %s. The object '%s' already exists.", s.dc(), s.org.configDN("CN="+escapeDN(name)+",CN=Mobile Mailbox Policies")))
+		return
+	}
+	now := s.org.now()
+	p := &MailboxPolicy{GUID: s.org.newGUID(), Name: name, AllowSimpleDevicePassword: true, MinDevicePasswordLength: 4,
+		MaxInactivityTimeDeviceLock: "Unlimited", DevicePolicyRefreshInterval: "Unlimited", WhenCreated: now}
+	s.org.Policies = append(s.org.Policies, p)
+	applyPolicy(s.org, p, a)
+	out.object(s.org.policyObject(p))
+}
+
+func setPolicy(s *Session, a args, out *output) {
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	p := s.org.findPolicy(a.str("Identity"))
+	if p == nil {
+		out.fail(s.notFound("Set-ActiveSyncMailboxPolicy", a.str("Identity")))
+		return
+	}
+	if a.has("Name") && a.str("Name") != "" {
+		p.Name = a.str("Name")
+	}
+	applyPolicy(s.org, p, a)
+}
+
+func removePolicy(s *Session, a args, out *output) {
+	const cmdlet = "Remove-ActiveSyncMailboxPolicy"
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	p := s.org.findPolicy(a.str("Identity"))
+	if p == nil {
+		out.fail(s.notFound(cmdlet, a.str("Identity")))
+		return
+	}
+	if p.IsDefault {
+		// UNCONFIRMED wording.
+		out.fail(s.exchangeError(cmdlet, "InvalidOperation", "InvalidOperationException", p.Name,
+			"The default mobile device mailbox policy '%s' can't be removed. Make another policy the default first.", p.Name))
+		return
+	}
+	var keep []*MailboxPolicy
+	for _, q := range s.org.Policies {
+		if q != p {
+			keep = append(keep, q)
+		}
+	}
+	s.org.Policies = keep
+	for _, m := range s.org.mailboxes {
+		if m.Policy == p {
+			m.Policy = nil
+		}
+	}
+}
+
+func newRule(s *Session, a args, out *output) {
+	const cmdlet = "New-ActiveSyncDeviceAccessRule"
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	r := &DeviceAccessRule{GUID: s.org.newGUID(), QueryString: a.str("QueryString")}
+	for i, n := range charEnum {
+		if n == a.str("Characteristic") {
+			r.Characteristic = Characteristic(i)
+		}
+	}
+	for i, n := range levelEnum {
+		if n == a.str("AccessLevel") {
+			r.AccessLevel = AccessLevel(i)
+		}
+	}
+	if s.org.findRule(r.Name()) != nil {
+		// UNCONFIRMED wording.
+		out.fail(s.exchangeError(cmdlet, "NotSpecified", "ADObjectAlreadyExistsException", "",
+			"Active Directory operation failed on %s. The object '%s' already exists.", s.dc(), s.org.configDN("CN="+escapeDN(r.Name())+",CN=Mobile Mailbox Settings")))
+		return
+	}
+	r.WhenCreated, r.WhenChanged = s.org.now(), s.org.now()
+	s.org.Rules = append(s.org.Rules, r)
+	out.object(s.org.ruleObject(r))
+}
+
+func setRule(s *Session, a args, out *output) {
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	r := s.org.findRule(a.str("Identity"))
+	if r == nil {
+		out.fail(s.notFound("Set-ActiveSyncDeviceAccessRule", a.str("Identity")))
+		return
+	}
+	for i, n := range levelEnum {
+		if n == a.str("AccessLevel") {
+			r.AccessLevel = AccessLevel(i)
+		}
+	}
+	r.WhenChanged = s.org.now()
+}
+
+func removeRule(s *Session, a args, out *output) {
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	r := s.org.findRule(a.str("Identity"))
+	if r == nil {
+		out.fail(s.notFound("Remove-ActiveSyncDeviceAccessRule", a.str("Identity")))
+		return
+	}
+	var keep []*DeviceAccessRule
+	for _, q := range s.org.Rules {
+		if q != r {
+			keep = append(keep, q)
+		}
+	}
+	s.org.Rules = keep
+	for _, m := range s.org.mailboxes {
+		for _, d := range m.Devices {
+			if d.Rule == r {
+				d.Rule = nil
+			}
+		}
+	}
+}
+
+func clearDevice(s *Session, a args, out *output) {
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	d, err := s.resolveDevice("Clear-ActiveSyncDevice", a.str("Identity"))
+	if err != nil {
+		out.fail(*err)
+		return
+	}
+	if a.boolean("Cancel") {
+		d.WipeRequestTime, d.WipeSentTime, d.WipeRequestor = time.Time{}, time.Time{}, ""
+		return
+	}
+	d.WipeRequestTime = s.org.now()
+	d.WipeRequestor = s.user
+	if mv, ok := a["NotificationEmailAddresses"].(*multi); ok {
+		d.WipeNotify = applyMulti(nil, mv)
+	}
+	d.WhenChanged = s.org.now()
+}
+
+func removeDevice(s *Session, a args, out *output) {
+	s.org.mu.Lock()
+	defer s.org.mu.Unlock()
+	d, err := s.resolveDevice("Remove-ActiveSyncDevice", a.str("Identity"))
+	if err != nil {
+		out.fail(*err)
+		return
+	}
+	s.org.removeDeviceLocked(d)
+}
+
+func (o *Org) removeDeviceLocked(d *Device) {
+	m := d.Mailbox
+	var keep []*Device
+	for _, x := range m.Devices {
+		if x != d {
+			keep = append(keep, x)
+		}
+	}
+	m.Devices = keep
+	delete(o.byGUID, strings.ToLower(d.GUID))
+	o.deviceCount--
+}
+
+func init() {
+	identity := param{name: "Identity", kind: kString, set: "Identity"}
+	deviceListing := []param{
+		identity, {name: "Mailbox", kind: kIdentity, set: "Mailbox", mandatory: true},
+		{name: "Filter", kind: kString}, {name: "ResultSize", kind: kUnlimited}, {name: "SortBy", kind: kString},
+		{name: "OrganizationalUnit", kind: kString}, {name: "Monitoring", kind: kSwitch},
+	}
+	register(&cmdlet{name: "Get-MobileDevice", defaultSet: "Identity", params: append(append([]param(nil), deviceListing...),
+		param{name: "ActiveSync", kind: kSwitch}, param{name: "OWAforDevices", kind: kSwitch},
+		param{name: "RestApi", kind: kSwitch}, param{name: "UniversalOutlook", kind: kSwitch}),
+		run: getDevices("Get-MobileDevice", false)})
+	register(&cmdlet{name: "Get-ActiveSyncDevice", defaultSet: "Identity", params: deviceListing,
+		run: getDevices("Get-ActiveSyncDevice", true)})
+	statParams := []param{identity, {name: "Mailbox", kind: kIdentity, set: "Mailbox", mandatory: true},
+		{name: "GetMailboxLog", kind: kSwitch}, {name: "NotificationEmailAddresses", kind: kMulti}, {name: "ShowRecoveryPassword", kind: kSwitch}}
+	register(&cmdlet{name: "Get-MobileDeviceStatistics", defaultSet: "Identity", params: append(append([]param(nil), statParams...),
+		param{name: "ActiveSync", kind: kSwitch}, param{name: "OWAforDevices", kind: kSwitch},
+		param{name: "RestApi", kind: kSwitch}, param{name: "UniversalOutlook", kind: kSwitch}),
+		run: getStatistics("Get-MobileDeviceStatistics")})
+	register(&cmdlet{name: "Get-ActiveSyncDeviceStatistics", defaultSet: "Identity", params: statParams,
+		run: getStatistics("Get-ActiveSyncDeviceStatistics")})
+
+	mailboxListing := []param{{name: "Identity", kind: kString}, {name: "Filter", kind: kString}, {name: "ResultSize", kind: kUnlimited},
+		{name: "SortBy", kind: kString}, {name: "OrganizationalUnit", kind: kString}, {name: "Anr", kind: kString},
+		{name: "IgnoreDefaultScope", kind: kSwitch}, {name: "ReadFromDomainController", kind: kSwitch}}
+	register(&cmdlet{name: "Get-CASMailbox", params: append(append([]param(nil), mailboxListing...),
+		param{name: "ActiveSyncDebugLogging", kind: kSwitch}, param{name: "ProtocolSettings", kind: kSwitch},
+		param{name: "RecalculateHasActiveSyncDevicePartnership", kind: kSwitch}), run: getCASMailbox})
+	register(&cmdlet{name: "Get-Recipient", params: append(append([]param(nil), mailboxListing...),
+		param{name: "RecipientType", kind: kStrings}, param{name: "RecipientTypeDetails", kind: kStrings}), run: getRecipient})
+	register(&cmdlet{name: "Set-CASMailbox", shouldProcess: true, write: true, params: []param{
+		{name: "Identity", kind: kIdentity, mandatory: true},
+		{name: "ActiveSyncAllowedDeviceIDs", kind: kMulti}, {name: "ActiveSyncBlockedDeviceIDs", kind: kMulti},
+		{name: "ActiveSyncEnabled", kind: kBool}, {name: "ActiveSyncMailboxPolicy", kind: kString},
+		{name: "ActiveSyncDebugLogging", kind: kBool}, {name: "ActiveSyncSuppressReadReceipt", kind: kBool},
+		{name: "OWAEnabled", kind: kBool}, {name: "EwsEnabled", kind: kBool}, {name: "MAPIEnabled", kind: kBool},
+		{name: "PopEnabled", kind: kBool}, {name: "ImapEnabled", kind: kBool},
+	}, run: setCASMailbox})
+
+	register(&cmdlet{name: "Get-ActiveSyncOrganizationSettings", params: []param{{name: "Identity", kind: kString}},
+		run: func(s *Session, a args, out *output) {
+			s.org.mu.RLock()
+			defer s.org.mu.RUnlock()
+			if id := a.str("Identity"); a.has("Identity") && id != "" && !strings.EqualFold(id, "Mobile Mailbox Settings") {
+				out.fail(s.notFound("Get-ActiveSyncOrganizationSettings", id))
+				return
+			}
+			out.object(s.org.orgSettingsObject())
+		}})
+	register(&cmdlet{name: "Set-ActiveSyncOrganizationSettings", shouldProcess: true, write: true, params: []param{
+		{name: "Identity", kind: kString},
+		{name: "DefaultAccessLevel", kind: kEnum, enum: levelEnum, enumType: levelType},
+		{name: "AdminMailRecipients", kind: kMulti}, {name: "UserMailInsert", kind: kString},
+		{name: "OtaNotificationMailInsert", kind: kString}, {name: "AllowAccessForUnSupportedPlatform", kind: kBool},
+	}, run: setOrgSettings})
+
+	register(&cmdlet{name: "Get-ActiveSyncMailboxPolicy", params: []param{{name: "Identity", kind: kString}},
+		run: func(s *Session, a args, out *output) {
+			s.org.mu.RLock()
+			defer s.org.mu.RUnlock()
+			if a.has("Identity") && a["Identity"] != nil {
+				p := s.org.findPolicy(a.str("Identity"))
+				if p == nil {
+					out.fail(s.notFound("Get-ActiveSyncMailboxPolicy", a.str("Identity")))
+					return
+				}
+				out.object(s.org.policyObject(p))
+				return
+			}
+			for _, p := range s.org.Policies {
+				out.object(s.org.policyObject(p))
+			}
+		}})
+	register(&cmdlet{name: "New-ActiveSyncMailboxPolicy", shouldProcess: true, write: true,
+		params: append([]param{{name: "Name", kind: kIdentity, mandatory: true}}, policyParams...), run: newPolicy})
+	register(&cmdlet{name: "Set-ActiveSyncMailboxPolicy", shouldProcess: true, write: true,
+		params: append([]param{{name: "Identity", kind: kIdentity, mandatory: true}, {name: "Name", kind: kString}}, policyParams...), run: setPolicy})
+	register(&cmdlet{name: "Remove-ActiveSyncMailboxPolicy", shouldProcess: true, confirmHigh: true, write: true,
+		params: []param{{name: "Identity", kind: kIdentity, mandatory: true}}, run: removePolicy})
+
+	register(&cmdlet{name: "Get-ActiveSyncDeviceAccessRule", params: []param{{name: "Identity", kind: kString}},
+		run: func(s *Session, a args, out *output) {
+			s.org.mu.RLock()
+			defer s.org.mu.RUnlock()
+			if a.has("Identity") && a["Identity"] != nil {
+				r := s.org.findRule(a.str("Identity"))
+				if r == nil {
+					out.fail(s.notFound("Get-ActiveSyncDeviceAccessRule", a.str("Identity")))
+					return
+				}
+				out.object(s.org.ruleObject(r))
+				return
+			}
+			for _, r := range s.org.Rules {
+				out.object(s.org.ruleObject(r))
+			}
+		}})
+	register(&cmdlet{name: "New-ActiveSyncDeviceAccessRule", shouldProcess: true, write: true, params: []param{
+		{name: "QueryString", kind: kIdentity, mandatory: true},
+		{name: "Characteristic", kind: kEnum, enum: charEnum, enumType: charType, mandatory: true},
+		{name: "AccessLevel", kind: kEnum, enum: levelEnum, enumType: levelType, mandatory: true},
+	}, run: newRule})
+	register(&cmdlet{name: "Set-ActiveSyncDeviceAccessRule", shouldProcess: true, write: true, params: []param{
+		{name: "Identity", kind: kIdentity, mandatory: true},
+		{name: "AccessLevel", kind: kEnum, enum: levelEnum, enumType: levelType},
+	}, run: setRule})
+	register(&cmdlet{name: "Remove-ActiveSyncDeviceAccessRule", shouldProcess: true, confirmHigh: true, write: true,
+		params: []param{{name: "Identity", kind: kIdentity, mandatory: true}}, run: removeRule})
+
+	register(&cmdlet{name: "Get-ActiveSyncDeviceClass", params: []param{{name: "Identity", kind: kString}, {name: "Filter", kind: kString},
+		{name: "ResultSize", kind: kUnlimited}, {name: "SortBy", kind: kString}},
+		run: func(s *Session, a args, out *output) {
+			s.org.mu.RLock()
+			defer s.org.mu.RUnlock()
+			f, ok := s.filterArg("Get-ActiveSyncDeviceClass", a, classFilterProps, out)
+			if !ok {
+				return
+			}
+			keys := make([]string, 0, len(s.org.classes))
+			for k := range s.org.classes {
+				keys = append(keys, k)
+			}
+			sort.Strings(keys)
+			var objs []exchange.Object
+			for _, k := range keys {
+				if a.has("Identity") && a["Identity"] != nil && !strings.EqualFold(a.str("Identity"), k) {
+					continue
+				}
+				obj := s.org.deviceClassObject(k, s.org.classes[k])
+				if f != nil && !f.eval(func(p string) any {
+					if p == "LastUpdateTime" {
+						return s.org.classes[k]
+					}
+					return obj[p]
+				}) {
+					continue
+				}
+				objs = append(objs, obj)
+			}
+			n := limit(a, len(objs), out)
+			sortObjects(objs[:n], a.str("SortBy"))
+			for _, o := range objs[:n] {
+				out.object(o)
+			}
+		}})
+
+	register(&cmdlet{name: "Get-ExchangeServer", params: []param{{name: "Identity", kind: kString}, {name: "Domain", kind: kString}, {name: "Status", kind: kSwitch}},
+		run: func(s *Session, a args, out *output) {
+			s.org.mu.RLock()
+			defer s.org.mu.RUnlock()
+			found := false
+			for _, srv := range s.org.Servers {
+				if a.has("Identity") && a["Identity"] != nil && !strings.EqualFold(a.str("Identity"), srv.Name) && !strings.EqualFold(a.str("Identity"), srv.FQDN) {
+					continue
+				}
+				found = true
+				out.object(s.org.serverObject(srv))
+			}
+			if !found && a.has("Identity") {
+				out.fail(s.notFound("Get-ExchangeServer", a.str("Identity")))
+			}
+		}})
+	register(&cmdlet{name: "Get-ClientAccessService", params: []param{{name: "Identity", kind: kString},
+		{name: "IncludeAlternateServiceAccountCredentialStatus", kind: kSwitch}, {name: "IncludeAlternateServiceAccountCredentialPassword", kind: kSwitch}},
+		run: func(s *Session, a args, out *output) {
+			s.org.mu.RLock()
+			defer s.org.mu.RUnlock()
+			for _, srv := range s.org.Servers {
+				if !strings.Contains(srv.Roles, "ClientAccess") {
+					continue
+				}
+				if a.has("Identity") && a["Identity"] != nil && !strings.EqualFold(a.str("Identity"), srv.Name) && !strings.EqualFold(a.str("Identity"), srv.FQDN) {
+					continue
+				}
+				out.object(s.org.casServiceObject(srv))
+			}
+		}})
+
+	register(&cmdlet{name: "Clear-ActiveSyncDevice", shouldProcess: true, confirmHigh: true, write: true, params: []param{
+		{name: "Identity", kind: kIdentity, mandatory: true}, {name: "Cancel", kind: kSwitch}, {name: "NotificationEmailAddresses", kind: kMulti},
+	}, run: clearDevice})
+	register(&cmdlet{name: "Remove-ActiveSyncDevice", shouldProcess: true, confirmHigh: true, write: true, params: []param{
+		{name: "Identity", kind: kIdentity, mandatory: true},
+	}, run: removeDevice})
+
+	register(&cmdlet{name: "Set-ADServerSettings", params: []param{
+		{name: "ViewEntireForest", kind: kBool}, {name: "PreferredServer", kind: kString}, {name: "PreferredGlobalCatalog", kind: kString},
+		{name: "ConfigurationDomainController", kind: kString}, {name: "RecipientViewRoot", kind: kString},
+		{name: "SetPreferredDomainControllers", kind: kStrings}, {name: "RunspaceServerSettings", kind: kString},
+	}, run: func(s *Session, a args, out *output) {
+		if v, ok := a["ViewEntireForest"].(bool); ok {
+			s.viewEntireForest = v
+		}
+		if a.has("RecipientViewRoot") {
+			root := strings.ToLower(a.str("RecipientViewRoot"))
+			s.viewEntireForest = false
+			for _, d := range s.org.Domains {
+				if strings.HasPrefix(root, strings.ToLower(d.DNS)) && d != s.org.defaultDomain() {
+					s.viewEntireForest = true
+				}
+			}
+		}
+	}})
+
+	register(&cmdlet{name: "Get-Command", core: true, params: []param{
+		{name: "Name", kind: kStrings}, {name: "Module", kind: kStrings}, {name: "CommandType", kind: kString},
+		{name: "Noun", kind: kStrings}, {name: "Verb", kind: kStrings},
+	}, run: getCommand})
+}
+
+func getCommand(s *Session, a args, out *output) {
+	cmdType, module := "Cmdlet", "Microsoft.Exchange.Management.PowerShell.SnapIn"
+	if s.mode == "remote" {
+		cmdType, module = "Function", "tmp_easguard_exchange"
+	}
+	obj := func(name string) exchange.Object {
+		return exchange.Object{"Name": name, "CommandType": cmdType, "ModuleName": module, "Source": module, "Version": "1.0", "Visibility": "Public"}
+	}
+	if mv, ok := a["Name"].(*multi); ok && len(mv.values) > 0 {
+		for _, n := range mv.values {
+			c := cmdlets[strings.ToLower(n)]
+			if c == nil || !s.available(c.name) {
+				out.fail(commandNotFound(n))
+				continue
+			}
+			out.object(obj(c.name))
+		}
+		return
+	}
+	var names []string
+	for _, c := range cmdlets {
+		if !c.core && s.available(c.name) {
+			names = append(names, c.name)
+		}
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		out.object(obj(n))
+	}
+}

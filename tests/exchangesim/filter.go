@@ -1,0 +1,392 @@
+package exchangesim
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+)
+
+// filterNode is a parsed OPATH filter.
+type filterNode interface {
+	eval(get func(prop string) any) bool
+}
+
+type andNode struct{ l, r filterNode }
+type orNode struct{ l, r filterNode }
+type notNode struct{ x filterNode }
+type cmpNode struct {
+	prop string
+	op   string
+	val  any // string, bool, nil, int64
+}
+
+func (n andNode) eval(g func(string) any) bool { return n.l.eval(g) && n.r.eval(g) }
+func (n orNode) eval(g func(string) any) bool  { return n.l.eval(g) || n.r.eval(g) }
+func (n notNode) eval(g func(string) any) bool { return !n.x.eval(g) }
+
+func (n cmpNode) eval(g func(string) any) bool {
+	v := g(n.prop)
+	switch n.op {
+	case "-eq":
+		return opathEqual(v, n.val)
+	case "-ne":
+		return !opathEqual(v, n.val)
+	case "-like", "-notlike":
+		pat, _ := n.val.(string)
+		m := false
+		for _, s := range asStrings(v) {
+			if wildcard(strings.ToLower(pat), strings.ToLower(s)) {
+				m = true
+			}
+		}
+		return m == (n.op == "-like")
+	default:
+		return compareOrdered(v, n.val, n.op)
+	}
+}
+
+// asStrings flattens a property value to the strings it holds; multi-valued
+// properties match when any value matches, as in OPATH.
+func asStrings(v any) []string {
+	switch x := v.(type) {
+	case nil:
+		return nil
+	case string:
+		return []string{x}
+	case []string:
+		return x
+	case bool:
+		return []string{strconv.FormatBool(x)}
+	case time.Time:
+		return []string{x.UTC().Format(time.RFC3339)}
+	case int64:
+		return []string{strconv.FormatInt(x, 10)}
+	}
+	return []string{fmt.Sprint(v)}
+}
+
+func opathEqual(v, want any) bool {
+	if want == nil {
+		switch x := v.(type) {
+		case nil:
+			return true
+		case string:
+			return x == ""
+		case []string:
+			return len(x) == 0
+		case time.Time:
+			return x.IsZero()
+		}
+		return false
+	}
+	if b, ok := want.(bool); ok {
+		vb, isBool := v.(bool)
+		return isBool && vb == b
+	}
+	ws := fmt.Sprint(want)
+	if t, ok := v.(time.Time); ok {
+		wt, err := parseOPATHTime(ws)
+		return err == nil && t.Equal(wt)
+	}
+	for _, s := range asStrings(v) {
+		if strings.EqualFold(s, ws) {
+			return true
+		}
+	}
+	return false
+}
+
+func compareOrdered(v, want any, op string) bool {
+	cmp := 0
+	switch x := v.(type) {
+	case time.Time:
+		wt, err := parseOPATHTime(fmt.Sprint(want))
+		if err != nil || x.IsZero() {
+			return false
+		}
+		cmp = x.Compare(wt)
+	case int64:
+		w, err := strconv.ParseInt(fmt.Sprint(want), 10, 64)
+		if err != nil {
+			return false
+		}
+		cmp = compareInt(x, w)
+	default:
+		cmp = strings.Compare(strings.ToLower(fmt.Sprint(v)), strings.ToLower(fmt.Sprint(want)))
+	}
+	switch op {
+	case "-gt":
+		return cmp > 0
+	case "-ge":
+		return cmp >= 0
+	case "-lt":
+		return cmp < 0
+	case "-le":
+		return cmp <= 0
+	}
+	return false
+}
+
+func compareInt(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// parseOPATHTime accepts the invariant-culture forms Exchange accepts in
+// filters (MM/dd/yyyy HH:mm:ss and ISO 8601); times without a zone are UTC
+// here. UNCONFIRMED: Exchange interprets zone-less times in the server's
+// local time zone.
+func parseOPATHTime(s string) (time.Time, error) {
+	for _, layout := range []string{time.RFC3339Nano, "2006-01-02T15:04:05", "2006-01-02 15:04:05", "01/02/2006 15:04:05", "1/2/2006 3:04:05 PM", "01/02/2006", "2006-01-02"} {
+		if t, err := time.Parse(layout, s); err == nil {
+			return t.UTC(), nil
+		}
+	}
+	return time.Time{}, fmt.Errorf("%q is not a date", s)
+}
+
+// wildcard matches PowerShell -like patterns with * and ?.
+func wildcard(pat, s string) bool {
+	if pat == "" {
+		return s == ""
+	}
+	switch pat[0] {
+	case '*':
+		for i := 0; i <= len(s); i++ {
+			if wildcard(pat[1:], s[i:]) {
+				return true
+			}
+		}
+		return false
+	case '?':
+		return s != "" && wildcard(pat[1:], s[1:])
+	}
+	return s != "" && s[0] == pat[0] && wildcard(pat[1:], s[1:])
+}
+
+// filterError reports an invalid filter the way Exchange's parameter
+// setter does.
+type filterError struct {
+	msg string
+}
+
+func (e *filterError) Error() string { return e.msg }
+
+// parseFilter parses an OPATH filter, allowing only the given properties.
+func parseFilter(src string, props map[string]string) (filterNode, error) {
+	p := &filterParser{src: src, props: props}
+	p.toks, p.err = lexFilter(src)
+	if p.err != nil {
+		return nil, p.err
+	}
+	n := p.or()
+	if p.err == nil && p.pos < len(p.toks) {
+		p.fail(p.toks[p.pos].pos)
+	}
+	if p.err != nil {
+		return nil, p.err
+	}
+	return n, nil
+}
+
+type filterTok struct {
+	kind string // word, op, str, lp, rp, var
+	text string
+	pos  int
+}
+
+func lexFilter(src string) ([]filterTok, error) {
+	s := strings.TrimSpace(src)
+	off := len(src) - len(strings.TrimLeft(src, " \t\r\n"))
+	if strings.HasPrefix(s, "{") && strings.HasSuffix(s, "}") {
+		s = s[1 : len(s)-1]
+		off++
+	}
+	var toks []filterTok
+	rs := []rune(s)
+	for i := 0; i < len(rs); {
+		r := rs[i]
+		switch {
+		case unicode.IsSpace(r):
+			i++
+		case r == '(':
+			toks = append(toks, filterTok{"lp", "(", off + i})
+			i++
+		case r == ')':
+			toks = append(toks, filterTok{"rp", ")", off + i})
+			i++
+		case r == '\'' || r == '"':
+			start := i
+			var b strings.Builder
+			i++
+			closed := false
+			for i < len(rs) {
+				if rs[i] == r {
+					if i+1 < len(rs) && rs[i+1] == r {
+						b.WriteRune(r)
+						i += 2
+						continue
+					}
+					i++
+					closed = true
+					break
+				}
+				b.WriteRune(rs[i])
+				i++
+			}
+			if !closed {
+				return nil, filterSyntax(src, off+start)
+			}
+			toks = append(toks, filterTok{"str", b.String(), off + start})
+		case r == '-':
+			start := i
+			i++
+			for i < len(rs) && unicode.IsLetter(rs[i]) {
+				i++
+			}
+			toks = append(toks, filterTok{"op", strings.ToLower(string(rs[start:i])), off + start})
+		case r == '$':
+			start := i
+			i++
+			for i < len(rs) && (unicode.IsLetter(rs[i]) || unicode.IsDigit(rs[i])) {
+				i++
+			}
+			toks = append(toks, filterTok{"var", strings.ToLower(string(rs[start:i])), off + start})
+		default:
+			start := i
+			for i < len(rs) && !unicode.IsSpace(rs[i]) && rs[i] != '(' && rs[i] != ')' {
+				i++
+			}
+			toks = append(toks, filterTok{"word", string(rs[start:i]), off + start})
+		}
+	}
+	return toks, nil
+}
+
+func filterSyntax(src string, pos int) error {
+	return &filterError{fmt.Sprintf("Invalid filter syntax. For a description of the filter parameter syntax see the command help.\r\n\"%s\" at position %d.", src, pos+1)}
+}
+
+type filterParser struct {
+	src   string
+	toks  []filterTok
+	pos   int
+	err   error
+	props map[string]string
+}
+
+func (p *filterParser) fail(pos int) {
+	if p.err == nil {
+		p.err = filterSyntax(p.src, pos)
+	}
+}
+
+func (p *filterParser) peek() *filterTok {
+	if p.pos < len(p.toks) {
+		return &p.toks[p.pos]
+	}
+	return nil
+}
+
+func (p *filterParser) or() filterNode {
+	l := p.and()
+	for t := p.peek(); p.err == nil && t != nil && t.kind == "op" && t.text == "-or"; t = p.peek() {
+		p.pos++
+		l = orNode{l, p.and()}
+	}
+	return l
+}
+
+func (p *filterParser) and() filterNode {
+	l := p.not()
+	for t := p.peek(); p.err == nil && t != nil && t.kind == "op" && t.text == "-and"; t = p.peek() {
+		p.pos++
+		l = andNode{l, p.not()}
+	}
+	return l
+}
+
+func (p *filterParser) not() filterNode {
+	if t := p.peek(); t != nil && t.kind == "op" && t.text == "-not" {
+		p.pos++
+		return notNode{p.not()}
+	}
+	return p.primary()
+}
+
+func (p *filterParser) primary() filterNode {
+	t := p.peek()
+	if t == nil {
+		p.fail(len(p.src))
+		return nil
+	}
+	if t.kind == "lp" {
+		p.pos++
+		n := p.or()
+		if c := p.peek(); c == nil || c.kind != "rp" {
+			p.fail(len(p.src))
+			return nil
+		}
+		p.pos++
+		return n
+	}
+	if t.kind != "word" {
+		p.fail(t.pos)
+		return nil
+	}
+	canon, ok := p.props[strings.ToLower(t.text)]
+	if !ok {
+		if p.err == nil {
+			p.err = &filterError{fmt.Sprintf("\"%s\" is not a recognized filterable property. For a list of filterable properties, see the command help.", t.text)}
+		}
+		return nil
+	}
+	p.pos++
+	op := p.peek()
+	if op == nil || op.kind != "op" {
+		p.fail(t.pos)
+		return nil
+	}
+	switch op.text {
+	case "-eq", "-ne", "-like", "-notlike", "-gt", "-ge", "-lt", "-le":
+	default:
+		p.fail(op.pos)
+		return nil
+	}
+	p.pos++
+	v := p.peek()
+	if v == nil {
+		p.fail(len(p.src))
+		return nil
+	}
+	p.pos++
+	var val any
+	switch v.kind {
+	case "str", "word":
+		val = v.text
+	case "var":
+		switch v.text {
+		case "$true":
+			val = true
+		case "$false":
+			val = false
+		case "$null":
+			val = nil
+		default:
+			// Variables are not expanded: a filter is data, not script.
+			p.fail(v.pos)
+			return nil
+		}
+	default:
+		p.fail(v.pos)
+		return nil
+	}
+	return cmpNode{prop: canon, op: op.text, val: val}
+}

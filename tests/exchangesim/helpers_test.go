@@ -1,0 +1,235 @@
+package exchangesim_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/masterzen/winrm"
+
+	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/tests/exchangesim"
+)
+
+// startSim starts a simulator for one test, closed when it ends.
+func startSim(t testing.TB, cfg exchangesim.Config) *exchangesim.Sim {
+	t.Helper()
+	if cfg.Profile == (exchangesim.Profile{}) {
+		cfg.Profile = exchangesim.TestProfile()
+	}
+	if cfg.MaxOperationTimeout == 0 {
+		cfg.MaxOperationTimeout = 2 * time.Second
+	}
+	s, err := exchangesim.Start(cfg)
+	if err != nil {
+		t.Fatalf("start simulator: %v", err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+// conn says how a test worker reaches a CAS.
+type conn struct {
+	ntlm     bool
+	user     string
+	password string
+	// insecure skips certificate checks; otherwise the simulator's
+	// certificate is trusted explicitly.
+	insecure bool
+}
+
+func (c conn) withDefaults() conn {
+	if c.user == "" {
+		c.user, c.password = exchangesim.DefaultUser, exchangesim.DefaultPassword
+	}
+	return c
+}
+
+// worker is a minimal client of the worker protocol over the real
+// masterzen/winrm client: enough to drive the simulator the way easguard's
+// pool will.
+type worker struct {
+	t      testing.TB
+	shell  *winrm.Shell
+	cmd    *winrm.Command
+	frames chan exchange.Response
+	stderr *strings.Builder
+	mu     sync.Mutex
+	nextID int64
+	ready  exchange.Response
+	cancel context.CancelFunc
+}
+
+func newClient(t testing.TB, s *exchangesim.Sim, ep *exchangesim.Endpoint, c conn) *winrm.Client {
+	t.Helper()
+	c = c.withDefaults()
+	host, portStr, _ := net.SplitHostPort(ep.Addr())
+	port, _ := strconv.Atoi(portStr)
+	https := strings.HasPrefix(ep.URL(), "https")
+	var ca []byte
+	if https && !c.insecure {
+		ca = s.CertPEM
+	}
+	endpoint := winrm.NewEndpoint(host, port, https, c.insecure, ca, nil, nil, 30*time.Second)
+	params := winrm.NewParameters("PT2S", "en-US", 153600)
+	if c.ntlm {
+		params.TransportDecorator = func() winrm.Transporter { return &winrm.ClientNTLM{} }
+	}
+	client, err := winrm.NewClientWithParameters(endpoint, c.user, c.password, params)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return client
+}
+
+// startWorker opens a shell, starts the worker bootstrap, sends the script
+// and waits for the ready frame.
+func startWorker(t testing.TB, s *exchangesim.Sim, ep *exchangesim.Endpoint, c conn) *worker {
+	t.Helper()
+	w, err := tryStartWorker(t, s, ep, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+func tryStartWorker(t testing.TB, s *exchangesim.Sim, ep *exchangesim.Endpoint, c conn) (*worker, error) {
+	t.Helper()
+	client := newClient(t, s, ep, c)
+	shell, err := client.CreateShell()
+	if err != nil {
+		return nil, fmt.Errorf("create shell: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd, err := shell.ExecuteWithContext(ctx, exchange.CommandLine())
+	if err != nil {
+		cancel()
+		_ = shell.Close()
+		return nil, fmt.Errorf("execute: %w", err)
+	}
+	w := &worker{t: t, shell: shell, cmd: cmd, frames: make(chan exchange.Response, 64), stderr: &strings.Builder{}, cancel: cancel}
+	go func() {
+		sc := bufio.NewScanner(cmd.Stdout)
+		sc.Buffer(make([]byte, 1<<20), 64<<20)
+		for sc.Scan() {
+			r, ok, err := exchange.DecodeFrame(sc.Text())
+			if err != nil {
+				t.Errorf("bad frame: %v", err)
+				continue
+			}
+			if ok {
+				w.frames <- r
+			}
+		}
+		close(w.frames)
+	}()
+	go func() {
+		b, _ := io.ReadAll(cmd.Stderr)
+		w.mu.Lock()
+		w.stderr.Write(b)
+		w.mu.Unlock()
+	}()
+	t.Cleanup(w.close)
+	if _, err := cmd.Stdin.Write(exchange.ScriptLine()); err != nil {
+		return nil, fmt.Errorf("send script: %w", err)
+	}
+	select {
+	case r, ok := <-w.frames:
+		if !ok || r.Op != "ready" {
+			return nil, fmt.Errorf("no ready frame (got %+v, open %v)", r, ok)
+		}
+		w.ready = r
+	case <-time.After(20 * time.Second):
+		return nil, fmt.Errorf("no ready frame within 20s")
+	}
+	return w, nil
+}
+
+func (w *worker) close() {
+	_ = w.cmd.Stdin.Close()
+	w.cmd.Wait()
+	w.cancel()
+	_ = w.shell.Close()
+}
+
+// request sends one request and returns its page frames and final frame.
+func (w *worker) request(req exchange.Request) ([]exchange.Response, exchange.Response) {
+	w.t.Helper()
+	w.nextID++
+	req.ID = w.nextID
+	line, err := exchange.EncodeRequest(req)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if _, err := w.cmd.Stdin.Write(line); err != nil {
+		w.t.Fatalf("send request: %v", err)
+	}
+	var pages []exchange.Response
+	for {
+		select {
+		case r, ok := <-w.frames:
+			if !ok {
+				w.t.Fatalf("worker ended before answering request %d", req.ID)
+			}
+			if r.ID != req.ID {
+				w.t.Fatalf("frame for request %d while waiting for %d", r.ID, req.ID)
+			}
+			if r.Done {
+				return pages, r
+			}
+			pages = append(pages, r)
+		case <-time.After(30 * time.Second):
+			w.t.Fatalf("no answer to request %d within 30s", req.ID)
+		}
+	}
+}
+
+// connect opens the Exchange session of the worker (remote, with the
+// service account's credentials).
+func (w *worker) connect(ep *exchangesim.Endpoint) exchange.Response {
+	w.t.Helper()
+	_, r := w.request(exchange.Request{Op: "connect", Mode: "remote", URI: "https://" + ep.FQDN + "/PowerShell/", Auth: "Kerberos",
+		User: exchangesim.DefaultUser, Password: exchangesim.DefaultPassword})
+	if !r.OK {
+		w.t.Fatalf("connect: %+v", r.Errors)
+	}
+	return r
+}
+
+// invoke runs one cmdlet and returns all its objects with the final frame.
+func (w *worker) invoke(cmdlet string, params exchange.Params) ([]exchange.Object, exchange.Response) {
+	w.t.Helper()
+	pages, r := w.request(exchange.Request{Op: "invoke", Call: &exchange.Call{Cmdlet: cmdlet, Params: params}})
+	var objs []exchange.Object
+	for _, p := range pages {
+		objs = append(objs, p.Objects...)
+	}
+	return append(objs, r.Objects...), r
+}
+
+// mustInvoke fails the test on any error.
+func (w *worker) mustInvoke(cmdlet string, params exchange.Params) []exchange.Object {
+	w.t.Helper()
+	objs, r := w.invoke(cmdlet, params)
+	if !r.OK {
+		w.t.Fatalf("%s %v: %+v", cmdlet, params, r.Errors)
+	}
+	return objs
+}
+
+// roundTrip decodes a params literal the way the worker receives it (json
+// numbers), so table tests can write plain Go values.
+func roundTrip(p exchange.Params) exchange.Params {
+	b, _ := json.Marshal(p)
+	var out exchange.Params
+	_ = json.Unmarshal(b, &out)
+	return out
+}
