@@ -12,10 +12,10 @@ BENCH_PKGS ?= ./...
 
 all: lint build test
 
-## build: every binary into bin/
+## build: every binary into bin/ (easguard, and the exchangesim simulator)
 build:
 	@mkdir -p bin
-	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./services/...
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./services/... ./tests/cmd/...
 
 ## test: every test, with the race detector (real NATS servers start in-process)
 test:

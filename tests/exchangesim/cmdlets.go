@@ -228,84 +228,113 @@ func (s *Session) devicesInScope(a args, easOnly bool) []*Device {
 
 func getDevices(cmdlet string, easOnlyAlways bool) func(s *Session, a args, out *output) {
 	return func(s *Session, a args, out *output) {
-		s.org.mu.RLock()
-		defer s.org.mu.RUnlock()
-		f, ok := s.filterArg(cmdlet, a, deviceFilterProps, out)
-		if !ok {
-			return
-		}
-		easOnly := easOnlyAlways || a.boolean("ActiveSync")
-		var list []*Device
-		switch {
-		case a.has("Identity") && a["Identity"] != nil:
-			d, err := s.resolveDevice(cmdlet, a.str("Identity"))
-			if err != nil {
-				out.fail(*err)
-				return
+		matched, ok := func() ([]*Device, bool) {
+			s.org.mu.RLock()
+			defer s.org.mu.RUnlock()
+			f, ok := s.filterArg(cmdlet, a, deviceFilterProps, out)
+			if !ok {
+				return nil, false
 			}
-			list = []*Device{d}
-		case a.has("Mailbox"):
-			m, err := s.resolveMailbox(cmdlet, a.str("Mailbox"))
-			if err != nil {
-				out.fail(*err)
-				return
+			easOnly := easOnlyAlways || a.boolean("ActiveSync")
+			var list []*Device
+			switch {
+			case a.has("Identity") && a["Identity"] != nil:
+				d, err := s.resolveDevice(cmdlet, a.str("Identity"))
+				if err != nil {
+					out.fail(*err)
+					return nil, false
+				}
+				list = []*Device{d}
+			case a.has("Mailbox"):
+				m, err := s.resolveMailbox(cmdlet, a.str("Mailbox"))
+				if err != nil {
+					out.fail(*err)
+					return nil, false
+				}
+				for _, d := range m.Devices {
+					if !easOnly || d.ClientType == "EAS" {
+						list = append(list, d)
+					}
+				}
+			default:
+				list = s.devicesInScope(a, easOnly)
 			}
-			for _, d := range m.Devices {
-				if !easOnly || d.ClientType == "EAS" {
-					list = append(list, d)
+			var matched []*Device
+			for _, d := range list {
+				if f == nil || f.eval(func(p string) any { return deviceProp(d, p) }) {
+					matched = append(matched, d)
 				}
 			}
-		default:
-			list = s.devicesInScope(a, easOnly)
+			return matched[:limit(a, len(matched), out)], true
+		}()
+		if ok {
+			emitEach(s.org, matched, s.org.mobileDeviceObject, a.str("SortBy"), out)
 		}
-		var matched []*Device
-		for _, d := range list {
-			if f == nil || f.eval(func(p string) any { return deviceProp(d, p) }) {
-				matched = append(matched, d)
-			}
+	}
+}
+
+// emitEach builds and emits one object per item. Objects are built under
+// the read lock one at a time and emitted outside it, so a client that
+// reads a large listing slowly holds up no writer; with -SortBy all are
+// built first, as Exchange must sort before it can emit.
+func emitEach[T any](o *Org, items []T, build func(T) exchange.Object, sortBy string, out *output) {
+	if sortBy != "" {
+		objs := make([]exchange.Object, 0, len(items))
+		o.mu.RLock()
+		for _, it := range items {
+			objs = append(objs, build(it))
 		}
-		n := limit(a, len(matched), out)
-		objs := make([]exchange.Object, 0, n)
-		for _, d := range matched[:n] {
-			objs = append(objs, s.org.mobileDeviceObject(d))
+		o.mu.RUnlock()
+		sortObjects(objs, sortBy)
+		for _, obj := range objs {
+			out.object(obj)
 		}
-		sortObjects(objs, a.str("SortBy"))
-		for _, o := range objs {
-			out.object(o)
-		}
+		return
+	}
+	for _, it := range items {
+		o.mu.RLock()
+		obj := build(it)
+		o.mu.RUnlock()
+		out.object(obj)
 	}
 }
 
 func getStatistics(cmdlet string) func(s *Session, a args, out *output) {
 	return func(s *Session, a args, out *output) {
-		s.org.mu.RLock()
-		defer s.org.mu.RUnlock()
-		var list []*Device
-		switch {
-		case a.has("Mailbox"):
-			m, err := s.resolveMailbox(cmdlet, a.str("Mailbox"))
-			if err != nil {
-				out.fail(*err)
-				return
+		list, ok := func() ([]*Device, bool) {
+			s.org.mu.RLock()
+			defer s.org.mu.RUnlock()
+			var list []*Device
+			switch {
+			case a.has("Mailbox"):
+				m, err := s.resolveMailbox(cmdlet, a.str("Mailbox"))
+				if err != nil {
+					out.fail(*err)
+					return nil, false
+				}
+				list = append(list, m.Devices...)
+			case a.has("Identity") && a["Identity"] != nil:
+				d, err := s.resolveDevice(cmdlet, a.str("Identity"))
+				if err != nil {
+					out.fail(*err)
+					return nil, false
+				}
+				list = []*Device{d}
+			default:
+				// A $null or missing -Identity returns every partnership
+				// (reference/exchange.md §2): callers must guard against it.
+				list = s.devicesInScope(a, false)
 			}
-			list = m.Devices
-		case a.has("Identity") && a["Identity"] != nil:
-			d, err := s.resolveDevice(cmdlet, a.str("Identity"))
-			if err != nil {
-				out.fail(*err)
-				return
+			var keep []*Device
+			for _, d := range list {
+				if !a.boolean("ActiveSync") || d.ClientType == "EAS" {
+					keep = append(keep, d)
+				}
 			}
-			list = []*Device{d}
-		default:
-			// A $null or missing -Identity returns every partnership
-			// (reference/exchange.md §2): callers must guard against it.
-			list = s.devicesInScope(a, false)
-		}
-		for _, d := range list {
-			if a.boolean("ActiveSync") && d.ClientType != "EAS" {
-				continue
-			}
-			out.object(s.org.deviceStatisticsObject(d))
+			return keep, true
+		}()
+		if ok {
+			emitEach(s.org, list, s.org.deviceStatisticsObject, "", out)
 		}
 	}
 }
@@ -435,41 +464,38 @@ func getRecipient(s *Session, a args, out *output) {
 }
 
 func listMailboxes(s *Session, a args, out *output, cmdlet string, obj func(*Mailbox) exchange.Object) {
-	s.org.mu.RLock()
-	defer s.org.mu.RUnlock()
-	f, ok := s.filterArg(cmdlet, a, recipientFilterProps, out)
-	if !ok {
-		return
-	}
-	var list []*Mailbox
-	if a.has("Identity") && a["Identity"] != nil {
-		m, err := s.resolveMailbox(cmdlet, a.str("Identity"))
-		if err != nil {
-			out.fail(*err)
-			return
+	matched, ok := func() ([]*Mailbox, bool) {
+		s.org.mu.RLock()
+		defer s.org.mu.RUnlock()
+		f, ok := s.filterArg(cmdlet, a, recipientFilterProps, out)
+		if !ok {
+			return nil, false
 		}
-		list = []*Mailbox{m}
-	} else {
-		for _, m := range s.org.mailboxes {
-			if s.inScope(m) {
-				list = append(list, m)
+		var list []*Mailbox
+		if a.has("Identity") && a["Identity"] != nil {
+			m, err := s.resolveMailbox(cmdlet, a.str("Identity"))
+			if err != nil {
+				out.fail(*err)
+				return nil, false
+			}
+			list = []*Mailbox{m}
+		} else {
+			for _, m := range s.org.mailboxes {
+				if s.inScope(m) {
+					list = append(list, m)
+				}
 			}
 		}
-	}
-	var matched []*Mailbox
-	for _, m := range list {
-		if f == nil || f.eval(func(p string) any { return recipientProp(s.org, m, p) }) {
-			matched = append(matched, m)
+		var matched []*Mailbox
+		for _, m := range list {
+			if f == nil || f.eval(func(p string) any { return recipientProp(s.org, m, p) }) {
+				matched = append(matched, m)
+			}
 		}
-	}
-	n := limit(a, len(matched), out)
-	objs := make([]exchange.Object, 0, n)
-	for _, m := range matched[:n] {
-		objs = append(objs, obj(m))
-	}
-	sortObjects(objs, a.str("SortBy"))
-	for _, o := range objs {
-		out.object(o)
+		return matched[:limit(a, len(matched), out)], true
+	}()
+	if ok {
+		emitEach(s.org, matched, obj, a.str("SortBy"), out)
 	}
 }
 

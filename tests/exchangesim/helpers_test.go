@@ -6,7 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -70,15 +70,24 @@ type worker struct {
 
 func newClient(t testing.TB, s *exchangesim.Sim, ep *exchangesim.Endpoint, c conn) *winrm.Client {
 	t.Helper()
+	return newClientURL(t, ep.URL(), s.CertPEM, c)
+}
+
+// newClientURL makes a real masterzen/winrm client for a WS-Man URL,
+// trusting ca for HTTPS unless c.insecure.
+func newClientURL(t testing.TB, wsmanURL string, ca []byte, c conn) *winrm.Client {
+	t.Helper()
 	c = c.withDefaults()
-	host, portStr, _ := net.SplitHostPort(ep.Addr())
-	port, _ := strconv.Atoi(portStr)
-	https := strings.HasPrefix(ep.URL(), "https")
-	var ca []byte
-	if https && !c.insecure {
-		ca = s.CertPEM
+	u, err := url.Parse(wsmanURL)
+	if err != nil {
+		t.Fatal(err)
 	}
-	endpoint := winrm.NewEndpoint(host, port, https, c.insecure, ca, nil, nil, 30*time.Second)
+	port, _ := strconv.Atoi(u.Port())
+	https := u.Scheme == "https"
+	if !https || c.insecure {
+		ca = nil
+	}
+	endpoint := winrm.NewEndpoint(u.Hostname(), port, https, c.insecure, ca, nil, nil, 30*time.Second)
 	params := winrm.NewParameters("PT2S", "en-US", 153600)
 	if c.ntlm {
 		params.TransportDecorator = func() winrm.Transporter { return &winrm.ClientNTLM{} }
@@ -103,7 +112,12 @@ func startWorker(t testing.TB, s *exchangesim.Sim, ep *exchangesim.Endpoint, c c
 
 func tryStartWorker(t testing.TB, s *exchangesim.Sim, ep *exchangesim.Endpoint, c conn) (*worker, error) {
 	t.Helper()
-	client := newClient(t, s, ep, c)
+	return startWorkerClient(t, newClient(t, s, ep, c))
+}
+
+// startWorkerClient starts a worker through a client.
+func startWorkerClient(t testing.TB, client *winrm.Client) (*worker, error) {
+	t.Helper()
 	shell, err := client.CreateShell()
 	if err != nil {
 		return nil, fmt.Errorf("create shell: %w", err)

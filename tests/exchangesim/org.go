@@ -688,3 +688,18 @@ func (o *Org) restamp(m *Mailbox) {
 		}
 	}
 }
+
+// SetDefaultAccessLevel sets the organisation's DefaultAccessLevel (Allow,
+// Block or Quarantine), as Set-ActiveSyncOrganizationSettings would.
+func (o *Org) SetDefaultAccessLevel(level string) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for i, n := range levelNames {
+		if strings.EqualFold(n, level) {
+			o.Settings.DefaultAccessLevel = AccessLevel(i)
+			o.Settings.WhenChanged = o.now()
+			return nil
+		}
+	}
+	return fmt.Errorf("access level %q: use Allow, Block or Quarantine", level)
+}

@@ -158,6 +158,11 @@ func Seed(o *Org, spec SeedSpec) error {
 		if !spec.NoHostile && i%211 == 7 {
 			id = hostileIDs[(i/211)%len(hostileIDs)]
 		}
+		for taken(m, id, p.deviceType) {
+			// One partnership per device type and id in a mailbox, as the
+			// AD object name <type>§<id> is unique under the user.
+			id = p.id(r)
+		}
 		os := p.os(r)
 		firstSync := now.Add(-time.Duration(r.IntN(2*365*24*60)) * time.Minute)
 		d := &Device{
@@ -217,4 +222,13 @@ func asciiOnly(s string) string {
 		}
 	}
 	return b.String()
+}
+
+func taken(m *Mailbox, id, deviceType string) bool {
+	for _, d := range m.Devices {
+		if strings.EqualFold(d.DeviceID, id) && strings.EqualFold(d.DeviceType, deviceType) {
+			return true
+		}
+	}
+	return false
 }

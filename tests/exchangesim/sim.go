@@ -251,13 +251,13 @@ func (e *Endpoint) up() error {
 		e.waitWhile(r.Context(), func() bool { return e.stallAll })
 		mux.ServeHTTP(w, r)
 	})
-	e.http = &http.Server{Handler: stallable, ConnContext: winauth.ConnContext, ReadHeaderTimeout: 10 * time.Second}
-	e.listener = ln
+	srv := &http.Server{Handler: stallable, ConnContext: winauth.ConnContext, ReadHeaderTimeout: 10 * time.Second}
+	e.http, e.listener = srv, ln
 	if s.tlsCert != nil {
-		e.http.TLSConfig = &tls.Config{Certificates: []tls.Certificate{*s.tlsCert}, MinVersion: tls.VersionTLS12}
-		go func() { _ = e.http.ServeTLS(ln, "", "") }()
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{*s.tlsCert}, MinVersion: tls.VersionTLS12}
+		go func() { _ = srv.ServeTLS(ln, "", "") }()
 	} else {
-		go func() { _ = e.http.Serve(ln) }()
+		go func() { _ = srv.Serve(ln) }()
 	}
 	e.down = false
 	return nil

@@ -41,6 +41,7 @@ func (s *Sim) startWorker(ctx context.Context, ep *Endpoint, user string) *worke
 		session: s.Org.NewSession(ep.Name, user, s.checkPassword),
 		stdinR:  r, stdinW: w, ctx: wctx, cancel: cancel,
 	}
+	p.SetLimit(stdoutPipe)
 	go p.run()
 	return p
 }
@@ -176,7 +177,15 @@ type batchFrame struct {
 	Results []exchange.Result `json:"results"`
 }
 
+// stdoutPipe is the simulated stdout pipe buffer: a worker that produces
+// output faster than the client receives it waits, as powershell.exe
+// blocks on a full pipe, instead of holding its whole result in memory.
+const stdoutPipe = 256 << 10
+
 func (p *workerProcess) frame(v any) {
+	if err := p.WaitForRoom(p.ctx); err != nil {
+		return
+	}
 	line, err := exchange.EncodeFrame(v)
 	if err != nil {
 		// A value the simulator built itself cannot fail to encode; if it

@@ -1,6 +1,7 @@
 package wsman
 
 import (
+	"context"
 	"errors"
 	"io"
 	"sync"
@@ -39,11 +40,60 @@ type OutputQueue struct {
 	code        int
 	ready       chan struct{}
 	readyClosed bool
+	// pending counts queued bytes; room is closed while pending < limit.
+	pending int
+	limit   int
+	room    chan struct{}
 }
 
 // NewOutputQueue returns an empty queue for a running process.
 func NewOutputQueue() *OutputQueue {
-	return &OutputQueue{ready: make(chan struct{})}
+	room := make(chan struct{})
+	close(room)
+	return &OutputQueue{ready: make(chan struct{}), room: room}
+}
+
+// SetLimit makes the queue behave like a pipe with a buffer of n bytes for
+// writers that call WaitForRoom: a process that writes faster than the
+// client receives then waits, as a real process blocks on a full stdout
+// pipe, instead of piling its whole output up in memory. 0 means no limit.
+func (q *OutputQueue) SetLimit(n int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.limit = n
+	q.updateRoomLocked()
+}
+
+// WaitForRoom blocks while the queue holds at least its limit, until the
+// client has read enough, the process has exited, or ctx ends.
+func (q *OutputQueue) WaitForRoom(ctx context.Context) error {
+	for {
+		q.mu.Lock()
+		room, full := q.room, q.limit > 0 && q.pending >= q.limit && !q.exited
+		q.mu.Unlock()
+		if !full {
+			return nil
+		}
+		select {
+		case <-room:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (q *OutputQueue) updateRoomLocked() {
+	full := q.limit > 0 && q.pending >= q.limit
+	select {
+	case <-q.room:
+		if full {
+			q.room = make(chan struct{})
+		}
+	default:
+		if !full {
+			close(q.room)
+		}
+	}
 }
 
 // Stdout returns a writer that appends to the stdout stream. It is safe for concurrent use with every other method.
@@ -74,6 +124,8 @@ func (q *OutputQueue) Write(stream string, p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
+	q.pending += len(p)
+	q.updateRoomLocked()
 	if n := len(q.chunks); n > 0 && q.chunks[n-1].Stream == stream {
 		q.chunks[n-1].Data = append(q.chunks[n-1].Data, p...)
 	} else {
@@ -94,6 +146,10 @@ func (q *OutputQueue) Exit(code int) {
 	q.exited = true
 	q.code = code
 	q.signalLocked()
+	if q.limit > 0 {
+		q.limit = 0
+		q.updateRoomLocked()
+	}
 }
 
 // Exited reports whether Exit has been called, and with which code. Queued output may still be waiting to be read.
@@ -126,6 +182,8 @@ func (q *OutputQueue) ReadOutput(max int) (c Chunk, done bool, exitCode int) {
 		// later merge appends behind the returned window.
 		c = Chunk{Stream: head.Stream, Data: head.Data[:n:n]}
 		head.Data = head.Data[n:]
+		q.pending -= n
+		q.updateRoomLocked()
 		if len(head.Data) == 0 {
 			q.chunks[0] = Chunk{}
 			q.chunks = q.chunks[1:]

@@ -1,0 +1,132 @@
+// Command exchangesim runs a simulated on-premises Exchange organisation:
+// WS-Man endpoints for its Client Access servers that the real WinRM
+// client accepts, a seeded organisation, and an admin API to sync phones,
+// inject faults and read what reached "Exchange". On start it prints one
+// JSON line with its URLs, then runs until SIGINT or SIGTERM.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/easguard/easguard/tests/exchangesim"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+type endpoint struct {
+	Name string `json:"name"`
+	FQDN string `json:"fqdn"`
+	URL  string `json:"url"`
+}
+
+type started struct {
+	WSMan        []endpoint `json:"wsman"`
+	Admin        string     `json:"admin"`
+	User         string     `json:"user"`
+	Org          string     `json:"org"`
+	Domain       string     `json:"domain"`
+	Mailboxes    int        `json:"mailboxes"`
+	Partnerships int        `json:"partnerships"`
+	CACert       string     `json:"ca_cert,omitempty"`
+	StartSeconds float64    `json:"start_seconds"`
+}
+
+func run(args []string) int {
+	start := time.Now()
+	fs := flag.NewFlagSet("exchangesim", flag.ContinueOnError)
+	mailboxes := fs.Int("mailboxes", 100, "mailboxes to seed")
+	partnerships := fs.Int("partnerships", 200, "partnerships to seed")
+	seed := fs.Uint64("seed", 1, "seed of the generated organisation")
+	noHostile := fs.Bool("no-hostile", false, "leave hostile values (quotes, $(...), ...) out of the seed")
+	childShare := fs.Float64("child-domain-share", 0.1, "share of mailboxes in a child domain")
+	cas := fs.String("cas", "EX01,EX02", "comma-separated Client Access server names, primary first")
+	https := fs.Bool("https", false, "serve WS-Man over HTTPS with a self-signed certificate")
+	certOut := fs.String("cert-out", "", "write the certificate clients should trust to this file (with -https)")
+	auth := fs.String("auth", "basic,ntlm", "authentication schemes: basic, ntlm or both")
+	user := fs.String("user", exchangesim.DefaultUser, "service account name")
+	host := fs.String("host", "127.0.0.1", "address the WS-Man endpoints listen on")
+	admin := fs.String("admin", "127.0.0.1:0", "admin API listen address")
+	profile := fs.String("profile", "default", "latency profile: default (realistic) or none")
+	org := fs.String("org", "Contoso", "Exchange organisation name")
+	domain := fs.String("domain", "contoso.com", "forest root domain")
+	defaultAccess := fs.String("default-access", "Allow", "DefaultAccessLevel: Allow, Block or Quarantine")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "exchangesim runs a simulated Exchange organisation. The service account's password is taken from EXCHANGESIM_PASSWORD (default: the simulator's documented test password).")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	password := os.Getenv("EXCHANGESIM_PASSWORD")
+	if password == "" {
+		password = exchangesim.DefaultPassword
+	}
+	cfg := exchangesim.Config{
+		OrgName: *org, Domain: *domain, HTTPS: *https, Host: *host, AdminAddr: *admin,
+		Accounts: map[string]string{*user: password},
+		Seed:     &exchangesim.SeedSpec{Mailboxes: *mailboxes, Partnerships: *partnerships, Seed: *seed, NoHostile: *noHostile, ChildDomainShare: *childShare},
+	}
+	for _, n := range strings.Split(*cas, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			cfg.CAS = append(cfg.CAS, n)
+		}
+	}
+	for _, a := range strings.Split(*auth, ",") {
+		switch strings.ToLower(strings.TrimSpace(a)) {
+		case "basic":
+			cfg.Basic = true
+		case "ntlm":
+			cfg.NTLM = true
+		default:
+			fmt.Fprintf(os.Stderr, "exchangesim: -auth: unknown scheme %q (use basic, ntlm)\n", a)
+			return 2
+		}
+	}
+	switch *profile {
+	case "default":
+		cfg.Profile = exchangesim.DefaultProfile()
+	case "none":
+		cfg.Profile = exchangesim.TestProfile()
+	default:
+		fmt.Fprintf(os.Stderr, "exchangesim: -profile: use default or none, not %q\n", *profile)
+		return 2
+	}
+	s, err := exchangesim.Start(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "exchangesim:", err)
+		return 1
+	}
+	defer s.Close()
+	if err := s.Org.SetDefaultAccessLevel(*defaultAccess); err != nil {
+		fmt.Fprintln(os.Stderr, "exchangesim: -default-access:", err)
+		return 2
+	}
+	out := started{Admin: s.AdminURL(), User: *user, Org: *org, Domain: *domain, Mailboxes: len(s.Org.Mailboxes()), Partnerships: s.Org.DeviceCount()}
+	for _, e := range s.Endpoints() {
+		out.WSMan = append(out.WSMan, endpoint{e.Name, e.FQDN, e.URL()})
+	}
+	if *https && *certOut != "" {
+		if err := os.WriteFile(*certOut, s.CertPEM, 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "exchangesim: -cert-out:", err)
+			return 1
+		}
+		out.CACert = *certOut
+	}
+	out.StartSeconds = time.Since(start).Seconds()
+	line, _ := json.Marshal(out)
+	fmt.Println(string(line))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	<-ctx.Done()
+	return 0
+}
