@@ -421,3 +421,53 @@ func TestSeedIsReproducible(t *testing.T) {
 		t.Error("no hostile device id in the seed")
 	}
 }
+
+// Every identity form Exchange resolves finds the same mailbox or device.
+func TestIdentityForms(t *testing.T) {
+	s, w := orgWithAlice(t)
+	phoneSync(t, s, iphone("ApplID0001"))
+	mb := w.mustInvoke("Get-CASMailbox", exchange.Params{"Identity": alice})[0]
+	rec := w.mustInvoke("Get-Recipient", exchange.Params{"Identity": alice})[0]
+	for _, id := range []string{"alice", "Alice Adams", alice, "ALICE@CONTOSO.COM", rec["UserPrincipalName"].(string), mb["Guid"].(string),
+		mb["DistinguishedName"].(string), mb["Identity"].(string), `CONTOSO\alice`, mb["LegacyExchangeDN"].(string)} {
+		objs, r := w.invoke("Get-CASMailbox", exchange.Params{"Identity": id})
+		if !r.OK || len(objs) != 1 || objs[0]["Guid"] != mb["Guid"] {
+			t.Errorf("mailbox identity %q: %+v", id, r.Errors)
+		}
+	}
+	dev := w.mustInvoke("Get-MobileDevice", exchange.Params{"Mailbox": "alice"})[0]
+	for _, id := range []string{dev["Guid"].(string), dev["DistinguishedName"].(string), dev["Identity"].(string),
+		`alice\ExchangeActiveSyncDevices\iPhone§ApplID0001`, `alice@contoso.com\ExchangeActiveSyncDevices\iphone§applid0001`} {
+		objs, r := w.invoke("Get-MobileDevice", exchange.Params{"Identity": id})
+		if !r.OK || len(objs) != 1 || objs[0]["Guid"] != dev["Guid"] {
+			t.Errorf("device identity %q: %+v", id, r.Errors)
+		}
+	}
+	if _, err := s.Org.AddMailbox(exchangesim.MailboxSpec{Alias: "alice2", DisplayName: "Alice Adams"}); err != nil {
+		t.Fatal(err)
+	}
+	_, r := w.invoke("Get-CASMailbox", exchange.Params{"Identity": "Alice Adams"})
+	if r.OK || r.Errors[0].Reason != "ManagementObjectAmbiguousException" {
+		t.Fatalf("ambiguous name: %+v", r)
+	}
+}
+
+// Without Set-ADServerSettings -ViewEntireForest $true a session sees only
+// the forest root domain; the worker sets it when it connects.
+func TestForestScope(t *testing.T) {
+	s, w := orgWithAlice(t)
+	s.Org.AddDomain("emea.contoso.com")
+	if _, err := s.Org.AddMailbox(exchangesim.MailboxSpec{Alias: "bernd", Domain: "emea.contoso.com"}); err != nil {
+		t.Fatal(err)
+	}
+	w.mustInvoke("Get-CASMailbox", exchange.Params{"Identity": "bernd@emea.contoso.com"})
+	w.mustInvoke("Set-ADServerSettings", exchange.Params{"ViewEntireForest": false})
+	_, r := w.invoke("Get-CASMailbox", exchange.Params{"Identity": "bernd@emea.contoso.com"})
+	if r.OK || r.Errors[0].Reason != "ManagementObjectNotFoundException" {
+		t.Fatalf("child domain visible without ViewEntireForest: %+v", r)
+	}
+	all, _ := w.invoke("Get-Recipient", exchange.Params{"ResultSize": "Unlimited"})
+	if len(all) != 1 {
+		t.Fatalf("root-domain scope lists %d recipients", len(all))
+	}
+}
