@@ -1,0 +1,189 @@
+package exchange
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/easguard/easguard/pkg/config"
+)
+
+// Config is how easguard reaches Exchange. Embed it as a named field
+// (Exchange Config) so its variables are EASGUARD_EXCHANGE_*.
+type Config struct {
+	Server             string        `split_words:"true" required:"true" desc:"FQDN of the Client Access server easguard connects to first (the primary), e.g. ex01.contoso.com."`
+	Port               int           `split_words:"true" desc:"WinRM port; 0 means 5986 with HTTPS and 5985 without."`
+	HTTPS              bool          `split_words:"true" default:"true" desc:"Use WinRM over HTTPS (port 5986). Turn off only on a trusted network: Basic and NTLM are not encrypted over HTTP."`
+	Auth               string        `split_words:"true" default:"ntlm" desc:"WinRM authentication: ntlm (a domain account) or basic (a local account)."`
+	User               string        `split_words:"true" required:"true" desc:"Service account, e.g. CONTOSO\\svc-easguard; it also opens the Exchange session."`
+	Password           config.Secret `split_words:"true" required:"true" secret:"true" desc:"Service account password."`
+	InsecureSkipVerify bool          `split_words:"true" desc:"Do not verify the server certificate. Never in production; set EASGUARD_EXCHANGE_CA_BUNDLE instead."`
+	CABundle           string        `split_words:"true" desc:"PEM file of the CAs that issued the Exchange servers' certificates (default: the system's)."`
+	Proxy              string        `split_words:"true" default:"environment" desc:"HTTP proxy: environment (HTTPS_PROXY/NO_PROXY), none, or a URL."`
+	Resolve            string        `split_words:"true" desc:"Comma-separated fqdn=host:port overrides of name resolution, for split DNS or a lab."`
+	Mode               string        `split_words:"true" default:"remote" desc:"How the worker reaches Exchange: remote (explicit-credential session to the /PowerShell endpoint; also for hosted Exchange) or snapin (the Exchange snap-in on the host)."`
+	PowershellURL      string        `split_words:"true" default:"http://{server}/PowerShell/" desc:"Exchange remote PowerShell URL; {server} is the CAS the worker runs on."`
+	PowershellAuth     string        `split_words:"true" default:"Kerberos" desc:"Authentication of the remote session: Kerberos, Negotiate, Basic or Default."`
+	Workers            int           `split_words:"true" default:"4" desc:"Persistent PowerShell workers (WinRM shells) per process; Exchange allows 18 sessions per user."`
+	RequestTimeout     time.Duration `split_words:"true" default:"5m" desc:"Deadline of one request to a worker; a worker that misses it is replaced."`
+	OperationTimeout   time.Duration `split_words:"true" default:"20s" desc:"WS-Man OperationTimeout: how long one Receive long-poll waits."`
+	StartTimeout       time.Duration `split_words:"true" default:"2m" desc:"How long starting a worker (shell, PowerShell, Exchange session) may take."`
+	Heartbeat          time.Duration `split_words:"true" default:"1m" desc:"An idle worker is pinged this often, so a dead one is found before a request needs it."`
+	RecycleRequests    int           `split_words:"true" default:"10000" desc:"A worker is replaced after this many requests."`
+	RecycleAfter       time.Duration `split_words:"true" default:"2h" desc:"A worker is replaced after this long."`
+	CASFailover        bool          `split_words:"true" default:"true" desc:"Discover the organisation's other Client Access servers and fail over to them."`
+	BatchSize          int           `split_words:"true" default:"100" desc:"Set-CASMailbox calls sent in one round trip."`
+}
+
+// options are the validated, derived settings.
+type options struct {
+	cfg       Config
+	primary   target
+	transport transportConfig
+	connect   connectSettings
+}
+
+// Validate checks the settings.
+func (c *Config) Validate() error {
+	if c.Server == "" || strings.ContainsAny(c.Server, "/: ") {
+		return config.Invalid(&c.Server, "%q is not a host name (give the FQDN only, no scheme or port)", c.Server)
+	}
+	if c.Port < 0 || c.Port > 65535 {
+		return config.Invalid(&c.Port, "%d is not a port", c.Port)
+	}
+	switch strings.ToLower(c.Auth) {
+	case "ntlm", "basic":
+	default:
+		return config.Invalid(&c.Auth, "use ntlm or basic, not %q", c.Auth)
+	}
+	switch c.Mode {
+	case "remote", "snapin":
+	default:
+		return config.Invalid(&c.Mode, "use remote or snapin, not %q", c.Mode)
+	}
+	if c.Workers < 1 || c.Workers > 17 {
+		return config.Invalid(&c.Workers, "must be 1 to 17 (Exchange allows 18 sessions per user; keep one for administrators), got %d", c.Workers)
+	}
+	for _, d := range []*time.Duration{&c.RequestTimeout, &c.OperationTimeout, &c.StartTimeout, &c.Heartbeat, &c.RecycleAfter} {
+		if *d <= 0 {
+			return config.Invalid(d, "must be positive, got %s", *d)
+		}
+	}
+	if c.OperationTimeout < time.Second || c.OperationTimeout > 60*time.Second {
+		return config.Invalid(&c.OperationTimeout, "must be between 1s and 60s (Windows caps it at 60s), got %s", c.OperationTimeout)
+	}
+	if c.RecycleRequests < 1 {
+		return config.Invalid(&c.RecycleRequests, "must be positive")
+	}
+	if c.BatchSize < 1 || c.BatchSize > 1000 {
+		return config.Invalid(&c.BatchSize, "must be 1 to 1000, got %d", c.BatchSize)
+	}
+	if _, err := c.proxyFunc(); err != nil {
+		return config.Invalid(&c.Proxy, "%v", err)
+	}
+	if _, err := parseResolve(c.Resolve); err != nil {
+		return config.Invalid(&c.Resolve, "%v", err)
+	}
+	if c.CABundle != "" {
+		if _, err := c.tlsConfig(); err != nil {
+			return config.Invalid(&c.CABundle, "%v", err)
+		}
+	}
+	if !strings.Contains(c.PowershellURL, "://") {
+		return config.Invalid(&c.PowershellURL, "%q is not a URL", c.PowershellURL)
+	}
+	return nil
+}
+
+func (c *Config) proxyFunc() (func(*http.Request) (*url.URL, error), error) {
+	switch c.Proxy {
+	case "", "environment":
+		return http.ProxyFromEnvironment, nil
+	case "none":
+		return nil, nil
+	}
+	u, err := url.Parse(c.Proxy)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		return nil, fmt.Errorf("%q is not environment, none or an http(s) proxy URL", c.Proxy)
+	}
+	return http.ProxyURL(u), nil
+}
+
+func parseResolve(s string) (map[string]string, error) {
+	out := map[string]string{}
+	for _, e := range strings.Split(s, ",") {
+		e = strings.TrimSpace(e)
+		if e == "" {
+			continue
+		}
+		name, addr, ok := strings.Cut(e, "=")
+		if _, _, err := net.SplitHostPort(addr); !ok || name == "" || err != nil {
+			return nil, fmt.Errorf("entry %q is not fqdn=host:port", e)
+		}
+		out[strings.ToLower(name)] = addr
+	}
+	return out, nil
+}
+
+func (c *Config) tlsConfig() (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: c.InsecureSkipVerify} //nolint:gosec // explicit, documented opt-out
+	if c.CABundle != "" {
+		pem, err := os.ReadFile(c.CABundle)
+		if err != nil {
+			return nil, fmt.Errorf("read CA bundle: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s holds no PEM certificate", c.CABundle)
+		}
+		tc.RootCAs = pool
+	}
+	return tc, nil
+}
+
+func (c *Config) port() int {
+	if c.Port != 0 {
+		return c.Port
+	}
+	if c.HTTPS {
+		return 5986
+	}
+	return 5985
+}
+
+// options validates and derives everything a pool needs.
+func (c Config) options() (*options, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	tc, err := c.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	proxy, _ := c.proxyFunc()
+	resolve, _ := parseResolve(c.Resolve)
+	return &options{
+		cfg:     c,
+		primary: target{fqdn: strings.ToLower(c.Server), port: c.port()},
+		transport: transportConfig{
+			https: c.HTTPS, ntlm: strings.EqualFold(c.Auth, "ntlm"), user: c.User, pass: c.Password.Reveal(),
+			tls: tc, proxy: proxy, resolve: resolve, opTimeout: c.OperationTimeout,
+		},
+		connect: connectSettings{mode: c.Mode, psURL: c.PowershellURL, psAuth: c.PowershellAuth, user: c.User, password: c.Password.Reveal(), skipCA: c.InsecureSkipVerify},
+	}, nil
+}
+
+// ResolveString formats overrides for Config.Resolve.
+func ResolveString(m map[string]string) string {
+	var parts []string
+	for k, v := range m {
+		parts = append(parts, k+"="+v)
+	}
+	return strings.Join(parts, ",")
+}

@@ -1,0 +1,628 @@
+package exchange
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// Client offers the typed operations the rest of easguard uses. It works
+// on any Runner: the pool in production, the one-shot mode for diagnostics.
+type Client struct {
+	r Runner
+	// BatchSize is how many Set-CASMailbox calls go in one round trip.
+	BatchSize int
+	// Parallel is how many batches run at once (the pool's size).
+	Parallel int
+	// PageSize is how many objects a listing streams per frame.
+	PageSize int
+}
+
+// NewClient returns a client over r.
+func NewClient(r Runner, cfg Config) *Client {
+	c := &Client{r: r, BatchSize: cfg.BatchSize, Parallel: cfg.Workers, PageSize: 500}
+	if c.BatchSize < 1 {
+		c.BatchSize = 100
+	}
+	if c.Parallel < 1 {
+		c.Parallel = 1
+	}
+	return c
+}
+
+// Invoke runs one cmdlet and returns all its objects and warnings; the
+// first error Exchange reported is returned classified.
+func (c *Client) Invoke(ctx context.Context, call Call) ([]Object, []string, error) {
+	var objs []Object
+	r, err := c.r.Do(ctx, Request{Op: "invoke", Call: &call, Page: c.PageSize}, func(page []Object) error {
+		objs = append(objs, page...)
+		return nil
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", call.Cmdlet, err)
+	}
+	objs = append(objs, r.Objects...)
+	return objs, r.Warnings, ResultError(call.Cmdlet, r.Errors)
+}
+
+// stream runs a listing and hands its objects to fn page by page.
+func (c *Client) stream(ctx context.Context, call Call, fn func([]Object) error) error {
+	r, err := c.r.Do(ctx, Request{Op: "invoke", Call: &call, Page: c.PageSize}, fn)
+	if err != nil {
+		return fmt.Errorf("%s: %w", call.Cmdlet, err)
+	}
+	if len(r.Objects) > 0 {
+		if err := fn(r.Objects); err != nil {
+			return err
+		}
+	}
+	return ResultError(call.Cmdlet, r.Errors)
+}
+
+// Partnership is one ActiveSync partnership as Get-MobileDevice reports it.
+type Partnership struct {
+	Identity          string
+	GUID              string
+	DeviceID          string
+	DeviceType        string
+	DeviceModel       string
+	DeviceOS          string
+	UserAgent         string
+	IMEI              string
+	FriendlyName      string
+	ClientType        string
+	ActiveSyncVersion string
+	AccessState       string
+	AccessReason      string
+	AccessRule        string
+	FirstSyncTime     time.Time
+	WhenChanged       time.Time
+	// Mailbox is the owner's identity as Exchange prints it (the canonical
+	// name, e.g. contoso.com/Users/Alice), usable as -Identity.
+	Mailbox string
+}
+
+var partnershipProps = []string{"Identity", "Guid", "DeviceId", "DeviceType", "DeviceModel", "DeviceOS", "DeviceUserAgent", "DeviceImei",
+	"FriendlyName", "ClientType", "DeviceActiveSyncVersion", "DeviceAccessState", "DeviceAccessStateReason", "DeviceAccessControlRule",
+	"FirstSyncTime", "WhenChanged", "UserDisplayName"}
+
+func str(o Object, k string) string {
+	s, _ := o[k].(string)
+	return s
+}
+
+func when(o Object, k string) time.Time {
+	t, _ := time.Parse(time.RFC3339Nano, str(o, k))
+	return t
+}
+
+func toPartnership(o Object) Partnership {
+	p := Partnership{
+		Identity: str(o, "Identity"), GUID: str(o, "Guid"), DeviceID: str(o, "DeviceId"), DeviceType: str(o, "DeviceType"),
+		DeviceModel: str(o, "DeviceModel"), DeviceOS: str(o, "DeviceOS"), UserAgent: str(o, "DeviceUserAgent"), IMEI: str(o, "DeviceImei"),
+		FriendlyName: str(o, "FriendlyName"), ClientType: str(o, "ClientType"), ActiveSyncVersion: str(o, "DeviceActiveSyncVersion"),
+		AccessState: str(o, "DeviceAccessState"), AccessReason: str(o, "DeviceAccessStateReason"), AccessRule: str(o, "DeviceAccessControlRule"),
+		FirstSyncTime: when(o, "FirstSyncTime"), WhenChanged: when(o, "WhenChanged"), Mailbox: str(o, "UserDisplayName"),
+	}
+	if i := strings.LastIndex(strings.ToLower(p.Identity), "/exchangeactivesyncdevices/"); i > 0 {
+		p.Mailbox = p.Identity[:i]
+	}
+	return p
+}
+
+// ListOptions narrows a partnership listing.
+type ListOptions struct {
+	// NewSince lists only partnerships first synced at or after this time
+	// (quick sync). Exchange filters on FirstSyncTime with a day of slack,
+	// because it reads zone-less filter times in the server's time zone;
+	// the exact cut is made here.
+	NewSince time.Time
+	// ChangedSince also keeps partnerships whose object changed at or after
+	// this time (state changes). WhenChanged is not filterable on the
+	// server, so this reads every partnership.
+	ChangedSince time.Time
+	// Mailbox lists one mailbox's partnerships.
+	Mailbox string
+}
+
+// ListPartnerships streams ActiveSync partnerships page by page. Large
+// organisations never become one giant frame.
+func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func([]Partnership) error) error {
+	params := Params{"ResultSize": "Unlimited", "ActiveSync": true}
+	if opt.Mailbox != "" {
+		if err := checkIdentity(opt.Mailbox); err != nil {
+			return err
+		}
+		params = Params{"Mailbox": opt.Mailbox, "ActiveSync": true}
+	}
+	if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
+		params["Filter"] = "FirstSyncTime -ge '" + opt.NewSince.Add(-24*time.Hour).UTC().Format("01/02/2006 15:04:05") + "'"
+	}
+	return c.stream(ctx, Call{Cmdlet: "Get-MobileDevice", Params: params, Select: partnershipProps}, func(objs []Object) error {
+		page := make([]Partnership, 0, len(objs))
+		for _, o := range objs {
+			p := toPartnership(o)
+			if !opt.NewSince.IsZero() || !opt.ChangedSince.IsZero() {
+				isNew := !opt.NewSince.IsZero() && !p.FirstSyncTime.Before(opt.NewSince)
+				changed := !opt.ChangedSince.IsZero() && !p.WhenChanged.Before(opt.ChangedSince)
+				if !isNew && !changed {
+					continue
+				}
+			}
+			page = append(page, p)
+		}
+		if len(page) == 0 {
+			return nil
+		}
+		return fn(page)
+	})
+}
+
+// Statistics is the sync state of a partnership (Get-MobileDeviceStatistics).
+type Statistics struct {
+	Identity         string
+	DeviceID         string
+	LastSuccessSync  time.Time
+	LastSyncAttempt  time.Time
+	Status           string
+	PolicyApplied    string
+	PolicyStatus     string
+	WipeRequestTime  time.Time
+	WipeAckTime      time.Time
+	AccessState      string
+	AccessReason     string
+	FoldersSynced    int64
+}
+
+// DeviceStatistics reads the statistics of a mailbox's partnerships. It
+// never passes an empty identity: Exchange would return every device.
+func (c *Client) DeviceStatistics(ctx context.Context, mailbox string) ([]Statistics, error) {
+	if err := checkIdentity(mailbox); err != nil {
+		return nil, err
+	}
+	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-MobileDeviceStatistics", Params: Params{"Mailbox": mailbox, "ActiveSync": true}})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Statistics, 0, len(objs))
+	for _, o := range objs {
+		n, _ := o["NumberOfFoldersSynced"].(interface{ Int64() (int64, error) })
+		var folders int64
+		if n != nil {
+			folders, _ = n.Int64()
+		}
+		out = append(out, Statistics{
+			Identity: str(o, "Identity"), DeviceID: str(o, "DeviceID"), LastSuccessSync: when(o, "LastSuccessSync"),
+			LastSyncAttempt: when(o, "LastSyncAttemptTime"), Status: str(o, "Status"), PolicyApplied: str(o, "DevicePolicyApplied"),
+			PolicyStatus: str(o, "DevicePolicyApplicationStatus"), WipeRequestTime: when(o, "DeviceWipeRequestTime"),
+			WipeAckTime: when(o, "DeviceWipeAckTime"), AccessState: str(o, "DeviceAccessState"), AccessReason: str(o, "DeviceAccessStateReason"),
+			FoldersSynced: folders,
+		})
+	}
+	return out, nil
+}
+
+// Mailbox is a CAS mailbox with its device lists.
+type Mailbox struct {
+	Identity           string
+	GUID               string
+	PrimarySmtpAddress string
+	DisplayName        string
+	Allowed            []string
+	Blocked            []string
+	ActiveSyncEnabled  bool
+	HasPartnership     bool
+}
+
+func strs(o Object, k string) []string {
+	list, _ := o[k].([]any)
+	out := make([]string, 0, len(list))
+	for _, v := range list {
+		if s, ok := v.(string); ok {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func toMailbox(o Object) Mailbox {
+	enabled, _ := o["ActiveSyncEnabled"].(bool)
+	has, _ := o["HasActiveSyncDevicePartnership"].(bool)
+	return Mailbox{Identity: str(o, "Identity"), GUID: str(o, "Guid"), PrimarySmtpAddress: str(o, "PrimarySmtpAddress"),
+		DisplayName: str(o, "DisplayName"), Allowed: strs(o, "ActiveSyncAllowedDeviceIDs"), Blocked: strs(o, "ActiveSyncBlockedDeviceIDs"),
+		ActiveSyncEnabled: enabled, HasPartnership: has}
+}
+
+var mailboxProps = []string{"Identity", "Guid", "PrimarySmtpAddress", "DisplayName", "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs", "ActiveSyncEnabled", "HasActiveSyncDevicePartnership"}
+
+// CASMailbox reads one mailbox's device lists.
+func (c *Client) CASMailbox(ctx context.Context, identity string) (Mailbox, error) {
+	if err := checkIdentity(identity); err != nil {
+		return Mailbox{}, err
+	}
+	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-CASMailbox", Params: Params{"Identity": identity}, Select: mailboxProps})
+	if err != nil {
+		return Mailbox{}, err
+	}
+	if len(objs) != 1 {
+		return Mailbox{}, fmt.Errorf("Get-CASMailbox %q: %w: %d objects", identity, ErrTransient, len(objs))
+	}
+	return toMailbox(objs[0]), nil
+}
+
+// ListMailboxes streams the mailboxes that have ActiveSync partnerships.
+func (c *Client) ListMailboxes(ctx context.Context, fn func([]Mailbox) error) error {
+	return c.stream(ctx, Call{Cmdlet: "Get-CASMailbox", Params: Params{"ResultSize": "Unlimited", "Filter": "HasActiveSyncDevicePartnership -eq $true"}, Select: mailboxProps},
+		func(objs []Object) error {
+			page := make([]Mailbox, 0, len(objs))
+			for _, o := range objs {
+				page = append(page, toMailbox(o))
+			}
+			return fn(page)
+		})
+}
+
+// OrgSettings are the ActiveSync organisation settings easguard owns.
+type OrgSettings struct {
+	DefaultAccessLevel  string
+	AdminMailRecipients []string
+	UserMailInsert      string
+}
+
+// GetOrgSettings reads the organisation settings.
+func (c *Client) GetOrgSettings(ctx context.Context) (OrgSettings, error) {
+	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-ActiveSyncOrganizationSettings", Select: []string{"DefaultAccessLevel", "AdminMailRecipients", "UserMailInsert"}})
+	if err != nil {
+		return OrgSettings{}, err
+	}
+	if len(objs) != 1 {
+		return OrgSettings{}, fmt.Errorf("Get-ActiveSyncOrganizationSettings: %w: %d objects", ErrTransient, len(objs))
+	}
+	return OrgSettings{DefaultAccessLevel: str(objs[0], "DefaultAccessLevel"), AdminMailRecipients: strs(objs[0], "AdminMailRecipients"), UserMailInsert: str(objs[0], "UserMailInsert")}, nil
+}
+
+// EnforceOrgSettings makes the organisation settings what want says and
+// returns the names of the settings it changed (none when they already
+// were). Admin recipients are compared case-insensitively as addresses.
+func (c *Client) EnforceOrgSettings(ctx context.Context, want OrgSettings) ([]string, error) {
+	have, err := c.GetOrgSettings(ctx)
+	if err != nil {
+		return nil, err
+	}
+	params := Params{}
+	var changed []string
+	if want.DefaultAccessLevel != "" && !strings.EqualFold(want.DefaultAccessLevel, have.DefaultAccessLevel) {
+		params["DefaultAccessLevel"] = want.DefaultAccessLevel
+		changed = append(changed, "DefaultAccessLevel")
+	}
+	var add, remove []string
+	for _, a := range want.AdminMailRecipients {
+		if !containsFold(have.AdminMailRecipients, a) {
+			add = append(add, a)
+		}
+	}
+	for _, a := range have.AdminMailRecipients {
+		if !containsFold(want.AdminMailRecipients, a) {
+			remove = append(remove, a)
+		}
+	}
+	if len(add)+len(remove) > 0 {
+		params["AdminMailRecipients"] = MultiValued{Add: add, Remove: remove}
+		changed = append(changed, "AdminMailRecipients")
+	}
+	if want.UserMailInsert != have.UserMailInsert {
+		params["UserMailInsert"] = want.UserMailInsert
+		changed = append(changed, "UserMailInsert")
+	}
+	if len(changed) == 0 {
+		return nil, nil
+	}
+	if _, _, err := c.Invoke(ctx, Call{Cmdlet: "Set-ActiveSyncOrganizationSettings", Params: params}); err != nil {
+		return nil, err
+	}
+	return changed, nil
+}
+
+func containsFold(list []string, v string) bool {
+	for _, x := range list {
+		if strings.EqualFold(x, v) {
+			return true
+		}
+	}
+	return false
+}
+
+// Access is the list placement a change asks for.
+type Access int
+
+// Access placements. Unlist takes the id off both lists, so Exchange's
+// device rules and DefaultAccessLevel decide (Quarantine, when easguard
+// enforces it).
+const (
+	AccessAllow Access = iota + 1
+	AccessBlock
+	AccessUnlist
+)
+
+func (a Access) String() string {
+	switch a {
+	case AccessAllow:
+		return "allow"
+	case AccessBlock:
+		return "block"
+	case AccessUnlist:
+		return "unlist"
+	}
+	return fmt.Sprintf("Access(%d)", int(a))
+}
+
+// Change asks for one device id of one mailbox to be allowed, blocked or unlisted.
+type Change struct {
+	Mailbox  string
+	DeviceID string
+	Access   Access
+}
+
+// ChangeResult is the outcome of one change: Err is nil when Exchange
+// applied it, classified otherwise.
+type ChangeResult struct {
+	Change
+	Err error
+	// Server is the CAS worker's host that applied it (empty when refused locally).
+	Server string
+}
+
+// checkDeviceID refuses, before anything is sent, what Exchange would
+// refuse or what cannot travel byte for byte: empty, over 32 characters,
+// invalid UTF-8, NUL or other control characters.
+func checkDeviceID(id string) error {
+	switch {
+	case id == "":
+		return fmt.Errorf("%w: empty device id", ErrInvalid)
+	case !utf8.ValidString(id):
+		return fmt.Errorf("%w: device id %q is not valid UTF-8", ErrInvalid, id)
+	case utf8.RuneCountInString(id) > MaxDeviceIDLen:
+		return fmt.Errorf("%w: device id %q has %d characters, Exchange allows %d", ErrInvalid, id, utf8.RuneCountInString(id), MaxDeviceIDLen)
+	case strings.IndexFunc(id, unicode.IsControl) >= 0:
+		return fmt.Errorf("%w: device id %q contains a control character", ErrInvalid, id)
+	}
+	return nil
+}
+
+// checkIdentity refuses identities that cannot be an Exchange identity or
+// cannot travel byte for byte. An empty one is refused because several
+// cmdlets read a missing identity as "everything".
+func checkIdentity(id string) error {
+	switch {
+	case strings.TrimSpace(id) == "":
+		return fmt.Errorf("%w: empty identity", ErrInvalid)
+	case !utf8.ValidString(id):
+		return fmt.Errorf("%w: identity %q is not valid UTF-8", ErrInvalid, id)
+	case strings.ContainsRune(id, 0):
+		return fmt.Errorf("%w: identity %q contains NUL", ErrInvalid, id)
+	case len(id) > 1024:
+		return fmt.Errorf("%w: identity of %d bytes", ErrInvalid, len(id))
+	}
+	return nil
+}
+
+// ApplyAccess applies changes the way Exchange handles them best: one
+// Set-CASMailbox per mailbox carrying all of that mailbox's adds and
+// removes, many mailboxes per round trip, batches on all workers at once.
+// Each change says where its id must end up; the call names both lists
+// explicitly (add to one, remove from the other), so the outcome does not
+// depend on Exchange's implicit cross-list removal, and applying it twice
+// changes nothing. When one batch holds several changes for the same
+// device of a mailbox, the last wins. The error return is for the whole
+// batch (a fatal error: authentication, permission); item errors are in
+// the results.
+func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeResult, error) {
+	results := make([]ChangeResult, len(changes))
+	type group struct {
+		mailbox string
+		ids     map[string]int // lower-case id → index of the change that wins
+		order   []string
+	}
+	groups := map[string]*group{}
+	var order []string
+	for i, ch := range changes {
+		results[i] = ChangeResult{Change: ch}
+		if err := checkIdentity(ch.Mailbox); err != nil {
+			results[i].Err = err
+			continue
+		}
+		if err := checkDeviceID(ch.DeviceID); err != nil {
+			results[i].Err = err
+			continue
+		}
+		if ch.Access < AccessAllow || ch.Access > AccessUnlist {
+			results[i].Err = fmt.Errorf("%w: unknown access %d", ErrInvalid, int(ch.Access))
+			continue
+		}
+		key := strings.ToLower(ch.Mailbox)
+		g := groups[key]
+		if g == nil {
+			g = &group{mailbox: ch.Mailbox, ids: map[string]int{}}
+			groups[key] = g
+			order = append(order, key)
+		}
+		lid := strings.ToLower(ch.DeviceID)
+		if prev, ok := g.ids[lid]; ok {
+			results[prev].Err = ErrSuperseded
+		} else {
+			g.order = append(g.order, lid)
+		}
+		g.ids[lid] = i
+	}
+	type item struct {
+		call    Call
+		members []int
+	}
+	var items []item
+	for _, key := range order {
+		g := groups[key]
+		var allowAdd, allowRemove, blockAdd, blockRemove []string
+		var members []int
+		for _, lid := range g.order {
+			i := g.ids[lid]
+			members = append(members, i)
+			id := changes[i].DeviceID
+			switch changes[i].Access {
+			case AccessAllow:
+				allowAdd, blockRemove = append(allowAdd, id), append(blockRemove, id)
+			case AccessBlock:
+				blockAdd, allowRemove = append(blockAdd, id), append(allowRemove, id)
+			case AccessUnlist:
+				allowRemove, blockRemove = append(allowRemove, id), append(blockRemove, id)
+			}
+		}
+		params := Params{"Identity": g.mailbox}
+		if len(allowAdd)+len(allowRemove) > 0 {
+			params["ActiveSyncAllowedDeviceIDs"] = MultiValued{Add: allowAdd, Remove: allowRemove}
+		}
+		if len(blockAdd)+len(blockRemove) > 0 {
+			params["ActiveSyncBlockedDeviceIDs"] = MultiValued{Add: blockAdd, Remove: blockRemove}
+		}
+		items = append(items, item{call: Call{Cmdlet: "Set-CASMailbox", Params: params}, members: members})
+	}
+	var batches [][]item
+	for start := 0; start < len(items); start += c.BatchSize {
+		batches = append(batches, items[start:min(start+c.BatchSize, len(items))])
+	}
+	var (
+		mu    sync.Mutex
+		fatal error
+		wg    sync.WaitGroup
+		sem   = make(chan struct{}, c.Parallel)
+	)
+	for _, batch := range batches {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			calls := make([]Call, len(batch))
+			for i, it := range batch {
+				calls[i] = it.call
+			}
+			r, err := c.r.Do(ctx, Request{Op: "batch", Calls: calls}, nil)
+			mu.Lock()
+			defer mu.Unlock()
+			if err == nil && len(r.Results) != len(batch) {
+				err = fmt.Errorf("%w: batch of %d calls answered with %d results", ErrTransient, len(batch), len(r.Results))
+			}
+			for i, it := range batch {
+				var itemErr error
+				switch {
+				case err != nil:
+					itemErr = err
+				case !r.Results[i].OK:
+					itemErr = ResultError("Set-CASMailbox", r.Results[i].Errors)
+				}
+				for _, m := range it.members {
+					results[m].Err = itemErr
+				}
+			}
+			if err != nil && IsFatal(err) && fatal == nil {
+				fatal = err
+			}
+		}()
+	}
+	wg.Wait()
+	return results, fatal
+}
+
+// RemovePartnership deletes a partnership (Remove-ActiveSyncDevice); the
+// device is evaluated as new on its next sync.
+func (c *Client) RemovePartnership(ctx context.Context, identity string) error {
+	if err := checkIdentity(identity); err != nil {
+		return err
+	}
+	_, _, err := c.Invoke(ctx, Call{Cmdlet: "Remove-ActiveSyncDevice", Params: Params{"Identity": identity, "Confirm": false}})
+	return err
+}
+
+// WipePartnership requests a remote wipe (Clear-ActiveSyncDevice), carried
+// out at the device's next sync.
+func (c *Client) WipePartnership(ctx context.Context, identity string, notify []string) error {
+	if err := checkIdentity(identity); err != nil {
+		return err
+	}
+	params := Params{"Identity": identity, "Confirm": false}
+	if len(notify) > 0 {
+		params["NotificationEmailAddresses"] = notify
+	}
+	_, _, err := c.Invoke(ctx, Call{Cmdlet: "Clear-ActiveSyncDevice", Params: params})
+	return err
+}
+
+// Server is an Exchange server of the organisation.
+type Server struct {
+	Name    string
+	FQDN    string
+	Version string
+	Roles   string
+	Site    string
+}
+
+// Servers lists the organisation's Exchange servers.
+func (c *Client) Servers(ctx context.Context) ([]Server, error) {
+	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-ExchangeServer", Select: []string{"Name", "Fqdn", "AdminDisplayVersion", "ServerRole", "Site"}})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Server, 0, len(objs))
+	for _, o := range objs {
+		out = append(out, Server{Name: str(o, "Name"), FQDN: str(o, "Fqdn"), Version: str(o, "AdminDisplayVersion"), Roles: str(o, "ServerRole"), Site: str(o, "Site")})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// RequiredCmdlets are the cmdlets easguard needs the account to run.
+func RequiredCmdlets() []string {
+	var out []string
+	for _, c := range AllowedCmdlets {
+		if c != "Get-Command" {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// MissingCmdlets asks Exchange (Get-Command) which required cmdlets the
+// account may not run.
+func (c *Client) MissingCmdlets(ctx context.Context) ([]string, error) {
+	req := RequiredCmdlets()
+	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-Command", Params: Params{"Name": req}, Select: []string{"Name"}})
+	if err != nil && !errors.Is(err, ErrPermission) {
+		return nil, err
+	}
+	have := map[string]bool{}
+	for _, o := range objs {
+		have[strings.ToLower(str(o, "Name"))] = true
+	}
+	var missing []string
+	for _, n := range req {
+		if !have[strings.ToLower(n)] {
+			missing = append(missing, n)
+		}
+	}
+	return missing, nil
+}
+
+// Count runs a listing with one small property and counts the objects.
+func (c *Client) Count(ctx context.Context, cmdlet string, params Params) (int, error) {
+	n := 0
+	err := c.stream(ctx, Call{Cmdlet: cmdlet, Params: params, Select: []string{"Guid"}}, func(objs []Object) error {
+		n += len(objs)
+		return nil
+	})
+	return n, err
+}

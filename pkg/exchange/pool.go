@@ -1,0 +1,413 @@
+package exchange
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+)
+
+// Runner runs one request on some worker. The pool and the one-shot mode
+// both implement it, so the typed operations work on either.
+type Runner interface {
+	Do(ctx context.Context, req Request, onPage func([]Object) error) (Response, error)
+}
+
+// Pool is a set of persistent workers, each one PowerShell in one WinRM
+// shell with its own client and connections, serving one request at a
+// time. It starts at the primary CAS, discovers the organisation's other
+// Client Access servers, fails over when the current one stops answering
+// and returns to the primary when it recovers.
+type Pool struct {
+	opts *options
+	log  *slog.Logger
+
+	roundTrips atomic.Int64
+
+	mu       sync.Mutex
+	servers  []target // primary first
+	current  int
+	failures int // consecutive failures on the current server
+	idle     []*worker
+	total    int // workers alive or starting
+	waiters  chan struct{}
+	closed   bool
+	probing  bool
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+// NewPool validates the settings and starts one worker, so that wrong
+// credentials, an untrusted certificate or a missing role show at once.
+// Further workers start as requests need them.
+func NewPool(ctx context.Context, cfg Config, log *slog.Logger) (*Pool, error) {
+	opts, err := cfg.options()
+	if err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	p := &Pool{opts: opts, log: log.With("component", "exchange-pool"), servers: []target{opts.primary}, waiters: make(chan struct{}, 1), stop: make(chan struct{})}
+	sctx, cancel := context.WithTimeout(ctx, cfg.StartTimeout)
+	defer cancel()
+	w, err := p.spawn(sctx, opts.primary)
+	if err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	p.total = 1
+	p.idle = append(p.idle, w)
+	p.mu.Unlock()
+	if cfg.CASFailover {
+		if err := p.discover(ctx, w); err != nil {
+			p.log.Warn("CAS discovery failed; failover limited to the configured server", "error", err)
+		}
+	}
+	p.wg.Add(1)
+	go p.maintain()
+	return p, nil
+}
+
+func (p *Pool) spawn(ctx context.Context, t target) (*worker, error) {
+	w, err := startWorker(ctx, p.opts.transport, t, p.opts.connect, p.opts.cfg.OperationTimeout, &p.roundTrips)
+	if err != nil {
+		return nil, err
+	}
+	p.log.Debug("worker started", "server", t.fqdn, "mode", w.mode)
+	return w, nil
+}
+
+// Cmdlets returns the cmdlets the connected account may run, as the first
+// worker's session reported them.
+func (p *Pool) Cmdlets(ctx context.Context) ([]string, error) {
+	w, err := p.acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer p.release(w, nil)
+	return append([]string(nil), w.cmdlets...), nil
+}
+
+// discover asks Exchange for its Client Access servers (Get-ClientAccessService
+// on 2016+, Get-ExchangeServer otherwise) and adds them after the primary.
+func (p *Pool) discover(ctx context.Context, w *worker) error {
+	var names []string
+	collect := func(objs []Object, roleCheck bool) {
+		for _, o := range objs {
+			fqdn, _ := o["Fqdn"].(string)
+			if roleCheck {
+				if isCAS, ok := o["IsClientAccessServer"].(bool); ok && !isCAS {
+					continue
+				}
+			}
+			if fqdn != "" {
+				names = append(names, strings.ToLower(fqdn))
+			}
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, p.opts.cfg.RequestTimeout)
+	defer cancel()
+	_, r, err := w.call(cctx, Request{Op: "invoke", Call: &Call{Cmdlet: "Get-ClientAccessService", Select: []string{"Fqdn"}}}, nil)
+	if err != nil {
+		return err
+	}
+	if r.OK {
+		collect(r.Objects, false)
+	} else {
+		_, r, err = w.call(cctx, Request{Op: "invoke", Call: &Call{Cmdlet: "Get-ExchangeServer", Select: []string{"Fqdn", "IsClientAccessServer"}}}, nil)
+		if err != nil {
+			return err
+		}
+		if !r.OK {
+			return ResultError("Get-ExchangeServer", r.Errors)
+		}
+		collect(r.Objects, true)
+	}
+	sort.Strings(names)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, n := range names {
+		if n != p.opts.primary.fqdn {
+			p.servers = append(p.servers, target{fqdn: n, port: p.opts.primary.port})
+		}
+	}
+	p.log.Info("Client Access servers", "servers", p.serverNames())
+	return nil
+}
+
+func (p *Pool) serverNames() []string {
+	var out []string
+	for _, s := range p.servers {
+		out = append(out, s.fqdn)
+	}
+	return out
+}
+
+// Servers returns the servers the pool may use, primary first.
+func (p *Pool) Servers() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.serverNames()
+}
+
+// Current returns the server new workers start on.
+func (p *Pool) Current() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.servers[p.current].fqdn
+}
+
+// RoundTrips returns how many HTTP requests the pool's workers have sent.
+func (p *Pool) RoundTrips() int64 { return p.roundTrips.Load() }
+
+// acquire returns an idle worker on the current server, starts one if
+// the pool has room, or waits for one to come back.
+func (p *Pool) acquire(ctx context.Context) (*worker, error) {
+	for {
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			return nil, fmt.Errorf("%w: pool closed", ErrTransient)
+		}
+		cur := p.servers[p.current]
+		for len(p.idle) > 0 {
+			w := p.idle[len(p.idle)-1]
+			p.idle = p.idle[:len(p.idle)-1]
+			if w.dead.Load() || w.target != cur {
+				// Dead, or on a server the pool has moved away from.
+				p.total--
+				p.mu.Unlock()
+				w.close(context.Background())
+				p.mu.Lock()
+				continue
+			}
+			p.mu.Unlock()
+			return w, nil
+		}
+		if p.total < p.opts.cfg.Workers {
+			p.total++
+			p.mu.Unlock()
+			sctx, cancel := context.WithTimeout(ctx, p.opts.cfg.StartTimeout)
+			w, err := p.spawn(sctx, cur)
+			cancel()
+			if err != nil {
+				p.mu.Lock()
+				p.total--
+				p.mu.Unlock()
+				p.noteFailure(cur, err)
+				p.signal()
+				return nil, err
+			}
+			p.noteSuccess(cur)
+			return w, nil
+		}
+		p.mu.Unlock()
+		select {
+		case <-p.waiters:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: waiting for a worker: %w", ErrTransient, ctx.Err())
+		}
+	}
+}
+
+func (p *Pool) signal() {
+	select {
+	case p.waiters <- struct{}{}:
+	default:
+	}
+}
+
+// release returns a worker after a request; dead, recycled or stranded
+// workers are closed instead.
+func (p *Pool) release(w *worker, err error) {
+	p.mu.Lock()
+	retire := w.dead.Load() || p.closed || w.target != p.servers[p.current] ||
+		w.requests >= p.opts.cfg.RecycleRequests || time.Since(w.started) >= p.opts.cfg.RecycleAfter
+	if retire {
+		p.total--
+	} else {
+		p.idle = append(p.idle, w)
+	}
+	p.mu.Unlock()
+	if retire {
+		go w.close(context.Background())
+	}
+	p.signal()
+}
+
+// noteFailure counts a failure to reach a server; two in a row move the
+// pool to the next server, and start probing the primary if the pool left it.
+func (p *Pool) noteFailure(t target, err error) {
+	if IsFatal(err) || !(errors.Is(err, ErrUnreachable) || errors.Is(err, ErrWorkerDead) || errors.Is(err, ErrTransient)) {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.servers[p.current] != t {
+		return
+	}
+	p.failures++
+	if p.failures < 2 || len(p.servers) < 2 {
+		return
+	}
+	from := p.servers[p.current].fqdn
+	p.current = (p.current + 1) % len(p.servers)
+	p.failures = 0
+	p.log.Warn("failing over to another Client Access server", "from", from, "to", p.servers[p.current].fqdn, "error", err)
+	if p.current != 0 && !p.probing {
+		p.probing = true
+		p.wg.Add(1)
+		go p.probePrimary()
+	}
+}
+
+func (p *Pool) noteSuccess(t target) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.servers[p.current] == t {
+		p.failures = 0
+	}
+}
+
+// probePrimary tries the primary with backoff until it answers again, then
+// moves the pool back to it.
+func (p *Pool) probePrimary() {
+	defer p.wg.Done()
+	b := backoff.NewExponentialBackOff(backoff.WithInitialInterval(500*time.Millisecond), backoff.WithMaxInterval(30*time.Second), backoff.WithMaxElapsedTime(0))
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-time.After(b.NextBackOff()):
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), p.opts.cfg.StartTimeout)
+		w, err := p.spawn(ctx, p.opts.primary)
+		cancel()
+		if err != nil {
+			p.log.Debug("primary still unavailable", "server", p.opts.primary.fqdn, "error", err)
+			continue
+		}
+		p.mu.Lock()
+		p.current, p.failures, p.probing = 0, 0, false
+		if p.total < p.opts.cfg.Workers && !p.closed {
+			p.total++
+			p.idle = append(p.idle, w)
+			w = nil
+		}
+		p.mu.Unlock()
+		if w != nil {
+			w.close(context.Background())
+		}
+		p.log.Info("back on the primary Client Access server", "server", p.opts.primary.fqdn)
+		p.signal()
+		return
+	}
+}
+
+// maintain pings idle workers and retires old ones.
+func (p *Pool) maintain() {
+	defer p.wg.Done()
+	t := time.NewTicker(p.opts.cfg.Heartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-t.C:
+		}
+		p.mu.Lock()
+		var check []*worker
+		keep := p.idle[:0]
+		for _, w := range p.idle {
+			if time.Since(w.lastUsed) >= p.opts.cfg.Heartbeat {
+				check = append(check, w)
+			} else {
+				keep = append(keep, w)
+			}
+		}
+		p.idle = keep
+		p.mu.Unlock()
+		for _, w := range check {
+			ctx, cancel := context.WithTimeout(context.Background(), p.opts.cfg.OperationTimeout+10*time.Second)
+			_, r, err := w.call(ctx, Request{Op: "ping"}, nil)
+			cancel()
+			if err != nil || !r.OK {
+				p.log.Warn("idle worker failed its heartbeat; replacing it", "server", w.target.fqdn, "error", err)
+				w.kill()
+			}
+			p.release(w, err)
+		}
+	}
+}
+
+// Do runs one request, retrying transient failures with backoff on a fresh
+// worker (and, after failover, another CAS) until the request deadline.
+// Requests are safe to repeat: reads are reads, and easguard's writes add
+// and remove list entries, which converge when applied twice.
+func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error) (Response, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.opts.cfg.RequestTimeout)
+	defer cancel()
+	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond), backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
+	var last error
+	for {
+		w, err := p.acquire(ctx)
+		if err == nil {
+			var r Response
+			_, r, err = w.call(ctx, req, onPage)
+			p.release(w, err)
+			if err == nil {
+				p.noteSuccess(w.target)
+				return r, nil
+			}
+			p.noteFailure(w.target, err)
+		}
+		if !IsTransient(err) || ctx.Err() != nil {
+			if last != nil && ctx.Err() != nil {
+				return Response{}, fmt.Errorf("%w (last failure: %v)", err, last)
+			}
+			return Response{}, err
+		}
+		last = err
+		d := b.NextBackOff()
+		if d == backoff.Stop {
+			return Response{}, err
+		}
+		p.log.Debug("retrying request", "op", req.Op, "in", d, "error", err)
+		select {
+		case <-time.After(d):
+		case <-ctx.Done():
+			return Response{}, fmt.Errorf("%w: %w (last failure: %v)", ErrTransient, ctx.Err(), last)
+		}
+	}
+}
+
+// Close ends every worker cleanly (their shells are deleted, so none is
+// left to count against the throttling limit) and stops the pool.
+func (p *Pool) Close(ctx context.Context) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.closed = true
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	close(p.stop)
+	var wg sync.WaitGroup
+	for _, w := range idle {
+		wg.Add(1)
+		go func() { defer wg.Done(); w.close(ctx) }()
+	}
+	wg.Wait()
+	p.wg.Wait()
+}

@@ -1,0 +1,234 @@
+package exchange
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/Azure/go-ntlmssp"
+	"github.com/masterzen/winrm"
+	"github.com/masterzen/winrm/soap"
+)
+
+// target is one WinRM endpoint: a CAS name and how to reach it.
+type target struct {
+	// fqdn is the server's name, used in URLs, TLS verification and the
+	// remote session's /PowerShell URI.
+	fqdn string
+	port int
+}
+
+func (t target) wsmanURL(https bool) string {
+	scheme := "http"
+	if https {
+		scheme = "https"
+	}
+	return scheme + "://" + net.JoinHostPort(t.fqdn, fmt.Sprint(t.port)) + "/wsman"
+}
+
+// transport is the winrm.Transporter of one worker. It differs from the
+// library's transports where those are unsafe for a long-lived worker
+// (reference/winrm.md §7): a non-200 answer is an error carrying the
+// fault, not an empty success; NTLM is safe because each of the two lanes
+// (Receive, and everything else) is one TCP connection, so the NTLM legs
+// of a handshake can never land on different connections; and a worker
+// context aborts an outstanding long poll at once when the worker is killed.
+type transport struct {
+	url        string
+	user, pass string
+	ntlm       bool
+	recv       *http.Client
+	other      *http.Client
+	// ctx bounds every request; cancelling it kills the worker's I/O.
+	ctx        context.Context
+	roundTrips *atomic.Int64
+}
+
+var _ winrm.Transporter = (*transport)(nil)
+
+// transportConfig is what every transport of a pool shares.
+type transportConfig struct {
+	https     bool
+	ntlm      bool
+	user      string
+	pass      string
+	tls       *tls.Config
+	proxy     func(*http.Request) (*url.URL, error)
+	resolve   map[string]string // fqdn → host:port actually dialled
+	opTimeout time.Duration
+}
+
+func newTransport(ctx context.Context, cfg transportConfig, t target, roundTrips *atomic.Int64) *transport {
+	lane := func() *http.Client {
+		dialer := &net.Dialer{Timeout: 15 * time.Second, KeepAlive: 30 * time.Second}
+		tr := &http.Transport{
+			Proxy: cfg.proxy,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				if host, _, err := net.SplitHostPort(addr); err == nil {
+					if to, ok := cfg.resolve[strings.ToLower(host)]; ok {
+						addr = to
+					}
+				}
+				return dialer.DialContext(ctx, network, addr)
+			},
+			TLSClientConfig:       cfg.tls.Clone(),
+			MaxConnsPerHost:       1,
+			MaxIdleConnsPerHost:   1,
+			IdleConnTimeout:       5 * time.Minute,
+			TLSHandshakeTimeout:   15 * time.Second,
+			ResponseHeaderTimeout: cfg.opTimeout + 30*time.Second,
+			ForceAttemptHTTP2:     false,
+		}
+		if tr.TLSClientConfig != nil {
+			tr.TLSClientConfig.ServerName = t.fqdn
+		}
+		var rt http.RoundTripper = tr
+		if cfg.ntlm {
+			rt = &ntlmssp.Negotiator{RoundTripper: tr}
+		}
+		return &http.Client{Transport: rt}
+	}
+	return &transport{
+		url: t.wsmanURL(cfg.https), user: cfg.user, pass: cfg.pass, ntlm: cfg.ntlm,
+		recv: lane(), other: lane(), ctx: ctx, roundTrips: roundTrips,
+	}
+}
+
+// Transport is part of winrm.Transporter; everything was built in newTransport.
+func (t *transport) Transport(*winrm.Endpoint) error { return nil }
+
+const receiveAction = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Receive"
+
+// Post sends one WS-Man request and returns the response body, or an
+// error that says what went wrong in terms callers can act on.
+func (t *transport) Post(_ *winrm.Client, m *soap.SoapMessage) (string, error) {
+	body := m.String()
+	client := t.other
+	if strings.Contains(body, receiveAction+"<") {
+		client = t.recv
+	}
+	req, err := http.NewRequestWithContext(t.ctx, http.MethodPost, t.url, strings.NewReader(body))
+	if err != nil {
+		return "", fmt.Errorf("%w: build request: %w", ErrInvalid, err)
+	}
+	req.Header.Set("Content-Type", "application/soap+xml;charset=UTF-8")
+	req.SetBasicAuth(t.user, t.pass)
+	resp, err := client.Do(req)
+	t.roundTrips.Add(1)
+	if err != nil {
+		return "", transportError(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return "", fmt.Errorf("%w: read response: %w", ErrTransient, err)
+	}
+	if resp.StatusCode == http.StatusUnauthorized {
+		return "", fmt.Errorf("%w: the server answered 401 Unauthorized (user %q, %s)", ErrAuth, t.user, scheme(t.ntlm))
+	}
+	if !strings.Contains(resp.Header.Get("Content-Type"), "application/soap+xml") {
+		return "", fmt.Errorf("%w: HTTP %d without a SOAP body from %s", ErrTransient, resp.StatusCode, t.url)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", parseFault(resp.StatusCode, b)
+	}
+	return string(b), nil
+}
+
+func scheme(ntlm bool) string {
+	if ntlm {
+		return "NTLM"
+	}
+	return "Basic"
+}
+
+// transportError classifies a failed HTTP exchange.
+func transportError(err error) error {
+	var uerr x509.UnknownAuthorityError
+	var herr x509.HostnameError
+	var cerr *tls.CertificateVerificationError
+	switch {
+	case errors.As(err, &uerr), errors.As(err, &herr), errors.As(err, &cerr):
+		return fmt.Errorf("%w: %w", ErrTLS, err)
+	case errors.Is(err, context.Canceled):
+		return fmt.Errorf("%w: worker stopped: %w", ErrTransient, err)
+	}
+	var nerr net.Error
+	var oerr *net.OpError
+	if errors.As(err, &oerr) || (errors.As(err, &nerr) && nerr.Timeout()) {
+		return fmt.Errorf("%w: %w", ErrUnreachable, err)
+	}
+	return fmt.Errorf("%w: %w", ErrTransient, err)
+}
+
+// FaultError is a WS-Man fault: HTTP 500 with a SOAP fault body.
+type FaultError struct {
+	Status  int
+	Code    uint32
+	Subcode string
+	Reason  string
+	kind    error
+}
+
+func (e *FaultError) Error() string {
+	return fmt.Sprintf("WS-Man fault %d (%s): %s", e.Code, e.Subcode, strings.TrimSpace(e.Reason))
+}
+
+// Unwrap returns the fault's kind.
+func (e *FaultError) Unwrap() error { return e.kind }
+
+// RetryAfter is the back-off for a quota fault.
+func (e *FaultError) RetryAfter() time.Duration {
+	if errors.Is(e.kind, ErrThrottled) {
+		return 30 * time.Second
+	}
+	return 0
+}
+
+// WS-Man fault codes the pool reacts to (reference/winrm.md §3.3, §5.6).
+const (
+	faultTimedOut      = 2150858793
+	faultShellNotFound = 2150858843
+	faultShellQuota    = 2150859174
+)
+
+func parseFault(status int, body []byte) error {
+	var env struct {
+		Fault struct {
+			Subcode string `xml:"Code>Subcode>Value"`
+			Reason  string `xml:"Reason>Text"`
+			Detail  struct {
+				WSManFault struct {
+					Code    uint32 `xml:"Code,attr"`
+					Message string `xml:"Message"`
+				} `xml:"WSManFault"`
+			} `xml:"Detail"`
+		} `xml:"Body>Fault"`
+	}
+	_ = xml.Unmarshal(body, &env)
+	f := &FaultError{Status: status, Code: env.Fault.Detail.WSManFault.Code, Subcode: env.Fault.Subcode, Reason: env.Fault.Reason}
+	if f.Reason == "" {
+		f.Reason = env.Fault.Detail.WSManFault.Message
+	}
+	switch f.Code {
+	case faultTimedOut:
+		// The long poll's "no output yet": the reason text contains
+		// "OperationTimeout", which is how the winrm client recognises it.
+		f.kind = ErrTransient
+	case faultShellQuota:
+		f.kind = ErrThrottled
+	default:
+		f.kind = ErrTransient
+	}
+	return f
+}

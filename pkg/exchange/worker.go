@@ -1,0 +1,342 @@
+package exchange
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/masterzen/winrm"
+)
+
+// ErrWorkerDead is wrapped when a worker cannot take more requests: its
+// process exited, its shell was dropped, or a request timed out.
+var ErrWorkerDead = fmt.Errorf("%w: worker died", ErrTransient)
+
+// connectSettings says how a worker reaches Exchange once it runs.
+type connectSettings struct {
+	mode     string // remote or snapin
+	psURL    string // e.g. http://{server}/PowerShell/
+	psAuth   string
+	user     string
+	password string
+	skipCA   bool
+}
+
+// worker is one long-lived powershell.exe running worker.ps1 in one WinRM
+// shell on one CAS. It serves one request at a time.
+type worker struct {
+	target target
+	shell  *winrm.Shell
+	cmd    *winrm.Command
+	ctx    context.Context
+	cancel context.CancelFunc
+	frames chan frame
+	// gone is closed when the worker dies; frames is never closed.
+	gone    chan struct{}
+	stderr  *tail
+	started time.Time
+	// Connected describes the Exchange session: mode and the cmdlets the
+	// account may run.
+	mode    string
+	cmdlets []string
+	host    string
+
+	nextID   int64
+	requests int
+	lastUsed time.Time
+	dead     atomic.Bool
+	deadErr  atomic.Value
+	once     sync.Once
+}
+
+type frame struct {
+	r   Response
+	err error
+}
+
+// tail keeps the last bytes of a stream, for error messages.
+type tail struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+func (t *tail) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf = append(t.buf, p...)
+	if len(t.buf) > 4096 {
+		t.buf = t.buf[len(t.buf)-4096:]
+	}
+	return len(p), nil
+}
+
+func (t *tail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return strings.TrimSpace(string(t.buf))
+}
+
+// startWorker opens a shell, starts the bootstrap, sends the worker script
+// and connects the Exchange session.
+func startWorker(ctx context.Context, cfg transportConfig, t target, cs connectSettings, opTimeout time.Duration, roundTrips *atomic.Int64) (*worker, error) {
+	wctx, cancel := context.WithCancel(context.Background())
+	tr := newTransport(wctx, cfg, t, roundTrips)
+	ep := &winrm.Endpoint{Host: t.fqdn, Port: t.port, HTTPS: cfg.https}
+	params := winrm.NewParameters(isoSeconds(opTimeout), "en-US", 153600)
+	params.TransportDecorator = func() winrm.Transporter { return tr }
+	client, err := winrm.NewClientWithParameters(ep, cfg.user, cfg.pass, params)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("%w: winrm client: %w", ErrInvalid, err)
+	}
+	w := &worker{target: t, ctx: wctx, cancel: cancel, frames: make(chan frame, 16), gone: make(chan struct{}), stderr: &tail{}, started: time.Now()}
+	type result struct {
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		done <- result{w.boot(client, cs)}
+	}()
+	select {
+	case r := <-done:
+		if r.err != nil {
+			w.kill()
+			return nil, r.err
+		}
+	case <-ctx.Done():
+		w.kill()
+		<-done
+		return nil, fmt.Errorf("%w: starting a worker on %s: %w", ErrUnreachable, t.fqdn, ctx.Err())
+	}
+	return w, nil
+}
+
+func (w *worker) boot(client *winrm.Client, cs connectSettings) error {
+	shell, err := client.CreateShell()
+	if err != nil {
+		return fmt.Errorf("create shell on %s: %w", w.target.fqdn, asKind(err))
+	}
+	w.shell = shell
+	cmd, err := shell.ExecuteWithContext(w.ctx, CommandLine())
+	if err != nil {
+		return fmt.Errorf("start worker on %s: %w", w.target.fqdn, asKind(err))
+	}
+	w.cmd = cmd
+	go w.readFrames()
+	go func() { _, _ = io.Copy(w.stderr, cmd.Stderr) }()
+	if _, err := cmd.Stdin.Write(ScriptLine()); err != nil {
+		return fmt.Errorf("%w: send worker script to %s: %w", ErrTransient, w.target.fqdn, err)
+	}
+	ready, err := w.next(context.Background(), 0)
+	if err != nil {
+		return fmt.Errorf("worker on %s did not start: %w", w.target.fqdn, err)
+	}
+	if ready.Op != "ready" || ready.Protocol != ProtocolVersion {
+		return fmt.Errorf("%w: worker on %s speaks protocol %d (%q), not %d", ErrInvalid, w.target.fqdn, ready.Protocol, ready.Op, ProtocolVersion)
+	}
+	w.host = ready.Host
+	uri := strings.ReplaceAll(cs.psURL, "{server}", w.target.fqdn)
+	_, res, err := w.call(context.Background(), Request{Op: "connect", Mode: cs.mode, URI: uri, Auth: cs.psAuth, User: cs.user, Password: cs.password, SkipCACheck: cs.skipCA, SkipCNCheck: cs.skipCA}, nil)
+	if err != nil {
+		return fmt.Errorf("connect to Exchange on %s: %w", w.target.fqdn, err)
+	}
+	if !res.OK {
+		return fmt.Errorf("connect to Exchange on %s: %w", w.target.fqdn, ResultError("New-PSSession", res.Errors))
+	}
+	if len(res.Objects) == 1 {
+		w.mode, _ = res.Objects[0]["mode"].(string)
+		if list, ok := res.Objects[0]["cmdlets"].([]any); ok {
+			for _, c := range list {
+				if s, ok := c.(string); ok {
+					w.cmdlets = append(w.cmdlets, s)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// asKind keeps a classified error as it is and marks anything else transient.
+func asKind(err error) error {
+	for _, k := range []error{ErrTransient, ErrUnreachable, ErrThrottled, ErrNotFound, ErrInvalid, ErrAuth, ErrPermission, ErrTLS} {
+		if errors.Is(err, k) {
+			return err
+		}
+	}
+	return fmt.Errorf("%w: %w", ErrTransient, err)
+}
+
+func isoSeconds(d time.Duration) string {
+	if d <= 0 {
+		d = 20 * time.Second
+	}
+	return fmt.Sprintf("PT%dS", int(d.Seconds()+0.5))
+}
+
+// readFrames turns the worker's stdout into frames; it ends when the
+// process exits or the shell fails.
+func (w *worker) readFrames() {
+	sc := bufio.NewScanner(w.cmd.Stdout)
+	sc.Buffer(make([]byte, 64<<10), 64<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, FatalSentinel) {
+			w.die(fmt.Errorf("%w: the bootstrap refused the worker script: %s", ErrInvalid, strings.TrimSpace(strings.TrimPrefix(line, FatalSentinel))))
+			continue
+		}
+		r, ok, err := DecodeFrame(line)
+		if !ok {
+			continue
+		}
+		select {
+		case w.frames <- frame{r: r, err: err}:
+		case <-w.gone:
+			return
+		}
+	}
+	err := sc.Err()
+	if err == nil {
+		w.cmd.Wait()
+		err = fmt.Errorf("worker process exited with code %d", w.cmd.ExitCode())
+		if s := w.stderr.String(); s != "" {
+			err = fmt.Errorf("%w; stderr: %s", err, s)
+		}
+	}
+	w.die(fmt.Errorf("%w: %w", ErrWorkerDead, asKind(err)))
+}
+
+// die marks the worker dead with its first cause.
+func (w *worker) die(err error) {
+	if w.dead.CompareAndSwap(false, true) {
+		w.deadErr.Store(err)
+		close(w.gone)
+	}
+}
+
+func (w *worker) cause() error {
+	if err, ok := w.deadErr.Load().(error); ok {
+		return err
+	}
+	return ErrWorkerDead
+}
+
+// next waits for the next frame of request id.
+func (w *worker) next(ctx context.Context, id int64) (Response, error) {
+	var f frame
+	select {
+	case f = <-w.frames:
+	default:
+		select {
+		case f = <-w.frames:
+		case <-w.gone:
+			return Response{}, w.cause()
+		case <-ctx.Done():
+			return Response{}, ctx.Err()
+		}
+	}
+	{
+		if f.err != nil {
+			return Response{}, fmt.Errorf("%w: %w", ErrTransient, f.err)
+		}
+		if f.r.ID != id {
+			// A frame of an earlier, abandoned request: the stream is out
+			// of step, so the worker cannot be trusted any more.
+			err := fmt.Errorf("%w: frame for request %d while waiting for %d", ErrWorkerDead, f.r.ID, id)
+			w.die(err)
+			return Response{}, err
+		}
+		return f.r, nil
+	}
+}
+
+// call sends one request and waits for its answer, passing page frames to
+// onPage as they arrive. A context that ends first kills the worker: its
+// stream would be out of step with the next request.
+func (w *worker) call(ctx context.Context, req Request, onPage func([]Object) error) ([]Response, Response, error) {
+	if w.dead.Load() {
+		return nil, Response{}, w.cause()
+	}
+	w.nextID++
+	req.ID = w.nextID
+	w.requests++
+	w.lastUsed = time.Now()
+	line, err := EncodeRequest(req)
+	if err != nil {
+		return nil, Response{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	if _, err := w.cmd.Stdin.Write(line); err != nil {
+		w.die(fmt.Errorf("%w: send: %w", ErrWorkerDead, err))
+		return nil, Response{}, w.cause()
+	}
+	var pages []Response
+	for {
+		r, err := w.next(ctx, req.ID)
+		if err != nil {
+			if ctx.Err() != nil {
+				w.die(fmt.Errorf("%w: request %d (%s) timed out: %w", ErrWorkerDead, req.ID, req.Op, ctx.Err()))
+				w.kill()
+				return nil, Response{}, fmt.Errorf("%w: %w", ErrTransient, ctx.Err())
+			}
+			return nil, Response{}, err
+		}
+		if r.Done {
+			return pages, r, nil
+		}
+		if onPage != nil {
+			if err := onPage(r.Objects); err != nil {
+				// The caller stopped reading; the rest of the answer is
+				// still coming, so the worker must go.
+				w.die(fmt.Errorf("%w: caller abandoned request %d", ErrWorkerDead, req.ID))
+				w.kill()
+				return nil, Response{}, err
+			}
+			continue
+		}
+		pages = append(pages, r)
+	}
+}
+
+// close ends the worker cleanly: bye (the worker removes its Exchange
+// session and exits), then the shell is deleted, so no shell lingers
+// against the user's throttling budget.
+func (w *worker) close(ctx context.Context) {
+	w.once.Do(func() {
+		if !w.dead.Load() && w.cmd != nil {
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, _, _ = w.call(cctx, Request{Op: "bye"}, nil)
+			cancel()
+		}
+		w.teardown()
+	})
+}
+
+// kill stops the worker at once and deletes its shell in the background.
+func (w *worker) kill() {
+	w.once.Do(func() {
+		go w.teardown()
+	})
+}
+
+func (w *worker) teardown() {
+	w.die(ErrWorkerDead)
+	if w.cmd != nil {
+		_ = w.cmd.Stdin.Close()
+	}
+	// Deleting the shell also ends its command; it goes over the other
+	// lane, so it is not stuck behind the long poll.
+	if w.shell != nil {
+		done := make(chan struct{})
+		go func() { _ = w.shell.Close(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+		}
+	}
+	w.cancel()
+}
