@@ -60,11 +60,8 @@ function parseExcusingBarewordLists(src) {
   }
 }
 
-// Shortens source text for a one-line message.
-const snippet = (s) => {
-  const one = s.replace(/\r?\n[\s\S]*/, ' ...');
-  return JSON.stringify(one.length > 80 ? one.slice(0, 80) + '...' : one);
-};
+// Quotes source text for a one-line message (newlines show as \n).
+const snippet = (s) => JSON.stringify(s.length > 60 ? s.slice(0, 60) + '...' : s);
 
 // Yields every ERROR and MISSING node, outermost first.
 function* problems(node) {
@@ -92,7 +89,7 @@ for (const file of files) {
   for (const n of found) {
     const what = n.isMissing
       ? `MISSING ${JSON.stringify(n.type)} (the parser had to invent it)`
-      : `ERROR, cannot parse ${snippet(n.text)}`;
+      : `ERROR, cannot parse ${snippet(original.slice(n.startIndex, n.endIndex))}`;
     console.log(`${at(n.startPosition)}: syntax error: ${what}`);
     console.log(`    ${(lines[n.startPosition.row] ?? '').replace(/\r$/, '')}`);
   }

@@ -166,18 +166,18 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 
 // Statistics is the sync state of a partnership (Get-MobileDeviceStatistics).
 type Statistics struct {
-	Identity         string
-	DeviceID         string
-	LastSuccessSync  time.Time
-	LastSyncAttempt  time.Time
-	Status           string
-	PolicyApplied    string
-	PolicyStatus     string
-	WipeRequestTime  time.Time
-	WipeAckTime      time.Time
-	AccessState      string
-	AccessReason     string
-	FoldersSynced    int64
+	Identity        string
+	DeviceID        string
+	LastSuccessSync time.Time
+	LastSyncAttempt time.Time
+	Status          string
+	PolicyApplied   string
+	PolicyStatus    string
+	WipeRequestTime time.Time
+	WipeAckTime     time.Time
+	AccessState     string
+	AccessReason    string
+	FoldersSynced   int64
 }
 
 // DeviceStatistics reads the statistics of a mailbox's partnerships. It

@@ -71,7 +71,6 @@ func newPool(t testing.TB, cfg exchange.Config) *exchange.Pool {
 	return p
 }
 
-
 // eventually polls cond until it holds or the deadline passes.
 func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
