@@ -8,7 +8,7 @@ PROTOS  := $(wildcard proto/easguard/v1/*.proto)
 # Benchmarks that print `bench <name> <value> <unit>` lines.
 BENCH_PKGS ?= ./...
 
-.PHONY: all build test lint proto proto-check docs docs-check bench demo run clean
+.PHONY: all build test lint pscheck fuzz proto proto-check docs docs-check bench demo run clean
 
 all: lint build test
 
@@ -26,6 +26,14 @@ lint:
 	@files=$$(gofmt -l $$(git ls-files '*.go'; git ls-files --others --exclude-standard '*.go')); \
 	if [ -n "$$files" ]; then echo "gofmt would change:"; echo "$$files"; exit 1; fi
 	$(GO) vet ./...
+
+## pscheck: parse the shipped PowerShell scripts with tree-sitter-powershell (needs node and npm)
+pscheck:
+	bash .ci/pssyntax/run.sh
+
+## fuzz: fuzz the path from device ids and identities to Exchange's cmdlet parameters
+fuzz:
+	$(GO) test ./pkg/exchange -run '^$$' -fuzz FuzzValuesReachExchangeByteForByte -fuzztime 2m
 
 ## proto: regenerate the Go code of proto/ with protoc and the pinned protoc-gen-go
 proto:

@@ -30,36 +30,6 @@ const wasm = require.resolve('tree-sitter-powershell/tree-sitter-powershell.wasm
 const parser = new Parser();
 parser.setLanguage(await Language.load(wasm));
 
-// The one known gap in tree-sitter-powershell 0.26.4 that easguard's scripts
-// hit: a comma list of barewords as a command argument, as in
-// `Get-Command -CommandType Cmdlet, Function`, is valid PowerShell (an array
-// of strings) but the grammar only takes a comma list of expressions there
-// (`'Cmdlet', 'Function'`). Such a tail, right after a bareword argument the
-// parser did recognise, gets its commas replaced by spaces (same length, so
-// lines and columns stay true) and the file is parsed again. Each one is
-// printed as a note; nothing else is excused.
-const BAREWORD_LIST_TAIL = /^(?:[ \t]*,[ \t]*[A-Za-z_][\w.-]*)+(?![^\s;|)}])/;
-
-function parseExcusingBarewordLists(src) {
-  const notes = [];
-  for (;;) {
-    const tree = parser.parse(src);
-    if (!tree.rootNode.hasError) return { tree, src, notes };
-    let patched = src;
-    for (const tok of tree.rootNode.descendantsOfType('generic_token')) {
-      if (tok.parent?.type !== 'command_elements') continue;
-      const tail = BAREWORD_LIST_TAIL.exec(src.slice(tok.endIndex));
-      if (!tail) continue;
-      const end = tok.endIndex + tail[0].length;
-      notes.push({ at: tok.startPosition, text: src.slice(tok.startIndex, end) });
-      patched = patched.slice(0, tok.endIndex) + tail[0].replaceAll(',', ' ') + patched.slice(end);
-    }
-    if (patched === src) return { tree, src, notes };
-    tree.delete();
-    src = patched;
-  }
-}
-
 // Quotes source text for a one-line message (newlines show as \n).
 const snippet = (s) => JSON.stringify(s.length > 60 ? s.slice(0, 60) + '...' : s);
 
@@ -79,12 +49,12 @@ for (const file of files) {
     console.error(`${file}: cannot read: ${e.message}`);
     process.exit(2);
   }
-  const { tree, notes } = parseExcusingBarewordLists(original);
+  // Known grammar gap (tree-sitter-powershell 0.26.4): a comma list of
+  // unquoted words as a command argument (`-CommandType Cmdlet, Function`)
+  // is valid PowerShell but not parsed; easguard's scripts quote such lists.
+  const tree = parser.parse(original);
   const lines = original.split('\n');
   const at = ({ row, column }) => `${file}:${row + 1}:${column + 1}`;
-  for (const n of notes) {
-    console.log(`${at(n.at)}: note: bareword list ${snippet(n.text)} is valid PowerShell the grammar lacks; checked with its commas as spaces`);
-  }
   const found = [...problems(tree.rootNode)];
   for (const n of found) {
     const what = n.isMissing

@@ -2,7 +2,7 @@
 # Syntax-checks the PowerShell scripts easguard ships with an independent
 # parser (tree-sitter-powershell via web-tree-sitter, see check.mjs), because
 # CI has no PowerShell. Installs the pinned npm packages first if
-# node_modules is missing or older than package-lock.json.
+# node_modules is missing or was installed from another package-lock.json.
 #
 # Usage: .ci/pssyntax/run.sh [file.ps1...]
 #   default: pkg/exchange/worker.ps1 pkg/exchange/bootstrap.ps1

@@ -242,3 +242,32 @@ func TestTypedReads(t *testing.T) {
 	}
 	_ = json.Marshal
 }
+
+func TestQuoteFilterValue(t *testing.T) {
+	s := startSim(t, exchangesim.Config{})
+	if _, err := s.Org.AddMailbox(exchangesim.MailboxSpec{Alias: "alice"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"it's", "a''b", "$(x) `y`", "dq\"x"} {
+		if _, err := s.Org.Sync(exchangesim.Phone{Mailbox: "alice", DeviceID: id, DeviceType: "iPhone"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := simConfig(t, s)
+	c := exchange.NewClient(newPool(t, cfg), cfg)
+	for _, id := range []string{"it's", "a''b", "$(x) `y`", "dq\"x"} {
+		q, err := exchange.QuoteFilterValue(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		objs, _, err := c.Invoke(context.Background(), exchange.Call{Cmdlet: "Get-MobileDevice", Params: exchange.Params{"Filter": "DeviceId -eq " + q}})
+		if err != nil || len(objs) != 1 || objs[0]["DeviceId"] != id {
+			t.Fatalf("filter for %q (%s): %v %v", id, q, objs, err)
+		}
+	}
+	for _, bad := range []string{"\u2019x", "a\nb", "\xff"} {
+		if _, err := exchange.QuoteFilterValue(bad); !errors.Is(err, exchange.ErrInvalid) {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}

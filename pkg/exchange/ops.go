@@ -626,3 +626,18 @@ func (c *Client) Count(ctx context.Context, cmdlet string, params Params) (int, 
 	})
 	return n, err
 }
+
+// QuoteFilterValue quotes a value for an OPATH -Filter, the one place
+// where Exchange parses text: single quotes, with every ' doubled. Curly
+// single quotes are refused, because whether Exchange's OPATH parser treats
+// them as quotes is unconfirmed (reference/exchange.md §13), and so are
+// control characters.
+func QuoteFilterValue(v string) (string, error) {
+	if !utf8.ValidString(v) || strings.IndexFunc(v, unicode.IsControl) >= 0 {
+		return "", fmt.Errorf("%w: filter value %q holds invalid UTF-8 or a control character", ErrInvalid, v)
+	}
+	if strings.ContainsAny(v, "\u2018\u2019\u201A\u201B") {
+		return "", fmt.Errorf("%w: filter value %q holds a typographic single quote", ErrInvalid, v)
+	}
+	return "'" + strings.ReplaceAll(v, "'", "''") + "'", nil
+}

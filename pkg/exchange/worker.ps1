@@ -165,7 +165,7 @@ function Invoke-Allowed($Call, [long]$Id, [int]$Page) {
     $cmdErrors = New-Object System.Collections.ArrayList
     $cmdWarnings = New-Object System.Collections.ArrayList
     try {
-        $command = Get-Command -Name $canonical -CommandType Cmdlet, Function -ErrorAction Stop
+        $command = Get-Command -Name $canonical -CommandType 'Cmdlet', 'Function' -ErrorAction Stop
         if ($canonical -eq 'Get-Command' -and $null -ne $script:Module) { $splat['Module'] = $script:Module.Name }
         & $command @splat -ErrorAction Continue -ErrorVariable +cmdErrors -WarningAction SilentlyContinue -WarningVariable +cmdWarnings |
             ForEach-Object {

@@ -4,8 +4,9 @@
 //
 // Usage:
 //
-//	easguard [run]        run until SIGINT or SIGTERM
-//	easguard help         this text and every environment variable
+//	easguard [run]           run until SIGINT or SIGTERM
+//	easguard check exchange  test the Exchange connection, servers and permissions
+//	easguard help            this text and every environment variable
 //	easguard config-doc   the environment variables as a Markdown table
 //	easguard version      the version
 package main
@@ -64,10 +65,12 @@ func (c *Config) Validate() error {
 const summary = `easguard gates Exchange ActiveSync devices by their MDM compliance.
 
 Usage:
-  easguard [run]        run the platform and workers until SIGINT or SIGTERM
-  easguard help         print this help
-  easguard config-doc   print the environment variables as a Markdown table
-  easguard version      print the version
+  easguard [run]           run the platform and workers until SIGINT or SIGTERM
+  easguard check exchange  connect to Exchange and report servers, size, settings
+                           and missing permissions; non-zero exit on any failure
+  easguard help            print this help
+  easguard config-doc      print the environment variables as Markdown tables
+  easguard version         print the version
 
 Every setting is an environment variable. A secret can instead be put in a
 file named by the variable with _FILE appended.
@@ -86,6 +89,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		cmd = args[0]
 		args = args[1:]
 	}
+	if cmd == "check" {
+		return runCheck(args, stdout, stderr)
+	}
 	if len(args) > 0 {
 		fmt.Fprintf(stderr, "easguard %s: unexpected arguments %q\n", cmd, args)
 		return 2
@@ -97,9 +103,20 @@ func run(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "easguard:", err)
 			return 1
 		}
+		fmt.Fprint(stdout, "\nVariables of easguard check exchange (the Exchange connection):\n\n")
+		if err := config.Usage(stdout, &CheckConfig{}); err != nil {
+			fmt.Fprintln(stderr, "easguard:", err)
+			return 1
+		}
 		return 0
 	case "config-doc":
+		fmt.Fprint(stdout, "#### easguard run\n\n")
 		if err := config.Markdown(stdout, &Config{}); err != nil {
+			fmt.Fprintln(stderr, "easguard:", err)
+			return 1
+		}
+		fmt.Fprint(stdout, "\n#### Exchange connection (easguard check exchange)\n\n")
+		if err := config.Markdown(stdout, &CheckConfig{}); err != nil {
 			fmt.Fprintln(stderr, "easguard:", err)
 			return 1
 		}

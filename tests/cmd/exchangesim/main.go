@@ -60,6 +60,7 @@ func run(args []string) int {
 	org := fs.String("org", "Contoso", "Exchange organisation name")
 	domain := fs.String("domain", "contoso.com", "forest root domain")
 	defaultAccess := fs.String("default-access", "Allow", "DefaultAccessLevel: Allow, Block or Quarantine")
+	envOut := fs.String("env-out", "", "write the EASGUARD_EXCHANGE_* settings that reach this simulator to this file (mode 0600; it holds the password)")
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "exchangesim runs a simulated Exchange organisation. The service account's password is taken from EXCHANGESIM_PASSWORD (default: the simulator's documented test password).")
 		fs.PrintDefaults()
@@ -122,6 +123,12 @@ func run(args []string) int {
 		}
 		out.CACert = *certOut
 	}
+	if *envOut != "" {
+		if err := writeEnv(*envOut, s, *user, password, *https, out.CACert); err != nil {
+			fmt.Fprintln(os.Stderr, "exchangesim: -env-out:", err)
+			return 1
+		}
+	}
 	out.StartSeconds = time.Since(start).Seconds()
 	line, _ := json.Marshal(out)
 	fmt.Println(string(line))
@@ -129,4 +136,31 @@ func run(args []string) int {
 	defer stop()
 	<-ctx.Done()
 	return 0
+}
+
+// writeEnv writes the settings easguard needs to reach this simulator: the
+// primary CAS, name-resolution overrides for every CAS (the FQDNs do not
+// resolve; the endpoints listen on loopback ports), and the account.
+func writeEnv(path string, s *exchangesim.Sim, user, password string, https bool, caFile string) error {
+	var resolve []string
+	for _, e := range s.Endpoints() {
+		resolve = append(resolve, e.FQDN+"="+e.Addr())
+	}
+	port := "5985"
+	if https {
+		port = "5986"
+	}
+	lines := []string{
+		"EASGUARD_EXCHANGE_SERVER=" + s.Endpoints()[0].FQDN,
+		"EASGUARD_EXCHANGE_PORT=" + port,
+		fmt.Sprintf("EASGUARD_EXCHANGE_HTTPS=%v", https),
+		"EASGUARD_EXCHANGE_RESOLVE=" + strings.Join(resolve, ","),
+		"EASGUARD_EXCHANGE_USER=" + user,
+		"EASGUARD_EXCHANGE_PASSWORD=" + password,
+		"EASGUARD_EXCHANGE_PROXY=none",
+	}
+	if caFile != "" {
+		lines = append(lines, "EASGUARD_EXCHANGE_CA_BUNDLE="+caFile)
+	}
+	return os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o600)
 }

@@ -1,0 +1,146 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/exchange"
+)
+
+// CheckConfig is what `easguard check exchange` reads: the Exchange
+// settings the workers use.
+type CheckConfig struct {
+	Exchange exchange.Config
+}
+
+// Validate checks the Exchange settings.
+func (c *CheckConfig) Validate() error { return c.Exchange.Validate() }
+
+// checkExchange connects with the configured settings and reports what an
+// administrator needs to know before easguard touches anything: the
+// servers, the size of the organisation, the ActiveSync settings, and
+// whether the account may run every cmdlet easguard needs. It returns an
+// error with the action to take when anything fails.
+func checkExchange(ctx context.Context, cfg exchange.Config, out io.Writer) error {
+	mode := "remote session to " + strings.ReplaceAll(cfg.PowershellURL, "{server}", cfg.Server)
+	if cfg.Mode == "snapin" {
+		mode = "Exchange snap-in on the server"
+	}
+	scheme := "http"
+	if cfg.HTTPS {
+		scheme = "https"
+	}
+	fmt.Fprintf(out, "Exchange check: %s (WinRM %s, %s authentication, %s)\n", cfg.Server, scheme, strings.ToUpper(cfg.Auth), mode)
+	cfg.Workers = 1
+	start := time.Now()
+	pool, err := exchange.NewPool(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		return explain(cfg, err)
+	}
+	defer pool.Close(context.Background())
+	fmt.Fprintf(out, "  %-14s ok, worker started in %s\n", "connection", time.Since(start).Round(time.Millisecond))
+	c := exchange.NewClient(pool, cfg)
+
+	servers, err := c.Servers(ctx)
+	if err != nil {
+		return explain(cfg, err)
+	}
+	for i, s := range servers {
+		label := "servers"
+		if i > 0 {
+			label = ""
+		}
+		fmt.Fprintf(out, "  %-14s %s (%s) %s, roles %s\n", label, s.Name, s.FQDN, s.Version, s.Roles)
+	}
+	if cfg.CASFailover {
+		fmt.Fprintf(out, "  %-14s %s\n", "failover", strings.Join(pool.Servers(), ", "))
+	} else {
+		fmt.Fprintf(out, "  %-14s off (EASGUARD_EXCHANGE_CAS_FAILOVER=false)\n", "failover")
+	}
+	missing, err := c.MissingCmdlets(ctx)
+	if err != nil {
+		return explain(cfg, err)
+	}
+	if len(missing) > 0 {
+		fmt.Fprintf(out, "  %-14s MISSING %s\n", "permissions", strings.Join(missing, ", "))
+		return fmt.Errorf("%w: the account %s may not run %s; give it an RBAC role that includes them (the original connector needed the same cmdlets), then run this check again",
+			exchange.ErrPermission, cfg.User, strings.Join(missing, ", "))
+	}
+	fmt.Fprintf(out, "  %-14s all %d cmdlets easguard needs are available\n", "permissions", len(exchange.RequiredCmdlets()))
+	mailboxes, err := c.Count(ctx, "Get-CASMailbox", exchange.Params{"ResultSize": "Unlimited"})
+	if err != nil {
+		return explain(cfg, err)
+	}
+	partnerships, err := c.Count(ctx, "Get-MobileDevice", exchange.Params{"ResultSize": "Unlimited", "ActiveSync": true})
+	if err != nil {
+		return explain(cfg, err)
+	}
+	fmt.Fprintf(out, "  %-14s %d\n", "mailboxes", mailboxes)
+	fmt.Fprintf(out, "  %-14s %d ActiveSync\n", "partnerships", partnerships)
+	st, err := c.GetOrgSettings(ctx)
+	if err != nil {
+		return explain(cfg, err)
+	}
+	admins := strings.Join(st.AdminMailRecipients, ", ")
+	if admins == "" {
+		admins = "(none)"
+	}
+	insert := "(none)"
+	if st.UserMailInsert != "" {
+		insert = fmt.Sprintf("%q", st.UserMailInsert)
+	}
+	fmt.Fprintf(out, "  %-14s DefaultAccessLevel %s; AdminMailRecipients %s; UserMailInsert %s\n", "activesync", st.DefaultAccessLevel, admins, insert)
+	fmt.Fprintln(out, "OK")
+	return nil
+}
+
+// explain turns an error into the action an administrator can take.
+func explain(cfg exchange.Config, err error) error {
+	port := cfg.Port
+	if port == 0 {
+		port = map[bool]int{true: 5986, false: 5985}[cfg.HTTPS]
+	}
+	switch {
+	case errors.Is(err, exchange.ErrAuth) && strings.Contains(err.Error(), "New-PSSession"):
+		return fmt.Errorf("the account %s opened a WinRM shell but Exchange refused its session: it needs remote PowerShell enabled (Set-User -RemotePowerShellEnabled $true) and an Exchange role; check EASGUARD_EXCHANGE_POWERSHELL_URL and EASGUARD_EXCHANGE_POWERSHELL_AUTH too (%w)", cfg.User, err)
+	case errors.Is(err, exchange.ErrAuth):
+		return fmt.Errorf("authentication failed for %s with %s: check EASGUARD_EXCHANGE_PASSWORD, that the account is not locked out, and that the WinRM service allows %s authentication (winrm get winrm/config/service/auth) (%w)",
+			cfg.User, strings.ToUpper(cfg.Auth), strings.ToUpper(cfg.Auth), err)
+	case errors.Is(err, exchange.ErrTLS):
+		return fmt.Errorf("the certificate of %s is not trusted: set EASGUARD_EXCHANGE_CA_BUNDLE to a PEM file with the CA that issued it (only in a test lab: EASGUARD_EXCHANGE_INSECURE_SKIP_VERIFY=true) (%w)", cfg.Server, err)
+	case errors.Is(err, exchange.ErrUnreachable):
+		return fmt.Errorf("WinRM on %s port %d is not reachable: check the name, the port (5986 for HTTPS, 5985 for HTTP), firewalls and proxies, and that the server has a WinRM listener (winrm enumerate winrm/config/listener) (%w)", cfg.Server, port, err)
+	case errors.Is(err, exchange.ErrPermission):
+		return fmt.Errorf("the account %s lacks a permission easguard needs: %w", cfg.User, err)
+	case errors.Is(err, exchange.ErrThrottled):
+		return fmt.Errorf("Exchange is throttling %s: close its other remote PowerShell sessions (at most 18 per user) and try again (%w)", cfg.User, err)
+	}
+	return fmt.Errorf("exchange check failed: %w", err)
+}
+
+// runCheck is `easguard check <what>`.
+func runCheck(args []string, stdout, stderr io.Writer) int {
+	if len(args) != 1 || args[0] != "exchange" {
+		fmt.Fprintln(stderr, "easguard check: usage: easguard check exchange")
+		return 2
+	}
+	var cfg CheckConfig
+	if err := config.Load(&cfg); err != nil {
+		fmt.Fprintf(stderr, "easguard: %v\n(easguard help lists every variable)\n", err)
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.Exchange.StartTimeout+10*time.Minute)
+	defer cancel()
+	if err := checkExchange(ctx, cfg.Exchange, stdout); err != nil {
+		fmt.Fprintln(stdout, "FAIL")
+		fmt.Fprintln(stderr, "easguard check exchange:", err)
+		return 1
+	}
+	return 0
+}

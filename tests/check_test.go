@@ -1,0 +1,104 @@
+package tests
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/tests/exchangesim"
+)
+
+// checkEnv is the environment that points easguard at a simulator.
+func checkEnv(t *testing.T, s *exchangesim.Sim, extra ...string) []string {
+	t.Helper()
+	var resolve []string
+	for _, ep := range s.Endpoints() {
+		resolve = append(resolve, ep.FQDN+"="+ep.Addr())
+	}
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, s.CertPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{
+		"EASGUARD_EXCHANGE_SERVER=" + s.Endpoints()[0].FQDN, "EASGUARD_EXCHANGE_PORT=5986",
+		"EASGUARD_EXCHANGE_USER=CONTOSO\\" + exchangesim.DefaultUser, "EASGUARD_EXCHANGE_PASSWORD=" + exchangesim.DefaultPassword,
+		"EASGUARD_EXCHANGE_CA_BUNDLE=" + ca, "EASGUARD_EXCHANGE_RESOLVE=" + strings.Join(resolve, ","),
+		"EASGUARD_EXCHANGE_PROXY=none", "EASGUARD_EXCHANGE_OPERATION_TIMEOUT=2s",
+	}
+	return baseEnv(append(env, extra...)...)
+}
+
+func startCheckSim(t *testing.T, granted []string) *exchangesim.Sim {
+	t.Helper()
+	s, err := exchangesim.Start(exchangesim.Config{HTTPS: true, CAS: []string{"EX01", "EX02"}, Profile: exchangesim.TestProfile(),
+		MaxOperationTimeout: 2 * time.Second, Granted: granted, Seed: &exchangesim.SeedSpec{Mailboxes: 200, Partnerships: 300, Seed: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+func TestCheckExchangeReports(t *testing.T) {
+	s := startCheckSim(t, nil)
+	stdout, stderr, code := runBinary(t, checkEnv(t, s), "check", "exchange")
+	if code != 0 {
+		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	easPartnerships := 0
+	ps, _ := s.Org.Partnerships("")
+	for _, p := range ps {
+		if p.DeviceType != "EASProbeDeviceType" && p.DeviceType != "OWA" {
+			easPartnerships++
+		}
+	}
+	for _, want := range []string{
+		"EX01 (ex01.contoso.com) Version 15.2", "EX02 (ex02.contoso.com)", "ex01.contoso.com, ex02.contoso.com",
+		"all 23 cmdlets easguard needs are available", "mailboxes      201", "DefaultAccessLevel Allow", "\nOK\n",
+		"partnerships   " + strconv.Itoa(easPartnerships) + " ActiveSync",
+	} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("report lacks %q:\n%s", want, stdout)
+		}
+	}
+	if s.Endpoints()[0].Shells(exchangesim.DefaultUser) != 0 {
+		t.Error("the check left a shell open")
+	}
+}
+
+func TestCheckExchangeFailsWithAnAction(t *testing.T) {
+	var granted []string
+	for _, c := range exchange.AllowedCmdlets {
+		if c != "Set-CASMailbox" {
+			granted = append(granted, c)
+		}
+	}
+	tests := []struct {
+		name    string
+		granted []string
+		env     []string
+		want    string
+	}{
+		{"missing role", granted, nil, "may not run Set-CASMailbox"},
+		{"wrong password", nil, []string{"EASGUARD_EXCHANGE_PASSWORD=not-the-password"}, "authentication failed for CONTOSO\\svc-easguard with NTLM"},
+		{"certificate not trusted", nil, []string{"EASGUARD_EXCHANGE_CA_BUNDLE="}, "is not trusted: set EASGUARD_EXCHANGE_CA_BUNDLE"},
+		{"WinRM not reachable", nil, []string{"EASGUARD_EXCHANGE_RESOLVE=ex01.contoso.com=127.0.0.1:1"}, "is not reachable"},
+		{"bad setting", nil, []string{"EASGUARD_EXCHANGE_AUTH=kerberos"}, "EASGUARD_EXCHANGE_AUTH: use ntlm or basic"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := startCheckSim(t, tt.granted)
+			_, stderr, code := runBinary(t, checkEnv(t, s, tt.env...), "check", "exchange")
+			if code == 0 || !strings.Contains(stderr, tt.want) {
+				t.Fatalf("exit %d, stderr %q, want %q", code, stderr, tt.want)
+			}
+			if strings.Contains(stderr, exchangesim.DefaultPassword) {
+				t.Fatal("the password appears in the error")
+			}
+		})
+	}
+}
