@@ -6,7 +6,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/tests/exchangesim"
@@ -34,13 +33,8 @@ func checkEnv(t *testing.T, s *exchangesim.Sim, extra ...string) []string {
 
 func startCheckSim(t *testing.T, granted []string) *exchangesim.Sim {
 	t.Helper()
-	s, err := exchangesim.Start(exchangesim.Config{HTTPS: true, CAS: []string{"EX01", "EX02"}, Profile: exchangesim.TestProfile(),
-		MaxOperationTimeout: 2 * time.Second, Granted: granted, Seed: &exchangesim.SeedSpec{Mailboxes: 200, Partnerships: 300, Seed: 1}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	return s
+	return exchangesim.StartTest(t, exchangesim.Config{HTTPS: true, CAS: []string{"EX01", "EX02"}, Granted: granted,
+		Seed: &exchangesim.SeedSpec{Mailboxes: 200, Partnerships: 300, Seed: 1}})
 }
 
 func TestCheckExchangeReports(t *testing.T) {

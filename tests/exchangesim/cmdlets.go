@@ -834,22 +834,7 @@ func init() {
 	}, run: setOrgSettings})
 
 	register(&cmdlet{name: "Get-ActiveSyncMailboxPolicy", params: []param{{name: "Identity", kind: kString}},
-		run: func(s *Session, a args, out *output) {
-			s.org.mu.RLock()
-			defer s.org.mu.RUnlock()
-			if a.has("Identity") && a["Identity"] != nil {
-				p := s.org.findPolicy(a.str("Identity"))
-				if p == nil {
-					out.fail(s.notFound("Get-ActiveSyncMailboxPolicy", a.str("Identity")))
-					return
-				}
-				out.object(s.org.policyObject(p))
-				return
-			}
-			for _, p := range s.org.Policies {
-				out.object(s.org.policyObject(p))
-			}
-		}})
+		run: getConfigObjects("Get-ActiveSyncMailboxPolicy", func(o *Org) []*MailboxPolicy { return o.Policies }, (*Org).findPolicy, (*Org).policyObject)})
 	register(&cmdlet{name: "New-ActiveSyncMailboxPolicy", shouldProcess: true, write: true,
 		params: append([]param{{name: "Name", kind: kIdentity, mandatory: true}}, policyParams...), run: newPolicy})
 	register(&cmdlet{name: "Set-ActiveSyncMailboxPolicy", shouldProcess: true, write: true,
@@ -858,22 +843,7 @@ func init() {
 		params: []param{{name: "Identity", kind: kIdentity, mandatory: true}}, run: removePolicy})
 
 	register(&cmdlet{name: "Get-ActiveSyncDeviceAccessRule", params: []param{{name: "Identity", kind: kString}},
-		run: func(s *Session, a args, out *output) {
-			s.org.mu.RLock()
-			defer s.org.mu.RUnlock()
-			if a.has("Identity") && a["Identity"] != nil {
-				r := s.org.findRule(a.str("Identity"))
-				if r == nil {
-					out.fail(s.notFound("Get-ActiveSyncDeviceAccessRule", a.str("Identity")))
-					return
-				}
-				out.object(s.org.ruleObject(r))
-				return
-			}
-			for _, r := range s.org.Rules {
-				out.object(s.org.ruleObject(r))
-			}
-		}})
+		run: getConfigObjects("Get-ActiveSyncDeviceAccessRule", func(o *Org) []*DeviceAccessRule { return o.Rules }, (*Org).findRule, (*Org).ruleObject)})
 	register(&cmdlet{name: "New-ActiveSyncDeviceAccessRule", shouldProcess: true, write: true, params: []param{
 		{name: "QueryString", kind: kIdentity, mandatory: true},
 		{name: "Characteristic", kind: kEnum, enum: charEnum, enumType: charType, mandatory: true},
@@ -985,6 +955,27 @@ func init() {
 		{name: "Name", kind: kStrings}, {name: "Module", kind: kStrings}, {name: "CommandType", kind: kString},
 		{name: "Noun", kind: kStrings}, {name: "Verb", kind: kStrings},
 	}, run: getCommand})
+}
+
+// getConfigObjects is the Get- cmdlet of an organisation-wide object
+// list: one object by -Identity, or all of them.
+func getConfigObjects[T any](cmdlet string, all func(*Org) []*T, find func(*Org, string) *T, obj func(*Org, *T) exchange.Object) func(*Session, args, *output) {
+	return func(s *Session, a args, out *output) {
+		s.org.mu.RLock()
+		defer s.org.mu.RUnlock()
+		if a.has("Identity") && a["Identity"] != nil {
+			x := find(s.org, a.str("Identity"))
+			if x == nil {
+				out.fail(s.notFound(cmdlet, a.str("Identity")))
+				return
+			}
+			out.object(obj(s.org, x))
+			return
+		}
+		for _, x := range all(s.org) {
+			out.object(obj(s.org, x))
+		}
+	}
 }
 
 func getCommand(s *Session, a args, out *output) {

@@ -19,21 +19,9 @@ import (
 	"github.com/easguard/easguard/tests/exchangesim"
 )
 
-// startSim starts a simulator for one test, closed when it ends.
 func startSim(t testing.TB, cfg exchangesim.Config) *exchangesim.Sim {
 	t.Helper()
-	if cfg.Profile == (exchangesim.Profile{}) {
-		cfg.Profile = exchangesim.TestProfile()
-	}
-	if cfg.MaxOperationTimeout == 0 {
-		cfg.MaxOperationTimeout = 2 * time.Second
-	}
-	s, err := exchangesim.Start(cfg)
-	if err != nil {
-		t.Fatalf("start simulator: %v", err)
-	}
-	t.Cleanup(s.Close)
-	return s
+	return exchangesim.StartTest(t, cfg)
 }
 
 // conn says how a test worker reaches a CAS.
