@@ -3,7 +3,7 @@
 SHELL   := /bin/bash
 GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -X main.version=$(VERSION)
+LDFLAGS := -X github.com/easguard/easguard/pkg/service.Version=$(VERSION)
 PROTOS  := $(wildcard proto/easguard/v1/*.proto)
 # Benchmarks that print `bench <name> <value> <unit>` lines.
 BENCH_PKGS ?= ./...

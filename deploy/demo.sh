@@ -28,7 +28,7 @@ simlog="${EASGUARD_DATA_DIR}/exchangesim.log"
 ./bin/exchangesim -mailboxes 1000 -partnerships 2000 -https -cert-out "$EASGUARD_DATA_DIR/exchange-ca.pem" \
 	-env-out "$EASGUARD_DATA_DIR/exchange.env" >"$EASGUARD_DATA_DIR/exchangesim.json" 2>"$simlog" &
 simpid=$!
-./bin/easguard run 2>"$log" &
+EASGUARD_WORKERS=none ./bin/easguard run 2>"$log" &
 pid=$!
 trap 'kill -TERM $pid $simpid 2>/dev/null; wait $pid $simpid 2>/dev/null || true; echo; echo "easguard and exchangesim stopped"' EXIT INT TERM
 for _ in $(seq 1 100); do

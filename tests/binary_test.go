@@ -84,7 +84,14 @@ func TestBinaryRefusesBadConfigNamingTheVariable(t *testing.T) {
 		{"missing org", nil, "EASGUARD_ORG is required"},
 		{"org with a space", []string{"EASGUARD_ORG=contoso ltd"}, "EASGUARD_ORG: invalid organisation name"},
 		{"bad duration", []string{"EASGUARD_ORG=contoso", "EASGUARD_SHUTDOWN_TIMEOUT=later"}, "EASGUARD_SHUTDOWN_TIMEOUT"},
-		{"listen with remote nats", []string{"EASGUARD_ORG=contoso", "EASGUARD_NATS_URL=nats://127.0.0.1:1", "EASGUARD_NATS_LISTEN=127.0.0.1:4222"}, "EASGUARD_NATS_LISTEN"},
+		{"listen with remote nats", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_NATS_URL=nats://127.0.0.1:1", "EASGUARD_NATS_LISTEN=127.0.0.1:4222"}, "EASGUARD_NATS_LISTEN"},
+		{"unknown worker", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=collector,reporter"}, "EASGUARD_WORKERS"},
+		{"collector without exchange", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=collector"}, "EASGUARD_EXCHANGE_SERVER"},
+		{"mailer without smtp host", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=mailer"}, "EASGUARD_MAILER_SMTP_HOST"},
+		{"mdm without a source", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=mdm"}, "EASGUARD_MDM_FILE"},
+		{"blast radius above one", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=evaluator", "EASGUARD_EVALUATOR_BLAST_RADIUS=1.5"}, "EASGUARD_EVALUATOR_BLAST_RADIUS"},
+		{"policy file missing", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=evaluator", "EASGUARD_EVALUATOR_POLICY_FILE=/nonexistent/policy.yaml"}, "EASGUARD_EVALUATOR_POLICY_FILE"},
+		{"ack wait too short", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_ACK_WAIT=10ms"}, "EASGUARD_ACK_WAIT"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -234,7 +241,7 @@ func (p *process) stop(t *testing.T) {
 }
 
 func TestBinaryRunsWithEmbeddedNATS(t *testing.T) {
-	p := start(t, "EASGUARD_ORG=contoso")
+	p := start(t, "EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none")
 	p.waitReady(t)
 	for _, path := range []string{"/healthz", "/metrics"} {
 		resp, err := http.Get(p.http + path)
@@ -277,7 +284,7 @@ func TestBinaryUsesRemoteNATSAndKeepsTheSecret(t *testing.T) {
 		if err := os.WriteFile(pw, []byte(password+"\n"), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		p := start(t, "EASGUARD_ORG=contoso", "EASGUARD_NATS_URL="+url, "EASGUARD_NATS_USER=easguard", "EASGUARD_NATS_PASSWORD_FILE="+pw, "EASGUARD_LOG_LEVEL=debug")
+		p := start(t, "EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_NATS_URL="+url, "EASGUARD_NATS_USER=easguard", "EASGUARD_NATS_PASSWORD_FILE="+pw, "EASGUARD_LOG_LEVEL=debug")
 		p.waitReady(t)
 		// The binary provisioned the topology on the remote server.
 		nc, err := nats.Connect(url, nats.UserInfo("easguard", password))
@@ -295,7 +302,7 @@ func TestBinaryUsesRemoteNATSAndKeepsTheSecret(t *testing.T) {
 		}
 	})
 	t.Run("wrong password", func(t *testing.T) {
-		_, stderr, code := runBinary(t, baseEnv("EASGUARD_ORG=contoso", "EASGUARD_NATS_URL="+url, "EASGUARD_NATS_USER=easguard", "EASGUARD_NATS_PASSWORD=wrong-"+password))
+		_, stderr, code := runBinary(t, baseEnv("EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_NATS_URL="+url, "EASGUARD_NATS_USER=easguard", "EASGUARD_NATS_PASSWORD=wrong-"+password))
 		if code != 1 {
 			t.Errorf("exit %d, want 1", code)
 		}

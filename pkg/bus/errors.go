@@ -53,3 +53,13 @@ func retryDelay(err error) (time.Duration, bool) {
 	}
 	return 0, false
 }
+
+// errPublish marks a failure to publish, which a producer must not skip
+// over (the event would be lost).
+var errPublish = errors.New("publish failed")
+
+// MarkPublishFailure marks err as a failure to publish.
+func MarkPublishFailure(err error) error { return fmt.Errorf("%w: %w", errPublish, err) }
+
+// IsPublishFailure reports whether err is a failure to publish.
+func IsPublishFailure(err error) bool { return errors.Is(err, errPublish) }

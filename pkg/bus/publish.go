@@ -41,6 +41,11 @@ type Outbound struct {
 	// stream stores the message once. The runner derives one for handler
 	// outputs that leave it empty.
 	MsgID string
+	// Parent, when valid, makes the message part of that trace instead of
+	// the current one, which becomes a link: a device's whole journey stays
+	// one trace even when a later step is set off by something else (an
+	// MDM change, a later sync).
+	Parent trace.SpanContext
 }
 
 // Instrumentation carries the providers components report to. Nil fields
@@ -116,15 +121,22 @@ func (p *Publisher) Publish(ctx context.Context, out Outbound) (*jetstream.PubAc
 	h := nats.Header{}
 	h.Set(HeaderType, name)
 	h.Set(HeaderContentType, contentTypeProto)
-	return p.publish(ctx, out.Subject, ev.Template(), out.MsgID, data, h)
+	var links []trace.Link
+	if out.Parent.IsValid() {
+		if cur := trace.SpanContextFromContext(ctx); cur.IsValid() && cur.TraceID() != out.Parent.TraceID() {
+			links = append(links, trace.Link{SpanContext: cur})
+		}
+		ctx = trace.ContextWithRemoteSpanContext(ctx, out.Parent)
+	}
+	return p.publish(ctx, out.Subject, ev.Template(), out.MsgID, data, h, links...)
 }
 
 // publish sends bytes with headers; h is modified.
-func (p *Publisher) publish(ctx context.Context, subject, template, msgID string, data []byte, h nats.Header) (*jetstream.PubAck, error) {
+func (p *Publisher) publish(ctx context.Context, subject, template, msgID string, data []byte, h nats.Header, links ...trace.Link) (*jetstream.PubAck, error) {
 	if msgID == "" {
 		return nil, fmt.Errorf("publish %s: %w", subject, ErrNoMsgID)
 	}
-	ctx, span := telemetry.StartPublish(ctx, p.tracer, telemetry.PublishSpan{Subject: subject, Template: template, MsgID: msgID, Size: len(data)})
+	ctx, span := telemetry.StartPublish(ctx, p.tracer, telemetry.PublishSpan{Subject: subject, Template: template, MsgID: msgID, Size: len(data), Links: links})
 	defer span.End()
 	telemetry.Inject(ctx, p.prop, h)
 	start := time.Now()

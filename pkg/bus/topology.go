@@ -31,6 +31,56 @@ const (
 // bucket TTL is the lease TTL: a holder that stops renewing loses its key.
 const BucketLeases = "easguard_leases"
 
+// State buckets. Workers join and remember through them; every key starts
+// with the org (see StateKey), so one bucket serves every organisation.
+const (
+	// BucketPartnerships: the matcher's index of observed partnerships,
+	// <org>.<device>.<partnership guid> → EASPartnershipObserved.
+	BucketPartnerships = "easguard_partnerships"
+	// BucketMDMDevices: the matcher's index of MDM records by EAS id,
+	// <org>.<device>.<mdm id> → MDMDevice.
+	BucketMDMDevices = "easguard_mdm_devices"
+	// BucketMDMUsers: MDM records without an EAS id, by user,
+	// <org>.<user>.<mdm id> → MDMDevice; they explain a non-match.
+	BucketMDMUsers = "easguard_mdm_users"
+	// BucketDecisions: the evaluator's last decision per partnership.
+	BucketDecisions = "easguard_decisions"
+	// BucketStaged: decisions the blast-radius guard holds until their
+	// sync or window is complete.
+	BucketStaged = "easguard_staged"
+	// BucketApplied: the executor's last applied decision per partnership.
+	BucketApplied = "easguard_applied"
+	// BucketNotified: when the mailer last mailed about a partnership.
+	BucketNotified = "easguard_notified"
+	// BucketCollector: the collector's view of Exchange, for change and
+	// disappearance detection.
+	BucketCollector = "easguard_collector"
+	// BucketStatus: per-org status the console and /status read: last
+	// syncs, guard state, MDM source health.
+	BucketStatus = "easguard_status"
+)
+
+// StateBuckets lists the state buckets Provision creates.
+var StateBuckets = []string{BucketPartnerships, BucketMDMDevices, BucketMDMUsers, BucketDecisions, BucketStaged, BucketApplied, BucketNotified, BucketCollector, BucketStatus}
+
+// StateKey builds a state key: the org, then each part as a subject-safe
+// token (KeyToken), so a hostile device id or user name cannot escape its
+// place in the key.
+func StateKey(org Org, parts ...string) (string, error) {
+	if _, err := ParseOrg(string(org)); err != nil {
+		return "", fmt.Errorf("state key: %w", err)
+	}
+	key := string(org)
+	for _, p := range parts {
+		tok, err := KeyToken(p)
+		if err != nil {
+			return "", fmt.Errorf("state key: %w", err)
+		}
+		key += "." + tok
+	}
+	return key, nil
+}
+
 // maxDeliveriesAdvisory is the subject prefix of the server's advisory sent
 // when a message reaches a consumer's MaxDeliver.
 const maxDeliveriesAdvisory = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
@@ -189,6 +239,11 @@ func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
 	}
 	if _, err := js.CreateOrUpdateKeyValue(ctx, t.LeaseBucketConfig()); err != nil {
 		return fmt.Errorf("provision bucket %s: %w", BucketLeases, err)
+	}
+	for _, b := range StateBuckets {
+		if _, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: b, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas}); err != nil {
+			return fmt.Errorf("provision bucket %s: %w", b, err)
+		}
 	}
 	return nil
 }

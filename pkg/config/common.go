@@ -24,6 +24,7 @@ type Common struct {
 	NatsReplicas  int           `split_words:"true" default:"1" desc:"Replicas of every stream and bucket: 1 for one server, 3 for a cluster."`
 	LeaseTTL      time.Duration `split_words:"true" default:"15s" desc:"A standby takes over a singleton duty (the collector of an org) within this time of the active one failing."`
 	Retention     time.Duration `split_words:"true" default:"336h" desc:"How long observed, matched, decided and applied events are kept for replay and audit."`
+	AckWait       time.Duration `split_words:"true" default:"30s" desc:"A message a crashed worker was handling is redelivered to another replica after this long (live workers extend it while they work)."`
 
 	HTTPAddr     string `split_words:"true" default:"127.0.0.1:9090" desc:"Listen address of /healthz, /readyz and /metrics."`
 	LogLevel     string `split_words:"true" default:"info" desc:"Log level: debug, info, warn or error."`
@@ -61,6 +62,9 @@ func (c *Common) Validate() error {
 	if c.LeaseTTL < 2*time.Second {
 		return Invalid(&c.LeaseTTL, "must be at least 2s, got %s", c.LeaseTTL)
 	}
+	if c.AckWait < time.Second || c.AckWait > 10*time.Minute {
+		return Invalid(&c.AckWait, "must be between 1s and 10m, got %s", c.AckWait)
+	}
 	if c.Retention < time.Hour {
 		return Invalid(&c.Retention, "must be at least 1h, got %s", c.Retention)
 	}
@@ -91,6 +95,9 @@ func (c *Common) Topology() bus.Topology {
 	t.Replicas = c.NatsReplicas
 	t.LeaseTTL = c.LeaseTTL
 	t.FactsMaxAge = c.Retention
+	if c.AckWait > 0 {
+		t.Consumer.AckWait = c.AckWait
+	}
 	return t
 }
 

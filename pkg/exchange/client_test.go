@@ -204,13 +204,27 @@ func TestTypedReads(t *testing.T) {
 	if err := c.ListMailboxes(ctx, func(m []exchange.Mailbox) error { boxes = append(boxes, m...); return nil }); err != nil || len(boxes) != 1 {
 		t.Fatalf("mailboxes with partnerships %+v %v", boxes, err)
 	}
-	changed, err := c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "Quarantine", AdminMailRecipients: []string{"helpdesk@contoso.com"}, UserMailInsert: "Enrol in Intune."})
+	want := exchange.OrgSettings{DefaultAccessLevel: "Quarantine", AdminMailRecipients: []string{"helpdesk@contoso.com"}, UserMailInsert: "Enrol in Intune."}
+	sets := s.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings")
+	changed, err := c.EnforceOrgSettings(ctx, want, false)
+	if err != nil || len(changed) != 3 || s.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings") != sets {
+		t.Fatalf("a dry run must name the three settings and change nothing: %v %v", changed, err)
+	}
+	changed, err = c.EnforceOrgSettings(ctx, want, true)
 	if err != nil || len(changed) != 3 {
 		t.Fatalf("enforce: %v %v", changed, err)
 	}
-	changed, err = c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "quarantine", AdminMailRecipients: []string{"HELPDESK@contoso.com"}, UserMailInsert: "Enrol in Intune."})
+	changed, err = c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "quarantine", AdminMailRecipients: []string{"HELPDESK@contoso.com"}, UserMailInsert: "Enrol in Intune."}, true)
 	if err != nil || len(changed) != 0 {
 		t.Fatalf("second enforce changed %v %v", changed, err)
+	}
+	// Settings easguard was not given are the administrator's: left alone.
+	changed, err = c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "Quarantine"}, true)
+	if err != nil || len(changed) != 0 {
+		t.Fatalf("unset settings must be left alone: %v %v", changed, err)
+	}
+	if got, err := c.GetOrgSettings(ctx); err != nil || len(got.AdminMailRecipients) != 1 || got.UserMailInsert != "Enrol in Intune." {
+		t.Fatalf("settings after a partial enforce: %+v %v", got, err)
 	}
 	// Quick sync: only what is new since a time.
 	cut := time.Now()

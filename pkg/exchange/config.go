@@ -17,12 +17,12 @@ import (
 // Config is how easguard reaches Exchange. Embed it as a named field
 // (Exchange Config) so its variables are EASGUARD_EXCHANGE_*.
 type Config struct {
-	Server             string        `split_words:"true" required:"true" desc:"FQDN of the Client Access server easguard connects to first (the primary), e.g. ex01.contoso.com."`
+	Server             string        `split_words:"true" desc:"Required. FQDN of the Client Access server easguard connects to first (the primary), e.g. ex01.contoso.com."`
 	Port               int           `split_words:"true" desc:"WinRM port; 0 means 5986 with HTTPS and 5985 without."`
 	HTTPS              bool          `split_words:"true" default:"true" desc:"Use WinRM over HTTPS (port 5986). Turn off only on a trusted network: Basic and NTLM are not encrypted over HTTP."`
 	Auth               string        `split_words:"true" default:"ntlm" desc:"WinRM authentication: ntlm (a domain account) or basic (a local account)."`
-	User               string        `split_words:"true" required:"true" desc:"Service account, e.g. CONTOSO\\svc-easguard; it also opens the Exchange session."`
-	Password           config.Secret `split_words:"true" required:"true" secret:"true" desc:"Service account password."`
+	User               string        `split_words:"true" desc:"Required. Service account, e.g. CONTOSO\\svc-easguard; it also opens the Exchange session."`
+	Password           config.Secret `split_words:"true" secret:"true" desc:"Required. Service account password."`
 	InsecureSkipVerify bool          `split_words:"true" desc:"Do not verify the server certificate. Never in production; set EASGUARD_EXCHANGE_CA_BUNDLE instead."`
 	CABundle           string        `split_words:"true" desc:"PEM file of the CAs that issued the Exchange servers' certificates (default: the system's)."`
 	Proxy              string        `split_words:"true" default:"environment" desc:"HTTP proxy: environment (HTTPS_PROXY/NO_PROXY), none, or a URL."`
@@ -51,7 +51,16 @@ type options struct {
 
 // Validate checks the settings.
 func (c *Config) Validate() error {
-	if c.Server == "" || strings.ContainsAny(c.Server, "/: ") {
+	if c.Server == "" {
+		return config.Invalid(&c.Server, "is required: the FQDN of a Client Access server")
+	}
+	if c.User == "" {
+		return config.Invalid(&c.User, "is required: the service account easguard connects as")
+	}
+	if c.Password == "" {
+		return config.Invalid(&c.Password, "is required (or set it through a file named by the variable with _FILE appended)")
+	}
+	if strings.ContainsAny(c.Server, "/: ") {
 		return config.Invalid(&c.Server, "%q is not a host name (give the FQDN only, no scheme or port)", c.Server)
 	}
 	if c.Port < 0 || c.Port > 65535 {

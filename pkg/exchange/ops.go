@@ -288,9 +288,13 @@ func (c *Client) GetOrgSettings(ctx context.Context) (OrgSettings, error) {
 }
 
 // EnforceOrgSettings makes the organisation settings what want says and
-// returns the names of the settings it changed (none when they already
-// were). Admin recipients are compared case-insensitively as addresses.
-func (c *Client) EnforceOrgSettings(ctx context.Context, want OrgSettings) ([]string, error) {
+// returns the names of the settings that differed (none when they already
+// agreed). An empty field of want is left as Exchange has it, so that an
+// administrator's own recipients or mail insert are never wiped by a
+// setting easguard was not given. Admin recipients are compared
+// case-insensitively as addresses. With apply false nothing is changed:
+// the names say what would be (a dry run).
+func (c *Client) EnforceOrgSettings(ctx context.Context, want OrgSettings, apply bool) ([]string, error) {
 	have, err := c.GetOrgSettings(ctx)
 	if err != nil {
 		return nil, err
@@ -301,27 +305,29 @@ func (c *Client) EnforceOrgSettings(ctx context.Context, want OrgSettings) ([]st
 		params["DefaultAccessLevel"] = want.DefaultAccessLevel
 		changed = append(changed, "DefaultAccessLevel")
 	}
-	var add, remove []string
-	for _, a := range want.AdminMailRecipients {
-		if !containsFold(have.AdminMailRecipients, a) {
-			add = append(add, a)
+	if len(want.AdminMailRecipients) > 0 {
+		var add, remove []string
+		for _, a := range want.AdminMailRecipients {
+			if !containsFold(have.AdminMailRecipients, a) {
+				add = append(add, a)
+			}
+		}
+		for _, a := range have.AdminMailRecipients {
+			if !containsFold(want.AdminMailRecipients, a) {
+				remove = append(remove, a)
+			}
+		}
+		if len(add)+len(remove) > 0 {
+			params["AdminMailRecipients"] = MultiValued{Add: add, Remove: remove}
+			changed = append(changed, "AdminMailRecipients")
 		}
 	}
-	for _, a := range have.AdminMailRecipients {
-		if !containsFold(want.AdminMailRecipients, a) {
-			remove = append(remove, a)
-		}
-	}
-	if len(add)+len(remove) > 0 {
-		params["AdminMailRecipients"] = MultiValued{Add: add, Remove: remove}
-		changed = append(changed, "AdminMailRecipients")
-	}
-	if want.UserMailInsert != have.UserMailInsert {
+	if want.UserMailInsert != "" && want.UserMailInsert != have.UserMailInsert {
 		params["UserMailInsert"] = want.UserMailInsert
 		changed = append(changed, "UserMailInsert")
 	}
-	if len(changed) == 0 {
-		return nil, nil
+	if len(changed) == 0 || !apply {
+		return changed, nil
 	}
 	if _, _, err := c.Invoke(ctx, Call{Cmdlet: "Set-ActiveSyncOrganizationSettings", Params: params}); err != nil {
 		return nil, err
@@ -640,4 +646,52 @@ func QuoteFilterValue(v string) (string, error) {
 		return "", fmt.Errorf("%w: filter value %q holds a typographic single quote", ErrInvalid, v)
 	}
 	return "'" + strings.ReplaceAll(v, "'", "''") + "'", nil
+}
+
+// Recipient is a mailbox as Get-Recipient reports it: the addresses the
+// MDM knows its user by.
+type Recipient struct {
+	// Identity is the canonical name (contoso.com/Users/Alice), the form
+	// Get-MobileDevice names a partnership's mailbox with.
+	Identity           string
+	GUID               string
+	PrimarySmtpAddress string
+	// UserPrincipalName may be empty: whether on-premises Get-Recipient
+	// returns it is unconfirmed; callers fall back to PrimarySmtpAddress.
+	UserPrincipalName string
+	DisplayName       string
+}
+
+var recipientProps = []string{"Identity", "Guid", "PrimarySmtpAddress", "UserPrincipalName", "DisplayName"}
+
+func toRecipient(o Object) Recipient {
+	return Recipient{Identity: str(o, "Identity"), GUID: str(o, "Guid"), PrimarySmtpAddress: str(o, "PrimarySmtpAddress"),
+		UserPrincipalName: str(o, "UserPrincipalName"), DisplayName: str(o, "DisplayName")}
+}
+
+// ListRecipients streams the recipients that have ActiveSync partnerships.
+func (c *Client) ListRecipients(ctx context.Context, fn func([]Recipient) error) error {
+	return c.stream(ctx, Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited", "Filter": "HasActiveSyncDevicePartnership -eq $true"}, Select: recipientProps},
+		func(objs []Object) error {
+			page := make([]Recipient, 0, len(objs))
+			for _, o := range objs {
+				page = append(page, toRecipient(o))
+			}
+			return fn(page)
+		})
+}
+
+// GetRecipient reads one recipient.
+func (c *Client) GetRecipient(ctx context.Context, identity string) (Recipient, error) {
+	if err := checkIdentity(identity); err != nil {
+		return Recipient{}, err
+	}
+	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-Recipient", Params: Params{"Identity": identity}, Select: recipientProps})
+	if err != nil {
+		return Recipient{}, err
+	}
+	if len(objs) != 1 {
+		return Recipient{}, fmt.Errorf("Get-Recipient %q: %w: %d objects", identity, ErrTransient, len(objs))
+	}
+	return toRecipient(objs[0]), nil
 }

@@ -24,13 +24,20 @@ type Server struct {
 	mu      sync.RWMutex
 	checks  map[string]Check
 	metrics http.Handler
+	mux     *http.ServeMux
 }
 
 // New returns a server that serves metrics with the given handler (nil:
 // no /metrics).
 func New(metrics http.Handler) *Server {
-	return &Server{checks: map[string]Check{}, metrics: metrics}
+	s := &Server{checks: map[string]Check{}, metrics: metrics, mux: http.NewServeMux()}
+	s.routes()
+	return s
 }
+
+// Handle adds an endpoint next to the health endpoints (a worker's status
+// page, an operator action); it may be called after Listen.
+func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
 
 // AddReadiness registers a readiness check under a name shown by /readyz.
 func (s *Server) AddReadiness(name string, c Check) {
@@ -61,9 +68,12 @@ func (s *Server) Ready() error {
 	return errors.Join(errs...)
 }
 
-// Handler returns the mux with /healthz, /readyz and /metrics.
-func (s *Server) Handler() http.Handler {
-	mux := http.NewServeMux()
+// Handler returns the mux with /healthz, /readyz, /metrics and whatever
+// was added with Handle.
+func (s *Server) Handler() http.Handler { return s.mux }
+
+func (s *Server) routes() {
+	mux := s.mux
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")
@@ -83,7 +93,6 @@ func (s *Server) Handler() http.Handler {
 	if s.metrics != nil {
 		mux.Handle("GET /metrics", s.metrics)
 	}
-	return mux
 }
 
 // Listen binds addr at once, so a port clash stops the worker at start,

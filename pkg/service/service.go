@@ -17,6 +17,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/config"
@@ -36,6 +37,9 @@ type Options struct {
 	Embedded *natsembed.Options
 	// LogOutput receives the JSON logs; nil means stderr.
 	LogOutput io.Writer
+	// SpanProcessor, when set, also receives every span (tests record
+	// them to check that a device's journey is one trace).
+	SpanProcessor sdktrace.SpanProcessor
 }
 
 // Service is a started process: connected, provisioned, serving health.
@@ -52,6 +56,7 @@ type Service struct {
 	opts     Options
 	topology bus.Topology
 	serve    func(ctx context.Context) error
+	pub      *bus.Publisher
 
 	mu    sync.Mutex
 	tasks []task
@@ -92,6 +97,9 @@ func Start(ctx context.Context, o Options) (_ *Service, err error) {
 		return nil, err
 	}
 	undo = append(undo, func() { _ = s.Tel.Shutdown(context.Background()) })
+	if o.SpanProcessor != nil {
+		s.Tel.TracerProvider.RegisterSpanProcessor(o.SpanProcessor)
+	}
 
 	if o.Common.NatsURL == "" && o.Embedded != nil {
 		eo := *o.Embedded
@@ -136,6 +144,10 @@ func Start(ctx context.Context, o Options) (_ *Service, err error) {
 		return nil, err
 	}
 
+	s.pub, err = bus.NewPublisher(s.JS, s.instrumentation())
+	if err != nil {
+		return nil, err
+	}
 	s.Health = health.New(s.Tel.MetricsHandler())
 	s.Health.AddReadiness("nats", func() error {
 		if !s.NC.IsConnected() {
@@ -155,17 +167,32 @@ func Start(ctx context.Context, o Options) (_ *Service, err error) {
 // Topology returns the topology the service provisioned.
 func (s *Service) Topology() bus.Topology { return s.topology }
 
+func (s *Service) instrumentation() bus.Instrumentation {
+	return bus.Instrumentation{TracerProvider: s.Tel.TracerProvider, MeterProvider: s.Tel.MeterProvider, Propagator: s.Tel.Propagator}
+}
+
 // RunnerConfig returns a runner configuration wired to this service's
 // logs, telemetry and topology.
 func (s *Service) RunnerConfig(service string, org bus.Org) bus.RunnerConfig {
 	return bus.RunnerConfig{
 		Service: service, Org: org, Topology: s.topology,
-		DrainTimeout: s.opts.Common.ShutdownTimeout,
-		Logger:       s.Log,
-		Instrumentation: bus.Instrumentation{
-			TracerProvider: s.Tel.TracerProvider, MeterProvider: s.Tel.MeterProvider, Propagator: s.Tel.Propagator,
-		},
+		DrainTimeout:    s.opts.Common.ShutdownTimeout,
+		Logger:          s.Log,
+		Instrumentation: s.instrumentation(),
 	}
+}
+
+// Publisher returns a publisher for events produced outside a handler
+// (a schedule, an MDM source, a status action).
+func (s *Service) Publisher() *bus.Publisher { return s.pub }
+
+// InstanceID names this replica in leases.
+func (s *Service) InstanceID() string {
+	if s.opts.Common.InstanceID != "" {
+		return s.opts.Common.InstanceID
+	}
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s-%d", host, os.Getpid())
 }
 
 // AddRunner builds a runner, registers its readiness and schedules it.

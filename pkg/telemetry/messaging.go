@@ -27,6 +27,8 @@ type PublishSpan struct {
 	Template string
 	MsgID    string
 	Size     int
+	// Links are contexts the message also follows from.
+	Links []trace.Link
 }
 
 // StartPublish starts a producer span named "send <template>". Its context
@@ -34,6 +36,7 @@ type PublishSpan struct {
 func StartPublish(ctx context.Context, tr trace.Tracer, p PublishSpan) (context.Context, trace.Span) {
 	return tr.Start(ctx, "send "+p.Template,
 		trace.WithSpanKind(trace.SpanKindProducer),
+		trace.WithLinks(p.Links...),
 		trace.WithAttributes(
 			SystemNATS,
 			semconv.MessagingOperationTypeSend,

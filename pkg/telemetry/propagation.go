@@ -5,6 +5,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // HeaderCarrier adapts NATS headers to OpenTelemetry propagation. It keeps
@@ -41,4 +42,21 @@ func Extract(ctx context.Context, p propagation.TextMapPropagator, h nats.Header
 		return ctx
 	}
 	return p.Extract(ctx, HeaderCarrier(h))
+}
+
+// Traceparent returns the W3C traceparent of ctx's span, or "", for
+// storing a trace to join later.
+func Traceparent(ctx context.Context) string {
+	c := propagation.MapCarrier{}
+	propagation.TraceContext{}.Inject(ctx, c)
+	return c["traceparent"]
+}
+
+// ParseTraceparent turns a stored traceparent back into a span context
+// (invalid when tp is empty or malformed).
+func ParseTraceparent(tp string) trace.SpanContext {
+	if tp == "" {
+		return trace.SpanContext{}
+	}
+	return trace.SpanContextFromContext(propagation.TraceContext{}.Extract(context.Background(), propagation.MapCarrier{"traceparent": tp}))
 }

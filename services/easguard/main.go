@@ -23,26 +23,48 @@ import (
 	"syscall"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/evaluator"
+	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/executor"
+	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed"
+	"github.com/easguard/easguard/pkg/pipeline"
 	"github.com/easguard/easguard/pkg/service"
 )
 
-// version is set at build time with -ldflags "-X main.version=…".
-var version = "dev"
-
 // Config is the all-in-one binary's configuration: the settings every
-// worker shares plus those of the embedded NATS server.
+// worker shares, those of the embedded NATS server, and each worker's.
 type Config struct {
 	config.Common
-	DataDir           string `split_words:"true" default:"./data" desc:"Directory of the embedded NATS server's JetStream store; it survives restarts. Unused with EASGUARD_NATS_URL."`
-	NatsListen        string `split_words:"true" desc:"Also accept NATS clients (the nats CLI, separate worker processes) on this host:port; embedded server only. Empty: in-process only."`
-	NatsMonitorListen string `split_words:"true" desc:"Serve the embedded NATS server's monitoring endpoints (/varz, /jsz) on this host:port. Empty: off."`
+	DataDir           string   `split_words:"true" default:"./data" desc:"Directory of the embedded NATS server's JetStream store; it survives restarts. Unused with EASGUARD_NATS_URL."`
+	NatsListen        string   `split_words:"true" desc:"Also accept NATS clients (the nats CLI, separate worker processes) on this host:port; embedded server only. Empty: in-process only."`
+	NatsMonitorListen string   `split_words:"true" desc:"Serve the embedded NATS server's monitoring endpoints (/varz, /jsz) on this host:port. Empty: off."`
+	Workers           []string `split_words:"true" default:"collector,matcher,evaluator,executor,mailer,mdm" desc:"Comma-separated workers this process runs: collector, matcher, evaluator, executor, mailer, mdm; none for the platform only."`
+	Exchange          exchange.Config
+	Collector         collector.Config
+	Evaluator         evaluator.Config
+	Executor          executor.Config
+	Mailer            mailer.Config
+	MDM               pipeline.MDMConfig
 }
 
-// Validate checks the shared settings, then the embedded server's.
+func (c *Config) sections() pipeline.Sections {
+	return pipeline.Sections{Exchange: &c.Exchange, Collector: &c.Collector, Evaluator: &c.Evaluator, Executor: &c.Executor, Mailer: &c.Mailer, MDM: &c.MDM}
+}
+
+// Validate checks the shared settings, the embedded server's, and those of
+// every worker that will run.
 func (c *Config) Validate() error {
 	if err := c.Common.Validate(); err != nil {
+		return err
+	}
+	workers, err := pipeline.ParseWorkers(c.Workers)
+	if err != nil {
+		return config.Invalid(&c.Workers, "%v", err)
+	}
+	if err := pipeline.Validate(workers, c.sections()); err != nil {
 		return err
 	}
 	for _, a := range []*string{&c.NatsListen, &c.NatsMonitorListen} {
@@ -122,7 +144,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	case "version", "--version":
-		fmt.Fprintln(stdout, "easguard", version)
+		fmt.Fprintln(stdout, "easguard", service.Version)
 		return 0
 	case "run":
 	default:
@@ -144,10 +166,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// serve starts the platform for the configured org and runs until ctx ends.
+// serve starts the platform and the configured workers for the org and
+// runs until ctx ends.
 func serve(ctx context.Context, cfg Config, logs io.Writer) error {
 	svc, err := service.Start(ctx, service.Options{
-		Name: "easguard", Version: version, Common: cfg.Common, LogOutput: logs,
+		Name: "easguard", Version: service.Version, Common: cfg.Common, LogOutput: logs,
 		Embedded: &natsembed.Options{
 			StoreDir: filepath.Join(cfg.DataDir, "nats"), Listen: cfg.NatsListen, MonitorListen: cfg.NatsMonitorListen,
 		},
@@ -160,8 +183,12 @@ func serve(ctx context.Context, cfg Config, logs io.Writer) error {
 	if _, err := svc.AddRunner(svc.RunnerConfig("deadletter", ""), bus.DeadLetterMover()); err != nil {
 		return errors.Join(err, svc.Run(cancelled()))
 	}
-	svc.Log.Info("easguard started; the pipeline workers (collector, matcher, evaluator, executor, mailer) are not part of this build yet",
-		"version", version, "health", "http://"+svc.HTTPAddr+"/readyz", "metrics", "http://"+svc.HTTPAddr+"/metrics")
+	workers, _ := pipeline.ParseWorkers(cfg.Workers)
+	if err := pipeline.Start(ctx, svc, cfg.OrgName(), workers, cfg.sections()); err != nil {
+		return errors.Join(err, svc.Run(cancelled()))
+	}
+	svc.Log.Info("easguard started", "version", service.Version, "workers", workers,
+		"health", "http://"+svc.HTTPAddr+"/readyz", "status", "http://"+svc.HTTPAddr+"/status")
 	return svc.Run(ctx)
 }
 

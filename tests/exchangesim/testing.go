@@ -1,6 +1,7 @@
 package exchangesim
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -57,4 +58,34 @@ func (s *Sim) ExchangeConfig(tb testing.TB) exchange.Config {
 		cfg.CABundle = ca
 	}
 	return cfg
+}
+
+// Env returns the EASGUARD_EXCHANGE_* settings that reach this simulator,
+// as NAME=value lines, for a separate easguard process: the primary CAS,
+// name-resolution overrides for every CAS (the FQDNs do not resolve; the
+// endpoints listen on loopback ports), and the account. caFile is the PEM
+// file of CertPEM, needed over HTTPS.
+func (s *Sim) Env(user, password, caFile string) []string {
+	var resolve []string
+	for _, e := range s.Endpoints() {
+		resolve = append(resolve, e.FQDN+"="+e.Addr())
+	}
+	https := strings.HasPrefix(s.Endpoints()[0].URL(), "https")
+	port := "5985"
+	if https {
+		port = "5986"
+	}
+	lines := []string{
+		"EASGUARD_EXCHANGE_SERVER=" + s.Endpoints()[0].FQDN,
+		"EASGUARD_EXCHANGE_PORT=" + port,
+		fmt.Sprintf("EASGUARD_EXCHANGE_HTTPS=%v", https),
+		"EASGUARD_EXCHANGE_RESOLVE=" + strings.Join(resolve, ","),
+		"EASGUARD_EXCHANGE_USER=" + user,
+		"EASGUARD_EXCHANGE_PASSWORD=" + password,
+		"EASGUARD_EXCHANGE_PROXY=none",
+	}
+	if caFile != "" {
+		lines = append(lines, "EASGUARD_EXCHANGE_CA_BUNDLE="+caFile)
+	}
+	return lines
 }

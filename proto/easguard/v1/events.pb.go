@@ -1448,8 +1448,11 @@ type MDMDeviceChanged struct {
 	// previous_eas_device_id is set when the device's EAS id changed, so the
 	// matcher can re-match partnerships that lost their MDM record.
 	PreviousEasDeviceId string `protobuf:"bytes,5,opt,name=previous_eas_device_id,json=previousEasDeviceId,proto3" json:"previous_eas_device_id,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// removed is set when the record is gone from the MDM (deleted, not just
+	// retired); the matcher forgets it.
+	Removed       bool `protobuf:"varint,6,opt,name=removed,proto3" json:"removed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *MDMDeviceChanged) Reset() {
@@ -1515,6 +1518,13 @@ func (x *MDMDeviceChanged) GetPreviousEasDeviceId() string {
 		return x.PreviousEasDeviceId
 	}
 	return ""
+}
+
+func (x *MDMDeviceChanged) GetRemoved() bool {
+	if x != nil {
+		return x.Removed
+	}
+	return false
 }
 
 // DeviceMatched is the matcher's verdict for one partnership.
@@ -1646,7 +1656,10 @@ type AccessDecided struct {
 	NoMatchReason NoMatchReason          `protobuf:"varint,13,opt,name=no_match_reason,json=noMatchReason,proto3,enum=easguard.v1.NoMatchReason" json:"no_match_reason,omitempty"`
 	DecidedAt     *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=decided_at,json=decidedAt,proto3" json:"decided_at,omitempty"`
 	// sync_id links decisions of one collector pass, for the blast-radius guard.
-	SyncId        string `protobuf:"bytes,15,opt,name=sync_id,json=syncId,proto3" json:"sync_id,omitempty"`
+	SyncId string `protobuf:"bytes,15,opt,name=sync_id,json=syncId,proto3" json:"sync_id,omitempty"`
+	// notify_reason picks the mail the user gets (not_enrolled, noncompliant,
+	// retired, platform_not_allowed); empty when notify_user is false.
+	NotifyReason  string `protobuf:"bytes,16,opt,name=notify_reason,json=notifyReason,proto3" json:"notify_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1782,6 +1795,13 @@ func (x *AccessDecided) GetDecidedAt() *timestamppb.Timestamp {
 func (x *AccessDecided) GetSyncId() string {
 	if x != nil {
 		return x.SyncId
+	}
+	return ""
+}
+
+func (x *AccessDecided) GetNotifyReason() string {
+	if x != nil {
+		return x.NotifyReason
 	}
 	return ""
 }
@@ -2706,14 +2726,15 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\fmanufacturer\x18\x0e \x01(\tR\fmanufacturer\x12#\n" +
 	"\remail_address\x18\x0f \x01(\tR\femailAddress\x12+\n" +
 	"\x12azure_ad_device_id\x18\x10 \x01(\tR\x0fazureAdDeviceId\x12#\n" +
-	"\reas_activated\x18\x11 \x01(\bR\feasActivated\"\xe3\x01\n" +
+	"\reas_activated\x18\x11 \x01(\bR\feasActivated\"\xfd\x01\n" +
 	"\x10MDMDeviceChanged\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\x12.\n" +
 	"\x06device\x18\x02 \x01(\v2\x16.easguard.v1.MDMDeviceR\x06device\x12;\n" +
 	"\vobserved_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"observedAt\x12\x1b\n" +
 	"\tchange_id\x18\x04 \x01(\tR\bchangeId\x123\n" +
-	"\x16previous_eas_device_id\x18\x05 \x01(\tR\x13previousEasDeviceId\"\xef\x02\n" +
+	"\x16previous_eas_device_id\x18\x05 \x01(\tR\x13previousEasDeviceId\x12\x18\n" +
+	"\aremoved\x18\x06 \x01(\bR\aremoved\"\xef\x02\n" +
 	"\rDeviceMatched\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\x12?\n" +
 	"\bobserved\x18\x02 \x01(\v2#.easguard.v1.EASPartnershipObservedR\bobserved\x12(\n" +
@@ -2723,7 +2744,7 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\x06detail\x18\x06 \x01(\tR\x06detail\x129\n" +
 	"\n" +
 	"matched_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tmatchedAt\x12\x18\n" +
-	"\atrigger\x18\b \x01(\tR\atrigger\"\x9c\x05\n" +
+	"\atrigger\x18\b \x01(\tR\atrigger\"\xc1\x05\n" +
 	"\rAccessDecided\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\x12\x1f\n" +
 	"\vdecision_id\x18\x02 \x01(\tR\n" +
@@ -2743,7 +2764,8 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\x0fno_match_reason\x18\r \x01(\x0e2\x1a.easguard.v1.NoMatchReasonR\rnoMatchReason\x129\n" +
 	"\n" +
 	"decided_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\tdecidedAt\x12\x17\n" +
-	"\async_id\x18\x0f \x01(\tR\x06syncId\"[\n" +
+	"\async_id\x18\x0f \x01(\tR\x06syncId\x12#\n" +
+	"\rnotify_reason\x18\x10 \x01(\tR\fnotifyReason\"[\n" +
 	"\x0fCmdletParameter\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06values\x18\x02 \x03(\tR\x06values\x12\x1c\n" +

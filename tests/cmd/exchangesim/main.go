@@ -124,7 +124,7 @@ func run(args []string) int {
 		out.CACert = *certOut
 	}
 	if *envOut != "" {
-		if err := writeEnv(*envOut, s, *user, password, *https, out.CACert); err != nil {
+		if err := writeEnv(*envOut, s, *user, password, out.CACert); err != nil {
 			fmt.Fprintln(os.Stderr, "exchangesim: -env-out:", err)
 			return 1
 		}
@@ -138,29 +138,8 @@ func run(args []string) int {
 	return 0
 }
 
-// writeEnv writes the settings easguard needs to reach this simulator: the
-// primary CAS, name-resolution overrides for every CAS (the FQDNs do not
-// resolve; the endpoints listen on loopback ports), and the account.
-func writeEnv(path string, s *exchangesim.Sim, user, password string, https bool, caFile string) error {
-	var resolve []string
-	for _, e := range s.Endpoints() {
-		resolve = append(resolve, e.FQDN+"="+e.Addr())
-	}
-	port := "5985"
-	if https {
-		port = "5986"
-	}
-	lines := []string{
-		"EASGUARD_EXCHANGE_SERVER=" + s.Endpoints()[0].FQDN,
-		"EASGUARD_EXCHANGE_PORT=" + port,
-		fmt.Sprintf("EASGUARD_EXCHANGE_HTTPS=%v", https),
-		"EASGUARD_EXCHANGE_RESOLVE=" + strings.Join(resolve, ","),
-		"EASGUARD_EXCHANGE_USER=" + user,
-		"EASGUARD_EXCHANGE_PASSWORD=" + password,
-		"EASGUARD_EXCHANGE_PROXY=none",
-	}
-	if caFile != "" {
-		lines = append(lines, "EASGUARD_EXCHANGE_CA_BUNDLE="+caFile)
-	}
+// writeEnv writes the settings easguard needs to reach this simulator.
+func writeEnv(path string, s *exchangesim.Sim, user, password string, caFile string) error {
+	lines := s.Env(user, password, caFile)
 	return os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o600)
 }

@@ -1,0 +1,490 @@
+// Package collector finds the ActiveSync partnerships of one Exchange
+// organisation and reports each as an eas.observed event. Quick syncs
+// read what is new since the last one (every few minutes); full syncs read
+// every partnership, notice the ones that disappeared, and enforce the
+// organisation settings easguard owns (daily). Manual syncs come as
+// sync.requested commands. One collector per org is active at a time: it
+// holds the org's collector lease, and replicas stand by.
+package collector
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/exchange"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+)
+
+// Config configures the collector.
+type Config struct {
+	QuickInterval       time.Duration `split_words:"true" default:"5m" desc:"How often the collector reads partnerships that are new since its last sync."`
+	FullInterval        time.Duration `split_words:"true" default:"24h" desc:"How often the collector reads every partnership and enforces the organisation settings."`
+	QuickOverlap        time.Duration `split_words:"true" default:"2m" desc:"A quick sync reads back this far before the previous one started, to cover clock differences."`
+	EnforceSettings     bool          `split_words:"true" default:"true" desc:"On full sync, make the organisation's ActiveSync settings what easguard needs (EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL and the two below)."`
+	DefaultAccessLevel  string        `split_words:"true" default:"Quarantine" desc:"DefaultAccessLevel easguard enforces: Quarantine holds a new device until easguard has judged it."`
+	AdminMailRecipients []string      `split_words:"true" desc:"Comma-separated AdminMailRecipients easguard enforces (Exchange's quarantine notices to administrators). Empty: left as Exchange has it."`
+	UserMailInsert      string        `split_words:"true" desc:"UserMailInsert easguard enforces (the footer of Exchange's own quarantine mail), at most 256 characters. Empty: left as Exchange has it."`
+}
+
+// Validate checks the settings.
+func (c *Config) Validate() error {
+	if c.QuickInterval < time.Second {
+		return config.Invalid(&c.QuickInterval, "must be at least 1s, got %s", c.QuickInterval)
+	}
+	if c.FullInterval < c.QuickInterval {
+		return config.Invalid(&c.FullInterval, "must not be shorter than the quick interval")
+	}
+	switch c.DefaultAccessLevel {
+	case "Allow", "Block", "Quarantine":
+	default:
+		return config.Invalid(&c.DefaultAccessLevel, "use Allow, Block or Quarantine, not %q", c.DefaultAccessLevel)
+	}
+	if len([]rune(c.UserMailInsert)) > 256 {
+		return config.Invalid(&c.UserMailInsert, "Exchange allows at most 256 characters")
+	}
+	return nil
+}
+
+// Exchange is what the collector needs of Exchange (exchange.Client does it).
+type Exchange interface {
+	ListPartnerships(ctx context.Context, opt exchange.ListOptions, fn func([]exchange.Partnership) error) error
+	ListRecipients(ctx context.Context, fn func([]exchange.Recipient) error) error
+	GetRecipient(ctx context.Context, identity string) (exchange.Recipient, error)
+	EnforceOrgSettings(ctx context.Context, want exchange.OrgSettings, apply bool) ([]string, error)
+}
+
+// Collector is the collector worker of one organisation.
+type Collector struct {
+	org    bus.Org
+	cfg    Config
+	ex     Exchange
+	server func() string
+	log    *slog.Logger
+	now    func() time.Time
+
+	known, status jetstream.KeyValue
+	pub           *bus.Publisher
+
+	mu         sync.Mutex // one sync at a time
+	recipients map[string]exchange.Recipient
+}
+
+// New opens the collector's state.
+func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, ex Exchange, pub *bus.Publisher, server func() string, log *slog.Logger) (*Collector, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	if server == nil {
+		server = func() string { return "" }
+	}
+	c := &Collector{org: org, cfg: cfg, ex: ex, pub: pub, server: server, log: log.With("worker", "collector"), now: time.Now, recipients: map[string]exchange.Recipient{}}
+	var err error
+	if c.known, err = js.KeyValue(ctx, bus.BucketCollector); err != nil {
+		return nil, fmt.Errorf("collector: open %s: %w", bus.BucketCollector, err)
+	}
+	if c.status, err = js.KeyValue(ctx, bus.BucketStatus); err != nil {
+		return nil, fmt.Errorf("collector: open %s: %w", bus.BucketStatus, err)
+	}
+	return c, nil
+}
+
+// Route returns the handler of manual sync commands; the caller binds it
+// only while this replica holds the lease.
+func (c *Collector) Route() bus.Route {
+	return bus.Handle("sync-requested", bus.SyncRequested, func(ctx context.Context, in *ev.SyncRequested) ([]bus.Outbound, error) {
+		done, err := c.Sync(ctx, in.GetKind(), in.GetSyncId(), in.GetRequestedBy())
+		if err != nil && done == nil {
+			return nil, err
+		}
+		return nil, nil
+	})
+}
+
+// SyncStatus is what the status bucket records about a sync pass.
+type SyncStatus struct {
+	SyncID      string           `json:"sync_id"`
+	Kind        string           `json:"kind"`
+	RequestedBy string           `json:"requested_by"`
+	StartedAt   time.Time        `json:"started_at"`
+	FinishedAt  time.Time        `json:"finished_at"`
+	Success     bool             `json:"success"`
+	Counts      map[string]int64 `json:"counts"`
+	Errors      []string         `json:"errors,omitempty"`
+	Settings    []string         `json:"settings_enforced,omitempty"`
+	// SettingsNote says why settings were not enforced (a dry run, no
+	// policy known yet) and what a dry run would have changed.
+	SettingsNote string            `json:"settings_note,omitempty"`
+	Server       string            `json:"cas_server,omitempty"`
+	Extra        map[string]string `json:"extra,omitempty"`
+}
+
+func kindName(k ev.SyncKind) string {
+	if k == ev.SyncKind_SYNC_KIND_FULL {
+		return "full"
+	}
+	return "quick"
+}
+
+// Schedule runs syncs on their intervals until ctx ends: a full sync when
+// the last successful one is older than FullInterval (so a new leader does
+// not wait a day), quick syncs in between. After any sync, failed or not,
+// the next waits a quick interval, so a broken Exchange is not hammered.
+func (c *Collector) Schedule(ctx context.Context) error {
+	for {
+		next := c.cfg.QuickInterval
+		lastFull, okFull := c.lastSuccess(ctx, "full")
+		lastQuick, okQuick := c.lastSuccess(ctx, "quick")
+		switch {
+		case !okFull || c.now().Sub(lastFull.StartedAt) >= c.cfg.FullInterval:
+			if _, err := c.Sync(ctx, ev.SyncKind_SYNC_KIND_FULL, "", "schedule"); err != nil && ctx.Err() == nil {
+				c.log.Error("full sync failed", "error", err)
+			}
+		case !okQuick || c.now().Sub(lastQuick.StartedAt) >= c.cfg.QuickInterval:
+			if _, err := c.Sync(ctx, ev.SyncKind_SYNC_KIND_QUICK, "", "schedule"); err != nil && ctx.Err() == nil {
+				c.log.Error("quick sync failed", "error", err)
+			}
+		default:
+			next = c.cfg.QuickInterval - c.now().Sub(lastQuick.StartedAt)
+		}
+		t := time.NewTimer(next)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// policyWait is how long a full sync waits for the evaluator to say
+// whether the policy is a dry run.
+const policyWait = 20 * time.Second
+
+// policyDryRun reports whether the org's policy is a dry run, as the
+// evaluator recorded it; known is false when none has yet.
+func (c *Collector) policyDryRun(ctx context.Context) (dry, known bool) {
+	deadline := c.now().Add(policyWait)
+	for {
+		e, err := c.status.Get(ctx, string(c.org)+".policy")
+		if err == nil {
+			var st struct {
+				DryRun *bool `json:"dry_run"`
+			}
+			if json.Unmarshal(e.Value(), &st) == nil && st.DryRun != nil {
+				return *st.DryRun, true
+			}
+		}
+		if c.now().After(deadline) {
+			return false, false
+		}
+		select {
+		case <-ctx.Done():
+			return false, false
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func (c *Collector) lastSuccess(ctx context.Context, kind string) (SyncStatus, bool) {
+	var st SyncStatus
+	e, err := c.status.Get(ctx, string(c.org)+".sync."+kind+".ok")
+	if err != nil || json.Unmarshal(e.Value(), &st) != nil {
+		return st, false
+	}
+	return st, true
+}
+
+// fingerprint covers what the rest of easguard reacts to, so an unchanged
+// partnership is reported as unchanged.
+func fingerprint(p *ev.EASPartnership) string {
+	mb := p.GetMailbox()
+	sum := sha256.Sum256([]byte(strings.Join([]string{p.GetDeviceId(), p.GetDeviceType(), p.GetDeviceModel(), p.GetDeviceOs(), p.GetDeviceUserAgent(),
+		p.GetFriendlyName(), p.GetDeviceAccessState().String(), p.GetDeviceAccessStateReason().String(), p.GetDeviceAccessControlRule(),
+		mb.GetIdentity(), mb.GetGuid(), mb.GetPrimarySmtpAddress(), mb.GetUserPrincipalName()}, "\x00")))
+	return hex.EncodeToString(sum[:16])
+}
+
+var stateNames = map[string]ev.DeviceAccessState{
+	"Unknown": ev.DeviceAccessState_DEVICE_ACCESS_STATE_UNKNOWN, "Allowed": ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED,
+	"Blocked": ev.DeviceAccessState_DEVICE_ACCESS_STATE_BLOCKED, "Quarantined": ev.DeviceAccessState_DEVICE_ACCESS_STATE_QUARANTINED,
+	"DeviceDiscovery": ev.DeviceAccessState_DEVICE_ACCESS_STATE_DEVICE_DISCOVERY,
+}
+
+var reasonNames = map[string]ev.DeviceAccessStateReason{
+	"Unknown": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_UNKNOWN, "Global": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_GLOBAL,
+	"Individual": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_INDIVIDUAL, "DeviceRule": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_DEVICE_RULE,
+	"Upgrade": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_UPGRADE, "Policy": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_POLICY,
+	"UserAgentsChanges": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_USER_AGENTS_CHANGES, "RecentCommands": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_RECENT_COMMANDS,
+	"Watsons": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_WATSONS, "OutOfBudgets": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_OUT_OF_BUDGETS,
+	"SyncCommands": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_SYNC_COMMANDS, "EnableNotificationEmail": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_ENABLE_NOTIFICATION_EMAIL,
+	"CommandFrequency": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_COMMAND_FREQUENCY, "ExternallyManaged": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_EXTERNALLY_MANAGED,
+	"ExternalCompliance": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_EXTERNAL_COMPLIANCE, "ExternalEnrollment": ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_EXTERNAL_ENROLLMENT,
+}
+
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+func toEvent(p exchange.Partnership, r exchange.Recipient) *ev.EASPartnership {
+	identity := r.Identity
+	if identity == "" {
+		identity = p.Mailbox
+	}
+	return &ev.EASPartnership{
+		Mailbox:  &ev.Mailbox{Identity: identity, Guid: r.GUID, PrimarySmtpAddress: r.PrimarySmtpAddress, UserPrincipalName: r.UserPrincipalName, DisplayName: r.DisplayName},
+		DeviceId: p.DeviceID, DeviceType: p.DeviceType, DeviceModel: p.DeviceModel, DeviceOs: p.DeviceOS, DeviceUserAgent: p.UserAgent,
+		DeviceImei: p.IMEI, FriendlyName: p.FriendlyName, ClientType: p.ClientType, DeviceAccessState: stateNames[p.AccessState],
+		DeviceAccessStateReason: reasonNames[p.AccessReason], DeviceAccessControlRule: p.AccessRule, FirstSyncTime: ts(p.FirstSyncTime),
+		DeviceActiveSyncVersion: p.ActiveSyncVersion, Identity: p.Identity, Guid: strings.ToLower(p.GUID), WhenChanged: ts(p.WhenChanged),
+	}
+}
+
+// Sync runs one sync pass and reports it (sync.completed, and the status
+// bucket). An empty id gets one made from the kind and the start time.
+func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy string) (*ev.SyncCompleted, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	start := c.now()
+	if kind == ev.SyncKind_SYNC_KIND_UNSPECIFIED {
+		kind = ev.SyncKind_SYNC_KIND_QUICK
+	}
+	if id == "" {
+		id = fmt.Sprintf("%s-%d", kindName(kind), start.UnixNano())
+	}
+	st := SyncStatus{SyncID: id, Kind: kindName(kind), RequestedBy: requestedBy, StartedAt: start, Counts: map[string]int64{}}
+	counts := &ev.SyncCounts{}
+	var settings []string
+	err := func() error {
+		if kind == ev.SyncKind_SYNC_KIND_FULL && c.cfg.EnforceSettings {
+			dry, known := c.policyDryRun(ctx)
+			want := exchange.OrgSettings{DefaultAccessLevel: c.cfg.DefaultAccessLevel, AdminMailRecipients: c.cfg.AdminMailRecipients, UserMailInsert: c.cfg.UserMailInsert}
+			switch {
+			case !known:
+				st.SettingsNote = "organisation settings not enforced: no evaluator has published the policy yet, so a dry run cannot be ruled out"
+				c.log.Warn(st.SettingsNote)
+			default:
+				changed, err := c.ex.EnforceOrgSettings(ctx, want, !dry)
+				if err != nil {
+					return fmt.Errorf("enforce organisation settings: %w", err)
+				}
+				if dry {
+					if len(changed) > 0 {
+						st.SettingsNote = "dry run: would change " + strings.Join(changed, ", ")
+					}
+				} else {
+					settings = changed
+				}
+			}
+		}
+		seen := map[string]bool{}
+		opt := exchange.ListOptions{}
+		if kind == ev.SyncKind_SYNC_KIND_FULL {
+			c.recipients = map[string]exchange.Recipient{}
+			if err := c.ex.ListRecipients(ctx, func(rs []exchange.Recipient) error {
+				for _, r := range rs {
+					c.recipients[strings.ToLower(r.Identity)] = r
+				}
+				counts.Mailboxes += int64(len(rs))
+				return nil
+			}); err != nil {
+				return fmt.Errorf("list mailboxes: %w", err)
+			}
+		} else {
+			since := time.Time{}
+			if last, ok := c.lastSuccess(ctx, "quick"); ok {
+				since = last.StartedAt
+			}
+			if last, ok := c.lastSuccess(ctx, "full"); ok && last.StartedAt.After(since) {
+				since = last.StartedAt
+			}
+			if since.IsZero() {
+				since = start.Add(-c.cfg.FullInterval)
+			}
+			opt.NewSince = since.Add(-c.cfg.QuickOverlap)
+		}
+		if err := c.ex.ListPartnerships(ctx, opt, func(ps []exchange.Partnership) error {
+			for _, p := range ps {
+				if err := c.observe(ctx, kind, id, start, p, seen, counts); err != nil {
+					counts.Failed++
+					if errors.Is(err, context.Canceled) || bus.IsPublishFailure(err) {
+						return err
+					}
+					c.log.Warn("partnership not reported", "identity", p.Identity, "error", err)
+				}
+			}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("list partnerships: %w", err)
+		}
+		if kind == ev.SyncKind_SYNC_KIND_FULL {
+			if err := c.reportGone(ctx, id, start, seen, counts); err != nil {
+				return err
+			}
+		}
+		return nil
+	}()
+	st.FinishedAt = c.now()
+	st.Success = err == nil
+	st.Settings, st.Server = settings, c.server()
+	if err != nil {
+		st.Errors = []string{err.Error()}
+	}
+	st.Counts = map[string]int64{"observed": counts.Observed, "new": counts.New, "changed": counts.Changed, "unchanged": counts.Unchanged,
+		"gone": counts.Gone, "failed": counts.Failed, "mailboxes": counts.Mailboxes}
+	done := &ev.SyncCompleted{Org: string(c.org), SyncId: id, Kind: kind, RequestedBy: requestedBy, Counts: counts, Errors: st.Errors,
+		StartedAt: timestamppb.New(start), FinishedAt: timestamppb.New(st.FinishedAt), Success: st.Success, CasServer: st.Server, SettingsEnforced: settings}
+	subject, serr := bus.SyncCompleted.Subject(c.org, "")
+	if serr == nil {
+		if _, perr := c.pub.Publish(ctx, bus.Outbound{Subject: subject, Message: done, MsgID: "sync-completed:" + id}); perr != nil {
+			return nil, fmt.Errorf("report sync %s: %w", id, perr)
+		}
+	}
+	c.putStatus(ctx, "sync."+st.Kind+".last", st)
+	if st.Success {
+		c.putStatus(ctx, "sync."+st.Kind+".ok", st)
+	}
+	c.log.Info("sync finished", "sync_id", id, "kind", st.Kind, "success", st.Success, "observed", counts.Observed, "new", counts.New,
+		"changed", counts.Changed, "gone", counts.Gone, "duration", st.FinishedAt.Sub(start))
+	return done, err
+}
+
+func (c *Collector) putStatus(ctx context.Context, name string, v any) {
+	b, err := json.Marshal(v)
+	if err == nil {
+		_, err = c.status.Put(ctx, string(c.org)+"."+name, b)
+	}
+	if err != nil {
+		c.log.Warn("status not recorded", "name", name, "error", err)
+	}
+}
+
+// recipient finds the mailbox of a partnership, asking Exchange for the
+// ones not seen yet (quick sync).
+func (c *Collector) recipient(ctx context.Context, mailbox string) (exchange.Recipient, error) {
+	if r, ok := c.recipients[strings.ToLower(mailbox)]; ok {
+		return r, nil
+	}
+	r, err := c.ex.GetRecipient(ctx, mailbox)
+	if err != nil {
+		return exchange.Recipient{}, err
+	}
+	c.recipients[strings.ToLower(mailbox)] = r
+	return r, nil
+}
+
+// observe reports one partnership and remembers it.
+func (c *Collector) observe(ctx context.Context, kind ev.SyncKind, syncID string, at time.Time, p exchange.Partnership, seen map[string]bool, counts *ev.SyncCounts) error {
+	pid := strings.ToLower(p.GUID)
+	if pid == "" {
+		pid = p.Identity
+	}
+	// Seen even if reporting it fails below: it is on Exchange, and must
+	// not be reported gone.
+	seen[pid] = true
+	r, err := c.recipient(ctx, p.Mailbox)
+	if err != nil {
+		return fmt.Errorf("mailbox of %s: %w", p.Identity, err)
+	}
+	ep := toEvent(p, r)
+	key, err := bus.StateKey(c.org, pid)
+	if err != nil {
+		return err
+	}
+	fp := fingerprint(ep)
+	change := ev.ObservationChange_OBSERVATION_CHANGE_NEW
+	if _, err := bus.Modify(ctx, c.known, key, func(rec *ev.CollectorRecord, exists bool) (bus.Change, error) {
+		switch {
+		case !exists:
+			change = ev.ObservationChange_OBSERVATION_CHANGE_NEW
+		case rec.GetFingerprint() == fp:
+			change = ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED
+		default:
+			change = ev.ObservationChange_OBSERVATION_CHANGE_CHANGED
+		}
+		rec.Fingerprint, rec.DeviceId, rec.LastSeen, rec.LastSyncId, rec.Partnership = fp, ep.GetDeviceId(), timestamppb.New(c.now()), syncID, ep
+		return bus.Write, nil
+	}); err != nil {
+		return err
+	}
+	counts.Observed++
+	switch change {
+	case ev.ObservationChange_OBSERVATION_CHANGE_NEW:
+		counts.New++
+	case ev.ObservationChange_OBSERVATION_CHANGE_CHANGED:
+		counts.Changed++
+	default:
+		counts.Unchanged++
+	}
+	return c.publish(ctx, syncID, kind, at, ep, change)
+}
+
+// publish reports one partnership. at is when the sync began: what it
+// read from Exchange is at least that fresh, and never claimed fresher
+// (the evaluator tells drift from a decision in flight by it).
+func (c *Collector) publish(ctx context.Context, syncID string, kind ev.SyncKind, at time.Time, p *ev.EASPartnership, change ev.ObservationChange) error {
+	subject, err := bus.EASObserved.Subject(c.org, p.GetDeviceId())
+	if err != nil {
+		return err
+	}
+	pid := p.GetGuid()
+	if pid == "" {
+		pid = p.GetIdentity()
+	}
+	_, err = c.pub.Publish(ctx, bus.Outbound{Subject: subject, MsgID: "eas:" + syncID + ":" + pid, Message: &ev.EASPartnershipObserved{
+		Org: string(c.org), Partnership: p, Sync: &ev.SyncRef{SyncId: syncID, Kind: kind}, ObservedAt: timestamppb.New(at), Change: change,
+	}})
+	if err != nil {
+		return bus.MarkPublishFailure(err)
+	}
+	return nil
+}
+
+// reportGone reports the partnerships a full sync no longer saw.
+func (c *Collector) reportGone(ctx context.Context, syncID string, at time.Time, seen map[string]bool, counts *ev.SyncCounts) error {
+	l, err := c.known.ListKeysFiltered(ctx, string(c.org)+".>")
+	if err != nil {
+		return fmt.Errorf("list known partnerships: %w", err)
+	}
+	var keys []string
+	for k := range l.Keys() {
+		keys = append(keys, k)
+	}
+	for _, k := range keys {
+		rec, ok, err := bus.Load[ev.CollectorRecord](ctx, c.known, k)
+		if err != nil || !ok {
+			continue
+		}
+		p := rec.GetPartnership()
+		pid := strings.ToLower(p.GetGuid())
+		if pid == "" {
+			pid = p.GetIdentity()
+		}
+		if seen[pid] {
+			continue
+		}
+		if err := c.publish(ctx, syncID, ev.SyncKind_SYNC_KIND_FULL, at, p, ev.ObservationChange_OBSERVATION_CHANGE_GONE); err != nil {
+			return err
+		}
+		if err := c.known.Delete(ctx, k); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			return fmt.Errorf("forget %s: %w", k, err)
+		}
+		counts.Gone++
+	}
+	return nil
+}

@@ -1,0 +1,817 @@
+// Package evaluator judges matched partnerships against the org's policy
+// and decides what Exchange should do with them. It publishes a decision
+// only when the desired state differs from what Exchange has (or the user
+// must be told how to enrol), notices drift, and guards against mass
+// blocking: decisions that would take mail away from devices that have it
+// are held until their sync pass (or MDM window) is complete, and released
+// only if they stay under the blast-radius share.
+package evaluator
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/policy"
+	"github.com/easguard/easguard/pkg/telemetry"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+)
+
+// Config configures the evaluator.
+type Config struct {
+	PolicyFile   string        `split_words:"true" desc:"The org's policy file (YAML, see pkg/policy). Empty: the default policy (everyone in scope, unknown and non-compliant devices blocked, users notified)."`
+	DryRun       bool          `split_words:"true" desc:"Decide and record, never apply (in addition to dry_run in the policy file)."`
+	BlastRadius  float64       `split_words:"true" default:"0.1" desc:"Blast-radius guard: when one sync pass (or MDM window) would take mail away from more than this share of the currently allowed devices, none of it is applied and an alert is raised."`
+	BlastMinimum int           `split_words:"true" default:"3" desc:"Fewer revocations than this never trip the blast-radius guard (a small organisation must still be able to block one device)."`
+	MDMWindow    time.Duration `split_words:"true" default:"3s" desc:"Revocations caused by MDM changes are gathered this long before the blast-radius guard judges them together."`
+}
+
+// Validate checks the settings.
+func (c *Config) Validate() error {
+	if c.BlastRadius <= 0 || c.BlastRadius > 1 {
+		return config.Invalid(&c.BlastRadius, "must be above 0 and at most 1, got %v", c.BlastRadius)
+	}
+	if c.BlastMinimum < 1 {
+		return config.Invalid(&c.BlastMinimum, "must be at least 1")
+	}
+	if c.MDMWindow < 100*time.Millisecond {
+		return config.Invalid(&c.MDMWindow, "must be at least 100ms")
+	}
+	if c.PolicyFile != "" {
+		if _, err := policy.Load(c.PolicyFile); err != nil {
+			return config.Invalid(&c.PolicyFile, "%v", err)
+		}
+	}
+	return nil
+}
+
+// Evaluator is the evaluator worker of one organisation.
+type Evaluator struct {
+	org bus.Org
+	cfg Config
+	js  jetstream.JetStream
+	pub atomic.Pointer[bus.Publisher]
+	log *slog.Logger
+	now func() time.Time
+
+	decisions, staged, parts, status, applied jetstream.KeyValue
+
+	pol        atomic.Pointer[policy.Policy]
+	polMu      sync.Mutex
+	polModTime time.Time
+	polChecked time.Time
+}
+
+// New loads the policy and opens the evaluator's state.
+func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, log *slog.Logger) (*Evaluator, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	e := &Evaluator{org: org, cfg: cfg, js: js, log: log.With("worker", "evaluator"), now: time.Now}
+	for _, b := range []struct {
+		name string
+		kv   *jetstream.KeyValue
+	}{{bus.BucketDecisions, &e.decisions}, {bus.BucketStaged, &e.staged}, {bus.BucketPartnerships, &e.parts}, {bus.BucketStatus, &e.status}, {bus.BucketApplied, &e.applied}} {
+		kv, err := js.KeyValue(ctx, b.name)
+		if err != nil {
+			return nil, fmt.Errorf("evaluator: open %s: %w", b.name, err)
+		}
+		*b.kv = kv
+	}
+	if err := e.loadPolicy(true); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// SetPublisher gives the evaluator the publisher it releases held
+// decisions and raises alerts with (the runner's).
+func (e *Evaluator) SetPublisher(p *bus.Publisher) { e.pub.Store(p) }
+
+// Routes returns the evaluator's handlers.
+func (e *Evaluator) Routes() []bus.Route {
+	return []bus.Route{
+		bus.Handle("device-matched", bus.DeviceMatched, e.Decide),
+		bus.Handle("sync-completed", bus.SyncCompleted, e.SyncCompleted),
+	}
+}
+
+// loadPolicy (re)reads the policy file when it changed.
+func (e *Evaluator) loadPolicy(force bool) error {
+	e.polMu.Lock()
+	defer e.polMu.Unlock()
+	if e.cfg.PolicyFile == "" {
+		if e.pol.Load() == nil {
+			p := policy.Default(string(e.org))
+			e.pol.Store(p)
+			e.publishPolicy(p)
+		}
+		return nil
+	}
+	if !force && time.Since(e.polChecked) < 2*time.Second {
+		return nil
+	}
+	e.polChecked = time.Now()
+	st, err := os.Stat(e.cfg.PolicyFile)
+	if err != nil {
+		if force {
+			return fmt.Errorf("evaluator: policy: %w", err)
+		}
+		e.log.Warn("policy file unreadable; keeping the last good policy", "error", err)
+		return nil
+	}
+	if !force && st.ModTime().Equal(e.polModTime) {
+		return nil
+	}
+	p, err := policy.Load(e.cfg.PolicyFile)
+	if err == nil && p.Org != "" && p.Org != string(e.org) {
+		err = fmt.Errorf("policy %s is for org %q, this evaluator serves %q", e.cfg.PolicyFile, p.Org, e.org)
+	}
+	if err != nil {
+		if force {
+			return fmt.Errorf("evaluator: %w", err)
+		}
+		e.log.Error("policy file invalid; keeping the last good policy", "error", err)
+		return nil
+	}
+	e.polModTime = st.ModTime()
+	if old := e.pol.Swap(p); old == nil || old.Version() != p.Version() {
+		e.log.Info("policy loaded", "file", e.cfg.PolicyFile, "version", p.Version())
+		e.publishPolicy(p)
+	}
+	return nil
+}
+
+// PolicyStatus is what /status shows about the policy in force. The
+// collector reads it too: in a dry run it must not enforce the
+// organisation settings either.
+type PolicyStatus struct {
+	Version  string    `json:"version"`
+	File     string    `json:"file,omitempty"`
+	DryRun   bool      `json:"dry_run"`
+	LoadedAt time.Time `json:"loaded_at"`
+}
+
+// publishPolicy records the policy in force in the status bucket.
+func (e *Evaluator) publishPolicy(p *policy.Policy) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st := PolicyStatus{Version: p.Version(), File: e.cfg.PolicyFile, DryRun: p.DryRun || e.cfg.DryRun, LoadedAt: e.now()}
+	if err := e.putStatus(ctx, "policy", st); err != nil {
+		e.log.Warn("policy status not recorded", "error", err)
+	}
+}
+
+func (e *Evaluator) policy() *policy.Policy {
+	_ = e.loadPolicy(false)
+	return e.pol.Load()
+}
+
+// satisfied reports whether Exchange already gives the partnership what
+// easguard wants: Allow and Block are per-device list entries (reason
+// Individual); Quarantine is the org default, so any quarantine will do.
+func satisfied(want ev.DesiredAccess, state ev.DeviceAccessState, reason ev.DeviceAccessStateReason) bool {
+	switch want {
+	case ev.DesiredAccess_DESIRED_ACCESS_ALLOW:
+		return state == ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED && reason == ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_INDIVIDUAL
+	case ev.DesiredAccess_DESIRED_ACCESS_BLOCK:
+		return state == ev.DeviceAccessState_DEVICE_ACCESS_STATE_BLOCKED && reason == ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_INDIVIDUAL
+	case ev.DesiredAccess_DESIRED_ACCESS_QUARANTINE:
+		// Taking an id off the lists re-stamps the device Unknown/Unknown
+		// until its next request, when the org default quarantines it.
+		return (state == ev.DeviceAccessState_DEVICE_ACCESS_STATE_QUARANTINED || state == ev.DeviceAccessState_DEVICE_ACCESS_STATE_UNKNOWN) &&
+			reason != ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_INDIVIDUAL
+	}
+	return false
+}
+
+func partnershipID(p *ev.EASPartnership) string {
+	if p.GetGuid() != "" {
+		return strings.ToLower(p.GetGuid())
+	}
+	return p.GetIdentity()
+}
+
+// lostMargin is how long after a decision that Exchange never applied an
+// observation must be taken before the decision counts as lost (its
+// message dead-lettered, say) and is made again.
+const lostMargin = 2 * time.Minute
+
+// Decide evaluates one verdict of the matcher.
+func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Outbound, error) {
+	obs := in.GetObserved()
+	p := obs.GetPartnership()
+	key, err := bus.StateKey(e.org, p.GetDeviceId(), partnershipID(p))
+	if err != nil {
+		return nil, bus.Poison(err)
+	}
+	if obs.GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_GONE {
+		if _, err := bus.Modify(ctx, e.decisions, key, func(*ev.DecisionRecord, bool) (bus.Change, error) { return bus.Remove, nil }); err != nil {
+			return nil, err
+		}
+		return nil, nil
+	}
+	pol := e.policy()
+	now := e.now()
+	v := pol.Evaluate(policy.Input{Org: string(e.org), Mailbox: p.GetMailbox(), Partnership: p, MDM: in.GetMdm(), NoMatch: in.GetNoMatchReason(), Now: now})
+	applied, _, err := bus.Load[ev.AppliedRecord](ctx, e.applied, key)
+	if err != nil {
+		return nil, err
+	}
+	var outs []bus.Outbound
+	var stage *ev.AccessDecided
+	_, err = bus.Modify(ctx, e.decisions, key, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
+		outs, stage = nil, nil
+		if exists && rec.GetLastMatched().GetMatchedAt().AsTime().After(in.GetMatchedAt().AsTime()) {
+			return bus.Keep, nil // a newer verdict was already judged
+		}
+		if !v.InScope {
+			// Out of scope: never touched. Forget what was decided before.
+			if exists {
+				return bus.Remove, nil
+			}
+			return bus.Keep, nil
+		}
+		dry := pol.DryRun || e.cfg.DryRun
+		ok := satisfied(v.Desired, p.GetDeviceAccessState(), p.GetDeviceAccessStateReason())
+		same := exists && rec.GetDesired() == v.Desired && rec.GetDryRun() == dry
+		emit, drift := false, false
+		observed := obs.GetObservedAt().AsTime()
+		// Exchange did what was decided once: it applied the decision
+		// (Set-CASMailbox re-stamps the devices at once) or an earlier
+		// observation showed it agreeing.
+		agreed := exists && (rec.GetConfirmedAt().IsValid() && observed.After(rec.GetConfirmedAt().AsTime()) ||
+			applied.GetDecisionId() != "" && applied.GetDecisionId() == rec.GetDecisionId() &&
+				applied.GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_APPLIED && observed.After(applied.GetAppliedAt().AsTime()))
+		switch {
+		case !ok && same && rec.GetStaged():
+			// Waiting for the guard; nothing new to say.
+		case !ok && same && rec.GetHeld():
+			// Refused by the guard before: judged again with this pass.
+			emit = true
+		case !ok && same && !rec.GetDryRun() && agreed:
+			// Exchange agreed, and was changed back since: a manual edit.
+			emit, drift = true, true
+		case !ok && same && !rec.GetDryRun() && observed.After(rec.GetDecidedAt().AsTime().Add(lostMargin)):
+			// Decided long ago and never applied: decide again.
+			emit = true
+		case !ok && same:
+			// The decision is in flight, or a dry run already recorded it.
+		case !ok:
+			emit = true
+		case !exists && v.Notify && pol.Notify:
+			// Exchange already holds the device back, but its user has not
+			// been told how to enrol yet.
+			emit = true
+		}
+		switch {
+		case ok && (!rec.GetConfirmedAt().IsValid() || observed.After(rec.GetConfirmedAt().AsTime())):
+			rec.ConfirmedAt = obs.GetObservedAt()
+		case emit:
+			rec.ConfirmedAt = nil // a new decision, not applied yet
+		}
+		rec.LastMatched = in
+		if tp := telemetry.Traceparent(ctx); tp != "" {
+			rec.Traceparent = tp
+		}
+		rec.RecheckAt = nil
+		if !v.RecheckAt.IsZero() {
+			rec.RecheckAt = timestamppb.New(v.RecheckAt)
+		}
+		if !emit {
+			if ok || !same {
+				rec.Held = false
+			}
+			if !same {
+				rec.Desired, rec.Rule, rec.PolicyVersion, rec.DryRun = v.Desired, v.Rule, pol.Version(), dry
+				if !exists {
+					rec.DecidedAt = timestamppb.New(now)
+				}
+			}
+			return bus.Write, nil
+		}
+		d := &ev.AccessDecided{
+			Org: string(e.org), Partnership: p, Desired: v.Desired, Rule: v.Rule, Reason: v.Reason,
+			ExchangeState: p.GetDeviceAccessState(), ExchangeReason: p.GetDeviceAccessStateReason(), DryRun: dry,
+			NotifyUser:    v.Notify && pol.Notify && v.Desired != ev.DesiredAccess_DESIRED_ACCESS_ALLOW,
+			PolicyVersion: pol.Version(), Mdm: in.GetMdm(), NoMatchReason: in.GetNoMatchReason(),
+			DecidedAt: timestamppb.New(now), SyncId: obs.GetSync().GetSyncId(),
+		}
+		if d.NotifyUser {
+			d.NotifyReason = v.NotifyReason
+		}
+		if drift {
+			d.Reason = fmt.Sprintf("drift: Exchange has %s/%s although easguard decided %s; %s", shortState(p.GetDeviceAccessState()), shortReason(p.GetDeviceAccessStateReason()), shortDesired(v.Desired), v.Reason)
+		}
+		d.DecisionId = decisionID(key, d)
+		// The device has mail now if Exchange said so when last seen, or
+		// if easguard allowed it since (the observation may predate that).
+		hadMail := p.GetDeviceAccessState() == ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED || exists && rec.GetHeld() ||
+			exists && rec.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_ALLOW && !rec.GetDryRun() && !rec.GetStaged()
+		rec.Held = false
+		rec.Desired, rec.DecisionId, rec.DecidedAt, rec.Rule, rec.PolicyVersion, rec.DryRun = d.Desired, d.DecisionId, d.DecidedAt, d.Rule, d.PolicyVersion, dry
+		rec.Notified = rec.GetNotified() || d.NotifyUser
+		if drift {
+			a, err := e.alert(ev.AlertKind_ALERT_KIND_DRIFT, ev.AlertSeverity_ALERT_SEVERITY_WARNING, "drift:"+d.DecisionId,
+				fmt.Sprintf("%s of %s was changed on Exchange outside easguard; correcting it", p.GetDeviceId(), mailboxName(p.GetMailbox())),
+				map[string]string{"device_id": p.GetDeviceId(), "mailbox": mailboxName(p.GetMailbox()), "exchange_state": shortState(p.GetDeviceAccessState()),
+					"exchange_reason": shortReason(p.GetDeviceAccessStateReason()), "desired": shortDesired(v.Desired), "decision_id": d.DecisionId})
+			if err != nil {
+				return bus.Keep, err
+			}
+			outs = append(outs, a)
+		}
+		revocation := (v.Desired == ev.DesiredAccess_DESIRED_ACCESS_BLOCK || v.Desired == ev.DesiredAccess_DESIRED_ACCESS_QUARANTINE) && hadMail
+		if revocation && !dry {
+			// Taking mail away waits for the blast-radius guard.
+			rec.Staged = true
+			stage = d
+			return bus.Write, nil
+		}
+		rec.Staged = false
+		subject, err := bus.AccessDecided.Subject(e.org, p.GetDeviceId())
+		if err != nil {
+			return bus.Keep, bus.Poison(err)
+		}
+		outs = append(outs, bus.Outbound{Subject: subject, Message: d, MsgID: "decided:" + d.DecisionId})
+		return bus.Write, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if stage != nil {
+		if err := e.stage(ctx, in, stage); err != nil {
+			return nil, err
+		}
+	}
+	if v.InScope && !v.RecheckAt.IsZero() {
+		if err := e.scheduleRecheck(ctx, key, p, v.RecheckAt); err != nil {
+			return nil, err
+		}
+	}
+	return outs, nil
+}
+
+// decisionID is stable for the same partnership, verdict time and outcome,
+// so a redelivered verdict produces the same decision (and the same
+// message id, which the stream drops as a duplicate).
+func decisionID(key string, d *ev.AccessDecided) string {
+	sum := sha256.Sum256([]byte(key + "|" + d.GetDesired().String() + "|" + d.GetRule() + "|" + strconv.FormatInt(d.GetDecidedAt().AsTime().UnixNano(), 10)))
+	return hex.EncodeToString(sum[:12])
+}
+
+func shortState(s ev.DeviceAccessState) string {
+	return strings.TrimPrefix(s.String(), "DEVICE_ACCESS_STATE_")
+}
+
+func shortReason(r ev.DeviceAccessStateReason) string {
+	return strings.TrimPrefix(r.String(), "DEVICE_ACCESS_STATE_REASON_")
+}
+
+func shortDesired(d ev.DesiredAccess) string {
+	return strings.TrimPrefix(d.String(), "DESIRED_ACCESS_")
+}
+
+func mailboxName(mb *ev.Mailbox) string {
+	if mb.GetPrimarySmtpAddress() != "" {
+		return mb.GetPrimarySmtpAddress()
+	}
+	return mb.GetIdentity()
+}
+
+// alert builds an alert output.
+func (e *Evaluator) alert(kind ev.AlertKind, sev ev.AlertSeverity, id, summary string, detail map[string]string) (bus.Outbound, error) {
+	tok := strings.ReplaceAll(strings.ToLower(strings.TrimPrefix(kind.String(), "ALERT_KIND_")), "_", "-")
+	subject, err := bus.AlertRaised.Subject(e.org, tok)
+	if err != nil {
+		return bus.Outbound{}, err
+	}
+	return bus.Outbound{Subject: subject, MsgID: "alert:" + id, Message: &ev.Alert{
+		Org: string(e.org), AlertId: id, Kind: kind, Severity: sev, Summary: summary, Detail: detail, RaisedAt: timestamppb.New(e.now()),
+	}}, nil
+}
+
+// batchOf names the guard batch of a verdict: its sync pass, or the MDM
+// window it fell into.
+func (e *Evaluator) batchOf(in *ev.DeviceMatched) (kind, id string) {
+	if in.GetTrigger() == "eas" && in.GetObserved().GetSync().GetSyncId() != "" {
+		return "sync", in.GetObserved().GetSync().GetSyncId()
+	}
+	w := in.GetMatchedAt().AsTime().UnixNano() / int64(e.cfg.MDMWindow)
+	return "mdm", strconv.FormatInt(w, 10)
+}
+
+func (e *Evaluator) stage(ctx context.Context, in *ev.DeviceMatched, d *ev.AccessDecided) error {
+	kind, id := e.batchOf(in)
+	p := d.GetPartnership()
+	key, err := bus.StateKey(e.org, kind, id, p.GetDeviceId(), partnershipID(p))
+	if err != nil {
+		return bus.Poison(err)
+	}
+	return bus.Put(ctx, e.staged, key, &ev.StagedDecision{Decision: d, Batch: kind + "/" + id, Traceparent: telemetry.Traceparent(ctx)})
+}
+
+// SyncCompleted judges the revocations a sync pass staged, once every
+// observation of the pass has gone through the matcher and the evaluator.
+func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]bus.Outbound, error) {
+	if err := e.waitDrained(ctx, "matcher-eas-observed", bus.StreamEAS); err != nil {
+		return nil, err
+	}
+	if err := e.waitDrained(ctx, "evaluator-device-matched", bus.StreamMatch); err != nil {
+		return nil, err
+	}
+	pub := e.pub.Load()
+	if pub == nil {
+		return nil, errors.New("evaluator: no publisher yet")
+	}
+	return nil, e.finalize(ctx, "sync", in.GetSyncId(), pub)
+}
+
+// waitDrained waits until a worker's consumer of this org has nothing
+// pending or unacknowledged: a barrier that says every message published
+// before now has been handled.
+func (e *Evaluator) waitDrained(ctx context.Context, durable, stream string) error {
+	name := durable + "-" + string(e.org)
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	deadline := time.Now().Add(15 * time.Minute)
+	for {
+		c, err := e.js.Consumer(ctx, stream, name)
+		if errors.Is(err, jetstream.ErrConsumerNotFound) {
+			return nil // that worker never ran for this org
+		}
+		if err != nil {
+			return fmt.Errorf("barrier on %s: %w", name, err)
+		}
+		info, err := c.Info(ctx)
+		if err != nil {
+			return fmt.Errorf("barrier on %s: %w", name, err)
+		}
+		// The barrier runs inside the evaluator's own handler for its
+		// device-matched consumer only from the background loop, so a
+		// pending count of zero means drained.
+		if info.NumPending == 0 && info.NumAckPending == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return bus.RetryAfter(10*time.Second, fmt.Errorf("%s still has %d pending and %d unacknowledged messages", name, info.NumPending, info.NumAckPending))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// GuardStatus is what /status shows about the blast-radius guard.
+type GuardStatus struct {
+	State       string    `json:"state"` // ok or tripped
+	Batch       string    `json:"batch"`
+	Revocations int       `json:"revocations"`
+	Allowed     int       `json:"allowed"`
+	Share       float64   `json:"share"`
+	Threshold   float64   `json:"threshold"`
+	At          time.Time `json:"at"`
+	Detail      string    `json:"detail"`
+	// Since is when the guard first refused this same set of revocations;
+	// Key names the set. The alert is raised once per set, not per pass.
+	Since time.Time `json:"since,omitempty"`
+	Key   string    `json:"key,omitempty"`
+}
+
+// guardKey names a set of staged revocations, whatever pass brought them.
+func guardKey(staged []*ev.StagedDecision) string {
+	ids := make([]string, 0, len(staged))
+	for _, s := range staged {
+		d := s.GetDecision()
+		ids = append(ids, d.GetPartnership().GetDeviceId()+"|"+partnershipID(d.GetPartnership())+"|"+d.GetDesired().String())
+	}
+	sort.Strings(ids)
+	sum := sha256.Sum256([]byte(strings.Join(ids, "\n")))
+	return hex.EncodeToString(sum[:12])
+}
+
+// finalize releases or refuses the decisions staged for one batch. It
+// publishes what it releases (and the alert, when it refuses) before it
+// drops the staged entries, so a crash in between re-offers the batch;
+// the decisions' message ids make a second release a duplicate.
+func (e *Evaluator) finalize(ctx context.Context, kind, id string, pub *bus.Publisher) error {
+	prefix, err := bus.StateKey(e.org, kind, id)
+	if err != nil {
+		return bus.Poison(err)
+	}
+	keys, err := listKeys(ctx, e.staged, prefix+".>")
+	if err != nil {
+		return err
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	var staged []*ev.StagedDecision
+	for _, k := range keys {
+		s, ok, err := bus.Load[ev.StagedDecision](ctx, e.staged, k)
+		if err != nil {
+			return err
+		}
+		if ok {
+			staged = append(staged, s)
+		}
+	}
+	allowed, err := e.allowedCount(ctx)
+	if err != nil {
+		return err
+	}
+	allowed += len(staged) // every staged decision takes mail from a device that has it
+	share := 0.0
+	if allowed > 0 {
+		share = float64(len(staged)) / float64(allowed)
+	}
+	batch := kind + "/" + id
+	var outs []bus.Outbound
+	if len(staged) >= e.cfg.BlastMinimum && share > e.cfg.BlastRadius {
+		st := GuardStatus{State: "tripped", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share, Threshold: e.cfg.BlastRadius, At: e.now(),
+			Detail: fmt.Sprintf("%s would have taken mail away from %d of %d allowed devices (%.0f%%, limit %.0f%%); nothing of it was applied. "+
+				"If this is intended, raise EASGUARD_EVALUATOR_BLAST_RADIUS until it has gone through.",
+				batch, len(staged), allowed, 100*share, 100*e.cfg.BlastRadius),
+			Key: guardKey(staged), Since: e.now()}
+		var prev GuardStatus
+		if entry, err := e.status.Get(ctx, string(e.org)+".guard"); err == nil && json.Unmarshal(entry.Value(), &prev) == nil && prev.State == "tripped" && prev.Key == st.Key {
+			st.Since = prev.Since // the same revocations again: still holding, already alerted
+		} else {
+			e.log.Error("blast-radius guard tripped", "batch", batch, "revocations", len(staged), "allowed", allowed)
+			a, err := e.alert(ev.AlertKind_ALERT_KIND_BLAST_RADIUS, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, "blast:"+batch, st.Detail,
+				map[string]string{"batch": batch, "revocations": strconv.Itoa(len(staged)), "allowed": strconv.Itoa(allowed), "threshold": fmt.Sprint(e.cfg.BlastRadius)})
+			if err != nil {
+				return err
+			}
+			outs = append(outs, a)
+		}
+		if err := e.putStatus(ctx, "guard", st); err != nil {
+			return err
+		}
+		// Mark the refused decisions held: the devices keep their mail, and
+		// the next evaluation of each judges it again with its own pass,
+		// so the guard holds for as long as the mass revocation would.
+		for _, s := range staged {
+			p := s.GetDecision().GetPartnership()
+			dk, err := bus.StateKey(e.org, p.GetDeviceId(), partnershipID(p))
+			if err != nil {
+				return bus.Poison(err)
+			}
+			if _, err := bus.Modify(ctx, e.decisions, dk, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
+				if exists && rec.GetDecisionId() == s.GetDecision().GetDecisionId() {
+					rec.Staged, rec.Held = false, true
+					return bus.Write, nil
+				}
+				return bus.Keep, nil
+			}); err != nil {
+				return err
+			}
+		}
+	} else {
+		for _, s := range staged {
+			d := s.GetDecision()
+			subject, err := bus.AccessDecided.Subject(e.org, d.GetPartnership().GetDeviceId())
+			if err != nil {
+				return bus.Poison(err)
+			}
+			outs = append(outs, bus.Outbound{Subject: subject, Message: d, MsgID: "decided:" + d.GetDecisionId(), Parent: telemetry.ParseTraceparent(s.GetTraceparent())})
+			p := d.GetPartnership()
+			dk, err := bus.StateKey(e.org, p.GetDeviceId(), partnershipID(p))
+			if err != nil {
+				return bus.Poison(err)
+			}
+			if _, err := bus.Modify(ctx, e.decisions, dk, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
+				if exists && rec.GetDecisionId() == d.GetDecisionId() {
+					rec.Staged = false
+					return bus.Write, nil
+				}
+				return bus.Keep, nil
+			}); err != nil {
+				return err
+			}
+		}
+		if err := e.putStatus(ctx, "guard", GuardStatus{State: "ok", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share,
+			Threshold: e.cfg.BlastRadius, At: e.now(), Detail: fmt.Sprintf("%s: %d revocation(s) released", batch, len(staged))}); err != nil {
+			return err
+		}
+	}
+	for _, o := range outs {
+		if _, err := pub.Publish(ctx, o); err != nil {
+			return err
+		}
+	}
+	return e.dropStaged(ctx, keys)
+}
+
+// dropStaged deletes staged entries once their outcome is published.
+func (e *Evaluator) dropStaged(ctx context.Context, keys []string) error {
+	for _, k := range keys {
+		if err := e.staged.Delete(ctx, k); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			return fmt.Errorf("drop staged %s: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// allowedCount counts the partnerships that have mail now, not counting
+// the staged revocations (the caller adds those): the ones easguard
+// allowed, and the ones Exchange allowed when last seen that easguard has
+// not decided on (out of scope, say).
+func (e *Evaluator) allowedCount(ctx context.Context) (int, error) {
+	keys, err := listKeys(ctx, e.decisions, string(e.org)+".>")
+	if err != nil {
+		return 0, err
+	}
+	decided := make(map[string]bool, len(keys))
+	n := 0
+	for _, k := range keys {
+		rec, ok, err := bus.Load[ev.DecisionRecord](ctx, e.decisions, k)
+		if err != nil {
+			return 0, err
+		}
+		if !ok {
+			continue
+		}
+		decided[k] = true
+		if rec.GetHeld() || rec.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_ALLOW && !rec.GetDryRun() && !rec.GetStaged() {
+			n++
+		}
+	}
+	if keys, err = listKeys(ctx, e.parts, string(e.org)+".>"); err != nil {
+		return 0, err
+	}
+	for _, k := range keys {
+		idx, ok, err := bus.Load[ev.PartnershipIndex](ctx, e.parts, k)
+		if err != nil {
+			return 0, err
+		}
+		if !ok {
+			continue
+		}
+		for id, o := range idx.GetById() {
+			p := o.GetPartnership()
+			dk, err := bus.StateKey(e.org, p.GetDeviceId(), id)
+			if err != nil || decided[dk] {
+				continue
+			}
+			if p.GetDeviceAccessState() == ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED {
+				n++
+			}
+		}
+	}
+	return n, nil
+}
+
+func listKeys(ctx context.Context, kv jetstream.KeyValue, filter string) ([]string, error) {
+	l, err := kv.ListKeysFiltered(ctx, filter)
+	if err != nil {
+		return nil, fmt.Errorf("list %s %s: %w", kv.Bucket(), filter, err)
+	}
+	var keys []string
+	for k := range l.Keys() {
+		keys = append(keys, k)
+	}
+	return keys, nil
+}
+
+func (e *Evaluator) putStatus(ctx context.Context, name string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if _, err := e.status.Put(ctx, string(e.org)+"."+name, b); err != nil {
+		return fmt.Errorf("status %s: %w", name, err)
+	}
+	return nil
+}
+
+// Run finalizes MDM windows once they are closed and the pipeline behind
+// them is drained, and re-evaluates decisions whose time has come (grace
+// periods, exemptions that end). It returns when ctx ends.
+func (e *Evaluator) Run(ctx context.Context) error {
+	t := time.NewTicker(e.cfg.MDMWindow / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		if err := e.tick(ctx); err != nil && ctx.Err() == nil {
+			e.log.Warn("evaluator background work", "error", err)
+		}
+	}
+}
+
+func (e *Evaluator) tick(ctx context.Context) error {
+	pub := e.pub.Load()
+	if pub == nil {
+		return nil
+	}
+	prefix, _ := bus.StateKey(e.org, "mdm")
+	keys, err := listKeys(ctx, e.staged, prefix+".>")
+	if err != nil {
+		return err
+	}
+	current := e.now().UnixNano() / int64(e.cfg.MDMWindow)
+	windows := map[string]bool{}
+	for _, k := range keys {
+		parts := strings.Split(k, ".")
+		if len(parts) < 3 {
+			continue
+		}
+		w, err := strconv.ParseInt(parts[2], 10, 64)
+		if err != nil || w >= current {
+			continue // the window is still open
+		}
+		windows[parts[2]] = true
+	}
+	for w := range windows {
+		if err := e.waitDrained(ctx, "matcher-mdm-changed", bus.StreamMDM); err != nil {
+			return err
+		}
+		if err := e.waitDrained(ctx, "evaluator-device-matched", bus.StreamMatch); err != nil {
+			return err
+		}
+		if err := e.finalize(ctx, "mdm", w, pub); err != nil {
+			return err
+		}
+	}
+	return e.rechecks(ctx, pub)
+}
+
+// rechecks re-evaluates decisions whose recheck time has passed, with the
+// verdict they were based on and the current time.
+func (e *Evaluator) rechecks(ctx context.Context, pub *bus.Publisher) error {
+	prefix, _ := bus.StateKey(e.org, "recheck")
+	keys, err := listKeys(ctx, e.staged, prefix+".>")
+	if err != nil {
+		return err
+	}
+	now := e.now().Unix()
+	for _, k := range keys {
+		parts := strings.Split(k, ".")
+		if len(parts) < 3 {
+			continue
+		}
+		due, err := strconv.ParseInt(parts[2], 10, 64)
+		if err != nil || due > now {
+			continue
+		}
+		entry, err := e.staged.Get(ctx, k)
+		if err != nil {
+			continue
+		}
+		rec, ok, err := bus.Load[ev.DecisionRecord](ctx, e.decisions, string(entry.Value()))
+		if err != nil {
+			return err
+		}
+		if ok && rec.GetLastMatched() != nil {
+			rctx := trace.ContextWithRemoteSpanContext(ctx, telemetry.ParseTraceparent(rec.GetTraceparent()))
+			outs, err := e.Decide(rctx, rec.GetLastMatched())
+			if err != nil {
+				return err
+			}
+			for _, o := range outs {
+				if _, err := pub.Publish(ctx, o); err != nil {
+					return err
+				}
+			}
+		}
+		if err := e.staged.Delete(ctx, k); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			return fmt.Errorf("drop recheck %s: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// scheduleRecheck remembers to re-evaluate a decision at a time.
+func (e *Evaluator) scheduleRecheck(ctx context.Context, decisionKey string, p *ev.EASPartnership, at time.Time) error {
+	key, err := bus.StateKey(e.org, "recheck", strconv.FormatInt(at.Unix(), 10), p.GetDeviceId(), partnershipID(p))
+	if err != nil {
+		return bus.Poison(err)
+	}
+	if _, err := e.staged.Put(ctx, key, []byte(decisionKey)); err != nil {
+		return fmt.Errorf("schedule recheck: %w", err)
+	}
+	return nil
+}

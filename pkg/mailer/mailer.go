@@ -1,0 +1,200 @@
+// Package mailer tells the users of blocked or quarantined devices how to
+// enrol them: it consumes access decisions that ask for a notification,
+// renders the org's templates, sends the mail over SMTP, and reports
+// notify.sent. A user gets at most one mail per device per period, however
+// often the device is re-evaluated.
+package mailer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/notify"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+)
+
+// Config configures the mailer of one organisation.
+type Config struct {
+	SmtpHost     string        `split_words:"true" desc:"Required. SMTP server that relays easguard's mails."`
+	SmtpPort     int           `split_words:"true" default:"587" desc:"SMTP port (587 for STARTTLS, 465 for implicit TLS)."`
+	SmtpSecurity string        `split_words:"true" default:"starttls" desc:"starttls (refuse to send without it), tls (implicit) or none."`
+	SmtpUser     string        `split_words:"true" desc:"SMTP user; empty sends without authentication."`
+	SmtpPassword config.Secret `split_words:"true" secret:"true" desc:"SMTP password."`
+	SmtpCABundle string        `split_words:"true" desc:"PEM file of the CA of the SMTP server's certificate (default: the system's)."`
+	From         string        `split_words:"true" desc:"Required. Sender, e.g. IT Service <it@contoso.com>."`
+	EnrolURL     string        `split_words:"true" desc:"Required. Where users enrol their devices, e.g. https://portal.manage.microsoft.com."`
+	Helpdesk     string        `split_words:"true" desc:"How users reach the helpdesk, shown in every mail."`
+	Company      string        `split_words:"true" desc:"Company name shown in the mails."`
+	Locale       string        `split_words:"true" default:"en" desc:"Language of the mails: en or de."`
+	TemplateDir  string        `split_words:"true" desc:"Directory with template overrides (<locale>/subject.txt.tmpl, body.txt.tmpl, body.html.tmpl)."`
+	Period       time.Duration `split_words:"true" default:"24h" desc:"A user gets at most one mail per device in this period."`
+}
+
+// Validate checks the settings.
+func (c *Config) Validate() error {
+	if c.SmtpHost == "" {
+		return config.Invalid(&c.SmtpHost, "is required: the SMTP server easguard sends through")
+	}
+	if c.From == "" {
+		return config.Invalid(&c.From, "is required: the sender of easguard's mails")
+	}
+	if c.SmtpPort < 1 || c.SmtpPort > 65535 {
+		return config.Invalid(&c.SmtpPort, "%d is not a port", c.SmtpPort)
+	}
+	switch c.SmtpSecurity {
+	case "starttls", "tls", "none":
+	default:
+		return config.Invalid(&c.SmtpSecurity, "use starttls, tls or none, not %q", c.SmtpSecurity)
+	}
+	if !strings.HasPrefix(c.EnrolURL, "https://") && !strings.HasPrefix(c.EnrolURL, "http://") {
+		return config.Invalid(&c.EnrolURL, "%q is not an http(s) URL", c.EnrolURL)
+	}
+	if c.Locale != "en" && c.Locale != "de" {
+		return config.Invalid(&c.Locale, "use en or de, not %q", c.Locale)
+	}
+	if c.Period < time.Minute {
+		return config.Invalid(&c.Period, "must be at least 1m")
+	}
+	if c.TemplateDir != "" {
+		if _, err := notify.LoadTemplates(c.TemplateDir); err != nil {
+			return config.Invalid(&c.TemplateDir, "%v", err)
+		}
+	}
+	return nil
+}
+
+// Sender sends one rendered mail (notify.Sender does it).
+type Sender interface {
+	Send(ctx context.Context, to string, r notify.Rendered, messageID string) error
+}
+
+// Mailer is the mailer worker of one organisation.
+type Mailer struct {
+	org      bus.Org
+	cfg      Config
+	tmpl     *notify.Templates
+	sender   Sender
+	notified jetstream.KeyValue
+	log      *slog.Logger
+	now      func() time.Time
+}
+
+// New prepares the mailer.
+func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, sender Sender, log *slog.Logger) (*Mailer, error) {
+	tmpl := notify.DefaultTemplates()
+	if cfg.TemplateDir != "" {
+		var err error
+		if tmpl, err = notify.LoadTemplates(cfg.TemplateDir); err != nil {
+			return nil, fmt.Errorf("mailer: %w", err)
+		}
+	}
+	kv, err := js.KeyValue(ctx, bus.BucketNotified)
+	if err != nil {
+		return nil, fmt.Errorf("mailer: open %s: %w", bus.BucketNotified, err)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Mailer{org: org, cfg: cfg, tmpl: tmpl, sender: sender, notified: kv, log: log.With("worker", "mailer"), now: time.Now}, nil
+}
+
+// Routes returns the mailer's handler.
+func (m *Mailer) Routes() []bus.Route {
+	return []bus.Route{bus.Handle("access-decided", bus.AccessDecided, m.Notify)}
+}
+
+// notifyReason picks the mail: the policy's choice when the decision
+// carries one, otherwise what the decision says about the device.
+func notifyReason(d *ev.AccessDecided) string {
+	switch {
+	case d.GetNotifyReason() != "":
+		return d.GetNotifyReason()
+	case d.GetRule() == notify.ReasonPlatformNotAllowed:
+		return notify.ReasonPlatformNotAllowed
+	case d.GetNoMatchReason() == ev.NoMatchReason_NO_MATCH_REASON_RETIRED:
+		return notify.ReasonRetired
+	case d.GetMdm() != nil && d.GetRule() == notify.ReasonNoncompliant:
+		return notify.ReasonNoncompliant
+	case d.GetMdm() == nil:
+		return notify.ReasonNotEnrolled
+	}
+	return notify.ReasonOther
+}
+
+// Notify mails the user of a device easguard keeps from mail.
+func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbound, error) {
+	if !d.GetNotifyUser() || d.GetDryRun() || d.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_ALLOW {
+		return nil, nil
+	}
+	p := d.GetPartnership()
+	mb := p.GetMailbox()
+	to := mb.GetPrimarySmtpAddress()
+	if to == "" {
+		to = mb.GetUserPrincipalName()
+	}
+	if to == "" {
+		return nil, bus.Poison(fmt.Errorf("no address for mailbox %q", mb.GetIdentity()))
+	}
+	key, err := bus.StateKey(m.org, p.GetDeviceId(), strings.ToLower(p.GetGuid()+p.GetIdentity()))
+	if err != nil {
+		return nil, bus.Poison(err)
+	}
+	if last, err := m.notified.Get(ctx, key); err == nil {
+		if t, perr := time.Parse(time.RFC3339Nano, string(last.Value())); perr == nil && m.now().Sub(t) < m.cfg.Period {
+			return nil, nil // already told within the period
+		}
+	} else if !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted) {
+		return nil, fmt.Errorf("mailer: read %s: %w", key, err)
+	}
+	state := notify.StateBlocked
+	if d.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_QUARANTINE {
+		state = notify.StateQuarantined
+	}
+	r, err := m.tmpl.Render(notify.Data{
+		Org: string(m.org), Locale: m.cfg.Locale, UserName: mb.GetDisplayName(), Recipient: to,
+		DeviceType: p.GetDeviceType(), DeviceModel: p.GetDeviceModel(), DeviceOS: p.GetDeviceOs(), DeviceID: p.GetDeviceId(), FriendlyName: p.GetFriendlyName(),
+		State: state, Reason: notifyReason(d), ReasonDetail: d.GetReason(), EnrolURL: m.cfg.EnrolURL, Helpdesk: m.cfg.Helpdesk, Company: m.cfg.Company, Time: m.now(),
+	})
+	if err != nil {
+		return nil, bus.Poison(fmt.Errorf("render: %w", err))
+	}
+	msgID := "<" + d.GetDecisionId() + "@easguard.invalid>"
+	if err := m.sender.Send(ctx, to, r, msgID); err != nil {
+		switch {
+		case errors.Is(err, notify.ErrPermanent):
+			return nil, bus.Poison(fmt.Errorf("send to %s: %w", to, err))
+		case errors.Is(err, notify.ErrAuth):
+			// Retried like a transient failure, so the mail goes out once
+			// an admin fixes the credentials; said loudly meanwhile.
+			m.log.ErrorContext(ctx, "the SMTP server refused easguard's credentials; check the mailer's SMTP user and password", "error", err)
+			return nil, fmt.Errorf("send to %s: %w", to, err)
+		default:
+			return nil, fmt.Errorf("send to %s: %w", to, err)
+		}
+	}
+	sent := m.now()
+	if _, err := m.notified.Put(ctx, key, []byte(sent.Format(time.RFC3339Nano))); err != nil {
+		m.log.WarnContext(ctx, "mail sent but not recorded; a redelivery could send it again", "to", to, "error", err)
+	}
+	subject, err := bus.NotifySent.Subject(m.org, p.GetDeviceId())
+	if err != nil {
+		return nil, bus.Poison(err)
+	}
+	template := "blocked"
+	if state == notify.StateQuarantined {
+		template = "quarantine"
+	}
+	return []bus.Outbound{{Subject: subject, MsgID: "sent:" + d.GetDecisionId(), Message: &ev.NotificationSent{
+		Org: string(m.org), Recipient: to, Template: template + "/" + notifyReason(d), Locale: m.cfg.Locale, MessageId: msgID,
+		DeviceId: p.GetDeviceId(), Mailbox: mb, DecisionId: d.GetDecisionId(), SentAt: timestamppb.New(sent),
+	}}}, nil
+}

@@ -1,0 +1,379 @@
+// Package matcher joins ActiveSync partnerships with MDM records. It keeps
+// both indexes in JetStream KV, joins on the EAS device id (compared
+// case-insensitively, as Exchange compares device ids), records how a
+// match was made or exactly why there is none, and when an MDM record
+// changes re-matches every partnership with that id.
+//
+// Both handlers write their own side of the join before reading the
+// other, so a partnership and an MDM record that arrive at the same moment
+// on two replicas are matched by at least one of them.
+package matcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/telemetry"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+)
+
+// Matcher is the matcher worker of one organisation.
+type Matcher struct {
+	org                   bus.Org
+	parts, devices, users jetstream.KeyValue
+	now                   func() time.Time
+}
+
+// New opens the matcher's indexes.
+func New(ctx context.Context, js jetstream.JetStream, org bus.Org) (*Matcher, error) {
+	m := &Matcher{org: org, now: time.Now}
+	for _, b := range []struct {
+		name string
+		kv   *jetstream.KeyValue
+	}{{bus.BucketPartnerships, &m.parts}, {bus.BucketMDMDevices, &m.devices}, {bus.BucketMDMUsers, &m.users}} {
+		kv, err := js.KeyValue(ctx, b.name)
+		if err != nil {
+			return nil, fmt.Errorf("matcher: open %s: %w", b.name, err)
+		}
+		*b.kv = kv
+	}
+	return m, nil
+}
+
+// Routes returns the matcher's handlers.
+func (m *Matcher) Routes() []bus.Route {
+	return []bus.Route{
+		bus.Handle("eas-observed", bus.EASObserved, m.Observed),
+		bus.Handle("mdm-changed", bus.MDMChanged, m.MDMChanged),
+	}
+}
+
+// partnershipID names a partnership in the index: its AD object GUID, or
+// its identity when Exchange did not report one.
+func partnershipID(p *ev.EASPartnership) string {
+	if p.GetGuid() != "" {
+		return strings.ToLower(p.GetGuid())
+	}
+	return p.GetIdentity()
+}
+
+// Observed handles one observation of a partnership: store it, then match it.
+func (m *Matcher) Observed(ctx context.Context, in *ev.EASPartnershipObserved) ([]bus.Outbound, error) {
+	p := in.GetPartnership()
+	key, err := bus.StateKey(m.org, p.GetDeviceId())
+	if err != nil {
+		return nil, bus.Poison(err)
+	}
+	id := partnershipID(p)
+	stale := false
+	var journey trace.SpanContext
+	if _, err := bus.Modify(ctx, m.parts, key, func(idx *ev.PartnershipIndex, _ bool) (bus.Change, error) {
+		journey = telemetry.ParseTraceparent(idx.GetTraceparentById()[id])
+		prev := idx.GetById()[id]
+		if prev != nil && prev.GetObservedAt().AsTime().After(in.GetObservedAt().AsTime()) {
+			stale = true // a newer observation is already indexed
+			return bus.Keep, nil
+		}
+		if in.GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_GONE {
+			if prev == nil {
+				return bus.Keep, nil
+			}
+			delete(idx.ById, id)
+			if len(idx.ById) == 0 {
+				return bus.Remove, nil
+			}
+			return bus.Write, nil
+		}
+		if idx.ById == nil {
+			idx.ById = map[string]*ev.EASPartnershipObserved{}
+		}
+		idx.ById[id] = in
+		if !journey.IsValid() {
+			// First sight of this partnership: its journey is this trace.
+			if tp := telemetry.Traceparent(ctx); tp != "" {
+				if idx.TraceparentById == nil {
+					idx.TraceparentById = map[string]string{}
+				}
+				idx.TraceparentById[id] = tp
+			}
+		}
+		return bus.Write, nil
+	}); err != nil {
+		return nil, err
+	}
+	if stale {
+		return nil, nil
+	}
+	out, err := m.match(ctx, in, "eas")
+	if err != nil {
+		return nil, err
+	}
+	out.Parent = journey
+	return []bus.Outbound{out}, nil
+}
+
+// MDMChanged handles a changed MDM record: update the indexes, then
+// re-match every partnership with the record's EAS id (and its previous
+// one, when the id changed).
+func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bus.Outbound, error) {
+	d := in.GetDevice()
+	mdmID := d.GetMdmDeviceId()
+	// The last record seen for this MDM id: a removal may name only the
+	// id (a webhook does), and the indexes are keyed by EAS id and user.
+	byIDKey, err := bus.StateKey(m.org, "mdm-id", mdmID)
+	if err != nil {
+		return nil, bus.Poison(err)
+	}
+	last, _, err := bus.Load[ev.MDMIndex](ctx, m.users, byIDKey)
+	if err != nil {
+		return nil, err
+	}
+	if seen := last.GetObservedAtById()[mdmID]; seen.IsValid() && in.GetObservedAt().IsValid() && seen.AsTime().After(in.GetObservedAt().AsTime()) {
+		return nil, nil // a newer report of this record was already indexed
+	}
+	if prev := last.GetById()[mdmID]; prev != nil && in.GetRemoved() {
+		if d.GetEasDeviceId() == "" || d.GetUserPrincipalName() == "" {
+			d = proto.Clone(d).(*ev.MDMDevice)
+			if d.EasDeviceId == "" {
+				d.EasDeviceId = prev.GetEasDeviceId()
+			}
+			if d.UserPrincipalName == "" {
+				d.UserPrincipalName = prev.GetUserPrincipalName()
+			}
+		}
+	}
+	if prev := last.GetById()[mdmID]; prev != nil && in.GetPreviousEasDeviceId() == "" && !strings.EqualFold(prev.GetEasDeviceId(), d.GetEasDeviceId()) {
+		// The id moved without the source saying so: treat it as moved.
+		in = proto.Clone(in).(*ev.MDMDeviceChanged)
+		in.PreviousEasDeviceId = prev.GetEasDeviceId()
+	}
+	if in.GetRemoved() {
+		err = m.users.Delete(ctx, byIDKey)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			err = nil
+		}
+	} else {
+		rec := &ev.MDMIndex{ById: map[string]*ev.MDMDevice{mdmID: d}}
+		if in.GetObservedAt().IsValid() {
+			rec.ObservedAtById = map[string]*timestamppb.Timestamp{mdmID: in.GetObservedAt()}
+		}
+		err = bus.Put(ctx, m.users, byIDKey, rec)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("matcher: record %s: %w", mdmID, err)
+	}
+	easID := strings.TrimSpace(d.GetEasDeviceId())
+	affected := map[string]string{} // state key → a device id for re-matching
+	setIndex := func(kv jetstream.KeyValue, part string, present bool) error {
+		key, err := bus.StateKey(m.org, part)
+		if err != nil {
+			return bus.Poison(err)
+		}
+		_, err = bus.Modify(ctx, kv, key, func(idx *ev.MDMIndex, _ bool) (bus.Change, error) {
+			_, had := idx.GetById()[mdmID]
+			if !present {
+				if !had {
+					return bus.Keep, nil
+				}
+				delete(idx.ById, mdmID)
+				if len(idx.ById) == 0 {
+					return bus.Remove, nil
+				}
+				return bus.Write, nil
+			}
+			if had && proto.Equal(idx.ById[mdmID], d) {
+				return bus.Keep, nil
+			}
+			if idx.ById == nil {
+				idx.ById = map[string]*ev.MDMDevice{}
+			}
+			idx.ById[mdmID] = d
+			return bus.Write, nil
+		})
+		if kv == m.devices {
+			affected[key] = part
+		}
+		return err
+	}
+	if prev := strings.TrimSpace(in.GetPreviousEasDeviceId()); prev != "" && !strings.EqualFold(prev, easID) {
+		if err := setIndex(m.devices, prev, false); err != nil {
+			return nil, err
+		}
+	}
+	if easID != "" {
+		if err := setIndex(m.devices, easID, !in.GetRemoved()); err != nil {
+			return nil, err
+		}
+	}
+	if upn := strings.ToLower(d.GetUserPrincipalName()); upn != "" {
+		if err := setIndex(m.users, upn, easID == "" && !in.GetRemoved()); err != nil {
+			return nil, err
+		}
+	}
+	var outs []bus.Outbound
+	keys := make([]string, 0, len(affected))
+	for k := range affected {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, key := range keys {
+		idx, ok, err := bus.Load[ev.PartnershipIndex](ctx, m.parts, key)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			continue
+		}
+		ids := make([]string, 0, len(idx.GetById()))
+		for id := range idx.GetById() {
+			ids = append(ids, id)
+		}
+		sort.Strings(ids)
+		for _, id := range ids {
+			out, err := m.match(ctx, idx.ById[id], "mdm")
+			if err != nil {
+				return nil, err
+			}
+			// The re-match belongs to the device's journey; the MDM
+			// change that set it off becomes a link.
+			out.Parent = telemetry.ParseTraceparent(idx.GetTraceparentById()[id])
+			outs = append(outs, out)
+		}
+	}
+	return outs, nil
+}
+
+// sameUser reports whether an MDM record belongs to the partnership's
+// mailbox: its UPN (or e-mail) equals the mailbox's UPN or SMTP address.
+func sameUser(d *ev.MDMDevice, mb *ev.Mailbox) bool {
+	for _, u := range []string{d.GetUserPrincipalName(), d.GetEmailAddress()} {
+		if u == "" {
+			continue
+		}
+		if strings.EqualFold(u, mb.GetUserPrincipalName()) || strings.EqualFold(u, mb.GetPrimarySmtpAddress()) {
+			return true
+		}
+	}
+	return false
+}
+
+// match joins one observation with the MDM index.
+func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, trigger string) (bus.Outbound, error) {
+	p := obs.GetPartnership()
+	mb := p.GetMailbox()
+	out := &ev.DeviceMatched{Org: string(m.org), Observed: obs, MatchedAt: timestamppb.New(m.now()), Trigger: trigger}
+	key, err := bus.StateKey(m.org, p.GetDeviceId())
+	if err != nil {
+		return bus.Outbound{}, bus.Poison(err)
+	}
+	idx, _, err := bus.Load[ev.MDMIndex](ctx, m.devices, key)
+	if err != nil {
+		return bus.Outbound{}, err
+	}
+	var mine, others []*ev.MDMDevice
+	for _, d := range idx.GetById() {
+		if !strings.EqualFold(strings.TrimSpace(d.GetEasDeviceId()), p.GetDeviceId()) {
+			continue
+		}
+		if d.GetUserPrincipalName() == "" && d.GetEmailAddress() == "" || sameUser(d, mb) {
+			mine = append(mine, d)
+		} else {
+			others = append(others, d)
+		}
+	}
+	// The newest check-in first; live records before retired ones.
+	sort.Slice(mine, func(i, j int) bool {
+		if mine[i].GetRetired() != mine[j].GetRetired() {
+			return !mine[i].GetRetired()
+		}
+		return mine[i].GetLastCheckIn().AsTime().After(mine[j].GetLastCheckIn().AsTime())
+	})
+	switch {
+	case len(mine) > 0 && !mine[0].GetRetired():
+		d := mine[0]
+		out.Mdm = d
+		if d.GetUserPrincipalName() != "" || d.GetEmailAddress() != "" {
+			out.Method = ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID_AND_USER
+			out.Detail = fmt.Sprintf("MDM record %s has EAS id %s and belongs to %s", d.GetMdmDeviceId(), d.GetEasDeviceId(), userOf(d))
+		} else {
+			out.Method = ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID
+			out.Detail = fmt.Sprintf("MDM record %s has EAS id %s (the record names no user)", d.GetMdmDeviceId(), d.GetEasDeviceId())
+		}
+		if len(mine) > 1 {
+			out.Detail += fmt.Sprintf("; %d records share the id, the most recently checked-in one was taken", len(mine))
+		}
+	case len(mine) > 0:
+		out.NoMatchReason = ev.NoMatchReason_NO_MATCH_REASON_RETIRED
+		out.Detail = fmt.Sprintf("MDM record %s for this device is retired (%s)", mine[0].GetMdmDeviceId(), mine[0].GetManagementState())
+	case len(others) > 0:
+		out.NoMatchReason = ev.NoMatchReason_NO_MATCH_REASON_RECORD_FOR_ANOTHER_USER
+		out.Detail = fmt.Sprintf("MDM record %s has this EAS id but belongs to %s, not %s", others[0].GetMdmDeviceId(), userOf(others[0]), userOfMailbox(mb))
+	default:
+		out.NoMatchReason = ev.NoMatchReason_NO_MATCH_REASON_NO_MDM_RECORD
+		out.Detail = "no MDM record has EAS id " + p.GetDeviceId()
+		if n, err := m.recordsWithoutEASID(ctx, mb); err != nil {
+			return bus.Outbound{}, err
+		} else if n > 0 {
+			out.NoMatchReason = ev.NoMatchReason_NO_MATCH_REASON_MDM_RECORD_WITHOUT_EAS_ID
+			out.Detail = fmt.Sprintf("%s has %d MDM record(s) without an EAS id, so none can be joined to this partnership (an Android device without its EAS id, or enrolment not finished)", userOfMailbox(mb), n)
+		}
+	}
+	subject, err := bus.DeviceMatched.Subject(m.org, p.GetDeviceId())
+	if err != nil {
+		return bus.Outbound{}, bus.Poison(err)
+	}
+	return bus.Outbound{Subject: subject, Message: out}, nil
+}
+
+func (m *Matcher) recordsWithoutEASID(ctx context.Context, mb *ev.Mailbox) (int, error) {
+	n := 0
+	seen := map[string]bool{}
+	for _, u := range []string{mb.GetUserPrincipalName(), mb.GetPrimarySmtpAddress()} {
+		u = strings.ToLower(u)
+		if u == "" || seen[u] {
+			continue
+		}
+		seen[u] = true
+		key, err := bus.StateKey(m.org, u)
+		if err != nil {
+			return 0, bus.Poison(err)
+		}
+		idx, _, err := bus.Load[ev.MDMIndex](ctx, m.users, key)
+		if err != nil {
+			return 0, err
+		}
+		for _, d := range idx.GetById() {
+			if d.GetEasDeviceId() == "" && !d.GetRetired() {
+				n++
+			}
+		}
+	}
+	return n, nil
+}
+
+func userOf(d *ev.MDMDevice) string {
+	if d.GetUserPrincipalName() != "" {
+		return d.GetUserPrincipalName()
+	}
+	return d.GetEmailAddress()
+}
+
+func userOfMailbox(mb *ev.Mailbox) string {
+	if mb.GetUserPrincipalName() != "" {
+		return mb.GetUserPrincipalName()
+	}
+	if mb.GetPrimarySmtpAddress() != "" {
+		return mb.GetPrimarySmtpAddress()
+	}
+	return mb.GetIdentity()
+}

@@ -1,0 +1,210 @@
+package matcher_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/matcher"
+	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+)
+
+const org bus.Org = "contoso"
+
+type harness struct {
+	t   *testing.T
+	js  jetstream.JetStream
+	pub *bus.Publisher
+	mu  sync.Mutex
+	out []*ev.DeviceMatched
+	n   int
+}
+
+func start(t *testing.T) *harness {
+	t.Helper()
+	_, _, js := natstest.Start(t)
+	ctx := natstest.Context(t)
+	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
+		t.Fatal(err)
+	}
+	m, err := matcher.New(ctx, js, org)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := bus.NewRunner(js, bus.RunnerConfig{Service: "matcher", Org: org}, m.Routes()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	rctx, cancel := context.WithCancel(context.Background())
+	go func() { done <- r.Run(rctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	natstest.Eventually(t, 5*time.Second, "matcher ready", func() bool { return r.Ready() == nil })
+	h := &harness{t: t, js: js}
+	h.pub, _ = bus.NewPublisher(js, bus.Instrumentation{})
+	c, err := js.OrderedConsumer(ctx, bus.StreamMatch, jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeviceMatched.Filter(org)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := c.Consume(func(msg jetstream.Msg) {
+		var dm ev.DeviceMatched
+		if proto.Unmarshal(msg.Data(), &dm) == nil {
+			h.mu.Lock()
+			h.out = append(h.out, &dm)
+			h.mu.Unlock()
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cc.Stop)
+	return h
+}
+
+func (h *harness) observe(mailbox, upn, deviceID, guid string) {
+	h.t.Helper()
+	h.n++
+	subj, _ := bus.EASObserved.Subject(org, deviceID)
+	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subj, MsgID: fmt.Sprint("o", h.n), Message: &ev.EASPartnershipObserved{
+		Org: string(org), Partnership: &ev.EASPartnership{Mailbox: &ev.Mailbox{Identity: mailbox, PrimarySmtpAddress: mailbox, UserPrincipalName: upn}, DeviceId: deviceID, Guid: guid},
+		Sync: &ev.SyncRef{SyncId: "s", Kind: ev.SyncKind_SYNC_KIND_QUICK}, ObservedAt: timestamppb.Now(), Change: ev.ObservationChange_OBSERVATION_CHANGE_NEW,
+	}}); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+func (h *harness) mdm(d *ev.MDMDevice, removed bool, prev string) {
+	h.t.Helper()
+	h.n++
+	key := d.GetEasDeviceId()
+	if key == "" {
+		key = d.GetMdmDeviceId()
+	}
+	subj, _ := bus.MDMChanged.Subject(org, key)
+	if d.Source == "" {
+		d.Source = "test"
+	}
+	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subj, MsgID: fmt.Sprint("m", h.n), Message: &ev.MDMDeviceChanged{
+		Org: string(org), Device: d, ObservedAt: timestamppb.Now(), Removed: removed, PreviousEasDeviceId: prev,
+	}}); err != nil {
+		h.t.Fatal(err)
+	}
+	h.settle(bus.StreamMDM)
+}
+
+// settle waits until every consumer of stream has acknowledged all of it,
+// so that an MDM change is indexed before the next observation: the two
+// arrive on different consumers and are otherwise unordered.
+func (h *harness) settle(stream string) {
+	h.t.Helper()
+	ctx := context.Background()
+	natstest.Eventually(h.t, 10*time.Second, "stream "+stream+" settled", func() bool {
+		s, err := h.js.Stream(ctx, stream)
+		if err != nil {
+			return false
+		}
+		last := s.CachedInfo().State.LastSeq
+		lister := s.ListConsumers(ctx)
+		for ci := range lister.Info() {
+			if ci.Config.Durable == "" {
+				continue
+			}
+			if ci.NumPending > 0 || ci.NumAckPending > 0 || ci.AckFloor.Stream < last {
+				return false
+			}
+		}
+		return lister.Err() == nil
+	})
+}
+
+// next waits for the next n verdicts.
+func (h *harness) next(n int) []*ev.DeviceMatched {
+	h.t.Helper()
+	var got []*ev.DeviceMatched
+	natstest.Eventually(h.t, 10*time.Second, fmt.Sprintf("%d verdicts", n), func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if len(h.out) >= n {
+			got, h.out = h.out[:n], h.out[n:]
+			return true
+		}
+		return false
+	})
+	return got
+}
+
+func TestNoMatchReasons(t *testing.T) {
+	h := start(t)
+	h.observe("alice@contoso.com", "alice@contoso.com", "DevA", "g1")
+	if v := h.next(1)[0]; v.GetNoMatchReason() != ev.NoMatchReason_NO_MATCH_REASON_NO_MDM_RECORD || v.GetMdm() != nil || v.GetTrigger() != "eas" {
+		t.Fatalf("no record: %v", v)
+	}
+	// bob's MDM record has no EAS id (an Android without it).
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m-bob", UserPrincipalName: "bob@contoso.com"}, false, "")
+	h.observe("bob@contoso.com", "bob@contoso.com", "DevB", "g2")
+	if v := h.next(1)[0]; v.GetNoMatchReason() != ev.NoMatchReason_NO_MATCH_REASON_MDM_RECORD_WITHOUT_EAS_ID {
+		t.Fatalf("without EAS id: %v", v)
+	}
+	// carol's phone id belongs to dave in the MDM.
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m-dave", UserPrincipalName: "dave@contoso.com", EasDeviceId: "DevC"}, false, "")
+	h.observe("carol@contoso.com", "carol@contoso.com", "devc", "g3")
+	if v := h.next(1)[0]; v.GetNoMatchReason() != ev.NoMatchReason_NO_MATCH_REASON_RECORD_FOR_ANOTHER_USER {
+		t.Fatalf("another user: %v", v)
+	}
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m-erin", UserPrincipalName: "erin@contoso.com", EasDeviceId: "DevE", Retired: true}, false, "")
+	h.observe("erin@contoso.com", "erin@contoso.com", "DevE", "g4")
+	if v := h.next(1)[0]; v.GetNoMatchReason() != ev.NoMatchReason_NO_MATCH_REASON_RETIRED {
+		t.Fatalf("retired: %v", v)
+	}
+}
+
+// An MDM change re-matches every partnership with that id (one phone,
+// two mailboxes), case-insensitively, and a removal or a changed id is
+// followed.
+func TestMDMChangeRematches(t *testing.T) {
+	h := start(t)
+	h.observe("alice@contoso.com", "alice@contoso.com", "ApplSHARED", "g1")
+	h.observe("shared@contoso.com", "shared@contoso.com", "ApplSHARED", "g2")
+	h.next(2)
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m1", UserPrincipalName: "alice@contoso.com", EasDeviceId: "applshared",
+		ComplianceState: ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT}, false, "")
+	got := h.next(2)
+	byMailbox := map[string]*ev.DeviceMatched{}
+	for _, v := range got {
+		if v.GetTrigger() != "mdm" {
+			t.Fatalf("trigger %q", v.GetTrigger())
+		}
+		byMailbox[v.GetObserved().GetPartnership().GetMailbox().GetIdentity()] = v
+	}
+	if a := byMailbox["alice@contoso.com"]; a.GetMdm().GetMdmDeviceId() != "m1" || a.GetMethod() != ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID_AND_USER {
+		t.Fatalf("alice: %v", a)
+	}
+	if sh := byMailbox["shared@contoso.com"]; sh.GetNoMatchReason() != ev.NoMatchReason_NO_MATCH_REASON_RECORD_FOR_ANOTHER_USER {
+		t.Fatalf("shared mailbox: %v", sh)
+	}
+	// The record moves to a new EAS id (the phone was reset): the old
+	// partnerships lose their match.
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m1", UserPrincipalName: "alice@contoso.com", EasDeviceId: "ApplNEWID"}, false, "ApplSHARED")
+	for _, v := range h.next(2) {
+		if v.GetMdm() != nil {
+			t.Fatalf("still matched after the id moved: %v", v)
+		}
+	}
+	// A removal that names only the MDM id is followed too.
+	h.observe("alice@contoso.com", "alice@contoso.com", "ApplNEWID", "g5")
+	if v := h.next(1)[0]; v.GetMdm().GetMdmDeviceId() != "m1" {
+		t.Fatalf("new id: %v", v)
+	}
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m1"}, true, "")
+	if v := h.next(1)[0]; v.GetMdm() != nil || v.GetNoMatchReason() != ev.NoMatchReason_NO_MATCH_REASON_NO_MDM_RECORD {
+		t.Fatalf("after removal: %v", v)
+	}
+}

@@ -1,0 +1,197 @@
+package mdm
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sort"
+	"strconv"
+	"strings"
+
+	"google.golang.org/protobuf/proto"
+
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+)
+
+// DefaultMassRemovalShare is the share of known devices that one read may
+// remove before the removals are withheld as implausible.
+const DefaultMassRemovalShare = 0.5
+
+// massRemovalMinKnown is the number of known devices below which the share
+// rule does not apply: removing 2 of 3 devices is a plausible edit.
+const massRemovalMinKnown = 10
+
+// inventory is the set of records of one read, by MDM device id, with the
+// order the source gave them in (so changes are published in that order).
+type inventory struct {
+	order []string
+	byID  map[string]*ev.MDMDevice
+}
+
+// newInventory indexes devices by id; a duplicate id makes the whole read
+// unusable because nothing says which of the two records is true.
+func newInventory(devices []*ev.MDMDevice) (*inventory, error) {
+	inv := &inventory{order: make([]string, 0, len(devices)), byID: make(map[string]*ev.MDMDevice, len(devices))}
+	for _, d := range devices {
+		id := d.GetMdmDeviceId()
+		if _, dup := inv.byID[id]; dup {
+			return nil, fmt.Errorf("index inventory: %w: device id %q appears more than once", ErrInvalidInventory, id)
+		}
+		inv.order = append(inv.order, id)
+		inv.byID[id] = d
+	}
+	return inv, nil
+}
+
+// reconciler turns full reads of an inventory into changes: it remembers
+// the last inventory it delivered, publishes only the difference, withholds
+// implausible removals, and raises each alert once per distinct condition.
+// It is shared by every source that reads a whole inventory at a time (the
+// file source, and a Graph poller), and is used from one goroutine.
+type reconciler struct {
+	// what names the inventory in alert summaries, e.g. `file "/x.json"`.
+	what      string
+	source    string
+	massShare float64
+	log       *slog.Logger
+	sink      Sink
+
+	// known is what the sink has been told; nil before the first delivery.
+	known *inventory
+	// failureAlert and withheldAlert are the conditions last alerted, so a
+	// condition that persists across reads alerts once.
+	failureAlert  string
+	withheldAlert string
+}
+
+func newReconciler(what, source string, massShare float64, sink Sink, log *slog.Logger) *reconciler {
+	if !(massShare > 0) { // zero, negative or NaN
+		massShare = DefaultMassRemovalShare
+	}
+	return &reconciler{what: what, source: source, massShare: massShare, sink: sink, log: log}
+}
+
+// failed records a read that produced no usable inventory. Nothing is
+// published and the known inventory stays, so an outage or a half-written
+// export never looks like every device disappearing.
+func (r *reconciler) failed(ctx context.Context, err error) {
+	key := err.Error()
+	r.log.WarnContext(ctx, "mdm inventory read failed; keeping the previous inventory",
+		"source", r.source, "error", err)
+	if key == r.failureAlert {
+		return
+	}
+	summary := fmt.Sprintf("MDM %s could not be read, previous inventory kept: %v", r.what, err)
+	if r.alert(ctx, ev.AlertKind_ALERT_KIND_MDM_UNREACHABLE, summary, map[string]string{"error": err.Error()}) {
+		r.failureAlert = key
+	}
+}
+
+// apply delivers the difference between the known inventory and next. It
+// returns an error only when the sink failed; the known inventory is then
+// unchanged, so the next read offers the same difference again.
+func (r *reconciler) apply(ctx context.Context, next *inventory) error {
+	r.failureAlert = ""
+	var known map[string]*ev.MDMDevice
+	if r.known != nil {
+		known = r.known.byID
+	}
+
+	var changes []Change
+	for _, id := range next.order {
+		d := next.byID[id]
+		old, had := known[id]
+		if had && proto.Equal(old, d) {
+			continue
+		}
+		c := Change{Device: d}
+		if had && old.GetEasDeviceId() != "" && !strings.EqualFold(old.GetEasDeviceId(), d.GetEasDeviceId()) {
+			c.PreviousEASDeviceID = old.GetEasDeviceId()
+		}
+		changes = append(changes, c)
+	}
+	var gone []string
+	for id := range known {
+		if _, ok := next.byID[id]; !ok {
+			gone = append(gone, id)
+		}
+	}
+	sort.Strings(gone)
+
+	withhold := r.judgeRemovals(ctx, len(next.order), len(known), len(gone))
+	if !withhold {
+		for _, id := range gone {
+			changes = append(changes, Change{Device: known[id], Removed: true})
+		}
+	}
+
+	if len(changes) > 0 {
+		if err := r.sink.Changed(ctx, changes); err != nil {
+			return fmt.Errorf("deliver %d changes of %s: %w", len(changes), r.what, err)
+		}
+	}
+
+	// Commit: the new inventory, plus the withheld records, which stay
+	// known so that they are neither removed later by accident nor
+	// announced as new when they come back.
+	committed := next
+	if withhold && len(gone) > 0 {
+		committed = &inventory{order: append([]string(nil), next.order...), byID: make(map[string]*ev.MDMDevice, len(next.byID)+len(gone))}
+		for id, d := range next.byID {
+			committed.byID[id] = d
+		}
+		for _, id := range gone {
+			committed.order = append(committed.order, id)
+			committed.byID[id] = known[id]
+		}
+	}
+	r.known = committed
+	return nil
+}
+
+// judgeRemovals decides whether the removals of a read are implausible and,
+// if so, alerts (once per distinct condition) and reports that they must be
+// withheld. An empty read is always implausible; so is a read that removes
+// more than massShare of at least massRemovalMinKnown known devices.
+func (r *reconciler) judgeRemovals(ctx context.Context, read, known, gone int) bool {
+	var kind ev.AlertKind
+	var summary string
+	switch {
+	case read == 0:
+		kind = ev.AlertKind_ALERT_KIND_MDM_INVENTORY_EMPTY
+		summary = fmt.Sprintf("MDM %s lists no devices", r.what)
+		if gone > 0 {
+			summary += fmt.Sprintf("; %d removals withheld", gone)
+		}
+	case known >= massRemovalMinKnown && float64(gone) > r.massShare*float64(known):
+		kind = ev.AlertKind_ALERT_KIND_MDM_UNREACHABLE
+		summary = fmt.Sprintf("MDM %s would remove %d of %d known devices (more than %.0f%%); removals withheld, the inventory may be partial",
+			r.what, gone, known, r.massShare*100)
+	default:
+		r.withheldAlert = ""
+		return false
+	}
+	key := fmt.Sprintf("%d/%d/%d", kind, gone, known)
+	if key != r.withheldAlert {
+		detail := map[string]string{
+			"would_remove": strconv.Itoa(gone),
+			"known":        strconv.Itoa(known),
+			"read":         strconv.Itoa(read),
+		}
+		if r.alert(ctx, kind, summary, detail) {
+			r.withheldAlert = key
+		}
+	}
+	return true
+}
+
+// alert raises an alert and reports whether the sink took it; a condition
+// whose alert failed is alerted again on the next read.
+func (r *reconciler) alert(ctx context.Context, kind ev.AlertKind, summary string, detail map[string]string) bool {
+	detail["source"] = r.source
+	if err := r.sink.Alert(ctx, kind, summary, detail); err != nil {
+		r.log.ErrorContext(ctx, "mdm alert not delivered", "source", r.source, "kind", kind.String(), "summary", summary, "error", err)
+		return false
+	}
+	return true
+}

@@ -1,0 +1,423 @@
+// Package pipeline assembles the workers of one Exchange organisation in
+// one process: any subset of collector, matcher, evaluator, executor,
+// mailer and the MDM sources, around a started service. The all-in-one
+// binary runs them all; each worker's own binary runs one. Workers only
+// talk through JetStream, so how they are split across processes changes
+// nothing but scaling.
+package pipeline
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/collector"
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/evaluator"
+	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/executor"
+	"github.com/easguard/easguard/pkg/mailer"
+	"github.com/easguard/easguard/pkg/matcher"
+	"github.com/easguard/easguard/pkg/mdm"
+	"github.com/easguard/easguard/pkg/notify"
+	"github.com/easguard/easguard/pkg/service"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+)
+
+// Worker names.
+const (
+	Collector = "collector"
+	Matcher   = "matcher"
+	Evaluator = "evaluator"
+	Executor  = "executor"
+	Mailer    = "mailer"
+	MDM       = "mdm"
+)
+
+// All is every worker, in pipeline order.
+var All = []string{Collector, Matcher, Evaluator, Executor, Mailer, MDM}
+
+// MDMConfig configures the MDM sources.
+type MDMConfig struct {
+	File             string        `split_words:"true" desc:"MDM inventory file (JSON: an array or Graph's {\"value\":[…]} of managedDevice objects; CSV with managedDevice field names as header), re-read when it changes."`
+	FileFormat       string        `split_words:"true" default:"auto" desc:"Format of the inventory file: auto (by extension), json or csv."`
+	MassRemovalShare float64       `split_words:"true" default:"0.5" desc:"An inventory read that would remove more than this share of the known devices removes none and raises an alert (an MDM export that came out empty must not block everyone)."`
+	WebhookAddr      string        `split_words:"true" desc:"Listen address of the MDM webhook (POST /mdm/webhook, HMAC-signed); empty: no webhook."`
+	WebhookSecret    config.Secret `split_words:"true" secret:"true" desc:"Shared secret of the MDM webhook's HMAC-SHA256 signatures (at least 16 bytes)."`
+}
+
+// Sections are the settings of the workers a process may run; nil
+// sections belong to workers it never runs.
+type Sections struct {
+	Exchange  *exchange.Config
+	Collector *collector.Config
+	Evaluator *evaluator.Config
+	Executor  *executor.Config
+	Mailer    *mailer.Config
+	MDM       *MDMConfig
+}
+
+// ParseWorkers checks a worker list ("none" or empty: no workers).
+func ParseWorkers(list []string) ([]string, error) {
+	var out []string
+	for _, w := range list {
+		w = strings.ToLower(strings.TrimSpace(w))
+		if w == "" || w == "none" {
+			continue
+		}
+		if !slices.Contains(All, w) {
+			return nil, fmt.Errorf("unknown worker %q (known: %s)", w, strings.Join(All, ", "))
+		}
+		if !slices.Contains(out, w) {
+			out = append(out, w)
+		}
+	}
+	return out, nil
+}
+
+// Validate checks the sections of the workers that will run.
+func Validate(workers []string, s Sections) error {
+	has := func(w string) bool { return slices.Contains(workers, w) }
+	if (has(Collector) || has(Executor)) && s.Exchange != nil {
+		if err := s.Exchange.Validate(); err != nil {
+			return err
+		}
+	}
+	if has(Collector) && s.Collector != nil {
+		if err := s.Collector.Validate(); err != nil {
+			return err
+		}
+	}
+	if has(Evaluator) && s.Evaluator != nil {
+		if err := s.Evaluator.Validate(); err != nil {
+			return err
+		}
+	}
+	if has(Executor) && s.Executor != nil {
+		if err := s.Executor.Validate(); err != nil {
+			return err
+		}
+	}
+	if has(Mailer) && s.Mailer != nil {
+		if err := s.Mailer.Validate(); err != nil {
+			return err
+		}
+	}
+	if has(MDM) && s.MDM != nil {
+		m := s.MDM
+		if m.File == "" && m.WebhookAddr == "" {
+			return config.Invalid(&m.File, "the mdm worker needs an inventory file or a webhook address (EASGUARD_MDM_WEBHOOK_ADDR)")
+		}
+		if m.WebhookAddr != "" && len(m.WebhookSecret.Reveal()) < 16 {
+			return config.Invalid(&m.WebhookSecret, "must be at least 16 bytes when the webhook is on")
+		}
+		if m.MassRemovalShare <= 0 || m.MassRemovalShare > 1 {
+			return config.Invalid(&m.MassRemovalShare, "must be above 0 and at most 1")
+		}
+	}
+	return nil
+}
+
+// Start builds the workers and schedules them on the service; the
+// service's Run runs them.
+func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []string, s Sections) error {
+	has := func(w string) bool { return slices.Contains(workers, w) }
+	var client *exchange.Client
+	var pool *exchange.Pool
+	if has(Collector) || has(Executor) {
+		var err error
+		pool, err = exchange.NewPool(ctx, *s.Exchange, svc.Log)
+		if err != nil {
+			return fmt.Errorf("exchange: %w", err)
+		}
+		svc.Go("exchange pool", func(ctx context.Context) error {
+			<-ctx.Done()
+			pool.Close(context.Background())
+			return nil
+		})
+		client = exchange.NewClient(pool, *s.Exchange)
+	}
+	if has(Matcher) {
+		m, err := matcher.New(ctx, svc.JS, org)
+		if err != nil {
+			return err
+		}
+		if _, err := svc.AddRunner(svc.RunnerConfig(Matcher, org), m.Routes()...); err != nil {
+			return err
+		}
+	}
+	if has(Evaluator) {
+		e, err := evaluator.New(ctx, svc.JS, org, *s.Evaluator, svc.Log)
+		if err != nil {
+			return err
+		}
+		r, err := svc.AddRunner(svc.RunnerConfig(Evaluator, org), e.Routes()...)
+		if err != nil {
+			return err
+		}
+		e.SetPublisher(r.Publisher())
+		svc.Go("evaluator guard", e.Run)
+	}
+	if has(Executor) {
+		x, err := executor.New(ctx, svc.JS, org, *s.Executor, client, pool.Current, s.Exchange.User, svc.Log)
+		if err != nil {
+			return err
+		}
+		rc := svc.RunnerConfig(Executor, org)
+		// Decisions wait together for their batch: many handlers at once,
+		// each with one message, so none outlives its AckWait in a buffer.
+		rc.Concurrency, rc.Prefetch = s.Executor.Parallel, 1
+		if _, err := svc.AddRunner(rc, x.Routes()...); err != nil {
+			return err
+		}
+	}
+	if has(Mailer) {
+		mc := s.Mailer
+		var ca []byte
+		if mc.SmtpCABundle != "" {
+			var err error
+			if ca, err = os.ReadFile(mc.SmtpCABundle); err != nil {
+				return fmt.Errorf("mailer: %w", err)
+			}
+		}
+		sender, err := notify.NewSender(notify.SMTPConfig{Host: mc.SmtpHost, Port: mc.SmtpPort, Username: mc.SmtpUser, Password: mc.SmtpPassword.Reveal(),
+			Security: mc.SmtpSecurity, CABundle: ca, From: mc.From, Timeout: 30 * time.Second})
+		if err != nil {
+			return fmt.Errorf("mailer: %w", err)
+		}
+		m, err := mailer.New(ctx, svc.JS, org, *mc, sender, svc.Log)
+		if err != nil {
+			return err
+		}
+		if _, err := svc.AddRunner(svc.RunnerConfig(Mailer, org), m.Routes()...); err != nil {
+			return err
+		}
+	}
+	if has(Collector) {
+		if err := startCollector(ctx, svc, org, *s.Collector, client, pool); err != nil {
+			return err
+		}
+	}
+	if has(MDM) {
+		if err := startMDM(ctx, svc, org, *s.MDM); err != nil {
+			return err
+		}
+	}
+	svc.Health.Handle("GET /status", statusHandler(svc, org))
+	svc.Health.Handle("POST /sync", syncHandler(svc, org))
+	return nil
+}
+
+// startCollector campaigns for the org's collector lease; the holder binds
+// the manual-sync consumer and runs the schedule, standbys wait.
+func startCollector(ctx context.Context, svc *service.Service, org bus.Org, cfg collector.Config, client *exchange.Client, pool *exchange.Pool) error {
+	c, err := collector.New(ctx, svc.JS, org, cfg, client, svc.Publisher(), pool.Current, svc.Log)
+	if err != nil {
+		return err
+	}
+	kv, err := svc.JS.KeyValue(ctx, bus.BucketLeases)
+	if err != nil {
+		return fmt.Errorf("collector: %w", err)
+	}
+	lease, err := bus.NewLease(ctx, kv, "collector", org, svc.InstanceID(), svc.Log)
+	if err != nil {
+		return err
+	}
+	svc.Go("collector", func(ctx context.Context) error {
+		return lease.Run(ctx, func(lctx context.Context) {
+			r, err := bus.NewRunner(svc.JS, svc.RunnerConfig(Collector, org), c.Route())
+			if err != nil {
+				svc.Log.Error("collector runner", "error", err)
+				return
+			}
+			done := make(chan struct{})
+			go func() { defer close(done); _ = r.Run(lctx) }()
+			_ = c.Schedule(lctx)
+			<-done
+		})
+	})
+	return nil
+}
+
+// busSink publishes what MDM sources observe, and records each source's
+// state under status key mdm.<kind> (file, webhook).
+type busSink struct {
+	svc    *service.Service
+	org    bus.Org
+	source string
+	kind   string
+}
+
+func (b *busSink) Changed(ctx context.Context, changes []mdm.Change) error {
+	now := timestamppb.Now()
+	for _, ch := range changes {
+		d := ch.Device
+		key := d.GetEasDeviceId()
+		if key == "" {
+			key = d.GetMdmDeviceId()
+		}
+		subject, err := bus.MDMChanged.Subject(b.org, key)
+		if err != nil {
+			return err
+		}
+		// The id names this report of this change: the same record seen
+		// again later (compliant, non-compliant, compliant again) is a
+		// new report and must not be dropped as a duplicate.
+		raw, _ := proto.Marshal(d)
+		sum := sha256.Sum256(append(append(raw, []byte(ch.PreviousEASDeviceID+"|"+now.AsTime().Format(time.RFC3339Nano))...), map[bool]byte{true: 1, false: 0}[ch.Removed]))
+		id := "mdm:" + hex.EncodeToString(sum[:12])
+		if _, err := b.svc.Publisher().Publish(ctx, bus.Outbound{Subject: subject, MsgID: id, Message: &ev.MDMDeviceChanged{
+			Org: string(b.org), Device: d, ObservedAt: now, ChangeId: id, PreviousEasDeviceId: ch.PreviousEASDeviceID, Removed: ch.Removed,
+		}}); err != nil {
+			return err
+		}
+	}
+	b.status(ctx, map[string]any{"source": b.source, "state": "ok", "at": time.Now(), "last_changes": len(changes)})
+	return nil
+}
+
+func (b *busSink) Alert(ctx context.Context, kind ev.AlertKind, summary string, detail map[string]string) error {
+	tok := strings.ReplaceAll(strings.ToLower(strings.TrimPrefix(kind.String(), "ALERT_KIND_")), "_", "-")
+	subject, err := bus.AlertRaised.Subject(b.org, tok)
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256([]byte(b.source + kind.String() + summary))
+	id := hex.EncodeToString(sum[:12])
+	b.status(ctx, map[string]any{"source": b.source, "state": "alert", "at": time.Now(), "alert": kind.String(), "summary": summary, "detail": detail})
+	_, err = b.svc.Publisher().Publish(ctx, bus.Outbound{Subject: subject, MsgID: "alert:" + id, Message: &ev.Alert{
+		Org: string(b.org), AlertId: id, Kind: kind, Severity: ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, Summary: summary, Detail: detail, RaisedAt: timestamppb.Now(),
+	}})
+	return err
+}
+
+func (b *busSink) status(ctx context.Context, v map[string]any) {
+	kv, err := b.svc.JS.KeyValue(ctx, bus.BucketStatus)
+	if err != nil {
+		return
+	}
+	raw, _ := json.Marshal(v)
+	if _, err := kv.Put(ctx, string(b.org)+".mdm."+b.kind, raw); err != nil {
+		b.svc.Log.Warn("MDM source status not recorded", "source", b.source, "error", err)
+	}
+}
+
+func startMDM(ctx context.Context, svc *service.Service, org bus.Org, cfg MDMConfig) error {
+	if cfg.File != "" {
+		src := mdm.NewFileSource(cfg.File, mdm.FileOptions{Format: cfg.FileFormat, MassRemovalShare: cfg.MassRemovalShare})
+		sink := &busSink{svc: svc, org: org, source: src.Name(), kind: "file"}
+		svc.Go("mdm "+src.Name(), func(ctx context.Context) error { return src.Run(ctx, sink) })
+	}
+	if cfg.WebhookAddr != "" {
+		src, err := mdm.NewWebhookSource("webhook", mdm.WebhookOptions{Secret: []byte(cfg.WebhookSecret.Reveal())})
+		if err != nil {
+			return err
+		}
+		sink := &busSink{svc: svc, org: org, source: src.Name(), kind: "webhook"}
+		mux := http.NewServeMux()
+		mux.Handle("POST /mdm/webhook", src)
+		srv := &http.Server{Addr: cfg.WebhookAddr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		svc.Go("mdm webhook", func(ctx context.Context) error {
+			errc := make(chan error, 1)
+			go func() { errc <- srv.ListenAndServe() }()
+			go func() { _ = src.Run(ctx, sink) }()
+			select {
+			case err := <-errc:
+				return fmt.Errorf("mdm webhook: %w", err)
+			case <-ctx.Done():
+				sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				_ = srv.Shutdown(sctx)
+				return nil
+			}
+		})
+	}
+	return nil
+}
+
+// statusHandler serves the org's status: last syncs, the guard, MDM sources.
+func statusHandler(svc *service.Service, org bus.Org) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		kv, err := svc.JS.KeyValue(r.Context(), bus.BucketStatus)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		out := map[string]json.RawMessage{}
+		l, err := kv.ListKeysFiltered(r.Context(), string(org)+".>")
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		for k := range l.Keys() {
+			e, err := kv.Get(r.Context(), k)
+			if err != nil {
+				continue
+			}
+			out[strings.TrimPrefix(k, string(org)+".")] = e.Value()
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{"org": org, "status": out})
+	})
+}
+
+// syncHandler asks the collector for a sync: POST /sync?kind=quick|full.
+func syncHandler(svc *service.Service, org bus.Org) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		kind := ev.SyncKind_SYNC_KIND_QUICK
+		switch r.URL.Query().Get("kind") {
+		case "", "quick":
+		case "full":
+			kind = ev.SyncKind_SYNC_KIND_FULL
+		default:
+			http.Error(w, "kind must be quick or full", http.StatusBadRequest)
+			return
+		}
+		subject, err := bus.SyncRequested.Subject(org, "")
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		id := fmt.Sprintf("manual-%d", time.Now().UnixNano())
+		if _, err := svc.Publisher().Publish(r.Context(), bus.Outbound{Subject: subject, MsgID: id, Message: &ev.SyncRequested{
+			Org: string(org), SyncId: id, Kind: kind, RequestedBy: "http:" + r.RemoteAddr, RequestedAt: timestamppb.Now(), Reason: r.URL.Query().Get("reason"),
+		}}); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusAccepted)
+		_ = json.NewEncoder(w).Encode(map[string]string{"sync_id": id})
+	})
+}
+
+// RunWorkers is the life of a worker binary: start the service (NATS
+// from EASGUARD_NATS_URL), start the workers, run until ctx ends.
+func RunWorkers(ctx context.Context, name string, common config.Common, workers []string, s Sections) error {
+	svc, err := service.Start(ctx, service.Options{Name: name, Version: service.Version, Common: common})
+	if err != nil {
+		return err
+	}
+	if err := Start(ctx, svc, common.OrgName(), workers, s); err != nil {
+		return errors.Join(err, svc.Run(cancelled()))
+	}
+	return svc.Run(ctx)
+}
+
+func cancelled() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}

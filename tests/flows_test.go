@@ -1,0 +1,295 @@
+package tests
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/easguard/easguard/pkg/evaluator"
+	"github.com/easguard/easguard/pkg/exchange"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+	"github.com/easguard/easguard/tests/exchangesim"
+)
+
+func androidPhone(mailbox, id string) exchangesim.Phone {
+	return exchangesim.Phone{Mailbox: mailbox, DeviceID: id, DeviceType: "Android", DeviceModel: "Pixel 8", DeviceOS: "Android 14",
+		UserAgent: "Android-Mail/2024.01", FriendlyName: "Pixel"}
+}
+
+func decidedFor(id string, desired ev.DesiredAccess) func(*ev.AccessDecided) bool {
+	return func(m *ev.AccessDecided) bool {
+		return strings.EqualFold(m.GetPartnership().GetDeviceId(), id) && m.GetDesired() == desired
+	}
+}
+
+// allowedPhones enrols phones as compliant, lets them sync, and waits until
+// easguard has allowed each of them.
+func (s *stack) allowedPhones(devices []managedDevice, phones ...exchangesim.Phone) {
+	s.t.Helper()
+	s.writeInventory(devices...)
+	for _, d := range devices {
+		id := d.EASDeviceID
+		waitEvent(s.t, s.events, "mdm.changed "+id, func(m *ev.MDMDeviceChanged) bool { return m.GetDevice().GetEasDeviceId() == id })
+	}
+	for _, p := range phones {
+		s.phoneSync(p)
+	}
+	for _, p := range phones {
+		s.waitPhone(p, "Allowed", 30*time.Second)
+	}
+}
+
+// A phone that was allowed loses mail when the MDM reports it
+// non-compliant, and another when the MDM retires it; each user is told
+// why, once.
+func TestRevokedWhenNoncompliantOrRetired(t *testing.T) {
+	s := startStack(t, stackOptions{})
+	s.waitFullSync()
+	a, b := iPhone("alice@contoso.com", "ApplREVOKE00001"), androidPhone("bob@contoso.com", "androidc0ffee01")
+	devA, devB := compliant("m-a", "alice@contoso.com", a.DeviceID), compliant("m-b", "bob@contoso.com", b.DeviceID)
+	devB.OperatingSystem, devB.OSVersion, devB.Model = "Android", "14", "Pixel 8"
+	s.allowedPhones([]managedDevice{devA, devB}, a, b)
+	if n := len(s.smtp.Messages()); n != 0 {
+		t.Fatalf("%d mails for compliant phones", n)
+	}
+
+	devA.ComplianceState = "noncompliant"
+	devB.ManagementState = "retireIssued"
+	s.writeInventory(devA, devB)
+	da := waitEvent(t, s.events, "block of the non-compliant phone", decidedFor(a.DeviceID, ev.DesiredAccess_DESIRED_ACCESS_BLOCK))
+	db := waitEvent(t, s.events, "block of the retired phone", decidedFor(b.DeviceID, ev.DesiredAccess_DESIRED_ACCESS_BLOCK))
+	if da.GetRule() != "noncompliant" || da.GetNotifyReason() != "noncompliant" {
+		t.Fatalf("non-compliant decision %v", da)
+	}
+	if db.GetNoMatchReason() != ev.NoMatchReason_NO_MATCH_REASON_RETIRED || db.GetNotifyReason() != "retired" {
+		t.Fatalf("retired decision %v", db)
+	}
+	if r := s.waitPhone(a, "Blocked", 30*time.Second); r.GetsMail || r.Reason != "Individual" {
+		t.Fatalf("non-compliant phone %+v", r)
+	}
+	if r := s.waitPhone(b, "Blocked", 30*time.Second); r.GetsMail {
+		t.Fatalf("retired phone %+v", r)
+	}
+	ma := waitEvent(t, s.events, "notify.sent alice", func(m *ev.NotificationSent) bool { return m.GetDeviceId() == a.DeviceID })
+	mb := waitEvent(t, s.events, "notify.sent bob", func(m *ev.NotificationSent) bool { return m.GetDeviceId() == b.DeviceID })
+	if ma.GetTemplate() != "blocked/noncompliant" || mb.GetTemplate() != "blocked/retired" {
+		t.Fatalf("templates %q and %q", ma.GetTemplate(), mb.GetTemplate())
+	}
+	s.settle()
+	if am, bm := s.mailsTo("alice@contoso.com"), s.mailsTo("bob@contoso.com"); len(am) != 1 || len(bm) != 1 || am[0].Subject == bm[0].Subject {
+		t.Fatalf("want one mail each, with different subjects: alice %d, bob %d", len(am), len(bm))
+	}
+
+	// Fixed in the MDM: mail flows again.
+	devA.ComplianceState = "compliant"
+	s.writeInventory(devA, devB)
+	s.waitPhone(a, "Allowed", 30*time.Second)
+}
+
+// A mailbox the policy leaves out is never touched: no decision, no
+// Set-CASMailbox, no mail; a mailbox in scope next to it is handled.
+func TestOutOfScopeMailboxIsNeverTouched(t *testing.T) {
+	s := startStack(t, stackOptions{policy: `
+version: 1
+org: contoso
+scope:
+  exclude: {mailboxes: [bob@contoso.com]}
+`})
+	s.waitFullSync()
+	alice, bob := iPhone("alice@contoso.com", "ApplSCOPE000001"), iPhone("bob@contoso.com", "ApplSCOPE000002")
+	s.phoneSync(alice)
+	s.phoneSync(bob)
+	s.waitPhone(alice, "Blocked", 30*time.Second)
+	waitEvent(t, s.events, "bob's partnership observed", func(m *ev.EASPartnershipObserved) bool { return m.GetPartnership().GetDeviceId() == bob.DeviceID })
+	s.settle()
+	if d := find(s.events, deviceOf[*ev.AccessDecided](bob.DeviceID)); len(d) != 0 {
+		t.Fatalf("decisions for an out-of-scope mailbox: %v", d)
+	}
+	if n := s.setCASMailboxCalls(bob.DeviceID); n != 0 {
+		t.Fatalf("%d Set-CASMailbox calls for an out-of-scope device", n)
+	}
+	if m := s.mailsTo("bob@contoso.com"); len(m) != 0 {
+		t.Fatalf("mail to an out-of-scope user: %v", m[0].Subject)
+	}
+	if r := s.phoneSync(bob); r.State != "Quarantined" || r.Reason != "Global" {
+		t.Fatalf("bob's phone is as Exchange's own default left it, got %+v", r)
+	}
+	if allowed, blocked, err := s.sim.Org.Lists("bob@contoso.com"); err != nil || len(allowed)+len(blocked) != 0 {
+		t.Fatalf("bob's lists %v %v %v", allowed, blocked, err)
+	}
+}
+
+// A dry run decides and records, and changes nothing on Exchange: not the
+// device lists, not the organisation settings; nobody is mailed.
+func TestDryRunChangesNothing(t *testing.T) {
+	s := startStack(t, stackOptions{policy: `
+version: 1
+org: contoso
+dry_run: true
+`})
+	s.waitFullSync()
+	phone := iPhone("alice@contoso.com", "ApplDRYRUN00001")
+	if r := s.phoneSync(phone); r.State != "Allowed" || r.Reason != "Global" {
+		t.Fatalf("Exchange's own default must still be Allow (not enforced in a dry run): %+v", r)
+	}
+	d := waitEvent(t, s.events, "dry-run decision", decidedFor(phone.DeviceID, ev.DesiredAccess_DESIRED_ACCESS_BLOCK))
+	if !d.GetDryRun() {
+		t.Fatalf("decision not marked dry run: %v", d)
+	}
+	applied := waitEvent(t, s.events, "dry-run outcome", func(m *ev.AccessApplied) bool {
+		return len(m.GetItems()) == 1 && m.GetItems()[0].GetDeviceId() == phone.DeviceID
+	})
+	if o := applied.GetItems()[0].GetOutcome(); o != ev.ApplyOutcome_APPLY_OUTCOME_SKIPPED_DRY_RUN || len(applied.GetCmdlets()) != 1 {
+		t.Fatalf("outcome %s, cmdlets %v: a dry run records the cmdlet it would have run", o, applied.GetCmdlets())
+	}
+	s.settle()
+	if n := s.sim.Recorder.Count("cmdlet:Set-CASMailbox") + s.sim.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings"); n != 0 {
+		t.Fatalf("%d changes reached Exchange in a dry run", n)
+	}
+	if n := len(s.smtp.Messages()); n != 0 {
+		t.Fatalf("%d mails in a dry run", n)
+	}
+	if r := s.phoneSync(phone); r.State != "Allowed" {
+		t.Fatalf("after the dry run: %+v", r)
+	}
+	var full struct {
+		SettingsNote string `json:"settings_note"`
+	}
+	if err := json.Unmarshal(s.status()["sync.full.ok"], &full); err != nil || !strings.Contains(full.SettingsNote, "dry run: would change DefaultAccessLevel") {
+		t.Fatalf("status must say what the dry run would have changed: %+v %v", full, err)
+	}
+}
+
+// An MDM export that suddenly lists no devices blocks nobody: the source
+// withholds the removals, raises an alert, and status says why.
+func TestEmptyInventoryBlocksNothing(t *testing.T) {
+	s := startStack(t, stackOptions{})
+	s.waitFullSync()
+	phones := []exchangesim.Phone{iPhone("alice@contoso.com", "ApplEMPTY000001"), iPhone("bob@contoso.com", "ApplEMPTY000002"), iPhone("carol@contoso.com", "ApplEMPTY000003")}
+	var devices []managedDevice
+	for i, p := range phones {
+		devices = append(devices, compliant("m-"+p.DeviceID, []string{"alice", "bob", "carol"}[i]+"@contoso.com", p.DeviceID))
+	}
+	s.allowedPhones(devices, phones...)
+
+	s.writeInventory() // the export job wrote an empty file
+	alert := waitEvent(t, s.events, "inventory-empty alert", func(m *ev.Alert) bool {
+		return m.GetKind() == ev.AlertKind_ALERT_KIND_MDM_INVENTORY_EMPTY && m.GetDetail()["known"] == "3"
+	})
+	if !strings.Contains(alert.GetSummary(), "lists no devices") || alert.GetDetail()["would_remove"] != "3" {
+		t.Fatalf("alert %v", alert)
+	}
+	s.requestSync("full")
+	s.settle()
+	for _, p := range phones {
+		if r := s.phoneSync(p); r.State != "Allowed" {
+			t.Fatalf("%s lost mail after an empty export: %+v", p.DeviceID, r)
+		}
+		if d := find(s.events, decidedFor(p.DeviceID, ev.DesiredAccess_DESIRED_ACCESS_BLOCK)); len(d) != 0 {
+			t.Fatalf("block decided for %s: %v", p.DeviceID, d[0])
+		}
+	}
+	var st struct {
+		State, Alert, Summary string
+	}
+	if err := json.Unmarshal(s.status()["mdm.file"], &st); err != nil || st.State != "alert" || st.Alert != "ALERT_KIND_MDM_INVENTORY_EMPTY" || !strings.Contains(st.Summary, "lists no devices") {
+		t.Fatalf("status of the MDM source: %+v %v", st, err)
+	}
+}
+
+// When one pass would take mail from more than the set share of the
+// allowed devices, the blast-radius guard applies none of it, alerts, and
+// status says why.
+func TestBlastRadiusGuardHoldsMassRevocation(t *testing.T) {
+	s := startStack(t, stackOptions{evaluate: func(c *evaluator.Config) { c.BlastRadius, c.BlastMinimum = 0.5, 3 }})
+	s.waitFullSync()
+	var phones []exchangesim.Phone
+	var devices []managedDevice
+	for i, u := range []string{"alice", "bob", "carol", "alice"} {
+		p := iPhone(u+"@contoso.com", "ApplBLAST00000"+string(rune('1'+i)))
+		phones = append(phones, p)
+		devices = append(devices, compliant("m-"+p.DeviceID, u+"@contoso.com", p.DeviceID))
+	}
+	s.allowedPhones(devices, phones...)
+	for i := range devices[:3] {
+		devices[i].ComplianceState = "noncompliant" // 3 of 4 at once: 75% > 50%
+	}
+	s.writeInventory(devices...)
+	alert := waitEvent(t, s.events, "blast-radius alert", func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_BLAST_RADIUS })
+	if alert.GetDetail()["revocations"] != "3" || alert.GetDetail()["allowed"] != "4" {
+		t.Fatalf("alert %v", alert)
+	}
+	s.settle()
+	for _, p := range phones {
+		if r := s.phoneSync(p); r.State != "Allowed" {
+			t.Fatalf("%s lost mail although the guard tripped: %+v", p.DeviceID, r)
+		}
+	}
+	var guard struct{ State, Detail string }
+	if err := json.Unmarshal(s.status()["guard"], &guard); err != nil || guard.State != "tripped" || !strings.Contains(guard.Detail, "3 of 4") {
+		t.Fatalf("guard status %+v %v", guard, err)
+	}
+	// The next passes find the same revocations: still held, no new alert.
+	s.requestSync("full")
+	s.waitSyncs("full", 2)
+	s.settle()
+	if n := len(find(s.events, func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_BLAST_RADIUS })); n != 1 {
+		t.Fatalf("%d blast-radius alerts for one held set of revocations", n)
+	}
+	// One device at a time is within the limit and goes through.
+	devices[0].ComplianceState, devices[1].ComplianceState, devices[2].ComplianceState = "noncompliant", "compliant", "compliant"
+	s.writeInventory(devices...)
+	s.waitPhone(phones[0], "Blocked", 30*time.Second)
+}
+
+// A manual edit on Exchange that contradicts the policy is put right by
+// the next full sync and recorded as drift.
+func TestManualEditIsCorrectedAsDrift(t *testing.T) {
+	s := startStack(t, stackOptions{})
+	s.waitFullSync()
+	phone := iPhone("alice@contoso.com", "ApplDRIFT000001")
+	s.phoneSync(phone)
+	s.waitPhone(phone, "Blocked", 30*time.Second)
+	s.settle()
+
+	// An administrator allows the phone by hand, in the Exchange shell.
+	x := s.sections.Exchange
+	shot, err := exchange.NewOneShot(*x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := exchange.NewClient(shot, *x).ApplyAccess(t.Context(), []exchange.Change{{Mailbox: "alice@contoso.com", DeviceID: phone.DeviceID, Access: exchange.AccessAllow}})
+	if err != nil || res[0].Err != nil {
+		t.Fatalf("manual allow: %v %v", err, res)
+	}
+	if r := s.phoneSync(phone); r.State != "Allowed" {
+		t.Fatalf("the manual edit did not take: %+v", r)
+	}
+
+	s.requestSync("full")
+	alert := waitEvent(t, s.events, "drift alert", func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_DRIFT })
+	if alert.GetDetail()["device_id"] != phone.DeviceID || alert.GetDetail()["exchange_state"] != "ALLOWED" || alert.GetDetail()["desired"] != "BLOCK" {
+		t.Fatalf("alert %v", alert)
+	}
+	d := waitEvent(t, s.events, "corrective decision", func(m *ev.AccessDecided) bool {
+		return m.GetPartnership().GetDeviceId() == phone.DeviceID && strings.HasPrefix(m.GetReason(), "drift:")
+	})
+	waitEvent(t, s.events, "correction applied", func(m *ev.AccessApplied) bool {
+		return len(m.GetItems()) == 1 && m.GetItems()[0].GetDecisionId() == d.GetDecisionId() && m.GetItems()[0].GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_APPLIED
+	})
+	if r := s.phoneSync(phone); r.State != "Blocked" {
+		t.Fatalf("after the full sync: %+v", r)
+	}
+	// The next full sync finds Exchange agreeing: no second alert.
+	s.settle()
+	s.requestSync("full")
+	s.waitSyncs("full", 2)
+	s.settle()
+	if n := len(find(s.events, func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_DRIFT })); n != 1 {
+		t.Fatalf("%d drift alerts for one manual edit", n)
+	}
+	if n := len(s.mailsTo("alice@contoso.com")); n != 1 {
+		t.Fatalf("%d mails: the correction must not mail the user again within the period", n)
+	}
+}

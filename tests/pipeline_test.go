@@ -1,0 +1,146 @@
+package tests
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+	"github.com/easguard/easguard/tests/exchangesim"
+)
+
+func deviceOf[T interface{ GetPartnership() *ev.EASPartnership }](id string) func(T) bool {
+	return func(m T) bool { return m.GetPartnership().GetDeviceId() == id }
+}
+
+func appliedFor(id string, desired ev.DesiredAccess) func(*ev.AccessApplied) bool {
+	return func(m *ev.AccessApplied) bool {
+		for _, it := range m.GetItems() {
+			if it.GetDeviceId() == id && it.GetDesired() == desired && it.GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_APPLIED {
+				return true
+			}
+		}
+		return false
+	}
+}
+
+// The seed flow: a new phone syncs and Exchange quarantines it; easguard
+// keeps it blocked and mails its user once how to enrol; the MDM marks it
+// enrolled and compliant; the phone's next sync gets mail. Every step is
+// an event on its own subject, and the device's journey is one trace.
+func TestSeedFlow(t *testing.T) {
+	s := startStack(t, stackOptions{})
+	s.waitFullSync()
+	phone := iPhone("alice@contoso.com", "ApplSEED0000001")
+
+	first := s.phoneSync(phone)
+	if !first.Created || first.State != "Quarantined" || first.GetsMail {
+		t.Fatalf("new phone: %+v (Exchange should quarantine it: easguard enforces DefaultAccessLevel Quarantine)", first)
+	}
+	observed := waitEvent(t, s.events, "eas.observed", func(m *ev.EASPartnershipObserved) bool {
+		return m.GetPartnership().GetDeviceId() == phone.DeviceID && m.GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_NEW
+	})
+	if observed.GetPartnership().GetMailbox().GetPrimarySmtpAddress() != "alice@contoso.com" {
+		t.Fatalf("observed mailbox %v", observed.GetPartnership().GetMailbox())
+	}
+	matched := waitEvent(t, s.events, "device.matched (no match)", func(m *ev.DeviceMatched) bool {
+		return m.GetObserved().GetPartnership().GetDeviceId() == phone.DeviceID && m.GetMdm() == nil
+	})
+	if matched.GetNoMatchReason() != ev.NoMatchReason_NO_MATCH_REASON_NO_MDM_RECORD {
+		t.Fatalf("no-match reason %s", matched.GetNoMatchReason())
+	}
+	decided := waitEvent(t, s.events, "access.decided block", func(m *ev.AccessDecided) bool {
+		return m.GetPartnership().GetDeviceId() == phone.DeviceID && m.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_BLOCK
+	})
+	if !decided.GetNotifyUser() || decided.GetRule() != "unknown_device" {
+		t.Fatalf("decision %+v", decided)
+	}
+	waitEvent(t, s.events, "access.applied block", appliedFor(phone.DeviceID, ev.DesiredAccess_DESIRED_ACCESS_BLOCK))
+	if r := s.phoneSync(phone); r.State != "Blocked" || r.Reason != "Individual" || r.GetsMail {
+		t.Fatalf("after easguard blocked it: %+v", r)
+	}
+	sent := waitEvent(t, s.events, "notify.sent", func(m *ev.NotificationSent) bool { return m.GetDeviceId() == phone.DeviceID })
+	mails, err := s.smtp.WaitFor(t.Context(), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mails) != 1 || mails[0].To[0] != "alice@contoso.com" || !strings.Contains(mails[0].Text, enrolURL) || !strings.Contains(mails[0].HTML, "portal.manage.microsoft.com") ||
+		mails[0].MessageID != sent.GetMessageId() {
+		t.Fatalf("mails %+v, notify.sent %v", mails, sent)
+	}
+
+	// The user enrols; the MDM export now lists the phone as compliant.
+	s.writeInventory(compliant("intune-0001", "alice@contoso.com", phone.DeviceID))
+	waitEvent(t, s.events, "mdm.changed", func(m *ev.MDMDeviceChanged) bool { return m.GetDevice().GetEasDeviceId() == phone.DeviceID })
+	waitEvent(t, s.events, "device.matched (compliant)", func(m *ev.DeviceMatched) bool {
+		return m.GetObserved().GetPartnership().GetDeviceId() == phone.DeviceID && m.GetMdm() != nil
+	})
+	waitEvent(t, s.events, "access.decided allow", func(m *ev.AccessDecided) bool {
+		return m.GetPartnership().GetDeviceId() == phone.DeviceID && m.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_ALLOW
+	})
+	waitEvent(t, s.events, "access.applied allow", appliedFor(phone.DeviceID, ev.DesiredAccess_DESIRED_ACCESS_ALLOW))
+	if r := s.phoneSync(phone); r.State != "Allowed" || !r.GetsMail {
+		t.Fatalf("after enrolment: %+v", r)
+	}
+	if n := len(s.smtp.Messages()); n != 1 {
+		t.Fatalf("%d mails, want exactly one", n)
+	}
+	assertOneJourney(t, s, phone.DeviceID)
+}
+
+// assertOneJourney checks that every step of the device's journey is in
+// one trace: the trace its first observation started.
+func assertOneJourney(t *testing.T, s *stack, deviceID string) {
+	t.Helper()
+	families := []string{"eas.observed", "device.matched", "access.decided", "access.applied", "notify.sent"}
+	seen := map[string]int{}
+	var journey string
+	natstest.Eventually(t, 10*time.Second, "spans of every step in one trace", func() bool {
+		type send struct {
+			family, trace string
+			start         time.Time
+		}
+		var sends []send
+		for _, sp := range s.spans.Ended() {
+			if !strings.HasPrefix(sp.Name(), "send ") {
+				continue
+			}
+			var subject string
+			for _, a := range sp.Attributes() {
+				if a.Key == "messaging.destination.name" {
+					subject = a.Value.AsString()
+				}
+			}
+			if !strings.HasSuffix(subject, "."+strings.ToLower(deviceID)) {
+				continue
+			}
+			for _, f := range families {
+				if strings.Contains(subject, "."+f+".") {
+					sends = append(sends, send{f, sp.SpanContext().TraceID().String(), sp.StartTime()})
+				}
+			}
+		}
+		journey = ""
+		var first time.Time
+		for _, x := range sends {
+			if x.family == "eas.observed" && (journey == "" || x.start.Before(first)) {
+				journey, first = x.trace, x.start
+			}
+		}
+		for _, f := range families {
+			seen[f] = 0
+		}
+		for _, x := range sends {
+			if x.trace == journey {
+				seen[x.family]++
+			}
+		}
+		return journey != "" && seen["device.matched"] >= 2 && seen["access.decided"] >= 2 && seen["access.applied"] >= 2 && seen["notify.sent"] >= 1
+	})
+	t.Logf("journey trace %s: %v", journey, seen)
+}
+
+var _ = errors.New
+var _ exchangesim.Phone

@@ -1,0 +1,558 @@
+package tests
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"google.golang.org/protobuf/encoding/prototext"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/collector"
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/evaluator"
+	"github.com/easguard/easguard/pkg/executor"
+	"github.com/easguard/easguard/pkg/mailer"
+	"github.com/easguard/easguard/pkg/natsembed"
+	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	"github.com/easguard/easguard/pkg/pipeline"
+	"github.com/easguard/easguard/pkg/service"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+	"github.com/easguard/easguard/tests/exchangesim"
+	"github.com/easguard/easguard/tests/smtpsim"
+)
+
+const (
+	testOrg  = "contoso"
+	enrolURL = "https://portal.manage.microsoft.com/enrol?org=contoso"
+	smtpUser = "easguard"
+	smtpPass = "smtp-secret-1"
+)
+
+// stackOptions vary a test's easguard.
+type stackOptions struct {
+	policy   string                  // YAML; empty: the default policy
+	seed     *exchangesim.SeedSpec   // Exchange's population
+	profile  exchangesim.Profile     // Exchange's latency
+	workers  []string                // default: all
+	join     *stack                  // share this stack's simulators and NATS instead of starting new ones
+	evaluate func(*evaluator.Config) // tweak the evaluator
+	mdm      func(*pipeline.MDMConfig)
+}
+
+// fixture is what a test's easguard talks to: the Exchange simulator, the
+// SMTP server, the MDM inventory file and the policy file.
+type fixture struct {
+	sim       *exchangesim.Sim
+	smtp      *smtpsim.Server
+	dir       string
+	inventory string
+	smtpCA    string
+	policy    string // policy file; empty: the default policy
+}
+
+// stack is easguard running for one test: real NATS, the Exchange
+// simulator over real WinRM, a real SMTP server, an MDM inventory file.
+type stack struct {
+	*fixture
+	t        *testing.T
+	svc      *service.Service
+	sections pipeline.Sections
+	natsAddr string
+	spans    *tracetest.SpanRecorder
+	events   *eventLog
+	cancel   context.CancelFunc
+	done     chan error
+}
+
+func newFixture(t *testing.T, o stackOptions) *fixture {
+	t.Helper()
+	if o.seed == nil {
+		o.seed = &exchangesim.SeedSpec{Mailboxes: 5, Partnerships: 0, Seed: 1, NoHostile: true}
+	}
+	sim := exchangesim.StartTest(t, exchangesim.Config{Seed: o.seed, Profile: o.profile})
+	for _, mb := range []exchangesim.MailboxSpec{{Alias: "alice", DisplayName: "Alice Adams"}, {Alias: "bob", DisplayName: "Bob Brown"}, {Alias: "carol", DisplayName: "Carol Clark"}} {
+		if _, err := sim.Org.AddMailbox(mb); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mail := smtpsim.StartTest(t, smtpsim.Config{Users: map[string]string{smtpUser: smtpPass}, RequireTLS: true})
+	f := &fixture{sim: sim, smtp: mail, dir: t.TempDir()}
+	f.smtpCA = filepath.Join(f.dir, "smtp-ca.pem")
+	if err := os.WriteFile(f.smtpCA, mail.CertPEM(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.inventory = filepath.Join(f.dir, "inventory.json")
+	if err := os.WriteFile(f.inventory, []byte("[]"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if o.policy != "" {
+		f.policy = filepath.Join(f.dir, "policy.yaml")
+		if err := os.WriteFile(f.policy, []byte(o.policy), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return f
+}
+
+// Test settings: short intervals and windows, so flows take seconds.
+const (
+	testLeaseTTL = 2 * time.Second
+	testAckWait  = 2 * time.Second
+)
+
+func startStack(t *testing.T, o stackOptions) *stack {
+	t.Helper()
+	var f *fixture
+	if o.join != nil {
+		f = o.join.fixture
+	} else {
+		f = newFixture(t, o)
+	}
+	ecfg := evaluator.Config{BlastRadius: 0.1, BlastMinimum: 3, MDMWindow: 300 * time.Millisecond, PolicyFile: f.policy}
+	if o.evaluate != nil {
+		o.evaluate(&ecfg)
+	}
+	mcfg := pipeline.MDMConfig{File: f.inventory, FileFormat: "json", MassRemovalShare: 0.5}
+	if o.mdm != nil {
+		o.mdm(&mcfg)
+	}
+	host, port := splitAddr(t, f.smtp.Addr())
+	xcfg := f.sim.ExchangeConfig(t)
+	s := &stack{fixture: f, t: t, spans: tracetest.NewSpanRecorder(), events: &eventLog{}}
+	common := config.Common{Org: testOrg, HTTPAddr: "127.0.0.1:0", LogLevel: "error", LeaseTTL: testLeaseTTL, AckWait: testAckWait,
+		Retention: time.Hour, NatsReplicas: 1, ShutdownTimeout: 10 * time.Second}
+	s.sections = pipeline.Sections{
+		Exchange:  &xcfg,
+		Collector: &collector.Config{QuickInterval: time.Second, FullInterval: time.Hour, QuickOverlap: time.Minute, EnforceSettings: true, DefaultAccessLevel: "Quarantine"},
+		Evaluator: &ecfg,
+		Executor:  &executor.Config{Window: 20 * time.Millisecond, MaxBatch: 500, Parallel: 32},
+		Mailer: &mailer.Config{SmtpHost: host, SmtpPort: port, SmtpSecurity: "starttls", SmtpUser: smtpUser, SmtpPassword: config.Secret(smtpPass),
+			SmtpCABundle: f.smtpCA, From: "IT Service <it@contoso.com>", EnrolURL: enrolURL, Helpdesk: "helpdesk@contoso.com, +49 30 1234", Company: "Contoso", Locale: "en", Period: 24 * time.Hour},
+		MDM: &mcfg,
+	}
+	workers := o.workers
+	if workers == nil {
+		workers = pipeline.All
+	}
+	if err := pipeline.Validate(workers, s.sections); err != nil {
+		t.Fatal(err)
+	}
+	// EASGUARD_TEST_LOG=debug (or info, …) shows the stack's logs.
+	var logs io.Writer = io.Discard
+	if lvl := os.Getenv("EASGUARD_TEST_LOG"); lvl != "" {
+		logs, common.LogLevel = os.Stderr, lvl
+	}
+	opts := service.Options{Name: "e2e", Common: common, LogOutput: logs, SpanProcessor: s.spans}
+	if o.join != nil {
+		opts.Common.NatsURL = o.join.natsAddr
+	} else {
+		opts.Embedded = &natsembed.Options{StoreDir: filepath.Join(t.TempDir(), "nats"), Listen: "127.0.0.1:0"}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	svc, err := service.Start(ctx, opts)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	s.svc, s.cancel, s.done = svc, cancel, make(chan error, 1)
+	s.natsAddr = opts.Common.NatsURL
+	if svc.Embedded != nil {
+		s.natsAddr = svc.Embedded.ClientURL()
+	}
+	if err := pipeline.Start(ctx, svc, bus.Org(testOrg), workers, s.sections); err != nil {
+		cancel()
+		_ = svc.Run(ctx)
+		t.Fatal(err)
+	}
+	sub, err := svc.NC.Subscribe("easguard."+testOrg+".>", s.events.add)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { s.done <- svc.Run(ctx) }()
+	t.Cleanup(func() {
+		_ = sub.Unsubscribe()
+		s.stop()
+		if t.Failed() {
+			t.Log(s.events.dump())
+		}
+	})
+	return s
+}
+
+// processEnv is the environment of a separate `easguard run` process that
+// runs the given workers against this stack's NATS and simulators, with
+// the settings of the in-process workers.
+func (s *stack) processEnv(workers string) []string {
+	x, c, e, ex, m := s.sections.Exchange, s.sections.Collector, s.sections.Evaluator, s.sections.Executor, s.sections.Mailer
+	env := append([]string{
+		"EASGUARD_ORG=" + testOrg, "EASGUARD_NATS_URL=" + s.natsAddr, "EASGUARD_WORKERS=" + workers, "EASGUARD_LOG_LEVEL=info",
+		"EASGUARD_LEASE_TTL=" + testLeaseTTL.String(), "EASGUARD_ACK_WAIT=" + testAckWait.String(), "EASGUARD_SHUTDOWN_TIMEOUT=10s",
+		fmt.Sprint("EASGUARD_EXCHANGE_WORKERS=", x.Workers), "EASGUARD_EXCHANGE_OPERATION_TIMEOUT=" + x.OperationTimeout.String(),
+		"EASGUARD_COLLECTOR_QUICK_INTERVAL=" + c.QuickInterval.String(), "EASGUARD_COLLECTOR_FULL_INTERVAL=" + c.FullInterval.String(),
+		"EASGUARD_COLLECTOR_QUICK_OVERLAP=" + c.QuickOverlap.String(), "EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL=" + c.DefaultAccessLevel,
+		fmt.Sprint("EASGUARD_EVALUATOR_BLAST_RADIUS=", e.BlastRadius), fmt.Sprint("EASGUARD_EVALUATOR_BLAST_MINIMUM=", e.BlastMinimum),
+		"EASGUARD_EVALUATOR_MDM_WINDOW=" + e.MDMWindow.String(), "EASGUARD_EVALUATOR_POLICY_FILE=" + e.PolicyFile, fmt.Sprint("EASGUARD_EVALUATOR_DRY_RUN=", e.DryRun),
+		"EASGUARD_EXECUTOR_WINDOW=" + ex.Window.String(), fmt.Sprint("EASGUARD_EXECUTOR_MAX_BATCH=", ex.MaxBatch), fmt.Sprint("EASGUARD_EXECUTOR_PARALLEL=", ex.Parallel),
+		"EASGUARD_MAILER_SMTP_HOST=" + m.SmtpHost, fmt.Sprint("EASGUARD_MAILER_SMTP_PORT=", m.SmtpPort), "EASGUARD_MAILER_SMTP_SECURITY=" + m.SmtpSecurity,
+		"EASGUARD_MAILER_SMTP_USER=" + m.SmtpUser, "EASGUARD_MAILER_SMTP_PASSWORD=" + m.SmtpPassword.Reveal(), "EASGUARD_MAILER_SMTP_CA_BUNDLE=" + m.SmtpCABundle,
+		"EASGUARD_MAILER_FROM=" + m.From, "EASGUARD_MAILER_ENROL_URL=" + m.EnrolURL, "EASGUARD_MAILER_HELPDESK=" + m.Helpdesk,
+		"EASGUARD_MAILER_COMPANY=" + m.Company, "EASGUARD_MAILER_LOCALE=" + m.Locale, "EASGUARD_MAILER_PERIOD=" + m.Period.String(),
+		"EASGUARD_MDM_FILE=" + s.inventory,
+	}, s.sim.Env(x.User, x.Password.Reveal(), x.CABundle)...)
+	return env
+}
+
+// stop shuts the stack down in order and waits for it.
+func (s *stack) stop() {
+	if s.cancel == nil {
+		return
+	}
+	s.cancel()
+	s.cancel = nil
+	select {
+	case <-s.done:
+	case <-time.After(30 * time.Second):
+		s.t.Error("the stack did not stop within 30s")
+	}
+}
+
+func splitAddr(t *testing.T, addr string) (string, int) {
+	t.Helper()
+	i := strings.LastIndexByte(addr, ':')
+	var port int
+	if _, err := fmt.Sscanf(addr[i+1:], "%d", &port); err != nil {
+		t.Fatal(err)
+	}
+	return addr[:i], port
+}
+
+// status reads the org's status document.
+func (s *stack) status() map[string]json.RawMessage {
+	s.t.Helper()
+	resp, err := http.Get("http://" + s.svc.HTTPAddr + "/status")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct {
+		Status map[string]json.RawMessage `json:"status"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		s.t.Fatal(err)
+	}
+	return out.Status
+}
+
+func (s *stack) waitFullSync() {
+	s.t.Helper()
+	natstest.Eventually(s.t, 60*time.Second, "the first full sync", func() bool { _, ok := s.status()["sync.full.ok"]; return ok })
+}
+
+// requestSync asks the collector for a sync through the HTTP endpoint.
+func (s *stack) requestSync(kind string) {
+	s.t.Helper()
+	resp, err := http.Post("http://"+s.svc.HTTPAddr+"/sync?kind="+kind, "", nil)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		s.t.Fatalf("POST /sync: %d", resp.StatusCode)
+	}
+}
+
+// managedDevice is one record of the MDM inventory file.
+type managedDevice struct {
+	ID                string `json:"id"`
+	UserPrincipalName string `json:"userPrincipalName"`
+	EASDeviceID       string `json:"easDeviceId,omitempty"`
+	ComplianceState   string `json:"complianceState"`
+	ManagementState   string `json:"managementState"`
+	OperatingSystem   string `json:"operatingSystem"`
+	OSVersion         string `json:"osVersion"`
+	Model             string `json:"model"`
+	LastSyncDateTime  string `json:"lastSyncDateTime"`
+}
+
+// writeInventory replaces the MDM inventory file, as an export job would.
+func (s *stack) writeInventory(devices ...managedDevice) {
+	s.t.Helper()
+	for i := range devices {
+		if devices[i].LastSyncDateTime == "" {
+			devices[i].LastSyncDateTime = time.Now().UTC().Format(time.RFC3339)
+		}
+	}
+	if devices == nil {
+		devices = []managedDevice{} // "[]", not "null"
+	}
+	b, err := json.Marshal(devices)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	tmp := s.inventory + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		s.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, s.inventory); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+func compliant(id, upn, easID string) managedDevice {
+	return managedDevice{ID: id, UserPrincipalName: upn, EASDeviceID: easID, ComplianceState: "compliant", ManagementState: "managed",
+		OperatingSystem: "iOS", OSVersion: "17.4", Model: "iPhone 15"}
+}
+
+func iPhone(mailbox, id string) exchangesim.Phone {
+	return exchangesim.Phone{Mailbox: mailbox, DeviceID: id, DeviceType: "iPhone", DeviceModel: "iPhone15C2", DeviceOS: "iOS 17.4 21E219",
+		UserAgent: "Apple-iPhone15C2/2104.219", FriendlyName: "Alice's iPhone"}
+}
+
+func (s *stack) phoneSync(p exchangesim.Phone) exchangesim.SyncResult {
+	s.t.Helper()
+	r, err := s.sim.Org.Sync(p)
+	if err != nil {
+		s.t.Fatalf("phone %s: %v", p.DeviceID, err)
+	}
+	return r
+}
+
+// waitPhone polls the phone's syncs until its state is want.
+func (s *stack) waitPhone(p exchangesim.Phone, want string, timeout time.Duration) exchangesim.SyncResult {
+	s.t.Helper()
+	var last exchangesim.SyncResult
+	natstest.Eventually(s.t, timeout, "phone "+p.DeviceID+" "+want, func() bool {
+		last = s.phoneSync(p)
+		return last.State == want
+	})
+	return last
+}
+
+// event is one message seen on the org's subjects.
+type event struct {
+	Subject string
+	Msg     proto.Message
+	Header  nats.Header
+}
+
+// eventLog records every event of the org, decoded by its type header.
+type eventLog struct {
+	mu  sync.Mutex
+	all []event
+}
+
+func (l *eventLog) add(m *nats.Msg) {
+	name := m.Header.Get(bus.HeaderType)
+	mt, err := protoregistry.GlobalTypes.FindMessageByName(protoreflect.FullName(name))
+	if err != nil {
+		return
+	}
+	msg := mt.New().Interface()
+	if proto.Unmarshal(m.Data, msg) != nil {
+		return
+	}
+	l.mu.Lock()
+	l.all = append(l.all, event{Subject: m.Subject, Msg: msg, Header: m.Header})
+	l.mu.Unlock()
+}
+
+// dump lists the events seen, one short line each, for a failed test's
+// log; the repetitive unchanged observations and their matches are left out.
+func (l *eventLog) dump() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var b strings.Builder
+	b.WriteString("events:\n")
+	short := func(e fmt.Stringer) string {
+		s := e.String()
+		if i := strings.LastIndexByte(s, '_'); i >= 0 {
+			return s[i+1:]
+		}
+		return s
+	}
+	for _, e := range l.all {
+		var line string
+		switch m := e.Msg.(type) {
+		case *ev.EASPartnershipObserved:
+			if m.GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED {
+				continue
+			}
+			p := m.GetPartnership()
+			line = fmt.Sprintf("%s %s %s/%s", short(m.GetChange()), p.GetDeviceId(), short(p.GetDeviceAccessState()), short(p.GetDeviceAccessStateReason()))
+		case *ev.DeviceMatched:
+			if m.GetObserved().GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED && m.GetTrigger() == "eas" {
+				continue
+			}
+			line = fmt.Sprintf("%s by %s: mdm=%s %s nomatch=%s", m.GetObserved().GetPartnership().GetDeviceId(), m.GetTrigger(), m.GetMdm().GetMdmDeviceId(),
+				short(m.GetMdm().GetComplianceState()), short(m.GetNoMatchReason()))
+		case *ev.AccessDecided:
+			line = fmt.Sprintf("%s %s rule=%s dry=%v notify=%v %q", m.GetPartnership().GetDeviceId(), short(m.GetDesired()), m.GetRule(), m.GetDryRun(), m.GetNotifyUser(), m.GetReason())
+		case *ev.AccessApplied:
+			for _, it := range m.GetItems() {
+				line += fmt.Sprintf("%s %s %s %s; ", it.GetDeviceId(), short(it.GetDesired()), short(it.GetOutcome()), it.GetError())
+			}
+		case *ev.NotificationSent:
+			line = fmt.Sprintf("%s to %s %s", m.GetDeviceId(), m.GetRecipient(), m.GetTemplate())
+		case *ev.MDMDeviceChanged:
+			d := m.GetDevice()
+			line = fmt.Sprintf("%s eas=%s %s retired=%v removed=%v", d.GetMdmDeviceId(), d.GetEasDeviceId(), short(d.GetComplianceState()), d.GetRetired(), m.GetRemoved())
+		case *ev.Alert:
+			line = fmt.Sprintf("%s %s", short(m.GetKind()), m.GetSummary())
+		case *ev.SyncCompleted:
+			line = fmt.Sprintf("%s %s ok=%v %v", short(m.GetKind()), m.GetSyncId(), m.GetSuccess(), m.GetErrors())
+		default:
+			line = prototext.MarshalOptions{}.Format(e.Msg)
+		}
+		fmt.Fprintf(&b, "  %s: %s\n", strings.TrimPrefix(e.Subject, "easguard."+testOrg+"."), line)
+	}
+	return b.String()
+}
+
+// find returns the events of one family that match.
+func find[T proto.Message](l *eventLog, match func(T) bool) []T {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []T
+	for _, e := range l.all {
+		if m, ok := e.Msg.(T); ok && (match == nil || match(m)) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// waitEvent waits for an event of one family that matches.
+func waitEvent[T proto.Message](t *testing.T, l *eventLog, what string, match func(T) bool) T {
+	t.Helper()
+	var found T
+	natstest.Eventually(t, 60*time.Second, what, func() bool {
+		if all := find(l, match); len(all) > 0 {
+			found = all[len(all)-1]
+			return true
+		}
+		return false
+	})
+	return found
+}
+
+func forDevice[T interface {
+	proto.Message
+	GetOrg() string
+}](id string, get func(T) string) func(T) bool {
+	return func(m T) bool { return strings.EqualFold(get(m), id) }
+}
+
+var _ = bytes.NewReader
+var _ = sdktrace.NewTracerProvider
+
+// settle waits until easguard is idle: every durable consumer of every
+// stream has acknowledged all it was given, the evaluator holds nothing
+// for the blast-radius guard, and no stream grew while it looked, twice in
+// a row. A test asserts that something did not happen only after it.
+func (s *stack) settle() {
+	s.t.Helper()
+	ctx := s.t.Context()
+	js := s.svc.JS
+	staged, err := js.KeyValue(ctx, bus.BucketStaged)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	snapshot := func() (string, bool) {
+		var b strings.Builder
+		names := js.StreamNames(ctx)
+		for name := range names.Name() {
+			st, err := js.Stream(ctx, name)
+			if err != nil {
+				return "", false
+			}
+			fmt.Fprintf(&b, "%s:%d ", name, st.CachedInfo().State.LastSeq)
+			cons := st.ListConsumers(ctx)
+			for ci := range cons.Info() {
+				if ci.Config.Durable != "" && (ci.NumPending > 0 || ci.NumAckPending > 0) {
+					return "", false
+				}
+			}
+			if cons.Err() != nil {
+				return "", false
+			}
+		}
+		if names.Err() != nil {
+			return "", false
+		}
+		keys, err := staged.ListKeys(ctx)
+		if err != nil {
+			return "", false
+		}
+		for range keys.Keys() {
+			return "", false
+		}
+		return b.String(), true
+	}
+	var last string
+	natstest.Eventually(s.t, 60*time.Second, "easguard idle", func() bool {
+		snap, idle := snapshot()
+		if !idle {
+			last = ""
+			return false
+		}
+		if snap == last {
+			return true
+		}
+		last = snap
+		return false
+	})
+}
+
+// setCASMailboxCalls counts the Set-CASMailbox calls that reached Exchange
+// and named the device id.
+func (s *stack) setCASMailboxCalls(deviceID string) int {
+	n := 0
+	for _, r := range s.sim.Recorder.Records("cmdlet") {
+		if r.Cmdlet == "Set-CASMailbox" && r.OK && strings.Contains(strings.ToLower(string(r.Params)), strings.ToLower(deviceID)) {
+			n++
+		}
+	}
+	return n
+}
+
+// mailsTo returns the mails the SMTP server received for one address.
+func (s *stack) mailsTo(addr string) []smtpsim.Message {
+	var out []smtpsim.Message
+	for _, m := range s.smtp.Messages() {
+		for _, to := range m.To {
+			if strings.EqualFold(to, addr) {
+				out = append(out, m)
+			}
+		}
+	}
+	return out
+}
+
+// waitSyncs waits until n syncs of a kind ("quick", "full") have completed
+// since the stack started.
+func (s *stack) waitSyncs(kind string, n int) {
+	s.t.Helper()
+	want := ev.SyncKind_SYNC_KIND_QUICK
+	if kind == "full" {
+		want = ev.SyncKind_SYNC_KIND_FULL
+	}
+	natstest.Eventually(s.t, 60*time.Second, fmt.Sprintf("%d %s syncs", n, kind), func() bool {
+		return len(find(s.events, func(m *ev.SyncCompleted) bool { return m.GetKind() == want && m.GetSuccess() })) >= n
+	})
+}
