@@ -64,7 +64,8 @@ bench:
 	set -o pipefail; $(GO) test -run '^$$' -bench . -benchmem -timeout 60m $(BENCH_PKGS) 2>&1 \
 		| $(GO) run ./tests/benchreport 2>bin/bench-raw.txt | tee bin/bench.txt
 
-## demo: run easguard with an embedded NATS server and print where to look
+## demo: easguard next to simulated Exchange and SMTP servers; walks one phone
+## from quarantine to mail, then stays up (DEMO_EXIT=1: exit after the walk)
 demo: build
 	@./deploy/demo.sh
 

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -52,6 +53,7 @@ type stackOptions struct {
 	workers  []string                // default: all
 	join     *stack                  // share this stack's simulators and NATS instead of starting new ones
 	evaluate func(*evaluator.Config) // tweak the evaluator
+	executor func(*executor.Config)  // tweak the executor
 	mdm      func(*pipeline.MDMConfig)
 }
 
@@ -70,7 +72,7 @@ type fixture struct {
 // simulator over real WinRM, a real SMTP server, an MDM inventory file.
 type stack struct {
 	*fixture
-	t        *testing.T
+	t        testing.TB
 	svc      *service.Service
 	sections pipeline.Sections
 	natsAddr string
@@ -80,7 +82,7 @@ type stack struct {
 	done     chan error
 }
 
-func newFixture(t *testing.T, o stackOptions) *fixture {
+func newFixture(t testing.TB, o stackOptions) *fixture {
 	t.Helper()
 	if o.seed == nil {
 		o.seed = &exchangesim.SeedSpec{Mailboxes: 5, Partnerships: 0, Seed: 1, NoHostile: true}
@@ -116,7 +118,7 @@ const (
 	testAckWait  = 2 * time.Second
 )
 
-func startStack(t *testing.T, o stackOptions) *stack {
+func startStack(t testing.TB, o stackOptions) *stack {
 	t.Helper()
 	var f *fixture
 	if o.join != nil {
@@ -132,6 +134,10 @@ func startStack(t *testing.T, o stackOptions) *stack {
 	if o.mdm != nil {
 		o.mdm(&mcfg)
 	}
+	xc := executor.Config{Window: 20 * time.Millisecond, MaxBatch: 500, Parallel: 32}
+	if o.executor != nil {
+		o.executor(&xc)
+	}
 	host, port := splitAddr(t, f.smtp.Addr())
 	xcfg := f.sim.ExchangeConfig(t)
 	s := &stack{fixture: f, t: t, spans: tracetest.NewSpanRecorder(), events: &eventLog{}}
@@ -141,7 +147,7 @@ func startStack(t *testing.T, o stackOptions) *stack {
 		Exchange:  &xcfg,
 		Collector: &collector.Config{QuickInterval: time.Second, FullInterval: time.Hour, QuickOverlap: time.Minute, EnforceSettings: true, DefaultAccessLevel: "Quarantine"},
 		Evaluator: &ecfg,
-		Executor:  &executor.Config{Window: 20 * time.Millisecond, MaxBatch: 500, Parallel: 32},
+		Executor:  &xc,
 		Mailer: &mailer.Config{SmtpHost: host, SmtpPort: port, SmtpSecurity: "starttls", SmtpUser: smtpUser, SmtpPassword: config.Secret(smtpPass),
 			SmtpCABundle: f.smtpCA, From: "IT Service <it@contoso.com>", EnrolURL: enrolURL, Helpdesk: "helpdesk@contoso.com, +49 30 1234", Company: "Contoso", Locale: "en", Period: 24 * time.Hour},
 		MDM: &mcfg,
@@ -232,7 +238,7 @@ func (s *stack) stop() {
 	}
 }
 
-func splitAddr(t *testing.T, addr string) (string, int) {
+func splitAddr(t testing.TB, addr string) (string, int) {
 	t.Helper()
 	i := strings.LastIndexByte(addr, ':')
 	var port int
@@ -293,25 +299,29 @@ type managedDevice struct {
 // writeInventory replaces the MDM inventory file, as an export job would.
 func (s *stack) writeInventory(devices ...managedDevice) {
 	s.t.Helper()
-	for i := range devices {
-		if devices[i].LastSyncDateTime == "" {
-			devices[i].LastSyncDateTime = time.Now().UTC().Format(time.RFC3339)
+	if err := s.tryWriteInventory(devices...); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+// tryWriteInventory is writeInventory for goroutines other than the test's.
+func (s *stack) tryWriteInventory(devices ...managedDevice) error {
+	out := make([]managedDevice, len(devices)) // "[]", not "null", when empty
+	copy(out, devices)
+	for i := range out {
+		if out[i].LastSyncDateTime == "" {
+			out[i].LastSyncDateTime = time.Now().UTC().Format(time.RFC3339)
 		}
 	}
-	if devices == nil {
-		devices = []managedDevice{} // "[]", not "null"
-	}
-	b, err := json.Marshal(devices)
+	b, err := json.Marshal(out)
 	if err != nil {
-		s.t.Fatal(err)
+		return err
 	}
 	tmp := s.inventory + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		s.t.Fatal(err)
+		return err
 	}
-	if err := os.Rename(tmp, s.inventory); err != nil {
-		s.t.Fatal(err)
-	}
+	return os.Rename(tmp, s.inventory)
 }
 
 func compliant(id, upn, easID string) managedDevice {
@@ -355,9 +365,16 @@ type event struct {
 type eventLog struct {
 	mu  sync.Mutex
 	all []event
+	dlq []string // subjects of dead letters (not protobuf events)
 }
 
 func (l *eventLog) add(m *nats.Msg) {
+	if strings.Contains(m.Subject, ".dlq.") {
+		l.mu.Lock()
+		l.dlq = append(l.dlq, m.Subject+": "+m.Header.Get(bus.HeaderDLQReason))
+		l.mu.Unlock()
+		return
+	}
 	name := m.Header.Get(bus.HeaderType)
 	mt, err := protoregistry.GlobalTypes.FindMessageByName(protoreflect.FullName(name))
 	if err != nil {
@@ -424,6 +441,13 @@ func (l *eventLog) dump() string {
 	return b.String()
 }
 
+// deadLetters lists the dead letters seen, with their reasons.
+func (l *eventLog) deadLetters() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.dlq)
+}
+
 // find returns the events of one family that match.
 func find[T proto.Message](l *eventLog, match func(T) bool) []T {
 	l.mu.Lock()
@@ -438,7 +462,7 @@ func find[T proto.Message](l *eventLog, match func(T) bool) []T {
 }
 
 // waitEvent waits for an event of one family that matches.
-func waitEvent[T proto.Message](t *testing.T, l *eventLog, what string, match func(T) bool) T {
+func waitEvent[T proto.Message](t testing.TB, l *eventLog, what string, match func(T) bool) T {
 	t.Helper()
 	var found T
 	natstest.Eventually(t, 60*time.Second, what, func() bool {

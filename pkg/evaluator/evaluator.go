@@ -25,6 +25,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -97,6 +98,14 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, l
 	}
 	if err := e.loadPolicy(true); err != nil {
 		return nil, err
+	}
+	// /status shows the guard from the start, not only once it acted.
+	initial, err := json.Marshal(GuardStatus{State: "ok", At: e.now(), Threshold: cfg.BlastRadius, Detail: "no revocation judged yet"})
+	if err != nil {
+		return nil, fmt.Errorf("evaluator: guard status: %w", err)
+	}
+	if _, err := e.status.Create(ctx, string(org)+".guard", initial); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		return nil, fmt.Errorf("evaluator: guard status: %w", err)
 	}
 	return e, nil
 }
@@ -239,6 +248,19 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 	var stage *ev.AccessDecided
 	_, err = bus.Modify(ctx, e.decisions, key, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
 		outs, stage = nil, nil
+		if exists && proto.Equal(rec.GetLastMatched(), in) {
+			// Redelivered after it was judged (the worker died before
+			// acknowledging): offer the same decision again. Its message
+			// id makes a copy that did go out a duplicate the stream drops.
+			if d := rec.GetLastDecision(); d != nil && d.GetDecisionId() == rec.GetDecisionId() && !rec.GetHeld() {
+				if rec.GetStaged() {
+					stage = d
+				} else if subject, err := bus.AccessDecided.Subject(e.org, p.GetDeviceId()); err == nil {
+					outs = append(outs, bus.Outbound{Subject: subject, Message: d, MsgID: "decided:" + d.GetDecisionId()})
+				}
+			}
+			return bus.Keep, nil
+		}
 		if exists && rec.GetLastMatched().GetMatchedAt().AsTime().After(in.GetMatchedAt().AsTime()) {
 			return bus.Keep, nil // a newer verdict was already judged
 		}
@@ -328,6 +350,7 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 		rec.Held = false
 		rec.Desired, rec.DecisionId, rec.DecidedAt, rec.Rule, rec.PolicyVersion, rec.DryRun = d.Desired, d.DecisionId, d.DecidedAt, d.Rule, d.PolicyVersion, dry
 		rec.Notified = rec.GetNotified() || d.NotifyUser
+		rec.LastDecision = d
 		if drift {
 			a, err := e.alert(ev.AlertKind_ALERT_KIND_DRIFT, ev.AlertSeverity_ALERT_SEVERITY_WARNING, "drift:"+d.DecisionId,
 				fmt.Sprintf("%s of %s was changed on Exchange outside easguard; correcting it", p.GetDeviceId(), mailboxName(p.GetMailbox())),
@@ -548,7 +571,7 @@ func (e *Evaluator) finalize(ctx context.Context, kind, id string, pub *bus.Publ
 	var outs []bus.Outbound
 	if len(staged) >= e.cfg.BlastMinimum && share > e.cfg.BlastRadius {
 		st := GuardStatus{State: "tripped", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share, Threshold: e.cfg.BlastRadius, At: e.now(),
-			Detail: fmt.Sprintf("%s would have taken mail away from %d of %d allowed devices (%.0f%%, limit %.0f%%); nothing of it was applied. "+
+			Detail: fmt.Sprintf("%s would have taken mail away from %d of %d allowed devices (%.0f%%, limit %.0f%%); none of these revocations was applied. "+
 				"If this is intended, raise EASGUARD_EVALUATOR_BLAST_RADIUS until it has gone through.",
 				batch, len(staged), allowed, 100*share, 100*e.cfg.BlastRadius),
 			Key: guardKey(staged), Since: e.now()}

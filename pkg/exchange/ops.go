@@ -497,9 +497,13 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 		}
 		items = append(items, item{call: Call{Cmdlet: "Set-CASMailbox", Params: params}, members: members})
 	}
+	// Spread the calls over every worker: Exchange runs the cmdlets of one
+	// session one after the other, so a batch is as slow as its length,
+	// and a round trip costs far less than a write.
+	size := min(c.BatchSize, max(1, (len(items)+c.Parallel-1)/c.Parallel))
 	var batches [][]item
-	for start := 0; start < len(items); start += c.BatchSize {
-		batches = append(batches, items[start:min(start+c.BatchSize, len(items))])
+	for start := 0; start < len(items); start += size {
+		batches = append(batches, items[start:min(start+size, len(items))])
 	}
 	var (
 		mu    sync.Mutex

@@ -166,7 +166,10 @@ type DecisionRecord struct {
 	ConfirmedAt *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=confirmed_at,json=confirmedAt,proto3" json:"confirmed_at,omitempty"`
 	// held: the blast-radius guard refused this decision; the device keeps
 	// its mail, and the decision is judged again with the next pass.
-	Held          bool `protobuf:"varint,13,opt,name=held,proto3" json:"held,omitempty"`
+	Held bool `protobuf:"varint,13,opt,name=held,proto3" json:"held,omitempty"`
+	// last_decision is the decision last made, so that a verdict redelivered
+	// after a crash publishes it again instead of losing it.
+	LastDecision  *AccessDecided `protobuf:"bytes,14,opt,name=last_decision,json=lastDecision,proto3" json:"last_decision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -290,6 +293,13 @@ func (x *DecisionRecord) GetHeld() bool {
 		return x.Held
 	}
 	return false
+}
+
+func (x *DecisionRecord) GetLastDecision() *AccessDecided {
+	if x != nil {
+		return x.LastDecision
+	}
+	return nil
 }
 
 // AppliedRecord is the executor's memory of one partnership.
@@ -534,7 +544,7 @@ const file_easguard_v1_state_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\v2\x16.easguard.v1.MDMDeviceR\x05value:\x028\x01\x1a]\n" +
 	"\x13ObservedAtByIdEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x120\n" +
-	"\x05value\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x05value:\x028\x01\"\x99\x04\n" +
+	"\x05value\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x05value:\x028\x01\"\xda\x04\n" +
 	"\x0eDecisionRecord\x124\n" +
 	"\adesired\x18\x01 \x01(\x0e2\x1a.easguard.v1.DesiredAccessR\adesired\x12\x1f\n" +
 	"\vdecision_id\x18\x02 \x01(\tR\n" +
@@ -552,7 +562,8 @@ const file_easguard_v1_state_proto_rawDesc = "" +
 	" \x01(\bR\bnotified\x12 \n" +
 	"\vtraceparent\x18\v \x01(\tR\vtraceparent\x12=\n" +
 	"\fconfirmed_at\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\vconfirmedAt\x12\x12\n" +
-	"\x04held\x18\r \x01(\bR\x04held\"\x91\x02\n" +
+	"\x04held\x18\r \x01(\bR\x04held\x12?\n" +
+	"\rlast_decision\x18\x0e \x01(\v2\x1a.easguard.v1.AccessDecidedR\flastDecision\"\x91\x02\n" +
 	"\rAppliedRecord\x12\x1f\n" +
 	"\vdecision_id\x18\x01 \x01(\tR\n" +
 	"decisionId\x129\n" +
@@ -601,9 +612,9 @@ var file_easguard_v1_state_proto_goTypes = []any{
 	(DesiredAccess)(0),             // 10: easguard.v1.DesiredAccess
 	(*timestamppb.Timestamp)(nil),  // 11: google.protobuf.Timestamp
 	(*DeviceMatched)(nil),          // 12: easguard.v1.DeviceMatched
-	(ApplyOutcome)(0),              // 13: easguard.v1.ApplyOutcome
-	(*EASPartnership)(nil),         // 14: easguard.v1.EASPartnership
-	(*AccessDecided)(nil),          // 15: easguard.v1.AccessDecided
+	(*AccessDecided)(nil),          // 13: easguard.v1.AccessDecided
+	(ApplyOutcome)(0),              // 14: easguard.v1.ApplyOutcome
+	(*EASPartnership)(nil),         // 15: easguard.v1.EASPartnership
 	(*EASPartnershipObserved)(nil), // 16: easguard.v1.EASPartnershipObserved
 	(*MDMDevice)(nil),              // 17: easguard.v1.MDMDevice
 }
@@ -617,21 +628,22 @@ var file_easguard_v1_state_proto_depIdxs = []int32{
 	12, // 6: easguard.v1.DecisionRecord.last_matched:type_name -> easguard.v1.DeviceMatched
 	11, // 7: easguard.v1.DecisionRecord.recheck_at:type_name -> google.protobuf.Timestamp
 	11, // 8: easguard.v1.DecisionRecord.confirmed_at:type_name -> google.protobuf.Timestamp
-	11, // 9: easguard.v1.AppliedRecord.decided_at:type_name -> google.protobuf.Timestamp
-	10, // 10: easguard.v1.AppliedRecord.desired:type_name -> easguard.v1.DesiredAccess
-	11, // 11: easguard.v1.AppliedRecord.applied_at:type_name -> google.protobuf.Timestamp
-	13, // 12: easguard.v1.AppliedRecord.outcome:type_name -> easguard.v1.ApplyOutcome
-	11, // 13: easguard.v1.CollectorRecord.last_seen:type_name -> google.protobuf.Timestamp
-	14, // 14: easguard.v1.CollectorRecord.partnership:type_name -> easguard.v1.EASPartnership
-	15, // 15: easguard.v1.StagedDecision.decision:type_name -> easguard.v1.AccessDecided
-	16, // 16: easguard.v1.PartnershipIndex.ByIdEntry.value:type_name -> easguard.v1.EASPartnershipObserved
-	17, // 17: easguard.v1.MDMIndex.ByIdEntry.value:type_name -> easguard.v1.MDMDevice
-	11, // 18: easguard.v1.MDMIndex.ObservedAtByIdEntry.value:type_name -> google.protobuf.Timestamp
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	13, // 9: easguard.v1.DecisionRecord.last_decision:type_name -> easguard.v1.AccessDecided
+	11, // 10: easguard.v1.AppliedRecord.decided_at:type_name -> google.protobuf.Timestamp
+	10, // 11: easguard.v1.AppliedRecord.desired:type_name -> easguard.v1.DesiredAccess
+	11, // 12: easguard.v1.AppliedRecord.applied_at:type_name -> google.protobuf.Timestamp
+	14, // 13: easguard.v1.AppliedRecord.outcome:type_name -> easguard.v1.ApplyOutcome
+	11, // 14: easguard.v1.CollectorRecord.last_seen:type_name -> google.protobuf.Timestamp
+	15, // 15: easguard.v1.CollectorRecord.partnership:type_name -> easguard.v1.EASPartnership
+	13, // 16: easguard.v1.StagedDecision.decision:type_name -> easguard.v1.AccessDecided
+	16, // 17: easguard.v1.PartnershipIndex.ByIdEntry.value:type_name -> easguard.v1.EASPartnershipObserved
+	17, // 18: easguard.v1.MDMIndex.ByIdEntry.value:type_name -> easguard.v1.MDMDevice
+	11, // 19: easguard.v1.MDMIndex.ObservedAtByIdEntry.value:type_name -> google.protobuf.Timestamp
+	20, // [20:20] is the sub-list for method output_type
+	20, // [20:20] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_easguard_v1_state_proto_init() }
