@@ -337,6 +337,16 @@ func (r *Runner) Run(ctx context.Context) error {
 }
 
 // outcome labels for metrics and spans.
+type deliveryKey struct{}
+
+// Delivery returns which delivery of its input a handler is running for:
+// 1 the first time, more after retries and crashes (0 outside a handler).
+// Handlers report it, for example as the attempts an outcome took.
+func Delivery(ctx context.Context) uint64 {
+	n, _ := ctx.Value(deliveryKey{}).(uint64)
+	return n
+}
+
 const (
 	outcomeAck        = "ack"
 	outcomeRetry      = "retry"
@@ -364,6 +374,7 @@ func (r *Runner) process(ctx context.Context, rt *boundRoute, m jetstream.Msg) {
 		span.SetAttributes(telemetry.OrgKey.String(string(r.cfg.Org)))
 	}
 
+	ctx = context.WithValue(ctx, deliveryKey{}, md.NumDelivered)
 	stop := r.heartbeat(m, rt.consumer.AckWait)
 	outcome, err := r.handle(ctx, rt, m, md)
 	stop()

@@ -810,7 +810,13 @@ func (e *Evaluator) rechecks(ctx context.Context, pub *bus.Publisher) error {
 		}
 		if ok && rec.GetLastMatched() != nil {
 			rctx := trace.ContextWithRemoteSpanContext(ctx, telemetry.ParseTraceparent(rec.GetTraceparent()))
-			outs, err := e.Decide(rctx, rec.GetLastMatched())
+			// The same verdict, judged now: a new verdict in Decide's eyes
+			// (not a redelivery), and a revocation it leads to is held with
+			// the current MDM window, which the loop judges, not with a
+			// sync pass judged long ago.
+			again := proto.Clone(rec.GetLastMatched()).(*ev.DeviceMatched)
+			again.Trigger, again.MatchedAt = "recheck", timestamppb.New(e.now())
+			outs, err := e.Decide(rctx, again)
 			if err != nil {
 				return err
 			}
@@ -820,16 +826,27 @@ func (e *Evaluator) rechecks(ctx context.Context, pub *bus.Publisher) error {
 				}
 			}
 		}
-		if err := e.staged.Delete(ctx, k); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+		// Only the entry read above: if the re-evaluation scheduled the
+		// same recheck again, that one stays.
+		if err := e.staged.Delete(ctx, k, jetstream.LastRevision(entry.Revision())); err != nil &&
+			!errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyExists) && !isWrongLastSequence(err) {
 			return fmt.Errorf("drop recheck %s: %w", k, err)
 		}
 	}
 	return nil
 }
 
+// isWrongLastSequence reports a conditional delete that lost to a newer write.
+func isWrongLastSequence(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence
+}
+
 // scheduleRecheck remembers to re-evaluate a decision at a time.
 func (e *Evaluator) scheduleRecheck(ctx context.Context, decisionKey string, p *ev.EASPartnership, at time.Time) error {
-	key, err := bus.StateKey(e.org, "recheck", strconv.FormatInt(at.Unix(), 10), p.GetDeviceId(), partnershipID(p))
+	// Rounded up to the second, so the recheck never runs before at.
+	due := at.Add(time.Second - time.Nanosecond).Unix()
+	key, err := bus.StateKey(e.org, "recheck", strconv.FormatInt(due, 10), p.GetDeviceId(), partnershipID(p))
 	if err != nil {
 		return bus.Poison(err)
 	}

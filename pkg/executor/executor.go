@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sort"
 	"strings"
 	"sync"
@@ -120,6 +121,15 @@ func mailboxIdentity(mb *ev.Mailbox) string {
 	return mb.GetPrimarySmtpAddress()
 }
 
+// attempts is how many deliveries the decision took to reach this outcome.
+func attempts(ctx context.Context) int32 {
+	return int32(max(1, min(bus.Delivery(ctx), math.MaxInt32)))
+}
+
+// newestPruneAt is the size of the batcher's memory of newest decisions
+// above which entries older than an hour are dropped.
+const newestPruneAt = 50000
+
 // Apply applies one decision and reports the outcome.
 func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbound, error) {
 	p := d.GetPartnership()
@@ -137,7 +147,7 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 		}
 		return []bus.Outbound{{Subject: subject, MsgID: "applied:" + d.GetDecisionId(), Message: &ev.AccessApplied{
 			Org: string(x.org), DecisionIds: []string{d.GetDecisionId()}, Cmdlets: cmdlets, Items: []*ev.AppliedItem{item},
-			CasServer: x.server(), Attempts: 1, Duration: durationpb.New(x.now().Sub(start)), AppliedAt: timestamppb.New(x.now()),
+			CasServer: x.server(), Attempts: attempts(ctx), Duration: durationpb.New(x.now().Sub(start)), AppliedAt: timestamppb.New(x.now()),
 			Actor: x.actor, PolicyVersion: d.GetPolicyVersion(),
 		}}}, nil
 	}
@@ -166,7 +176,7 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 	switch {
 	case res.Err == nil:
 	case errors.Is(res.Err, exchange.ErrSuperseded):
-		return result(ev.ApplyOutcome_APPLY_OUTCOME_SUPERSEDED, "superseded by a newer decision in the same batch", nil)
+		return result(ev.ApplyOutcome_APPLY_OUTCOME_SUPERSEDED, "superseded by a newer decision for the same device", nil)
 	case errors.Is(res.Err, exchange.ErrNotFound):
 		// The mailbox is gone: nothing to apply, and nothing to retry.
 		inv.Error = res.Err.Error()
@@ -229,6 +239,12 @@ type batcher struct {
 	pending []*submission
 	timer   *time.Timer
 	running sync.Mutex
+	// newest is the decision time of the newest change sent per mailbox
+	// and device, so that an older decision that arrives while a newer one
+	// is being applied (its record not written yet) cannot undo it;
+	// guarded by running. Within this process only: replicas of the
+	// executor each keep their own.
+	newest map[string]time.Time
 }
 
 type submission struct {
@@ -283,6 +299,42 @@ func (b *batcher) run(batch []*submission) {
 	b.running.Lock()
 	defer b.running.Unlock()
 	sort.SliceStable(batch, func(i, j int) bool { return batch[i].decided.Before(batch[j].decided) })
+	if b.newest == nil {
+		b.newest = map[string]time.Time{}
+	}
+	keyOf := func(c exchange.Change) string {
+		return strings.ToLower(c.Mailbox) + "\x00" + strings.ToLower(c.DeviceID)
+	}
+	kept := batch[:0]
+	for _, s := range batch {
+		if t, ok := b.newest[keyOf(s.change)]; ok && s.decided.Before(t) {
+			s.done <- exchange.ChangeResult{Change: s.change, Err: exchange.ErrSuperseded}
+			continue
+		}
+		kept = append(kept, s)
+	}
+	batch = kept
+	if len(batch) == 0 {
+		return
+	}
+	defer func() {
+		for _, s := range batch {
+			if t, ok := b.newest[keyOf(s.change)]; !ok || s.decided.After(t) {
+				b.newest[keyOf(s.change)] = s.decided
+			}
+		}
+		// A late older decision comes within seconds (a retry, a
+		// redelivery); remember the last hour, and only prune when the
+		// memory has grown.
+		if len(b.newest) > newestPruneAt {
+			cut := time.Now().Add(-time.Hour)
+			for k, t := range b.newest {
+				if t.Before(cut) {
+					delete(b.newest, k)
+				}
+			}
+		}
+	}()
 	changes := make([]exchange.Change, len(batch))
 	for i, s := range batch {
 		changes[i] = s.change

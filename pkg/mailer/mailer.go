@@ -117,7 +117,11 @@ func (m *Mailer) Routes() []bus.Route {
 func notifyReason(d *ev.AccessDecided) string {
 	switch {
 	case d.GetNotifyReason() != "":
-		return d.GetNotifyReason()
+		switch r := d.GetNotifyReason(); r {
+		case notify.ReasonNotEnrolled, notify.ReasonNoncompliant, notify.ReasonRetired, notify.ReasonPlatformNotAllowed:
+			return r
+		}
+		return notify.ReasonOther // what the templates fall back to
 	case d.GetRule() == notify.ReasonPlatformNotAllowed:
 		return notify.ReasonPlatformNotAllowed
 	case d.GetNoMatchReason() == ev.NoMatchReason_NO_MATCH_REASON_RETIRED:
@@ -148,9 +152,14 @@ func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
+	var resend *time.Time
 	if last, err := m.notified.Get(ctx, key); err == nil {
-		if t, perr := time.Parse(time.RFC3339Nano, string(last.Value())); perr == nil && m.now().Sub(t) < m.cfg.Period {
-			return nil, nil // already told within the period
+		at, id, _ := strings.Cut(string(last.Value()), " ")
+		if t, perr := time.Parse(time.RFC3339Nano, at); perr == nil && m.now().Sub(t) < m.cfg.Period {
+			if id != d.GetDecisionId() {
+				return nil, nil // already told within the period
+			}
+			resend = &t // this decision's mail went out; report it again
 		}
 	} else if !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted) {
 		return nil, fmt.Errorf("mailer: read %s: %w", key, err)
@@ -168,7 +177,10 @@ func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 		return nil, bus.Poison(fmt.Errorf("render: %w", err))
 	}
 	msgID := "<" + d.GetDecisionId() + "@easguard.invalid>"
-	if err := m.sender.Send(ctx, to, r, msgID); err != nil {
+	sent := m.now()
+	if resend != nil {
+		sent = *resend
+	} else if err := m.sender.Send(ctx, to, r, msgID); err != nil {
 		switch {
 		case errors.Is(err, notify.ErrPermanent):
 			return nil, bus.Poison(fmt.Errorf("send to %s: %w", to, err))
@@ -181,9 +193,12 @@ func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 			return nil, fmt.Errorf("send to %s: %w", to, err)
 		}
 	}
-	sent := m.now()
-	if _, err := m.notified.Put(ctx, key, []byte(sent.Format(time.RFC3339Nano))); err != nil {
-		m.log.WarnContext(ctx, "mail sent but not recorded; a redelivery could send it again", "to", to, "error", err)
+	if resend == nil {
+		// The decision id lets a redelivery of this decision report the
+		// mail again instead of being dropped as "already told".
+		if _, err := m.notified.Put(ctx, key, []byte(sent.Format(time.RFC3339Nano)+" "+d.GetDecisionId())); err != nil {
+			m.log.WarnContext(ctx, "mail sent but not recorded; a redelivery could send it again", "to", to, "error", err)
+		}
 	}
 	subject, err := bus.NotifySent.Subject(m.org, p.GetDeviceId())
 	if err != nil {

@@ -1,0 +1,1079 @@
+package evaluator_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/evaluator"
+	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	"github.com/easguard/easguard/pkg/policy"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+)
+
+const org bus.Org = "contoso"
+
+// Short-hands for the enums the tests use most.
+const (
+	stAllowed     = ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED
+	stBlocked     = ev.DeviceAccessState_DEVICE_ACCESS_STATE_BLOCKED
+	stQuarantined = ev.DeviceAccessState_DEVICE_ACCESS_STATE_QUARANTINED
+	rsGlobal      = ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_GLOBAL
+	rsIndividual  = ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_INDIVIDUAL
+	wantNone      = ev.DesiredAccess_DESIRED_ACCESS_UNSPECIFIED
+	wantAllow     = ev.DesiredAccess_DESIRED_ACCESS_ALLOW
+	wantBlock     = ev.DesiredAccess_DESIRED_ACCESS_BLOCK
+	wantQuar      = ev.DesiredAccess_DESIRED_ACCESS_QUARANTINE
+)
+
+// logSink records the messages the evaluator logs, so a test can wait
+// for something that has no other visible effect (a rejected policy file).
+type logSink struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (s *logSink) Enabled(context.Context, slog.Level) bool { return true }
+func (s *logSink) Handle(_ context.Context, r slog.Record) error {
+	s.mu.Lock()
+	s.msgs = append(s.msgs, r.Message)
+	s.mu.Unlock()
+	return nil
+}
+func (s *logSink) WithAttrs([]slog.Attr) slog.Handler { return s }
+func (s *logSink) WithGroup(string) slog.Handler      { return s }
+
+func (s *logSink) count(msg string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, m := range s.msgs {
+		if m == msg {
+			n++
+		}
+	}
+	return n
+}
+
+// harness runs one evaluator the way pkg/pipeline does (runner with its
+// routes, SetPublisher, the background loop) on a real JetStream server,
+// and records what it publishes.
+type harness struct {
+	t         testing.TB
+	js        jetstream.JetStream
+	e         *evaluator.Evaluator
+	pub       *bus.Publisher
+	status    jetstream.KeyValue
+	decisions jetstream.KeyValue
+	applied   jetstream.KeyValue
+	logs      *logSink
+	seq       int
+
+	mu             sync.Mutex
+	decided        []*ev.AccessDecided
+	alerts         []*ev.Alert
+	takenDecisions int
+	takenAlerts    int
+}
+
+// testConfig fills what a test leaves zero with the defaults of the
+// environment variables, except a short MDM window so that background
+// work (windows, rechecks) runs several times a second.
+func testConfig(cfg evaluator.Config) evaluator.Config {
+	if cfg.BlastRadius == 0 {
+		cfg.BlastRadius = 0.1
+	}
+	if cfg.BlastMinimum == 0 {
+		cfg.BlastMinimum = 3
+	}
+	if cfg.MDMWindow == 0 {
+		cfg.MDMWindow = 400 * time.Millisecond
+	}
+	return cfg
+}
+
+func start(tb testing.TB, cfg evaluator.Config) *harness {
+	tb.Helper()
+	_, _, js := natstest.Start(tb)
+	ctx := natstest.Context(tb)
+	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
+		tb.Fatal(err)
+	}
+	logs := &logSink{}
+	log := slog.New(logs)
+	e, err := evaluator.New(ctx, js, org, testConfig(cfg), log)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	r, err := bus.NewRunner(js, bus.RunnerConfig{Service: "evaluator", Org: org, Logger: log}, e.Routes()...)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	e.SetPublisher(r.Publisher())
+	rctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); _ = r.Run(rctx) }()
+	go func() { defer wg.Done(); _ = e.Run(rctx) }()
+	tb.Cleanup(func() { cancel(); wg.Wait() })
+	natstest.Eventually(tb, 5*time.Second, "evaluator ready", func() bool { return r.Ready() == nil })
+
+	h := &harness{t: tb, js: js, e: e, logs: logs}
+	if h.pub, err = bus.NewPublisher(js, bus.Instrumentation{}); err != nil {
+		tb.Fatal(err)
+	}
+	for _, b := range []struct {
+		name string
+		kv   *jetstream.KeyValue
+	}{{bus.BucketStatus, &h.status}, {bus.BucketDecisions, &h.decisions}, {bus.BucketApplied, &h.applied}} {
+		if *b.kv, err = js.KeyValue(ctx, b.name); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	watch(tb, js, bus.StreamDecisions, bus.AccessDecided.Filter(org), func(m *ev.AccessDecided) {
+		h.mu.Lock()
+		h.decided = append(h.decided, m)
+		h.mu.Unlock()
+	})
+	watch(tb, js, bus.StreamAlerts, bus.AlertRaised.Filter(org), func(m *ev.Alert) {
+		h.mu.Lock()
+		h.alerts = append(h.alerts, m)
+		h.mu.Unlock()
+	})
+	return h
+}
+
+// watch feeds every message of a stream that matches filter to fn, from
+// the beginning, through an ordered consumer.
+func watch[T any, PT interface {
+	*T
+	proto.Message
+}](tb testing.TB, js jetstream.JetStream, stream, filter string, fn func(PT)) {
+	tb.Helper()
+	c, err := js.OrderedConsumer(natstest.Context(tb), stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cc, err := c.Consume(func(msg jetstream.Msg) {
+		m := PT(new(T))
+		if proto.Unmarshal(msg.Data(), m) == nil {
+			fn(m)
+		}
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(cc.Stop)
+}
+
+// stored counts the messages a stream holds under filter.
+func stored(ctx context.Context, js jetstream.JetStream, stream, filter string) (int, bool) {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return 0, false
+	}
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return 0, false
+	}
+	n := 0
+	for _, c := range info.State.Subjects {
+		n += int(c)
+	}
+	return n, true
+}
+
+// settle waits until the evaluator has handled (and acknowledged) every
+// device.matched and sync.completed published so far, and the recorders
+// have received everything it published. After it, "no decision" means
+// none was made.
+func (h *harness) settle() {
+	h.t.Helper()
+	ctx := context.Background()
+	for _, stream := range []string{bus.StreamMatch, bus.StreamSync} {
+		natstest.Eventually(h.t, 20*time.Second, "evaluator done with "+stream, func() bool {
+			s, err := h.js.Stream(ctx, stream)
+			if err != nil {
+				return false
+			}
+			info, err := s.Info(ctx)
+			if err != nil {
+				return false
+			}
+			lister := s.ListConsumers(ctx)
+			for ci := range lister.Info() {
+				if ci.Config.Durable == "" {
+					continue
+				}
+				if ci.NumPending > 0 || ci.NumAckPending > 0 || ci.AckFloor.Stream < info.State.LastSeq {
+					return false
+				}
+			}
+			return lister.Err() == nil
+		})
+	}
+	h.catchUp()
+}
+
+// catchUp waits until the recorders hold every decision and alert stored.
+func (h *harness) catchUp() {
+	h.t.Helper()
+	ctx := context.Background()
+	natstest.Eventually(h.t, 10*time.Second, "decisions and alerts received", func() bool {
+		nd, ok1 := stored(ctx, h.js, bus.StreamDecisions, bus.AccessDecided.Filter(org))
+		na, ok2 := stored(ctx, h.js, bus.StreamAlerts, bus.AlertRaised.Filter(org))
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		return ok1 && ok2 && len(h.decided) == nd && len(h.alerts) == na
+	})
+}
+
+// newDecisions returns the decisions received since the last call.
+func (h *harness) newDecisions() []*ev.AccessDecided {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := h.decided[h.takenDecisions:]
+	h.takenDecisions = len(h.decided)
+	return out
+}
+
+// newAlerts returns the alerts received since the last call.
+func (h *harness) newAlerts() []*ev.Alert {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := h.alerts[h.takenAlerts:]
+	h.takenAlerts = len(h.alerts)
+	return out
+}
+
+// publish sends a verdict of the matcher to the evaluator.
+func (h *harness) publish(in *ev.DeviceMatched) {
+	h.t.Helper()
+	h.seq++
+	subject, err := bus.DeviceMatched.Subject(org, in.GetObserved().GetPartnership().GetDeviceId())
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subject, MsgID: fmt.Sprintf("test-matched-%d", h.seq), Message: in}); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// decide sends a verdict and returns the decisions it led to.
+func (h *harness) decide(in *ev.DeviceMatched) []*ev.AccessDecided {
+	h.t.Helper()
+	h.publish(in)
+	h.settle()
+	return h.newDecisions()
+}
+
+// syncCompleted reports the end of a sync pass to the evaluator.
+func (h *harness) syncCompleted(id string) {
+	h.t.Helper()
+	h.seq++
+	subject, err := bus.SyncCompleted.Subject(org, "")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subject, MsgID: fmt.Sprintf("test-sync-%d", h.seq), Message: &ev.SyncCompleted{
+		Org: string(org), SyncId: id, Kind: ev.SyncKind_SYNC_KIND_QUICK, Success: true, StartedAt: timestamppb.Now(), FinishedAt: timestamppb.Now(),
+	}}); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// statusOf reads a status key (<org>.<name>) into v; false if absent.
+func (h *harness) statusOf(name string, v any) bool {
+	h.t.Helper()
+	e, err := h.status.Get(context.Background(), string(org)+"."+name)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return false
+	}
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if err := json.Unmarshal(e.Value(), v); err != nil {
+		h.t.Fatalf("status %s: %v", name, err)
+	}
+	return true
+}
+
+func (h *harness) policyStatus() evaluator.PolicyStatus {
+	h.t.Helper()
+	var st evaluator.PolicyStatus
+	if !h.statusOf("policy", &st) {
+		h.t.Fatal("no policy status")
+	}
+	return st
+}
+
+// decisionRecord reads the evaluator's record of a device.
+func (h *harness) decisionRecord(d device) (*ev.DecisionRecord, bool) {
+	h.t.Helper()
+	rec, ok, err := bus.Load[ev.DecisionRecord](context.Background(), h.decisions, d.key(h.t))
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return rec, ok
+}
+
+// device is one partnership as the collector would report it.
+type device struct {
+	mailbox string
+	id      string
+	typ     string
+	os      string
+	state   ev.DeviceAccessState
+	reason  ev.DeviceAccessStateReason
+	first   time.Time
+}
+
+func phone(mailbox, id string, state ev.DeviceAccessState, reason ev.DeviceAccessStateReason) device {
+	return device{mailbox: mailbox, id: id, typ: "iPhone", os: "iOS 17.4 21E219", state: state, reason: reason, first: time.Now().Add(-48 * time.Hour)}
+}
+
+func (d device) guid() string {
+	return "GUID-" + strings.ToUpper(d.id) + "-" + strings.ToUpper(strings.Split(d.mailbox, "@")[0])
+}
+
+// key is the state key of the partnership, as the evaluator and the
+// executor compute it: org, device id, lower-cased partnership GUID.
+func (d device) key(tb testing.TB) string {
+	tb.Helper()
+	k, err := bus.StateKey(org, d.id, strings.ToLower(d.guid()))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return k
+}
+
+func (d device) partnership() *ev.EASPartnership {
+	local := strings.Split(d.mailbox, "@")[0]
+	identity := "contoso.com/Users/" + local
+	return &ev.EASPartnership{
+		Mailbox:  &ev.Mailbox{Identity: identity, PrimarySmtpAddress: d.mailbox, UserPrincipalName: d.mailbox, DisplayName: local},
+		DeviceId: d.id, DeviceType: d.typ, DeviceModel: d.typ, DeviceOs: d.os, FriendlyName: local + "'s " + d.typ,
+		DeviceAccessState: d.state, DeviceAccessStateReason: d.reason, FirstSyncTime: timestamppb.New(d.first),
+		Identity: identity + "/ExchangeActiveSyncDevices/" + d.typ + "§" + d.id, Guid: d.guid(),
+	}
+}
+
+// how is what the matcher found and when.
+type how struct {
+	mdm      *ev.MDMDevice // nil: no MDM record
+	trigger  string        // "eas" (default) or "mdm"
+	syncID   string        // default "sync-1" for trigger eas
+	observed time.Time     // default now
+	matched  time.Time     // default now
+}
+
+func compliant(d device) *ev.MDMDevice {
+	return &ev.MDMDevice{Source: "test", MdmDeviceId: "mdm-" + d.id, UserPrincipalName: d.mailbox, EasDeviceId: d.id,
+		EnrollmentState: ev.EnrollmentState_ENROLLMENT_STATE_ENROLLED, ComplianceState: ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT}
+}
+
+func noncompliant(d device) *ev.MDMDevice {
+	m := compliant(d)
+	m.ComplianceState = ev.ComplianceState_COMPLIANCE_STATE_NONCOMPLIANT
+	return m
+}
+
+// matched builds the matcher's verdict about d.
+func matched(d device, w how) *ev.DeviceMatched {
+	now := time.Now()
+	if w.trigger == "" {
+		w.trigger = "eas"
+	}
+	if w.syncID == "" && w.trigger == "eas" {
+		w.syncID = "sync-1"
+	}
+	if w.observed.IsZero() {
+		w.observed = now
+	}
+	if w.matched.IsZero() {
+		w.matched = now
+	}
+	in := &ev.DeviceMatched{
+		Org: string(org),
+		Observed: &ev.EASPartnershipObserved{Org: string(org), Partnership: d.partnership(), ObservedAt: timestamppb.New(w.observed),
+			Change: ev.ObservationChange_OBSERVATION_CHANGE_NEW, Sync: &ev.SyncRef{SyncId: w.syncID, Kind: ev.SyncKind_SYNC_KIND_QUICK}},
+		MatchedAt: timestamppb.New(w.matched), Trigger: w.trigger,
+	}
+	if w.mdm != nil {
+		in.Mdm, in.Method = w.mdm, ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID_AND_USER
+	} else {
+		in.NoMatchReason = ev.NoMatchReason_NO_MATCH_REASON_NO_MDM_RECORD
+	}
+	return in
+}
+
+// writePolicy writes a policy file for the org (version and org are
+// added) with the given modification time, so that a rewrite is always
+// seen as a change.
+func writePolicy(tb testing.TB, path, body string, mtime time.Time) {
+	tb.Helper()
+	if err := os.WriteFile(path, []byte("version: 1\norg: contoso\n"+body), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.Chtimes(path, mtime, mtime); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func policyFile(tb testing.TB, body string) string {
+	tb.Helper()
+	path := filepath.Join(tb.TempDir(), "policy.yaml")
+	writePolicy(tb, path, body, time.Now())
+	return path
+}
+
+func versionOf(tb testing.TB, path string) string {
+	tb.Helper()
+	p, err := policy.Load(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return p.Version()
+}
+
+// only asserts that exactly one decision was made, and returns it.
+func only(tb testing.TB, got []*ev.AccessDecided, what string) *ev.AccessDecided {
+	tb.Helper()
+	if len(got) != 1 {
+		tb.Fatalf("%s: %d decisions, want 1: %v", what, len(got), got)
+	}
+	return got[0]
+}
+
+func none(tb testing.TB, got []*ev.AccessDecided, what string) {
+	tb.Helper()
+	if len(got) != 0 {
+		tb.Fatalf("%s: %d decisions, want none: %v", what, len(got), got)
+	}
+}
+
+// A decision is published only when Exchange's state is not the desired
+// one, or when the user of a device Exchange already holds back has not
+// been told how to enrol yet.
+func TestDecidesOnlyWhenExchangeDiffers(t *testing.T) {
+	type step struct {
+		state        ev.DeviceAccessState
+		reason       ev.DeviceAccessStateReason
+		mdm          bool // a compliant MDM record
+		want         ev.DesiredAccess
+		rule         string
+		notifyReason string // "" means notify_user false
+	}
+	cases := []struct {
+		name   string
+		policy string // "" means no file: the default policy
+		steps  []step
+	}{
+		{name: "quarantined unknown device is blocked and its user told", steps: []step{
+			{state: stQuarantined, reason: rsGlobal, want: wantBlock, rule: policy.RuleUnknownDevice, notifyReason: policy.NotifyNotEnrolled},
+		}},
+		{name: "blocked device: the user is told once, then nothing", steps: []step{
+			{state: stBlocked, reason: rsIndividual, want: wantBlock, rule: policy.RuleUnknownDevice, notifyReason: policy.NotifyNotEnrolled},
+			{state: stBlocked, reason: rsIndividual, want: wantNone},
+		}},
+		{name: "blocked device without notification is left alone", policy: "notify: false\n", steps: []step{
+			{state: stBlocked, reason: rsIndividual, want: wantNone},
+		}},
+		{name: "compliant device already allowed is left alone", steps: []step{
+			{state: stAllowed, reason: rsIndividual, mdm: true, want: wantNone},
+		}},
+		{name: "compliant quarantined device is allowed without a mail", steps: []step{
+			{state: stQuarantined, reason: rsGlobal, mdm: true, want: wantAllow, rule: policy.RuleCompliant},
+		}},
+		{name: "allowed only by the org default is allowed individually", steps: []step{
+			{state: stAllowed, reason: rsGlobal, mdm: true, want: wantAllow, rule: policy.RuleCompliant},
+		}},
+		{name: "unknown quarantine: a quarantined device stays, quietly", policy: "unknown_device: quarantine\nnotify: false\n", steps: []step{
+			{state: stQuarantined, reason: rsGlobal, want: wantNone},
+		}},
+		{name: "unknown quarantine: a blocked device is moved to quarantine", policy: "unknown_device: quarantine\nnotify: false\n", steps: []step{
+			{state: stBlocked, reason: rsIndividual, want: wantQuar, rule: policy.RuleUnknownDevice},
+		}},
+		{name: "unknown block: a quarantined device is blocked without a mail", policy: "notify: false\n", steps: []step{
+			{state: stQuarantined, reason: rsGlobal, want: wantBlock, rule: policy.RuleUnknownDevice},
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := evaluator.Config{}
+			if tc.policy != "" {
+				cfg.PolicyFile = policyFile(t, tc.policy)
+			}
+			h := start(t, cfg)
+			version := h.policyStatus().Version
+			for i, s := range tc.steps {
+				d := phone("alice@contoso.com", "ApplDEV1", s.state, s.reason)
+				w := how{}
+				if s.mdm {
+					w.mdm = compliant(d)
+				}
+				got := h.decide(matched(d, w))
+				what := fmt.Sprintf("step %d", i+1)
+				if s.want == wantNone {
+					none(t, got, what)
+					continue
+				}
+				dec := only(t, got, what)
+				if dec.GetDesired() != s.want || dec.GetRule() != s.rule {
+					t.Fatalf("%s: %v by %q, want %v by %q", what, dec.GetDesired(), dec.GetRule(), s.want, s.rule)
+				}
+				if dec.GetNotifyUser() != (s.notifyReason != "") || dec.GetNotifyReason() != s.notifyReason {
+					t.Fatalf("%s: notify_user %v reason %q, want reason %q", what, dec.GetNotifyUser(), dec.GetNotifyReason(), s.notifyReason)
+				}
+				if dec.GetDecisionId() == "" || dec.GetOrg() != string(org) || dec.GetDryRun() || dec.GetPolicyVersion() != version ||
+					dec.GetExchangeState() != s.state || dec.GetExchangeReason() != s.reason || dec.GetPartnership().GetDeviceId() != d.id || dec.GetSyncId() != "sync-1" {
+					t.Fatalf("%s: decision %v", what, dec)
+				}
+			}
+		})
+	}
+}
+
+// Scope, platforms and exemptions of the policy file decide; out of
+// scope means nothing is decided and nothing remembered.
+func TestPolicyRules(t *testing.T) {
+	now := time.Now()
+	path := policyFile(t, fmt.Sprintf(`
+scope:
+  include: {domains: [contoso.com]}
+  exclude: {mailboxes: [ceo@contoso.com]}
+allowed_platforms: [ios, android]
+platform_not_allowed: quarantine
+exemptions:
+  - {device_id: "ApplEXEMPT1", reason: "break-glass"}
+  - {device_type: "EASProbeDeviceType", reason: "health probes"}
+  - {mailbox: "helpdesk@contoso.com", reason: "shared phone"}
+  - {device_id: "ApplEXPIRED", reason: "was temporary", until: %q}
+  - {device_id: "ApplLATER", reason: "temporary", until: %q}
+`, now.Add(-time.Hour).UTC().Format(time.RFC3339), now.Add(time.Hour).UTC().Format(time.RFC3339)))
+	h := start(t, evaluator.Config{PolicyFile: path})
+
+	windows := phone("bob@contoso.com", "WINPHONE1", stQuarantined, rsGlobal)
+	windows.typ, windows.os = "WindowsMail", "Windows 10"
+	probe := phone("carol@contoso.com", "EASProbeDevice1", stQuarantined, rsGlobal)
+	probe.typ, probe.os = "EASProbeDeviceType", ""
+	cases := []struct {
+		name         string
+		dev          device
+		mdm          bool
+		want         ev.DesiredAccess
+		rule         string
+		notifyReason string
+	}{
+		{name: "another domain is out of scope", dev: phone("eve@fabrikam.com", "ApplOUT1", stQuarantined, rsGlobal), want: wantNone},
+		{name: "an excluded mailbox is out of scope", dev: phone("ceo@contoso.com", "ApplCEO1", stQuarantined, rsGlobal), want: wantNone},
+		{name: "allowed platform, compliant", dev: phone("dave@contoso.com", "ApplDAVE1", stQuarantined, rsGlobal), mdm: true, want: wantAllow, rule: policy.RuleCompliant},
+		{name: "platform not allowed, even compliant", dev: windows, mdm: true, want: wantQuar, rule: policy.RulePlatformNotAllowed, notifyReason: policy.NotifyPlatformNotAllowed},
+		{name: "exempt by device id, any case", dev: phone("frank@contoso.com", "applexempt1", stQuarantined, rsGlobal), want: wantAllow, rule: policy.RuleExemptionDeviceID},
+		{name: "exempt by device type", dev: probe, want: wantAllow, rule: policy.RuleExemptionDeviceType},
+		{name: "exempt by mailbox", dev: phone("helpdesk@contoso.com", "ApplHELP1", stQuarantined, rsGlobal), want: wantAllow, rule: policy.RuleExemptionMailbox},
+		{name: "expired exemption no longer allows", dev: phone("gina@contoso.com", "ApplEXPIRED", stQuarantined, rsGlobal), want: wantBlock, rule: policy.RuleUnknownDevice, notifyReason: policy.NotifyNotEnrolled},
+		{name: "exemption until later still allows", dev: phone("hugo@contoso.com", "ApplLATER", stQuarantined, rsGlobal), want: wantAllow, rule: policy.RuleExemptionDeviceID},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h.t = t
+			w := how{}
+			if tc.mdm {
+				w.mdm = compliant(tc.dev)
+				if tc.dev.typ == "WindowsMail" {
+					w.mdm.Platform = ev.Platform_PLATFORM_WINDOWS
+				}
+			}
+			got := h.decide(matched(tc.dev, w))
+			if tc.want == wantNone {
+				none(t, got, tc.name)
+				if _, ok := h.decisionRecord(tc.dev); ok {
+					t.Fatal("an out-of-scope partnership was remembered")
+				}
+				return
+			}
+			dec := only(t, got, tc.name)
+			if dec.GetDesired() != tc.want || dec.GetRule() != tc.rule || dec.GetNotifyReason() != tc.notifyReason || dec.GetNotifyUser() != (tc.notifyReason != "") {
+				t.Fatalf("%v by %q (notify %v %q), want %v by %q (notify %q): %s", dec.GetDesired(), dec.GetRule(), dec.GetNotifyUser(), dec.GetNotifyReason(),
+					tc.want, tc.rule, tc.notifyReason, dec.GetReason())
+			}
+		})
+	}
+}
+
+// The policy file is re-read when it changes: decisions follow the new
+// version, a mailbox the new scope leaves out is forgotten, and a broken
+// file keeps the last good policy in force.
+func TestPolicyReload(t *testing.T) {
+	path := policyFile(t, "unknown_device: block\n")
+	v1 := versionOf(t, path)
+	h := start(t, evaluator.Config{PolicyFile: path})
+	if st := h.policyStatus(); st.Version != v1 || st.DryRun || st.File != path {
+		t.Fatalf("policy status %+v, want version %s, no dry run", st, v1)
+	}
+	alice := phone("alice@contoso.com", "ApplALICE1", stQuarantined, rsGlobal)
+	if d := only(t, h.decide(matched(alice, how{})), "v1"); d.GetDesired() != wantBlock || d.GetPolicyVersion() != v1 {
+		t.Fatalf("under v1: %v", d)
+	}
+	if _, ok := h.decisionRecord(alice); !ok {
+		t.Fatal("no record of alice's decision")
+	}
+
+	// The evaluator looks at the file at most every two seconds, when it
+	// judges something: a harmless verdict (an allowed, compliant device)
+	// is sent until the change shows.
+	probe := phone("probe@contoso.com", "ApplPROBE1", stAllowed, rsIndividual)
+	poke := func(what string, done func() bool) {
+		t.Helper()
+		var last time.Time
+		natstest.Eventually(t, 15*time.Second, what, func() bool {
+			if done() {
+				return true
+			}
+			if time.Since(last) > 250*time.Millisecond {
+				last = time.Now()
+				h.publish(matched(probe, how{mdm: compliant(probe)}))
+			}
+			return false
+		})
+		h.settle()
+		none(t, h.newDecisions(), "probes")
+	}
+
+	writePolicy(t, path, "unknown_device: quarantine\nscope:\n  exclude: {mailboxes: [alice@contoso.com]}\n", time.Now().Add(time.Second))
+	v2 := versionOf(t, path)
+	poke("policy v2 loaded", func() bool {
+		var st evaluator.PolicyStatus
+		return h.statusOf("policy", &st) && st.Version == v2
+	})
+	bob := phone("bob@contoso.com", "ApplBOB1", stBlocked, rsIndividual)
+	if d := only(t, h.decide(matched(bob, how{})), "v2"); d.GetDesired() != wantQuar || d.GetPolicyVersion() != v2 {
+		t.Fatalf("under v2: %v", d)
+	}
+	none(t, h.decide(matched(alice, how{})), "alice out of scope")
+	if _, ok := h.decisionRecord(alice); ok {
+		t.Fatal("the decision of a mailbox now out of scope was not forgotten")
+	}
+
+	writePolicy(t, path, "unknown_device: maybe\n", time.Now().Add(2*time.Second))
+	poke("broken policy noticed", func() bool { return h.logs.count("policy file invalid; keeping the last good policy") > 0 })
+	if st := h.policyStatus(); st.Version != v2 {
+		t.Fatalf("policy status after a broken file: %+v, want version %s", st, v2)
+	}
+	carol := phone("carol@contoso.com", "ApplCAROL1", stBlocked, rsIndividual)
+	if d := only(t, h.decide(matched(carol, how{})), "after the broken file"); d.GetDesired() != wantQuar || d.GetPolicyVersion() != v2 {
+		t.Fatalf("after the broken file: %v", d)
+	}
+}
+
+// In a dry run (the policy's dry_run, or EASGUARD_EVALUATOR_DRY_RUN)
+// decisions are made, marked dry_run and published at once, even those
+// that take mail away, which the guard would otherwise hold.
+func TestDryRun(t *testing.T) {
+	cases := []struct {
+		name string
+		cfg  func(t *testing.T) evaluator.Config
+	}{
+		{"policy file", func(t *testing.T) evaluator.Config {
+			return evaluator.Config{PolicyFile: policyFile(t, "dry_run: true\n")}
+		}},
+		{"configuration", func(*testing.T) evaluator.Config { return evaluator.Config{DryRun: true} }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := start(t, tc.cfg(t))
+			st := h.policyStatus()
+			if !st.DryRun || st.Version == "" {
+				t.Fatalf("policy status %+v, want dry_run", st)
+			}
+			d := only(t, h.decide(matched(phone("alice@contoso.com", "ApplALICE1", stQuarantined, rsGlobal), how{})), "unknown device")
+			if d.GetDesired() != wantBlock || !d.GetDryRun() || d.GetPolicyVersion() != st.Version {
+				t.Fatalf("unknown device in a dry run: %v", d)
+			}
+			bob := phone("bob@contoso.com", "ApplBOB1", stAllowed, rsIndividual)
+			none(t, h.decide(matched(bob, how{mdm: compliant(bob)})), "compliant and allowed")
+			d = only(t, h.decide(matched(bob, how{mdm: noncompliant(bob)})), "noncompliant")
+			if d.GetDesired() != wantBlock || !d.GetDryRun() || d.GetRule() != policy.RuleNoncompliant {
+				t.Fatalf("revocation in a dry run: %v", d)
+			}
+			// Nothing changed on Exchange: seen again, nothing new to say.
+			none(t, h.decide(matched(bob, how{mdm: noncompliant(bob)})), "noncompliant again")
+		})
+	}
+}
+
+// A verdict redelivered after its decision was recorded (the worker died
+// before its output went out) yields the identical decision again.
+func TestRedeliveryReoffersTheDecision(t *testing.T) {
+	h := start(t, evaluator.Config{})
+	ctx := natstest.Context(t)
+	in := matched(phone("alice@contoso.com", "ApplALICE1", stQuarantined, rsGlobal), how{})
+
+	// The first delivery is judged and recorded, but its output is lost.
+	first, err := h.e.Decide(ctx, proto.Clone(in).(*ev.DeviceMatched))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(first) != 1 {
+		t.Fatalf("first delivery: %d outputs", len(first))
+	}
+	lost, ok := first[0].Message.(*ev.AccessDecided)
+	if !ok || lost.GetDesired() != wantBlock {
+		t.Fatalf("first delivery: %v", first[0].Message)
+	}
+
+	// The redelivery goes through the runner and publishes it after all.
+	got := only(t, h.decide(proto.Clone(in).(*ev.DeviceMatched)), "redelivery")
+	if got.GetDecisionId() != lost.GetDecisionId() || !proto.Equal(got, lost) {
+		t.Fatalf("redelivery decided %v, the lost decision was %v", got, lost)
+	}
+
+	// Offered again, it keeps its message id, so the stream drops the copy.
+	again, err := h.e.Decide(ctx, proto.Clone(in).(*ev.DeviceMatched))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(again) != 1 || again[0].MsgID != first[0].MsgID || again[0].MsgID != "decided:"+lost.GetDecisionId() {
+		t.Fatalf("second redelivery: %v, first had id %q", again, first[0].MsgID)
+	}
+	for _, o := range again {
+		if _, err := h.pub.Publish(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.settle()
+	none(t, h.newDecisions(), "a copy of an already published decision")
+}
+
+// After a decision was applied, an observation taken later that shows
+// Exchange disagreeing is a manual edit: the decision is made again as
+// drift, with one alert. An observation from before the apply is not.
+func TestDrift(t *testing.T) {
+	cases := []struct {
+		name      string
+		observed  func(applied time.Time) time.Time
+		wantDrift bool
+	}{
+		{"observed after the apply", func(a time.Time) time.Time { return a.Add(time.Second) }, true},
+		{"observed before the apply", func(a time.Time) time.Time { return a.Add(-time.Second) }, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := start(t, evaluator.Config{})
+			ctx := natstest.Context(t)
+			d := phone("alice@contoso.com", "ApplALICE1", stQuarantined, rsGlobal)
+			allow := only(t, h.decide(matched(d, how{mdm: compliant(d), observed: time.Now().Add(-time.Minute)})), "compliant")
+			if allow.GetDesired() != wantAllow {
+				t.Fatalf("compliant: %v", allow)
+			}
+			// The executor applied it (its record, under its key).
+			appliedAt := time.Now()
+			if err := bus.Put(ctx, h.applied, d.key(t), &ev.AppliedRecord{DecisionId: allow.GetDecisionId(), DecidedAt: allow.GetDecidedAt(),
+				Desired: wantAllow, AppliedAt: timestamppb.New(appliedAt), Outcome: ev.ApplyOutcome_APPLY_OUTCOME_APPLIED}); err != nil {
+				t.Fatal(err)
+			}
+			// An administrator blocked the device by hand.
+			d.state, d.reason = stBlocked, rsIndividual
+			got := h.decide(matched(d, how{mdm: compliant(d), observed: tc.observed(appliedAt)}))
+			alerts := h.newAlerts()
+			if !tc.wantDrift {
+				none(t, got, "stale observation")
+				if len(alerts) != 0 {
+					t.Fatalf("alerts for a stale observation: %v", alerts)
+				}
+				return
+			}
+			dec := only(t, got, "drift")
+			if dec.GetDesired() != wantAllow || !strings.HasPrefix(dec.GetReason(), "drift:") || dec.GetDecisionId() == allow.GetDecisionId() {
+				t.Fatalf("drift decision: %v", dec)
+			}
+			if len(alerts) != 1 || alerts[0].GetKind() != ev.AlertKind_ALERT_KIND_DRIFT || alerts[0].GetDetail()["decision_id"] != dec.GetDecisionId() {
+				t.Fatalf("drift alerts: %v", alerts)
+			}
+			// Seen again before the correction is applied: no second alert.
+			none(t, h.decide(matched(d, how{mdm: compliant(d), observed: tc.observed(appliedAt).Add(time.Second)})), "drift again")
+			if a := h.newAlerts(); len(a) != 0 {
+				t.Fatalf("second drift alert: %v", a)
+			}
+		})
+	}
+}
+
+// stagedCount counts the entries of the guard's bucket under prefix.
+func (h *harness) stagedCount(prefix string) int {
+	h.t.Helper()
+	ctx := context.Background()
+	kv, err := h.js.KeyValue(ctx, bus.BucketStaged)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	l, err := kv.ListKeysFiltered(ctx, prefix+".>")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	n := 0
+	for range l.Keys() {
+		n++
+	}
+	return n
+}
+
+// guardStatus reads <org>.guard.
+func (h *harness) guardStatus() (evaluator.GuardStatus, bool) {
+	h.t.Helper()
+	var st evaluator.GuardStatus
+	ok := h.statusOf("guard", &st)
+	return st, ok
+}
+
+// fleet makes n devices that have mail (allowed individually, compliant)
+// and are known to the evaluator.
+func (h *harness) fleet(n int) []device {
+	h.t.Helper()
+	var ds []device
+	for i := range n {
+		d := phone(fmt.Sprintf("user%d@contoso.com", i), fmt.Sprintf("ApplFLEET%d", i), stAllowed, rsIndividual)
+		h.publish(matched(d, how{mdm: compliant(d)}))
+		ds = append(ds, d)
+	}
+	h.settle()
+	none(h.t, h.newDecisions(), "allowed fleet")
+	return ds
+}
+
+// The blast-radius guard holds the revocations of a sync pass that would
+// take mail from more than its share of the allowed devices, alerts once
+// per set, and releases passes under the share or the minimum.
+func TestBlastRadiusGuard(t *testing.T) {
+	cases := []struct {
+		name        string
+		cfg         evaluator.Config
+		fleet, revs int
+		tripped     bool
+	}{
+		{name: "half the fleet", fleet: 10, revs: 5, tripped: true},
+		{name: "under the minimum", cfg: evaluator.Config{BlastMinimum: 3}, fleet: 3, revs: 2},
+		{name: "under the share", cfg: evaluator.Config{BlastRadius: 0.5}, fleet: 10, revs: 3},
+		{name: "exactly the share", cfg: evaluator.Config{BlastRadius: 0.3}, fleet: 10, revs: 3},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := start(t, tc.cfg)
+			ds := h.fleet(tc.fleet)
+			revoke := func(syncID string) {
+				for _, d := range ds[:tc.revs] {
+					h.publish(matched(d, how{mdm: noncompliant(d), syncID: syncID}))
+				}
+				h.settle()
+				none(t, h.newDecisions(), "revocations before their pass completed")
+				h.syncCompleted(syncID)
+				h.settle()
+			}
+			revoke("pass-1")
+			got, alerts := h.newDecisions(), h.newAlerts()
+			st, ok := h.guardStatus()
+			if !ok {
+				t.Fatal("no guard status")
+			}
+			if !tc.tripped {
+				if len(got) != tc.revs || len(alerts) != 0 || st.State != "ok" || st.Revocations != tc.revs {
+					t.Fatalf("released: %d decisions, %d alerts, status %+v", len(got), len(alerts), st)
+				}
+				for _, d := range got {
+					if d.GetDesired() != wantBlock || d.GetRule() != policy.RuleNoncompliant || d.GetSyncId() != "pass-1" {
+						t.Fatalf("released decision: %v", d)
+					}
+				}
+				return
+			}
+			none(t, got, "tripped guard")
+			if len(alerts) != 1 || alerts[0].GetKind() != ev.AlertKind_ALERT_KIND_BLAST_RADIUS || alerts[0].GetDetail()["revocations"] != fmt.Sprint(tc.revs) {
+				t.Fatalf("alerts: %v", alerts)
+			}
+			if st.State != "tripped" || st.Revocations != tc.revs || st.Allowed != tc.fleet || st.Batch != "sync/pass-1" || st.Key == "" {
+				t.Fatalf("guard status %+v", st)
+			}
+			// The devices keep their mail: the records say held, not staged.
+			rec, _ := h.decisionRecord(ds[0])
+			if !rec.GetHeld() || rec.GetStaged() {
+				t.Fatalf("record of a refused revocation: held %v staged %v", rec.GetHeld(), rec.GetStaged())
+			}
+
+			// The next pass brings the same revocations: still held, no new alert.
+			revoke("pass-2")
+			none(t, h.newDecisions(), "tripped guard, second pass")
+			if a := h.newAlerts(); len(a) != 0 {
+				t.Fatalf("second alert for the same revocations: %v", a)
+			}
+			st2, _ := h.guardStatus()
+			if st2.State != "tripped" || st2.Batch != "sync/pass-2" || st2.Key != st.Key || !st2.Since.Equal(st.Since) {
+				t.Fatalf("guard status after the second pass %+v, first %+v", st2, st)
+			}
+		})
+	}
+}
+
+// Revocations caused by MDM changes are gathered over the MDM window and
+// judged together by the background loop.
+func TestBlastRadiusGuardMDMWindow(t *testing.T) {
+	cases := []struct {
+		name        string
+		fleet, revs int
+		tripped     bool
+	}{
+		{"mass revocation in one window", 10, 5, true},
+		{"a few revocations", 10, 1, false},
+	}
+	const window = 400 * time.Millisecond
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := start(t, evaluator.Config{MDMWindow: window})
+			ds := h.fleet(tc.fleet)
+			// All in one window that has not begun yet, so that none of
+			// them is judged before the others have arrived.
+			w := time.Now().UnixNano()/int64(window) + 3
+			at := time.Unix(0, w*int64(window)+int64(window)/2)
+			for i, d := range ds[:tc.revs] {
+				h.publish(matched(d, how{mdm: noncompliant(d), trigger: "mdm", matched: at.Add(time.Duration(i) * time.Millisecond)}))
+			}
+			h.settle()
+			none(t, h.newDecisions(), "revocations before their window closed")
+			// The guard records its verdict, publishes, and only then drops
+			// the staged revocations: once they are gone, all is out.
+			batch := fmt.Sprintf("mdm/%d", w)
+			natstest.Eventually(t, 10*time.Second, "window "+batch+" judged", func() bool {
+				st, ok := h.guardStatus()
+				return ok && st.Batch == batch && h.stagedCount(fmt.Sprintf("%s.mdm.%d", org, w)) == 0
+			})
+			h.catchUp()
+			got, alerts := h.newDecisions(), h.newAlerts()
+			st, _ := h.guardStatus()
+			if tc.tripped {
+				none(t, got, "tripped guard")
+				if len(alerts) != 1 || alerts[0].GetKind() != ev.AlertKind_ALERT_KIND_BLAST_RADIUS || st.State != "tripped" || st.Revocations != tc.revs {
+					t.Fatalf("alerts %v, status %+v", alerts, st)
+				}
+				return
+			}
+			if len(got) != tc.revs || len(alerts) != 0 || st.State != "ok" {
+				t.Fatalf("released: %v, alerts %v, status %+v", got, alerts, st)
+			}
+		})
+	}
+}
+
+// A verdict that changes by time alone (the end of a grace period or of
+// an exemption) is judged again when that time comes, without any new
+// event: the device allowed for a while is then blocked.
+func TestRecheckWhenTimeRunsOut(t *testing.T) {
+	cases := []struct {
+		name    string
+		policy  func(until time.Time) string
+		trigger string
+		rule    string
+	}{
+		{"grace period ends (new device seen by a sync)", func(time.Time) string { return "grace_period: 3s\n" }, "eas", policy.RuleGracePeriod},
+		{"grace period ends (MDM change)", func(time.Time) string { return "grace_period: 3s\n" }, "mdm", policy.RuleGracePeriod},
+		{"exemption ends", func(until time.Time) string {
+			return fmt.Sprintf("exemptions:\n  - {device_id: ApplNEW1, reason: travel, until: %q}\n", until.UTC().Format(time.RFC3339))
+		}, "eas", policy.RuleExemptionDeviceID},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			now := time.Now()
+			h := start(t, evaluator.Config{PolicyFile: policyFile(t, tc.policy(now.Add(4*time.Second)))})
+			d := phone("alice@contoso.com", "ApplNEW1", stQuarantined, rsGlobal)
+			d.first = now
+			allow := only(t, h.decide(matched(d, how{trigger: tc.trigger})), "new device")
+			if allow.GetDesired() != wantAllow || allow.GetRule() != tc.rule || allow.GetNotifyUser() {
+				t.Fatalf("new device: %v", allow)
+			}
+			rec, _ := h.decisionRecord(d)
+			if !rec.GetRecheckAt().IsValid() {
+				t.Fatal("no recheck scheduled")
+			}
+			var block *ev.AccessDecided
+			natstest.Eventually(t, 8*time.Second, "a block decision after "+tc.rule+" ended", func() bool {
+				h.mu.Lock()
+				defer h.mu.Unlock()
+				for _, dec := range h.decided {
+					if dec.GetDesired() == wantBlock {
+						block = dec
+						return true
+					}
+				}
+				return false
+			})
+			if block.GetRule() != policy.RuleUnknownDevice || !block.GetNotifyUser() || block.GetPartnership().GetDeviceId() != d.id {
+				t.Fatalf("after %s: %v", tc.rule, block)
+			}
+		})
+	}
+}
+
+// evaluatorSpec is the evaluator's section as a worker binary loads it.
+type evaluatorSpec struct{ Evaluator evaluator.Config }
+
+func (s *evaluatorSpec) Validate() error { return s.Evaluator.Validate() }
+
+// Bad settings are refused with an error that names the variable.
+func TestConfigValidate(t *testing.T) {
+	broken := filepath.Join(t.TempDir(), "broken.yaml")
+	writePolicy(t, broken, "unknown_device: maybe\n", time.Now())
+	good := policyFile(t, "notify: false\n")
+	cases := []struct {
+		name string
+		env  map[string]string
+		want string // the variable named; "" for valid
+	}{
+		{"defaults", nil, ""},
+		{"a policy file", map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": good}, ""},
+		{"share zero", map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "0"}, "EASGUARD_EVALUATOR_BLAST_RADIUS"},
+		{"share above one", map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "1.5"}, "EASGUARD_EVALUATOR_BLAST_RADIUS"},
+		{"share negative", map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "-0.1"}, "EASGUARD_EVALUATOR_BLAST_RADIUS"},
+		{"share of one", map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "1"}, ""},
+		{"minimum zero", map[string]string{"EASGUARD_EVALUATOR_BLAST_MINIMUM": "0"}, "EASGUARD_EVALUATOR_BLAST_MINIMUM"},
+		{"window too short", map[string]string{"EASGUARD_EVALUATOR_MDM_WINDOW": "50ms"}, "EASGUARD_EVALUATOR_MDM_WINDOW"},
+		{"missing policy file", map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": filepath.Join(t.TempDir(), "none.yaml")}, "EASGUARD_EVALUATOR_POLICY_FILE"},
+		{"broken policy file", map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": broken}, "EASGUARD_EVALUATOR_POLICY_FILE"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			var spec evaluatorSpec
+			err := config.Load(&spec)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("valid settings refused: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want one naming %s", err, tc.want)
+			}
+			// Validate itself says which field, for config.Load to name it.
+			var fe *config.FieldError
+			if verr := spec.Evaluator.Validate(); !errors.As(verr, &fe) {
+				t.Fatalf("Validate: %v, want a field error", verr)
+			}
+		})
+	}
+}
