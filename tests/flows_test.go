@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
@@ -246,10 +247,13 @@ func TestBlastRadiusGuardHoldsMassRevocation(t *testing.T) {
 // A manual edit on Exchange that contradicts the policy is put right by
 // the next full sync and recorded as drift.
 func TestManualEditIsCorrectedAsDrift(t *testing.T) {
-	s := startStack(t, stackOptions{})
+	// Scheduled quick syncs are an hour apart: only the syncs this test
+	// asks for see Exchange.
+	s := startStack(t, stackOptions{collect: func(c *collector.Config) { c.QuickInterval = time.Hour }})
 	s.waitFullSync()
 	phone := iPhone("alice@contoso.com", "ApplDRIFT000001")
 	s.phoneSync(phone)
+	s.requestSync("quick")
 	s.waitPhone(phone, "Blocked", 30*time.Second)
 	s.settle()
 
@@ -275,6 +279,9 @@ func TestManualEditIsCorrectedAsDrift(t *testing.T) {
 	d := waitEvent(t, s.events, "corrective decision", func(m *ev.AccessDecided) bool {
 		return m.GetPartnership().GetDeviceId() == phone.DeviceID && strings.HasPrefix(m.GetReason(), "drift:")
 	})
+	if c := waitEvent(t, s.events, "the sync the correction came from", func(m *ev.SyncCompleted) bool { return m.GetSyncId() == d.GetSyncId() }); c.GetKind() != ev.SyncKind_SYNC_KIND_FULL {
+		t.Fatalf("the correction came from a %s sync, not the full sync", c.GetKind())
+	}
 	waitEvent(t, s.events, "correction applied", func(m *ev.AccessApplied) bool {
 		return len(m.GetItems()) == 1 && m.GetItems()[0].GetDecisionId() == d.GetDecisionId() && m.GetItems()[0].GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_APPLIED
 	})

@@ -54,6 +54,7 @@ type stackOptions struct {
 	join     *stack                  // share this stack's simulators and NATS instead of starting new ones
 	evaluate func(*evaluator.Config) // tweak the evaluator
 	executor func(*executor.Config)  // tweak the executor
+	collect  func(*collector.Config) // tweak the collector
 	mdm      func(*pipeline.MDMConfig)
 }
 
@@ -134,6 +135,10 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	if o.mdm != nil {
 		o.mdm(&mcfg)
 	}
+	cc := collector.Config{QuickInterval: time.Second, FullInterval: time.Hour, QuickOverlap: time.Minute, EnforceSettings: true, DefaultAccessLevel: "Quarantine"}
+	if o.collect != nil {
+		o.collect(&cc)
+	}
 	xc := executor.Config{Window: 20 * time.Millisecond, MaxBatch: 500, Parallel: 32}
 	if o.executor != nil {
 		o.executor(&xc)
@@ -145,7 +150,7 @@ func startStack(t testing.TB, o stackOptions) *stack {
 		Retention: time.Hour, NatsReplicas: 1, ShutdownTimeout: 10 * time.Second}
 	s.sections = pipeline.Sections{
 		Exchange:  &xcfg,
-		Collector: &collector.Config{QuickInterval: time.Second, FullInterval: time.Hour, QuickOverlap: time.Minute, EnforceSettings: true, DefaultAccessLevel: "Quarantine"},
+		Collector: &cc,
 		Evaluator: &ecfg,
 		Executor:  &xc,
 		Mailer: &mailer.Config{SmtpHost: host, SmtpPort: port, SmtpSecurity: "starttls", SmtpUser: smtpUser, SmtpPassword: config.Secret(smtpPass),
