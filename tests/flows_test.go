@@ -9,8 +9,10 @@ import (
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
+	"github.com/easguard/easguard/tests/intunesim"
 )
 
 func androidPhone(mailbox, id string) exchangesim.Phone {
@@ -298,5 +300,81 @@ func TestManualEditIsCorrectedAsDrift(t *testing.T) {
 	}
 	if n := len(s.mailsTo("alice@contoso.com")); n != 1 {
 		t.Fatalf("%d mails: the correction must not mail the user again within the period", n)
+	}
+}
+
+// Graph failing (500s, then a malformed page midway through the listing)
+// while phones are allowed: nothing is reported missing or changed, nobody
+// is blocked, an alert says why and status shows it; when Graph is back
+// nothing has changed either.
+func TestGraphOutageBlocksNothing(t *testing.T) {
+	s := startStack(t, stackOptions{graph: true})
+	s.waitFullSync()
+	phones := []exchangesim.Phone{iPhone("alice@contoso.com", "ApplGRAPH000001"), iPhone("bob@contoso.com", "ApplGRAPH000002")}
+	for i, p := range phones {
+		upn := []string{"alice@contoso.com", "bob@contoso.com"}[i]
+		if _, err := s.intune.Enrol(intunesim.Device{UserPrincipalName: upn, EASDeviceID: p.DeviceID, EASActivated: true,
+			ComplianceState: "compliant", ManagementState: "managed", OperatingSystem: "iOS", OSVersion: "17.4"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range phones {
+		s.phoneSync(p)
+	}
+	for _, p := range phones {
+		s.waitPhone(p, "Allowed", 30*time.Second)
+	}
+	s.settle()
+	changes := len(find(s.events, func(m *ev.MDMDeviceChanged) bool { return true }))
+
+	for _, fault := range []intunesim.Fault{{Kind: "error", Status: 500}, {Kind: "malformed", AtPage: 1}} {
+		if err := s.intune.Inject(fault); err != nil {
+			t.Fatal(err)
+		}
+		faulted := func() int {
+			n := 0
+			for _, r := range s.intune.Recorder.Records("graph") {
+				if r.Fault == fault.Kind {
+					n++
+				}
+			}
+			return n
+		}
+		natstest.Eventually(t, 60*time.Second, "failed Graph reads ("+fault.Kind+") and status saying so", func() bool {
+			var st struct{ State, Alert string }
+			return faulted() >= 3 && json.Unmarshal(s.status()["mdm.graph"], &st) == nil && st.State == "alert" && st.Alert == "ALERT_KIND_MDM_UNREACHABLE"
+		})
+		s.intune.ClearFaults()
+		// The next outage must be seen on its own: wait for a good read.
+		natstest.Eventually(t, 60*time.Second, "Graph read again", func() bool {
+			var st struct{ State string }
+			return json.Unmarshal(s.status()["mdm.graph"], &st) == nil && st.State == "ok"
+		})
+	}
+	alert := waitEvent(t, s.events, "MDM unreachable alert", func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_MDM_UNREACHABLE })
+	if !strings.Contains(alert.GetSummary(), "previous inventory kept") {
+		t.Fatalf("alert %v", alert)
+	}
+	// Graph is back: status says so, and the next complete read finds
+	// nothing changed.
+	var st struct {
+		State   string
+		Devices int
+	}
+	natstest.Eventually(t, 30*time.Second, "status of the Graph source back to ok", func() bool {
+		return json.Unmarshal(s.status()["mdm.graph"], &st) == nil && st.State == "ok" && st.Devices == 2
+	})
+	s.requestSync("full")
+	s.settle()
+	if n := len(find(s.events, func(m *ev.MDMDeviceChanged) bool { return true })); n != changes {
+		t.Fatalf("%d MDM changes published during and after the outage", n-changes)
+	}
+	for _, p := range phones {
+		if r := s.phoneSync(p); r.State != "Allowed" {
+			t.Fatalf("%s lost mail during a Graph outage: %+v", p.DeviceID, r)
+		}
+		if d := find(s.events, decidedFor(p.DeviceID, ev.DesiredAccess_DESIRED_ACCESS_BLOCK)); len(d) != 0 {
+			t.Fatalf("block decided for %s: %v", p.DeviceID, d[0])
+		}
 	}
 }

@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -9,6 +8,7 @@ import (
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
+	"github.com/easguard/easguard/tests/intunesim"
 )
 
 func deviceOf[T interface{ GetPartnership() *ev.EASPartnership }](id string) func(T) bool {
@@ -31,7 +31,26 @@ func appliedFor(id string, desired ev.DesiredAccess) func(*ev.AccessApplied) boo
 // enrolled and compliant; the phone's next sync gets mail. Every step is
 // an event on its own subject, and the device's journey is one trace.
 func TestSeedFlow(t *testing.T) {
-	s := startStack(t, stackOptions{})
+	t.Run("inventory file", func(t *testing.T) {
+		seedFlow(t, stackOptions{}, func(s *stack, phone exchangesim.Phone) {
+			s.writeInventory(compliant("intune-0001", "alice@contoso.com", phone.DeviceID))
+		})
+	})
+	t.Run("Intune through Graph", func(t *testing.T) {
+		seedFlow(t, stackOptions{graph: true}, func(s *stack, phone exchangesim.Phone) {
+			if _, err := s.intune.Enrol(intunesim.Device{UserPrincipalName: "alice@contoso.com", EmailAddress: "alice@contoso.com",
+				EASDeviceID: phone.DeviceID, EASActivated: true, ComplianceState: "compliant", ManagementState: "managed",
+				OperatingSystem: "iOS", OSVersion: "17.4", Model: "iPhone 15", Manufacturer: "Apple"}); err != nil {
+				t.Fatal(err)
+			}
+		})
+	})
+}
+
+// seedFlow walks one phone through the seed flow; enrol makes the MDM
+// report it enrolled and compliant.
+func seedFlow(t *testing.T, o stackOptions, enrol func(*stack, exchangesim.Phone)) {
+	s := startStack(t, o)
 	s.waitFullSync()
 	phone := iPhone("alice@contoso.com", "ApplSEED0000001")
 
@@ -71,8 +90,8 @@ func TestSeedFlow(t *testing.T) {
 		t.Fatalf("mails %+v, notify.sent %v", mails, sent)
 	}
 
-	// The user enrols; the MDM export now lists the phone as compliant.
-	s.writeInventory(compliant("intune-0001", "alice@contoso.com", phone.DeviceID))
+	// The user enrols; the MDM now reports the phone as compliant.
+	enrol(s, phone)
 	waitEvent(t, s.events, "mdm.changed", func(m *ev.MDMDeviceChanged) bool { return m.GetDevice().GetEasDeviceId() == phone.DeviceID })
 	waitEvent(t, s.events, "device.matched (compliant)", func(m *ev.DeviceMatched) bool {
 		return m.GetObserved().GetPartnership().GetDeviceId() == phone.DeviceID && m.GetMdm() != nil
@@ -141,6 +160,3 @@ func assertOneJourney(t *testing.T, s *stack, deviceID string) {
 	})
 	t.Logf("journey trace %s: %v", journey, seen)
 }
-
-var _ = errors.New
-var _ exchangesim.Phone

@@ -35,6 +35,7 @@ import (
 	"github.com/easguard/easguard/pkg/service"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
+	"github.com/easguard/easguard/tests/intunesim"
 	"github.com/easguard/easguard/tests/smtpsim"
 )
 
@@ -55,6 +56,7 @@ type stackOptions struct {
 	evaluate func(*evaluator.Config) // tweak the evaluator
 	executor func(*executor.Config)  // tweak the executor
 	collect  func(*collector.Config) // tweak the collector
+	graph    bool                    // the MDM is Intune through Graph (intunesim), not an inventory file
 	mdm      func(*pipeline.MDMConfig)
 }
 
@@ -66,7 +68,8 @@ type fixture struct {
 	dir       string
 	inventory string
 	smtpCA    string
-	policy    string // policy file; empty: the default policy
+	policy    string         // policy file; empty: the default policy
+	intune    *intunesim.Sim // with stackOptions.graph
 }
 
 // stack is easguard running for one test: real NATS, the Exchange
@@ -104,6 +107,9 @@ func newFixture(t testing.TB, o stackOptions) *fixture {
 	if err := os.WriteFile(f.inventory, []byte("[]"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	if o.graph {
+		f.intune = intunesim.StartTest(t, intunesim.Config{})
+	}
 	if o.policy != "" {
 		f.policy = filepath.Join(f.dir, "policy.yaml")
 		if err := os.WriteFile(f.policy, []byte(o.policy), 0o600); err != nil {
@@ -132,6 +138,11 @@ func startStack(t testing.TB, o stackOptions) *stack {
 		o.evaluate(&ecfg)
 	}
 	mcfg := pipeline.MDMConfig{File: f.inventory, FileFormat: "json", MassRemovalShare: 0.5}
+	if f.intune != nil {
+		mcfg = pipeline.MDMConfig{MassRemovalShare: 0.5, GraphTenant: f.intune.Tenant(), GraphClientID: f.intune.ClientID(),
+			GraphClientSecret: config.Secret(f.intune.ClientSecret()), GraphAuthority: f.intune.URL(), GraphURL: f.intune.GraphURL(),
+			GraphCABundle: f.intune.CAFile(t), GraphProxy: "none", GraphPollInterval: time.Second, GraphFullResync: time.Hour, GraphMissingAfter: time.Hour}
+	}
 	if o.mdm != nil {
 		o.mdm(&mcfg)
 	}

@@ -263,7 +263,7 @@ func (fr *fileRun) read(ctx context.Context) (retry bool) {
 		fr.rec.failed(ctx, err)
 		return false
 	}
-	if err := fr.rec.apply(ctx, inv); err != nil {
+	if err := fr.rec.apply(ctx, inv, false); err != nil {
 		fr.log.WarnContext(ctx, "mdm changes not delivered; will offer them again", "error", err)
 		return true
 	}

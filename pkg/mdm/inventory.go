@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -56,6 +57,15 @@ type reconciler struct {
 	log       *slog.Logger
 	sink      Sink
 
+	// missingAfter, when set, keeps a record that a complete read no
+	// longer lists until it has been missing this long (a device briefly
+	// absent from an API listing is not a device that left management);
+	// zero removes it at once (an export file is authoritative).
+	missingAfter time.Duration
+	now          func() time.Time
+	// missingSince is when each known record was first missing.
+	missingSince map[string]time.Time
+
 	// known is what the sink has been told; nil before the first delivery.
 	known *inventory
 	// failureAlert and withheldAlert are the conditions last alerted, so a
@@ -68,7 +78,7 @@ func newReconciler(what, source string, massShare float64, sink Sink, log *slog.
 	if !(massShare > 0) { // zero, negative or NaN
 		massShare = DefaultMassRemovalShare
 	}
-	return &reconciler{what: what, source: source, massShare: massShare, sink: sink, log: log}
+	return &reconciler{what: what, source: source, massShare: massShare, sink: sink, log: log, now: time.Now, missingSince: map[string]time.Time{}}
 }
 
 // failed records a read that produced no usable inventory. Nothing is
@@ -90,7 +100,10 @@ func (r *reconciler) failed(ctx context.Context, err error) {
 // apply delivers the difference between the known inventory and next. It
 // returns an error only when the sink failed; the known inventory is then
 // unchanged, so the next read offers the same difference again.
-func (r *reconciler) apply(ctx context.Context, next *inventory) error {
+//
+// With resync every record of next is delivered, changed or not, so that
+// whatever a lost event left wrong downstream is put right.
+func (r *reconciler) apply(ctx context.Context, next *inventory, resync bool) error {
 	r.failureAlert = ""
 	var known map[string]*ev.MDMDevice
 	if r.known != nil {
@@ -101,7 +114,7 @@ func (r *reconciler) apply(ctx context.Context, next *inventory) error {
 	for _, id := range next.order {
 		d := next.byID[id]
 		old, had := known[id]
-		if had && proto.Equal(old, d) {
+		if had && !resync && proto.Equal(old, d) {
 			continue
 		}
 		c := Change{Device: d}
@@ -110,13 +123,31 @@ func (r *reconciler) apply(ctx context.Context, next *inventory) error {
 		}
 		changes = append(changes, c)
 	}
-	var gone []string
+	// Missing records: removed at once, or after missingAfter.
+	var gone, waiting []string
+	now := r.now()
+	for id := range next.byID {
+		delete(r.missingSince, id)
+	}
 	for id := range known {
-		if _, ok := next.byID[id]; !ok {
-			gone = append(gone, id)
+		if _, ok := next.byID[id]; ok {
+			continue
 		}
+		if r.missingAfter > 0 {
+			since, seen := r.missingSince[id]
+			if !seen {
+				since = now
+				r.missingSince[id] = now
+			}
+			if now.Sub(since) < r.missingAfter {
+				waiting = append(waiting, id)
+				continue
+			}
+		}
+		gone = append(gone, id)
 	}
 	sort.Strings(gone)
+	sort.Strings(waiting)
 
 	withhold := r.judgeRemovals(ctx, len(next.order), len(known), len(gone))
 	if !withhold {
@@ -134,18 +165,32 @@ func (r *reconciler) apply(ctx context.Context, next *inventory) error {
 	// Commit: the new inventory, plus the withheld records, which stay
 	// known so that they are neither removed later by accident nor
 	// announced as new when they come back.
+	// Records still waiting out missingAfter stay known the same way.
+	keep := waiting
+	if withhold {
+		keep = append(append([]string(nil), waiting...), gone...)
+	} else {
+		for _, id := range gone {
+			delete(r.missingSince, id)
+		}
+	}
 	committed := next
-	if withhold && len(gone) > 0 {
-		committed = &inventory{order: append([]string(nil), next.order...), byID: make(map[string]*ev.MDMDevice, len(next.byID)+len(gone))}
+	if len(keep) > 0 {
+		committed = &inventory{order: append([]string(nil), next.order...), byID: make(map[string]*ev.MDMDevice, len(next.byID)+len(keep))}
 		for id, d := range next.byID {
 			committed.byID[id] = d
 		}
-		for _, id := range gone {
+		for _, id := range keep {
 			committed.order = append(committed.order, id)
 			committed.byID[id] = known[id]
 		}
 	}
 	r.known = committed
+	if rr, ok := r.sink.(ReadReporter); ok && !withhold {
+		// A read whose removals were withheld is not "ok": its alert
+		// stands until a plausible read.
+		rr.ReadOK(ctx, len(next.order))
+	}
 	return nil
 }
 

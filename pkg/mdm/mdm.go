@@ -64,6 +64,13 @@ type Sink interface {
 	Alert(ctx context.Context, kind ev.AlertKind, summary string, detail map[string]string) error
 }
 
+// ReadReporter is implemented by a Sink that wants to know of every
+// complete, usable read, changes or not: status pages show when the MDM
+// was last read successfully, and that an outage has ended.
+type ReadReporter interface {
+	ReadOK(ctx context.Context, devices int)
+}
+
 // Source is an MDM source. Run blocks until ctx ends and then returns nil; it
 // survives transient failures (a file being rewritten, a bad webhook
 // request) without returning, and returns an error only for a configuration

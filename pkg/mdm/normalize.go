@@ -32,10 +32,35 @@ type ManagedDevice struct {
 	// LastSyncDateTime is ISO 8601 (RFC 3339); see Normalize for the forms
 	// accepted.
 	LastSyncDateTime string `json:"lastSyncDateTime"`
+	// DeviceActionResults are the remote actions issued to the device; a
+	// retire or wipe that is pending, active or done marks it retired even
+	// where managementState is not served (v1.0 may lack it).
+	DeviceActionResults []DeviceActionResult `json:"deviceActionResults,omitempty"`
 	// Retired is not Graph's: it lets an inventory that states retirement
 	// directly say so. True marks the record retired whatever its
 	// managementState says; false or absent leaves managementState to decide.
 	Retired *bool `json:"retired,omitempty"`
+}
+
+// DeviceActionResult is one entry of Graph's deviceActionResults.
+type DeviceActionResult struct {
+	ActionName  string `json:"actionName"`
+	ActionState string `json:"actionState"`
+}
+
+// retireIssued reports whether the device was told to retire or wipe and
+// the action was not cancelled or failed.
+func retireIssued(actions []DeviceActionResult) bool {
+	for _, a := range actions {
+		switch strings.ToLower(a.ActionName) {
+		case "retire", "wipe":
+			switch strings.ToLower(a.ActionState) {
+			case "pending", "active", "done":
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // RecordError says what is wrong with one device record. It wraps
@@ -204,7 +229,7 @@ func Normalize(source string, m ManagedDevice) (*ev.MDMDevice, error) {
 		AzureAdDeviceId:   m.AzureADDeviceID,
 		EasActivated:      m.EASActivated,
 	}
-	d.EnrollmentState, d.Retired = enrollment(m.ManagementState, m.Retired != nil && *m.Retired)
+	d.EnrollmentState, d.Retired = enrollment(m.ManagementState, m.Retired != nil && *m.Retired || retireIssued(m.DeviceActionResults))
 	return d, nil
 }
 

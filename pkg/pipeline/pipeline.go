@@ -13,7 +13,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -56,6 +58,77 @@ type MDMConfig struct {
 	MassRemovalShare float64       `split_words:"true" default:"0.5" desc:"An inventory read that would remove more than this share of the known devices removes none and raises an alert (an MDM export that came out empty must not block everyone)."`
 	WebhookAddr      string        `split_words:"true" desc:"Listen address of the MDM webhook (POST /mdm/webhook, HMAC-signed); empty: no webhook."`
 	WebhookSecret    config.Secret `split_words:"true" secret:"true" desc:"Shared secret of the MDM webhook's HMAC-SHA256 signatures (at least 16 bytes)."`
+
+	GraphTenant       string        `split_words:"true" desc:"Intune through Microsoft Graph: the Entra ID tenant (id or domain); empty: no Graph source."`
+	GraphClientID     string        `split_words:"true" desc:"Application (client) id of the app registration; it needs the application permission DeviceManagementManagedDevices.Read.All, admin-consented."`
+	GraphClientSecret config.Secret `split_words:"true" secret:"true" desc:"Client secret of the app registration (or EASGUARD_MDM_GRAPH_CERTIFICATE)."`
+	GraphCertificate  string        `split_words:"true" desc:"PEM file with the app's certificate and its private key (unencrypted), instead of a client secret."`
+	GraphAuthority    string        `split_words:"true" default:"https://login.microsoftonline.com" desc:"Identity endpoint (national clouds: https://login.microsoftonline.us, https://login.chinacloudapi.cn)."`
+	GraphURL          string        `split_words:"true" default:"https://graph.microsoft.com/v1.0" desc:"Microsoft Graph root with version (national clouds: https://graph.microsoft.us/v1.0, https://microsoftgraph.chinacloudapi.cn/v1.0)."`
+	GraphCABundle     string        `split_words:"true" desc:"PEM file of extra CAs for the identity endpoint and Graph (a TLS-inspecting proxy's); default: the system's."`
+	GraphProxy        string        `split_words:"true" default:"environment" desc:"HTTP proxy to Graph: environment (HTTPS_PROXY/NO_PROXY), none, or a URL."`
+	GraphPollInterval time.Duration `split_words:"true" default:"2m" desc:"Time between two complete reads of the managed devices; a compliance change reaches easguard within it."`
+	GraphFullResync   time.Duration `split_words:"true" default:"24h" desc:"How often every device record is published again, changed or not."`
+	GraphMissingAfter time.Duration `split_words:"true" default:"24h" desc:"How long a device may be absent from complete Graph reads before easguard treats it as gone (Graph's own retire state counts at once)."`
+	GraphPageSize     int           `split_words:"true" desc:"Page size ($top) of a listing; 0: Graph's default."`
+}
+
+func (m *MDMConfig) validateGraph() error {
+	if m.GraphClientID == "" {
+		return config.Invalid(&m.GraphClientID, "is required with EASGUARD_MDM_GRAPH_TENANT")
+	}
+	if (m.GraphClientSecret == "") == (m.GraphCertificate == "") {
+		return config.Invalid(&m.GraphClientSecret, "give a client secret or EASGUARD_MDM_GRAPH_CERTIFICATE, exactly one")
+	}
+	if m.GraphCertificate != "" {
+		if _, err := os.Stat(m.GraphCertificate); err != nil {
+			return config.Invalid(&m.GraphCertificate, "%v", err)
+		}
+	}
+	for _, f := range []*string{&m.GraphAuthority, &m.GraphURL} {
+		if u, err := url.Parse(*f); err != nil || u.Scheme != "https" || u.Host == "" {
+			return config.Invalid(f, "%q is not an https URL", *f)
+		}
+	}
+	if _, err := mdm.GraphHTTPClient(m.GraphProxy, "", time.Minute); err != nil {
+		return config.Invalid(&m.GraphProxy, "%v", err)
+	}
+	if _, err := mdm.GraphHTTPClient("none", m.GraphCABundle, time.Minute); err != nil {
+		return config.Invalid(&m.GraphCABundle, "%v", err)
+	}
+	if m.GraphPollInterval < time.Second {
+		return config.Invalid(&m.GraphPollInterval, "must be at least 1s (and a minute or more for a large tenant: Graph throttles per tenant)")
+	}
+	if m.GraphFullResync < m.GraphPollInterval {
+		return config.Invalid(&m.GraphFullResync, "must not be shorter than the poll interval")
+	}
+	if m.GraphMissingAfter < m.GraphPollInterval {
+		return config.Invalid(&m.GraphMissingAfter, "must not be shorter than the poll interval")
+	}
+	if m.GraphPageSize < 0 || m.GraphPageSize > 1000 {
+		return config.Invalid(&m.GraphPageSize, "must be between 0 and 1000")
+	}
+	return nil
+}
+
+// graphSource builds the Graph source the settings describe.
+func (m *MDMConfig) graphSource(log *slog.Logger) (*mdm.GraphSource, error) {
+	client, err := mdm.GraphHTTPClient(m.GraphProxy, m.GraphCABundle, 2*time.Minute)
+	if err != nil {
+		return nil, err
+	}
+	opts := mdm.GraphOptions{
+		Tenant: m.GraphTenant, ClientID: m.GraphClientID, ClientSecret: m.GraphClientSecret.Reveal(),
+		Authority: m.GraphAuthority, GraphURL: m.GraphURL, HTTPClient: client, PollInterval: m.GraphPollInterval,
+		FullResync: m.GraphFullResync, MissingAfter: m.GraphMissingAfter, PageSize: m.GraphPageSize,
+		MassRemovalShare: m.MassRemovalShare, Logger: log,
+	}
+	if m.GraphCertificate != "" {
+		if opts.Certificate, err = os.ReadFile(m.GraphCertificate); err != nil {
+			return nil, fmt.Errorf("graph certificate: %w", err)
+		}
+	}
+	return mdm.NewGraphSource(opts)
 }
 
 // Sections are the settings of the workers a process may run; nil
@@ -117,8 +190,13 @@ func Validate(workers []string, s Sections) error {
 	}
 	if has(MDM) && s.MDM != nil {
 		m := s.MDM
-		if m.File == "" && m.WebhookAddr == "" {
-			return config.Invalid(&m.File, "the mdm worker needs an inventory file or a webhook address (EASGUARD_MDM_WEBHOOK_ADDR)")
+		if m.File == "" && m.WebhookAddr == "" && m.GraphTenant == "" {
+			return config.Invalid(&m.File, "the mdm worker needs a source: Graph (EASGUARD_MDM_GRAPH_TENANT), an inventory file, or a webhook address (EASGUARD_MDM_WEBHOOK_ADDR)")
+		}
+		if m.GraphTenant != "" {
+			if err := m.validateGraph(); err != nil {
+				return err
+			}
 		}
 		if m.WebhookAddr != "" && len(m.WebhookSecret.Reveal()) < 16 {
 			return config.Invalid(&m.WebhookSecret, "must be at least 16 bytes when the webhook is on")
@@ -288,6 +366,11 @@ func (b *busSink) Changed(ctx context.Context, changes []mdm.Change) error {
 	return nil
 }
 
+// ReadOK records a complete read: the source works (again).
+func (b *busSink) ReadOK(ctx context.Context, devices int) {
+	b.status(ctx, map[string]any{"source": b.source, "state": "ok", "at": time.Now(), "devices": devices})
+}
+
 func (b *busSink) Alert(ctx context.Context, kind ev.AlertKind, summary string, detail map[string]string) error {
 	tok := strings.ReplaceAll(strings.ToLower(strings.TrimPrefix(kind.String(), "ALERT_KIND_")), "_", "-")
 	subject, err := bus.AlertRaised.Subject(b.org, tok)
@@ -315,6 +398,14 @@ func (b *busSink) status(ctx context.Context, v map[string]any) {
 }
 
 func startMDM(ctx context.Context, svc *service.Service, org bus.Org, cfg MDMConfig) error {
+	if cfg.GraphTenant != "" {
+		src, err := cfg.graphSource(svc.Log)
+		if err != nil {
+			return err
+		}
+		sink := &busSink{svc: svc, org: org, source: src.Name(), kind: "graph"}
+		svc.Go("mdm "+src.Name(), func(ctx context.Context) error { return src.Run(ctx, sink) })
+	}
 	if cfg.File != "" {
 		src := mdm.NewFileSource(cfg.File, mdm.FileOptions{Format: cfg.FileFormat, MassRemovalShare: cfg.MassRemovalShare})
 		sink := &busSink{svc: svc, org: org, source: src.Name(), kind: "file"}
