@@ -3,9 +3,14 @@ package mdm
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -314,4 +319,65 @@ func bareList(ctx context.Context, g *GraphSource) (int, error) {
 		next = p.NextLink
 	}
 	return n, nil
+}
+
+// connectProxy is a minimal HTTPS forward proxy (HTTP CONNECT), as a
+// company's egress proxy would be; it counts the tunnels it opened.
+func connectProxy(tb testing.TB) (proxyURL string, tunnels *atomic.Int64) {
+	tb.Helper()
+	tunnels = &atomic.Int64{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodConnect {
+			http.Error(w, "CONNECT only", http.StatusMethodNotAllowed)
+			return
+		}
+		upstream, err := net.Dial("tcp", r.Host)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		hj, ok := w.(http.Hijacker)
+		if !ok {
+			upstream.Close()
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+		client, _, err := hj.Hijack()
+		if err != nil {
+			upstream.Close()
+			return
+		}
+		tunnels.Add(1)
+		go func() { _, _ = io.Copy(upstream, client); upstream.Close() }()
+		go func() { _, _ = io.Copy(client, upstream); client.Close() }()
+	}))
+	tb.Cleanup(srv.Close)
+	return srv.URL, tunnels
+}
+
+// Behind a proxy: the token and every Graph page go through it.
+func TestGraphThroughProxy(t *testing.T) {
+	sim := intunesim.StartTest(t, intunesim.Config{Extra: 1500, PageSize: 1000})
+	proxy, tunnels := connectProxy(t)
+	client, err := GraphHTTPClient(proxy, sim.CAFile(t), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := graphSource(t, sim, func(o *GraphOptions) { o.HTTPClient = client })
+	devices, err := g.Read(t.Context())
+	if err != nil || len(devices) != 1500 {
+		t.Fatalf("read %d through the proxy: %v", len(devices), err)
+	}
+	if tunnels.Load() == 0 {
+		t.Fatal("nothing went through the proxy")
+	}
+	// The proxy down: the read fails, it does not go around the proxy.
+	dead, err := GraphHTTPClient("http://127.0.0.1:1", sim.CAFile(t), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g = graphSource(t, sim, func(o *GraphOptions) { o.HTTPClient, o.Attempts = dead, 1 })
+	if _, err := g.Read(t.Context()); err == nil || !strings.Contains(err.Error(), "proxy") && !strings.Contains(err.Error(), "connect") {
+		t.Fatalf("read with the proxy down: %v", err)
+	}
 }
