@@ -64,8 +64,9 @@ bench:
 	set -o pipefail; $(GO) test -run '^$$' -bench . -benchmem -timeout 60m $(BENCH_PKGS) 2>&1 \
 		| $(GO) run ./tests/benchreport 2>bin/bench-raw.txt | tee bin/bench.txt
 
-## demo: easguard next to simulated Exchange and SMTP servers; walks one phone
-## from quarantine to mail, then stays up (DEMO_EXIT=1: exit after the walk)
+## demo: easguard next to simulated Exchange, Intune (read through Graph) and SMTP
+## servers; walks one phone from quarantine to mail, then stays up
+## (DEMO_EXIT=1: exit after the walk; DEMO_MDM=file: an inventory file, no Intune)
 demo: build
 	@./deploy/demo.sh
 

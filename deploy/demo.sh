@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
 # The local demo: easguard with every worker around an embedded NATS server,
-# next to a simulated Exchange organisation (exchangesim) and a simulated
-# SMTP relay (smtpsim). Once everything is up, bin/demowalk walks one new
-# phone through the seed flow (quarantined, blocked, mailed, enrolled,
-# allowed) and prints each event as it happens; then the demo stays up for
-# you to look around until Ctrl-C.
+# next to a simulated Exchange organisation (exchangesim), a simulated
+# Intune tenant that easguard reads through Microsoft Graph (intunesim; it
+# knows most of exchangesim's phones) and a simulated SMTP relay (smtpsim).
+# Once everything is up, bin/demowalk walks one new phone through the seed
+# flow (quarantined, blocked, mailed, enrolled in Intune, allowed) and
+# prints each event as it happens; then the demo stays up for you to look
+# around until Ctrl-C.
 #
 #   make demo                      build, run, walk, stay up
 #   deploy/demo.sh --check         walk once and exit: 0 when the phone got mail
 #   DEMO_EXIT=1 make demo          the same through make
+#   DEMO_MDM=file make demo        an MDM inventory file instead of Intune
 #
 # Only bash and the binaries of `make build` are needed (no curl, no jq).
 # Settings (environment):
+#   DEMO_MDM                      graph (Intune through Graph, intunesim) or file (an inventory file)
 #   EASGUARD_DATA_DIR             ./data/demo; wiped at every start
 #   EASGUARD_HTTP_ADDR            127.0.0.1:9090 (/readyz, /metrics, /status, POST /sync)
 #   EASGUARD_NATS_LISTEN          127.0.0.1:4222
 #   EASGUARD_NATS_MONITOR_LISTEN  127.0.0.1:8222
-#   BIN_DIR                       ./bin (easguard, exchangesim, smtpsim, demowalk)
+#   DEMO_INTUNESIM_ADDR           127.0.0.1:9443 (intunesim's Entra ID and Graph, HTTPS)
+#   DEMO_INTUNESIM_ADMIN          127.0.0.1:9091 (intunesim's admin API, HTTP)
+#   BIN_DIR                       ./bin (easguard, exchangesim, intunesim, smtpsim, demowalk)
 #   DEMO_QUICK_INTERVAL           5s (how often the collector looks for new phones)
+#   DEMO_GRAPH_POLL_INTERVAL      2s (how often easguard reads Intune; production default 2m)
 #   DEMO_STEP_TIMEOUT             60s (the walk fails when one of its steps takes longer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +43,19 @@ case "${DEMO_EXIT:-}" in
 *) check=1 ;;
 esac
 
+mdm=${DEMO_MDM:-graph}
+case $mdm in
+graph | file) ;;
+*)
+	echo "demo: DEMO_MDM is graph (Intune through Microsoft Graph, the default) or file (an inventory file), not $mdm" >&2
+	exit 2
+	;;
+esac
+
 bin=${BIN_DIR:-./bin}
-for b in easguard exchangesim smtpsim demowalk; do
+needed=(easguard exchangesim smtpsim demowalk)
+[ "$mdm" = graph ] && needed+=(intunesim)
+for b in "${needed[@]}"; do
 	[ -x "$bin/$b" ] || {
 		echo "demo: $bin/$b is missing; run make build (or make demo)" >&2
 		exit 1
@@ -59,16 +77,26 @@ export EASGUARD_ORG="${EASGUARD_ORG:-contoso}"
 export EASGUARD_HTTP_ADDR="${EASGUARD_HTTP_ADDR:-127.0.0.1:9090}"
 export EASGUARD_NATS_LISTEN="${EASGUARD_NATS_LISTEN:-127.0.0.1:4222}"
 export EASGUARD_NATS_MONITOR_LISTEN="${EASGUARD_NATS_MONITOR_LISTEN:-127.0.0.1:8222}"
+DEMO_INTUNESIM_ADDR="${DEMO_INTUNESIM_ADDR:-127.0.0.1:9443}"
+DEMO_INTUNESIM_ADMIN="${DEMO_INTUNESIM_ADMIN:-127.0.0.1:9091}"
 quick=${DEMO_QUICK_INTERVAL:-5s}
+graph_poll=${DEMO_GRAPH_POLL_INTERVAL:-2s}
 domain=contoso.com
 mailbox=demo.user
+# The simulated organisation; exchangesim and intunesim build the same one
+# from these, so that Intune knows (most of) Exchange's phones.
+orgspec=(-seed 1 -mailboxes 200 -partnerships 300 -domain "$domain")
+# The walk's phone (an id of its own per run).
+device=$(printf 'ApplDEMO%08X' "$(date +%s)")
 
 # in_use tells whether something already listens on host:port, over bash's
 # /dev/tcp.
 in_use() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
-for a in "$EASGUARD_HTTP_ADDR" "$EASGUARD_NATS_LISTEN" "$EASGUARD_NATS_MONITOR_LISTEN"; do
-	if in_use "$a"; then
-		echo "demo: $a is in use (is another demo still running?); stop it, or set EASGUARD_HTTP_ADDR, EASGUARD_NATS_LISTEN and EASGUARD_NATS_MONITOR_LISTEN to free ports" >&2
+addrs=(EASGUARD_HTTP_ADDR EASGUARD_NATS_LISTEN EASGUARD_NATS_MONITOR_LISTEN)
+[ "$mdm" = graph ] && addrs+=(DEMO_INTUNESIM_ADDR DEMO_INTUNESIM_ADMIN)
+for v in "${addrs[@]}"; do
+	if in_use "${!v}"; then
+		echo "demo: ${!v} ($v) is in use (is another demo still running?); stop it, or set $v to a free port" >&2
 		exit 1
 	fi
 done
@@ -90,7 +118,7 @@ touch "$data/.easguard-demo"
 data=$(cd "$data" && pwd)
 export EASGUARD_DATA_DIR="$data"
 
-pids=()
+pids=() names=()
 # cleanup stops what the demo started (it runs as the EXIT trap).
 # shellcheck disable=SC2317
 cleanup() {
@@ -99,7 +127,7 @@ cleanup() {
 	if [ ${#pids[@]} -gt 0 ]; then
 		kill -TERM "${pids[@]}" 2>/dev/null || true
 		wait "${pids[@]}" 2>/dev/null || true
-		echo "demo: easguard, exchangesim and smtpsim stopped (logs and data: $data)"
+		echo "demo: ${names[*]} stopped (logs and data: $data)"
 	fi
 	exit "$code"
 }
@@ -144,50 +172,96 @@ ready() {
 	[ "$status" = 200 ]
 }
 
+# get prints the body of GET http://host:port/path.
+get() {
+	local line
+	{ exec 3<>"/dev/tcp/${1%:*}/${1##*:}"; } 2>/dev/null || return 1
+	printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$2" "$1" >&3
+	while IFS= read -r line <&3 && [ -n "${line%$'\r'}" ]; do :; done
+	cat <&3
+	exec 3<&- 3>&-
+}
+
+# load exports the KEY=value lines of an env file a simulator wrote (read,
+# not sourced: a password may hold any character).
+load() {
+	local key value
+	while IFS='=' read -r key value; do
+		[ -n "$key" ] && export "$key=$value"
+	done <"$1"
+}
+
 echo "== starting the demo in $data"
 
 # Exchange: two Client Access servers over HTTPS with a self-signed
 # certificate, a seeded organisation, Exchange's realistic latency, and
 # Exchange's own default (DefaultAccessLevel Allow) until easguard's first
 # full sync enforces Quarantine.
-"$bin"/exchangesim -mailboxes 200 -partnerships 300 -domain "$domain" -https -cert-out "$data/exchange-ca.pem" \
+"$bin"/exchangesim "${orgspec[@]}" -https -cert-out "$data/exchange-ca.pem" \
 	-env-out "$data/exchange.env" >"$data/exchangesim.json" 2>"$data/exchangesim.log" &
-pids+=($!)
+pids+=($!) names+=(exchangesim)
 started "$data/exchangesim.json" "${pids[-1]}" exchangesim
 admin=$(field "$data/exchangesim.json" admin)
 echo "   exchangesim   $admin (admin API), $(sed -n 's/.*"mailboxes":\([0-9]*\).*"partnerships":\([0-9]*\).*/\1 mailboxes, \2 phones/p' "$data/exchangesim.json")"
+
+# Intune: Entra ID's token endpoint and Microsoft Graph's managedDevices
+# over HTTPS with a self-signed certificate, for the same organisation as
+# exchangesim's: about 70% of its phones enrolled and compliant, 10%
+# non-compliant, 3% retired, 2% without an EAS id, 15% not enrolled.
+if [ "$mdm" = graph ]; then
+	"$bin"/intunesim "${orgspec[@]}" -addr "$DEMO_INTUNESIM_ADDR" -admin "$DEMO_INTUNESIM_ADMIN" \
+		-cert-out "$data/intune-ca.pem" -env-out "$data/intune.env" >"$data/intunesim.json" 2>"$data/intunesim.log" &
+	pids+=($!) names+=(intunesim)
+	started "$data/intunesim.json" "${pids[-1]}" intunesim
+	intune=$(field "$data/intunesim.json" admin)
+	graph=$(field "$data/intunesim.json" graph)
+	echo "   intunesim     $graph (Graph), $intune (admin API), $(sed -n 's/.*"devices":\([0-9]*\).*/\1/p' "$data/intunesim.json") Intune devices"
+fi
 
 # SMTP: a relay that requires STARTTLS and a login, and keeps every mail.
 smtp_password=demo-smtp-password
 SMTPSIM_PASSWORD=$smtp_password "$bin"/smtpsim -user easguard -require-tls -cert-out "$data/smtp-ca.pem" \
 	>"$data/smtpsim.json" 2>"$data/smtpsim.log" &
-pids+=($!)
+pids+=($!) names+=(smtpsim)
 started "$data/smtpsim.json" "${pids[-1]}" smtpsim
 smtp=$(field "$data/smtpsim.json" smtp)
 mailapi=$(field "$data/smtpsim.json" api)
 echo "   smtpsim       smtp://$smtp (STARTTLS, login), mails at $mailapi"
 
-# The Exchange connection, as the simulator wrote it (the password may hold
-# any character, so the file is read, not sourced).
-while IFS='=' read -r key value; do
-	[ -n "$key" ] && export "$key=$value"
-done <"$data/exchange.env"
+# The Exchange connection, as the simulator wrote it.
+load "$data/exchange.env"
 
-# The MDM inventory: what an export job from Intune would write. It starts
-# with one enrolled phone of a colleague, because an empty inventory raises
-# an alert (an MDM export that came out empty must not block anyone).
-inventory=$data/inventory.json
-cat >"$inventory" <<JSON
+if [ "$mdm" = graph ]; then
+	# The Graph source: tenant, application, secret, authority, Graph URL
+	# and CA bundle, as intunesim wrote them; no proxy; and a short poll
+	# interval, so that an enrolment reaches easguard within seconds.
+	load "$data/intune.env"
+	export EASGUARD_MDM_GRAPH_PROXY=none
+	export EASGUARD_MDM_GRAPH_POLL_INTERVAL=$graph_poll
+	export EASGUARD_MDM_GRAPH_MISSING_AFTER=1m
+	mdm_args=(-intune "$intune")
+else
+	# The MDM inventory: what an export job from Intune would write. It
+	# starts with one enrolled phone of a colleague, because an empty
+	# inventory raises an alert (an MDM export that came out empty must not
+	# block anyone).
+	inventory=$data/inventory.json
+	cat >"$inventory" <<JSON
 [
   {"id": "intune-colleague-0001", "userPrincipalName": "demo.colleague@$domain", "easDeviceId": "ApplCOLLEAGUE001",
    "complianceState": "compliant", "managementState": "managed", "operatingSystem": "iOS", "osVersion": "17.4",
    "model": "iPhone 15", "lastSyncDateTime": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"}
 ]
 JSON
+	export EASGUARD_MDM_FILE=$inventory
+	mdm_args=(-inventory "$inventory")
+fi
 
-# The policy: a pilot. The simulated organisation has hundreds of phones
-# that no MDM knows; with everyone in scope easguard would block them all,
-# or rather its blast-radius guard would refuse to and raise an alert.
+# The policy: a pilot, so that the walk shows one phone's journey. With
+# everyone in scope, easguard would block every phone that is not enrolled
+# and compliant in the MDM at once: with Intune, about a third of the
+# organisation's phones; with the inventory file, all of them. Its
+# blast-radius guard would refuse that and raise an alert.
 policy=$data/policy.yaml
 cat >"$policy" <<YAML
 # The demo's policy; every key is described in pkg/policy/doc.go.
@@ -211,7 +285,6 @@ export EASGUARD_LOG_LEVEL="${EASGUARD_LOG_LEVEL:-info}"
 export EASGUARD_SHUTDOWN_TIMEOUT=10s
 export EASGUARD_COLLECTOR_QUICK_INTERVAL=$quick
 export EASGUARD_EVALUATOR_POLICY_FILE=$policy
-export EASGUARD_MDM_FILE=$inventory
 export EASGUARD_MAILER_SMTP_HOST=${smtp%:*}
 export EASGUARD_MAILER_SMTP_PORT=${smtp##*:}
 export EASGUARD_MAILER_SMTP_SECURITY=starttls
@@ -224,7 +297,7 @@ export EASGUARD_MAILER_HELPDESK="helpdesk@$domain, +49 30 1234"
 export EASGUARD_MAILER_COMPANY=Contoso
 
 "$bin"/easguard run 2>"$data/easguard.log" &
-pids+=($!)
+pids+=($!) names+=(easguard)
 easguard_pid=${pids[-1]}
 for _ in $(seq 1 300); do
 	kill -0 "$easguard_pid" 2>/dev/null || fail "easguard exited during start"
@@ -236,9 +309,9 @@ echo "   easguard      http://$EASGUARD_HTTP_ADDR, NATS nats://$EASGUARD_NATS_LI
 echo
 
 walk=("$bin"/demowalk -org "$EASGUARD_ORG" -nats "nats://$EASGUARD_NATS_LISTEN" -easguard "http://$EASGUARD_HTTP_ADDR"
-	-exchange "$admin" -smtp "$mailapi" -inventory "$inventory" -enrol-url "$EASGUARD_MAILER_ENROL_URL"
+	-exchange "$admin" -smtp "$mailapi" "${mdm_args[@]}" -enrol-url "$EASGUARD_MAILER_ENROL_URL"
 	-step-timeout "${DEMO_STEP_TIMEOUT:-60s}")
-"${walk[@]}" -mailbox "$mailbox@$domain" || fail "the walk failed (see above)"
+"${walk[@]}" -mailbox "$mailbox@$domain" -device-id "$device" || fail "the walk failed (see above)"
 
 if [ "$check" = 1 ]; then
 	echo
@@ -246,12 +319,66 @@ if [ "$check" = 1 ]; then
 	exit 0
 fi
 
+if [ "$mdm" = graph ]; then
+	sims="Exchange, Intune and SMTP servers"
+	mdm_status="the MDM source: mdm.graph"
+	intune_id=$(get "${intune#http://}" "/api/devices?easDeviceId=$device" | sed -n 's/^\[{"id":"\([^"]*\)".*/\1/p') || true
+	intune_id=${intune_id:-ID}
+	mdm_text=$(
+		cat <<TXT
+  Intune        $graph   (intunesim; easguard reads it every $graph_poll here,
+                EASGUARD_MDM_GRAPH_POLL_INTERVAL, whose production default is 2m)
+                $intune/api/devices   (every device; ?easDeviceId=$device for the walk's phone)
+                $intune/api/requests?kind=graph   (what easguard asked Graph)
+                the walk's phone is Intune device $intune_id; easguard blocks or allows it
+                within seconds of each of these (sync the phone on Exchange to see it):
+                curl -d '{"state":"noncompliant"}' $intune/api/devices/$intune_id/compliance
+                curl -d '{"state":"compliant"}' $intune/api/devices/$intune_id/compliance
+                curl -X POST $intune/api/devices/$intune_id/retire
+                (curl -X DELETE …/api/devices/ID: gone for easguard after 1m here,
+                EASGUARD_MDM_GRAPH_MISSING_AFTER, default 24h; a retire counts at once)
+                to let ApplMYPHONE0001 in, enrol it:
+                curl -d '{"userPrincipalName":"$mailbox@$domain","easDeviceId":"ApplMYPHONE0001","operatingSystem":"iOS","osVersion":"17.4"}' $intune/api/devices
+TXT
+	)
+	scope_text=$(
+		cat <<TXT
+                a pilot: only demo.*@$domain is managed, though Intune knows most other phones.
+                With include: {domains: [$domain]} and POST /sync?kind=full, easguard allows
+                the ~180 compliant ones at once (an allow takes mail from nobody), but blocking
+                the rest (84 of the 291 phones that get mail: not in Intune, non-compliant,
+                retired, no EAS id, or not iOS/Android) is more than the blast-radius guard's
+                10%: none of those blocks is applied, /status shows the guard tripped, and an
+                alert is raised. Widen in steps instead, e.g. mailboxes "a*@$domain" and
+                "b*@$domain" first (16 blocks, 6%): a step under 10% goes through
+TXT
+	)
+else
+	sims="Exchange and SMTP servers"
+	mdm_status="the MDM file: mdm.file"
+	mdm_text=$(
+		cat <<TXT
+  inventory     $inventory   (the MDM export; re-read when it changes)
+                to let ApplMYPHONE0001 in, add a record like the walk's with that easDeviceId
+                (write a copy next to it, then mv the copy over the file)
+TXT
+	)
+	scope_text=$(
+		cat <<TXT
+                a pilot: only demo.*@$domain is managed. With include: {domains: [$domain]}
+                and POST /sync?kind=full, easguard would block the ~280 phones that get mail
+                and that no MDM knows; its blast-radius guard refuses that (100% of the phones
+                with mail, limit 10%) and raises an alert instead
+TXT
+	)
+fi
+
 cat <<TXT
 
 easguard is running for organisation "$EASGUARD_ORG" with every worker (pid $easguard_pid),
-next to the simulated Exchange and SMTP servers. Look around:
+next to the simulated $sims. Look around:
 
-  status        http://$EASGUARD_HTTP_ADDR/status    (last syncs, the guard, the policy, the MDM file)
+  status        http://$EASGUARD_HTTP_ADDR/status    (last syncs, the guard, the policy, $mdm_status)
   sync now      curl -X POST 'http://$EASGUARD_HTTP_ADDR/sync?kind=quick'   (or kind=full)
   metrics       http://$EASGUARD_HTTP_ADDR/metrics
   NATS          nats://$EASGUARD_NATS_LISTEN   (nats sub 'easguard.$EASGUARD_ORG.>' shows every event)
@@ -260,16 +387,12 @@ next to the simulated Exchange and SMTP servers. Look around:
   Exchange      $admin/api/org , $admin/api/partnerships?mailbox=$mailbox
                 a new phone syncs (run it again to see its state change):
                 curl -d '{"mailbox":"$mailbox@$domain","device_id":"ApplMYPHONE0001","device_type":"iPhone"}' $admin/api/phones/sync
-  inventory     $inventory   (the MDM export; re-read when it changes)
-                to let ApplMYPHONE0001 in, add a record like the walk's with that easDeviceId
-                (write a copy next to it, then mv the copy over the file)
+$mdm_text
   policy        $policy
-                a pilot: only demo.*@$domain is managed. With include: {domains: [$domain]}
-                and POST /sync?kind=full, easguard would block the ~300 phones no MDM knows;
-                its blast-radius guard refuses that and raises an alert instead
+$scope_text
   walk again    another phone of another demo user, against this demo:
                 $bin/demowalk -mailbox demo.someone@$domain -exchange $admin -smtp $mailapi \\
-                  -nats nats://$EASGUARD_NATS_LISTEN -easguard http://$EASGUARD_HTTP_ADDR -inventory $(printf %q "$inventory")
+                  -nats nats://$EASGUARD_NATS_LISTEN -easguard http://$EASGUARD_HTTP_ADDR ${mdm_args[0]} $(printf %q "${mdm_args[1]}")
   logs          $data/*.log   (easguard's: JSON, one line per event)
 
 Press Ctrl-C to stop.

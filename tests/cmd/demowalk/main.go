@@ -3,17 +3,22 @@
 // simulator, lets a new phone sync (Exchange quarantines it), prints every
 // event easguard publishes about the phone as it arrives (observed,
 // matched, decided BLOCK, applied, notified), reads the mail the user got
-// from the SMTP simulator, lets the phone sync again (Blocked), writes the
-// phone into the MDM inventory as enrolled and compliant, prints the events
-// that follow (MDM change, match, ALLOW, applied), and lets the phone sync
-// a last time (Allowed, it gets mail).
+// from the SMTP simulator, lets the phone sync again (Blocked), enrols the
+// phone in the MDM as compliant, prints the events that follow (MDM
+// change, match, ALLOW, applied), and lets the phone sync a last time
+// (Allowed, it gets mail).
+//
+// The MDM is Intune, simulated by intunesim, when -intune names its admin
+// API: the phone is enrolled there and easguard's Graph source sees it with
+// its next poll. With -inventory instead, the phone is written into the
+// MDM inventory file easguard reads.
 //
 // Every step has a deadline; demowalk exits 1 with the step and what it
 // was waiting for when one passes, and 0 when the phone got mail.
 //
 // Usage:
 //
-//	demowalk -exchange URL -smtp URL -inventory FILE [-mailbox ADDR] [flags]
+//	demowalk -exchange URL -smtp URL (-intune URL | -inventory FILE) [-mailbox ADDR] [flags]
 package main
 
 import (
@@ -35,6 +40,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
@@ -50,15 +56,16 @@ func main() {
 	flag.StringVar(&o.easguard, "easguard", "http://127.0.0.1:9090", "easguard's HTTP address (/status)")
 	flag.StringVar(&o.exchange, "exchange", "", "exchangesim's admin API URL (required)")
 	flag.StringVar(&o.smtp, "smtp", "", "smtpsim's HTTP API URL (required)")
-	flag.StringVar(&o.inventory, "inventory", "", "the MDM inventory file easguard reads (EASGUARD_MDM_FILE; required)")
+	flag.StringVar(&o.intune, "intune", "", "intunesim's admin API URL: the user enrols in Intune, which easguard reads through Graph")
+	flag.StringVar(&o.inventory, "inventory", "", "the MDM inventory file easguard reads (EASGUARD_MDM_FILE), instead of -intune")
 	flag.StringVar(&o.mailbox, "mailbox", "demo.user@contoso.com", "the user's mailbox; created if it does not exist")
 	flag.StringVar(&o.deviceID, "device-id", "", "the phone's ActiveSync device id (default: a new one per run)")
 	flag.StringVar(&o.enrolURL, "enrol-url", "", "the enrolment link the mail must carry (EASGUARD_MAILER_ENROL_URL)")
 	flag.DurationVar(&o.step, "step-timeout", 60*time.Second, "deadline of each step")
 	flag.DurationVar(&o.fullSync, "full-sync-timeout", 2*time.Minute, "deadline of easguard's first full sync")
 	flag.Parse()
-	if o.exchange == "" || o.smtp == "" || o.inventory == "" || flag.NArg() > 0 {
-		fmt.Fprintln(os.Stderr, "demowalk: -exchange, -smtp and -inventory are required (deploy/demo.sh passes them)")
+	if o.exchange == "" || o.smtp == "" || (o.intune == "") == (o.inventory == "") || flag.NArg() > 0 {
+		fmt.Fprintln(os.Stderr, "demowalk: -exchange, -smtp and one of -intune and -inventory are required (deploy/demo.sh passes them)")
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -76,9 +83,21 @@ func main() {
 
 // options are the command line.
 type options struct {
-	org, natsURL, easguard, exchange, smtp, inventory string
-	mailbox, deviceID, enrolURL                       string
-	step, fullSync                                    time.Duration
+	org, natsURL, easguard, exchange, smtp string
+	intune, inventory                      string // the MDM: intunesim's admin API, or the inventory file
+	mailbox, deviceID, enrolURL            string
+	step, fullSync                         time.Duration
+}
+
+// graph tells whether the MDM is Intune (through Graph), not a file.
+func (o options) graph() bool { return o.intune != "" }
+
+// mdmKind is the MDM source's key in easguard's /status, after "mdm.".
+func (o options) mdmKind() string {
+	if o.graph() {
+		return "graph"
+	}
+	return "file"
 }
 
 // phone is a simulated phone as exchangesim's POST /api/phones/sync takes it.
@@ -125,7 +144,8 @@ type walker struct {
 	traces map[string][]string // trace id → the families of the phone's events in it
 	order  []string            // trace ids in the order first seen
 
-	enrolled, allowed time.Time // when the inventory was written, when easguard applied the allow
+	nc                *nats.Conn
+	enrolled, allowed time.Time // when the phone was enrolled in the MDM, when easguard applied the allow
 }
 
 func run(ctx context.Context, o options, out io.Writer) error {
@@ -143,6 +163,7 @@ func run(ctx context.Context, o options, out io.Writer) error {
 		return fmt.Errorf("connect to easguard's NATS server %s: %w", o.natsURL, err)
 	}
 	defer nc.Close()
+	w.nc = nc
 	sub, err := nc.Subscribe("easguard."+o.org+".>", w.feed.add)
 	if err != nil {
 		return fmt.Errorf("subscribe: %w", err)
@@ -154,17 +175,21 @@ func run(ctx context.Context, o options, out io.Writer) error {
 
 	fmt.Fprintf(out, "== The seed flow: phone %s of %s\n", o.deviceID, o.mailbox)
 	fmt.Fprintf(out, "   (events from nats %s, subjects easguard.%s.>; times since the walk started)\n\n", o.natsURL, o.org)
+	enrolTitle := "E. The user enrols: the MDM inventory now lists the phone as compliant"
+	if o.graph() {
+		enrolTitle = "E. The user enrols: Intune now lists the phone as compliant; easguard reads it through Graph"
+	}
 	steps := []struct {
 		title   string
 		timeout time.Duration
 		do      func(context.Context) error
 	}{
-		{"easguard's first full sync (it sets Exchange's DefaultAccessLevel to Quarantine)", o.fullSync, w.waitFullSync},
+		{"easguard's first full sync (it sets Exchange's DefaultAccessLevel to Quarantine) and first MDM read", o.fullSync, w.waitStart},
 		{"A. A new mailbox on Exchange", o.step, w.createMailbox},
 		{"B. The phone syncs for the first time", o.step, w.firstSync},
 		{"C. easguard sees the phone, knows no MDM record for it, blocks it and mails its user", o.step, w.blockAndMail},
 		{"D. The phone syncs again", o.step, w.blockedSync},
-		{"E. The user enrols: the MDM inventory now lists the phone as compliant", o.step, w.enrol},
+		{enrolTitle, o.step, w.enrol},
 		{"F. The phone syncs", o.step, w.allowedSync},
 	}
 	for _, s := range steps {
@@ -188,6 +213,91 @@ func (w *walker) at(t time.Time) string {
 
 func (w *walker) printf(format string, args ...any) {
 	fmt.Fprintf(w.out, "%s %s\n", w.at(time.Now()), fmt.Sprintf(format, args...))
+}
+
+// waitStart waits for easguard's first full sync and its MDM source's
+// first read.
+func (w *walker) waitStart(ctx context.Context) error {
+	if err := w.waitFullSync(ctx); err != nil {
+		return err
+	}
+	return w.waitMDM(ctx)
+}
+
+// waitMDM waits until easguard's status shows that its MDM source has read
+// the MDM, and says how many mdm.changed events easguard had published by
+// then: with Intune, one for each device of the seeded organisation that
+// Intune knows, before the walk's phone exists.
+func (w *walker) waitMDM(ctx context.Context) error {
+	key := "mdm." + w.o.mdmKind()
+	var last error
+	for {
+		var st struct {
+			Status map[string]json.RawMessage `json:"status"`
+		}
+		code, err := w.getJSON(ctx, w.o.easguard+"/status", &st)
+		switch {
+		case err != nil:
+			last = err
+		case code != http.StatusOK:
+			last = fmt.Errorf("GET /status: HTTP %d", code)
+		case st.Status[key] != nil:
+			var src struct {
+				Source  string    `json:"source"`
+				State   string    `json:"state"`
+				At      time.Time `json:"at"`
+				Devices *int      `json:"devices"`      // after a complete read
+				Changes *int      `json:"last_changes"` // after changes were published
+				Summary string    `json:"summary"`
+			}
+			if err := json.Unmarshal(st.Status[key], &src); err != nil {
+				return fmt.Errorf("/status %s: %w", key, err)
+			}
+			if src.State != "ok" {
+				return fmt.Errorf("/status %s: %s is %s: %s", key, src.Source, src.State, src.Summary)
+			}
+			held, err := w.mdmEvents(ctx)
+			if err != nil {
+				return err
+			}
+			read := ""
+			switch {
+			case src.Devices != nil:
+				read = ", " + plural(*src.Devices, "device")
+			case src.Changes != nil:
+				read = ", " + plural(*src.Changes, "change")
+			}
+			w.printf("done: /status %s: %s, %s at %s%s; easguard has published %s",
+				key, src.Source, src.State, src.At.Local().Format(time.TimeOnly), read, plural(held, "mdm.changed event"))
+			return nil
+		default:
+			last = fmt.Errorf("no %s in /status yet", key)
+		}
+		if err := pause(ctx, 250*time.Millisecond); err != nil {
+			return fmt.Errorf("the MDM source has not read the MDM (%v): %w", last, err)
+		}
+	}
+}
+
+// mdmEvents counts the org's mdm.changed events in easguard's stream.
+func (w *walker) mdmEvents(ctx context.Context) (int, error) {
+	js, err := jetstream.New(w.nc)
+	if err != nil {
+		return 0, fmt.Errorf("JetStream: %w", err)
+	}
+	s, err := js.Stream(ctx, bus.StreamMDM)
+	if err != nil {
+		return 0, fmt.Errorf("stream %s: %w", bus.StreamMDM, err)
+	}
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter("easguard."+w.o.org+".mdm.changed.>"))
+	if err != nil {
+		return 0, fmt.Errorf("stream %s: %w", bus.StreamMDM, err)
+	}
+	n := 0
+	for _, c := range info.State.Subjects {
+		n += int(c)
+	}
+	return n, nil
 }
 
 // waitFullSync waits until easguard's status shows a successful full sync.
@@ -333,17 +443,23 @@ func (w *walker) blockedSync(ctx context.Context) error {
 	return nil
 }
 
-// enrol writes the phone into the MDM inventory as compliant and waits for
-// easguard to allow it.
+// enrol enrols the phone in the MDM as compliant (in Intune, or in the
+// inventory file) and waits for easguard to allow it.
 func (w *walker) enrol(ctx context.Context) error {
-	n, err := w.writeInventory()
-	if err != nil {
-		return err
+	if w.o.graph() {
+		if err := w.enrolIntune(ctx); err != nil {
+			return err
+		}
+	} else {
+		n, err := w.writeInventory()
+		if err != nil {
+			return err
+		}
+		w.enrolled = time.Now()
+		w.printf("wrote %s (%d records): intune-%s, %s, easDeviceId %s, compliant, managed", w.o.inventory, n, w.o.deviceID, w.o.mailbox, w.o.deviceID)
 	}
-	w.enrolled = time.Now()
-	w.printf("wrote %s (%d records): intune-%s, %s, easDeviceId %s, compliant, managed", w.o.inventory, n, w.o.deviceID, w.o.mailbox, w.o.deviceID)
 	applied := want("access.applied ALLOW", w.applied(ev.DesiredAccess_DESIRED_ACCESS_ALLOW))
-	err = w.await(ctx,
+	err := w.await(ctx,
 		want("mdm.changed", func(m *ev.MDMDeviceChanged) bool {
 			return m.GetDevice().GetComplianceState() == ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT
 		}),
@@ -367,8 +483,74 @@ func (w *walker) allowedSync(ctx context.Context) error {
 	if !r.GetsMail {
 		return fmt.Errorf("an allowed phone gets no mail: %+v", r)
 	}
-	fmt.Fprintf(w.out, "          time to allow: %.1fs from the inventory write to the phone getting mail (easguard applied the allow after %.1fs)\n",
-		took.Seconds(), w.allowed.Sub(w.enrolled).Seconds())
+	from := "the inventory write"
+	if w.o.graph() {
+		from = "the enrolment in Intune"
+	}
+	fmt.Fprintf(w.out, "          time to allow: %.1fs from %s to the phone getting mail (easguard applied the allow after %.1fs)\n",
+		took.Seconds(), from, w.allowed.Sub(w.enrolled).Seconds())
+	return nil
+}
+
+// intuneDevice is a managedDevice as intunesim's admin API takes and
+// returns it (the properties the walk sets or prints).
+type intuneDevice struct {
+	ID                string `json:"id,omitempty"`
+	UserPrincipalName string `json:"userPrincipalName"`
+	EmailAddress      string `json:"emailAddress"`
+	EASDeviceID       string `json:"easDeviceId"`
+	EASActivated      bool   `json:"easActivated"`
+	ComplianceState   string `json:"complianceState"`
+	ManagementState   string `json:"managementState"`
+	OperatingSystem   string `json:"operatingSystem"`
+	OSVersion         string `json:"osVersion"`
+	Model             string `json:"model"`
+	Manufacturer      string `json:"manufacturer"`
+}
+
+// enrolIntune enrols the phone in the simulated Intune as a managed,
+// compliant iPhone with Exchange's device id, as the Company Portal would
+// once the user has enrolled. A record that an earlier walk with the same
+// device id left is made compliant instead.
+func (w *walker) enrolIntune(ctx context.Context) error {
+	var found []intuneDevice
+	u := w.o.intune + "/api/devices?easDeviceId=" + url.QueryEscape(w.o.deviceID)
+	if code, err := w.getJSON(ctx, u, &found); err != nil {
+		return err
+	} else if code != http.StatusOK {
+		return fmt.Errorf("GET %s: HTTP %d", u, code)
+	}
+	var got struct {
+		intuneDevice
+		Error string `json:"error"`
+	}
+	if len(found) > 0 {
+		u = w.o.intune + "/api/devices/" + url.PathEscape(found[0].ID) + "/compliance"
+		code, err := w.postJSON(ctx, u, map[string]string{"state": "compliant"}, &got)
+		if err != nil {
+			return err
+		}
+		if code != http.StatusOK {
+			return fmt.Errorf("POST %s: HTTP %d: %s", u, code, got.Error)
+		}
+		w.enrolled = time.Now()
+		w.printf("POST %s → %d: Intune device %s (from an earlier walk) is compliant again", u, code, got.ID)
+		return nil
+	}
+	d := intuneDevice{UserPrincipalName: w.o.mailbox, EmailAddress: w.o.mailbox, EASDeviceID: w.o.deviceID, EASActivated: true,
+		ComplianceState: "compliant", ManagementState: "managed", OperatingSystem: "iOS", OSVersion: "17.4", Model: "iPhone 15", Manufacturer: "Apple"}
+	u = w.o.intune + "/api/devices"
+	code, err := w.postJSON(ctx, u, d, &got)
+	if err != nil {
+		return err
+	}
+	if code != http.StatusCreated {
+		return fmt.Errorf("POST %s: HTTP %d: %s", u, code, got.Error)
+	}
+	w.enrolled = time.Now()
+	w.printf("POST %s → %d: Intune device %s, %s, easDeviceId %s, %s, %s", u, code, got.ID, got.UserPrincipalName, got.EASDeviceID,
+		got.ComplianceState, got.ManagementState)
+	fmt.Fprintf(w.out, "          (easguard's Graph source sees it with its next read of deviceManagement/managedDevices)\n")
 	return nil
 }
 
@@ -812,6 +994,14 @@ func camel(s string) string {
 		}
 	}
 	return b.String()
+}
+
+// plural is "1 device", "2 devices".
+func plural(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }
 
 // displayName makes "Demo User" of demo.user.
