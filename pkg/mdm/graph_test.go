@@ -381,3 +381,17 @@ func TestGraphThroughProxy(t *testing.T) {
 		t.Fatalf("read with the proxy down: %v", err)
 	}
 }
+
+// Every FullResync the source publishes every record again, changed or
+// not, so that anything a lost event left wrong downstream is put right.
+func TestGraphFullResync(t *testing.T) {
+	sim := intunesim.StartTest(t, intunesim.Config{Extra: 30})
+	sink := &recordingSink{}
+	runSource(t, graphSource(t, sim, func(o *GraphOptions) { o.FullResync = 500 * time.Millisecond }), sink)
+	if first := sink.waitCalls(t, 1); len(first) != 30 {
+		t.Fatalf("first poll: %d records", len(first))
+	}
+	if again := sink.waitCalls(t, 2); len(again) != 30 {
+		t.Fatalf("resync published %d records, want all 30", len(again))
+	}
+}
