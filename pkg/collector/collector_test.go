@@ -117,40 +117,17 @@ func start(tb testing.TB, o options) *harness {
 	if h.status, err = js.KeyValue(ctx, bus.BucketStatus); err != nil {
 		tb.Fatal(err)
 	}
-	watch(tb, js, bus.StreamEAS, bus.EASObserved.Filter(org), func(m *ev.EASPartnershipObserved) {
+	natstest.Watch(tb, js, bus.StreamEAS, bus.EASObserved.Filter(org), func(m *ev.EASPartnershipObserved) {
 		h.mu.Lock()
 		h.observed = append(h.observed, m)
 		h.mu.Unlock()
 	})
-	watch(tb, js, bus.StreamSync, bus.SyncCompleted.Filter(org), func(m *ev.SyncCompleted) {
+	natstest.Watch(tb, js, bus.StreamSync, bus.SyncCompleted.Filter(org), func(m *ev.SyncCompleted) {
 		h.mu.Lock()
 		h.completed = append(h.completed, m)
 		h.mu.Unlock()
 	})
 	return h
-}
-
-// watch feeds every message of a stream that matches filter to fn, from
-// the beginning, through an ordered consumer.
-func watch[T any, PT interface {
-	*T
-	proto.Message
-}](tb testing.TB, js jetstream.JetStream, stream, filter string, fn func(PT)) {
-	tb.Helper()
-	c, err := js.OrderedConsumer(natstest.Context(tb), stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	cc, err := c.Consume(func(msg jetstream.Msg) {
-		m := PT(new(T))
-		if proto.Unmarshal(msg.Data(), m) == nil {
-			fn(m)
-		}
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(cc.Stop)
 }
 
 // sync runs one sync pass that must succeed, and returns its

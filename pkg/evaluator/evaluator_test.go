@@ -144,40 +144,17 @@ func start(tb testing.TB, cfg evaluator.Config) *harness {
 			tb.Fatal(err)
 		}
 	}
-	watch(tb, js, bus.StreamDecisions, bus.AccessDecided.Filter(org), func(m *ev.AccessDecided) {
+	natstest.Watch(tb, js, bus.StreamDecisions, bus.AccessDecided.Filter(org), func(m *ev.AccessDecided) {
 		h.mu.Lock()
 		h.decided = append(h.decided, m)
 		h.mu.Unlock()
 	})
-	watch(tb, js, bus.StreamAlerts, bus.AlertRaised.Filter(org), func(m *ev.Alert) {
+	natstest.Watch(tb, js, bus.StreamAlerts, bus.AlertRaised.Filter(org), func(m *ev.Alert) {
 		h.mu.Lock()
 		h.alerts = append(h.alerts, m)
 		h.mu.Unlock()
 	})
 	return h
-}
-
-// watch feeds every message of a stream that matches filter to fn, from
-// the beginning, through an ordered consumer.
-func watch[T any, PT interface {
-	*T
-	proto.Message
-}](tb testing.TB, js jetstream.JetStream, stream, filter string, fn func(PT)) {
-	tb.Helper()
-	c, err := js.OrderedConsumer(natstest.Context(tb), stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	cc, err := c.Consume(func(msg jetstream.Msg) {
-		m := PT(new(T))
-		if proto.Unmarshal(msg.Data(), m) == nil {
-			fn(m)
-		}
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(cc.Stop)
 }
 
 // stored counts the messages a stream holds under filter.
@@ -203,29 +180,7 @@ func stored(ctx context.Context, js jetstream.JetStream, stream, filter string) 
 // none was made.
 func (h *harness) settle() {
 	h.t.Helper()
-	ctx := context.Background()
-	for _, stream := range []string{bus.StreamMatch, bus.StreamSync} {
-		natstest.Eventually(h.t, 20*time.Second, "evaluator done with "+stream, func() bool {
-			s, err := h.js.Stream(ctx, stream)
-			if err != nil {
-				return false
-			}
-			info, err := s.Info(ctx)
-			if err != nil {
-				return false
-			}
-			lister := s.ListConsumers(ctx)
-			for ci := range lister.Info() {
-				if ci.Config.Durable == "" {
-					continue
-				}
-				if ci.NumPending > 0 || ci.NumAckPending > 0 || ci.AckFloor.Stream < info.State.LastSeq {
-					return false
-				}
-			}
-			return lister.Err() == nil
-		})
-	}
+	natstest.WaitDrained(h.t, h.js, 20*time.Second, bus.StreamMatch, bus.StreamSync)
 	h.catchUp()
 }
 

@@ -347,16 +347,7 @@ func (h *harness) redeliveries(tb testing.TB) int {
 // outputs before the ack, so after settle every report is out.
 func (h *harness) settle(tb testing.TB) {
 	tb.Helper()
-	ctx := context.Background()
-	natstest.Eventually(tb, 20*time.Second, "executor settled", func() bool {
-		s, err := h.js.Stream(ctx, bus.StreamDecisions)
-		if err != nil {
-			return false
-		}
-		last := s.CachedInfo().State.LastSeq
-		ci := h.consumerInfo(tb)
-		return ci.NumPending == 0 && ci.NumAckPending == 0 && ci.AckFloor.Stream >= last
-	})
+	natstest.WaitDrained(tb, h.js, 20*time.Second, bus.StreamDecisions)
 }
 
 func outcome(a *ev.AccessApplied) ev.ApplyOutcome { return a.GetItems()[0].GetOutcome() }

@@ -308,16 +308,7 @@ func (h *harness) redeliveries(tb testing.TB) int {
 // in the stream.
 func (h *harness) settle(tb testing.TB) {
 	tb.Helper()
-	ctx := context.Background()
-	natstest.Eventually(tb, 20*time.Second, "mailer settled", func() bool {
-		s, err := h.js.Stream(ctx, bus.StreamDecisions)
-		if err != nil {
-			return false
-		}
-		last := s.CachedInfo().State.LastSeq
-		ci := h.consumerInfo(tb)
-		return ci.NumPending == 0 && ci.NumAckPending == 0 && ci.AckFloor.Stream >= last
-	})
+	natstest.WaitDrained(tb, h.js, 20*time.Second, bus.StreamDecisions)
 }
 
 // settleSent waits until the notify.sent events in the stream have all

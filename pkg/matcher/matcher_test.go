@@ -97,32 +97,9 @@ func (h *harness) mdm(d *ev.MDMDevice, removed bool, prev string) {
 	}}); err != nil {
 		h.t.Fatal(err)
 	}
-	h.settle(bus.StreamMDM)
-}
-
-// settle waits until every consumer of stream has acknowledged all of it,
-// so that an MDM change is indexed before the next observation: the two
-// arrive on different consumers and are otherwise unordered.
-func (h *harness) settle(stream string) {
-	h.t.Helper()
-	ctx := context.Background()
-	natstest.Eventually(h.t, 10*time.Second, "stream "+stream+" settled", func() bool {
-		s, err := h.js.Stream(ctx, stream)
-		if err != nil {
-			return false
-		}
-		last := s.CachedInfo().State.LastSeq
-		lister := s.ListConsumers(ctx)
-		for ci := range lister.Info() {
-			if ci.Config.Durable == "" {
-				continue
-			}
-			if ci.NumPending > 0 || ci.NumAckPending > 0 || ci.AckFloor.Stream < last {
-				return false
-			}
-		}
-		return lister.Err() == nil
-	})
+	// An MDM change is indexed before the next observation: the two
+	// arrive on different consumers and are otherwise unordered.
+	natstest.WaitDrained(h.t, h.js, 10*time.Second, bus.StreamMDM)
 }
 
 // next waits for the next n verdicts.
