@@ -211,13 +211,6 @@ func satisfied(want ev.DesiredAccess, state ev.DeviceAccessState, reason ev.Devi
 	return false
 }
 
-func partnershipID(p *ev.EASPartnership) string {
-	if p.GetGuid() != "" {
-		return strings.ToLower(p.GetGuid())
-	}
-	return p.GetIdentity()
-}
-
 // lostMargin is how long after a decision that Exchange never applied an
 // observation must be taken before the decision counts as lost (its
 // message dead-lettered, say) and is made again.
@@ -227,7 +220,7 @@ const lostMargin = 2 * time.Minute
 func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Outbound, error) {
 	obs := in.GetObserved()
 	p := obs.GetPartnership()
-	key, err := bus.StateKey(e.org, p.GetDeviceId(), partnershipID(p))
+	key, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
@@ -444,7 +437,7 @@ func (e *Evaluator) batchOf(in *ev.DeviceMatched) (kind, id string) {
 func (e *Evaluator) stage(ctx context.Context, in *ev.DeviceMatched, d *ev.AccessDecided) error {
 	kind, id := e.batchOf(in)
 	p := d.GetPartnership()
-	key, err := bus.StateKey(e.org, kind, id, p.GetDeviceId(), partnershipID(p))
+	key, err := bus.StateKey(e.org, kind, id, p.GetDeviceId(), ev.PartnershipID(p))
 	if err != nil {
 		return bus.Poison(err)
 	}
@@ -525,7 +518,7 @@ func guardKey(staged []*ev.StagedDecision) string {
 	ids := make([]string, 0, len(staged))
 	for _, s := range staged {
 		d := s.GetDecision()
-		ids = append(ids, d.GetPartnership().GetDeviceId()+"|"+partnershipID(d.GetPartnership())+"|"+d.GetDesired().String())
+		ids = append(ids, d.GetPartnership().GetDeviceId()+"|"+ev.PartnershipID(d.GetPartnership())+"|"+d.GetDesired().String())
 	}
 	sort.Strings(ids)
 	sum := sha256.Sum256([]byte(strings.Join(ids, "\n")))
@@ -595,7 +588,7 @@ func (e *Evaluator) finalize(ctx context.Context, kind, id string, pub *bus.Publ
 		// so the guard holds for as long as the mass revocation would.
 		for _, s := range staged {
 			p := s.GetDecision().GetPartnership()
-			dk, err := bus.StateKey(e.org, p.GetDeviceId(), partnershipID(p))
+			dk, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
 			if err != nil {
 				return bus.Poison(err)
 			}
@@ -618,7 +611,7 @@ func (e *Evaluator) finalize(ctx context.Context, kind, id string, pub *bus.Publ
 			}
 			outs = append(outs, bus.Outbound{Subject: subject, Message: d, MsgID: "decided:" + d.GetDecisionId(), Parent: telemetry.ParseTraceparent(s.GetTraceparent())})
 			p := d.GetPartnership()
-			dk, err := bus.StateKey(e.org, p.GetDeviceId(), partnershipID(p))
+			dk, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
 			if err != nil {
 				return bus.Poison(err)
 			}
@@ -846,7 +839,7 @@ func isWrongLastSequence(err error) bool {
 func (e *Evaluator) scheduleRecheck(ctx context.Context, decisionKey string, p *ev.EASPartnership, at time.Time) error {
 	// Rounded up to the second, so the recheck never runs before at.
 	due := at.Add(time.Second - time.Nanosecond).Unix()
-	key, err := bus.StateKey(e.org, "recheck", strconv.FormatInt(due, 10), p.GetDeviceId(), partnershipID(p))
+	key, err := bus.StateKey(e.org, "recheck", strconv.FormatInt(due, 10), p.GetDeviceId(), ev.PartnershipID(p))
 	if err != nil {
 		return bus.Poison(err)
 	}

@@ -102,13 +102,6 @@ func accessOf(d ev.DesiredAccess) (exchange.Access, error) {
 	return 0, fmt.Errorf("no access for %s", d)
 }
 
-func partnershipID(p *ev.EASPartnership) string {
-	if p.GetGuid() != "" {
-		return strings.ToLower(p.GetGuid())
-	}
-	return p.GetIdentity()
-}
-
 // mailboxIdentity is what Set-CASMailbox gets: the GUID when known (never
 // ambiguous), else the identity Exchange reported.
 func mailboxIdentity(mb *ev.Mailbox) string {
@@ -133,7 +126,7 @@ const newestPruneAt = 50000
 // Apply applies one decision and reports the outcome.
 func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbound, error) {
 	p := d.GetPartnership()
-	key, err := bus.StateKey(x.org, p.GetDeviceId(), partnershipID(p))
+	key, err := bus.StateKey(x.org, p.GetDeviceId(), ev.PartnershipID(p))
 	if err != nil {
 		return nil, bus.Poison(err)
 	}

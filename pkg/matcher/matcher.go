@@ -58,15 +58,6 @@ func (m *Matcher) Routes() []bus.Route {
 	}
 }
 
-// partnershipID names a partnership in the index: its AD object GUID, or
-// its identity when Exchange did not report one.
-func partnershipID(p *ev.EASPartnership) string {
-	if p.GetGuid() != "" {
-		return strings.ToLower(p.GetGuid())
-	}
-	return p.GetIdentity()
-}
-
 // Observed handles one observation of a partnership: store it, then match it.
 func (m *Matcher) Observed(ctx context.Context, in *ev.EASPartnershipObserved) ([]bus.Outbound, error) {
 	p := in.GetPartnership()
@@ -74,7 +65,7 @@ func (m *Matcher) Observed(ctx context.Context, in *ev.EASPartnershipObserved) (
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
-	id := partnershipID(p)
+	id := ev.PartnershipID(p)
 	stale := false
 	var journey trace.SpanContext
 	if _, err := bus.Modify(ctx, m.parts, key, func(idx *ev.PartnershipIndex, _ bool) (bus.Change, error) {

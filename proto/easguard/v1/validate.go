@@ -152,3 +152,14 @@ func (e *Alert) Validate() error {
 	p.need(e.GetSummary() != "", "summary is empty")
 	return p.err()
 }
+
+// PartnershipID names a partnership in easguard's state: its AD object
+// GUID, lower-cased, or the identity Exchange reported when there is no
+// GUID. One phone used with two mailboxes has one device id and two
+// partnership ids; every worker keys its state by the same one.
+func PartnershipID(p *EASPartnership) string {
+	if p.GetGuid() != "" {
+		return strings.ToLower(p.GetGuid())
+	}
+	return p.GetIdentity()
+}
