@@ -1,6 +1,9 @@
 package natstest
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -34,28 +37,76 @@ func Watch[T any, PT interface {
 }
 
 // WaitDrained waits until every durable consumer of each stream has been
-// given, and has acknowledged, every message the stream holds. Runners
-// publish a handler's outputs before they acknowledge its input, so after
-// it everything the workers will publish about those messages is out: a
-// test asserts that something did not happen only after it.
+// given, and has acknowledged, every message the stream holds for it.
+// Runners publish a handler's outputs before they acknowledge its input,
+// so after it everything the workers will publish about those messages is
+// out: a test asserts that something did not happen only after it.
+//
+// A consumer's NumPending alone cannot tell: the server counts a stored
+// message into it from a queue of its own, after the publish has been
+// acknowledged, so for a moment a message just published is neither
+// pending nor delivered. The last stored sequence the consumer's filter
+// matches is read from the stream itself and must have been delivered.
 func WaitDrained(tb testing.TB, js jetstream.JetStream, timeout time.Duration, streams ...string) {
 	tb.Helper()
 	ctx := Context(tb)
 	for _, stream := range streams {
 		Eventually(tb, timeout, "consumers of "+stream+" drained", func() bool {
-			s, err := js.Stream(ctx, stream)
-			if err != nil {
-				return false
-			}
-			lister := s.ListConsumers(ctx)
-			for ci := range lister.Info() {
-				// NumPending is computed from the stream as it is now,
-				// so a message just stored counts.
-				if ci.Config.Durable != "" && (ci.NumPending > 0 || ci.NumAckPending > 0) {
-					return false
-				}
-			}
-			return lister.Err() == nil
+			ok, err := drained(ctx, js, stream)
+			return err == nil && ok
 		})
 	}
+}
+
+// drained reports whether every durable consumer of stream has been given,
+// and has settled, the newest message the stream holds for it.
+func drained(ctx context.Context, js jetstream.JetStream, stream string) (bool, error) {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return false, fmt.Errorf("stream %s: %w", stream, err)
+	}
+	lister := s.ListConsumers(ctx)
+	for ci := range lister.Info() {
+		if ci.Config.Durable == "" {
+			continue
+		}
+		if ci.NumPending > 0 || ci.NumAckPending > 0 {
+			return false, nil
+		}
+		last, err := lastStored(ctx, s, ci.Config)
+		if err != nil {
+			return false, err
+		}
+		if ci.Delivered.Stream < last {
+			return false, nil
+		}
+	}
+	if err := lister.Err(); err != nil {
+		return false, fmt.Errorf("consumers of %s: %w", stream, err)
+	}
+	return true, nil
+}
+
+// lastStored returns the sequence of the newest message of s that a
+// consumer with cfg would be given, 0 when there is none.
+func lastStored(ctx context.Context, s jetstream.Stream, cfg jetstream.ConsumerConfig) (uint64, error) {
+	filters := cfg.FilterSubjects
+	if cfg.FilterSubject != "" {
+		filters = append(filters, cfg.FilterSubject)
+	}
+	if len(filters) == 0 {
+		filters = []string{">"}
+	}
+	var last uint64
+	for _, f := range filters {
+		m, err := s.GetLastMsgForSubject(ctx, f)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("last message of %s: %w", f, err)
+		}
+		last = max(last, m.Sequence)
+	}
+	return last, nil
 }
