@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
@@ -70,23 +71,7 @@ func runRunner(t testing.TB, js jetstream.JetStream, cfg bus.RunnerConfig, route
 	if err != nil {
 		t.Fatalf("new runner: %v", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("runner %s: %v", cfg.Service, err)
-		}
-	})
-	natstest.Eventually(t, 5*time.Second, "runner ready", func() bool {
-		select {
-		case err := <-done:
-			t.Fatalf("runner stopped early: %v", err)
-		default:
-		}
-		return r.Ready() == nil
-	})
+	bustest.Run(t, r)
 	return r
 }
 

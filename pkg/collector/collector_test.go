@@ -17,8 +17,9 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/collector"
-	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/config/configtest"
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
@@ -531,11 +532,7 @@ func TestManualSyncRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
-	natstest.Eventually(t, 5*time.Second, "collector runner ready", func() bool { return r.Ready() == nil })
+	bustest.Run(t, r)
 
 	n := int64(len(h.visible()))
 	cases := []struct {
@@ -664,41 +661,15 @@ func (s *collectorSpec) Validate() error { return s.Collector.Validate() }
 
 // Bad settings are refused with an error that names the variable.
 func TestConfigValidate(t *testing.T) {
-	cases := []struct {
-		name string
-		env  map[string]string
-		want string // the variable named; "" for valid
-	}{
-		{"defaults", nil, ""},
-		{"quick interval too short", map[string]string{"EASGUARD_COLLECTOR_QUICK_INTERVAL": "500ms"}, "EASGUARD_COLLECTOR_QUICK_INTERVAL"},
-		{"full interval shorter than quick", map[string]string{"EASGUARD_COLLECTOR_QUICK_INTERVAL": "10m", "EASGUARD_COLLECTOR_FULL_INTERVAL": "5m"}, "EASGUARD_COLLECTOR_FULL_INTERVAL"},
-		{"full interval equal to quick", map[string]string{"EASGUARD_COLLECTOR_QUICK_INTERVAL": "10m", "EASGUARD_COLLECTOR_FULL_INTERVAL": "10m"}, ""},
-		{"access level Allow", map[string]string{"EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL": "Allow"}, ""},
-		{"access level Block", map[string]string{"EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL": "Block"}, ""},
-		{"unknown access level", map[string]string{"EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL": "Deny"}, "EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL"},
-		{"mail insert of 256 characters", map[string]string{"EASGUARD_COLLECTOR_USER_MAIL_INSERT": strings.Repeat("é", 256)}, ""},
-		{"mail insert too long", map[string]string{"EASGUARD_COLLECTOR_USER_MAIL_INSERT": strings.Repeat("é", 257)}, "EASGUARD_COLLECTOR_USER_MAIL_INSERT"},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			for k, v := range tc.env {
-				t.Setenv(k, v)
-			}
-			var spec collectorSpec
-			err := config.Load(&spec)
-			if tc.want == "" {
-				if err != nil {
-					t.Fatalf("valid settings refused: %v", err)
-				}
-				return
-			}
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("error %v, want one naming %s", err, tc.want)
-			}
-			var fe *config.FieldError
-			if verr := spec.Collector.Validate(); !errors.As(verr, &fe) {
-				t.Fatalf("Validate: %v, want a field error", verr)
-			}
-		})
-	}
+	configtest.Check[collectorSpec](t, []configtest.Case{
+		{Name: "defaults", Want: ""},
+		{Name: "quick interval too short", Env: map[string]string{"EASGUARD_COLLECTOR_QUICK_INTERVAL": "500ms"}, Want: "EASGUARD_COLLECTOR_QUICK_INTERVAL"},
+		{Name: "full interval shorter than quick", Env: map[string]string{"EASGUARD_COLLECTOR_QUICK_INTERVAL": "10m", "EASGUARD_COLLECTOR_FULL_INTERVAL": "5m"}, Want: "EASGUARD_COLLECTOR_FULL_INTERVAL"},
+		{Name: "full interval equal to quick", Env: map[string]string{"EASGUARD_COLLECTOR_QUICK_INTERVAL": "10m", "EASGUARD_COLLECTOR_FULL_INTERVAL": "10m"}, Want: ""},
+		{Name: "access level Allow", Env: map[string]string{"EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL": "Allow"}, Want: ""},
+		{Name: "access level Block", Env: map[string]string{"EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL": "Block"}, Want: ""},
+		{Name: "unknown access level", Env: map[string]string{"EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL": "Deny"}, Want: "EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL"},
+		{Name: "mail insert of 256 characters", Env: map[string]string{"EASGUARD_COLLECTOR_USER_MAIL_INSERT": strings.Repeat("é", 256)}, Want: ""},
+		{Name: "mail insert too long", Env: map[string]string{"EASGUARD_COLLECTOR_USER_MAIL_INSERT": strings.Repeat("é", 257)}, Want: "EASGUARD_COLLECTOR_USER_MAIL_INSERT"},
+	})
 }

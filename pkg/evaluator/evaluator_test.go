@@ -18,7 +18,8 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
-	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/bus/bustest"
+	"github.com/easguard/easguard/pkg/config/configtest"
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/policy"
@@ -124,13 +125,13 @@ func start(tb testing.TB, cfg evaluator.Config) *harness {
 		tb.Fatal(err)
 	}
 	e.SetPublisher(r.Publisher())
-	rctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); _ = r.Run(rctx) }()
-	go func() { defer wg.Done(); _ = e.Run(rctx) }()
-	tb.Cleanup(func() { cancel(); wg.Wait() })
-	natstest.Eventually(tb, 5*time.Second, "evaluator ready", func() bool { return r.Ready() == nil })
+	// The evaluator's own loop (grace rechecks, policy reloads) beside its
+	// runner, as pkg/pipeline runs them.
+	ectx, cancel := context.WithCancel(context.Background())
+	edone := make(chan struct{})
+	go func() { defer close(edone); _ = e.Run(ectx) }()
+	tb.Cleanup(func() { cancel(); <-edone })
+	bustest.Run(tb, r)
 
 	h := &harness{t: tb, js: js, e: e, logs: logs}
 	if h.pub, err = bus.NewPublisher(js, bus.Instrumentation{}); err != nil {
@@ -992,43 +993,16 @@ func TestConfigValidate(t *testing.T) {
 	broken := filepath.Join(t.TempDir(), "broken.yaml")
 	writePolicy(t, broken, "unknown_device: maybe\n", time.Now())
 	good := policyFile(t, "notify: false\n")
-	cases := []struct {
-		name string
-		env  map[string]string
-		want string // the variable named; "" for valid
-	}{
-		{"defaults", nil, ""},
-		{"a policy file", map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": good}, ""},
-		{"share zero", map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "0"}, "EASGUARD_EVALUATOR_BLAST_RADIUS"},
-		{"share above one", map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "1.5"}, "EASGUARD_EVALUATOR_BLAST_RADIUS"},
-		{"share negative", map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "-0.1"}, "EASGUARD_EVALUATOR_BLAST_RADIUS"},
-		{"share of one", map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "1"}, ""},
-		{"minimum zero", map[string]string{"EASGUARD_EVALUATOR_BLAST_MINIMUM": "0"}, "EASGUARD_EVALUATOR_BLAST_MINIMUM"},
-		{"window too short", map[string]string{"EASGUARD_EVALUATOR_MDM_WINDOW": "50ms"}, "EASGUARD_EVALUATOR_MDM_WINDOW"},
-		{"missing policy file", map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": filepath.Join(t.TempDir(), "none.yaml")}, "EASGUARD_EVALUATOR_POLICY_FILE"},
-		{"broken policy file", map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": broken}, "EASGUARD_EVALUATOR_POLICY_FILE"},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			for k, v := range tc.env {
-				t.Setenv(k, v)
-			}
-			var spec evaluatorSpec
-			err := config.Load(&spec)
-			if tc.want == "" {
-				if err != nil {
-					t.Fatalf("valid settings refused: %v", err)
-				}
-				return
-			}
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("error %v, want one naming %s", err, tc.want)
-			}
-			// Validate itself says which field, for config.Load to name it.
-			var fe *config.FieldError
-			if verr := spec.Evaluator.Validate(); !errors.As(verr, &fe) {
-				t.Fatalf("Validate: %v, want a field error", verr)
-			}
-		})
-	}
+	configtest.Check[evaluatorSpec](t, []configtest.Case{
+		{Name: "defaults", Want: ""},
+		{Name: "a policy file", Env: map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": good}, Want: ""},
+		{Name: "share zero", Env: map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "0"}, Want: "EASGUARD_EVALUATOR_BLAST_RADIUS"},
+		{Name: "share above one", Env: map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "1.5"}, Want: "EASGUARD_EVALUATOR_BLAST_RADIUS"},
+		{Name: "share negative", Env: map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "-0.1"}, Want: "EASGUARD_EVALUATOR_BLAST_RADIUS"},
+		{Name: "share of one", Env: map[string]string{"EASGUARD_EVALUATOR_BLAST_RADIUS": "1"}, Want: ""},
+		{Name: "minimum zero", Env: map[string]string{"EASGUARD_EVALUATOR_BLAST_MINIMUM": "0"}, Want: "EASGUARD_EVALUATOR_BLAST_MINIMUM"},
+		{Name: "window too short", Env: map[string]string{"EASGUARD_EVALUATOR_MDM_WINDOW": "50ms"}, Want: "EASGUARD_EVALUATOR_MDM_WINDOW"},
+		{Name: "missing policy file", Env: map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": filepath.Join(t.TempDir(), "none.yaml")}, Want: "EASGUARD_EVALUATOR_POLICY_FILE"},
+		{Name: "broken policy file", Env: map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": broken}, Want: "EASGUARD_EVALUATOR_POLICY_FILE"},
+	})
 }

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/config"
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/executor"
@@ -134,11 +135,7 @@ func start(tb testing.TB, o options) *harness {
 		tb.Fatal(err)
 	}
 	h.consumer = bus.DefaultTopology().ConsumerConfig("executor", "access-decided", bus.AccessDecided.Filter(org), org).Durable
-	done := make(chan error, 1)
-	rctx, cancel := context.WithCancel(context.Background())
-	go func() { done <- r.Run(rctx) }()
-	tb.Cleanup(func() { cancel(); <-done })
-	natstest.Eventually(tb, 10*time.Second, "executor ready", func() bool { return r.Ready() == nil })
+	bustest.Run(tb, r)
 	h.pub, err = bus.NewPublisher(js, bus.Instrumentation{})
 	if err != nil {
 		tb.Fatal(err)
@@ -319,27 +316,11 @@ func (h *harness) awaitDead(tb testing.TB, d *ev.AccessDecided) deadLetter {
 	return got
 }
 
-func (h *harness) consumerInfo(tb testing.TB) *jetstream.ConsumerInfo {
-	tb.Helper()
-	c, err := h.js.Consumer(context.Background(), bus.StreamDecisions, h.consumer)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	ci, err := c.Info(context.Background())
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return ci
-}
-
-// redeliveries counts how often decisions were delivered again: every
-// delivery takes a consumer sequence number, and every decision in the
-// stream is one the executor consumes. (NumRedelivered counts only those
-// still unacknowledged.)
+// redeliveries counts how often decisions were delivered to the executor
+// again; every decision in the stream is one it consumes.
 func (h *harness) redeliveries(tb testing.TB) int {
 	tb.Helper()
-	ci := h.consumerInfo(tb)
-	return int(ci.Delivered.Consumer) - int(ci.Delivered.Stream)
+	return natstest.Redeliveries(tb, h.js, bus.StreamDecisions, h.consumer)
 }
 
 // settle waits until the executor has settled every decision published so

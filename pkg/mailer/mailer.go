@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"strings"
 	"time"
 
@@ -70,6 +71,29 @@ func (c *Config) Validate() error {
 		}
 	}
 	return nil
+}
+
+// sendTimeout bounds one SMTP conversation, so a relay that stops
+// answering holds a decision only until its redelivery.
+const sendTimeout = 30 * time.Second
+
+// NewSender builds the SMTP sender the settings describe, reading the CA
+// bundle if one is named. It is separate from New so that tests and the
+// pipeline build the sender the same way yet can hand New another one.
+func (c *Config) NewSender() (*notify.Sender, error) {
+	var ca []byte
+	if c.SmtpCABundle != "" {
+		var err error
+		if ca, err = os.ReadFile(c.SmtpCABundle); err != nil {
+			return nil, fmt.Errorf("read SMTP CA bundle: %w", err)
+		}
+	}
+	s, err := notify.NewSender(notify.SMTPConfig{Host: c.SmtpHost, Port: c.SmtpPort, Username: c.SmtpUser, Password: c.SmtpPassword.Reveal(),
+		Security: c.SmtpSecurity, CABundle: ca, From: c.From, Timeout: sendTimeout})
+	if err != nil {
+		return nil, fmt.Errorf("SMTP sender: %w", err)
+	}
+	return s, nil
 }
 
 // Sender sends one rendered mail (notify.Sender does it).

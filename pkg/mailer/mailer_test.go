@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/config"
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
@@ -98,12 +99,7 @@ func start(tb testing.TB, o options) *harness {
 		tb.Fatal(err)
 	}
 	// The sender as pkg/pipeline builds it from the configuration.
-	pem, err := os.ReadFile(cfg.SmtpCABundle)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	sender, err := notify.NewSender(notify.SMTPConfig{Host: cfg.SmtpHost, Port: cfg.SmtpPort, Username: cfg.SmtpUser, Password: cfg.SmtpPassword.Reveal(),
-		Security: cfg.SmtpSecurity, CABundle: pem, From: cfg.From, Timeout: 10 * time.Second})
+	sender, err := cfg.NewSender()
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -125,11 +121,7 @@ func start(tb testing.TB, o options) *harness {
 		tb.Fatal(err)
 	}
 	h.consumer = bus.DefaultTopology().ConsumerConfig("mailer", "access-decided", bus.AccessDecided.Filter(org), org).Durable
-	done := make(chan error, 1)
-	rctx, cancel := context.WithCancel(context.Background())
-	go func() { done <- r.Run(rctx) }()
-	tb.Cleanup(func() { cancel(); <-done })
-	natstest.Eventually(tb, 10*time.Second, "mailer ready", func() bool { return r.Ready() == nil })
+	bustest.Run(tb, r)
 	if h.pub, err = bus.NewPublisher(js, bus.Instrumentation{}); err != nil {
 		tb.Fatal(err)
 	}
@@ -279,27 +271,11 @@ func (h *harness) mailsWithID(id string) []smtpsim.Message {
 	return out
 }
 
-func (h *harness) consumerInfo(tb testing.TB) *jetstream.ConsumerInfo {
-	tb.Helper()
-	c, err := h.js.Consumer(context.Background(), bus.StreamDecisions, h.consumer)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	ci, err := c.Info(context.Background())
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return ci
-}
-
-// redeliveries counts how often decisions were delivered again: every
-// delivery takes a consumer sequence number, and every decision in the
-// stream is one the mailer consumes. (NumRedelivered counts only those
-// still unacknowledged.)
+// redeliveries counts how often decisions were delivered to the mailer
+// again; every decision in the stream is one it consumes.
 func (h *harness) redeliveries(tb testing.TB) int {
 	tb.Helper()
-	ci := h.consumerInfo(tb)
-	return int(ci.Delivered.Consumer) - int(ci.Delivered.Stream)
+	return natstest.Redeliveries(tb, h.js, bus.StreamDecisions, h.consumer)
 }
 
 // settle waits until the mailer has settled every decision published so

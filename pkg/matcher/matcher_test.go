@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/matcher"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
@@ -43,11 +44,7 @@ func start(t *testing.T) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	rctx, cancel := context.WithCancel(context.Background())
-	go func() { done <- r.Run(rctx) }()
-	t.Cleanup(func() { cancel(); <-done })
-	natstest.Eventually(t, 5*time.Second, "matcher ready", func() bool { return r.Ready() == nil })
+	bustest.Run(t, r)
 	h := &harness{t: t, js: js}
 	h.pub, _ = bus.NewPublisher(js, bus.Instrumentation{})
 	c, err := js.OrderedConsumer(ctx, bus.StreamMatch, jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeviceMatched.Filter(org)}})

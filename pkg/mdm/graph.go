@@ -111,6 +111,9 @@ type GraphSource struct {
 	// properties this Graph refused (managementState is documented on
 	// beta; whether v1.0 serves it is unconfirmed).
 	selects []string
+	// cred is kept to start a fresh identity client when Graph refuses
+	// a cached token.
+	cred    confidential.Credential
 	token   *confidential.Client
 	client  *http.Client
 	scope   string
@@ -164,20 +167,19 @@ func NewGraphSource(opts GraphOptions) (*GraphSource, error) {
 		return nil, fmt.Errorf("graph source: %w: %w", ErrConfig, err)
 	}
 	g.scope = root.Scheme + "://" + root.Host + "/.default"
-	var cred confidential.Credential
 	if opts.ClientSecret != "" {
-		cred, err = confidential.NewCredFromSecret(opts.ClientSecret)
+		g.cred, err = confidential.NewCredFromSecret(opts.ClientSecret)
 	} else {
 		certs, key, perr := confidential.CertFromPEM(opts.Certificate, "")
 		if perr != nil {
 			return nil, fmt.Errorf("graph source: %w: client certificate: %w", ErrConfig, perr)
 		}
-		cred, err = confidential.NewCredFromCert(certs, key)
+		g.cred, err = confidential.NewCredFromCert(certs, key)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("graph source: %w: %w", ErrConfig, err)
 	}
-	if err := g.newTokenClient(cred); err != nil {
+	if err := g.newTokenClient(g.cred); err != nil {
 		return nil, err
 	}
 	return g, nil
@@ -436,23 +438,10 @@ func (g *GraphSource) getOnce(ctx context.Context, target string, v any) error {
 	return nil
 }
 
-// renewToken drops the cached token by starting a fresh identity client.
+// renewToken drops the cached token by starting a fresh identity client
+// with the same credential.
 func (g *GraphSource) renewToken() error {
-	var cred confidential.Credential
-	var err error
-	if g.opts.ClientSecret != "" {
-		cred, err = confidential.NewCredFromSecret(g.opts.ClientSecret)
-	} else {
-		certs, key, perr := confidential.CertFromPEM(g.opts.Certificate, "")
-		if perr != nil {
-			return fmt.Errorf("graph source: %w: client certificate: %w", ErrConfig, perr)
-		}
-		cred, err = confidential.NewCredFromCert(certs, key)
-	}
-	if err != nil {
-		return fmt.Errorf("graph source: %w: %w", ErrConfig, err)
-	}
-	return g.newTokenClient(cred)
+	return g.newTokenClient(g.cred)
 }
 
 // parseRetryAfter reads Retry-After as seconds or an HTTP date.

@@ -33,7 +33,6 @@ import (
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/matcher"
 	"github.com/easguard/easguard/pkg/mdm"
-	"github.com/easguard/easguard/pkg/notify"
 	"github.com/easguard/easguard/pkg/service"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
@@ -263,15 +262,7 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 	}
 	if has(Mailer) {
 		mc := s.Mailer
-		var ca []byte
-		if mc.SmtpCABundle != "" {
-			var err error
-			if ca, err = os.ReadFile(mc.SmtpCABundle); err != nil {
-				return fmt.Errorf("mailer: %w", err)
-			}
-		}
-		sender, err := notify.NewSender(notify.SMTPConfig{Host: mc.SmtpHost, Port: mc.SmtpPort, Username: mc.SmtpUser, Password: mc.SmtpPassword.Reveal(),
-			Security: mc.SmtpSecurity, CABundle: ca, From: mc.From, Timeout: 30 * time.Second})
+		sender, err := mc.NewSender()
 		if err != nil {
 			return fmt.Errorf("mailer: %w", err)
 		}

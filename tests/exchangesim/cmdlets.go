@@ -3,6 +3,7 @@ package exchangesim
 import (
 	"fmt"
 	"net/mail"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -532,10 +533,8 @@ func setOrgSettings(s *Session, a args, out *output) {
 	}
 	st := s.org.Settings
 	if v, ok := a["DefaultAccessLevel"].(string); ok {
-		for i, n := range levelEnum {
-			if n == v {
-				st.DefaultAccessLevel = AccessLevel(i)
-			}
+		if i := slices.Index(levelEnum, v); i >= 0 {
+			st.DefaultAccessLevel = AccessLevel(i)
 		}
 	}
 	for _, f := range []struct {
@@ -672,15 +671,11 @@ func newRule(s *Session, a args, out *output) {
 	s.org.mu.Lock()
 	defer s.org.mu.Unlock()
 	r := &DeviceAccessRule{GUID: s.org.newGUID(), QueryString: a.str("QueryString")}
-	for i, n := range charEnum {
-		if n == a.str("Characteristic") {
-			r.Characteristic = Characteristic(i)
-		}
+	if i := slices.Index(charEnum, a.str("Characteristic")); i >= 0 {
+		r.Characteristic = Characteristic(i)
 	}
-	for i, n := range levelEnum {
-		if n == a.str("AccessLevel") {
-			r.AccessLevel = AccessLevel(i)
-		}
+	if i := slices.Index(levelEnum, a.str("AccessLevel")); i >= 0 {
+		r.AccessLevel = AccessLevel(i)
 	}
 	if s.org.findRule(r.Name()) != nil {
 		// UNCONFIRMED wording.
@@ -701,10 +696,8 @@ func setRule(s *Session, a args, out *output) {
 		out.fail(s.notFound("Set-ActiveSyncDeviceAccessRule", a.str("Identity")))
 		return
 	}
-	for i, n := range levelEnum {
-		if n == a.str("AccessLevel") {
-			r.AccessLevel = AccessLevel(i)
-		}
+	if i := slices.Index(levelEnum, a.str("AccessLevel")); i >= 0 {
+		r.AccessLevel = AccessLevel(i)
 	}
 	r.WhenChanged = s.org.now()
 }

@@ -2,8 +2,9 @@ package intunesim
 
 import (
 	"strconv"
-	"sync"
 	"time"
+
+	"github.com/easguard/easguard/tests/simrecord"
 )
 
 // Record is one request the simulator answered on its HTTPS listener.
@@ -35,78 +36,32 @@ type Record struct {
 	Duration time.Duration `json:"duration_ns"`
 }
 
-// Recorder keeps the most recent records and counts all of them.
+// Recorder keeps the most recent records and counts all of them: under
+// the kind ("graph"), kind and status ("graph:429"), "token:issued" for a
+// token handed out, and "note" for a request with something ignored.
 type Recorder struct {
-	mu      sync.Mutex
-	max     int
-	records []Record
-	start   int
-	counts  map[string]int
+	*simrecord.Log[Record]
 }
 
 // NewRecorder keeps at most max records (the oldest are dropped; counts
 // are kept for all).
 func NewRecorder(max int) *Recorder {
-	return &Recorder{max: max, counts: map[string]int{}}
+	return &Recorder{simrecord.New[Record](max)}
 }
 
-// Add records one request. It counts it under its kind ("graph"), its kind
-// and status ("graph:429"), and, for a token issued, "token:issued".
+// Add records one request.
 func (r *Recorder) Add(rec Record) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.counts[rec.Kind]++
-	r.counts[rec.Kind+":"+strconv.Itoa(rec.Status)]++
+	keys := []string{rec.Kind, rec.Kind + ":" + strconv.Itoa(rec.Status)}
 	if rec.Kind == "token" && rec.Status == 200 {
-		r.counts["token:issued"]++
+		keys = append(keys, "token:issued")
 	}
 	if rec.Note != "" {
-		r.counts["note"]++
+		keys = append(keys, "note")
 	}
-	if len(r.records) < r.max {
-		r.records = append(r.records, rec)
-		return
-	}
-	r.records[r.start] = rec
-	r.start = (r.start + 1) % r.max
+	r.Log.Add(rec, keys...)
 }
 
 // Records returns the kept records, oldest first, optionally of one kind.
 func (r *Recorder) Records(kind string) []Record {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	out := make([]Record, 0, len(r.records))
-	for i := range r.records {
-		rec := r.records[(r.start+i)%len(r.records)]
-		if kind == "" || rec.Kind == kind {
-			out = append(out, rec)
-		}
-	}
-	return out
-}
-
-// Count returns a counter: a kind ("token", "graph"), a kind and status
-// ("graph:200", "graph:429"), "token:issued", or "note".
-func (r *Recorder) Count(key string) int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.counts[key]
-}
-
-// Counts returns a copy of all counters.
-func (r *Recorder) Counts() map[string]int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	out := make(map[string]int, len(r.counts))
-	for k, v := range r.counts {
-		out[k] = v
-	}
-	return out
-}
-
-// Reset forgets all records and counts.
-func (r *Recorder) Reset() {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.records, r.start, r.counts = nil, 0, map[string]int{}
+	return r.Select(func(rec Record) bool { return kind == "" || rec.Kind == kind })
 }

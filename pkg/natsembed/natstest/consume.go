@@ -87,6 +87,25 @@ func drained(ctx context.Context, js jetstream.JetStream, stream string) (bool, 
 	return true, nil
 }
 
+// Redeliveries counts how often the durable consumer of stream delivered
+// a message again: every delivery takes a consumer sequence number, every
+// first delivery also a stream one. NumRedelivered would count only the
+// redelivered messages still unacknowledged. It suits a consumer that is
+// given every message of the stream.
+func Redeliveries(tb testing.TB, js jetstream.JetStream, stream, durable string) int {
+	tb.Helper()
+	ctx := Context(tb)
+	c, err := js.Consumer(ctx, stream, durable)
+	if err != nil {
+		tb.Fatalf("consumer %s of %s: %v", durable, stream, err)
+	}
+	ci, err := c.Info(ctx)
+	if err != nil {
+		tb.Fatalf("consumer %s of %s: %v", durable, stream, err)
+	}
+	return int(ci.Delivered.Consumer) - int(ci.Delivered.Stream)
+}
+
 // lastStored returns the sequence of the newest message of s that a
 // consumer with cfg would be given, 0 when there is none.
 func lastStored(ctx context.Context, s jetstream.Stream, cfg jetstream.ConsumerConfig) (uint64, error) {
