@@ -524,7 +524,10 @@ func (s *stack) settle() {
 			fmt.Fprintf(&b, "%s:%d ", name, st.CachedInfo().State.LastSeq)
 			cons := st.ListConsumers(ctx)
 			for ci := range cons.Info() {
-				if ci.Config.Durable != "" && (ci.NumPending > 0 || ci.NumAckPending > 0) {
+				if ci.Config.Durable == "" {
+					continue
+				}
+				if ok, err := bus.Drained(ctx, st, ci); err != nil || !ok {
 					return "", false
 				}
 			}

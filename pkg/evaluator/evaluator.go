@@ -480,10 +480,18 @@ func (e *Evaluator) waitDrained(ctx context.Context, durable, stream string) err
 		if err != nil {
 			return fmt.Errorf("barrier on %s: %w", name, err)
 		}
+		s, err := e.js.Stream(ctx, stream)
+		if err != nil {
+			return fmt.Errorf("barrier on %s: %w", name, err)
+		}
 		// The barrier runs inside the evaluator's own handler for its
 		// device-matched consumer only from the background loop, so a
-		// pending count of zero means drained.
-		if info.NumPending == 0 && info.NumAckPending == 0 {
+		// drained consumer means every message before now is handled.
+		drained, err := bus.Drained(ctx, s, info)
+		if err != nil {
+			return fmt.Errorf("barrier on %s: %w", name, err)
+		}
+		if drained {
 			return nil
 		}
 		if time.Now().After(deadline) {

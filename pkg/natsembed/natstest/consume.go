@@ -2,13 +2,14 @@ package natstest
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/easguard/easguard/pkg/bus"
 )
 
 // Watch feeds every message of stream that matches filter, from the first,
@@ -37,16 +38,11 @@ func Watch[T any, PT interface {
 }
 
 // WaitDrained waits until every durable consumer of each stream has been
-// given, and has acknowledged, every message the stream holds for it.
-// Runners publish a handler's outputs before they acknowledge its input,
-// so after it everything the workers will publish about those messages is
-// out: a test asserts that something did not happen only after it.
-//
-// A consumer's NumPending alone cannot tell: the server counts a stored
-// message into it from a queue of its own, after the publish has been
-// acknowledged, so for a moment a message just published is neither
-// pending nor delivered. The last stored sequence the consumer's filter
-// matches is read from the stream itself and must have been delivered.
+// given, and has acknowledged, every message the stream holds for it (see
+// bus.Drained). Runners publish a handler's outputs before they
+// acknowledge its input, so after it everything the workers will publish
+// about those messages is out: a test asserts that something did not
+// happen only after it.
 func WaitDrained(tb testing.TB, js jetstream.JetStream, timeout time.Duration, streams ...string) {
 	tb.Helper()
 	ctx := Context(tb)
@@ -58,8 +54,7 @@ func WaitDrained(tb testing.TB, js jetstream.JetStream, timeout time.Duration, s
 	}
 }
 
-// drained reports whether every durable consumer of stream has been given,
-// and has settled, the newest message the stream holds for it.
+// drained reports whether every durable consumer of stream is drained.
 func drained(ctx context.Context, js jetstream.JetStream, stream string) (bool, error) {
 	s, err := js.Stream(ctx, stream)
 	if err != nil {
@@ -70,15 +65,8 @@ func drained(ctx context.Context, js jetstream.JetStream, stream string) (bool, 
 		if ci.Config.Durable == "" {
 			continue
 		}
-		if ci.NumPending > 0 || ci.NumAckPending > 0 {
-			return false, nil
-		}
-		last, err := lastStored(ctx, s, ci.Config)
-		if err != nil {
+		if ok, err := bus.Drained(ctx, s, ci); err != nil || !ok {
 			return false, err
-		}
-		if ci.Delivered.Stream < last {
-			return false, nil
 		}
 	}
 	if err := lister.Err(); err != nil {
@@ -104,28 +92,4 @@ func Redeliveries(tb testing.TB, js jetstream.JetStream, stream, durable string)
 		tb.Fatalf("consumer %s of %s: %v", durable, stream, err)
 	}
 	return int(ci.Delivered.Consumer) - int(ci.Delivered.Stream)
-}
-
-// lastStored returns the sequence of the newest message of s that a
-// consumer with cfg would be given, 0 when there is none.
-func lastStored(ctx context.Context, s jetstream.Stream, cfg jetstream.ConsumerConfig) (uint64, error) {
-	filters := cfg.FilterSubjects
-	if cfg.FilterSubject != "" {
-		filters = append(filters, cfg.FilterSubject)
-	}
-	if len(filters) == 0 {
-		filters = []string{">"}
-	}
-	var last uint64
-	for _, f := range filters {
-		m, err := s.GetLastMsgForSubject(ctx, f)
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			continue
-		}
-		if err != nil {
-			return 0, fmt.Errorf("last message of %s: %w", f, err)
-		}
-		last = max(last, m.Sequence)
-	}
-	return last, nil
 }

@@ -1,0 +1,55 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Drained reports whether the durable consumer ci of stream s has been
+// given, and has settled, the newest message s holds for it: everything
+// published to it before the call has been handled. Barriers use it, the
+// evaluator's before it judges a finished sync pass and the tests' before
+// they assert that something did not happen.
+//
+// NumPending alone cannot tell: the server counts a stored message into a
+// consumer's pending count from a queue of its own, after the publish has
+// been acknowledged, so for a moment a message just published is neither
+// pending nor delivered. The newest sequence the consumer's filter matches
+// is read from the stream itself and must have been delivered.
+func Drained(ctx context.Context, s jetstream.Stream, ci *jetstream.ConsumerInfo) (bool, error) {
+	if ci.NumPending > 0 || ci.NumAckPending > 0 {
+		return false, nil
+	}
+	last, err := lastStored(ctx, s, ci.Config)
+	if err != nil {
+		return false, fmt.Errorf("drained %s: %w", ci.Name, err)
+	}
+	return ci.Delivered.Stream >= last, nil
+}
+
+// lastStored returns the sequence of the newest message of s that a
+// consumer with cfg is given, 0 when there is none.
+func lastStored(ctx context.Context, s jetstream.Stream, cfg jetstream.ConsumerConfig) (uint64, error) {
+	filters := cfg.FilterSubjects
+	if cfg.FilterSubject != "" {
+		filters = append(filters, cfg.FilterSubject)
+	}
+	if len(filters) == 0 {
+		filters = []string{">"}
+	}
+	var last uint64
+	for _, f := range filters {
+		m, err := s.GetLastMsgForSubject(ctx, f)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("last message of %s: %w", f, err)
+		}
+		last = max(last, m.Sequence)
+	}
+	return last, nil
+}

@@ -1,0 +1,98 @@
+package bus_test
+
+import (
+	"context"
+	"slices"
+	"testing"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/natsembed/natstest"
+)
+
+// Drained must not take a consumer that has not yet been given the newest
+// message for it as drained, whatever its lazily counted NumPending says,
+// and must not wait for messages its filter does not match.
+func TestDrained(t *testing.T) {
+	_, _, js := natstest.Start(t)
+	ctx := natstest.Context(t)
+	s, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "S", Subjects: []string{"s.>"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name string
+		cfg  jetstream.ConsumerConfig
+		mine []string // of s.a.1, s.b, s.c: the subjects the consumer is given
+	}{
+		{"one filter", jetstream.ConsumerConfig{Durable: "one", FilterSubject: "s.a.>"}, []string{"s.a.1"}},
+		{"two filters", jetstream.ConsumerConfig{Durable: "two", FilterSubjects: []string{"s.a.>", "s.c"}}, []string{"s.a.1", "s.c"}},
+		{"no filter", jetstream.ConsumerConfig{Durable: "all"}, []string{"s.a.1", "s.b", "s.c"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.cfg.AckPolicy = jetstream.AckExplicitPolicy
+			c, err := s.CreateOrUpdateConsumer(ctx, tc.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			drained := func(want bool, when string) {
+				t.Helper()
+				ci, err := c.Info(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				got, err := bus.Drained(ctx, s, ci)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got != want {
+					t.Fatalf("%s: drained %v, want %v (%+v)", when, got, want, ci)
+				}
+			}
+			publish := func(subj string) {
+				t.Helper()
+				if _, err := js.Publish(ctx, subj, []byte(subj)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			t.Cleanup(func() {
+				_ = s.DeleteConsumer(context.Background(), tc.cfg.Durable)
+				_ = s.Purge(context.Background())
+			})
+			drained(true, "a new consumer of an empty stream")
+			for _, subj := range []string{"s.a.1", "s.b", "s.c"} {
+				publish(subj)
+				drained(!slices.Contains(tc.mine, subj), "just after "+subj+" was stored")
+				consumeAll(t, c)
+				drained(true, "after "+subj+" was handled")
+			}
+		})
+	}
+}
+
+// consumeAll fetches and acknowledges everything c has for it.
+func consumeAll(tb testing.TB, c jetstream.Consumer) {
+	tb.Helper()
+	ctx := natstest.Context(tb)
+	for {
+		b, err := c.FetchNoWait(100)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		n := 0
+		for m := range b.Messages() {
+			if err := m.DoubleAck(ctx); err != nil {
+				tb.Fatal(err)
+			}
+			n++
+		}
+		if err := b.Error(); err != nil {
+			tb.Fatal(err)
+		}
+		if n == 0 {
+			return
+		}
+	}
+}
