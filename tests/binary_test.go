@@ -22,6 +22,7 @@ import (
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/config"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	"github.com/easguard/easguard/tests/simcmd"
 )
 
 var (
@@ -154,27 +155,10 @@ func TestREADMEConfigTableIsCurrent(t *testing.T) {
 // process is a started easguard binary.
 type process struct {
 	cmd    *exec.Cmd
-	stderr *syncBuffer
+	stderr *simcmd.LockedBuffer
 	exited chan struct{} // closed when the process has exited; err is then set
 	err    error
 	http   string
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func freeAddr(t testing.TB) string {
@@ -192,7 +176,7 @@ func start(t *testing.T, env ...string) *process {
 	addr := freeAddr(t)
 	cmd := exec.Command(easguardBinary(t), "run")
 	cmd.Env = baseEnv(append([]string{"EASGUARD_HTTP_ADDR=" + addr, "EASGUARD_DATA_DIR=" + t.TempDir()}, env...)...)
-	p := &process{cmd: cmd, stderr: &syncBuffer{}, exited: make(chan struct{}), http: "http://" + addr}
+	p := &process{cmd: cmd, stderr: &simcmd.LockedBuffer{}, exited: make(chan struct{}), http: "http://" + addr}
 	cmd.Stderr = p.stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -2,10 +2,8 @@ package bus_test
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"log/slog"
-	"sync"
 	"testing"
 	"time"
 
@@ -101,43 +99,11 @@ func publishObserved(t testing.TB, e *env, deviceID, msgID string) {
 	}
 }
 
-// collector gathers messages from a subject filter through an ephemeral
-// ordered consumer, to see what really reached a stream.
-type collector struct {
-	mu   sync.Mutex
-	msgs []jetstream.Msg
-}
-
-func collect(t testing.TB, js jetstream.JetStream, stream, filter string) *collector {
+// collect keeps every message of stream under filter, undecoded, to see
+// what really reached a stream (headers included).
+func collect(t testing.TB, js jetstream.JetStream, stream, filter string) *natstest.Received[jetstream.Msg] {
 	t.Helper()
-	ctx := natstest.Context(t)
-	c, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
-	if err != nil {
-		t.Fatalf("ordered consumer on %s: %v", stream, err)
-	}
-	col := &collector{}
-	cc, err := c.Consume(func(m jetstream.Msg) {
-		col.mu.Lock()
-		col.msgs = append(col.msgs, m)
-		col.mu.Unlock()
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cc.Stop)
-	return col
-}
-
-func (c *collector) all() []jetstream.Msg {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]jetstream.Msg(nil), c.msgs...)
-}
-
-func (c *collector) wait(t testing.TB, n int) []jetstream.Msg {
-	t.Helper()
-	natstest.Eventually(t, 10*time.Second, fmt.Sprintf("%d messages", n), func() bool { return len(c.all()) >= n })
-	return c.all()
+	return natstest.ReceiveFunc(t, js, stream, filter, func(m jetstream.Msg) (jetstream.Msg, bool) { return m, true })
 }
 
 func decode[T any, PT interface {

@@ -238,7 +238,7 @@ func TestTransientErrorRedeliveredWithGrowingDelay(t *testing.T) {
 		}))
 	out := collect(t, e.js, bus.StreamMatch, bus.DeviceMatched.Filter(org))
 	publishObserved(t, e, "dev1", "m1")
-	out.wait(t, 1)
+	out.AwaitLen(t, 10*time.Second, 1)
 	if n := log.len(); n != 4 {
 		t.Fatalf("handler ran %d times, want 4", n)
 	}
@@ -255,7 +255,7 @@ func TestTransientErrorRedeliveredWithGrowingDelay(t *testing.T) {
 		}
 	}
 	// And the output arrived once, though the handler ran four times.
-	if n := len(out.all()); n != 1 {
+	if n := len(out.All()); n != 1 {
 		t.Fatalf("%d outputs, want 1", n)
 	}
 }
@@ -354,7 +354,7 @@ func TestPoisonGoesToDeadLetterAndLeavesTheSource(t *testing.T) {
 			subj, _ := bus.EASObserved.Subject(org, "dev1")
 			rawPublish(t, e.js, subj, tt.data, tt.header)
 
-			m := dlq.wait(t, 1)[0]
+			m := dlq.AwaitLen(t, 10*time.Second, 1)[0]
 			h := m.Headers()
 			if got := h.Get(bus.HeaderDLQReason); !contains(got, tt.reason) {
 				t.Errorf("reason %q does not mention %q", got, tt.reason)
@@ -422,7 +422,7 @@ func TestPoisonCommandLeavesWorkQueue(t *testing.T) {
 	dlq := collect(t, e.js, bus.StreamDLQ, bus.DeadLetter.Filter(org))
 	subj, _ := bus.SyncRequested.Subject(org, "")
 	rawPublish(t, e.js, subj, []byte("not protobuf \xff\xff"), typed("easguard.v1.SyncRequested"))
-	dlq.wait(t, 1)
+	dlq.AwaitLen(t, 10*time.Second, 1)
 	ctx := natstest.Context(t)
 	s, _ := e.js.Stream(ctx, bus.StreamSyncRequests)
 	natstest.Eventually(t, 5*time.Second, "work queue empty", func() bool {
@@ -441,7 +441,7 @@ func TestMaxDeliverMovesToDeadLetter(t *testing.T) {
 		}))
 	dlq := collect(t, e.js, bus.StreamDLQ, bus.DeadLetter.Filter(org))
 	publishObserved(t, e, "dev1", "m1")
-	m := dlq.wait(t, 1)[0]
+	m := dlq.AwaitLen(t, 10*time.Second, 1)[0]
 	if got := calls.Load(); got != int32(e.topo.Consumer.MaxDeliver) {
 		t.Errorf("handler ran %d times, want MaxDeliver=%d", got, e.topo.Consumer.MaxDeliver)
 	}
@@ -512,7 +512,7 @@ func TestMaxDeliveriesAdvisoryMovesUnsettledMessage(t *testing.T) {
 					}
 				}
 			}()
-			m := dlq.wait(t, 1)[0]
+			m := dlq.AwaitLen(t, 10*time.Second, 1)[0]
 			stopPulling()
 			<-pulled
 			if n := deliveries.Load(); n != 2 {
@@ -589,7 +589,7 @@ func TestCrashMidFlightRedeliversToNewInstance(t *testing.T) {
 			seen.Add(1)
 			return []bus.Outbound{matchedFrom(in)}, nil
 		}))
-	got := out.wait(t, 1)
+	got := out.AwaitLen(t, 10*time.Second, 1)
 	if m := decode[ev.DeviceMatched](t, got[0]); m.GetObserved().GetPartnership().GetDeviceId() != "dev1" {
 		t.Fatalf("output %v", m)
 	}
@@ -635,7 +635,7 @@ func TestDrainFinishesInFlightWork(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	out.wait(t, 1)
+	out.AwaitLen(t, 10*time.Second, 1)
 	waitConsumerSettled(t, e.js, bus.StreamEAS, "matcher-eas-observed-contoso")
 }
 
@@ -708,7 +708,7 @@ func TestHandlerPanicIsRetriedNotFatal(t *testing.T) {
 		}))
 	out := collect(t, e.js, bus.StreamMatch, bus.DeviceMatched.Filter(org))
 	publishObserved(t, e, "dev1", "m1")
-	out.wait(t, 1)
+	out.AwaitLen(t, 10*time.Second, 1)
 	if calls.Load() != 2 {
 		t.Fatalf("calls = %d, want 2", calls.Load())
 	}

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -57,9 +56,8 @@ type harness struct {
 	status jetstream.KeyValue
 	c      *collector.Collector
 
-	mu        sync.Mutex
-	observed  []*ev.EASPartnershipObserved
-	completed []*ev.SyncCompleted
+	observed  *natstest.Received[*ev.EASPartnershipObserved]
+	completed *natstest.Received[*ev.SyncCompleted]
 }
 
 func testConfig(cfg collector.Config) collector.Config {
@@ -118,16 +116,8 @@ func start(tb testing.TB, o options) *harness {
 	if h.status, err = js.KeyValue(ctx, bus.BucketStatus); err != nil {
 		tb.Fatal(err)
 	}
-	natstest.Watch(tb, js, bus.StreamEAS, bus.EASObserved.Filter(org), func(m *ev.EASPartnershipObserved) {
-		h.mu.Lock()
-		h.observed = append(h.observed, m)
-		h.mu.Unlock()
-	})
-	natstest.Watch(tb, js, bus.StreamSync, bus.SyncCompleted.Filter(org), func(m *ev.SyncCompleted) {
-		h.mu.Lock()
-		h.completed = append(h.completed, m)
-		h.mu.Unlock()
-	})
+	h.observed = natstest.Receive[ev.EASPartnershipObserved](tb, js, bus.StreamEAS, bus.EASObserved.Filter(org))
+	h.completed = natstest.Receive[ev.SyncCompleted](tb, js, bus.StreamSync, bus.SyncCompleted.Filter(org))
 	return h
 }
 
@@ -153,19 +143,9 @@ func (h *harness) sync(kind ev.SyncKind, id string) *ev.SyncCompleted {
 // completedOf waits for the sync.completed of a pass.
 func (h *harness) completedOf(id string) *ev.SyncCompleted {
 	h.t.Helper()
-	var got *ev.SyncCompleted
-	natstest.Eventually(h.t, 30*time.Second, "sync.completed of "+id, func() bool {
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		for _, c := range h.completed {
-			if c.GetSyncId() == id {
-				got = c
-				return true
-			}
-		}
-		return false
+	return h.completed.Await(h.t, 30*time.Second, "sync.completed of "+id, func(c *ev.SyncCompleted) bool {
+		return c.GetSyncId() == id
 	})
-	return got
 }
 
 // observationsOf waits for the n observations of a pass and returns them.
@@ -173,10 +153,8 @@ func (h *harness) observationsOf(id string, n int) []*ev.EASPartnershipObserved 
 	h.t.Helper()
 	var got []*ev.EASPartnershipObserved
 	natstest.Eventually(h.t, 10*time.Second, fmt.Sprintf("%d observations of %s", n, id), func() bool {
-		h.mu.Lock()
-		defer h.mu.Unlock()
 		got = got[:0]
-		for _, o := range h.observed {
+		for _, o := range h.observed.All() {
 			if o.GetSync().GetSyncId() == id {
 				got = append(got, o)
 			}
@@ -582,17 +560,14 @@ func TestScheduleStartsWithFullSync(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- h.c.Schedule(ctx) }()
 	natstest.Eventually(t, 20*time.Second, "two scheduled syncs", func() bool {
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		return len(h.completed) >= 2
+		return h.completed.Len() >= 2
 	})
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	h.mu.Lock()
-	first, second := h.completed[0], h.completed[1]
-	h.mu.Unlock()
+	completed := h.completed.All()
+	first, second := completed[0], completed[1]
 	if first.GetKind() != full || first.GetRequestedBy() != "schedule" || !first.GetSuccess() || !strings.HasPrefix(first.GetSyncId(), "full-") {
 		t.Fatalf("first scheduled sync: %v", first)
 	}

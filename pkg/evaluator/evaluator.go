@@ -248,8 +248,8 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 			if d := rec.GetLastDecision(); d != nil && d.GetDecisionId() == rec.GetDecisionId() && !rec.GetHeld() {
 				if rec.GetStaged() {
 					stage = d
-				} else if subject, err := bus.AccessDecided.Subject(e.org, p.GetDeviceId()); err == nil {
-					outs = append(outs, bus.Outbound{Subject: subject, Message: d, MsgID: "decided:" + d.GetDecisionId()})
+				} else if out, err := DecisionOutbound(e.org, d); err == nil {
+					outs = append(outs, out)
 				}
 			}
 			return bus.Keep, nil
@@ -362,11 +362,11 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 			return bus.Write, nil
 		}
 		rec.Staged = false
-		subject, err := bus.AccessDecided.Subject(e.org, p.GetDeviceId())
+		out, err := DecisionOutbound(e.org, d)
 		if err != nil {
 			return bus.Keep, bus.Poison(err)
 		}
-		outs = append(outs, bus.Outbound{Subject: subject, Message: d, MsgID: "decided:" + d.DecisionId})
+		outs = append(outs, out)
 		return bus.Write, nil
 	})
 	if err != nil {
@@ -458,6 +458,18 @@ func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]
 		return nil, errors.New("evaluator: no publisher yet")
 	}
 	return nil, e.finalize(ctx, "sync", in.GetSyncId(), pub)
+}
+
+// DecisionOutbound is how a decision goes on the bus: under its device's
+// subject, with a message id made from the decision id, so that a decision
+// offered again after a crash is dropped by the stream as a duplicate
+// while a new decision about the same device never is.
+func DecisionOutbound(org bus.Org, d *ev.AccessDecided) (bus.Outbound, error) {
+	subject, err := bus.AccessDecided.Subject(org, d.GetPartnership().GetDeviceId())
+	if err != nil {
+		return bus.Outbound{}, fmt.Errorf("decision %s: %w", d.GetDecisionId(), err)
+	}
+	return bus.Outbound{Subject: subject, Message: d, MsgID: "decided:" + d.GetDecisionId()}, nil
 }
 
 // waitDrained waits until a worker's consumer of this org has nothing
@@ -613,11 +625,12 @@ func (e *Evaluator) finalize(ctx context.Context, kind, id string, pub *bus.Publ
 	} else {
 		for _, s := range staged {
 			d := s.GetDecision()
-			subject, err := bus.AccessDecided.Subject(e.org, d.GetPartnership().GetDeviceId())
+			out, err := DecisionOutbound(e.org, d)
 			if err != nil {
 				return bus.Poison(err)
 			}
-			outs = append(outs, bus.Outbound{Subject: subject, Message: d, MsgID: "decided:" + d.GetDecisionId(), Parent: telemetry.ParseTraceparent(s.GetTraceparent())})
+			out.Parent = telemetry.ParseTraceparent(s.GetTraceparent())
+			outs = append(outs, out)
 			p := d.GetPartnership()
 			dk, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
 			if err != nil {

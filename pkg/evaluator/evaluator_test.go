@@ -84,9 +84,8 @@ type harness struct {
 	logs      *logSink
 	seq       int
 
-	mu             sync.Mutex
-	decided        []*ev.AccessDecided
-	alerts         []*ev.Alert
+	decided        *natstest.Received[*ev.AccessDecided]
+	alerts         *natstest.Received[*ev.Alert]
 	takenDecisions int
 	takenAlerts    int
 }
@@ -145,16 +144,8 @@ func start(tb testing.TB, cfg evaluator.Config) *harness {
 			tb.Fatal(err)
 		}
 	}
-	natstest.Watch(tb, js, bus.StreamDecisions, bus.AccessDecided.Filter(org), func(m *ev.AccessDecided) {
-		h.mu.Lock()
-		h.decided = append(h.decided, m)
-		h.mu.Unlock()
-	})
-	natstest.Watch(tb, js, bus.StreamAlerts, bus.AlertRaised.Filter(org), func(m *ev.Alert) {
-		h.mu.Lock()
-		h.alerts = append(h.alerts, m)
-		h.mu.Unlock()
-	})
+	h.decided = natstest.Receive[ev.AccessDecided](tb, js, bus.StreamDecisions, bus.AccessDecided.Filter(org))
+	h.alerts = natstest.Receive[ev.Alert](tb, js, bus.StreamAlerts, bus.AlertRaised.Filter(org))
 	return h
 }
 
@@ -192,27 +183,23 @@ func (h *harness) catchUp() {
 	natstest.Eventually(h.t, 10*time.Second, "decisions and alerts received", func() bool {
 		nd, ok1 := stored(ctx, h.js, bus.StreamDecisions, bus.AccessDecided.Filter(org))
 		na, ok2 := stored(ctx, h.js, bus.StreamAlerts, bus.AlertRaised.Filter(org))
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		return ok1 && ok2 && len(h.decided) == nd && len(h.alerts) == na
+		return ok1 && ok2 && h.decided.Len() == nd && h.alerts.Len() == na
 	})
 }
 
 // newDecisions returns the decisions received since the last call.
 func (h *harness) newDecisions() []*ev.AccessDecided {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	out := h.decided[h.takenDecisions:]
-	h.takenDecisions = len(h.decided)
+	all := h.decided.All()
+	out := all[h.takenDecisions:]
+	h.takenDecisions = len(all)
 	return out
 }
 
 // newAlerts returns the alerts received since the last call.
 func (h *harness) newAlerts() []*ev.Alert {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	out := h.alerts[h.takenAlerts:]
-	h.takenAlerts = len(h.alerts)
+	all := h.alerts.All()
+	out := all[h.takenAlerts:]
+	h.takenAlerts = len(all)
 	return out
 }
 
@@ -964,17 +951,8 @@ func TestRecheckWhenTimeRunsOut(t *testing.T) {
 			if !rec.GetRecheckAt().IsValid() {
 				t.Fatal("no recheck scheduled")
 			}
-			var block *ev.AccessDecided
-			natstest.Eventually(t, 8*time.Second, "a block decision after "+tc.rule+" ended", func() bool {
-				h.mu.Lock()
-				defer h.mu.Unlock()
-				for _, dec := range h.decided {
-					if dec.GetDesired() == wantBlock {
-						block = dec
-						return true
-					}
-				}
-				return false
+			block := h.decided.Await(t, 8*time.Second, "a block decision after "+tc.rule+" ended", func(dec *ev.AccessDecided) bool {
+				return dec.GetDesired() == wantBlock
 			})
 			if block.GetRule() != policy.RuleUnknownDevice || !block.GetNotifyUser() || block.GetPartnership().GetDeviceId() != d.id {
 				t.Fatalf("after %s: %v", tc.rule, block)

@@ -16,12 +16,12 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/executor"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
@@ -68,11 +68,6 @@ type options struct {
 	requestTimeout time.Duration
 }
 
-type deadLetter struct {
-	reason   string
-	decision string
-}
-
 // harness is one executor on a real JetStream server, applying decisions
 // through the real Exchange client to a simulated Exchange organisation
 // whose DefaultAccessLevel is Quarantine (as easguard enforces it).
@@ -88,9 +83,8 @@ type harness struct {
 	boxes    []*exchangesim.Mailbox
 	consumer string
 
-	mu      sync.Mutex
-	applied []*ev.AccessApplied
-	dead    []deadLetter
+	applied *natstest.Received[*ev.AccessApplied]
+	dead    *natstest.Received[bustest.DeadLetter[*ev.AccessDecided]]
 }
 
 func start(tb testing.TB, o options) *harness {
@@ -140,25 +134,8 @@ func start(tb testing.TB, o options) *harness {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	h.observe(tb, ctx, bus.StreamApplied, bus.AccessApplied.Filter(org), func(m jetstream.Msg) {
-		var a ev.AccessApplied
-		if proto.Unmarshal(m.Data(), &a) == nil {
-			h.mu.Lock()
-			h.applied = append(h.applied, &a)
-			h.mu.Unlock()
-		}
-	})
-	dlq, err := bus.DeadLetter.Subject(org, "executor")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	h.observe(tb, ctx, bus.StreamDLQ, dlq, func(m jetstream.Msg) {
-		var d ev.AccessDecided
-		_ = proto.Unmarshal(m.Data(), &d)
-		h.mu.Lock()
-		h.dead = append(h.dead, deadLetter{reason: m.Headers().Get(bus.HeaderDLQReason), decision: d.GetDecisionId()})
-		h.mu.Unlock()
-	})
+	h.applied = natstest.Receive[ev.AccessApplied](tb, js, bus.StreamApplied, bus.AccessApplied.Filter(org))
+	h.dead = bustest.DeadLetters[ev.AccessDecided](tb, js, org, "executor")
 	for _, m := range sim.Org.Mailboxes() {
 		if !m.Monitoring {
 			h.boxes = append(h.boxes, m)
@@ -168,19 +145,6 @@ func start(tb testing.TB, o options) *harness {
 		tb.Fatalf("seeded %d mailboxes", len(h.boxes))
 	}
 	return h
-}
-
-func (h *harness) observe(tb testing.TB, ctx context.Context, stream, filter string, fn func(jetstream.Msg)) {
-	tb.Helper()
-	c, err := h.js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	cc, err := c.Consume(fn)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(cc.Stop)
 }
 
 // mailboxOf is the mailbox as the collector reports it: GUID, canonical
@@ -249,28 +213,26 @@ func decision(p *ev.EASPartnership, desired ev.DesiredAccess, at time.Time) *ev.
 	}
 }
 
-// publish sends a decision as the evaluator does; msgID "" uses the
-// evaluator's kind of id, derived from the decision.
+// publish sends a decision as the evaluator does (evaluator.DecisionOutbound);
+// a msgID other than "" replaces its message id.
 func (h *harness) publish(tb testing.TB, d *ev.AccessDecided, msgID string) {
 	tb.Helper()
-	if msgID == "" {
-		msgID = "decided:" + d.GetDecisionId()
-	}
-	subj, err := bus.AccessDecided.Subject(org, d.GetPartnership().GetDeviceId())
+	out, err := evaluator.DecisionOutbound(org, d)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subj, MsgID: msgID, Message: d}); err != nil {
+	if msgID != "" {
+		out.MsgID = msgID
+	}
+	if _, err := h.pub.Publish(context.Background(), out); err != nil {
 		tb.Fatal(err)
 	}
 }
 
 // reports returns the access.applied events about one decision.
 func (h *harness) reports(decisionID string) []*ev.AccessApplied {
-	h.mu.Lock()
-	defer h.mu.Unlock()
 	var out []*ev.AccessApplied
-	for _, a := range h.applied {
+	for _, a := range h.applied.All() {
 		if slices.Contains(a.GetDecisionIds(), decisionID) {
 			out = append(out, a)
 		}
@@ -281,13 +243,8 @@ func (h *harness) reports(decisionID string) []*ev.AccessApplied {
 // await waits for the access.applied of a decision.
 func (h *harness) await(tb testing.TB, d *ev.AccessDecided) *ev.AccessApplied {
 	tb.Helper()
-	var got *ev.AccessApplied
-	natstest.Eventually(tb, 20*time.Second, "access.applied for "+d.GetDecisionId(), func() bool {
-		if r := h.reports(d.GetDecisionId()); len(r) > 0 {
-			got = r[0]
-			return true
-		}
-		return false
+	got := h.applied.Await(tb, 20*time.Second, "access.applied for "+d.GetDecisionId(), func(a *ev.AccessApplied) bool {
+		return slices.Contains(a.GetDecisionIds(), d.GetDecisionId())
 	})
 	if len(got.GetItems()) != 1 {
 		tb.Fatalf("access.applied with %d items: %v", len(got.GetItems()), got)
@@ -295,25 +252,12 @@ func (h *harness) await(tb testing.TB, d *ev.AccessDecided) *ev.AccessApplied {
 	return got
 }
 
-func (h *harness) deadLetters() []deadLetter {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return slices.Clone(h.dead)
-}
-
-func (h *harness) awaitDead(tb testing.TB, d *ev.AccessDecided) deadLetter {
+// awaitDead waits for the dead letter of a decision.
+func (h *harness) awaitDead(tb testing.TB, d *ev.AccessDecided) bustest.DeadLetter[*ev.AccessDecided] {
 	tb.Helper()
-	var got deadLetter
-	natstest.Eventually(tb, 20*time.Second, "dead letter for "+d.GetDecisionId(), func() bool {
-		for _, dl := range h.deadLetters() {
-			if dl.decision == d.GetDecisionId() {
-				got = dl
-				return true
-			}
-		}
-		return false
+	return h.dead.Await(tb, 20*time.Second, "dead letter for "+d.GetDecisionId(), func(dl bustest.DeadLetter[*ev.AccessDecided]) bool {
+		return dl.Message.GetDecisionId() == d.GetDecisionId()
 	})
-	return got
 }
 
 // redeliveries counts how often decisions were delivered to the executor
@@ -648,7 +592,7 @@ func TestAppliedOnceAndOnlyWhenCurrent(t *testing.T) {
 		if n := h.redeliveries(t) - redelivered; n != 0 {
 			t.Errorf("the decision was redelivered %d times", n)
 		}
-		if dl := h.deadLetters(); len(dl) != 0 {
+		if dl := h.dead.All(); len(dl) != 0 {
 			t.Errorf("dead letters %v", dl)
 		}
 	})
@@ -715,8 +659,8 @@ func TestHostileValuesStayData(t *testing.T) {
 			calls, redelivered := h.setCAS(), h.redeliveries(t)
 			h.publish(t, d, "")
 			dl := h.awaitDead(t, d)
-			if !strings.Contains(dl.reason, tt.reason) {
-				t.Errorf("dead-letter reason %q does not say %q", dl.reason, tt.reason)
+			if !strings.Contains(dl.Reason, tt.reason) {
+				t.Errorf("dead-letter reason %q does not say %q", dl.Reason, tt.reason)
 			}
 			h.settle(t)
 			if n := h.setCAS() - calls; n != 0 {
@@ -793,7 +737,7 @@ func TestExchangeDownIsRetried(t *testing.T) {
 	if res := h.sync(t, m, "ApplDOWN"); res.State != "Blocked" {
 		t.Errorf("phone %s", res.State)
 	}
-	if dl := h.deadLetters(); len(dl) != 0 {
+	if dl := h.dead.All(); len(dl) != 0 {
 		t.Errorf("dead letters %v", dl)
 	}
 }

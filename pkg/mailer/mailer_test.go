@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -22,6 +21,7 @@ import (
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/notify"
@@ -53,11 +53,6 @@ func newClock() *clock {
 func (c *clock) Now() time.Time          { return time.Unix(0, c.ns.Load()).UTC() }
 func (c *clock) Advance(d time.Duration) { c.ns.Add(int64(d)) }
 
-type deadLetter struct {
-	reason   string
-	decision string
-}
-
 type options struct {
 	locale string
 	// noSentObserver leaves notify.sent unobserved, for a test that
@@ -75,9 +70,8 @@ type harness struct {
 	cfg      mailer.Config
 	consumer string
 
-	mu   sync.Mutex
-	sent []*ev.NotificationSent
-	dead []deadLetter
+	sent *natstest.Received[*ev.NotificationSent] // nil with noSentObserver
+	dead *natstest.Received[bustest.DeadLetter[*ev.AccessDecided]]
 }
 
 func start(tb testing.TB, o options) *harness {
@@ -126,40 +120,10 @@ func start(tb testing.TB, o options) *harness {
 		tb.Fatal(err)
 	}
 	if !o.noSentObserver {
-		h.observe(tb, ctx, bus.StreamNotify, bus.NotifySent.Filter(org), func(msg jetstream.Msg) {
-			var s ev.NotificationSent
-			if proto.Unmarshal(msg.Data(), &s) == nil {
-				h.mu.Lock()
-				h.sent = append(h.sent, &s)
-				h.mu.Unlock()
-			}
-		})
+		h.sent = natstest.Receive[ev.NotificationSent](tb, js, bus.StreamNotify, bus.NotifySent.Filter(org))
 	}
-	dlq, err := bus.DeadLetter.Subject(org, "mailer")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	h.observe(tb, ctx, bus.StreamDLQ, dlq, func(msg jetstream.Msg) {
-		var d ev.AccessDecided
-		_ = proto.Unmarshal(msg.Data(), &d)
-		h.mu.Lock()
-		h.dead = append(h.dead, deadLetter{reason: msg.Headers().Get(bus.HeaderDLQReason), decision: d.GetDecisionId()})
-		h.mu.Unlock()
-	})
+	h.dead = bustest.DeadLetters[ev.AccessDecided](tb, js, org, "mailer")
 	return h
-}
-
-func (h *harness) observe(tb testing.TB, ctx context.Context, stream, filter string, fn func(jetstream.Msg)) {
-	tb.Helper()
-	c, err := h.js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	cc, err := c.Consume(fn)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(cc.Stop)
 }
 
 var seq atomic.Int64
@@ -188,26 +152,26 @@ func (h *harness) decision(p *ev.EASPartnership, desired ev.DesiredAccess, reaso
 	}
 }
 
+// publish sends a decision as the evaluator does (evaluator.DecisionOutbound);
+// a msgID other than "" replaces its message id.
 func (h *harness) publish(tb testing.TB, d *ev.AccessDecided, msgID string) {
 	tb.Helper()
-	if msgID == "" {
-		msgID = "decided:" + d.GetDecisionId()
-	}
-	subj, err := bus.AccessDecided.Subject(org, d.GetPartnership().GetDeviceId())
+	out, err := evaluator.DecisionOutbound(org, d)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subj, MsgID: msgID, Message: d}); err != nil {
+	if msgID != "" {
+		out.MsgID = msgID
+	}
+	if _, err := h.pub.Publish(context.Background(), out); err != nil {
 		tb.Fatal(err)
 	}
 }
 
 // sentFor returns the notify.sent events of one decision.
 func (h *harness) sentFor(decisionID string) []*ev.NotificationSent {
-	h.mu.Lock()
-	defer h.mu.Unlock()
 	var out []*ev.NotificationSent
-	for _, s := range h.sent {
+	for _, s := range h.sent.All() {
 		if s.GetDecisionId() == decisionID {
 			out = append(out, s)
 		}
@@ -215,29 +179,12 @@ func (h *harness) sentFor(decisionID string) []*ev.NotificationSent {
 	return out
 }
 
-func (h *harness) sentCount() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return len(h.sent)
-}
-
-func (h *harness) deadLetters() []deadLetter {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return slices.Clone(h.dead)
-}
-
 // awaitSent waits for the notify.sent of a decision and returns it with
 // the mail the relay received for it.
 func (h *harness) awaitSent(tb testing.TB, d *ev.AccessDecided) (*ev.NotificationSent, smtpsim.Message) {
 	tb.Helper()
-	var s *ev.NotificationSent
-	natstest.Eventually(tb, 20*time.Second, "notify.sent for "+d.GetDecisionId(), func() bool {
-		if got := h.sentFor(d.GetDecisionId()); len(got) > 0 {
-			s = got[0]
-			return true
-		}
-		return false
+	s := h.sent.Await(tb, 20*time.Second, "notify.sent for "+d.GetDecisionId(), func(s *ev.NotificationSent) bool {
+		return s.GetDecisionId() == d.GetDecisionId()
 	})
 	mails := h.mailsWithID(s.GetMessageId())
 	if len(mails) != 1 {
@@ -246,19 +193,12 @@ func (h *harness) awaitSent(tb testing.TB, d *ev.AccessDecided) (*ev.Notificatio
 	return s, mails[0]
 }
 
-func (h *harness) awaitDead(tb testing.TB, d *ev.AccessDecided) deadLetter {
+// awaitDead waits for the dead letter of a decision.
+func (h *harness) awaitDead(tb testing.TB, d *ev.AccessDecided) bustest.DeadLetter[*ev.AccessDecided] {
 	tb.Helper()
-	var got deadLetter
-	natstest.Eventually(tb, 20*time.Second, "dead letter for "+d.GetDecisionId(), func() bool {
-		for _, dl := range h.deadLetters() {
-			if dl.decision == d.GetDecisionId() {
-				got = dl
-				return true
-			}
-		}
-		return false
+	return h.dead.Await(tb, 20*time.Second, "dead letter for "+d.GetDecisionId(), func(dl bustest.DeadLetter[*ev.AccessDecided]) bool {
+		return dl.Message.GetDecisionId() == d.GetDecisionId()
 	})
-	return got
 }
 
 func (h *harness) mailsWithID(id string) []smtpsim.Message {
@@ -296,7 +236,7 @@ func (h *harness) settleSent(tb testing.TB) {
 		if err != nil {
 			return false
 		}
-		return uint64(h.sentCount()) == s.CachedInfo().State.Msgs
+		return uint64(h.sent.Len()) == s.CachedInfo().State.Msgs
 	})
 }
 
@@ -435,7 +375,7 @@ func TestNoMailWhenNotWanted(t *testing.T) {
 			if n := len(h.sentFor(d.GetDecisionId())); n != 0 {
 				t.Errorf("%d notify.sent", n)
 			}
-			if dl := h.deadLetters(); len(dl) != 0 {
+			if dl := h.dead.All(); len(dl) != 0 {
 				t.Errorf("dead letters %v", dl)
 			}
 		})
@@ -555,7 +495,7 @@ func TestSMTPFailures(t *testing.T) {
 		if n := h.redeliveries(t); n != 1 {
 			t.Errorf("%d redelivered messages, want the one that failed", n)
 		}
-		if dl := h.deadLetters(); len(dl) != 0 {
+		if dl := h.dead.All(); len(dl) != 0 {
 			t.Errorf("dead letters %v", dl)
 		}
 	})
@@ -576,15 +516,15 @@ func TestSMTPFailures(t *testing.T) {
 			d := h.decision(p, ev.DesiredAccess_DESIRED_ACCESS_BLOCK, notify.ReasonNotEnrolled)
 			h.publish(t, d, "")
 			dl := h.awaitDead(t, d)
-			if !strings.Contains(dl.reason, "permanent") || !strings.Contains(dl.reason, tt.reason) || !strings.Contains(dl.reason, "dora.richter@contoso.com") {
-				t.Errorf("dead-letter reason %q", dl.reason)
+			if !strings.Contains(dl.Reason, "permanent") || !strings.Contains(dl.Reason, tt.reason) || !strings.Contains(dl.Reason, "dora.richter@contoso.com") {
+				t.Errorf("dead-letter reason %q", dl.Reason)
 			}
 			h.settle(t)
 			h.settleSent(t)
 			if n := len(h.relay.Messages()); n != 0 {
 				t.Errorf("%d mails", n)
 			}
-			if n := h.sentCount(); n != 0 {
+			if n := h.sent.Len(); n != 0 {
 				t.Errorf("%d notify.sent", n)
 			}
 			if n := h.redeliveries(t); n != 0 {
@@ -622,8 +562,8 @@ func TestRecipientAddress(t *testing.T) {
 		d := h.decision(phone(mb, "ApplNOADDR01", ""), ev.DesiredAccess_DESIRED_ACCESS_BLOCK, notify.ReasonNotEnrolled)
 		h.publish(t, d, "")
 		dl := h.awaitDead(t, d)
-		if want := `no address for mailbox "contoso.com/Users/Finn Wagner"`; !strings.Contains(dl.reason, want) {
-			t.Errorf("dead-letter reason %q does not say %q", dl.reason, want)
+		if want := `no address for mailbox "contoso.com/Users/Finn Wagner"`; !strings.Contains(dl.Reason, want) {
+			t.Errorf("dead-letter reason %q does not say %q", dl.Reason, want)
 		}
 		h.settle(t)
 		if n := len(h.relay.Messages()) - before; n != 0 {

@@ -3,12 +3,10 @@ package matcher_test
 import (
 	"context"
 	"fmt"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -21,12 +19,12 @@ import (
 const org bus.Org = "contoso"
 
 type harness struct {
-	t   *testing.T
-	js  jetstream.JetStream
-	pub *bus.Publisher
-	mu  sync.Mutex
-	out []*ev.DeviceMatched
-	n   int
+	t     *testing.T
+	js    jetstream.JetStream
+	pub   *bus.Publisher
+	out   *natstest.Received[*ev.DeviceMatched]
+	taken int // verdicts next has returned
+	n     int
 }
 
 func start(t *testing.T) *harness {
@@ -47,22 +45,7 @@ func start(t *testing.T) *harness {
 	bustest.Run(t, r)
 	h := &harness{t: t, js: js}
 	h.pub, _ = bus.NewPublisher(js, bus.Instrumentation{})
-	c, err := js.OrderedConsumer(ctx, bus.StreamMatch, jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.DeviceMatched.Filter(org)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cc, err := c.Consume(func(msg jetstream.Msg) {
-		var dm ev.DeviceMatched
-		if proto.Unmarshal(msg.Data(), &dm) == nil {
-			h.mu.Lock()
-			h.out = append(h.out, &dm)
-			h.mu.Unlock()
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cc.Stop)
+	h.out = natstest.Receive[ev.DeviceMatched](t, js, bus.StreamMatch, bus.DeviceMatched.Filter(org))
 	return h
 }
 
@@ -102,16 +85,8 @@ func (h *harness) mdm(d *ev.MDMDevice, removed bool, prev string) {
 // next waits for the next n verdicts.
 func (h *harness) next(n int) []*ev.DeviceMatched {
 	h.t.Helper()
-	var got []*ev.DeviceMatched
-	natstest.Eventually(h.t, 10*time.Second, fmt.Sprintf("%d verdicts", n), func() bool {
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		if len(h.out) >= n {
-			got, h.out = h.out[:n], h.out[n:]
-			return true
-		}
-		return false
-	})
+	got := h.out.AwaitLen(h.t, 10*time.Second, h.taken+n)[h.taken : h.taken+n]
+	h.taken += n
 	return got
 }
 

@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/proto"
+
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 )
@@ -39,5 +42,28 @@ func Run(tb testing.TB, r *bus.Runner) {
 		default:
 		}
 		return r.Ready() == nil
+	})
+}
+
+// DeadLetter is a message a worker's runner gave up on, with the reason
+// the runner wrote on it.
+type DeadLetter[PT any] struct {
+	Reason  string
+	Message PT
+}
+
+// DeadLetters keeps everything service's runner of org dead-letters, its
+// body decoded as T as far as it decodes: a malformed message is
+// dead-lettered too, and its reason is what a test looks at.
+func DeadLetters[T any, PT natstest.Message[T]](tb testing.TB, js jetstream.JetStream, org bus.Org, service string) *natstest.Received[DeadLetter[PT]] {
+	tb.Helper()
+	subject, err := bus.DeadLetter.Subject(org, service)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return natstest.ReceiveFunc(tb, js, bus.StreamDLQ, subject, func(msg jetstream.Msg) (DeadLetter[PT], bool) {
+		m := PT(new(T))
+		_ = proto.Unmarshal(msg.Data(), m)
+		return DeadLetter[PT]{Reason: msg.Headers().Get(bus.HeaderDLQReason), Message: m}, true
 	})
 }

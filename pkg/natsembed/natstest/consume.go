@@ -3,6 +3,8 @@ package natstest
 import (
 	"context"
 	"fmt"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -12,29 +14,109 @@ import (
 	"github.com/easguard/easguard/pkg/bus"
 )
 
-// Watch feeds every message of stream that matches filter, from the first,
-// decoded as T, to fn, through an ordered consumer that stops when the
-// test ends. Tests use it to see what a worker published; messages that do
-// not decode as T are skipped.
-func Watch[T any, PT interface {
+// Message is a protobuf message type T behind its pointer PT, the way
+// the generated code defines them.
+type Message[T any] interface {
 	*T
 	proto.Message
-}](tb testing.TB, js jetstream.JetStream, stream, filter string, fn func(PT)) {
+}
+
+// Observe feeds every message of stream that matches filter, from the
+// first, to fn, through an ordered consumer that stops when the test ends.
+// Tests use it to see what really reached a stream.
+func Observe(tb testing.TB, js jetstream.JetStream, stream, filter string, fn func(jetstream.Msg)) {
 	tb.Helper()
 	c, err := js.OrderedConsumer(Context(tb), stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
 	if err != nil {
-		tb.Fatalf("watch %s %s: %v", stream, filter, err)
+		tb.Fatalf("observe %s %s: %v", stream, filter, err)
 	}
-	cc, err := c.Consume(func(msg jetstream.Msg) {
+	cc, err := c.Consume(fn)
+	if err != nil {
+		tb.Fatalf("observe %s %s: %v", stream, filter, err)
+	}
+	tb.Cleanup(cc.Stop)
+}
+
+// Watch is Observe with every message decoded as T; messages that do not
+// decode are skipped.
+func Watch[T any, PT Message[T]](tb testing.TB, js jetstream.JetStream, stream, filter string, fn func(PT)) {
+	tb.Helper()
+	Observe(tb, js, stream, filter, func(msg jetstream.Msg) {
 		m := PT(new(T))
 		if proto.Unmarshal(msg.Data(), m) == nil {
 			fn(m)
 		}
 	})
-	if err != nil {
-		tb.Fatalf("watch %s %s: %v", stream, filter, err)
-	}
-	tb.Cleanup(cc.Stop)
+}
+
+// Received is what a Receive has been given so far, in stream order. It
+// is safe for concurrent use: the consumer adds while the test reads.
+type Received[T any] struct {
+	mu    sync.Mutex
+	items []T
+}
+
+// All returns a copy of everything received so far.
+func (r *Received[T]) All() []T {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.items)
+}
+
+// Len returns how many items were received so far.
+func (r *Received[T]) Len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.items)
+}
+
+// Await waits until an item that match accepts has been received and
+// returns the first such.
+func (r *Received[T]) Await(tb testing.TB, timeout time.Duration, what string, match func(T) bool) T {
+	tb.Helper()
+	var got T
+	Eventually(tb, timeout, what, func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		i := slices.IndexFunc(r.items, match)
+		if i >= 0 {
+			got = r.items[i]
+		}
+		return i >= 0
+	})
+	return got
+}
+
+// AwaitLen waits until at least n items have been received and returns
+// all received by then.
+func (r *Received[T]) AwaitLen(tb testing.TB, timeout time.Duration, n int) []T {
+	tb.Helper()
+	Eventually(tb, timeout, fmt.Sprintf("%d messages received", n), func() bool { return r.Len() >= n })
+	return r.All()
+}
+
+// ReceiveFunc keeps every message of stream that matches filter as decode
+// turns it into a T; a message decode refuses is skipped.
+func ReceiveFunc[T any](tb testing.TB, js jetstream.JetStream, stream, filter string, decode func(jetstream.Msg) (T, bool)) *Received[T] {
+	tb.Helper()
+	r := &Received[T]{}
+	Observe(tb, js, stream, filter, func(msg jetstream.Msg) {
+		if v, ok := decode(msg); ok {
+			r.mu.Lock()
+			r.items = append(r.items, v)
+			r.mu.Unlock()
+		}
+	})
+	return r
+}
+
+// Receive keeps every message of stream that matches filter, decoded as T.
+func Receive[T any, PT Message[T]](tb testing.TB, js jetstream.JetStream, stream, filter string) *Received[PT] {
+	tb.Helper()
+	return ReceiveFunc(tb, js, stream, filter, func(msg jetstream.Msg) (PT, bool) {
+		m := PT(new(T))
+		return m, proto.Unmarshal(msg.Data(), m) == nil
+	})
 }
 
 // WaitDrained waits until every durable consumer of each stream has been

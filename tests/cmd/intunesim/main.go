@@ -23,23 +23,17 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/easguard/easguard/tests/exchangesim"
 	"github.com/easguard/easguard/tests/intunesim"
+	"github.com/easguard/easguard/tests/simcmd"
 )
 
-func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
-	stop()
-	os.Exit(code)
-}
+func main() { simcmd.Main(run) }
 
 type started struct {
 	URL           string  `json:"url"`

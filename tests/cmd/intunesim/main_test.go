@@ -7,13 +7,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,32 +20,17 @@ import (
 
 	"github.com/easguard/easguard/tests/exchangesim"
 	"github.com/easguard/easguard/tests/intunesim"
+	"github.com/easguard/easguard/tests/simcmd"
 )
 
 func TestRunServesUntilCancelled(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
 	t.Setenv("INTUNESIM_CLIENT_SECRET", "env-secret")
 	dir := t.TempDir()
 	ca, env, cert := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "graph.env"), filepath.Join(dir, "client.pem")
-	outR, outW := io.Pipe()
-	var stderr lockedBuffer
-	exit := make(chan int, 1)
-	go func() {
-		code := run(ctx, []string{"-seed", "4", "-mailboxes", "50", "-partnerships", "80", "-extra", "5",
-			"-cert-out", ca, "-env-out", env, "-client-cert-out", cert}, outW, &stderr)
-		outW.Close()
-		exit <- code
-	}()
-	line, err := bufio.NewReader(outR).ReadString('\n')
-	if err != nil {
-		t.Fatalf("no start line: %v (stderr: %s)", err, stderr.String())
-	}
-	go io.Copy(io.Discard, outR) //nolint:errcheck // drain until run returns
+	ctx := t.Context()
 	var st started
-	if err := json.Unmarshal([]byte(line), &st); err != nil {
-		t.Fatalf("start line %q: %v", line, err)
-	}
+	sim := simcmd.Start(t, run, &st, "-seed", "4", "-mailboxes", "50", "-partnerships", "80", "-extra", "5",
+		"-cert-out", ca, "-env-out", env, "-client-cert-out", cert)
 	if !strings.HasPrefix(st.URL, "https://127.0.0.1:") || st.Graph != st.URL+"/v1.0" || st.Authority != st.URL+"/"+intunesim.DefaultTenant ||
 		!strings.HasPrefix(st.Admin, "http://127.0.0.1:") || st.CACert != ca || st.EnvFile != env || st.ClientCert != cert || st.ClientKey != cert+".key" ||
 		st.Tenant != intunesim.DefaultTenant || st.ClientID != intunesim.DefaultClientID || st.StartSeconds <= 0 {
@@ -152,43 +135,20 @@ func TestRunServesUntilCancelled(t *testing.T) {
 		t.Fatalf("admin API: %d", resp.StatusCode)
 	}
 
-	cancel()
-	select {
-	case code := <-exit:
-		if code != 0 {
-			t.Fatalf("exit %d, stderr: %s", code, stderr.String())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("run did not return after cancel")
-	}
+	sim.Stop(t)
 }
 
 func TestRunRejectsBadFlags(t *testing.T) {
-	tests := []struct {
-		name string
-		args []string
-		want string
-	}{
-		{"cert in and out", []string{"-client-cert-in", "a.pem", "-client-cert-out", "b.pem"}, "exclude each other"},
-		{"key without cert", []string{"-client-key-out", "k.pem"}, "-client-key-out needs -client-cert-out"},
-		{"env without CA", []string{"-env-out", "x.env"}, "-env-out needs -cert-out"},
-		{"bad mix", []string{"-mix", "compliant=2x"}, "-mix"},
-		{"unknown share", []string{"-mix", "lost=0.1"}, "unknown share"},
-		{"missing cert file", []string{"-client-cert-in", "/nonexistent/cert.pem"}, "-client-cert-in"},
-		{"unknown flag", []string{"-bogus"}, "flag provided but not defined"},
-		{"stray argument", []string{"extra"}, "unexpected arguments"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			var stdout, stderr bytes.Buffer
-			if code := run(context.Background(), tt.args, &stdout, &stderr); code != 2 {
-				t.Errorf("exit %d, want 2", code)
-			}
-			if !strings.Contains(stderr.String(), tt.want) || stdout.Len() != 0 {
-				t.Errorf("stderr %q lacks %q (stdout %q)", stderr.String(), tt.want, stdout.String())
-			}
-		})
-	}
+	simcmd.CheckBadFlags(t, run, []simcmd.BadFlags{
+		{Name: "cert in and out", Args: []string{"-client-cert-in", "a.pem", "-client-cert-out", "b.pem"}, Want: "exclude each other"},
+		{Name: "key without cert", Args: []string{"-client-key-out", "k.pem"}, Want: "-client-key-out needs -client-cert-out"},
+		{Name: "env without CA", Args: []string{"-env-out", "x.env"}, Want: "-env-out needs -cert-out"},
+		{Name: "bad mix", Args: []string{"-mix", "compliant=2x"}, Want: "-mix"},
+		{Name: "unknown share", Args: []string{"-mix", "lost=0.1"}, Want: "unknown share"},
+		{Name: "missing cert file", Args: []string{"-client-cert-in", "/nonexistent/cert.pem"}, Want: "-client-cert-in"},
+		{Name: "unknown flag", Args: []string{"-bogus"}, Want: "flag provided but not defined"},
+		{Name: "stray argument", Args: []string{"extra"}, Want: "unexpected arguments"},
+	})
 	var stdout, stderr bytes.Buffer
 	if code := run(context.Background(), []string{"-mix", "compliant=0.9,noncompliant=0.5"}, &stdout, &stderr); code != 1 || !strings.Contains(stderr.String(), "more than 1") {
 		t.Errorf("a mix over 1: exit %d, %q", code, stderr.String())
@@ -211,7 +171,7 @@ func TestBinaryExitsOnSignal(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var stderr lockedBuffer
+		var stderr simcmd.LockedBuffer
 		cmd.Stderr = &stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -236,22 +196,4 @@ func TestBinaryExitsOnSignal(t *testing.T) {
 			t.Fatalf("%v: the simulator did not exit", sig)
 		}
 	}
-}
-
-// lockedBuffer is stderr shared between run's goroutines and the test.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

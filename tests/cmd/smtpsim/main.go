@@ -17,18 +17,12 @@ import (
 	"io"
 	"log"
 	"os"
-	"os/signal"
-	"syscall"
 
+	"github.com/easguard/easguard/tests/simcmd"
 	"github.com/easguard/easguard/tests/smtpsim"
 )
 
-func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
-	stop()
-	os.Exit(code)
-}
+func main() { simcmd.Main(run) }
 
 type started struct {
 	SMTP   string `json:"smtp"`
