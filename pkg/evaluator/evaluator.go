@@ -457,7 +457,11 @@ func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]
 	if pub == nil {
 		return nil, errors.New("evaluator: no publisher yet")
 	}
-	return nil, e.finalize(ctx, "sync", in.GetSyncId(), pub)
+	prefix, err := bus.StateKey(e.org, "sync", in.GetSyncId())
+	if err != nil {
+		return nil, bus.Poison(err)
+	}
+	return nil, e.finalize(ctx, "sync/"+in.GetSyncId(), prefix, pub)
 }
 
 // DecisionOutbound is how a decision goes on the bus: under its device's
@@ -545,15 +549,12 @@ func guardKey(staged []*ev.StagedDecision) string {
 	return hex.EncodeToString(sum[:12])
 }
 
-// finalize releases or refuses the decisions staged for one batch. It
-// publishes what it releases (and the alert, when it refuses) before it
-// drops the staged entries, so a crash in between re-offers the batch;
-// the decisions' message ids make a second release a duplicate.
-func (e *Evaluator) finalize(ctx context.Context, kind, id string, pub *bus.Publisher) error {
-	prefix, err := bus.StateKey(e.org, kind, id)
-	if err != nil {
-		return bus.Poison(err)
-	}
+// finalize releases or refuses the decisions staged under prefix, judged
+// together as one batch. It publishes what it releases (and the alert,
+// when it refuses) before it drops the staged entries, so a crash in
+// between re-offers the batch; the decisions' message ids make a second
+// release a duplicate.
+func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus.Publisher) error {
 	keys, err := listKeys(ctx, e.staged, prefix+".>")
 	if err != nil {
 		return err
@@ -580,7 +581,6 @@ func (e *Evaluator) finalize(ctx context.Context, kind, id string, pub *bus.Publ
 	if allowed > 0 {
 		share = float64(len(staged)) / float64(allowed)
 	}
-	batch := kind + "/" + id
 	var outs []bus.Outbound
 	if len(staged) >= e.cfg.BlastMinimum && share > e.cfg.BlastRadius {
 		st := GuardStatus{State: "tripped", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share, Threshold: e.cfg.BlastRadius, At: e.now(),
@@ -769,8 +769,12 @@ func (e *Evaluator) tick(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The oldest window that has closed. Its revocations are judged with
+	// every MDM revocation staged by then, of whichever window: a burst
+	// of changes that straddles a window boundary is one mass revocation,
+	// not two small ones that each pass the guard.
 	current := e.now().UnixNano() / int64(e.cfg.MDMWindow)
-	windows := map[string]bool{}
+	oldest := int64(-1)
 	for _, k := range keys {
 		parts := strings.Split(k, ".")
 		if len(parts) < 3 {
@@ -780,16 +784,20 @@ func (e *Evaluator) tick(ctx context.Context) error {
 		if err != nil || w >= current {
 			continue // the window is still open
 		}
-		windows[parts[2]] = true
+		if oldest < 0 || w < oldest {
+			oldest = w
+		}
 	}
-	for w := range windows {
+	if oldest >= 0 {
+		// Every MDM change published by now has been matched and judged,
+		// so each revocation it causes is staged.
 		if err := e.waitDrained(ctx, "matcher-mdm-changed", bus.StreamMDM); err != nil {
 			return err
 		}
 		if err := e.waitDrained(ctx, "evaluator-device-matched", bus.StreamMatch); err != nil {
 			return err
 		}
-		if err := e.finalize(ctx, "mdm", w, pub); err != nil {
+		if err := e.finalize(ctx, "mdm/"+strconv.FormatInt(oldest, 10), prefix, pub); err != nil {
 			return err
 		}
 	}

@@ -872,15 +872,18 @@ func TestBlastRadiusGuard(t *testing.T) {
 }
 
 // Revocations caused by MDM changes are gathered over the MDM window and
-// judged together by the background loop.
+// judged together by the background loop, also when a burst of them
+// straddles the boundary of two windows.
 func TestBlastRadiusGuardMDMWindow(t *testing.T) {
 	cases := []struct {
 		name        string
 		fleet, revs int
+		later       int // of revs, how many fall into the next window
 		tripped     bool
 	}{
-		{"mass revocation in one window", 10, 5, true},
-		{"a few revocations", 10, 1, false},
+		{"mass revocation in one window", 10, 5, 0, true},
+		{"mass revocation across two windows", 10, 5, 3, true},
+		{"a few revocations", 10, 1, 0, false},
 	}
 	const window = 400 * time.Millisecond
 	for _, tc := range cases {
@@ -892,6 +895,9 @@ func TestBlastRadiusGuardMDMWindow(t *testing.T) {
 			w := time.Now().UnixNano()/int64(window) + 3
 			at := time.Unix(0, w*int64(window)+int64(window)/2)
 			for i, d := range ds[:tc.revs] {
+				if i == tc.revs-tc.later {
+					at = at.Add(window) // the rest in the next window
+				}
 				h.publish(matched(d, how{mdm: noncompliant(d), trigger: "mdm", matched: at.Add(time.Duration(i) * time.Millisecond)}))
 			}
 			h.settle()
@@ -901,7 +907,7 @@ func TestBlastRadiusGuardMDMWindow(t *testing.T) {
 			batch := fmt.Sprintf("mdm/%d", w)
 			natstest.Eventually(t, 10*time.Second, "window "+batch+" judged", func() bool {
 				st, ok := h.guardStatus()
-				return ok && st.Batch == batch && h.stagedCount(fmt.Sprintf("%s.mdm.%d", org, w)) == 0
+				return ok && st.Batch == batch && h.stagedCount(fmt.Sprintf("%s.mdm", org)) == 0
 			})
 			h.catchUp()
 			got, alerts := h.newDecisions(), h.newAlerts()
