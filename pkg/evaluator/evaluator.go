@@ -214,6 +214,10 @@ func satisfied(want ev.DesiredAccess, state ev.DeviceAccessState, reason ev.Devi
 // lostMargin is how long after a decision that Exchange never applied an
 // observation must be taken before the decision counts as lost (its
 // message dead-lettered, say) and is made again.
+// Until then a decision not yet applied is offered again with every
+// verdict under its own message id; the margin is well inside the
+// streams' duplicate window (bus.Topology.DuplicateWindow, 10 minutes),
+// so the stream drops those copies and the executor sees it once.
 const lostMargin = 2 * time.Minute
 
 // Decide evaluates one verdict of the matcher.
@@ -267,7 +271,7 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 		dry := pol.DryRun || e.cfg.DryRun
 		ok := satisfied(v.Desired, p.GetDeviceAccessState(), p.GetDeviceAccessStateReason())
 		same := exists && rec.GetDesired() == v.Desired && rec.GetDryRun() == dry
-		emit, drift := false, false
+		emit, drift, reoffer := false, false, false
 		observed := obs.GetObservedAt().AsTime()
 		// Exchange did what was decided once: it applied the decision
 		// (Set-CASMailbox re-stamps the devices at once) or an earlier
@@ -287,8 +291,15 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 		case !ok && same && !rec.GetDryRun() && observed.After(rec.GetDecidedAt().AsTime().Add(lostMargin)):
 			// Decided long ago and never applied: decide again.
 			emit = true
+		case !ok && same && !rec.GetDryRun():
+			// The decision is in flight, or it was recorded by a worker
+			// that died before publishing it, and this newer verdict
+			// overtook the redelivery that would have offered it again.
+			// Offer it again: its message id makes the stream drop the
+			// copy of one that did go out.
+			reoffer = true
 		case !ok && same:
-			// The decision is in flight, or a dry run already recorded it.
+			// A dry run already recorded it.
 		case !ok:
 			emit = true
 		case !exists && v.Notify && pol.Notify:
@@ -311,6 +322,13 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 			rec.RecheckAt = timestamppb.New(v.RecheckAt)
 		}
 		if !emit {
+			if d := rec.GetLastDecision(); reoffer && d != nil && d.GetDecisionId() == rec.GetDecisionId() {
+				out, err := DecisionOutbound(e.org, d)
+				if err != nil {
+					return bus.Keep, bus.Poison(err)
+				}
+				outs = append(outs, out)
+			}
 			if ok || !same {
 				rec.Held = false
 			}

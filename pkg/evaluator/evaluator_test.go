@@ -409,6 +409,41 @@ func none(tb testing.TB, got []*ev.AccessDecided, what string) {
 	}
 }
 
+// A worker that records a decision and dies before publishing it leaves
+// the decision to the redelivery of its input; when a newer verdict about
+// the device is judged first, the redelivery is dropped as older, so the
+// newer verdict offers the recorded decision again. A decision that did go
+// out is offered again under the same message id and dropped by the stream.
+func TestRecordedButUnpublishedDecisionIsOfferedAgain(t *testing.T) {
+	h := start(t, evaluator.Config{})
+	ctx := natstest.Context(t)
+	d := phone("alice@contoso.com", "ApplLOST0001", stQuarantined, rsGlobal)
+	first := only(t, h.decide(matched(d, how{observed: time.Now().Add(-time.Minute)})), "unknown device")
+	if first.GetDesired() != wantBlock {
+		t.Fatalf("first decision: %v", first)
+	}
+	// Seen again before it was applied: the same decision, dropped by the
+	// stream as a copy.
+	none(t, h.decide(matched(d, how{observed: time.Now().Add(-30 * time.Second)})), "the decision again before it was applied")
+
+	// The record a worker left that recorded a decision and died before
+	// publishing it.
+	rec, ok := h.decisionRecord(d)
+	if !ok {
+		t.Fatal("no decision record")
+	}
+	lost := proto.Clone(rec.GetLastDecision()).(*ev.AccessDecided)
+	lost.DecisionId = "lost-" + first.GetDecisionId()
+	rec.LastDecision, rec.DecisionId = lost, lost.GetDecisionId()
+	if err := bus.Put(ctx, h.decisions, d.key(t), rec); err != nil {
+		t.Fatal(err)
+	}
+	again := only(t, h.decide(matched(d, how{})), "the newer verdict")
+	if again.GetDecisionId() != lost.GetDecisionId() || !proto.Equal(again, lost) {
+		t.Fatalf("offered %v, want the recorded decision %v", again, lost)
+	}
+}
+
 // A decision is published only when Exchange's state is not the desired
 // one, or when the user of a device Exchange already holds back has not
 // been told how to enrol yet.
