@@ -8,7 +8,7 @@ PROTOS  := $(wildcard proto/easguard/v1/*.proto)
 # Benchmarks that print `bench <name> <value> <unit>` lines.
 BENCH_PKGS ?= ./...
 
-.PHONY: all build test lint pscheck fuzz proto proto-check docs docs-check bench demo run clean
+.PHONY: all build test lint pscheck contract fuzz proto proto-check docs docs-check bench demo run clean
 
 all: lint build test
 
@@ -27,9 +27,14 @@ lint:
 	if [ -n "$$files" ]; then echo "gofmt would change:"; echo "$$files"; exit 1; fi
 	$(GO) vet ./...
 
-## pscheck: parse the shipped PowerShell scripts with tree-sitter-powershell (needs node and npm)
+## pscheck: parse the shipped PowerShell scripts with tree-sitter-powershell (needs node and npm),
+## and check worker.ps1's contract with the Go side (strict mode: no unguarded read of a field Go may omit)
 pscheck:
 	bash .ci/pssyntax/run.sh
+
+## contract: rewrite pkg/exchange/worker_contract.json from worker.ps1's syntax tree
+contract:
+	bash .ci/pssyntax/run.sh --contract
 
 ## fuzz: fuzz the path from device ids and identities to Exchange's cmdlet parameters
 fuzz:

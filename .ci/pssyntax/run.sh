@@ -10,8 +10,10 @@
 # named by EASGUARD_NPM_CACHE, else shared/npm-cache beside the clone (as
 # CI lays it out). The cache is copied first: npm writes to its cache.
 #
-# Usage: .ci/pssyntax/run.sh [file.ps1...]
-#   default: pkg/exchange/worker.ps1 pkg/exchange/bootstrap.ps1, and the contract check
+# Usage: .ci/pssyntax/run.sh [file.ps1...]   parse these files
+#        .ci/pssyntax/run.sh                  parse worker.ps1 and bootstrap.ps1, check the
+#                                             contract and prove the check works (selftest)
+#        .ci/pssyntax/run.sh --contract       rewrite pkg/exchange/worker_contract.json
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -45,8 +47,14 @@ if ! cmp -s "$here/package-lock.json" "$stamp"; then
   cp "$here/package-lock.json" "$stamp"
 fi
 
+if [ "${1:-}" = "--contract" ]; then
+  cd "$top"
+  exec node "$here/contract.mjs" --write
+fi
 if [ "$#" -gt 0 ]; then
   exec node "$here/check.mjs" "$@"
 fi
 cd "$top"
 node "$here/check.mjs" pkg/exchange/worker.ps1 pkg/exchange/bootstrap.ps1
+node "$here/contract.mjs" --check
+node "$here/contract.mjs" --selftest

@@ -27,7 +27,7 @@ type Config struct {
 	CABundle           string        `split_words:"true" desc:"PEM file of the CAs that issued the Exchange servers' certificates (default: the system's)."`
 	Proxy              string        `split_words:"true" default:"environment" desc:"HTTP proxy: environment (HTTPS_PROXY/NO_PROXY), none, or a URL."`
 	Resolve            string        `split_words:"true" desc:"Comma-separated fqdn=host:port overrides of name resolution, for split DNS or a lab."`
-	Mode               string        `split_words:"true" default:"remote" desc:"How the worker reaches Exchange: remote (explicit-credential session to the /PowerShell endpoint; also for hosted Exchange) or snapin (the Exchange snap-in on the host)."`
+	Mode               string        `split_words:"true" default:"remote" desc:"How the worker reaches Exchange: remote, an explicit-credential session to the /PowerShell endpoint (the only mode: the Exchange snap-in cannot reach Active Directory over WinRM)."`
 	PowershellURL      string        `split_words:"true" default:"http://{server}/PowerShell/" desc:"Exchange remote PowerShell URL; {server} is the CAS the worker runs on."`
 	PowershellAuth     string        `split_words:"true" default:"Kerberos" desc:"Authentication of the remote session: Kerberos, Negotiate, Basic or Default."`
 	Workers            int           `split_words:"true" default:"4" desc:"Persistent PowerShell workers (WinRM shells) per process; Exchange allows 18 sessions per user."`
@@ -72,9 +72,14 @@ func (c *Config) Validate() error {
 		return config.Invalid(&c.Auth, "use ntlm or basic, not %q", c.Auth)
 	}
 	switch c.Mode {
-	case "remote", "snapin":
+	case "remote":
+	case "snapin":
+		// Over WinRS the logon is a network logon without reusable
+		// credentials, so the snap-in's own calls to Active Directory (a
+		// second hop) fail; the remote session opens with the password.
+		return config.Invalid(&c.Mode, "snapin cannot work: loaded in a WinRM shell, the Exchange snap-in cannot reach Active Directory (a second hop with no credentials to pass on); use remote")
 	default:
-		return config.Invalid(&c.Mode, "use remote or snapin, not %q", c.Mode)
+		return config.Invalid(&c.Mode, "use remote, not %q", c.Mode)
 	}
 	if c.Workers < 1 || c.Workers > 17 {
 		return config.Invalid(&c.Workers, "must be 1 to 17 (Exchange allows 18 sessions per user; keep one for administrators), got %d", c.Workers)

@@ -29,6 +29,11 @@ var (
 	// ErrSuperseded marks a change that a later change for the same device
 	// in the same batch replaced; nothing was sent for it.
 	ErrSuperseded = errors.New("exchange: superseded by a later change in the same batch")
+	// ErrSessionBroken says a worker's remote Exchange session broke (an
+	// app-pool recycle, an iisreset, the server's idle timeout): the worker
+	// reported it instead of letting an implicit-remoting proxy prompt for
+	// credentials. The pool replaces the worker and runs the request again.
+	ErrSessionBroken = fmt.Errorf("%w: Exchange session broken", ErrWorkerDead)
 )
 
 // IsTransient reports whether retrying later may succeed.
@@ -82,6 +87,8 @@ var (
 func classify(cmdlet string, rec Error) *CmdletError {
 	e := &CmdletError{Cmdlet: cmdlet, Record: rec}
 	switch {
+	case rec.Reason == "SessionBroken":
+		e.kind = ErrSessionBroken
 	case rec.Reason == "CommandNotFoundException":
 		// The cmdlet is not in the session: RBAC did not grant it.
 		e.kind = ErrPermission

@@ -69,7 +69,7 @@ func (o *OneShot) Do(ctx context.Context, req Request, onPage func([]Object) err
 	sc.Buffer(make([]byte, 64<<10), 64<<20)
 	for sc.Scan() {
 		if strings.HasPrefix(sc.Text(), FatalSentinel) {
-			return Response{}, fmt.Errorf("%w: the bootstrap refused the worker script", ErrInvalid)
+			return Response{}, fatalError(sc.Text())
 		}
 		r, ok, err := DecodeFrame(sc.Text())
 		if !ok {

@@ -90,25 +90,16 @@ type Partnership struct {
 
 var partnershipProps = []string{"Identity", "Guid", "DeviceId", "DeviceType", "DeviceModel", "DeviceOS", "DeviceUserAgent", "DeviceImei",
 	"FriendlyName", "ClientType", "DeviceActiveSyncVersion", "DeviceAccessState", "DeviceAccessStateReason", "DeviceAccessControlRule",
-	"FirstSyncTime", "WhenChanged", "UserDisplayName"}
-
-func str(o Object, k string) string {
-	s, _ := o[k].(string)
-	return s
-}
-
-func when(o Object, k string) time.Time {
-	t, _ := time.Parse(time.RFC3339Nano, str(o, k))
-	return t
-}
+	"FirstSyncTime", "WhenChanged", "WhenChangedUTC", "UserDisplayName"}
 
 func toPartnership(o Object) Partnership {
 	p := Partnership{
 		Identity: str(o, "Identity"), GUID: str(o, "Guid"), DeviceID: str(o, "DeviceId"), DeviceType: str(o, "DeviceType"),
 		DeviceModel: str(o, "DeviceModel"), DeviceOS: str(o, "DeviceOS"), UserAgent: str(o, "DeviceUserAgent"), IMEI: str(o, "DeviceImei"),
-		FriendlyName: str(o, "FriendlyName"), ClientType: str(o, "ClientType"), ActiveSyncVersion: str(o, "DeviceActiveSyncVersion"),
-		AccessState: str(o, "DeviceAccessState"), AccessReason: str(o, "DeviceAccessStateReason"), AccessRule: str(o, "DeviceAccessControlRule"),
-		FirstSyncTime: when(o, "FirstSyncTime"), WhenChanged: when(o, "WhenChanged"), Mailbox: str(o, "UserDisplayName"),
+		FriendlyName: str(o, "FriendlyName"), ClientType: enum(o, "ClientType", enumClientType), ActiveSyncVersion: str(o, "DeviceActiveSyncVersion"),
+		AccessState: enum(o, "DeviceAccessState", enumAccessState), AccessReason: enum(o, "DeviceAccessStateReason", enumAccessReason),
+		AccessRule: str(o, "DeviceAccessControlRule"), FirstSyncTime: when(o, "FirstSyncTime"), WhenChanged: whenUTC(o, "WhenChanged"),
+		Mailbox: str(o, "UserDisplayName"),
 	}
 	if i := strings.LastIndex(strings.ToLower(p.Identity), "/exchangeactivesyncdevices/"); i > 0 {
 		p.Mailbox = p.Identity[:i]
@@ -192,16 +183,18 @@ func (c *Client) DeviceStatistics(ctx context.Context, mailbox string) ([]Statis
 	}
 	out := make([]Statistics, 0, len(objs))
 	for _, o := range objs {
-		n, _ := o["NumberOfFoldersSynced"].(interface{ Int64() (int64, error) })
+		nv, _ := o.Get("NumberOfFoldersSynced")
+		n, _ := nv.(interface{ Int64() (int64, error) })
 		var folders int64
 		if n != nil {
 			folders, _ = n.Int64()
 		}
 		out = append(out, Statistics{
 			Identity: str(o, "Identity"), DeviceID: str(o, "DeviceID"), LastSuccessSync: when(o, "LastSuccessSync"),
-			LastSyncAttempt: when(o, "LastSyncAttemptTime"), Status: str(o, "Status"), PolicyApplied: str(o, "DevicePolicyApplied"),
-			PolicyStatus: str(o, "DevicePolicyApplicationStatus"), WipeRequestTime: when(o, "DeviceWipeRequestTime"),
-			WipeAckTime: when(o, "DeviceWipeAckTime"), AccessState: str(o, "DeviceAccessState"), AccessReason: str(o, "DeviceAccessStateReason"),
+			LastSyncAttempt: when(o, "LastSyncAttemptTime"), Status: enum(o, "Status", enumWipeStatus), PolicyApplied: str(o, "DevicePolicyApplied"),
+			PolicyStatus: enum(o, "DevicePolicyApplicationStatus", enumPolicyStatus), WipeRequestTime: when(o, "DeviceWipeRequestTime"),
+			WipeAckTime: when(o, "DeviceWipeAckTime"), AccessState: enum(o, "DeviceAccessState", enumAccessState),
+			AccessReason: enum(o, "DeviceAccessStateReason", enumAccessReason),
 			FoldersSynced: folders,
 		})
 	}
@@ -220,20 +213,8 @@ type Mailbox struct {
 	HasPartnership     bool
 }
 
-func strs(o Object, k string) []string {
-	list, _ := o[k].([]any)
-	out := make([]string, 0, len(list))
-	for _, v := range list {
-		if s, ok := v.(string); ok {
-			out = append(out, s)
-		}
-	}
-	return out
-}
-
 func toMailbox(o Object) Mailbox {
-	enabled, _ := o["ActiveSyncEnabled"].(bool)
-	has, _ := o["HasActiveSyncDevicePartnership"].(bool)
+	enabled, has := boolean(o, "ActiveSyncEnabled"), boolean(o, "HasActiveSyncDevicePartnership")
 	return Mailbox{Identity: str(o, "Identity"), GUID: str(o, "Guid"), PrimarySmtpAddress: str(o, "PrimarySmtpAddress"),
 		DisplayName: str(o, "DisplayName"), Allowed: strs(o, "ActiveSyncAllowedDeviceIDs"), Blocked: strs(o, "ActiveSyncBlockedDeviceIDs"),
 		ActiveSyncEnabled: enabled, HasPartnership: has}
@@ -284,7 +265,7 @@ func (c *Client) GetOrgSettings(ctx context.Context) (OrgSettings, error) {
 	if len(objs) != 1 {
 		return OrgSettings{}, fmt.Errorf("Get-ActiveSyncOrganizationSettings: %w: %d objects", ErrTransient, len(objs))
 	}
-	return OrgSettings{DefaultAccessLevel: str(objs[0], "DefaultAccessLevel"), AdminMailRecipients: strs(objs[0], "AdminMailRecipients"), UserMailInsert: str(objs[0], "UserMailInsert")}, nil
+	return OrgSettings{DefaultAccessLevel: enum(objs[0], "DefaultAccessLevel", enumAccessLevel), AdminMailRecipients: strs(objs[0], "AdminMailRecipients"), UserMailInsert: str(objs[0], "UserMailInsert")}, nil
 }
 
 // EnforceOrgSettings makes the organisation settings what want says and

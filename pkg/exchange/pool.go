@@ -103,9 +103,9 @@ func (p *Pool) discover(ctx context.Context, w *worker) error {
 	var names []string
 	collect := func(objs []Object, roleCheck bool) {
 		for _, o := range objs {
-			fqdn, _ := o["Fqdn"].(string)
+			fqdn := str(o, "Fqdn")
 			if roleCheck {
-				if isCAS, ok := o["IsClientAccessServer"].(bool); ok && !isCAS {
+				if v, _ := o.Get("IsClientAccessServer"); v == false {
 					continue
 				}
 			}

@@ -42,6 +42,19 @@ const FatalSentinel = "EGF1-FATAL "
 // SHA-256 differs from the one it embeds.
 const ExitScriptMismatch = 3
 
+// ExitLanguageMode is the bootstrap's exit code on a host whose PowerShell
+// runs in a language mode other than FullLanguage (Constrained Language
+// Mode under AppLocker or WDAC), where the worker cannot run.
+const ExitLanguageMode = 4
+
+// fatalError is the error for the one line the bootstrap writes when it
+// refuses to go on: a script whose hash is wrong, or a host in Constrained
+// Language Mode. Neither gets better by retrying.
+func fatalError(line string) error {
+	msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), strings.TrimSpace(FatalSentinel)))
+	return fmt.Errorf("%w: the worker refused to start on the Windows host: %s", ErrInvalid, msg)
+}
+
 // MaxDeviceIDLen is Exchange's limit on an ActiveSync DeviceId (the
 // msExchDeviceID attribute holds at most 32 characters).
 const MaxDeviceIDLen = 32

@@ -20,7 +20,7 @@ var ErrWorkerDead = fmt.Errorf("%w: worker died", ErrTransient)
 
 // connectSettings says how a worker reaches Exchange once it runs.
 type connectSettings struct {
-	mode     string // remote or snapin
+	mode     string // remote
 	psURL    string // e.g. http://{server}/PowerShell/
 	psAuth   string
 	user     string
@@ -187,7 +187,7 @@ func (w *worker) readFrames() {
 	for sc.Scan() {
 		line := sc.Text()
 		if strings.HasPrefix(line, FatalSentinel) {
-			w.die(fmt.Errorf("%w: the bootstrap refused the worker script: %s", ErrInvalid, strings.TrimSpace(strings.TrimPrefix(line, FatalSentinel))))
+			w.die(fatalError(line))
 			continue
 		}
 		r, ok, err := DecodeFrame(line)

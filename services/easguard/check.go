@@ -29,9 +29,6 @@ func (c *CheckConfig) Validate() error { return c.Exchange.Validate() }
 // error with the action to take when anything fails.
 func checkExchange(ctx context.Context, cfg exchange.Config, out io.Writer) error {
 	mode := "remote session to " + strings.ReplaceAll(cfg.PowershellURL, "{server}", cfg.Server)
-	if cfg.Mode == "snapin" {
-		mode = "Exchange snap-in on the server"
-	}
 	scheme := "http"
 	if cfg.HTTPS {
 		scheme = "https"

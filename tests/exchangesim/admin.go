@@ -147,7 +147,9 @@ type Fault struct {
 	// Endpoint names the CAS (EX01 or its FQDN).
 	Endpoint string `json:"endpoint"`
 	// Kind is down, up, refuse_auth, accept_auth, slow_receive (DelayMS),
-	// stall_receive, stall (every request), drop_shells, or clear (all off).
+	// stall_receive, stall (every request), drop_shells, recycle (the
+	// /PowerShell app pool: every remote session on the CAS breaks), or
+	// clear (all off).
 	Kind    string `json:"kind"`
 	DelayMS int    `json:"delay_ms,omitempty"`
 }
@@ -163,6 +165,8 @@ func (s *Sim) Inject(f Fault) (int, error) {
 		return 0, e.SetDown(true)
 	case "up":
 		return 0, e.SetDown(false)
+	case "recycle":
+		return e.Recycle(), nil
 	case "refuse_auth":
 		e.SetRefuseAuth(true)
 	case "accept_auth":

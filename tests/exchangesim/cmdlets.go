@@ -136,6 +136,19 @@ func (s *Session) filterArg(cmdlet string, a args, allowed map[string]string, ou
 		return nil, true
 	}
 	n, err := parseFilter(src, allowed)
+	if err == nil && dayFirst(s.culture()) {
+		// The session's culture reads date literals day first: 12/25/2026
+		// cannot be converted, 05/12/2026 is the 5th of December.
+		n = withDayFirst(n)
+		for _, lit := range dateLiterals(n, func(p string) bool {
+			return p == "FirstSyncTime" || p == "WhenChanged" || p == "WhenCreated" || p == "LastUpdateTime"
+		}) {
+			if _, perr := parseOPATHTime(lit, true); perr != nil {
+				// UNCONFIRMED wording of the conversion failure.
+				err = fmt.Errorf("The value \"%s\" could not be converted to type System.DateTime.", lit)
+			}
+		}
+	}
 	if err != nil {
 		out.fail(newError(fmt.Sprintf("Cannot bind parameter 'Filter' to the target. Exception setting \"Filter\": \"%s\"", err.Error()),
 			"InvalidArgument", "ParameterBindingException", "ParameterBindingFailed,"+taskClass(cmdlet), ""))

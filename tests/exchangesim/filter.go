@@ -20,6 +20,9 @@ type cmpNode struct {
 	prop string
 	op   string
 	val  any // string, bool, nil, int64
+	// dayFirst reads date literals the way a session whose culture puts the
+	// day first (de-DE and most of Europe) converts them.
+	dayFirst bool
 }
 
 func (n andNode) eval(g func(string) any) bool { return n.l.eval(g) && n.r.eval(g) }
@@ -30,9 +33,9 @@ func (n cmpNode) eval(g func(string) any) bool {
 	v := g(n.prop)
 	switch n.op {
 	case "-eq":
-		return opathEqual(v, n.val)
+		return opathEqual(v, n.val, n.dayFirst)
 	case "-ne":
-		return !opathEqual(v, n.val)
+		return !opathEqual(v, n.val, n.dayFirst)
 	case "-like", "-notlike":
 		pat, _ := n.val.(string)
 		m := false
@@ -43,7 +46,7 @@ func (n cmpNode) eval(g func(string) any) bool {
 		}
 		return m == (n.op == "-like")
 	default:
-		return compareOrdered(v, n.val, n.op)
+		return compareOrdered(v, n.val, n.op, n.dayFirst)
 	}
 }
 
@@ -67,7 +70,7 @@ func asStrings(v any) []string {
 	return []string{fmt.Sprint(v)}
 }
 
-func opathEqual(v, want any) bool {
+func opathEqual(v, want any, dayFirst bool) bool {
 	if want == nil {
 		switch x := v.(type) {
 		case nil:
@@ -87,7 +90,7 @@ func opathEqual(v, want any) bool {
 	}
 	ws := fmt.Sprint(want)
 	if t, ok := v.(time.Time); ok {
-		wt, err := parseOPATHTime(ws)
+		wt, err := parseOPATHTime(ws, dayFirst)
 		return err == nil && t.Equal(wt)
 	}
 	for _, s := range asStrings(v) {
@@ -98,11 +101,11 @@ func opathEqual(v, want any) bool {
 	return false
 }
 
-func compareOrdered(v, want any, op string) bool {
+func compareOrdered(v, want any, op string, dayFirst bool) bool {
 	cmp := 0
 	switch x := v.(type) {
 	case time.Time:
-		wt, err := parseOPATHTime(fmt.Sprint(want))
+		wt, err := parseOPATHTime(fmt.Sprint(want), dayFirst)
 		if err != nil || x.IsZero() {
 			return false
 		}
@@ -139,12 +142,18 @@ func compareInt(a, b int64) int {
 	return 0
 }
 
-// parseOPATHTime accepts the invariant-culture forms Exchange accepts in
-// filters (MM/dd/yyyy HH:mm:ss and ISO 8601); times without a zone are UTC
-// here. UNCONFIRMED: Exchange interprets zone-less times in the server's
-// local time zone.
-func parseOPATHTime(s string) (time.Time, error) {
-	for _, layout := range []string{time.RFC3339Nano, "2006-01-02T15:04:05", "2006-01-02 15:04:05", "01/02/2006 15:04:05", "1/2/2006 3:04:05 PM", "01/02/2006", "2006-01-02"} {
+// parseOPATHTime accepts the forms Exchange accepts in filters: ISO 8601,
+// and the session culture's date order (MM/dd/yyyy HH:mm:ss for en-US; day
+// first, dd/MM/yyyy or dd.MM.yyyy, for a culture such as de-DE, where
+// 12/25/2026 is refused and 05/12/2026 is the 5th of December). Times
+// without a zone are UTC here. UNCONFIRMED: Exchange interprets zone-less
+// times in the server's local time zone.
+func parseOPATHTime(s string, dayFirst bool) (time.Time, error) {
+	layouts := []string{time.RFC3339Nano, "2006-01-02T15:04:05", "2006-01-02 15:04:05", "01/02/2006 15:04:05", "1/2/2006 3:04:05 PM", "01/02/2006", "2006-01-02"}
+	if dayFirst {
+		layouts = []string{time.RFC3339Nano, "2006-01-02T15:04:05", "2006-01-02 15:04:05", "02/01/2006 15:04:05", "02.01.2006 15:04:05", "02/01/2006", "02.01.2006", "2006-01-02"}
+	}
+	for _, layout := range layouts {
 		if t, err := time.Parse(layout, s); err == nil {
 			return t.UTC(), nil
 		}
@@ -178,6 +187,39 @@ type filterError struct {
 }
 
 func (e *filterError) Error() string { return e.msg }
+
+// withDayFirst returns the filter with its date literals read day first.
+func withDayFirst(n filterNode) filterNode {
+	switch x := n.(type) {
+	case andNode:
+		return andNode{withDayFirst(x.l), withDayFirst(x.r)}
+	case orNode:
+		return orNode{withDayFirst(x.l), withDayFirst(x.r)}
+	case notNode:
+		return notNode{withDayFirst(x.x)}
+	case cmpNode:
+		x.dayFirst = true
+		return x
+	}
+	return n
+}
+
+// dateLiterals returns the literals a filter compares date properties with.
+func dateLiterals(n filterNode, isDate func(prop string) bool) []string {
+	switch x := n.(type) {
+	case andNode:
+		return append(dateLiterals(x.l, isDate), dateLiterals(x.r, isDate)...)
+	case orNode:
+		return append(dateLiterals(x.l, isDate), dateLiterals(x.r, isDate)...)
+	case notNode:
+		return dateLiterals(x.x, isDate)
+	case cmpNode:
+		if s, ok := x.val.(string); ok && isDate(x.prop) {
+			return []string{s}
+		}
+	}
+	return nil
+}
 
 // parseFilter parses an OPATH filter, allowing only the given properties.
 func parseFilter(src string, props map[string]string) (filterNode, error) {

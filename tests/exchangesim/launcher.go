@@ -46,6 +46,10 @@ func (l launcher) Launch(ctx context.Context, user, commandLine string, args []s
 	if script != exchange.Bootstrap() {
 		return exited(1, "", "exchangesim: this simulated Exchange server runs only the easguard worker bootstrap (exchange.CommandLine); any other PowerShell is refused.\r\n"), nil
 	}
+	if m := l.ep.sim.cfg.WorkerHost.LanguageMode; m != "" && !strings.EqualFold(m, "FullLanguage") {
+		stdout, stderr, code := languageModeRefusal(m)
+		return exited(code, stdout, stderr), nil
+	}
 	return l.ep.sim.startWorker(ctx, l.ep, user), nil
 }
 

@@ -7,15 +7,6 @@ import (
 	"github.com/easguard/easguard/pkg/exchange"
 )
 
-// wireTime formats a date as worker.ps1 does: ISO 8601 UTC with seven
-// fractional digits; a date that is not set is null.
-func wireTime(t time.Time) any {
-	if t.IsZero() {
-		return nil
-	}
-	return t.UTC().Format("2006-01-02T15:04:05.0000000Z")
-}
-
 func wireStrings(v []string) []any {
 	out := make([]any, len(v))
 	for i, s := range v {
@@ -47,12 +38,12 @@ func (o *Org) mobileDeviceObject(d *Device) exchange.Object {
 		"DeviceOS": d.DeviceOS, "DeviceOSLanguage": d.OSLanguage, "DeviceTelephoneNumber": d.TelephoneNumber,
 		"DeviceType": d.DeviceType, "DeviceUserAgent": d.UserAgent, "DeviceModel": d.DeviceModel,
 		"FirstSyncTime": wireTime(d.FirstSyncTime), "UserDisplayName": d.Mailbox.Canonical(),
-		"DeviceAccessState": d.State.String(), "DeviceAccessStateReason": d.Reason.String(), "DeviceAccessControlRule": rule,
-		"DeviceActiveSyncVersion": d.ActiveSyncVersion, "ClientVersion": d.ActiveSyncVersion, "ClientType": d.ClientType,
+		"DeviceAccessState": enumOf(d.State, d.State.String()), "DeviceAccessStateReason": enumOf(d.Reason, d.Reason.String()), "DeviceAccessControlRule": rule,
+		"DeviceActiveSyncVersion": d.ActiveSyncVersion, "ClientVersion": d.ActiveSyncVersion, "ClientType": enumNamed(clientTypeNums, d.ClientType),
 		"IsManaged": managed, "IsCompliant": managed, "IsDisabled": false, "AdminDisplayName": "", "ExchangeVersion": exchangeVersion,
 		"Name": d.Name(), "DistinguishedName": d.DN(), "Identity": d.Identity(), "Guid": d.GUID,
 		"ObjectCategory": o.schema("ms-Exch-Active-Sync-Device"), "ObjectClass": []any{"top", "msExchActiveSyncDevice"},
-		"WhenChanged": wireTime(d.WhenChanged), "WhenCreated": wireTime(d.WhenCreated),
+		"WhenChanged": localTime(d.WhenChanged), "WhenCreated": localTime(d.WhenCreated),
 		"WhenChangedUTC": wireTime(d.WhenChanged), "WhenCreatedUTC": wireTime(d.WhenCreated),
 		"OrganizationId": "", "Id": d.Identity(), "OriginatingServer": d.Mailbox.Domain.DC, "IsValid": true, "ObjectState": "Unchanged",
 	}
@@ -83,11 +74,11 @@ func (o *Org) deviceStatisticsObject(d *Device) exchange.Object {
 		"DeviceModel": d.DeviceModel, "DeviceImei": d.IMEI, "DeviceFriendlyName": d.FriendlyName, "DeviceOS": d.DeviceOS,
 		"DeviceOSLanguage": d.OSLanguage, "DevicePhoneNumber": d.TelephoneNumber, "MailboxLogReport": nil,
 		"DeviceEnableOutboundSMS": false, "DeviceMobileOperator": d.MobileOperator, "Identity": d.Identity(), "Guid": d.GUID,
-		"IsRemoteWipeSupported": true, "Status": d.wipeStatus(), "StatusNote": nil,
-		"DeviceAccessState": d.State.String(), "DeviceAccessStateReason": d.Reason.String(), "DeviceAccessControlRule": rule,
-		"DevicePolicyApplied": pol.Name, "DevicePolicyApplicationStatus": status, "LastDeviceWipeRequestor": nilIfEmpty(d.WipeRequestor),
+		"IsRemoteWipeSupported": true, "Status": enumNamed(wipeStatusNums, d.wipeStatus()), "StatusNote": nil,
+		"DeviceAccessState": enumOf(d.State, d.State.String()), "DeviceAccessStateReason": enumOf(d.Reason, d.Reason.String()), "DeviceAccessControlRule": rule,
+		"DevicePolicyApplied": pol.Name, "DevicePolicyApplicationStatus": enumNamed(policyStatusNums, status), "LastDeviceWipeRequestor": nilIfEmpty(d.WipeRequestor),
 		"LastAccountOnlyDeviceWipeRequestor": nil, "ClientVersion": d.ActiveSyncVersion, "NumberOfFoldersSynced": int64(d.FoldersSynced),
-		"SyncStateUpgradeTime": nil, "ClientType": d.ClientType, "IsValid": true, "ObjectState": "New",
+		"SyncStateUpgradeTime": nil, "ClientType": enumNamed(clientTypeNums, d.ClientType), "IsValid": true, "ObjectState": "New",
 	}
 }
 
@@ -111,7 +102,7 @@ func (o *Org) casMailboxObject(m *Mailbox) exchange.Object {
 		"HasActiveSyncDevicePartnership": len(m.Devices) > 0, "ActiveSyncSuppressReadReceipt": false,
 		"OWAEnabled": m.OWAEnabled, "EwsEnabled": m.EwsEnabled, "MAPIEnabled": m.MAPIEnabled, "PopEnabled": m.PopEnabled,
 		"ImapEnabled": m.ImapEnabled, "ExchangeVersion": "0.20 (15.0.0.0)", "IsValid": true,
-		"WhenChanged": wireTime(m.WhenChanged), "WhenCreated": wireTime(m.WhenCreated),
+		"WhenChanged": localTime(m.WhenChanged), "WhenCreated": localTime(m.WhenCreated),
 		"WhenChangedUTC": wireTime(m.WhenChanged), "WhenCreatedUTC": wireTime(m.WhenCreated), "OriginatingServer": m.Domain.DC,
 	}
 }
@@ -126,21 +117,21 @@ func (o *Org) recipientObject(m *Mailbox) exchange.Object {
 		"PrimarySmtpAddress": m.PrimarySMTP, "EmailAddresses": wireStrings(m.EmailAddresses), "SamAccountName": m.SamAccountName,
 		"UserPrincipalName": m.UPN, "RecipientType": "UserMailbox", "RecipientTypeDetails": "UserMailbox",
 		"OrganizationalUnit": m.Domain.DNS + "/" + m.OU, "Guid": m.GUID, "ExchangeGuid": m.GUID, "DistinguishedName": m.DN(),
-		"HasActiveSyncDevicePartnership": len(m.Devices) > 0, "WhenChanged": wireTime(m.WhenChanged),
-		"WhenCreated": wireTime(m.WhenCreated), "IsValid": true,
+		"HasActiveSyncDevicePartnership": len(m.Devices) > 0, "WhenChanged": localTime(m.WhenChanged),
+		"WhenCreated": localTime(m.WhenCreated), "WhenChangedUTC": wireTime(m.WhenChanged), "WhenCreatedUTC": wireTime(m.WhenCreated), "IsValid": true,
 	}
 }
 
 func (o *Org) orgSettingsObject() exchange.Object {
 	s := o.Settings
 	return exchange.Object{
-		"Name": "Mobile Mailbox Settings", "Identity": "Mobile Mailbox Settings", "DefaultAccessLevel": s.DefaultAccessLevel.String(),
+		"Name": "Mobile Mailbox Settings", "Identity": "Mobile Mailbox Settings", "DefaultAccessLevel": enumOf(s.DefaultAccessLevel, s.DefaultAccessLevel.String()),
 		"UserMailInsert": nilIfEmpty(s.UserMailInsert), "AdminMailRecipients": wireStrings(s.AdminMailRecipients),
 		"OtaNotificationMailInsert": nilIfEmpty(s.OtaNotificationMailInsert), "AllowAccessForUnSupportedPlatform": s.AllowAccessForUnSupportedPlatform,
 		"DeviceFiltering": nil, "IsIntuneManaged": false, "HostedTenantEmailMailbox": nil, "TenantAdminPreference": nil,
 		"EnableMobileMailboxPolicyWhenCAInplace": false, "AllowRMSSupportForUnenlightenedApps": false,
 		"DistinguishedName": o.configDN("CN=Mobile Mailbox Settings"), "Guid": s.GUID,
-		"WhenChanged": wireTime(s.WhenChanged), "WhenChangedUTC": wireTime(s.WhenChanged), "IsValid": true, "ExchangeVersion": exchangeVersion,
+		"WhenChanged": localTime(s.WhenChanged), "WhenChangedUTC": wireTime(s.WhenChanged), "IsValid": true, "ExchangeVersion": exchangeVersion,
 	}
 }
 
@@ -153,16 +144,16 @@ func (o *Org) policyObject(p *MailboxPolicy) exchange.Object {
 		"RequireDeviceEncryption": p.RequireDeviceEncryption, "DeviceEncryptionEnabled": p.RequireDeviceEncryption,
 		"MaxInactivityTimeDeviceLock": p.MaxInactivityTimeDeviceLock, "DevicePolicyRefreshInterval": p.DevicePolicyRefreshInterval,
 		"Guid": p.GUID, "DistinguishedName": o.configDN("CN=" + escapeDN(p.Name) + ",CN=Mobile Mailbox Policies"),
-		"WhenChanged": wireTime(p.WhenChanged), "WhenCreated": wireTime(p.WhenCreated), "IsValid": true, "ExchangeVersion": exchangeVersion,
+		"WhenChanged": localTime(p.WhenChanged), "WhenCreated": localTime(p.WhenCreated), "IsValid": true, "ExchangeVersion": exchangeVersion,
 	}
 }
 
 func (o *Org) ruleObject(r *DeviceAccessRule) exchange.Object {
 	return exchange.Object{
-		"Name": r.Name(), "Identity": r.Name(), "QueryString": r.QueryString, "Characteristic": r.Characteristic.String(),
-		"AccessLevel": r.AccessLevel.String(), "Guid": r.GUID,
+		"Name": r.Name(), "Identity": r.Name(), "QueryString": r.QueryString, "Characteristic": enumOf(r.Characteristic, r.Characteristic.String()),
+		"AccessLevel": enumOf(r.AccessLevel, r.AccessLevel.String()), "Guid": r.GUID,
 		"DistinguishedName": o.configDN("CN=" + escapeDN(r.Name()) + ",CN=Mobile Mailbox Settings"),
-		"WhenChanged":       wireTime(r.WhenChanged), "WhenCreated": wireTime(r.WhenCreated), "IsValid": true, "ExchangeVersion": exchangeVersion,
+		"WhenChanged":       localTime(r.WhenChanged), "WhenCreated": localTime(r.WhenCreated), "IsValid": true, "ExchangeVersion": exchangeVersion,
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/easguard/easguard/pkg/exchange"
 )
@@ -18,7 +19,12 @@ type Session struct {
 	org    *Org
 	server string // the Exchange server name in error ids
 	user   string
-	mode   string // "", "remote" or "snapin"
+	mode   string // "" or "remote"
+	// host is the Windows host the worker runs on; rps counts remote
+	// sessions; remote is this worker's, once connected.
+	host   *Host
+	rps    *rpsRegistry
+	remote *rpsSession
 	// viewEntireForest widens the recipient scope from the forest root
 	// domain to every domain.
 	viewEntireForest bool
@@ -39,13 +45,34 @@ func (s *Session) inScope(m *Mailbox) bool {
 	return s.viewEntireForest || m.Domain == s.org.defaultDomain()
 }
 
+// culture is the culture Exchange answers the session in: what the script
+// pins the session to (New-PSSessionOption -Culture), else the host's.
+func (s *Session) culture() string {
+	if c := exchange.Contract().SessionCulture(); c != "" {
+		return c
+	}
+	return s.host.culture()
+}
+
+// scriptError is what the script reports for an exception it throws itself
+// (a RuntimeException carrying its message).
+func scriptError(msg string) exchange.Error {
+	return newError(msg, "OperationStopped", "RuntimeException", msg, "")
+}
+
 // Connect handles the worker's connect request: an explicit-credential
-// remote session to a CAS of the organisation, or the snap-in on this
-// server. It fails as New-PSSession fails for a wrong password or a host
-// that is not an Exchange server.
+// remote session to a CAS of the organisation (the script offers no
+// other mode). It fails as New-PSSession fails for a wrong password, a
+// host that is not an Exchange server, or a user over Exchange's limit of
+// concurrent sessions.
 func (s *Session) Connect(req exchange.Request) (exchange.Object, *exchange.Error) {
+	for _, f := range []struct{ name, v string }{{"mode", req.Mode}, {"password", req.Password}, {"user", req.User}, {"uri", req.URI}, {"auth", req.Auth}} {
+		if f.v == "" && (f.name == "mode" || req.Mode == "remote") {
+			e := scriptError(fmt.Sprintf("request field '%s' is required", f.name))
+			return nil, &e
+		}
+	}
 	switch req.Mode {
-	case "snapin":
 	case "remote":
 		u, err := url.Parse(req.URI)
 		host := ""
@@ -70,9 +97,17 @@ func (s *Session) Connect(req exchange.Request) (exchange.Object, *exchange.Erro
 				"OpenError", "PSRemotingTransportException", "AccessDenied,PSSessionOpenFailed", "System.Management.Automation.RemoteRunspace")
 			return nil, &e
 		}
+		if s.rps != nil {
+			idle := time.Duration(exchange.Contract().SessionIdleTimeoutMS()) * time.Millisecond
+			rs, err := s.rps.open(req.User, strings.ToLower(host), idle)
+			if err != nil {
+				return nil, err
+			}
+			s.remote = rs
+		}
 		s.user = req.User
 	default:
-		e := newError("connect: mode must be snapin or remote", "NotSpecified", "RuntimeException", "connect: mode must be snapin or remote", "")
+		e := scriptError(fmt.Sprintf("connect: mode must be remote, not '%s' (the Exchange snap-in cannot reach Active Directory over WinRM)", req.Mode))
 		return nil, &e
 	}
 	s.mode = req.Mode
@@ -102,12 +137,16 @@ func (s *Session) available(name string) bool {
 	if s.mode == "" {
 		return false
 	}
-	if s.mode == "snapin" {
-		return true
-	}
 	s.org.mu.RLock()
 	defer s.org.mu.RUnlock()
 	return s.org.isGranted(c.name)
+}
+
+// close ends the remote session (Remove-PSSession).
+func (s *Session) close() {
+	if s.remote != nil && s.rps != nil {
+		s.rps.close(s.remote)
+	}
 }
 
 // Invoke runs one call as worker.ps1 does: resolve the cmdlet in the

@@ -52,6 +52,16 @@ type Config struct {
 	MaxOperationTimeout time.Duration
 	// Granted limits the cmdlets the service account's role grants.
 	Granted []string
+	// WorkerHost is the Windows host the worker runs on and what it does to
+	// the worker script (culture, time zone, language mode, deserialisation).
+	WorkerHost Host
+	// MaxSessionsPerUser is Exchange's PowerShellMaxConcurrency: remote
+	// sessions per user at once (default 18, 2010–SE), counted apart from
+	// WinRM shells; a negative value means unlimited.
+	MaxSessionsPerUser int
+	// SessionTimeScale scales remote sessions' idle timeouts, so that a test
+	// sees a two-minute timeout pass in seconds (0 means 1).
+	SessionTimeScale float64
 }
 
 // DefaultUser and DefaultPassword are the service account of a simulator
@@ -79,6 +89,8 @@ type Sim struct {
 
 	throttleMu sync.Mutex
 	calls      map[string][]time.Time
+
+	rps *rpsRegistry
 }
 
 // Endpoint is one Client Access server: a WS-Man listener with its own
@@ -130,6 +142,7 @@ func Start(cfg Config) (*Sim, error) {
 	}
 	s := &Sim{cfg: cfg, profile: cfg.Profile, accounts: winauth.StaticAccounts(cfg.Accounts), Recorder: NewRecorder(200_000), calls: map[string][]time.Time{}}
 	s.Org = NewOrg(cfg.OrgName, cfg.Domain)
+	s.rps = newRPSRegistry(cfg.MaxSessionsPerUser, cfg.SessionTimeScale, time.Now)
 	s.Org.Servers[0].Name = strings.ToUpper(cfg.CAS[0])
 	s.Org.Servers[0].FQDN = strings.ToLower(cfg.CAS[0]) + "." + cfg.Domain
 	for _, n := range cfg.CAS[1:] {
@@ -420,10 +433,11 @@ func (s *Sim) checkPassword(user, password string) bool {
 	return ok && pw == password
 }
 
-// errThrottled is Exchange 2013+'s cmdlet budget refusal. UNCONFIRMED
+// throttle is Exchange 2013+'s cmdlet budget refusal. UNCONFIRMED
 // wording (reference/exchange.md §11: the English text is not sourced);
-// it carries the back-off in seconds as Exchange's does.
-func (s *Sim) throttle(user string) *exchange.Error {
+// it carries the back-off in seconds as Exchange's does, in the session's
+// language (German for a de-DE session; UNCONFIRMED translation).
+func (s *Sim) throttle(user, culture string) *exchange.Error {
 	p := s.profile
 	if p.MaxCmdlets <= 0 || p.CmdletPeriod <= 0 {
 		return nil
@@ -440,6 +454,12 @@ func (s *Sim) throttle(user string) *exchange.Error {
 	s.calls[user] = kept
 	if len(kept) >= p.MaxCmdlets {
 		wait := p.CmdletPeriod - now.Sub(kept[0])
+		if german(culture) {
+			e := newError(fmt.Sprintf("Das Cmdlet kann nicht ausgeführt werden, weil der Benutzer %s die maximale Anzahl von %d Cmdlets in %d Sekunden überschritten hat (PowerShellMaxCmdlets). Warten Sie %d Sekunden, bevor Sie es erneut versuchen. Richtlinie: GlobalThrottlingPolicy; Momentaufnahme: Besitzer: %s.",
+				user, p.MaxCmdlets, int(p.CmdletPeriod.Seconds()), int(wait.Seconds()+0.999), user),
+				"ResourceUnavailable", "OverBudgetException", "OverBudgetException", "")
+			return &e
+		}
 		e := newError(fmt.Sprintf("Fail to execute the cmdlet because the user %s has exceeded the maximum of %d cmdlets allowed in %d seconds (PowerShellMaxCmdlets). Please wait %d seconds before trying again. Policy: GlobalThrottlingPolicy; Snapshot: Owner: %s.",
 			user, p.MaxCmdlets, int(p.CmdletPeriod.Seconds()), int(wait.Seconds()+0.999), user),
 			"ResourceUnavailable", "OverBudgetException", "OverBudgetException", "")

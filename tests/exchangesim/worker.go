@@ -41,6 +41,7 @@ func (s *Sim) startWorker(ctx context.Context, ep *Endpoint, user string) *worke
 		session: s.Org.NewSession(ep.Name, user, s.checkPassword),
 		stdinR:  r, stdinW: w, ctx: wctx, cancel: cancel,
 	}
+	p.session.host, p.session.rps = &s.cfg.WorkerHost, s.rps
 	p.SetLimit(stdoutPipe)
 	go p.run()
 	return p
@@ -52,10 +53,13 @@ func (p *workerProcess) WriteStdin(b []byte) error {
 	return err
 }
 
-// CloseStdin ends the script's input; the worker loop ends and exits 0.
+// CloseStdin ends the script's input; the worker loop ends, its finally
+// block removes the Exchange session, and it exits 0.
 func (p *workerProcess) CloseStdin() error { return p.stdinW.Close() }
 
 // Terminate kills the process (Signal terminate, Delete, a dropped shell).
+// No script code runs any more: its Exchange session is left behind on
+// the server until the session's idle timeout.
 func (p *workerProcess) Terminate() {
 	p.once.Do(func() {
 		p.cancel()
@@ -86,6 +90,9 @@ func (p *workerProcess) run() {
 		return
 	}
 	if err != nil && line == "" {
+		if p.ctx.Err() == nil {
+			p.session.close()
+		}
 		p.Write(wsman.StreamStderr, []byte(clixmlError("Exception calling \"FromBase64String\" with \"1\" argument(s): \"Value cannot be null.\r\nParameter name: s\"")))
 		p.exit(1)
 		return
@@ -110,12 +117,14 @@ func (p *workerProcess) run() {
 		}
 		if strings.TrimSpace(line) != "" {
 			if stop := p.handle(strings.TrimSpace(line)); stop {
+				p.session.close()
 				p.exit(0)
 				return
 			}
 		}
 		if err != nil {
 			// stdin closed: the loop ends, the session is removed, exit 0.
+			p.session.close()
 			p.exit(0)
 			return
 		}
@@ -202,6 +211,17 @@ func protocolError(msg string) exchange.Error {
 
 // handle answers one request line; it returns true after bye.
 func (p *workerProcess) handle(line string) bool {
+	if kind, field := strictModeMissing(line); field != "" {
+		// Set-StrictMode -Version 2.0: the script's unguarded read of a
+		// field the request lacks is a terminating error.
+		req, _ := exchange.DecodeRequest([]byte(line))
+		if kind == "request" && (field == "id" || field == "v") {
+			p.frame(errorFrame{ID: 0, Done: true, Errors: []exchange.Error{protocolError("bad request frame: " + propertyNotFound(field).Message)}})
+			return false
+		}
+		p.frame(errorFrame{ID: req.ID, Done: true, Errors: []exchange.Error{propertyNotFound(field)}})
+		return false
+	}
 	req, err := exchange.DecodeRequest([]byte(line))
 	if err != nil {
 		p.frame(errorFrame{ID: 0, Done: true, Errors: []exchange.Error{protocolError("bad request frame: " + err.Error())}})
@@ -213,6 +233,10 @@ func (p *workerProcess) handle(line string) bool {
 	}
 	switch req.Op {
 	case "ping":
+		if problem := p.heartbeat(); problem != "" {
+			p.frame(errorFrame{ID: req.ID, Done: true, Errors: []exchange.Error{sessionBroken(problem)}})
+			return false
+		}
 		p.frame(simpleFrame{ID: req.ID, Done: true, OK: true})
 	case "connect":
 		sleepCtx(p.ctx, p.sim.profile.Connect)
@@ -224,7 +248,7 @@ func (p *workerProcess) handle(line string) bool {
 		p.frame(objectsFrame{ID: req.ID, Done: true, OK: true, Objects: []exchange.Object{info}})
 	case "invoke":
 		if req.Call == nil {
-			p.frame(errorFrame{ID: req.ID, Done: true, Errors: []exchange.Error{protocolError("cmdlet '' is not on the easguard allow-list")}})
+			p.frame(errorFrame{ID: req.ID, Done: true, Errors: []exchange.Error{scriptError("request field 'call' is required")}})
 			return false
 		}
 		r := p.invoke(*req.Call, req.ID, req.Page)
@@ -239,6 +263,7 @@ func (p *workerProcess) handle(line string) bool {
 		}
 		p.frame(batchFrame{ID: req.ID, Done: true, OK: ok, Results: results})
 	case "bye":
+		p.session.close()
 		p.frame(simpleFrame{ID: req.ID, Done: true, OK: true})
 		return true
 	default:
@@ -252,11 +277,14 @@ func (p *workerProcess) handle(line string) bool {
 func (p *workerProcess) invoke(c exchange.Call, id int64, page int) exchange.Result {
 	start := time.Now()
 	res := exchange.Result{Objects: []exchange.Object{}, Errors: []exchange.Error{}, Warnings: []string{}}
-	if err := p.sim.throttle(p.session.user); err != nil {
+	if errs := p.sessionCall(); errs != nil {
+		res.Errors = append(res.Errors, errs...)
+	} else if err := p.sim.throttle(p.session.user, p.session.culture()); err != nil {
 		res.Errors = append(res.Errors, *err)
 	} else {
 		pageNo := 0
 		warnings, errs := p.session.Invoke(c, func(o exchange.Object) {
+			o = p.session.host.wire(o)
 			res.Objects = append(res.Objects, o)
 			res.Count++
 			if page > 0 && len(res.Objects) >= page {
@@ -265,7 +293,9 @@ func (p *workerProcess) invoke(c exchange.Call, id int64, page int) exchange.Res
 				res.Objects = []exchange.Object{}
 			}
 		})
-		res.Warnings = append(res.Warnings, warnings...)
+		if warningsReachScript(p.session.mode) {
+			res.Warnings = append(res.Warnings, warnings...)
+		}
 		res.Errors = append(res.Errors, errs...)
 	}
 	res.OK = len(res.Errors) == 0
@@ -274,6 +304,63 @@ func (p *workerProcess) invoke(c exchange.Call, id int64, page int) exchange.Res
 	p.sim.Recorder.Add(Record{Time: start, Endpoint: p.ep.Name, Kind: "cmdlet", User: p.session.user, Cmdlet: c.Cmdlet,
 		Params: params, OK: res.OK, Objects: res.Count, Duration: time.Since(start)})
 	return res
+}
+
+// sessionBroken is the error the script reports instead of calling through
+// a session that is not Opened (New-SessionBrokenError).
+func sessionBroken(problem string) exchange.Error {
+	return newError(problem, "ResourceUnavailable", "SessionBroken", "SessionBroken", "")
+}
+
+// scriptChecks reports whether the script's handling of op checks the
+// session's state (Get-SessionProblem), as its syntax tree says.
+func scriptChecks(op string) bool {
+	return exchange.Contract().OpReaches(op, "Get-SessionProblem")
+}
+
+// sessionCall models one cmdlet call through the worker's remote session
+// as the script and implicit remoting make it: on a session the client
+// knows is Broken, the script reports SessionBroken without calling (or,
+// without that check, the proxy tries to rebuild the session and prompts
+// for credentials, which -NonInteractive refuses); a session the server
+// dropped fails the call and turns Broken. nil means the call goes ahead.
+func (p *workerProcess) sessionCall() []exchange.Error {
+	s := p.session
+	if s.remote == nil {
+		return nil
+	}
+	if s.rps.isBroken(s.remote) {
+		if scriptChecks("invoke") {
+			return []exchange.Error{sessionBroken("the Exchange session is Broken (None)")}
+		}
+		// UNCONFIRMED id: the implicit-remoting module's credential prompt.
+		return []exchange.Error{newError("Windows PowerShell is in NonInteractive mode. Read and Prompt functionality is not available.",
+			"InvalidOperation", "PSInvalidOperationException", "HostFunctionNotImplemented", "")}
+	}
+	if !s.rps.use(s.remote) {
+		errs := []exchange.Error{newError(fmt.Sprintf("Processing data from remote server %s failed with the following error message: The session state is Broken. For more information, see the about_Remote_Troubleshooting Help topic.", s.remote.server),
+			"OperationStopped", "PSRemotingTransportException", "JobFailure", s.remote.server)}
+		if scriptChecks("invoke") {
+			errs = append(errs, sessionBroken("the Exchange session is Broken (None)"))
+		}
+		return errs
+	}
+	return nil
+}
+
+// heartbeat answers ping as the script does: where its ping reaches
+// Test-ExchangeSession, the session's state is checked and one call made
+// through it (keeping it from its idle timeout); otherwise ping is local.
+// It returns the problem the script reports, or "".
+func (p *workerProcess) heartbeat() string {
+	s := p.session
+	if s.remote == nil || !exchange.Contract().OpReaches("ping", "Test-ExchangeSession") {
+		return ""
+	}
+	if s.rps.isBroken(s.remote) || !s.rps.use(s.remote) {
+		return "the Exchange session is Broken (None)"
+	}
+	return ""
 }
 
 // sleepCtx waits d or until ctx ends; simulated work, never a test's wait.
