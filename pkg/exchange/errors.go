@@ -17,6 +17,9 @@ import (
 //   - ErrThrottled: Exchange asked to back off; RetryAfterOf says how long.
 //   - ErrNotFound, ErrInvalid: terminal for the item; report it with the item.
 //   - ErrAuth, ErrPermission, ErrTLS: stop and tell an administrator.
+//   - ErrIncomplete: a listing that may lack objects; nothing may be
+//     concluded from what it does not hold (a full sync must not report
+//     partnerships gone).
 var (
 	ErrTransient   = errors.New("exchange: transient failure")
 	ErrUnreachable = errors.New("exchange: WinRM not reachable")
@@ -26,6 +29,7 @@ var (
 	ErrAuth        = errors.New("exchange: authentication failed")
 	ErrPermission  = errors.New("exchange: permission denied")
 	ErrTLS         = errors.New("exchange: certificate not trusted")
+	ErrIncomplete  = errors.New("exchange: listing incomplete")
 	// ErrSuperseded marks a change that a later change for the same device
 	// in the same batch replaced; nothing was sent for it.
 	ErrSuperseded = errors.New("exchange: superseded by a later change in the same batch")

@@ -51,18 +51,46 @@ func (c *Client) Invoke(ctx context.Context, call Call) ([]Object, []string, err
 	return objs, r.Warnings, ResultError(call.Cmdlet, r.Errors)
 }
 
-// stream runs a listing and hands its objects to fn page by page.
+// stream runs a listing and hands its objects to fn page by page. A
+// listing is complete only when Exchange reported no error, did not say it
+// cut the result short (the ResultSize warning), and every object it
+// counted arrived; otherwise the objects already handed over are all the
+// caller gets, and the error (ErrIncomplete) tells it not to conclude
+// anything from what is missing.
 func (c *Client) stream(ctx context.Context, call Call, fn func([]Object) error) error {
-	r, err := c.r.Do(ctx, Request{Op: "invoke", Call: &call, Page: c.PageSize}, fn)
+	got := 0
+	r, err := c.r.Do(ctx, Request{Op: "invoke", Call: &call, Page: c.PageSize}, func(objs []Object) error {
+		got += len(objs)
+		return fn(objs)
+	})
 	if err != nil {
 		return fmt.Errorf("%s: %w", call.Cmdlet, err)
 	}
 	if len(r.Objects) > 0 {
+		got += len(r.Objects)
 		if err := fn(r.Objects); err != nil {
 			return err
 		}
 	}
-	return ResultError(call.Cmdlet, r.Errors)
+	if err := ResultError(call.Cmdlet, r.Errors); err != nil {
+		return err
+	}
+	for _, w := range r.Warnings {
+		if truncated(w) {
+			return fmt.Errorf("%s: %w: Exchange cut the result short: %s", call.Cmdlet, ErrIncomplete, w)
+		}
+	}
+	if got < r.Count {
+		return fmt.Errorf("%s: %w: %d of the %d objects Exchange listed arrived", call.Cmdlet, ErrIncomplete, got, r.Count)
+	}
+	return nil
+}
+
+// truncated reports Exchange's warning that a listing stopped at its
+// ResultSize ("By default, only the first 1000 items are returned...").
+func truncated(warning string) bool {
+	w := strings.ToLower(warning)
+	return strings.Contains(w, "resultsize") || strings.Contains(w, "only the first")
 }
 
 // Partnership is one ActiveSync partnership as Get-MobileDevice reports it.
@@ -194,7 +222,7 @@ func (c *Client) DeviceStatistics(ctx context.Context, mailbox string) ([]Statis
 			LastSyncAttempt: when(o, "LastSyncAttemptTime"), Status: enum(o, "Status", enumWipeStatus), PolicyApplied: str(o, "DevicePolicyApplied"),
 			PolicyStatus: enum(o, "DevicePolicyApplicationStatus", enumPolicyStatus), WipeRequestTime: when(o, "DeviceWipeRequestTime"),
 			WipeAckTime: when(o, "DeviceWipeAckTime"), AccessState: enum(o, "DeviceAccessState", enumAccessState),
-			AccessReason: enum(o, "DeviceAccessStateReason", enumAccessReason),
+			AccessReason:  enum(o, "DeviceAccessStateReason", enumAccessReason),
 			FoldersSynced: folders,
 		})
 	}
