@@ -60,6 +60,13 @@ func run(args []string) int {
 	org := fs.String("org", "Contoso", "Exchange organisation name")
 	domain := fs.String("domain", "contoso.com", "forest root domain")
 	defaultAccess := fs.String("default-access", "Allow", "DefaultAccessLevel: Allow, Block or Quarantine")
+	hostCulture := fs.String("host-culture", "", "culture of the Windows host the worker runs on, e.g. de-DE (default en-US)")
+	hostOffset := fs.Duration("host-utc-offset", 0, "time zone of the Windows host, e.g. 1h")
+	languageMode := fs.String("language-mode", "", "PowerShell language mode of the host: FullLanguage (default) or ConstrainedLanguage")
+	deserializedEnums := fs.Bool("deserialized-enums", false, "send Exchange's enums as the numbers a remote session deserialises them to")
+	altCase := fs.Bool("alt-property-case", false, "spell property names the other way (DeviceID, GUID, FQDN)")
+	unspecifiedDates := fs.Bool("unspecified-dates", false, "send Exchange's UTC dates without a zone (DateTimeKind.Unspecified)")
+	maxSessions := fs.Int("max-sessions", 18, "remote PowerShell sessions per user (PowerShellMaxConcurrency); -1: unlimited")
 	envOut := fs.String("env-out", "", "write the EASGUARD_EXCHANGE_* settings that reach this simulator to this file (mode 0600; it holds the password)")
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "exchangesim runs a simulated Exchange organisation. The service account's password is taken from EXCHANGESIM_PASSWORD (default: the simulator's documented test password).")
@@ -74,7 +81,9 @@ func run(args []string) int {
 	}
 	cfg := exchangesim.Config{
 		OrgName: *org, Domain: *domain, HTTPS: *https, Host: *host, AdminAddr: *admin,
-		Accounts: map[string]string{*user: password},
+		Accounts: map[string]string{*user: password}, MaxSessionsPerUser: *maxSessions,
+		WorkerHost: exchangesim.Host{Culture: *hostCulture, UTCOffset: *hostOffset, LanguageMode: *languageMode,
+			DeserializedEnums: *deserializedEnums, AltPropertyCase: *altCase, UnspecifiedDates: *unspecifiedDates},
 		Seed:     &exchangesim.SeedSpec{Mailboxes: *mailboxes, Partnerships: *partnerships, Seed: *seed, NoHostile: *noHostile, ChildDomainShare: *childShare},
 	}
 	for _, n := range strings.Split(*cas, ",") {
