@@ -84,7 +84,7 @@ func run(args []string) int {
 		Accounts: map[string]string{*user: password}, MaxSessionsPerUser: *maxSessions,
 		WorkerHost: exchangesim.Host{Culture: *hostCulture, UTCOffset: *hostOffset, LanguageMode: *languageMode,
 			DeserializedEnums: *deserializedEnums, AltPropertyCase: *altCase, UnspecifiedDates: *unspecifiedDates},
-		Seed:     &exchangesim.SeedSpec{Mailboxes: *mailboxes, Partnerships: *partnerships, Seed: *seed, NoHostile: *noHostile, ChildDomainShare: *childShare},
+		Seed: &exchangesim.SeedSpec{Mailboxes: *mailboxes, Partnerships: *partnerships, Seed: *seed, NoHostile: *noHostile, ChildDomainShare: *childShare},
 	}
 	for _, n := range strings.Split(*cas, ",") {
 		if n = strings.TrimSpace(n); n != "" {
