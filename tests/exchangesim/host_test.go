@@ -94,3 +94,83 @@ func TestContractReadsAreAlwaysSent(t *testing.T) {
 		}
 	}
 }
+
+// Remote sessions are counted per user apart from WinRM shells: bye (and
+// the end of input) removes one, a killed process leaves it until the idle
+// timeout the script asked for, and Exchange refuses a session beyond
+// PowerShellMaxConcurrency.
+func TestRemoteSessionsAreCountedApartFromShells(t *testing.T) {
+	// 0.01: the script's two-minute idle timeout passes in 1.2 s.
+	s := startSim(t, exchangesim.Config{MaxSessionsPerUser: 2, SessionTimeScale: 0.01})
+	ep := s.Endpoints()[0]
+	user := exchangesim.DefaultUser
+
+	a := startWorker(t, s, ep, conn{})
+	a.connect(ep)
+	b := startWorker(t, s, ep, conn{})
+	b.connect(ep)
+	if n := s.RemoteSessions(user); n != 2 {
+		t.Fatalf("two connected workers hold %d sessions", n)
+	}
+	c := startWorker(t, s, ep, conn{})
+	_, r := c.request(exchange.Request{Op: "connect", Mode: "remote", URI: "http://" + ep.FQDN + "/PowerShell/", Auth: "Kerberos",
+		User: user, Password: exchangesim.DefaultPassword})
+	if r.OK || len(r.Errors) == 0 || !strings.Contains(r.Errors[0].Message, "maximum of 2 concurrent shells") {
+		t.Fatalf("a third session must be refused: %+v", r)
+	}
+	if _, r := a.request(exchange.Request{Op: "bye"}); !r.OK {
+		t.Fatalf("bye: %+v", r)
+	}
+	if n := s.RemoteSessions(user); n != 1 {
+		t.Fatalf("after bye %d sessions, want 1", n)
+	}
+	// Killing b's process (its shell dropped) leaves its session behind...
+	ep.DropShells()
+	for _, w := range []*worker{a, b, c} {
+		w.cancel() // their shells are gone: stop the clients' receive loops
+	}
+	if n := s.RemoteSessions(user); n != 1 {
+		t.Fatalf("the killed worker's session must stay until its idle timeout; %d sessions", n)
+	}
+	// ...until the idle timeout.
+	deadline := time.Now().Add(10 * time.Second)
+	for s.RemoteSessions(user) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the leaked session never expired")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// An app-pool recycle breaks every remote session on the CAS: the next call
+// fails and the session turns Broken; from then on the script reports
+// SessionBroken without calling, and so does its heartbeat.
+func TestRecycleBreaksRemoteSessions(t *testing.T) {
+	s := startSim(t, exchangesim.Config{})
+	ep := s.Endpoints()[0]
+	w := startWorker(t, s, ep, conn{})
+	defer w.close()
+	w.connect(ep)
+	w.mustInvoke("Get-ActiveSyncOrganizationSettings", nil)
+	if _, r := w.request(exchange.Request{Op: "ping"}); !r.OK {
+		t.Fatalf("ping of a healthy session: %+v", r)
+	}
+	if n := ep.Recycle(); n != 1 {
+		t.Fatalf("recycle broke %d sessions", n)
+	}
+	calls := s.Recorder.Count("cmdlet:Get-ActiveSyncOrganizationSettings")
+	_, r := w.invoke("Get-ActiveSyncOrganizationSettings", nil)
+	if r.OK || len(r.Errors) != 2 || r.Errors[0].Reason != "PSRemotingTransportException" || r.Errors[1].Reason != "SessionBroken" {
+		t.Fatalf("the first call after a recycle: %+v", r.Errors)
+	}
+	_, r = w.invoke("Get-ActiveSyncOrganizationSettings", nil)
+	if r.OK || len(r.Errors) != 1 || r.Errors[0].Reason != "SessionBroken" {
+		t.Fatalf("a call on a Broken session: %+v", r.Errors)
+	}
+	if _, r := w.request(exchange.Request{Op: "ping"}); r.OK || r.Errors[0].Reason != "SessionBroken" {
+		t.Fatalf("ping of a broken session: %+v", r)
+	}
+	if got := s.Recorder.Count("cmdlet:Get-ActiveSyncOrganizationSettings"); got != calls+2 {
+		t.Fatalf("recorded %d calls, want %d (the script does not call on a Broken session)", got, calls+2)
+	}
+}
