@@ -49,9 +49,15 @@ func TestUnencryptedBodiesOverHTTP(t *testing.T) {
 		sealed bool
 		client func(t testing.TB, s *simulator) *winrm.Client
 	}{
-		{"Basic", false, func(t testing.TB, s *simulator) *winrm.Client { return newWinRMClient(t, s, false, "alice", alicePassword) }},
-		{"NTLM without sealing", false, func(t testing.TB, s *simulator) *winrm.Client { return newWinRMClient(t, s, true, "alice", alicePassword) }},
-		{"NTLM sealed (masterzen Encryption)", true, func(t testing.TB, s *simulator) *winrm.Client { return newEncryptingClient(t, s, "alice", alicePassword) }},
+		{"Basic", false, func(t testing.TB, s *simulator) *winrm.Client {
+			return newWinRMClient(t, s, false, "alice", alicePassword)
+		}},
+		{"NTLM without sealing", false, func(t testing.TB, s *simulator) *winrm.Client {
+			return newWinRMClient(t, s, true, "alice", alicePassword)
+		}},
+		{"NTLM sealed (masterzen Encryption)", true, func(t testing.TB, s *simulator) *winrm.Client {
+			return newEncryptingClient(t, s, "alice", alicePassword)
+		}},
 	}
 	hosts := []struct {
 		name    string
