@@ -19,8 +19,9 @@ import (
 type Config struct {
 	Server             string        `split_words:"true" desc:"Required. FQDN of the Client Access server easguard connects to first (the primary), e.g. ex01.contoso.com."`
 	Port               int           `split_words:"true" desc:"WinRM port; 0 means 5986 with HTTPS and 5985 without."`
-	HTTPS              bool          `split_words:"true" default:"true" desc:"Use WinRM over HTTPS (port 5986). Turn off only on a trusted network: Basic and NTLM are not encrypted over HTTP."`
+	HTTPS              bool          `split_words:"true" default:"true" desc:"Use WinRM over HTTPS (port 5986). Over HTTP (port 5985) NTLM seals every message (WinRM refuses unencrypted bodies by default); Basic needs EASGUARD_EXCHANGE_ALLOW_UNENCRYPTED."`
 	Auth               string        `split_words:"true" default:"ntlm" desc:"WinRM authentication: ntlm (a domain account) or basic (a local account)."`
+	AllowUnencrypted   bool          `split_words:"true" desc:"Allow Basic over HTTP, which sends the password and every message in clear: only for a lab whose WinRM has AllowUnencrypted=true."`
 	User               string        `split_words:"true" desc:"Required. Service account, e.g. CONTOSO\\svc-easguard; it also opens the Exchange session."`
 	Password           config.Secret `split_words:"true" secret:"true" desc:"Required. Service account password."`
 	InsecureSkipVerify bool          `split_words:"true" desc:"Do not verify the server certificate. Never in production; set EASGUARD_EXCHANGE_CA_BUNDLE instead."`
@@ -70,6 +71,10 @@ func (c *Config) Validate() error {
 	case "ntlm", "basic":
 	default:
 		return config.Invalid(&c.Auth, "use ntlm or basic, not %q", c.Auth)
+	}
+	if strings.EqualFold(c.Auth, "basic") && !c.HTTPS && !c.AllowUnencrypted {
+		return config.Invalid(&c.Auth, "basic over HTTP sends the password and every message in clear, and WinRM refuses it unless AllowUnencrypted=true: "+
+			"use HTTPS (EASGUARD_EXCHANGE_HTTPS=true) or ntlm (sealed over HTTP), or, only for a lab whose WinRM has AllowUnencrypted=true, set EASGUARD_EXCHANGE_ALLOW_UNENCRYPTED=true")
 	}
 	switch c.Mode {
 	case "remote":

@@ -161,8 +161,3 @@ func TestSnapinModeIsRefused(t *testing.T) {
 		t.Fatalf("snapin must be refused naming EASGUARD_EXCHANGE_MODE: %v", err)
 	}
 }
-
-// exchangeSpec is how a worker embeds the Exchange settings.
-type exchangeSpec struct{ Exchange exchange.Config }
-
-func (s *exchangeSpec) Validate() error { return s.Exchange.Validate() }

@@ -43,12 +43,17 @@ func (t target) wsmanURL(https bool) string {
 // (Receive, and everything else) is one TCP connection, so the NTLM legs
 // of a handshake can never land on different connections; and a worker
 // context aborts an outstanding long poll at once when the worker is killed.
+//
+// NTLM over plain HTTP seals every body (see sealedLane): each lane then
+// carries its own NTLM security context on its one connection.
 type transport struct {
 	url        string
 	user, pass string
 	ntlm       bool
 	recv       *http.Client
 	other      *http.Client
+	// sealRecv and sealOther replace recv and other when bodies are sealed.
+	sealRecv, sealOther *sealedLane
 	// ctx bounds every request; cancelling it kills the worker's I/O.
 	ctx        context.Context
 	roundTrips *atomic.Int64
@@ -69,7 +74,9 @@ type transportConfig struct {
 }
 
 func newTransport(ctx context.Context, cfg transportConfig, t target, roundTrips *atomic.Int64) *transport {
-	lane := func() *http.Client {
+	seal := cfg.ntlm && !cfg.https
+	url := t.wsmanURL(cfg.https)
+	lane := func() (*http.Client, *http.Transport) {
 		dialer := &net.Dialer{Timeout: 15 * time.Second, KeepAlive: 30 * time.Second}
 		tr := &http.Transport{
 			Proxy: cfg.proxy,
@@ -93,15 +100,23 @@ func newTransport(ctx context.Context, cfg transportConfig, t target, roundTrips
 			tr.TLSClientConfig.ServerName = t.fqdn
 		}
 		var rt http.RoundTripper = tr
-		if cfg.ntlm {
+		if cfg.ntlm && !seal {
 			rt = &ntlmssp.Negotiator{RoundTripper: tr}
 		}
-		return &http.Client{Transport: rt}
+		return &http.Client{Transport: rt}, tr
 	}
-	return &transport{
-		url: t.wsmanURL(cfg.https), user: cfg.user, pass: cfg.pass, ntlm: cfg.ntlm,
-		recv: lane(), other: lane(), ctx: ctx, roundTrips: roundTrips,
+	tp := &transport{url: url, user: cfg.user, pass: cfg.pass, ntlm: cfg.ntlm, ctx: ctx, roundTrips: roundTrips}
+	if seal {
+		sealed := func() *sealedLane {
+			c, tr := lane()
+			return &sealedLane{url: url, user: cfg.user, pass: cfg.pass, client: c, closeIdle: tr.CloseIdleConnections}
+		}
+		tp.sealRecv, tp.sealOther = sealed(), sealed()
+		return tp
 	}
+	tp.recv, _ = lane()
+	tp.other, _ = lane()
+	return tp
 }
 
 // Transport is part of winrm.Transporter; everything was built in newTransport.
@@ -113,6 +128,9 @@ const receiveAction = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/R
 // error that says what went wrong in terms callers can act on.
 func (t *transport) Post(_ *winrm.Client, m *soap.SoapMessage) (string, error) {
 	body := m.String()
+	if t.sealRecv != nil {
+		return t.postSealed(body)
+	}
 	client := t.other
 	if strings.Contains(body, receiveAction+"<") {
 		client = t.recv
@@ -141,6 +159,30 @@ func (t *transport) Post(_ *winrm.Client, m *soap.SoapMessage) (string, error) {
 	}
 	if resp.StatusCode != http.StatusOK {
 		return "", parseFault(resp.StatusCode, b)
+	}
+	return string(b), nil
+}
+
+// postSealed is Post for NTLM over plain HTTP: the body travels sealed and
+// the answer is unsealed and its signature checked before it is parsed.
+func (t *transport) postSealed(body string) (string, error) {
+	lane := t.sealOther
+	if strings.Contains(body, receiveAction+"<") {
+		lane = t.sealRecv
+	}
+	status, ctype, b, err := lane.post(t.ctx, []byte(body))
+	t.roundTrips.Add(1)
+	if err != nil {
+		return "", err
+	}
+	if status == http.StatusUnauthorized {
+		return "", fmt.Errorf("%w: the server answered 401 Unauthorized (user %q, NTLM with message sealing)", ErrAuth, t.user)
+	}
+	if !strings.Contains(ctype, "application/soap+xml") {
+		return "", fmt.Errorf("%w: HTTP %d without a SOAP body from %s", ErrTransient, status, t.url)
+	}
+	if status != http.StatusOK {
+		return "", parseFault(status, b)
 	}
 	return string(b), nil
 }

@@ -19,8 +19,14 @@ import (
 	"github.com/easguard/easguard/tests/exchangesim"
 )
 
+// startSim starts a simulator for the tests of this package, which drive it
+// with masterzen/winrm's own transports (Basic, and ClientNTLM without
+// sealing): those cannot seal, so over HTTP they need a host configured with
+// AllowUnencrypted=true, and startSim sets it. seal_test.go tests the
+// default, which refuses them; easguard's own transport seals.
 func startSim(t testing.TB, cfg exchangesim.Config) *exchangesim.Sim {
 	t.Helper()
+	cfg.AllowUnencrypted = true
 	return exchangesim.StartTest(t, cfg)
 }
 

@@ -39,6 +39,14 @@ type Config struct {
 	Accounts map[string]string
 	// Basic and NTLM select the authentication schemes; neither set means both.
 	Basic, NTLM bool
+	// AllowUnencrypted makes the HTTP endpoints accept unencrypted bodies
+	// (Basic, NTLM without sealing), like a WinRM service configured with
+	// AllowUnencrypted=true. By default, as on Windows, only NTLM-sealed
+	// bodies are accepted over HTTP; HTTPS is unaffected.
+	AllowUnencrypted bool
+	// UnencryptedStatus is the HTTP status refusing an unencrypted body
+	// (0: 401); see winauth.Options.UnencryptedStatus (UNCONFIRMED).
+	UnencryptedStatus int
 	// HTTPS serves WS-Man over TLS with Certificate, or a self-signed
 	// certificate for the CAS names, 127.0.0.1 and localhost.
 	HTTPS       bool
@@ -256,7 +264,8 @@ func (e *Endpoint) up() error {
 	handler := winauth.Middleware(s.accounts, winauth.Options{
 		Basic: s.cfg.Basic, NTLM: s.cfg.NTLM, NetBIOSDomain: s.Org.defaultDomain().NetBIOS, DNSDomain: s.cfg.Domain,
 		NetBIOSComputer: e.Name, DNSComputer: e.FQDN,
-		Refuse: func(*http.Request) bool { return e.refuseAuth.Load() },
+		Refuse:           func(*http.Request) bool { return e.refuseAuth.Load() },
+		AllowUnencrypted: s.cfg.AllowUnencrypted, UnencryptedStatus: s.cfg.UnencryptedStatus,
 	}, e.server)
 	mux := http.NewServeMux()
 	mux.Handle("/wsman", handler)

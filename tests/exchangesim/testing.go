@@ -34,7 +34,9 @@ func StartTest(tb testing.TB, cfg Config) *Sim {
 // ExchangeConfig returns easguard's Exchange settings for this simulator:
 // the primary CAS, name-resolution overrides to the loopback endpoints (the
 // FQDNs do not resolve), the service account, the CA bundle over HTTPS,
-// NTLM, and short timeouts suited to tests.
+// NTLM (sealed over HTTP, so it works against a simulator with default
+// settings, which refuses unencrypted bodies), and short timeouts suited to
+// tests.
 func (s *Sim) ExchangeConfig(tb testing.TB) exchange.Config {
 	tb.Helper()
 	resolve := map[string]string{}

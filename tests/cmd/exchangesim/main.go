@@ -53,6 +53,7 @@ func run(args []string) int {
 	https := fs.Bool("https", false, "serve WS-Man over HTTPS with a self-signed certificate")
 	certOut := fs.String("cert-out", "", "write the certificate clients should trust to this file (with -https)")
 	auth := fs.String("auth", "basic,ntlm", "authentication schemes: basic, ntlm or both")
+	allowUnencrypted := fs.Bool("allow-unencrypted", false, "over HTTP accept unencrypted bodies (Basic, NTLM without sealing), like WinRM with AllowUnencrypted=true; by default only NTLM-sealed bodies are accepted")
 	user := fs.String("user", exchangesim.DefaultUser, "service account name")
 	host := fs.String("host", "127.0.0.1", "address the WS-Man endpoints listen on")
 	admin := fs.String("admin", "127.0.0.1:0", "admin API listen address")
@@ -80,7 +81,7 @@ func run(args []string) int {
 		password = exchangesim.DefaultPassword
 	}
 	cfg := exchangesim.Config{
-		OrgName: *org, Domain: *domain, HTTPS: *https, Host: *host, AdminAddr: *admin,
+		OrgName: *org, Domain: *domain, HTTPS: *https, Host: *host, AdminAddr: *admin, AllowUnencrypted: *allowUnencrypted,
 		Accounts: map[string]string{*user: password}, MaxSessionsPerUser: *maxSessions,
 		WorkerHost: exchangesim.Host{Culture: *hostCulture, UTCOffset: *hostOffset, LanguageMode: *languageMode,
 			DeserializedEnums: *deserializedEnums, AltPropertyCase: *altCase, UnspecifiedDates: *unspecifiedDates},

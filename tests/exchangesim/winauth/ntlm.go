@@ -31,9 +31,10 @@ const (
 	flag56                      uint32 = 0x80000000
 )
 
-// challengeFlags are the flags of every CHALLENGE. KEY_EXCH and LM_KEY are left out
-// on purpose: the simulator does no session security, and Azure/go-ntlmssp refuses a
-// CHALLENGE carrying either of them.
+// challengeFlags are the flags of every CHALLENGE. LM_KEY is never offered, and
+// SIGN, SEAL and KEY_EXCH only when the client's NEGOTIATE asks for them (see
+// offeredFlags), as Windows does: Azure/go-ntlmssp, which does no session security,
+// refuses a CHALLENGE carrying KEY_EXCH or LM_KEY.
 const challengeFlags = flagUnicode | flagRequestTarget | flagNTLM | flagAlwaysSign |
 	flagExtendedSessionSecurity | flagTargetTypeDomain | flagTargetInfo | flagVersion |
 	flag128 | flag56
@@ -104,8 +105,25 @@ type serverIdentity struct {
 	nbDomain, dnsDomain, nbComputer, dnsComputer string
 }
 
-// buildChallenge encodes a CHALLENGE_MESSAGE (MS-NLMP 2.2.1.2).
+// sessionSecurityFlags are the flags a client may ask for to get session security.
+const sessionSecurityFlags = flagSign | flagSeal | flagKeyExch
+
+// offeredFlags answers a NEGOTIATE: the fixed flags plus the session security the
+// client asked for.
+func offeredFlags(negotiate []byte) uint32 {
+	if len(negotiate) < 16 {
+		return challengeFlags
+	}
+	return challengeFlags | binary.LittleEndian.Uint32(negotiate[12:16])&sessionSecurityFlags
+}
+
+// buildChallenge encodes a CHALLENGE_MESSAGE (MS-NLMP 2.2.1.2) with challengeFlags.
 func buildChallenge(serverChallenge [8]byte, id serverIdentity, now time.Time) []byte {
+	return buildChallengeFlags(serverChallenge, id, now, challengeFlags)
+}
+
+// buildChallengeFlags encodes a CHALLENGE_MESSAGE offering flags.
+func buildChallengeFlags(serverChallenge [8]byte, id serverIdentity, now time.Time, flags uint32) []byte {
 	targetName := utf16le(id.nbDomain)
 
 	var info bytes.Buffer
@@ -129,7 +147,7 @@ func buildChallenge(serverChallenge [8]byte, id serverIdentity, now time.Time) [
 	copy(msg[0:8], ntlmSignature)
 	binary.LittleEndian.PutUint32(msg[8:12], msgChallenge)
 	putVarField(msg[12:20], len(targetName), challengeHeaderLen)
-	binary.LittleEndian.PutUint32(msg[20:24], challengeFlags)
+	binary.LittleEndian.PutUint32(msg[20:24], flags)
 	copy(msg[24:32], serverChallenge[:])
 	// msg[32:40] is Reserved and stays zero.
 	putVarField(msg[40:48], info.Len(), challengeHeaderLen+len(targetName))
@@ -153,6 +171,8 @@ type authenticateMessage struct {
 	ntResponse []byte
 	domain     string
 	user       string
+	// sessionKey is the EncryptedRandomSessionKey, set with KEY_EXCH.
+	sessionKey []byte
 }
 
 // parseAuthenticate decodes an AUTHENTICATE_MESSAGE (MS-NLMP 2.2.1.3), checking
@@ -193,6 +213,9 @@ func parseAuthenticate(msg []byte) (*authenticateMessage, error) {
 	}
 	rawUser, err := field(36)
 	if err != nil {
+		return nil, err
+	}
+	if am.sessionKey, err = field(52); err != nil {
 		return nil, err
 	}
 	if am.domain, err = decodeString(rawDomain, am.flags); err != nil {

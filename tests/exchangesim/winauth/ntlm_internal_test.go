@@ -220,10 +220,11 @@ type connHarness struct {
 }
 
 // newConnHarness builds an NTLM-only middleware with a single account "Alice".
+// Its requests carry unsealed bodies over HTTP, so it allows unencrypted ones.
 func newConnHarness(t testing.TB) *connHarness {
 	t.Helper()
 	c := &connHarness{t: t, ctx: ConnContext(context.Background(), nil)}
-	opts := Options{NTLM: true, OnFailure: func(_ *http.Request, err error) { c.lastErr = err }}
+	opts := Options{NTLM: true, AllowUnencrypted: true, OnFailure: func(_ *http.Request, err error) { c.lastErr = err }}
 	c.h = Middleware(StaticAccounts{"Alice": "secret"}, opts, http.HandlerFunc(func(_ http.ResponseWriter, r *http.Request) {
 		c.lastUser = User(r.Context())
 	}))

@@ -60,7 +60,19 @@ type simulator struct {
 
 // startSimulator starts an HTTP or HTTPS server with ConnContext installed and a
 // handler answering CreateShell. OnFailure in opts is replaced by a recorder.
+//
+// It sets AllowUnencrypted: these tests are about authentication and drive the
+// server with clients that cannot seal (masterzen/winrm's Basic and ClientNTLM
+// transports, raw go-ntlmssp legs), so over HTTP they need a host configured
+// with AllowUnencrypted=true. seal_test.go tests the default, which refuses them.
 func startSimulator(t testing.TB, useTLS bool, opts winauth.Options) *simulator {
+	t.Helper()
+	opts.AllowUnencrypted = true
+	return startSimulatorAs(t, useTLS, opts)
+}
+
+// startSimulatorAs is startSimulator with opts exactly as given.
+func startSimulatorAs(t testing.TB, useTLS bool, opts winauth.Options) *simulator {
 	t.Helper()
 	s := &simulator{}
 	opts.OnFailure = func(_ *http.Request, err error) {
