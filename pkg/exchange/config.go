@@ -31,16 +31,26 @@ type Config struct {
 	Mode               string        `split_words:"true" default:"remote" desc:"How the worker reaches Exchange: remote, an explicit-credential session to the /PowerShell endpoint (the only mode: the Exchange snap-in cannot reach Active Directory over WinRM)."`
 	PowershellURL      string        `split_words:"true" default:"http://{server}/PowerShell/" desc:"Exchange remote PowerShell URL; {server} is the CAS the worker runs on."`
 	PowershellAuth     string        `split_words:"true" default:"Kerberos" desc:"Authentication of the remote session: Kerberos, Negotiate, Basic or Default."`
-	Workers            int           `split_words:"true" default:"4" desc:"Persistent PowerShell workers (WinRM shells) per process; Exchange allows 18 sessions per user."`
+	Workers            int           `split_words:"true" default:"4" desc:"Persistent PowerShell workers (WinRM shells, each with one Exchange session) per process, at most 8: Exchange allows 18 sessions per user, and the session of a killed worker counts until it expires."`
 	RequestTimeout     time.Duration `split_words:"true" default:"5m" desc:"Deadline of one request to a worker; a worker that misses it is replaced."`
 	OperationTimeout   time.Duration `split_words:"true" default:"20s" desc:"WS-Man OperationTimeout: how long one Receive long-poll waits."`
 	StartTimeout       time.Duration `split_words:"true" default:"2m" desc:"How long starting a worker (shell, PowerShell, Exchange session) may take."`
-	Heartbeat          time.Duration `split_words:"true" default:"1m" desc:"An idle worker is pinged this often, so a dead one is found before a request needs it."`
+	Heartbeat          time.Duration `split_words:"true" default:"1m" desc:"An idle worker is pinged this often (a call through its Exchange session), so a broken one is found before a request needs it and a live one is not closed at the session's two-minute idle timeout; less than 2m."`
 	RecycleRequests    int           `split_words:"true" default:"10000" desc:"A worker is replaced after this many requests."`
 	RecycleAfter       time.Duration `split_words:"true" default:"2h" desc:"A worker is replaced after this long."`
 	CASFailover        bool          `split_words:"true" default:"true" desc:"Discover the organisation's other Client Access servers and fail over to them."`
 	BatchSize          int           `split_words:"true" default:"100" desc:"Set-CASMailbox calls sent in one round trip."`
 }
+
+// MaxWorkers caps the workers of one process well below Exchange's 18
+// remote sessions per user (PowerShellMaxConcurrency): sessions left behind
+// by killed workers and an administrator's own session need room too.
+const MaxWorkers = 8
+
+// SessionIdleTimeout is the idle timeout worker.ps1 opens its Exchange
+// session with (New-PSSessionOption -IdleTimeout): a session left behind
+// by a killed worker expires after it.
+var SessionIdleTimeout = time.Duration(Contract().SessionIdleTimeoutMS()) * time.Millisecond
 
 // options are the validated, derived settings.
 type options struct {
@@ -86,13 +96,16 @@ func (c *Config) Validate() error {
 	default:
 		return config.Invalid(&c.Mode, "use remote, not %q", c.Mode)
 	}
-	if c.Workers < 1 || c.Workers > 17 {
-		return config.Invalid(&c.Workers, "must be 1 to 17 (Exchange allows 18 sessions per user; keep one for administrators), got %d", c.Workers)
+	if c.Workers < 1 || c.Workers > MaxWorkers {
+		return config.Invalid(&c.Workers, "must be 1 to %d, got %d: Exchange allows 18 remote sessions per user, and the session of a worker killed mid-request counts against them until its idle timeout", MaxWorkers, c.Workers)
 	}
 	for _, d := range []*time.Duration{&c.RequestTimeout, &c.OperationTimeout, &c.StartTimeout, &c.Heartbeat, &c.RecycleAfter} {
 		if *d <= 0 {
 			return config.Invalid(d, "must be positive, got %s", *d)
 		}
+	}
+	if c.Heartbeat >= SessionIdleTimeout {
+		return config.Invalid(&c.Heartbeat, "must be shorter than %s, the idle timeout of the workers' Exchange sessions (a heartbeat is what keeps an idle worker's session open), got %s", SessionIdleTimeout, c.Heartbeat)
 	}
 	if c.OperationTimeout < time.Second || c.OperationTimeout > 60*time.Second {
 		return config.Invalid(&c.OperationTimeout, "must be between 1s and 60s (Windows caps it at 60s), got %s", c.OperationTimeout)
