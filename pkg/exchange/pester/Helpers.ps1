@@ -162,8 +162,8 @@ function Get-Calls {
 
 # Get-LogEvents returns the log entries of one kind (New-PSSession, ...).
 function Get-LogEvents {
-    param($Run, [string]$Event)
-    return @($Run.Log | Where-Object { $_.ev -eq $Event })
+    param($Run, [string]$Kind)
+    return @($Run.Log | Where-Object { $_.ev -eq $Kind })
 }
 
 # Get-ConnectRequest is a connect request as easguard sends it with

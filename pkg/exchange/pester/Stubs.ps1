@@ -1,8 +1,7 @@
 # Stand-ins for PowerShell remoting and the Exchange cmdlets, for the Pester
 # tests of worker.ps1 (see worker.Tests.ps1). Harness.ps1 dot-sources this
-# file in the child powershell.exe that runs the real worker script; the
-# tests dot-source it too, to check that the objects it makes have the shape
-# remoting gives them.
+# file in the child powershell.exe that runs the real worker script, before
+# the test's setup script, which may replace a stub.
 #
 # Objects cross a real implicit-remoting session as CLIXML and come back
 # deserialised: property bags whose enums are integers typed

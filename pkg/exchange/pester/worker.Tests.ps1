@@ -222,6 +222,30 @@ Describe 'worker.ps1' {
         }
     }
 
+    Context 'a heartbeat call that fails while the session still looks open (item 3)' {
+        BeforeAll {
+            $run = Invoke-WorkerScenario -Setup {
+                function global:Get-ActiveSyncOrganizationSettings {
+                    [CmdletBinding()]
+                    param($Identity)
+                    Write-StubCall 'Get-ActiveSyncOrganizationSettings' $PSBoundParameters
+                    throw 'The session is no longer known to the server (stub).'
+                }
+            } -Requests @(
+                (Get-ConnectRequest 1),
+                [ordered]@{ id = 2; op = 'ping' }
+            )
+        }
+
+        It 'answers the ping with SessionBroken, saying the heartbeat failed' {
+            $f = Get-Final $run 2
+            $f.ok | Should -BeFalse
+            $f.errors[0].reason | Should -BeExactly 'SessionBroken'
+            $f.errors[0].message | Should -BeExactly 'the heartbeat call failed: The session is no longer known to the server (stub).'
+            @(Get-Calls $run 'Get-ActiveSyncOrganizationSettings').Count | Should -Be 1
+        }
+    }
+
     Context 'a session that breaks, as after an app-pool recycle (item 3)' {
         BeforeAll {
             $run = Invoke-WorkerScenario -Setup {
