@@ -256,12 +256,21 @@ function global:Get-MobileDeviceStatistics {
 }
 
 # Get-CASMailbox writes Exchange's truncation warning before its objects, as
-# a listing cut at its ResultSize does.
+# a listing cut at its ResultSize does. It stands for an implicit-remoting
+# proxy, which passes -WarningAction to the server: there a warning told to
+# be SilentlyContinue (or Ignore) is dropped and never crosses back, so the
+# local -WarningVariable never sees it. (A local function would still fill
+# -WarningVariable under SilentlyContinue; that is exactly the difference
+# that hid the loss.)
 function global:Get-CASMailbox {
     [CmdletBinding()]
     param($Identity, [string]$Filter, $ResultSize)
     Write-StubCall 'Get-CASMailbox' $PSBoundParameters
-    Write-Warning 'By default, only the first 1000 items are returned. Use the ResultSize parameter to specify the number of items returned. To return all items, specify "-ResultSize Unlimited". Be aware that, depending on the actual number of items, returning all items can take a long time and consume a large amount of memory. Also, we don''t recommend storing the results in a variable. Instead, pipe the results to another task or script to perform batch changes.'
+    $serverWarningAction = [string]$WarningPreference
+    if ($serverWarningAction -ne 'SilentlyContinue' -and $serverWarningAction -ne 'Ignore') {
+        Write-StubLog ([ordered]@{ ev = 'warning-sent'; action = $serverWarningAction })
+        Write-Warning 'By default, only the first 1000 items are returned. Use the ResultSize parameter to specify the number of items returned. To return all items, specify "-ResultSize Unlimited". Be aware that, depending on the actual number of items, returning all items can take a long time and consume a large amount of memory. Also, we don''t recommend storing the results in a variable. Instead, pipe the results to another task or script to perform batch changes.'
+    }
     foreach ($user in @('alice', 'bob')) {
         $o = New-Object PSObject
         Add-Member -InputObject $o -NotePropertyName 'SamAccountName' -NotePropertyValue $user
