@@ -55,6 +55,6 @@ if [ "$#" -gt 0 ]; then
   exec node "$here/check.mjs" "$@"
 fi
 cd "$top"
-node "$here/check.mjs" pkg/exchange/worker.ps1 pkg/exchange/bootstrap.ps1
+node "$here/check.mjs" pkg/exchange/worker.ps1 pkg/exchange/bootstrap.ps1 pkg/exchange/pester/*.ps1
 node "$here/contract.mjs" --check
 node "$here/contract.mjs" --selftest
