@@ -293,6 +293,9 @@ function Invoke-Allowed($Call, [long]$Id, [int]$Page) {
     return $result
 }
 
+function Close-Exchange {
+    if ($null -ne $script:Session) { Remove-PSSession -Session $script:Session -ErrorAction SilentlyContinue }
+
 # Connect-Exchange opens the explicit-credential remote session to the
 # Exchange /PowerShell endpoint and imports only the allow-listed cmdlets,
 # so Exchange's RBAC decides what is available. Loading the Exchange
@@ -306,6 +309,7 @@ function Connect-Exchange($Req) {
     $skipCN = [bool](Get-WireField $Req 'skip_cn_check' $false)
     $secure = ConvertTo-SecureString -String ([string](Get-RequiredField $Req 'password')) -AsPlainText -Force
     $cred = New-Object System.Management.Automation.PSCredential([string](Get-RequiredField $Req 'user'), $secure)
+    Close-Exchange # a second connect replaces the session, never leaks it
     $options = New-PSSessionOption -SkipCACheck:$skipCA -SkipCNCheck:$skipCN -SkipRevocationCheck:$skipCA -Culture 'en-US' -UICulture 'en-US' -IdleTimeout 120000
     $script:Session = New-PSSession -ConfigurationName Microsoft.Exchange -ConnectionUri ([string](Get-RequiredField $Req 'uri')) -Credential $cred -Authentication ([string](Get-RequiredField $Req 'auth')) -SessionOption $options -ErrorAction Stop
     $script:Module = Import-PSSession -Session $script:Session -CommandName $names -DisableNameChecking -AllowClobber -ErrorAction Stop -WarningAction SilentlyContinue
@@ -315,8 +319,6 @@ function Connect-Exchange($Req) {
     return [ordered]@{ mode = $script:Mode; cmdlets = $available; idle_timeout_ms = $script:IdleTimeoutMs }
 }
 
-function Close-Exchange {
-    if ($null -ne $script:Session) { Remove-PSSession -Session $script:Session -ErrorAction SilentlyContinue }
     $script:Session = $null
 }
 
