@@ -22,6 +22,9 @@ type Client struct {
 	Parallel int
 	// PageSize is how many objects a listing streams per frame.
 	PageSize int
+
+	devMu sync.Mutex
+	dev   *deviceCmdlets // nil until known
 }
 
 // NewClient returns a client over r.
@@ -144,7 +147,14 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 	if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
 		params["Filter"] = "FirstSyncTime -ge '" + opt.NewSince.Add(-24*time.Hour).UTC().Format("01/02/2006 15:04:05") + "'"
 	}
-	return c.stream(ctx, Call{Cmdlet: "Get-MobileDevice", Params: params, Select: partnershipProps}, func(objs []Object) error {
+	dc, err := c.deviceCmdlets(ctx)
+	if err != nil {
+		return err
+	}
+	if !dc.listActiveSync {
+		delete(params, "ActiveSync")
+	}
+	err = c.stream(ctx, Call{Cmdlet: dc.list, Params: params, Select: partnershipProps}, func(objs []Object) error {
 		page := make([]Partnership, 0, len(objs))
 		for _, o := range objs {
 			p := toPartnership(o)
@@ -162,6 +172,8 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 		}
 		return fn(page)
 	})
+	c.forgetDeviceCmdlets(err)
+	return err
 }
 
 // Statistics is the sync state of a partnership (Get-MobileDeviceStatistics).
@@ -186,8 +198,17 @@ func (c *Client) DeviceStatistics(ctx context.Context, mailbox string) ([]Statis
 	if err := checkIdentity(mailbox); err != nil {
 		return nil, err
 	}
-	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-MobileDeviceStatistics", Params: Params{"Mailbox": mailbox, "ActiveSync": true}})
+	dc, err := c.deviceCmdlets(ctx)
 	if err != nil {
+		return nil, err
+	}
+	params := Params{"Mailbox": mailbox}
+	if dc.statsActiveSync {
+		params["ActiveSync"] = true
+	}
+	objs, _, err := c.Invoke(ctx, Call{Cmdlet: dc.stats, Params: params})
+	if err != nil {
+		c.forgetDeviceCmdlets(err)
 		return nil, err
 	}
 	out := make([]Statistics, 0, len(objs))
@@ -607,7 +628,9 @@ func RequiredCmdlets() []string {
 }
 
 // MissingCmdlets asks Exchange (Get-Command) which required cmdlets the
-// account may not run.
+// account may not run. A cmdlet the organisation's version lacks is not
+// missing when the one easguard uses there instead is available
+// (Get-ActiveSyncDevice on Exchange 2010 for Get-MobileDevice, say).
 func (c *Client) MissingCmdlets(ctx context.Context) ([]string, error) {
 	req := RequiredCmdlets()
 	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-Command", Params: Params{"Name": req}, Select: []string{"Name"}})
@@ -618,13 +641,7 @@ func (c *Client) MissingCmdlets(ctx context.Context) ([]string, error) {
 	for _, o := range objs {
 		have[strings.ToLower(str(o, "Name"))] = true
 	}
-	var missing []string
-	for _, n := range req {
-		if !have[strings.ToLower(n)] {
-			missing = append(missing, n)
-		}
-	}
-	return missing, nil
+	return missingWithAlternatives(req, have), nil
 }
 
 // Count runs a listing with one small property and counts the objects.

@@ -376,6 +376,8 @@ type Org struct {
 	MaxDevicesPerMailbox int
 	// Now is the organisation's clock.
 	Now func() time.Time
+	// Version is the Exchange release (empty: 2019); set it with SetVersion.
+	Version Version
 
 	guidSeq uint64
 }
@@ -430,9 +432,21 @@ func (o *Org) AddDomain(dns string) *Domain {
 func (o *Org) AddServer(name, fqdn, version string) *Server {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	s := &Server{GUID: o.newGUID(), Name: name, FQDN: fqdn, Site: o.Servers[0].Site, Version: version, Edition: "Enterprise", Roles: "Mailbox, ClientAccess"}
+	s := &Server{GUID: o.newGUID(), Name: name, FQDN: fqdn, Site: o.Servers[0].Site, Version: version, Edition: "Enterprise", Roles: o.Version.roles()}
 	o.Servers = append(o.Servers, s)
 	return s
+}
+
+// SetVersion makes the organisation a release of Exchange: its servers'
+// version strings and roles, the cmdlets its sessions have, the shape of
+// its objects.
+func (o *Org) SetVersion(v Version) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.Version = v
+	for _, s := range o.Servers {
+		s.Version, s.Roles = v.adminDisplayVersion(), v.roles()
+	}
 }
 
 // Grant sets the cmdlets the service account's role grants (Get-Command

@@ -52,6 +52,9 @@ type Config struct {
 	MaxOperationTimeout time.Duration
 	// Granted limits the cmdlets the service account's role grants.
 	Granted []string
+	// Version is the Exchange release the organisation runs: 2010, 2013,
+	// 2016 or 2019 (empty: 2019).
+	Version Version
 }
 
 // DefaultUser and DefaultPassword are the service account of a simulator
@@ -129,7 +132,12 @@ func Start(cfg Config) (*Sim, error) {
 		cfg.MaxOperationTimeout = 60 * time.Second
 	}
 	s := &Sim{cfg: cfg, profile: cfg.Profile, accounts: winauth.StaticAccounts(cfg.Accounts), Recorder: NewRecorder(200_000), calls: map[string][]time.Time{}}
+	version, err := ParseVersion(string(cfg.Version))
+	if err != nil {
+		return nil, err
+	}
 	s.Org = NewOrg(cfg.OrgName, cfg.Domain)
+	s.Org.SetVersion(version)
 	s.Org.Servers[0].Name = strings.ToUpper(cfg.CAS[0])
 	s.Org.Servers[0].FQDN = strings.ToLower(cfg.CAS[0]) + "." + cfg.Domain
 	for _, n := range cfg.CAS[1:] {

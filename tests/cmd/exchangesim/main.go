@@ -59,6 +59,7 @@ func run(args []string) int {
 	profile := fs.String("profile", "default", "latency profile: default (realistic) or none")
 	org := fs.String("org", "Contoso", "Exchange organisation name")
 	domain := fs.String("domain", "contoso.com", "forest root domain")
+	version := fs.String("version", "2019", "Exchange release the organisation runs: 2010 (SP3), 2013, 2016 or 2019")
 	defaultAccess := fs.String("default-access", "Allow", "DefaultAccessLevel: Allow, Block or Quarantine")
 	envOut := fs.String("env-out", "", "write the EASGUARD_EXCHANGE_* settings that reach this simulator to this file (mode 0600; it holds the password)")
 	fs.Usage = func() {
@@ -77,6 +78,12 @@ func run(args []string) int {
 		Accounts: map[string]string{*user: password},
 		Seed:     &exchangesim.SeedSpec{Mailboxes: *mailboxes, Partnerships: *partnerships, Seed: *seed, NoHostile: *noHostile, ChildDomainShare: *childShare},
 	}
+	v, err := exchangesim.ParseVersion(*version)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "exchangesim: -version:", err)
+		return 2
+	}
+	cfg.Version = v
 	for _, n := range strings.Split(*cas, ",") {
 		if n = strings.TrimSpace(n); n != "" {
 			cfg.CAS = append(cfg.CAS, n)
