@@ -171,6 +171,9 @@ type Mailbox struct {
 	Devices []*Device
 	// Notices are the mails Exchange itself put in the user's Inbox.
 	Notices []Notice
+
+	// replLists are the recent writes of the lists (replication.go).
+	replLists []listVersion
 }
 
 // DN returns the mailbox user's distinguished name.
@@ -253,6 +256,9 @@ type Device struct {
 	WipeAckTime          time.Time
 	WipeRequestor        string
 	WipeNotify           []string
+
+	// replState are the recent writes of the access state (replication.go).
+	replState []stateVersion
 }
 
 // Name is the AD object name: <DeviceType>§<DeviceId>.
@@ -378,6 +384,9 @@ type Org struct {
 	Now func() time.Time
 	// Version is the Exchange release (empty: 2019); set it with SetVersion.
 	Version Version
+	// ReplicationDelay is how long a write through one CAS takes to reach
+	// the domain controllers of the others (replication.go); zero: at once.
+	ReplicationDelay time.Duration
 
 	guidSeq uint64
 }
@@ -638,7 +647,9 @@ func (o *Org) evaluate(d *Device, now time.Time) (AccessState, AccessReason, *De
 	if m.Monitoring {
 		return StateAllowed, ReasonGlobal, nil
 	}
-	if containsFold(m.Blocked, d.DeviceID) {
+	// The ActiveSync request reads the lists on its CAS's domain controller.
+	allowed, blocked := o.listsAt(m, o.easDC())
+	if containsFold(blocked, d.DeviceID) {
 		return StateBlocked, ReasonIndividual, nil
 	}
 	policyCheck := func(s AccessState, r AccessReason, rule *DeviceAccessRule) (AccessState, AccessReason, *DeviceAccessRule) {
@@ -647,7 +658,7 @@ func (o *Org) evaluate(d *Device, now time.Time) (AccessState, AccessReason, *De
 		}
 		return s, r, rule
 	}
-	if containsFold(m.Allowed, d.DeviceID) {
+	if containsFold(allowed, d.DeviceID) {
 		return policyCheck(StateAllowed, ReasonIndividual, nil)
 	}
 	inDiscovery := !d.SentDeviceInfo && now.Sub(d.FirstSyncTime) < o.DiscoveryPeriod
@@ -684,22 +695,21 @@ func (o *Org) evaluate(d *Device, now time.Time) (AccessState, AccessReason, *De
 // restamp applies Set-CASMailbox's re-stamping after the lists of a
 // mailbox changed (reference/exchange.md §3.4): listed devices take their
 // list's state at once; devices that were individually allowed or blocked
-// and no longer are go back to Unknown until their next request.
-func (o *Org) restamp(m *Mailbox) {
-	now := o.now()
+// and no longer are go back to Unknown until their next request. It
+// happens on the domain controller dc the cmdlet wrote the lists to.
+func (o *Org) restamp(m *Mailbox, dc string) {
 	for _, d := range m.Devices {
-		prevState, prevReason := d.State, d.Reason
+		prev := o.stateAt(d, dc)
+		state, reason, rule := prev.state, prev.reason, prev.rule
 		switch {
 		case containsFold(m.Blocked, d.DeviceID):
-			d.State, d.Reason, d.Rule = StateBlocked, ReasonIndividual, nil
+			state, reason, rule = StateBlocked, ReasonIndividual, nil
 		case containsFold(m.Allowed, d.DeviceID):
-			d.State, d.Reason, d.Rule = StateAllowed, ReasonIndividual, nil
-		case d.Reason == ReasonIndividual && (d.State == StateAllowed || d.State == StateBlocked):
-			d.State, d.Reason, d.Rule = StateUnknown, ReasonUnknown, nil
+			state, reason, rule = StateAllowed, ReasonIndividual, nil
+		case prev.reason == ReasonIndividual && (prev.state == StateAllowed || prev.state == StateBlocked):
+			state, reason, rule = StateUnknown, ReasonUnknown, nil
 		}
-		if d.State != prevState || d.Reason != prevReason {
-			d.WhenChanged = now
-		}
+		o.setState(d, dc, prev, state, reason, rule)
 	}
 }
 

@@ -55,6 +55,14 @@ type Config struct {
 	// Version is the Exchange release the organisation runs: 2010, 2013,
 	// 2016 or 2019 (empty: 2019).
 	Version Version
+	// ReplicationDelay is how long a change written through one CAS takes
+	// to be seen through the others (Active Directory replication; see
+	// replication.go for what is modelled). Zero, the default for tests:
+	// at once. Intra-site replication takes about 15 s.
+	ReplicationDelay time.Duration
+	// Now is the organisation's clock (default time.Now), for tests that
+	// move time on instead of waiting.
+	Now func() time.Time
 }
 
 // DefaultUser and DefaultPassword are the service account of a simulator
@@ -138,6 +146,10 @@ func Start(cfg Config) (*Sim, error) {
 	}
 	s.Org = NewOrg(cfg.OrgName, cfg.Domain)
 	s.Org.SetVersion(version)
+	s.Org.ReplicationDelay = cfg.ReplicationDelay
+	if cfg.Now != nil {
+		s.Org.Now = cfg.Now
+	}
 	s.Org.Servers[0].Name = strings.ToUpper(cfg.CAS[0])
 	s.Org.Servers[0].FQDN = strings.ToLower(cfg.CAS[0]) + "." + cfg.Domain
 	for _, n := range cfg.CAS[1:] {

@@ -59,6 +59,7 @@ func run(args []string) int {
 	profile := fs.String("profile", "default", "latency profile: default (realistic) or none")
 	org := fs.String("org", "Contoso", "Exchange organisation name")
 	domain := fs.String("domain", "contoso.com", "forest root domain")
+	replication := fs.Duration("replication-delay", 0, "how long a change written through one CAS takes to be seen through the others (Active Directory replication; about 15s within a site)")
 	version := fs.String("version", "2019", "Exchange release the organisation runs: 2010 (SP3), 2013, 2016 or 2019")
 	defaultAccess := fs.String("default-access", "Allow", "DefaultAccessLevel: Allow, Block or Quarantine")
 	envOut := fs.String("env-out", "", "write the EASGUARD_EXCHANGE_* settings that reach this simulator to this file (mode 0600; it holds the password)")
@@ -84,6 +85,7 @@ func run(args []string) int {
 		return 2
 	}
 	cfg.Version = v
+	cfg.ReplicationDelay = *replication
 	for _, n := range strings.Split(*cas, ",") {
 		if n = strings.TrimSpace(n); n != "" {
 			cfg.CAS = append(cfg.CAS, n)
