@@ -20,7 +20,7 @@ import (
 // does not apply the decision a second time; once replication has brought
 // the change to EX02, a full sync confirms it.
 func TestFullSyncThroughAnotherCASAfterAnApply(t *testing.T) {
-	const delay = 6 * time.Second
+	const delay = 10 * time.Second
 	pin := func(cas string) func(*exchange.Config) {
 		return func(c *exchange.Config) { c.Server, c.CASFailover = cas+".contoso.com", false }
 	}
