@@ -19,7 +19,18 @@ import (
 // That reading predates the change, so easguard raises no drift alert and
 // does not apply the decision a second time; once replication has brought
 // the change to EX02, a full sync confirms it.
+//
+// It runs with WhenChanged as the reading domain controller stamps it and,
+// UNCONFIRMED which one Exchange shows, as the originating one stamped it.
 func TestFullSyncThroughAnotherCASAfterAnApply(t *testing.T) {
+	for _, origin := range []bool{false, true} {
+		t.Run(map[bool]string{false: "local WhenChanged", true: "originating WhenChanged"}[origin], func(t *testing.T) {
+			fullSyncThroughAnotherCAS(t, origin)
+		})
+	}
+}
+
+func fullSyncThroughAnotherCAS(t *testing.T, originWhenChanged bool) {
 	const delay = 10 * time.Second
 	pin := func(cas string) func(*exchange.Config) {
 		return func(c *exchange.Config) { c.Server, c.CASFailover = cas+".contoso.com", false }
@@ -33,7 +44,9 @@ func TestFullSyncThroughAnotherCASAfterAnApply(t *testing.T) {
 	// Everything but the collector works through EX01; the collector, in
 	// a stack of its own, reads through EX02.
 	a := startStack(t, stackOptions{workers: others, exchange: pin("ex01"),
-		sim: func(c *exchangesim.Config) { c.CAS, c.ReplicationDelay = []string{"EX01", "EX02"}, delay }})
+		sim: func(c *exchangesim.Config) {
+			c.CAS, c.ReplicationDelay, c.OriginWhenChanged = []string{"EX01", "EX02"}, delay, originWhenChanged
+		}})
 	b := startStack(t, stackOptions{join: a, workers: []string{pipeline.Collector}, exchange: pin("ex02"),
 		collect: func(c *collector.Config) { c.QuickInterval = time.Hour }})
 	b.waitFullSync()

@@ -33,10 +33,21 @@ func (c *clock) Advance(d time.Duration) {
 // Active Directory has replicated it: until then the other CAS shows the
 // old lists and the old access state (with its old WhenChanged), while the
 // CAS that wrote it, and phones (served by the first CAS), see it at once.
+// WhenChanged through EX02 is the time the change arrived there
+// (whenChanged is not replicated), or, with the UNCONFIRMED switch, the
+// originating domain controller's.
 func TestReplicationBetweenCAS(t *testing.T) {
+	for _, origin := range []bool{false, true} {
+		t.Run(map[bool]string{false: "local WhenChanged", true: "originating WhenChanged"}[origin], func(t *testing.T) {
+			replicationBetweenCAS(t, origin)
+		})
+	}
+}
+
+func replicationBetweenCAS(t *testing.T, originWhenChanged bool) {
 	clk := &clock{now: time.Now()}
 	const delay = 15 * time.Second
-	s := startSim(t, exchangesim.Config{CAS: []string{"EX01", "EX02"}, ReplicationDelay: delay, Now: clk.Now})
+	s := startSim(t, exchangesim.Config{CAS: []string{"EX01", "EX02"}, ReplicationDelay: delay, Now: clk.Now, OriginWhenChanged: originWhenChanged})
 	if _, err := s.Org.AddMailbox(exchangesim.MailboxSpec{Alias: "alice"}); err != nil {
 		t.Fatal(err)
 	}
@@ -84,8 +95,12 @@ func TestReplicationBetweenCAS(t *testing.T) {
 		t.Fatalf("the phone, through EX01, must be blocked at once: %+v %v", r, err)
 	}
 	clk.Advance(time.Second)
-	if p := list(ex2); p.AccessState != "Blocked" || p.AccessReason != "Individual" {
-		t.Fatalf("EX02 after replication shows %+v", p)
+	stamp := applied.Add(delay)
+	if originWhenChanged {
+		stamp = applied
+	}
+	if p := list(ex2); p.AccessState != "Blocked" || p.AccessReason != "Individual" || p.WhenChanged.Sub(stamp).Abs() > time.Microsecond {
+		t.Fatalf("EX02 after replication shows %+v, want Blocked/Individual changed at %s", p, stamp)
 	}
 	if m, err := ex2.CASMailbox(ctx, "alice"); err != nil || !slices.Equal(m.Blocked, []string{phone.DeviceID}) {
 		t.Fatalf("EX02 lists after replication %+v %v", m, err)

@@ -20,17 +20,21 @@ import (
 // permission. The pool and the one-shot runner both choose the same way.
 func TestTypedReadsPerVersion(t *testing.T) {
 	tests := []struct {
+		name                   string
 		version                exchangesim.Version
+		keep2013               bool // UNCONFIRMED: 2010 objects with the 2013 properties
 		list, stats, versionIs string
+		clientType             string
 	}{
-		{exchangesim.Version2010, "Get-ActiveSyncDevice", "Get-ActiveSyncDeviceStatistics", "Version 14.3"},
-		{exchangesim.Version2013, "Get-MobileDevice", "Get-MobileDeviceStatistics", "Version 15.0"},
-		{exchangesim.Version2016, "Get-MobileDevice", "Get-MobileDeviceStatistics", "Version 15.1"},
-		{exchangesim.Version2019, "Get-MobileDevice", "Get-MobileDeviceStatistics", "Version 15.2"},
+		{"2010", exchangesim.Version2010, false, "Get-ActiveSyncDevice", "Get-ActiveSyncDeviceStatistics", "Version 14.3", ""},
+		{"2010 with the 2013 properties", exchangesim.Version2010, true, "Get-ActiveSyncDevice", "Get-ActiveSyncDeviceStatistics", "Version 14.3", "EAS"},
+		{"2013", exchangesim.Version2013, false, "Get-MobileDevice", "Get-MobileDeviceStatistics", "Version 15.0", "EAS"},
+		{"2016", exchangesim.Version2016, false, "Get-MobileDevice", "Get-MobileDeviceStatistics", "Version 15.1", "EAS"},
+		{"2019", exchangesim.Version2019, false, "Get-MobileDevice", "Get-MobileDeviceStatistics", "Version 15.2", "EAS"},
 	}
 	for _, tt := range tests {
-		t.Run(string(tt.version), func(t *testing.T) {
-			s := startSim(t, exchangesim.Config{CAS: []string{"EX01", "EX02"}, Version: tt.version})
+		t.Run(tt.name, func(t *testing.T) {
+			s := startSim(t, exchangesim.Config{CAS: []string{"EX01", "EX02"}, Version: tt.version, Keep2013Properties: tt.keep2013})
 			if _, err := s.Org.AddMailbox(exchangesim.MailboxSpec{Alias: "alice"}); err != nil {
 				t.Fatal(err)
 			}
@@ -55,7 +59,8 @@ func TestTypedReadsPerVersion(t *testing.T) {
 			if err := c.ListPartnerships(ctx, exchange.ListOptions{}, func(ps []exchange.Partnership) error { listed = append(listed, ps...); return nil }); err != nil {
 				t.Fatal(err)
 			}
-			if len(listed) != 2 || listed[0].DeviceID != "ApplOLD" || listed[0].AccessState != "Allowed" || listed[0].Mailbox != "contoso.com/Users/alice" {
+			if len(listed) != 2 || listed[0].DeviceID != "ApplOLD" || listed[0].AccessState != "Allowed" || listed[0].Mailbox != "contoso.com/Users/alice" ||
+				listed[0].ClientType != tt.clientType || listed[0].ActiveSyncVersion == "" || listed[0].WhenChanged.IsZero() {
 				t.Fatalf("listed %+v", listed)
 			}
 			var fresh []exchange.Partnership

@@ -56,7 +56,9 @@ func (o *Org) mobileDeviceObject(d *Device) exchange.Object {
 		"WhenChangedUTC": wireTime(d.WhenChanged), "WhenCreatedUTC": wireTime(d.WhenCreated),
 		"OrganizationId": "", "Id": d.Identity(), "OriginatingServer": d.Mailbox.Domain.DC, "IsValid": true, "ObjectState": "Unchanged",
 	}
-	o.Version.shapeDevice(obj)
+	if !o.Keep2013Properties {
+		o.Version.shapeDevice(obj)
+	}
 	return obj
 }
 
@@ -91,7 +93,9 @@ func (o *Org) deviceStatisticsObject(d *Device) exchange.Object {
 		"LastAccountOnlyDeviceWipeRequestor": nil, "ClientVersion": d.ActiveSyncVersion, "NumberOfFoldersSynced": int64(d.FoldersSynced),
 		"SyncStateUpgradeTime": nil, "ClientType": d.ClientType, "IsValid": true, "ObjectState": "New",
 	}
-	o.Version.shapeStatistics(obj)
+	if !o.Keep2013Properties {
+		o.Version.shapeStatistics(obj)
+	}
 	return obj
 }
 

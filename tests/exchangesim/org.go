@@ -387,6 +387,14 @@ type Org struct {
 	// ReplicationDelay is how long a write through one CAS takes to reach
 	// the domain controllers of the others (replication.go); zero: at once.
 	ReplicationDelay time.Duration
+	// OriginWhenChanged makes a replicated change show the originating
+	// domain controller's WhenChanged instead of the time it arrived on the
+	// reading one (UNCONFIRMED which one Exchange shows; replication.go).
+	OriginWhenChanged bool
+	// Keep2013Properties gives Exchange 2010 partnerships the properties
+	// 2013 added (ClientType, …): UNCONFIRMED which ones 2010 SP3 returns
+	// (version.go).
+	Keep2013Properties bool
 
 	guidSeq uint64
 }

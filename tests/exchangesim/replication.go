@@ -38,9 +38,14 @@ import (
 // What is not (visible everywhere at once): creating and removing
 // partnerships and mailboxes, the properties a phone reports (model, OS,
 // user agent), wipe requests, organisation settings, device access rules
-// and mailbox policies. UNCONFIRMED: whenChanged is not a replicated
-// attribute in AD (each domain controller stamps its own when it applies
-// a change); the simulator shows the originating domain controller's stamp.
+// and mailbox policies. whenChanged is not a replicated attribute in AD:
+// each domain controller stamps its own when it applies a change, so a
+// partnership shows, through another CAS, the time the change arrived
+// there. UNCONFIRMED: that Exchange's WhenChanged is the reading domain
+// controller's whenChanged; Org.OriginWhenChanged shows the originating
+// domain controller's stamp instead, and the tests run both ways. Phones
+// going through the first CAS is a choice of the simulator, not a claim
+// about Exchange (a load balancer may send them to any CAS).
 // With ReplicationDelay zero (the default) every endpoint sees every write
 // at once, as before.
 
@@ -99,30 +104,34 @@ func (o *Org) recordLists(m *Mailbox, dc string, prevAllowed, prevBlocked []stri
 	for i := len(m.replLists) - 1; i > 0; i-- {
 		if now.Sub(m.replLists[i].at) >= o.ReplicationDelay {
 			m.replLists = m.replLists[i:]
-			m.replLists[0].dc = ""
 			break
 		}
 	}
 }
 
 // stateAt returns a partnership's access state as the domain controller of
-// dc sees it; the caller holds the lock.
+// dc sees it; the caller holds the lock. whenChanged is not a replicated
+// attribute: each domain controller stamps it when it applies a change,
+// its own or one that replication brought, so a write made elsewhere shows
+// the time it arrived (unless Org.OriginWhenChanged).
 func (o *Org) stateAt(d *Device, dc string) stateVersion {
-	cur := stateVersion{state: d.State, reason: d.Reason, rule: d.Rule, whenChanged: d.WhenChanged}
 	now := o.now()
 	for i := len(d.replState) - 1; i >= 0; i-- {
 		v := d.replState[i]
 		if !o.visibleAt(v.at, v.dc, dc, now) {
 			continue
 		}
-		if i == len(d.replState)-1 {
-			// The newest write: WhenChanged also moves with what is not
-			// modelled (the phone's own properties).
-			return cur
+		if v.dc != "" && v.dc != dc && !o.OriginWhenChanged {
+			v.whenChanged = v.at.Add(o.ReplicationDelay)
+		}
+		if i == len(d.replState)-1 && d.WhenChanged.After(v.whenChanged) {
+			// The newest write, and a change that is not modelled (the
+			// phone's own properties) came after it.
+			v.whenChanged = d.WhenChanged
 		}
 		return v
 	}
-	return cur
+	return stateVersion{state: d.State, reason: d.Reason, rule: d.Rule, whenChanged: d.WhenChanged}
 }
 
 // setState writes a partnership's access state on dc, as re-stamping or an
@@ -141,7 +150,6 @@ func (o *Org) setState(d *Device, dc string, prev stateVersion, state AccessStat
 		for i := len(d.replState) - 1; i > 0; i-- {
 			if now.Sub(d.replState[i].at) >= o.ReplicationDelay {
 				d.replState = d.replState[i:]
-				d.replState[0].dc = ""
 				break
 			}
 		}

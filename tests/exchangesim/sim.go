@@ -60,6 +60,9 @@ type Config struct {
 	// replication.go for what is modelled). Zero, the default for tests:
 	// at once. Intra-site replication takes about 15 s.
 	ReplicationDelay time.Duration
+	// OriginWhenChanged and Keep2013Properties switch UNCONFIRMED
+	// behaviours (see Org).
+	OriginWhenChanged, Keep2013Properties bool
 	// Now is the organisation's clock (default time.Now), for tests that
 	// move time on instead of waiting.
 	Now func() time.Time
@@ -147,6 +150,7 @@ func Start(cfg Config) (*Sim, error) {
 	s.Org = NewOrg(cfg.OrgName, cfg.Domain)
 	s.Org.SetVersion(version)
 	s.Org.ReplicationDelay = cfg.ReplicationDelay
+	s.Org.OriginWhenChanged, s.Org.Keep2013Properties = cfg.OriginWhenChanged, cfg.Keep2013Properties
 	if cfg.Now != nil {
 		s.Org.Now = cfg.Now
 	}
