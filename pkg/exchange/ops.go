@@ -25,6 +25,7 @@ type Client struct {
 
 	devMu sync.Mutex
 	dev   *deviceCmdlets // nil until known
+	devAt time.Time
 }
 
 // NewClient returns a client over r.
@@ -154,7 +155,7 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 	if !dc.listActiveSync {
 		delete(params, "ActiveSync")
 	}
-	err = c.stream(ctx, Call{Cmdlet: dc.list, Params: params, Select: partnershipProps}, func(objs []Object) error {
+	return c.stream(ctx, Call{Cmdlet: dc.list, Params: params, Select: partnershipProps}, func(objs []Object) error {
 		page := make([]Partnership, 0, len(objs))
 		for _, o := range objs {
 			p := toPartnership(o)
@@ -172,8 +173,6 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 		}
 		return fn(page)
 	})
-	c.forgetDeviceCmdlets(err)
-	return err
 }
 
 // Statistics is the sync state of a partnership (Get-MobileDeviceStatistics).
@@ -208,7 +207,6 @@ func (c *Client) DeviceStatistics(ctx context.Context, mailbox string) ([]Statis
 	}
 	objs, _, err := c.Invoke(ctx, Call{Cmdlet: dc.stats, Params: params})
 	if err != nil {
-		c.forgetDeviceCmdlets(err)
 		return nil, err
 	}
 	out := make([]Statistics, 0, len(objs))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"time"
 )
 
 // deviceCmdlets are the cmdlets that read partnerships in one
@@ -22,13 +23,13 @@ type deviceCmdlets struct {
 
 // deviceCmdlets returns the partnership cmdlets of this organisation: the
 // Get-MobileDevice family where the session has it, the Get-ActiveSyncDevice
-// family where only that exists (Exchange 2010). It asks once per client
-// and remembers the answer until a call fails as if the cmdlet were gone
-// (forgetDeviceCmdlets).
+// family where only that exists (Exchange 2010). It asks at most every
+// deviceCmdletsTTL, so a changed role or an upgraded organisation is
+// noticed without a restart.
 func (c *Client) deviceCmdlets(ctx context.Context) (deviceCmdlets, error) {
 	c.devMu.Lock()
 	defer c.devMu.Unlock()
-	if c.dev != nil {
+	if c.dev != nil && time.Since(c.devAt) < deviceCmdletsTTL {
 		return *c.dev, nil
 	}
 	have, err := c.sessionCmdlets(ctx, "Get-MobileDevice", "Get-ActiveSyncDevice", "Get-MobileDeviceStatistics", "Get-ActiveSyncDeviceStatistics")
@@ -44,26 +45,17 @@ func (c *Client) deviceCmdlets(ctx context.Context) (deviceCmdlets, error) {
 	if !have["get-mobiledevicestatistics"] && have["get-activesyncdevicestatistics"] {
 		d.stats, d.statsActiveSync = "Get-ActiveSyncDeviceStatistics", false
 	}
-	c.dev = &d
+	c.dev, c.devAt = &d, time.Now()
 	return d, nil
 }
+
+// deviceCmdletsTTL is how long a client trusts its choice of cmdlets.
+const deviceCmdletsTTL = 10 * time.Minute
 
 // cmdletLister is a runner that knows which cmdlets its Exchange session
 // has (the pool: the worker's connect answer lists them).
 type cmdletLister interface {
 	Cmdlets(ctx context.Context) ([]string, error)
-}
-
-// forgetDeviceCmdlets drops the remembered choice after an error that says
-// a cmdlet is not in the session (the account's role changed, or the pool
-// now reaches a server of another version), so the next call asks again.
-func (c *Client) forgetDeviceCmdlets(err error) {
-	if err == nil || !errors.Is(err, ErrPermission) {
-		return
-	}
-	c.devMu.Lock()
-	c.dev = nil
-	c.devMu.Unlock()
 }
 
 // sessionCmdlets reports which of names the Exchange session has, keyed by
@@ -136,7 +128,5 @@ func (c *Client) CountPartnerships(ctx context.Context) (int, error) {
 	if dc.listActiveSync {
 		params["ActiveSync"] = true
 	}
-	n, err := c.Count(ctx, dc.list, params)
-	c.forgetDeviceCmdlets(err)
-	return n, err
+	return c.Count(ctx, dc.list, params)
 }
