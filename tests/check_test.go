@@ -64,6 +64,35 @@ func TestCheckExchangeReports(t *testing.T) {
 	}
 }
 
+// Exchange 2010 SP3 has no Get-MobileDevice, Get-MobileDeviceStatistics or
+// Get-ClientAccessService: the check must find the organisation complete
+// (the Get-ActiveSyncDevice family stands in), count its partnerships
+// with Get-ActiveSyncDevice and discover both CAS.
+func TestCheckExchange2010(t *testing.T) {
+	s := exchangesim.StartTest(t, exchangesim.Config{HTTPS: true, CAS: []string{"EX01", "EX02"}, Version: exchangesim.Version2010,
+		Seed: &exchangesim.SeedSpec{Mailboxes: 50, Partnerships: 80, Seed: 1}})
+	stdout, stderr, code := runBinary(t, checkEnv(t, s), "check", "exchange")
+	if code != 0 {
+		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	eas := 0
+	ps, _ := s.Org.Partnerships("")
+	for _, p := range ps {
+		if p.DeviceType != "EASProbeDeviceType" && p.DeviceType != "OWA" {
+			eas++
+		}
+	}
+	for _, want := range []string{"EX01 (ex01.contoso.com) Version 14.3", "ex01.contoso.com, ex02.contoso.com",
+		"cmdlets easguard needs are available", "partnerships   " + strconv.Itoa(eas) + " ActiveSync", "\nOK\n"} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("report lacks %q:\n%s", want, stdout)
+		}
+	}
+	if strings.Contains(stdout, "MISSING") {
+		t.Errorf("report:\n%s", stdout)
+	}
+}
+
 func TestCheckExchangeFailsWithAnAction(t *testing.T) {
 	var granted []string
 	for _, c := range exchange.AllowedCmdlets {

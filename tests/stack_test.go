@@ -27,6 +27,7 @@ import (
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/config"
 	"github.com/easguard/easguard/pkg/evaluator"
+	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/executor"
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed"
@@ -58,6 +59,8 @@ type stackOptions struct {
 	collect  func(*collector.Config) // tweak the collector
 	graph    bool                    // the MDM is Intune through Graph (intunesim), not an inventory file
 	mdm      func(*pipeline.MDMConfig)
+	sim      func(*exchangesim.Config) // tweak the Exchange simulator (not with join)
+	exchange func(*exchange.Config)    // tweak easguard's Exchange settings
 }
 
 // fixture is what a test's easguard talks to: the Exchange simulator, the
@@ -91,7 +94,11 @@ func newFixture(t testing.TB, o stackOptions) *fixture {
 	if o.seed == nil {
 		o.seed = &exchangesim.SeedSpec{Mailboxes: 5, Partnerships: 0, Seed: 1, NoHostile: true}
 	}
-	sim := exchangesim.StartTest(t, exchangesim.Config{Seed: o.seed, Profile: o.profile})
+	scfg := exchangesim.Config{Seed: o.seed, Profile: o.profile}
+	if o.sim != nil {
+		o.sim(&scfg)
+	}
+	sim := exchangesim.StartTest(t, scfg)
 	for _, mb := range []exchangesim.MailboxSpec{{Alias: "alice", DisplayName: "Alice Adams"}, {Alias: "bob", DisplayName: "Bob Brown"}, {Alias: "carol", DisplayName: "Carol Clark"}} {
 		if _, err := sim.Org.AddMailbox(mb); err != nil {
 			t.Fatal(err)
@@ -133,7 +140,7 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	} else {
 		f = newFixture(t, o)
 	}
-	ecfg := evaluator.Config{BlastRadius: 0.1, BlastMinimum: 3, MDMWindow: 300 * time.Millisecond, PolicyFile: f.policy}
+	ecfg := evaluator.Config{BlastRadius: 0.1, BlastMinimum: 3, MDMWindow: 300 * time.Millisecond, PolicyFile: f.policy, ReplicationGrace: 15 * time.Minute}
 	if o.evaluate != nil {
 		o.evaluate(&ecfg)
 	}
@@ -156,6 +163,9 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	}
 	host, port := splitAddr(t, f.smtp.Addr())
 	xcfg := f.sim.ExchangeConfig(t)
+	if o.exchange != nil {
+		o.exchange(&xcfg)
+	}
 	s := &stack{fixture: f, t: t, spans: tracetest.NewSpanRecorder(), events: &eventLog{}}
 	common := config.Common{Org: testOrg, HTTPAddr: "127.0.0.1:0", LogLevel: "error", LeaseTTL: testLeaseTTL, AckWait: testAckWait,
 		Retention: time.Hour, NatsReplicas: 1, ShutdownTimeout: 10 * time.Second}
@@ -229,7 +239,7 @@ func (s *stack) processEnv(workers string) []string {
 		"EASGUARD_COLLECTOR_QUICK_INTERVAL=" + c.QuickInterval.String(), "EASGUARD_COLLECTOR_FULL_INTERVAL=" + c.FullInterval.String(),
 		"EASGUARD_COLLECTOR_QUICK_OVERLAP=" + c.QuickOverlap.String(), "EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL=" + c.DefaultAccessLevel,
 		fmt.Sprint("EASGUARD_EVALUATOR_BLAST_RADIUS=", e.BlastRadius), fmt.Sprint("EASGUARD_EVALUATOR_BLAST_MINIMUM=", e.BlastMinimum),
-		"EASGUARD_EVALUATOR_MDM_WINDOW=" + e.MDMWindow.String(), "EASGUARD_EVALUATOR_POLICY_FILE=" + e.PolicyFile, fmt.Sprint("EASGUARD_EVALUATOR_DRY_RUN=", e.DryRun),
+		"EASGUARD_EVALUATOR_MDM_WINDOW=" + e.MDMWindow.String(), "EASGUARD_EVALUATOR_REPLICATION_GRACE=" + e.ReplicationGrace.String(), "EASGUARD_EVALUATOR_POLICY_FILE=" + e.PolicyFile, fmt.Sprint("EASGUARD_EVALUATOR_DRY_RUN=", e.DryRun),
 		"EASGUARD_EXECUTOR_WINDOW=" + ex.Window.String(), fmt.Sprint("EASGUARD_EXECUTOR_MAX_BATCH=", ex.MaxBatch), fmt.Sprint("EASGUARD_EXECUTOR_PARALLEL=", ex.Parallel),
 		"EASGUARD_MAILER_SMTP_HOST=" + m.SmtpHost, fmt.Sprint("EASGUARD_MAILER_SMTP_PORT=", m.SmtpPort), "EASGUARD_MAILER_SMTP_SECURITY=" + m.SmtpSecurity,
 		"EASGUARD_MAILER_SMTP_USER=" + m.SmtpUser, "EASGUARD_MAILER_SMTP_PASSWORD=" + m.SmtpPassword.Reveal(), "EASGUARD_MAILER_SMTP_CA_BUNDLE=" + m.SmtpCABundle,

@@ -42,6 +42,8 @@ type Config struct {
 	BlastRadius  float64       `split_words:"true" default:"0.1" desc:"Blast-radius guard: when one sync pass (or MDM window) would take mail away from more than this share of the currently allowed devices, none of it is applied and an alert is raised."`
 	BlastMinimum int           `split_words:"true" default:"3" desc:"Fewer revocations than this never trip the blast-radius guard (a small organisation must still be able to block one device)."`
 	MDMWindow    time.Duration `split_words:"true" default:"3s" desc:"Revocations caused by MDM changes are gathered this long before the blast-radius guard judges them together."`
+	// ReplicationGrace: see replicationStale.
+	ReplicationGrace time.Duration `split_words:"true" default:"15m" desc:"For this long after easguard applied a decision, an observation that still shows the partnership as it was before the change (its WhenChanged is not after the apply) is taken as read from a domain controller that Active Directory has not replicated the change to yet: no drift alert and no second apply; a later observation decides. Within a site AD replicates in seconds; raise it to the inter-site replication interval if the CAS servers easguard uses are in different AD sites. 0 turns it off."`
 }
 
 // Validate checks the settings.
@@ -54,6 +56,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MDMWindow < 100*time.Millisecond {
 		return config.Invalid(&c.MDMWindow, "must be at least 100ms")
+	}
+	if c.ReplicationGrace < 0 {
+		return config.Invalid(&c.ReplicationGrace, "must not be negative, got %s", c.ReplicationGrace)
 	}
 	if c.PolicyFile != "" {
 		if _, err := policy.Load(c.PolicyFile); err != nil {
@@ -279,12 +284,18 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 		agreed := exists && (rec.GetConfirmedAt().IsValid() && observed.After(rec.GetConfirmedAt().AsTime()) ||
 			applied.GetDecisionId() != "" && applied.GetDecisionId() == rec.GetDecisionId() &&
 				applied.GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_APPLIED && observed.After(applied.GetAppliedAt().AsTime()))
+		stale := exists && e.replicationStale(rec, applied, observed, p)
 		switch {
 		case !ok && same && rec.GetStaged():
 			// Waiting for the guard; nothing new to say.
 		case !ok && same && rec.GetHeld():
 			// Refused by the guard before: judged again with this pass.
 			emit = true
+		case !ok && same && !rec.GetDryRun() && stale:
+			// Read from a domain controller that has not seen easguard's
+			// own change yet: neither drift nor a reason to apply again.
+			e.log.Debug("observation predates replication of the applied change", "device_id", p.GetDeviceId(), "decision_id", rec.GetDecisionId(),
+				"observed_at", observed, "applied_at", applied.GetAppliedAt().AsTime())
 		case !ok && same && !rec.GetDryRun() && agreed:
 			// Exchange agreed, and was changed back since: a manual edit.
 			emit, drift = true, true
@@ -401,6 +412,37 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 		}
 	}
 	return outs, nil
+}
+
+// replicationStale reports whether an observation may predate Active
+// Directory's replication of easguard's own applied change: Exchange
+// applied the decision (Set-CASMailbox re-stamps the partnership on the
+// domain controller of the CAS that ran it), the observation was read
+// less than ReplicationGrace after that, and the partnership it shows was
+// last changed no later than the apply. Another CAS reads through its own
+// domain controller, which shows the object as it was until replication
+// brings the change (seconds within a site, up to the site link's
+// schedule between sites), so such a reading says nothing about whether
+// the change held. A partnership changed after the apply (an
+// administrator's edit, a re-evaluation on the device's next request) is
+// never stale: that is drift, whatever the grace.
+//
+// WhenChanged comes from the domain controller's clock and has a
+// resolution of one second, the applied time from easguard's: a change
+// within the same second as the apply, or a clock skew larger than the
+// time between an earlier change and the apply, is taken as stale, and
+// the next observation after the grace shows it. A missing WhenChanged
+// cannot tell, and is taken as stale within the grace.
+func (e *Evaluator) replicationStale(rec *ev.DecisionRecord, applied *ev.AppliedRecord, observed time.Time, p *ev.EASPartnership) bool {
+	if e.cfg.ReplicationGrace <= 0 || applied.GetDecisionId() == "" || applied.GetDecisionId() != rec.GetDecisionId() ||
+		applied.GetOutcome() != ev.ApplyOutcome_APPLY_OUTCOME_APPLIED {
+		return false
+	}
+	at := applied.GetAppliedAt().AsTime()
+	if !observed.After(at) || !observed.Before(at.Add(e.cfg.ReplicationGrace)) {
+		return false
+	}
+	return !p.GetWhenChanged().IsValid() || !p.GetWhenChanged().AsTime().After(at)
 }
 
 // decisionID is stable for the same partnership, verdict time and outcome,

@@ -22,6 +22,10 @@ type Client struct {
 	Parallel int
 	// PageSize is how many objects a listing streams per frame.
 	PageSize int
+
+	devMu sync.Mutex
+	dev   *deviceCmdlets // nil until known
+	devAt time.Time
 }
 
 // NewClient returns a client over r.
@@ -163,7 +167,14 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 	if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
 		params["Filter"] = "FirstSyncTime -ge '" + opt.NewSince.Add(-24*time.Hour).UTC().Format("01/02/2006 15:04:05") + "'"
 	}
-	return c.stream(ctx, Call{Cmdlet: "Get-MobileDevice", Params: params, Select: partnershipProps}, func(objs []Object) error {
+	dc, err := c.deviceCmdlets(ctx)
+	if err != nil {
+		return err
+	}
+	if !dc.listActiveSync {
+		delete(params, "ActiveSync")
+	}
+	return c.stream(ctx, Call{Cmdlet: dc.list, Params: params, Select: partnershipProps}, func(objs []Object) error {
 		page := make([]Partnership, 0, len(objs))
 		for _, o := range objs {
 			p := toPartnership(o)
@@ -205,7 +216,15 @@ func (c *Client) DeviceStatistics(ctx context.Context, mailbox string) ([]Statis
 	if err := checkIdentity(mailbox); err != nil {
 		return nil, err
 	}
-	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-MobileDeviceStatistics", Params: Params{"Mailbox": mailbox, "ActiveSync": true}})
+	dc, err := c.deviceCmdlets(ctx)
+	if err != nil {
+		return nil, err
+	}
+	params := Params{"Mailbox": mailbox}
+	if dc.statsActiveSync {
+		params["ActiveSync"] = true
+	}
+	objs, _, err := c.Invoke(ctx, Call{Cmdlet: dc.stats, Params: params})
 	if err != nil {
 		return nil, err
 	}
@@ -616,7 +635,9 @@ func RequiredCmdlets() []string {
 }
 
 // MissingCmdlets asks Exchange (Get-Command) which required cmdlets the
-// account may not run.
+// account may not run. A cmdlet the organisation's version lacks is not
+// missing when the one easguard uses there instead is available
+// (Get-ActiveSyncDevice on Exchange 2010 for Get-MobileDevice, say).
 func (c *Client) MissingCmdlets(ctx context.Context) ([]string, error) {
 	req := RequiredCmdlets()
 	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-Command", Params: Params{"Name": req}, Select: []string{"Name"}})
@@ -627,13 +648,7 @@ func (c *Client) MissingCmdlets(ctx context.Context) ([]string, error) {
 	for _, o := range objs {
 		have[strings.ToLower(str(o, "Name"))] = true
 	}
-	var missing []string
-	for _, n := range req {
-		if !have[strings.ToLower(n)] {
-			missing = append(missing, n)
-		}
-	}
-	return missing, nil
+	return missingWithAlternatives(req, have), nil
 }
 
 // Count runs a listing with one small property and counts the objects.

@@ -74,7 +74,7 @@ func checkExchange(ctx context.Context, cfg exchange.Config, out io.Writer) erro
 	if err != nil {
 		return explain(cfg, err)
 	}
-	partnerships, err := c.Count(ctx, "Get-MobileDevice", exchange.Params{"ResultSize": "Unlimited", "ActiveSync": true})
+	partnerships, err := c.CountPartnerships(ctx)
 	if err != nil {
 		return explain(cfg, err)
 	}

@@ -275,14 +275,14 @@ func getDevices(cmdlet string, easOnlyAlways bool) func(s *Session, a args, out 
 			}
 			var matched []*Device
 			for _, d := range list {
-				if f == nil || f.eval(func(p string) any { return deviceProp(d, p) }) {
+				if f == nil || f.eval(func(p string) any { return s.deviceProp(d, p) }) {
 					matched = append(matched, d)
 				}
 			}
 			return matched[:limit(a, len(matched), out)], true
 		}()
 		if ok {
-			emitEach(s.org, matched, s.org.mobileDeviceObject, a.str("SortBy"), out)
+			emitEach(s.org, matched, s.deviceObject, a.str("SortBy"), out)
 		}
 	}
 }
@@ -348,7 +348,7 @@ func getStatistics(cmdlet string) func(s *Session, a args, out *output) {
 			return keep, true
 		}()
 		if ok {
-			emitEach(s.org, list, s.org.deviceStatisticsObject, "", out)
+			emitEach(s.org, list, s.statisticsObject, "", out)
 		}
 	}
 }
@@ -408,18 +408,20 @@ func setCASMailbox(s *Session, a args, out *output) {
 	}
 	allowedArg, allowedSet := a["ActiveSyncAllowedDeviceIDs"].(*multi)
 	blockedArg, blockedSet := a["ActiveSyncBlockedDeviceIDs"].(*multi)
-	allowed, blocked := m.Allowed, m.Blocked
+	// The cmdlet reads and writes the lists on its CAS's domain controller.
+	prevAllowed, prevBlocked := s.org.listsAt(m, s.server)
+	allowed, blocked := prevAllowed, prevBlocked
 	if allowedSet {
 		if !s.checkDeviceIDs(cmdlet, allowedArg, out) {
 			return
 		}
-		allowed = applyMulti(m.Allowed, allowedArg)
+		allowed = applyMulti(prevAllowed, allowedArg)
 	}
 	if blockedSet {
 		if !s.checkDeviceIDs(cmdlet, blockedArg, out) {
 			return
 		}
-		blocked = applyMulti(m.Blocked, blockedArg)
+		blocked = applyMulti(prevBlocked, blockedArg)
 	}
 	// reference/exchange.md §3.4: editing both lists with an id in both is
 	// an error; editing one list removes its ids from the other.
@@ -465,12 +467,13 @@ func setCASMailbox(s *Session, a args, out *output) {
 	m.Allowed, m.Blocked = allowed, blocked
 	m.WhenChanged = s.org.now()
 	if allowedSet || blockedSet {
-		s.org.restamp(m)
+		s.org.recordLists(m, s.server, prevAllowed, prevBlocked)
+		s.org.restamp(m, s.server)
 	}
 }
 
 func getCASMailbox(s *Session, a args, out *output) {
-	listMailboxes(s, a, out, "Get-CASMailbox", s.org.casMailboxObject)
+	listMailboxes(s, a, out, "Get-CASMailbox", s.casMailboxObject)
 }
 
 func getRecipient(s *Session, a args, out *output) {
@@ -502,7 +505,7 @@ func listMailboxes(s *Session, a args, out *output, cmdlet string, obj func(*Mai
 		}
 		var matched []*Mailbox
 		for _, m := range list {
-			if f == nil || f.eval(func(p string) any { return recipientProp(s.org, m, p) }) {
+			if f == nil || f.eval(func(p string) any { return s.recipientProp(m, p) }) {
 				matched = append(matched, m)
 			}
 		}

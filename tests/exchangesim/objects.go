@@ -33,7 +33,7 @@ func (o *Org) mobileDeviceObject(d *Device) exchange.Object {
 		rule = d.Rule.Name()
 	}
 	managed := false
-	return exchange.Object{
+	obj := exchange.Object{
 		"FriendlyName": d.FriendlyName, "DeviceId": d.DeviceID, "DeviceImei": d.IMEI, "DeviceMobileOperator": d.MobileOperator,
 		"DeviceOS": d.DeviceOS, "DeviceOSLanguage": d.OSLanguage, "DeviceTelephoneNumber": d.TelephoneNumber,
 		"DeviceType": d.DeviceType, "DeviceUserAgent": d.UserAgent, "DeviceModel": d.DeviceModel,
@@ -47,6 +47,10 @@ func (o *Org) mobileDeviceObject(d *Device) exchange.Object {
 		"WhenChangedUTC": wireTime(d.WhenChanged), "WhenCreatedUTC": wireTime(d.WhenCreated),
 		"OrganizationId": "", "Id": d.Identity(), "OriginatingServer": d.Mailbox.Domain.DC, "IsValid": true, "ObjectState": "Unchanged",
 	}
+	if !o.Keep2013Properties {
+		o.Version.shapeDevice(obj)
+	}
+	return obj
 }
 
 // deviceStatisticsObject is Get-MobileDeviceStatistics output.
@@ -64,7 +68,7 @@ func (o *Org) deviceStatisticsObject(d *Device) exchange.Object {
 	if !d.LastSuccessSync.IsZero() {
 		heartbeat = int64(540)
 	}
-	return exchange.Object{
+	obj := exchange.Object{
 		"FirstSyncTime": wireTime(d.FirstSyncTime), "LastPolicyUpdateTime": wireTime(d.LastPolicyUpdateTime),
 		"LastSyncAttemptTime": wireTime(d.LastSyncAttemptTime), "LastSuccessSync": wireTime(d.LastSuccessSync),
 		"DeviceType": d.DeviceType, "DeviceID": d.DeviceID, "DeviceUserAgent": d.UserAgent,
@@ -80,6 +84,10 @@ func (o *Org) deviceStatisticsObject(d *Device) exchange.Object {
 		"LastAccountOnlyDeviceWipeRequestor": nil, "ClientVersion": d.ActiveSyncVersion, "NumberOfFoldersSynced": int64(d.FoldersSynced),
 		"SyncStateUpgradeTime": nil, "ClientType": enumNamed(clientTypeNums, d.ClientType), "IsValid": true, "ObjectState": "New",
 	}
+	if !o.Keep2013Properties {
+		o.Version.shapeStatistics(obj)
+	}
+	return obj
 }
 
 func nilIfEmpty(s string) any {
@@ -101,7 +109,7 @@ func (o *Org) casMailboxObject(m *Mailbox) exchange.Object {
 		"ActiveSyncMailboxPolicy": pol.Name, "ActiveSyncMailboxPolicyIsDefaulted": m.Policy == nil,
 		"HasActiveSyncDevicePartnership": len(m.Devices) > 0, "ActiveSyncSuppressReadReceipt": false,
 		"OWAEnabled": m.OWAEnabled, "EwsEnabled": m.EwsEnabled, "MAPIEnabled": m.MAPIEnabled, "PopEnabled": m.PopEnabled,
-		"ImapEnabled": m.ImapEnabled, "ExchangeVersion": "0.20 (15.0.0.0)", "IsValid": true,
+		"ImapEnabled": m.ImapEnabled, "ExchangeVersion": o.Version.recipientExchangeVersion(), "IsValid": true,
 		"WhenChanged": localTime(m.WhenChanged), "WhenCreated": localTime(m.WhenCreated),
 		"WhenChangedUTC": wireTime(m.WhenChanged), "WhenCreatedUTC": wireTime(m.WhenCreated), "OriginatingServer": m.Domain.DC,
 	}
@@ -161,7 +169,7 @@ func (o *Org) serverObject(s *Server) exchange.Object {
 	return exchange.Object{
 		"Name": s.Name, "Identity": s.Name, "Fqdn": s.FQDN, "Domain": o.defaultDomain().DNS, "Edition": s.Edition,
 		"AdminDisplayVersion": s.Version, "ServerRole": s.Roles, "Site": s.Site, "IsClientAccessServer": strings.Contains(s.Roles, "ClientAccess"),
-		"IsMailboxServer": strings.Contains(s.Roles, "Mailbox"), "IsExchange2007OrLater": true, "IsE14OrLater": true, "IsE15OrLater": true,
+		"IsMailboxServer": strings.Contains(s.Roles, "Mailbox"), "IsExchange2007OrLater": true, "IsE14OrLater": true, "IsE15OrLater": o.Version.e15(),
 		"Guid": s.GUID, "DistinguishedName": o.configDN("CN=" + s.Name + ",CN=Servers,CN=Exchange Administrative Group (FYDIBOHF23SPDLT),CN=Administrative Groups"),
 		"IsValid": true,
 	}

@@ -171,6 +171,9 @@ type Mailbox struct {
 	Devices []*Device
 	// Notices are the mails Exchange itself put in the user's Inbox.
 	Notices []Notice
+
+	// replLists are the recent writes of the lists (replication.go).
+	replLists []listVersion
 }
 
 // DN returns the mailbox user's distinguished name.
@@ -253,6 +256,9 @@ type Device struct {
 	WipeAckTime          time.Time
 	WipeRequestor        string
 	WipeNotify           []string
+
+	// replState are the recent writes of the access state (replication.go).
+	replState []stateVersion
 }
 
 // Name is the AD object name: <DeviceType>§<DeviceId>.
@@ -376,6 +382,19 @@ type Org struct {
 	MaxDevicesPerMailbox int
 	// Now is the organisation's clock.
 	Now func() time.Time
+	// Version is the Exchange release (empty: 2019); set it with SetVersion.
+	Version Version
+	// ReplicationDelay is how long a write through one CAS takes to reach
+	// the domain controllers of the others (replication.go); zero: at once.
+	ReplicationDelay time.Duration
+	// OriginWhenChanged makes a replicated change show the originating
+	// domain controller's WhenChanged instead of the time it arrived on the
+	// reading one (UNCONFIRMED which one Exchange shows; replication.go).
+	OriginWhenChanged bool
+	// Keep2013Properties gives Exchange 2010 partnerships the properties
+	// 2013 added (ClientType, …): UNCONFIRMED which ones 2010 SP3 returns
+	// (version.go).
+	Keep2013Properties bool
 
 	guidSeq uint64
 }
@@ -430,9 +449,21 @@ func (o *Org) AddDomain(dns string) *Domain {
 func (o *Org) AddServer(name, fqdn, version string) *Server {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	s := &Server{GUID: o.newGUID(), Name: name, FQDN: fqdn, Site: o.Servers[0].Site, Version: version, Edition: "Enterprise", Roles: "Mailbox, ClientAccess"}
+	s := &Server{GUID: o.newGUID(), Name: name, FQDN: fqdn, Site: o.Servers[0].Site, Version: version, Edition: "Enterprise", Roles: o.Version.roles()}
 	o.Servers = append(o.Servers, s)
 	return s
+}
+
+// SetVersion makes the organisation a release of Exchange: its servers'
+// version strings and roles, the cmdlets its sessions have, the shape of
+// its objects.
+func (o *Org) SetVersion(v Version) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.Version = v
+	for _, s := range o.Servers {
+		s.Version, s.Roles = v.adminDisplayVersion(), v.roles()
+	}
 }
 
 // Grant sets the cmdlets the service account's role grants (Get-Command
@@ -624,7 +655,9 @@ func (o *Org) evaluate(d *Device, now time.Time) (AccessState, AccessReason, *De
 	if m.Monitoring {
 		return StateAllowed, ReasonGlobal, nil
 	}
-	if containsFold(m.Blocked, d.DeviceID) {
+	// The ActiveSync request reads the lists on its CAS's domain controller.
+	allowed, blocked := o.listsAt(m, o.easDC())
+	if containsFold(blocked, d.DeviceID) {
 		return StateBlocked, ReasonIndividual, nil
 	}
 	policyCheck := func(s AccessState, r AccessReason, rule *DeviceAccessRule) (AccessState, AccessReason, *DeviceAccessRule) {
@@ -633,7 +666,7 @@ func (o *Org) evaluate(d *Device, now time.Time) (AccessState, AccessReason, *De
 		}
 		return s, r, rule
 	}
-	if containsFold(m.Allowed, d.DeviceID) {
+	if containsFold(allowed, d.DeviceID) {
 		return policyCheck(StateAllowed, ReasonIndividual, nil)
 	}
 	inDiscovery := !d.SentDeviceInfo && now.Sub(d.FirstSyncTime) < o.DiscoveryPeriod
@@ -670,22 +703,21 @@ func (o *Org) evaluate(d *Device, now time.Time) (AccessState, AccessReason, *De
 // restamp applies Set-CASMailbox's re-stamping after the lists of a
 // mailbox changed (reference/exchange.md §3.4): listed devices take their
 // list's state at once; devices that were individually allowed or blocked
-// and no longer are go back to Unknown until their next request.
-func (o *Org) restamp(m *Mailbox) {
-	now := o.now()
+// and no longer are go back to Unknown until their next request. It
+// happens on the domain controller dc the cmdlet wrote the lists to.
+func (o *Org) restamp(m *Mailbox, dc string) {
 	for _, d := range m.Devices {
-		prevState, prevReason := d.State, d.Reason
+		prev := o.stateAt(d, dc)
+		state, reason, rule := prev.state, prev.reason, prev.rule
 		switch {
 		case containsFold(m.Blocked, d.DeviceID):
-			d.State, d.Reason, d.Rule = StateBlocked, ReasonIndividual, nil
+			state, reason, rule = StateBlocked, ReasonIndividual, nil
 		case containsFold(m.Allowed, d.DeviceID):
-			d.State, d.Reason, d.Rule = StateAllowed, ReasonIndividual, nil
-		case d.Reason == ReasonIndividual && (d.State == StateAllowed || d.State == StateBlocked):
-			d.State, d.Reason, d.Rule = StateUnknown, ReasonUnknown, nil
+			state, reason, rule = StateAllowed, ReasonIndividual, nil
+		case prev.reason == ReasonIndividual && (prev.state == StateAllowed || prev.state == StateBlocked):
+			state, reason, rule = StateUnknown, ReasonUnknown, nil
 		}
-		if d.State != prevState || d.Reason != prevReason {
-			d.WhenChanged = now
-		}
+		o.setState(d, dc, prev, state, reason, rule)
 	}
 }
 

@@ -109,14 +109,18 @@ func (o *Org) Sync(p Phone) (SyncResult, error) {
 		d.WipeSentTime, d.WipeAckTime = now, now
 		res.Wiped = true
 	}
-	prev := d.State
+	// The request is served by the first CAS, on its domain controller.
+	before := o.stateAt(d, o.easDC())
 	state, reason, rule := o.evaluate(d, now)
-	if state != d.State || reason != d.Reason || rule != d.Rule {
-		d.WhenChanged = now
+	if res.Created {
+		// A new partnership is created with its state, and creation is
+		// not subject to replication here (replication.go).
+		d.State, d.Reason, d.Rule = state, reason, rule
+	} else {
+		o.setState(d, o.easDC(), before, state, reason, rule)
 	}
-	d.State, d.Reason, d.Rule = state, reason, rule
 	d.LastSyncAttemptTime = now
-	o.notify(d, prev, now)
+	o.notify(d, before.state, now)
 	res.State, res.Reason = state.String(), reason.String()
 	if rule != nil {
 		res.Rule = rule.Name()

@@ -172,7 +172,11 @@ func Seed(o *Org, spec SeedSpec) error {
 			SentDeviceInfo: true, Provisionable: true,
 			LastSyncAttemptTime: now.Add(-time.Duration(r.IntN(72*60)) * time.Minute),
 		}
-		if r.IntN(100) == 0 {
+		if o.Version == Version2010 {
+			d.ActiveSyncVersion = "14.1" // the newest EAS version 2010 speaks
+		}
+		// OWA for Devices partnerships came with Exchange 2013.
+		if r.IntN(100) == 0 && o.Version != Version2010 {
 			d.ClientType = "MOWA"
 			d.DeviceType = "OWA"
 		}

@@ -134,6 +134,9 @@ func (s *Session) available(name string) bool {
 	if c.core {
 		return true
 	}
+	if s.org.Version.lacks(c.name) {
+		return false
+	}
 	if s.mode == "" {
 		return false
 	}

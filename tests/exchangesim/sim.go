@@ -70,6 +70,20 @@ type Config struct {
 	// SessionTimeScale scales remote sessions' idle timeouts, so that a test
 	// sees a two-minute timeout pass in seconds (0 means 1).
 	SessionTimeScale float64
+	// Version is the Exchange release the organisation runs: 2010, 2013,
+	// 2016 or 2019 (empty: 2019).
+	Version Version
+	// ReplicationDelay is how long a change written through one CAS takes
+	// to be seen through the others (Active Directory replication; see
+	// replication.go for what is modelled). Zero, the default for tests:
+	// at once. Intra-site replication takes about 15 s.
+	ReplicationDelay time.Duration
+	// OriginWhenChanged and Keep2013Properties switch UNCONFIRMED
+	// behaviours (see Org).
+	OriginWhenChanged, Keep2013Properties bool
+	// Now is the organisation's clock (default time.Now), for tests that
+	// move time on instead of waiting.
+	Now func() time.Time
 }
 
 // DefaultUser and DefaultPassword are the service account of a simulator
@@ -149,8 +163,18 @@ func Start(cfg Config) (*Sim, error) {
 		cfg.MaxOperationTimeout = 60 * time.Second
 	}
 	s := &Sim{cfg: cfg, profile: cfg.Profile, accounts: winauth.StaticAccounts(cfg.Accounts), Recorder: NewRecorder(200_000), calls: map[string][]time.Time{}}
+	version, err := ParseVersion(string(cfg.Version))
+	if err != nil {
+		return nil, err
+	}
 	s.Org = NewOrg(cfg.OrgName, cfg.Domain)
 	s.rps = newRPSRegistry(cfg.MaxSessionsPerUser, cfg.SessionTimeScale, time.Now)
+	s.Org.SetVersion(version)
+	s.Org.ReplicationDelay = cfg.ReplicationDelay
+	s.Org.OriginWhenChanged, s.Org.Keep2013Properties = cfg.OriginWhenChanged, cfg.Keep2013Properties
+	if cfg.Now != nil {
+		s.Org.Now = cfg.Now
+	}
 	s.Org.Servers[0].Name = strings.ToUpper(cfg.CAS[0])
 	s.Org.Servers[0].FQDN = strings.ToLower(cfg.CAS[0]) + "." + cfg.Domain
 	for _, n := range cfg.CAS[1:] {

@@ -60,6 +60,8 @@ func run(args []string) int {
 	profile := fs.String("profile", "default", "latency profile: default (realistic) or none")
 	org := fs.String("org", "Contoso", "Exchange organisation name")
 	domain := fs.String("domain", "contoso.com", "forest root domain")
+	replication := fs.Duration("replication-delay", 0, "how long a change written through one CAS takes to be seen through the others (Active Directory replication; about 15s within a site)")
+	version := fs.String("version", "2019", "Exchange release the organisation runs: 2010 (SP3), 2013, 2016 or 2019")
 	defaultAccess := fs.String("default-access", "Allow", "DefaultAccessLevel: Allow, Block or Quarantine")
 	hostCulture := fs.String("host-culture", "", "culture of the Windows host the worker runs on, e.g. de-DE (default en-US)")
 	hostOffset := fs.Duration("host-utc-offset", 0, "time zone of the Windows host, e.g. 1h")
@@ -87,6 +89,13 @@ func run(args []string) int {
 			DeserializedEnums: *deserializedEnums, AltPropertyCase: *altCase, UnspecifiedDates: *unspecifiedDates},
 		Seed: &exchangesim.SeedSpec{Mailboxes: *mailboxes, Partnerships: *partnerships, Seed: *seed, NoHostile: *noHostile, ChildDomainShare: *childShare},
 	}
+	v, err := exchangesim.ParseVersion(*version)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "exchangesim: -version:", err)
+		return 2
+	}
+	cfg.Version = v
+	cfg.ReplicationDelay = *replication
 	for _, n := range strings.Split(*cas, ",") {
 		if n = strings.TrimSpace(n); n != "" {
 			cfg.CAS = append(cfg.CAS, n)
