@@ -380,6 +380,10 @@ type Change struct {
 type ChangeResult struct {
 	Change
 	Err error
+	// Unchanged is true when Exchange already held the change (the id was
+	// on the list it must be on and on no other), so nothing was sent for
+	// it: a retry or redelivery of a change that was applied.
+	Unchanged bool
 	// Server is the CAS worker's host that applied it (empty when refused locally).
 	Server string
 }
@@ -421,13 +425,28 @@ func checkIdentity(id string) error {
 // ApplyAccess applies changes the way Exchange handles them best: one
 // Set-CASMailbox per mailbox carrying all of that mailbox's adds and
 // removes, many mailboxes per round trip, batches on all workers at once.
-// Each change says where its id must end up; the call names both lists
-// explicitly (add to one, remove from the other), so the outcome does not
-// depend on Exchange's implicit cross-list removal, and applying it twice
-// changes nothing. When one batch holds several changes for the same
-// device of a mailbox, the last wins. The error return is for the whole
-// batch (a fatal error: authentication, permission); item errors are in
-// the results.
+// Each change says where its id must end up. When one batch holds several
+// changes for the same device of a mailbox, the last wins. The error
+// return is for the whole batch (a fatal error: authentication,
+// permission); item errors are in the results.
+//
+// Retries and redeliveries apply the same change again, and whether
+// Exchange accepts @{Add=id} for an id already on the list, or
+// @{Remove=id} for one that is not, is UNCONFIRMED: the lists are
+// MultiValuedProperty values, and a strict one would refuse the whole
+// Set-CASMailbox. So the mailboxes' lists are read first (one
+// Get-CASMailbox per mailbox, batched like the writes) and only what
+// differs is sent: an id is added only where it is missing and removed
+// only where it is present, naming both lists where both change, so the
+// outcome depends neither on Exchange's duplicate handling nor on its
+// implicit cross-list removal. A change Exchange already holds gets no
+// Set-CASMailbox and its result says Unchanged; that is also what a
+// lenient Exchange does with a change that modifies nothing (it warns that
+// no settings were modified and writes nothing). A call Exchange refuses is
+// checked by reading its mailbox again: when the pool repeated a batch
+// whose worker died after the call took effect, Exchange holds the change
+// and it is done. The read costs one more round trip per batch, of reads
+// that cost a fraction of a write (see README, Exchange access).
 func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeResult, error) {
 	results := make([]ChangeResult, len(changes))
 	type group struct {
@@ -466,27 +485,68 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 		}
 		g.ids[lid] = i
 	}
+
+	// Read the lists of every mailbox touched.
+	reads := make([]Call, len(order))
+	for i, key := range order {
+		reads[i] = Call{Cmdlet: "Get-CASMailbox", Params: Params{"Identity": groups[key].mailbox},
+			Select: []string{"Identity", "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs"}}
+	}
+	have := make([]Mailbox, len(order))
+	readErr := make([]error, len(order))
+	fatal := c.runBatches(ctx, reads, func(i int, r Result, err error) {
+		switch {
+		case err != nil:
+			readErr[i] = err
+		case !r.OK:
+			readErr[i] = ResultError("Get-CASMailbox", r.Errors)
+		case len(r.Objects) != 1:
+			readErr[i] = fmt.Errorf("Get-CASMailbox %q: %w: %d objects", groups[order[i]].mailbox, ErrTransient, len(r.Objects))
+		default:
+			have[i] = toMailbox(r.Objects[0])
+		}
+	})
+
 	type item struct {
 		call    Call
 		members []int
 	}
 	var items []item
-	for _, key := range order {
+	for gi, key := range order {
 		g := groups[key]
+		if readErr[gi] != nil {
+			for _, lid := range g.order {
+				results[g.ids[lid]].Err = readErr[gi]
+			}
+			continue
+		}
 		var allowAdd, allowRemove, blockAdd, blockRemove []string
 		var members []int
 		for _, lid := range g.order {
 			i := g.ids[lid]
-			members = append(members, i)
 			id := changes[i].DeviceID
-			switch changes[i].Access {
-			case AccessAllow:
-				allowAdd, blockRemove = append(allowAdd, id), append(blockRemove, id)
-			case AccessBlock:
-				blockAdd, allowRemove = append(blockAdd, id), append(allowRemove, id)
-			case AccessUnlist:
-				allowRemove, blockRemove = append(allowRemove, id), append(blockRemove, id)
+			inAllowed, inBlocked := containsFold(have[gi].Allowed, id), containsFold(have[gi].Blocked, id)
+			wantAllowed, wantBlocked := changes[i].Access == AccessAllow, changes[i].Access == AccessBlock
+			if inAllowed == wantAllowed && inBlocked == wantBlocked {
+				results[i].Unchanged = true
+				continue
 			}
+			members = append(members, i)
+			switch {
+			case wantAllowed && !inAllowed:
+				allowAdd = append(allowAdd, id)
+			case !wantAllowed && inAllowed:
+				allowRemove = append(allowRemove, id)
+			}
+			switch {
+			case wantBlocked && !inBlocked:
+				blockAdd = append(blockAdd, id)
+			case !wantBlocked && inBlocked:
+				blockRemove = append(blockRemove, id)
+			}
+		}
+		if len(members) == 0 {
+			continue
 		}
 		params := Params{"Identity": g.mailbox}
 		if len(allowAdd)+len(allowRemove) > 0 {
@@ -497,47 +557,85 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 		}
 		items = append(items, item{call: Call{Cmdlet: "Set-CASMailbox", Params: params}, members: members})
 	}
-	// Spread the calls over every worker: Exchange runs the cmdlets of one
-	// session one after the other, so a batch is as slow as its length,
-	// and a round trip costs far less than a write.
-	size := min(c.BatchSize, max(1, (len(items)+c.Parallel-1)/c.Parallel))
-	var batches [][]item
-	for start := 0; start < len(items); start += size {
-		batches = append(batches, items[start:min(start+size, len(items))])
+	if fatal != nil || len(items) == 0 {
+		return results, fatal
 	}
+	writes := make([]Call, len(items))
+	for i, it := range items {
+		writes[i] = it.call
+	}
+	var refused []int // items Exchange refused
+	fatal = c.runBatches(ctx, writes, func(i int, r Result, err error) {
+		if err == nil && !r.OK {
+			err = ResultError("Set-CASMailbox", r.Errors)
+		}
+		for _, m := range items[i].members {
+			results[m].Err = err
+		}
+		if err != nil && !IsFatal(err) && !errors.Is(err, ErrNotFound) {
+			refused = append(refused, i)
+		}
+	})
+	if fatal != nil || len(refused) == 0 {
+		return results, fatal
+	}
+	// The pool repeats a batch whose worker died before answering, so a
+	// call that took effect the first time is sent again, and a strict
+	// Exchange refuses it. A refused call whose change Exchange now holds
+	// is done; the others keep their error.
+	checks := make([]Call, len(refused))
+	for k, i := range refused {
+		checks[k] = Call{Cmdlet: "Get-CASMailbox", Params: Params{"Identity": items[i].call.Params["Identity"]},
+			Select: []string{"Identity", "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs"}}
+	}
+	fatal = c.runBatches(ctx, checks, func(k int, r Result, err error) {
+		if err != nil || !r.OK || len(r.Objects) != 1 {
+			return
+		}
+		mb := toMailbox(r.Objects[0])
+		for _, m := range items[refused[k]].members {
+			id := changes[m].DeviceID
+			if containsFold(mb.Allowed, id) == (changes[m].Access == AccessAllow) && containsFold(mb.Blocked, id) == (changes[m].Access == AccessBlock) {
+				results[m].Err = nil
+			}
+		}
+	})
+	return results, fatal
+}
+
+// runBatches runs calls in batches spread over every worker: Exchange runs
+// the cmdlets of one session one after the other, so a batch is as slow as
+// its length, and a round trip costs far less than a cmdlet. fn gets each
+// call's result, or the error of its whole batch; calls to fn are
+// serialised. It returns the first fatal error (authentication,
+// permission).
+func (c *Client) runBatches(ctx context.Context, calls []Call, fn func(i int, r Result, err error)) error {
+	size := min(c.BatchSize, max(1, (len(calls)+c.Parallel-1)/c.Parallel))
 	var (
 		mu    sync.Mutex
 		fatal error
 		wg    sync.WaitGroup
 		sem   = make(chan struct{}, c.Parallel)
 	)
-	for _, batch := range batches {
+	for start := 0; start < len(calls); start += size {
+		end := min(start+size, len(calls))
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			calls := make([]Call, len(batch))
-			for i, it := range batch {
-				calls[i] = it.call
-			}
-			r, err := c.r.Do(ctx, Request{Op: "batch", Calls: calls}, nil)
+			r, err := c.r.Do(ctx, Request{Op: "batch", Calls: calls[start:end]}, nil)
 			mu.Lock()
 			defer mu.Unlock()
-			if err == nil && len(r.Results) != len(batch) {
-				err = fmt.Errorf("%w: batch of %d calls answered with %d results", ErrTransient, len(batch), len(r.Results))
+			if err == nil && len(r.Results) != end-start {
+				err = fmt.Errorf("%w: batch of %d calls answered with %d results", ErrTransient, end-start, len(r.Results))
 			}
-			for i, it := range batch {
-				var itemErr error
-				switch {
-				case err != nil:
-					itemErr = err
-				case !r.Results[i].OK:
-					itemErr = ResultError("Set-CASMailbox", r.Results[i].Errors)
+			for i := start; i < end; i++ {
+				var res Result
+				if err == nil {
+					res = r.Results[i-start]
 				}
-				for _, m := range it.members {
-					results[m].Err = itemErr
-				}
+				fn(i, res, err)
 			}
 			if err != nil && IsFatal(err) && fatal == nil {
 				fatal = err
@@ -545,7 +643,7 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 		}()
 	}
 	wg.Wait()
-	return results, fatal
+	return fatal
 }
 
 // RemovePartnership deletes a partnership (Remove-ActiveSyncDevice); the
