@@ -22,6 +22,9 @@ type Client struct {
 	Parallel int
 	// PageSize is how many objects a listing streams per frame.
 	PageSize int
+	// MailboxReadLimit is how many changed mailboxes a listing with
+	// ChangedSince reads one by one (zero: DefaultMailboxReadLimit).
+	MailboxReadLimit int
 }
 
 // NewClient returns a client over r.
@@ -119,17 +122,47 @@ func toPartnership(o Object) Partnership {
 // ListOptions narrows a partnership listing.
 type ListOptions struct {
 	// NewSince lists only partnerships first synced at or after this time
-	// (quick sync). Exchange filters on FirstSyncTime with a day of slack,
-	// because it reads zone-less filter times in the server's time zone;
-	// the exact cut is made here.
+	// (quick sync). Exchange filters on FirstSyncTime (filterable on
+	// Get-MobileDevice) with a day of slack, because it reads zone-less
+	// filter times in the server's time zone; the exact cut is made here.
 	NewSince time.Time
-	// ChangedSince also keeps partnerships whose object changed at or after
-	// this time (state changes). WhenChanged is not filterable on the
-	// server, so this reads every partnership.
+	// ChangedSince also lists the partnerships whose access may have
+	// changed at or after this time: an administrator allowing or blocking
+	// a device, or editing a mailbox's ActiveSyncAllowed/BlockedDeviceIDs.
+	// A partnership's own WhenChanged is not filterable on Get-MobileDevice
+	// (reference/exchange.md §1.2), but a mailbox's is on Get-CASMailbox,
+	// and every list edit is a write to the mailbox's user object, which
+	// Active Directory stamps (UNCONFIRMED that Exchange's WhenChanged shows
+	// it; the simulator can be told otherwise). So the mailboxes changed
+	// since (with the same day of slack, cut exactly here) are read, and the
+	// partnerships of each are listed with Get-MobileDevice -Mailbox, many
+	// per round trip; above MailboxReadLimit mailboxes one listing of every
+	// partnership is cheaper. A change Exchange makes without writing the
+	// mailbox (a device access rule, the organisation's default level, a
+	// device re-evaluated on its next sync) shows only in a partnership's
+	// own WhenChanged: it is kept when a listing read here returns it, and
+	// otherwise waits for the full sync.
 	ChangedSince time.Time
 	// Mailbox lists one mailbox's partnerships.
 	Mailbox string
 }
+
+// filterSince formats t for an OPATH filter in the invariant form
+// MM/dd/yyyy HH:mm:ss (the session's culture is pinned to en-US), a day
+// early: Exchange reads a zone-less time in the server's time zone, which
+// may be up to 14 hours off UTC, so callers cut exactly on what comes back.
+func filterSince(t time.Time) string {
+	return t.Add(-24 * time.Hour).UTC().Format("01/02/2006 15:04:05")
+}
+
+// deviceCall is the partnership listing with params.
+func deviceCall(params Params) Call {
+	return Call{Cmdlet: "Get-MobileDevice", Params: params, Select: partnershipProps}
+}
+
+// probeDeviceType is the device type of managed availability's probe
+// partnerships, which listings hide unless asked for (-Monitoring).
+const probeDeviceType = "EASProbeDeviceType"
 
 // ListPartnerships streams ActiveSync partnerships page by page. Large
 // organisations never become one giant frame.
@@ -141,21 +174,137 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 		}
 		params = Params{"Mailbox": opt.Mailbox, "ActiveSync": true}
 	}
-	if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
-		params["Filter"] = "FirstSyncTime -ge '" + opt.NewSince.Add(-24*time.Hour).UTC().Format("01/02/2006 15:04:05") + "'"
+	isNew := func(p Partnership) bool { return !opt.NewSince.IsZero() && !p.FirstSyncTime.Before(opt.NewSince) }
+	changed := func(p Partnership) bool { return !opt.ChangedSince.IsZero() && !p.WhenChanged.Before(opt.ChangedSince) }
+	if opt.Mailbox != "" || opt.ChangedSince.IsZero() {
+		if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
+			params["Filter"] = "FirstSyncTime -ge '" + filterSince(opt.NewSince) + "'"
+		}
+		return c.streamPartnerships(ctx, deviceCall(params), func(p Partnership) bool {
+			return (opt.NewSince.IsZero() && opt.ChangedSince.IsZero()) || isNew(p) || changed(p)
+		}, fn)
 	}
-	return c.stream(ctx, Call{Cmdlet: "Get-MobileDevice", Params: params, Select: partnershipProps}, func(objs []Object) error {
-		page := make([]Partnership, 0, len(objs))
-		for _, o := range objs {
+
+	mailboxes, err := c.changedMailboxes(ctx, opt.ChangedSince)
+	if err != nil {
+		return err
+	}
+	limit := c.MailboxReadLimit
+	if limit <= 0 {
+		limit = DefaultMailboxReadLimit
+	}
+	if len(mailboxes) > limit {
+		return c.streamPartnerships(ctx, deviceCall(params), func(p Partnership) bool {
+			return isNew(p) || changed(p) || mailboxes[strings.ToLower(p.Mailbox)] != ""
+		}, fn)
+	}
+	seen := map[string]bool{}
+	if !opt.NewSince.IsZero() {
+		params["Filter"] = "FirstSyncTime -ge '" + filterSince(opt.NewSince) + "'"
+		if err := c.streamPartnerships(ctx, deviceCall(params), func(p Partnership) bool {
+			if isNew(p) || changed(p) {
+				seen[strings.ToLower(p.GUID)+"\x00"+p.Identity] = true
+				return true
+			}
+			return false
+		}, fn); err != nil {
+			return err
+		}
+	}
+	if len(mailboxes) == 0 {
+		return nil
+	}
+	keys := make([]string, 0, len(mailboxes))
+	for k := range mailboxes {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	calls := make([]Call, len(keys))
+	for i, k := range keys {
+		calls[i] = deviceCall(Params{"Mailbox": mailboxes[k], "ActiveSync": true})
+	}
+	var failed error
+	fatal := c.runBatches(ctx, calls, func(i int, r Result, err error) {
+		if err == nil && !r.OK {
+			err = ResultError("Get-MobileDevice", r.Errors)
+		}
+		switch {
+		case errors.Is(err, ErrNotFound):
+			return // the mailbox went away since it was listed
+		case err != nil:
+			if failed == nil {
+				failed = fmt.Errorf("partnerships of %s: %w", mailboxes[keys[i]], err)
+			}
+			return
+		case failed != nil:
+			return
+		}
+		var page []Partnership
+		for _, o := range r.Objects {
 			p := toPartnership(o)
-			if !opt.NewSince.IsZero() || !opt.ChangedSince.IsZero() {
-				isNew := !opt.NewSince.IsZero() && !p.FirstSyncTime.Before(opt.NewSince)
-				changed := !opt.ChangedSince.IsZero() && !p.WhenChanged.Before(opt.ChangedSince)
-				if !isNew && !changed {
-					continue
-				}
+			// Probes are not phones; the org-wide listing hides them, and
+			// whether -Mailbox does too is UNCONFIRMED.
+			if strings.EqualFold(p.DeviceType, probeDeviceType) || seen[strings.ToLower(p.GUID)+"\x00"+p.Identity] {
+				continue
 			}
 			page = append(page, p)
+		}
+		if len(page) > 0 {
+			failed = fn(page)
+		}
+	})
+	if fatal != nil {
+		return fatal
+	}
+	return failed
+}
+
+// DefaultMailboxReadLimit is how many changed mailboxes a quick listing
+// reads one by one (Get-MobileDevice -Mailbox, batched) before one listing
+// of every partnership is the cheaper way: a cmdlet costs about as much as
+// thirty listed objects (tests/exchangesim profile), and an organisation
+// averages one to three partnerships a mailbox.
+const DefaultMailboxReadLimit = 1000
+
+// changedMailboxes lists the mailboxes whose object changed at or after
+// since: lower-cased identity (as Get-MobileDevice names a partnership's
+// mailbox) → what -Mailbox gets (the GUID, never ambiguous).
+func (c *Client) changedMailboxes(ctx context.Context, since time.Time) (map[string]string, error) {
+	out := map[string]string{}
+	err := c.stream(ctx, Call{Cmdlet: "Get-CASMailbox", Params: Params{"ResultSize": "Unlimited", "Filter": "WhenChanged -ge '" + filterSince(since) + "'"},
+		Select: []string{"Identity", "Guid", "WhenChanged", "WhenChangedUTC"}}, func(objs []Object) error {
+		for _, o := range objs {
+			at := when(o, "WhenChangedUTC")
+			if at.IsZero() {
+				at = when(o, "WhenChanged")
+			}
+			id := str(o, "Identity")
+			if at.Before(since) || id == "" {
+				continue
+			}
+			arg := str(o, "Guid")
+			if arg == "" {
+				arg = id
+			}
+			out[strings.ToLower(id)] = arg
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// streamPartnerships runs a listing and hands fn, page by page, the
+// partnerships keep accepts.
+func (c *Client) streamPartnerships(ctx context.Context, call Call, keep func(Partnership) bool, fn func([]Partnership) error) error {
+	return c.stream(ctx, call, func(objs []Object) error {
+		page := make([]Partnership, 0, len(objs))
+		for _, o := range objs {
+			if p := toPartnership(o); keep(p) {
+				page = append(page, p)
+			}
 		}
 		if len(page) == 0 {
 			return nil
