@@ -1,8 +1,10 @@
 // Package collector finds the ActiveSync partnerships of one Exchange
 // organisation and reports each as an eas.observed event. Quick syncs
-// read what is new since the last one (every few minutes); full syncs read
-// every partnership, notice the ones that disappeared, and enforce the
-// organisation settings easguard owns (daily). Manual syncs come as
+// read what is new or changed since the last one (every few minutes):
+// partnerships first synced since, and those of mailboxes whose object
+// changed since, which is where an administrator's allow or block lands.
+// Full syncs read every partnership, notice the ones that disappeared, and
+// enforce the organisation settings easguard owns (daily). Manual syncs come as
 // sync.requested commands. One collector per org is active at a time: it
 // holds the org's collector lease, and replicas stand by.
 package collector
@@ -30,9 +32,9 @@ import (
 
 // Config configures the collector.
 type Config struct {
-	QuickInterval       time.Duration `split_words:"true" default:"5m" desc:"How often the collector reads partnerships that are new since its last sync."`
+	QuickInterval       time.Duration `split_words:"true" default:"5m" desc:"How often the collector reads partnerships that are new, or whose mailbox changed, since its last sync."`
 	FullInterval        time.Duration `split_words:"true" default:"24h" desc:"How often the collector reads every partnership and enforces the organisation settings."`
-	QuickOverlap        time.Duration `split_words:"true" default:"2m" desc:"A quick sync reads back this far before the previous one started, to cover clock differences."`
+	QuickOverlap        time.Duration `split_words:"true" default:"2m" desc:"A quick sync reads back this far before the previous one started (new partnerships and changed mailboxes), to cover clock differences."`
 	EnforceSettings     bool          `split_words:"true" default:"true" desc:"On full sync, make the organisation's ActiveSync settings what easguard needs (EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL and the two below)."`
 	DefaultAccessLevel  string        `split_words:"true" default:"Quarantine" desc:"DefaultAccessLevel easguard enforces: Quarantine holds a new device until easguard has judged it."`
 	AdminMailRecipients []string      `split_words:"true" desc:"Comma-separated AdminMailRecipients easguard enforces (Exchange's quarantine notices to administrators). Empty: left as Exchange has it."`
@@ -316,7 +318,10 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 			if since.IsZero() {
 				since = start.Add(-c.cfg.FullInterval)
 			}
+			// New partnerships, and those of mailboxes changed since (an
+			// administrator's allow or block): ListOptions says how.
 			opt.NewSince = since.Add(-c.cfg.QuickOverlap)
+			opt.ChangedSince = opt.NewSince
 		}
 		if err := c.ex.ListPartnerships(ctx, opt, func(ps []exchange.Partnership) error {
 			for _, p := range ps {

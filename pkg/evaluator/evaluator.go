@@ -279,11 +279,12 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 		emit, drift, reoffer := false, false, false
 		observed := obs.GetObservedAt().AsTime()
 		// Exchange did what was decided once: it applied the decision
-		// (Set-CASMailbox re-stamps the devices at once) or an earlier
-		// observation showed it agreeing.
+		// (Set-CASMailbox re-stamps the devices at once), found its lists
+		// already as decided, or an earlier observation showed it agreeing.
+		appliedOK := applied.GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_APPLIED || applied.GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_ALREADY_IN_STATE
 		agreed := exists && (rec.GetConfirmedAt().IsValid() && observed.After(rec.GetConfirmedAt().AsTime()) ||
 			applied.GetDecisionId() != "" && applied.GetDecisionId() == rec.GetDecisionId() &&
-				applied.GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_APPLIED && observed.After(applied.GetAppliedAt().AsTime()))
+				appliedOK && observed.After(applied.GetAppliedAt().AsTime()))
 		stale := exists && e.replicationStale(rec, applied, observed, p)
 		switch {
 		case !ok && same && rec.GetStaged():

@@ -82,10 +82,14 @@ func BenchmarkPoolVersusOneShot(b *testing.B) {
 			go func() {
 				defer wg.Done()
 				defer func() { <-sem }()
-				r, err := one.ApplyAccess(context.Background(), []exchange.Change{ch})
-				if err == nil {
-					err = r[0].Err
+				// The naive connector's one Set-CASMailbox per device, as
+				// easguard used to send it (no read of the lists first).
+				add, remove := "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs"
+				if ch.Access == exchange.AccessBlock {
+					add, remove = remove, add
 				}
+				_, _, err := one.Invoke(context.Background(), exchange.Call{Cmdlet: "Set-CASMailbox", Params: exchange.Params{"Identity": ch.Mailbox,
+					add: exchange.MultiValued{Add: []string{ch.DeviceID}}, remove: exchange.MultiValued{Remove: []string{ch.DeviceID}}}})
 				if err != nil {
 					errs <- err
 				}

@@ -57,43 +57,86 @@ func FuzzValuesReachExchangeByteForByte(f *testing.F) {
 		if fuzzErr != nil {
 			t.Fatal(fuzzErr)
 		}
-		before := fuzzSim.Recorder.Count("cmdlet:Set-CASMailbox")
-		res, err := fuzzClient.ApplyAccess(context.Background(), []exchange.Change{{Mailbox: mailbox, DeviceID: deviceID, Access: exchange.AccessAllow}})
+		// The identity reaches Exchange (the read of its lists) byte for
+		// byte, or is refused before sending.
+		before := fuzzSim.Recorder.Count("cmdlet:Get-CASMailbox")
+		res, err := fuzzClient.ApplyAccess(context.Background(), []exchange.Change{{Mailbox: mailbox, DeviceID: "FuzzDev0001", Access: exchange.AccessAllow}})
+		if err != nil {
+			t.Fatalf("batch error: %v", err)
+		}
+		if !errors.Is(res[0].Err, exchange.ErrInvalid) || errors.Is(res[0].Err, exchange.ErrNotFound) {
+			if n := fuzzSim.Recorder.Count("cmdlet:Get-CASMailbox") - before; n < 1 {
+				t.Fatalf("%q: %d reads recorded, result %v", mailbox, n, res[0].Err)
+			}
+			if p := lastParams(t, "Get-CASMailbox"); p.Identity != mailbox {
+				t.Fatalf("%q did not arrive byte for byte: %+v", mailbox, p)
+			}
+		} else if fuzzSim.Recorder.Count("cmdlet:Get-CASMailbox") != before {
+			t.Fatalf("refused %q but it was sent", mailbox)
+		}
+		if res[0].Err == nil {
+			unlist(t, mailbox, "FuzzDev0001")
+		}
+		// The device id reaches Set-CASMailbox byte for byte in a mailbox
+		// that exists, or is refused: nothing in between, never as code.
+		before = fuzzSim.Recorder.Count("cmdlet:Set-CASMailbox")
+		res, err = fuzzClient.ApplyAccess(context.Background(), []exchange.Change{{Mailbox: "alice", DeviceID: deviceID, Access: exchange.AccessAllow}})
 		if err != nil {
 			t.Fatalf("batch error: %v", err)
 		}
 		after := fuzzSim.Recorder.Count("cmdlet:Set-CASMailbox")
-		if errors.Is(res[0].Err, exchange.ErrInvalid) && !errors.Is(res[0].Err, exchange.ErrNotFound) {
-			if after != before {
-				// Refused: must not have been sent. (An Exchange-side
-				// ErrInvalid would also be recorded; see below.)
-				recs := fuzzSim.Recorder.Records("cmdlet")
-				if !sameParams(t, recs[len(recs)-1].Params, mailbox, deviceID) {
-					t.Fatalf("refused %q/%q but something else was sent", mailbox, deviceID)
-				}
+		if errors.Is(res[0].Err, exchange.ErrInvalid) {
+			if after != before && !sameParams(t, lastParams(t, "Set-CASMailbox"), "alice", deviceID) {
+				t.Fatalf("refused %q but something else was sent", deviceID)
 			}
 			return
 		}
-		if after != before+1 {
-			t.Fatalf("%q/%q: %d calls recorded, result %v", mailbox, deviceID, after-before, res[0].Err)
+		if res[0].Err != nil || after != before+1 {
+			t.Fatalf("%q: %d calls recorded, result %v", deviceID, after-before, res[0].Err)
 		}
-		recs := fuzzSim.Recorder.Records("cmdlet")
-		if !sameParams(t, recs[len(recs)-1].Params, mailbox, deviceID) {
-			t.Fatalf("%q/%q did not arrive byte for byte: %s", mailbox, deviceID, recs[len(recs)-1].Params)
+		if !sameParams(t, lastParams(t, "Set-CASMailbox"), "alice", deviceID) {
+			t.Fatalf("%q did not arrive byte for byte: %+v", deviceID, lastParams(t, "Set-CASMailbox"))
 		}
+		unlist(t, "alice", deviceID)
 	})
 }
 
-func sameParams(t *testing.T, raw json.RawMessage, mailbox, deviceID string) bool {
+// fuzzCall is the part of a recorded call the fuzz checks.
+type fuzzCall struct {
+	Identity string
+	Allowed  struct {
+		Add []string
+	} `json:"ActiveSyncAllowedDeviceIDs"`
+}
+
+// lastParams returns the parameters of the last recorded call of cmdlet.
+func lastParams(t *testing.T, cmdlet string) fuzzCall {
 	t.Helper()
-	var p struct {
-		Identity string
-		Allowed  struct {
-			Add []string
-		} `json:"ActiveSyncAllowedDeviceIDs"`
+	recs := fuzzSim.Recorder.Records("cmdlet")
+	for i := len(recs) - 1; i >= 0; i-- {
+		if recs[i].Cmdlet == cmdlet {
+			var p fuzzCall
+			if err := json.Unmarshal(recs[i].Params, &p); err != nil {
+				t.Fatalf("recorded params %s: %v", recs[i].Params, err)
+			}
+			return p
+		}
 	}
-	if err := json.Unmarshal(raw, &p); err != nil {
-		t.Fatalf("recorded params %s: %v", raw, err)
+	t.Fatalf("no %s recorded", cmdlet)
+	return fuzzCall{}
+}
+
+// unlist takes an id the fuzz allowed off the list again, so that the next
+// input with the same id (in any case) is a change again.
+func unlist(t *testing.T, mailbox, deviceID string) {
+	t.Helper()
+	res, err := fuzzClient.ApplyAccess(context.Background(), []exchange.Change{{Mailbox: mailbox, DeviceID: deviceID, Access: exchange.AccessUnlist}})
+	if err != nil || res[0].Err != nil {
+		t.Fatalf("unlist %q/%q: %v %v", mailbox, deviceID, err, res[0].Err)
 	}
+}
+
+func sameParams(t *testing.T, p fuzzCall, mailbox, deviceID string) bool {
+	t.Helper()
 	return p.Identity == mailbox && len(p.Allowed.Add) == 1 && p.Allowed.Add[0] == deviceID
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sort"
 	"strings"
 	"sync"
@@ -26,6 +27,9 @@ type Client struct {
 	devMu sync.Mutex
 	dev   *deviceCmdlets // nil until known
 	devAt time.Time
+	// MailboxReadLimit is how many changed mailboxes a listing with
+	// ChangedSince reads one by one (zero: DefaultMailboxReadLimit).
+	MailboxReadLimit int
 }
 
 // NewClient returns a client over r.
@@ -142,17 +146,53 @@ func toPartnership(o Object) Partnership {
 // ListOptions narrows a partnership listing.
 type ListOptions struct {
 	// NewSince lists only partnerships first synced at or after this time
-	// (quick sync). Exchange filters on FirstSyncTime with a day of slack,
-	// because it reads zone-less filter times in the server's time zone;
-	// the exact cut is made here.
+	// (quick sync). Exchange filters on FirstSyncTime (filterable on
+	// Get-MobileDevice) with a day of slack, because it reads zone-less
+	// filter times in the server's time zone; the exact cut is made here.
 	NewSince time.Time
-	// ChangedSince also keeps partnerships whose object changed at or after
-	// this time (state changes). WhenChanged is not filterable on the
-	// server, so this reads every partnership.
+	// ChangedSince also lists the partnerships whose access may have
+	// changed at or after this time: an administrator allowing or blocking
+	// a device, or editing a mailbox's ActiveSyncAllowed/BlockedDeviceIDs.
+	// A partnership's own WhenChanged is not filterable on Get-MobileDevice
+	// (reference/exchange.md §1.2), but a mailbox's is on Get-CASMailbox,
+	// and every list edit is a write to the mailbox's user object, which
+	// Active Directory stamps (UNCONFIRMED that Exchange's WhenChanged shows
+	// it; the simulator can be told otherwise). So the mailboxes changed
+	// since (with the same day of slack, cut exactly here) are read, and the
+	// partnerships of each are listed with Get-MobileDevice -Mailbox, many
+	// per round trip; above MailboxReadLimit mailboxes one listing of every
+	// partnership is cheaper. A change Exchange makes without writing the
+	// mailbox (a device access rule, the organisation's default level, a
+	// device re-evaluated on its next sync) shows only in a partnership's
+	// own WhenChanged: it is kept when a listing read here returns it, and
+	// otherwise waits for the full sync.
 	ChangedSince time.Time
 	// Mailbox lists one mailbox's partnerships.
 	Mailbox string
 }
+
+// filterSince formats t for an OPATH filter in the invariant form
+// MM/dd/yyyy HH:mm:ss (the session's culture is pinned to en-US), a day
+// early: Exchange reads a zone-less time in the server's time zone, which
+// may be up to 14 hours off UTC, so callers cut exactly on what comes back.
+func filterSince(t time.Time) string {
+	return t.Add(-24 * time.Hour).UTC().Format("01/02/2006 15:04:05")
+}
+
+// listCall is the partnership listing with params through the cmdlet this
+// organisation has (Get-ActiveSyncDevice on Exchange 2010, which has no
+// -ActiveSync switch).
+func (d deviceCmdlets) listCall(params Params) Call {
+	p := maps.Clone(params)
+	if !d.listActiveSync {
+		delete(p, "ActiveSync")
+	}
+	return Call{Cmdlet: d.list, Params: p, Select: partnershipProps}
+}
+
+// probeDeviceType is the device type of managed availability's probe
+// partnerships, which listings hide unless asked for (-Monitoring).
+const probeDeviceType = "EASProbeDeviceType"
 
 // ListPartnerships streams ActiveSync partnerships page by page. Large
 // organisations never become one giant frame.
@@ -164,28 +204,142 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 		}
 		params = Params{"Mailbox": opt.Mailbox, "ActiveSync": true}
 	}
-	if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
-		params["Filter"] = "FirstSyncTime -ge '" + opt.NewSince.Add(-24*time.Hour).UTC().Format("01/02/2006 15:04:05") + "'"
-	}
 	dc, err := c.deviceCmdlets(ctx)
 	if err != nil {
 		return err
 	}
-	if !dc.listActiveSync {
-		delete(params, "ActiveSync")
+	deviceCall := dc.listCall
+	isNew := func(p Partnership) bool { return !opt.NewSince.IsZero() && !p.FirstSyncTime.Before(opt.NewSince) }
+	changed := func(p Partnership) bool { return !opt.ChangedSince.IsZero() && !p.WhenChanged.Before(opt.ChangedSince) }
+	if opt.Mailbox != "" || opt.ChangedSince.IsZero() {
+		if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
+			params["Filter"] = "FirstSyncTime -ge '" + filterSince(opt.NewSince) + "'"
+		}
+		return c.streamPartnerships(ctx, deviceCall(params), func(p Partnership) bool {
+			return (opt.NewSince.IsZero() && opt.ChangedSince.IsZero()) || isNew(p) || changed(p)
+		}, fn)
 	}
-	return c.stream(ctx, Call{Cmdlet: dc.list, Params: params, Select: partnershipProps}, func(objs []Object) error {
-		page := make([]Partnership, 0, len(objs))
-		for _, o := range objs {
+
+	mailboxes, err := c.changedMailboxes(ctx, opt.ChangedSince)
+	if err != nil {
+		return err
+	}
+	limit := c.MailboxReadLimit
+	if limit <= 0 {
+		limit = DefaultMailboxReadLimit
+	}
+	if len(mailboxes) > limit {
+		return c.streamPartnerships(ctx, deviceCall(params), func(p Partnership) bool {
+			return isNew(p) || changed(p) || mailboxes[strings.ToLower(p.Mailbox)] != ""
+		}, fn)
+	}
+	seen := map[string]bool{}
+	if !opt.NewSince.IsZero() {
+		params["Filter"] = "FirstSyncTime -ge '" + filterSince(opt.NewSince) + "'"
+		if err := c.streamPartnerships(ctx, deviceCall(params), func(p Partnership) bool {
+			if isNew(p) || changed(p) {
+				seen[strings.ToLower(p.GUID)+"\x00"+p.Identity] = true
+				return true
+			}
+			return false
+		}, fn); err != nil {
+			return err
+		}
+	}
+	if len(mailboxes) == 0 {
+		return nil
+	}
+	keys := make([]string, 0, len(mailboxes))
+	for k := range mailboxes {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	calls := make([]Call, len(keys))
+	for i, k := range keys {
+		calls[i] = deviceCall(Params{"Mailbox": mailboxes[k], "ActiveSync": true})
+	}
+	var failed error
+	fatal := c.runBatches(ctx, calls, func(i int, r Result, err error) {
+		if err == nil && !r.OK {
+			err = ResultError(dc.list, r.Errors)
+		}
+		switch {
+		case errors.Is(err, ErrNotFound):
+			return // the mailbox went away since it was listed
+		case err != nil:
+			if failed == nil {
+				failed = fmt.Errorf("partnerships of %s: %w", mailboxes[keys[i]], err)
+			}
+			return
+		case failed != nil:
+			return
+		}
+		var page []Partnership
+		for _, o := range r.Objects {
 			p := toPartnership(o)
-			if !opt.NewSince.IsZero() || !opt.ChangedSince.IsZero() {
-				isNew := !opt.NewSince.IsZero() && !p.FirstSyncTime.Before(opt.NewSince)
-				changed := !opt.ChangedSince.IsZero() && !p.WhenChanged.Before(opt.ChangedSince)
-				if !isNew && !changed {
-					continue
-				}
+			// Probes are not phones; the org-wide listing hides them, and
+			// whether -Mailbox does too is UNCONFIRMED.
+			if strings.EqualFold(p.DeviceType, probeDeviceType) || seen[strings.ToLower(p.GUID)+"\x00"+p.Identity] {
+				continue
 			}
 			page = append(page, p)
+		}
+		if len(page) > 0 {
+			failed = fn(page)
+		}
+	})
+	if fatal != nil {
+		return fatal
+	}
+	return failed
+}
+
+// DefaultMailboxReadLimit is how many changed mailboxes a quick listing
+// reads one by one (Get-MobileDevice -Mailbox, batched) before one listing
+// of every partnership is the cheaper way: a cmdlet costs about as much as
+// thirty listed objects (tests/exchangesim profile), and an organisation
+// averages one to three partnerships a mailbox.
+const DefaultMailboxReadLimit = 1000
+
+// changedMailboxes lists the mailboxes whose object changed at or after
+// since: lower-cased identity (as Get-MobileDevice names a partnership's
+// mailbox) → what -Mailbox gets (the GUID, never ambiguous).
+func (c *Client) changedMailboxes(ctx context.Context, since time.Time) (map[string]string, error) {
+	out := map[string]string{}
+	err := c.stream(ctx, Call{Cmdlet: "Get-CASMailbox", Params: Params{"ResultSize": "Unlimited", "Filter": "WhenChanged -ge '" + filterSince(since) + "'"},
+		Select: []string{"Identity", "Guid", "WhenChanged", "WhenChangedUTC"}}, func(objs []Object) error {
+		for _, o := range objs {
+			at := when(o, "WhenChangedUTC")
+			if at.IsZero() {
+				at = when(o, "WhenChanged")
+			}
+			id := str(o, "Identity")
+			if at.Before(since) || id == "" {
+				continue
+			}
+			arg := str(o, "Guid")
+			if arg == "" {
+				arg = id
+			}
+			out[strings.ToLower(id)] = arg
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// streamPartnerships runs a listing and hands fn, page by page, the
+// partnerships keep accepts.
+func (c *Client) streamPartnerships(ctx context.Context, call Call, keep func(Partnership) bool, fn func([]Partnership) error) error {
+	return c.stream(ctx, call, func(objs []Object) error {
+		page := make([]Partnership, 0, len(objs))
+		for _, o := range objs {
+			if p := toPartnership(o); keep(p) {
+				page = append(page, p)
+			}
 		}
 		if len(page) == 0 {
 			return nil
@@ -408,6 +562,10 @@ type Change struct {
 type ChangeResult struct {
 	Change
 	Err error
+	// Unchanged is true when Exchange already held the change (the id was
+	// on the list it must be on and on no other), so nothing was sent for
+	// it: a retry or redelivery of a change that was applied.
+	Unchanged bool
 	// Server is the CAS worker's host that applied it (empty when refused locally).
 	Server string
 }
@@ -449,13 +607,28 @@ func checkIdentity(id string) error {
 // ApplyAccess applies changes the way Exchange handles them best: one
 // Set-CASMailbox per mailbox carrying all of that mailbox's adds and
 // removes, many mailboxes per round trip, batches on all workers at once.
-// Each change says where its id must end up; the call names both lists
-// explicitly (add to one, remove from the other), so the outcome does not
-// depend on Exchange's implicit cross-list removal, and applying it twice
-// changes nothing. When one batch holds several changes for the same
-// device of a mailbox, the last wins. The error return is for the whole
-// batch (a fatal error: authentication, permission); item errors are in
-// the results.
+// Each change says where its id must end up. When one batch holds several
+// changes for the same device of a mailbox, the last wins. The error
+// return is for the whole batch (a fatal error: authentication,
+// permission); item errors are in the results.
+//
+// Retries and redeliveries apply the same change again, and whether
+// Exchange accepts @{Add=id} for an id already on the list, or
+// @{Remove=id} for one that is not, is UNCONFIRMED: the lists are
+// MultiValuedProperty values, and a strict one would refuse the whole
+// Set-CASMailbox. So the mailboxes' lists are read first (one
+// Get-CASMailbox per mailbox, batched like the writes) and only what
+// differs is sent: an id is added only where it is missing and removed
+// only where it is present, naming both lists where both change, so the
+// outcome depends neither on Exchange's duplicate handling nor on its
+// implicit cross-list removal. A change Exchange already holds gets no
+// Set-CASMailbox and its result says Unchanged; that is also what a
+// lenient Exchange does with a change that modifies nothing (it warns that
+// no settings were modified and writes nothing). A call Exchange refuses is
+// checked by reading its mailbox again: when the pool repeated a batch
+// whose worker died after the call took effect, Exchange holds the change
+// and it is done. The read costs one more round trip per batch, of reads
+// that cost a fraction of a write (see README, Exchange access).
 func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeResult, error) {
 	results := make([]ChangeResult, len(changes))
 	type group struct {
@@ -494,27 +667,68 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 		}
 		g.ids[lid] = i
 	}
+
+	// Read the lists of every mailbox touched.
+	reads := make([]Call, len(order))
+	for i, key := range order {
+		reads[i] = Call{Cmdlet: "Get-CASMailbox", Params: Params{"Identity": groups[key].mailbox},
+			Select: []string{"Identity", "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs"}}
+	}
+	have := make([]Mailbox, len(order))
+	readErr := make([]error, len(order))
+	fatal := c.runBatches(ctx, reads, func(i int, r Result, err error) {
+		switch {
+		case err != nil:
+			readErr[i] = err
+		case !r.OK:
+			readErr[i] = ResultError("Get-CASMailbox", r.Errors)
+		case len(r.Objects) != 1:
+			readErr[i] = fmt.Errorf("Get-CASMailbox %q: %w: %d objects", groups[order[i]].mailbox, ErrTransient, len(r.Objects))
+		default:
+			have[i] = toMailbox(r.Objects[0])
+		}
+	})
+
 	type item struct {
 		call    Call
 		members []int
 	}
 	var items []item
-	for _, key := range order {
+	for gi, key := range order {
 		g := groups[key]
+		if readErr[gi] != nil {
+			for _, lid := range g.order {
+				results[g.ids[lid]].Err = readErr[gi]
+			}
+			continue
+		}
 		var allowAdd, allowRemove, blockAdd, blockRemove []string
 		var members []int
 		for _, lid := range g.order {
 			i := g.ids[lid]
-			members = append(members, i)
 			id := changes[i].DeviceID
-			switch changes[i].Access {
-			case AccessAllow:
-				allowAdd, blockRemove = append(allowAdd, id), append(blockRemove, id)
-			case AccessBlock:
-				blockAdd, allowRemove = append(blockAdd, id), append(allowRemove, id)
-			case AccessUnlist:
-				allowRemove, blockRemove = append(allowRemove, id), append(blockRemove, id)
+			inAllowed, inBlocked := containsFold(have[gi].Allowed, id), containsFold(have[gi].Blocked, id)
+			wantAllowed, wantBlocked := changes[i].Access == AccessAllow, changes[i].Access == AccessBlock
+			if inAllowed == wantAllowed && inBlocked == wantBlocked {
+				results[i].Unchanged = true
+				continue
 			}
+			members = append(members, i)
+			switch {
+			case wantAllowed && !inAllowed:
+				allowAdd = append(allowAdd, id)
+			case !wantAllowed && inAllowed:
+				allowRemove = append(allowRemove, id)
+			}
+			switch {
+			case wantBlocked && !inBlocked:
+				blockAdd = append(blockAdd, id)
+			case !wantBlocked && inBlocked:
+				blockRemove = append(blockRemove, id)
+			}
+		}
+		if len(members) == 0 {
+			continue
 		}
 		params := Params{"Identity": g.mailbox}
 		if len(allowAdd)+len(allowRemove) > 0 {
@@ -525,47 +739,85 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 		}
 		items = append(items, item{call: Call{Cmdlet: "Set-CASMailbox", Params: params}, members: members})
 	}
-	// Spread the calls over every worker: Exchange runs the cmdlets of one
-	// session one after the other, so a batch is as slow as its length,
-	// and a round trip costs far less than a write.
-	size := min(c.BatchSize, max(1, (len(items)+c.Parallel-1)/c.Parallel))
-	var batches [][]item
-	for start := 0; start < len(items); start += size {
-		batches = append(batches, items[start:min(start+size, len(items))])
+	if fatal != nil || len(items) == 0 {
+		return results, fatal
 	}
+	writes := make([]Call, len(items))
+	for i, it := range items {
+		writes[i] = it.call
+	}
+	var refused []int // items Exchange refused
+	fatal = c.runBatches(ctx, writes, func(i int, r Result, err error) {
+		if err == nil && !r.OK {
+			err = ResultError("Set-CASMailbox", r.Errors)
+		}
+		for _, m := range items[i].members {
+			results[m].Err = err
+		}
+		if err != nil && !IsFatal(err) && !errors.Is(err, ErrNotFound) {
+			refused = append(refused, i)
+		}
+	})
+	if fatal != nil || len(refused) == 0 {
+		return results, fatal
+	}
+	// The pool repeats a batch whose worker died before answering, so a
+	// call that took effect the first time is sent again, and a strict
+	// Exchange refuses it. A refused call whose change Exchange now holds
+	// is done; the others keep their error.
+	checks := make([]Call, len(refused))
+	for k, i := range refused {
+		checks[k] = Call{Cmdlet: "Get-CASMailbox", Params: Params{"Identity": items[i].call.Params["Identity"]},
+			Select: []string{"Identity", "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs"}}
+	}
+	fatal = c.runBatches(ctx, checks, func(k int, r Result, err error) {
+		if err != nil || !r.OK || len(r.Objects) != 1 {
+			return
+		}
+		mb := toMailbox(r.Objects[0])
+		for _, m := range items[refused[k]].members {
+			id := changes[m].DeviceID
+			if containsFold(mb.Allowed, id) == (changes[m].Access == AccessAllow) && containsFold(mb.Blocked, id) == (changes[m].Access == AccessBlock) {
+				results[m].Err = nil
+			}
+		}
+	})
+	return results, fatal
+}
+
+// runBatches runs calls in batches spread over every worker: Exchange runs
+// the cmdlets of one session one after the other, so a batch is as slow as
+// its length, and a round trip costs far less than a cmdlet. fn gets each
+// call's result, or the error of its whole batch; calls to fn are
+// serialised. It returns the first fatal error (authentication,
+// permission).
+func (c *Client) runBatches(ctx context.Context, calls []Call, fn func(i int, r Result, err error)) error {
+	size := min(c.BatchSize, max(1, (len(calls)+c.Parallel-1)/c.Parallel))
 	var (
 		mu    sync.Mutex
 		fatal error
 		wg    sync.WaitGroup
 		sem   = make(chan struct{}, c.Parallel)
 	)
-	for _, batch := range batches {
+	for start := 0; start < len(calls); start += size {
+		end := min(start+size, len(calls))
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			calls := make([]Call, len(batch))
-			for i, it := range batch {
-				calls[i] = it.call
-			}
-			r, err := c.r.Do(ctx, Request{Op: "batch", Calls: calls}, nil)
+			r, err := c.r.Do(ctx, Request{Op: "batch", Calls: calls[start:end]}, nil)
 			mu.Lock()
 			defer mu.Unlock()
-			if err == nil && len(r.Results) != len(batch) {
-				err = fmt.Errorf("%w: batch of %d calls answered with %d results", ErrTransient, len(batch), len(r.Results))
+			if err == nil && len(r.Results) != end-start {
+				err = fmt.Errorf("%w: batch of %d calls answered with %d results", ErrTransient, end-start, len(r.Results))
 			}
-			for i, it := range batch {
-				var itemErr error
-				switch {
-				case err != nil:
-					itemErr = err
-				case !r.Results[i].OK:
-					itemErr = ResultError("Set-CASMailbox", r.Results[i].Errors)
+			for i := start; i < end; i++ {
+				var res Result
+				if err == nil {
+					res = r.Results[i-start]
 				}
-				for _, m := range it.members {
-					results[m].Err = itemErr
-				}
+				fn(i, res, err)
 			}
 			if err != nil && IsFatal(err) && fatal == nil {
 				fatal = err
@@ -573,7 +825,7 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 		}()
 	}
 	wg.Wait()
-	return results, fatal
+	return fatal
 }
 
 // RemovePartnership deletes a partnership (Remove-ActiveSyncDevice); the

@@ -182,18 +182,25 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 		// dead-lettered with the reason when retries run out.
 		return nil, fmt.Errorf("apply %s for %s: %w", d.GetDesired(), p.GetDeviceId(), res.Err)
 	}
+	// Exchange already held the change (a redelivery after the worker that
+	// applied it died, or a list edited by hand): nothing was sent, and
+	// Exchange is as decided all the same.
+	outcome, cmdlets := ev.ApplyOutcome_APPLY_OUTCOME_APPLIED, []*ev.CmdletInvocation{inv}
+	if res.Unchanged {
+		outcome, cmdlets = ev.ApplyOutcome_APPLY_OUTCOME_ALREADY_IN_STATE, nil
+	}
 	if _, err := bus.Modify(ctx, x.applied, key, func(rec *ev.AppliedRecord, exists bool) (bus.Change, error) {
 		if exists && rec.GetDecidedAt().AsTime().After(d.GetDecidedAt().AsTime()) {
 			return bus.Keep, nil
 		}
 		rec.DecisionId, rec.DecidedAt, rec.Desired = d.GetDecisionId(), d.GetDecidedAt(), d.GetDesired()
-		rec.AppliedAt, rec.Outcome = timestamppb.New(x.now()), ev.ApplyOutcome_APPLY_OUTCOME_APPLIED
+		rec.AppliedAt, rec.Outcome = timestamppb.New(x.now()), outcome
 		return bus.Write, nil
 	}); err != nil {
 		return nil, err
 	}
 	inv.Duration = durationpb.New(x.now().Sub(start))
-	return result(ev.ApplyOutcome_APPLY_OUTCOME_APPLIED, "", []*ev.CmdletInvocation{inv})
+	return result(outcome, "", cmdlets)
 }
 
 // invocation records, for audit, the part of the batch's Set-CASMailbox

@@ -287,12 +287,12 @@ func param(inv *ev.CmdletInvocation, name string) *ev.CmdletParameter {
 	return nil
 }
 
-// casCalls returns the Set-CASMailbox calls Exchange received for one
-// mailbox identity, with their parameters as sent.
-func (h *harness) casCalls(identity string) []map[string]any {
+// casCalls returns the calls of cmdlet Exchange received for one mailbox
+// identity, with their parameters as sent.
+func (h *harness) casCalls(cmdlet, identity string) []map[string]any {
 	var out []map[string]any
 	for _, r := range h.sim.Recorder.Records("cmdlet") {
-		if r.Cmdlet != "Set-CASMailbox" {
+		if r.Cmdlet != cmdlet {
 			continue
 		}
 		var p map[string]any
@@ -368,7 +368,7 @@ func TestDecisionsReachExchange(t *testing.T) {
 					t.Errorf("%s parameter %v, want %s %s", list, p, want, dev)
 				}
 			}
-			calls := h.casCalls(m.GUID)
+			calls := h.casCalls("Set-CASMailbox", m.GUID)
 			if len(calls) == 0 {
 				t.Fatalf("Exchange received no Set-CASMailbox for %s", m.GUID)
 			}
@@ -586,8 +586,12 @@ func TestAppliedOnceAndOnlyWhenCurrent(t *testing.T) {
 			t.Errorf("the audited invocation does not carry Exchange's error: %v", a.GetCmdlets())
 		}
 		h.settle(t)
-		if n := h.setCAS() - calls; n != 1 {
-			t.Errorf("Set-CASMailbox ran %d times for a missing mailbox, want once", n)
+		// Its lists are read first (Get-CASMailbox), which finds no mailbox.
+		if n := h.setCAS() - calls; n != 0 {
+			t.Errorf("Set-CASMailbox ran %d times for a missing mailbox", n)
+		}
+		if n := len(h.casCalls("Get-CASMailbox", "ghost.user@contoso.com")); n != 1 {
+			t.Errorf("Get-CASMailbox ran %d times for a missing mailbox, want once", n)
 		}
 		if n := h.redeliveries(t) - redelivered; n != 0 {
 			t.Errorf("the decision was redelivered %d times", n)
@@ -689,8 +693,9 @@ func TestHostileValuesStayData(t *testing.T) {
 			if outcome(a) != ev.ApplyOutcome_APPLY_OUTCOME_NOT_FOUND || !strings.Contains(a.GetItems()[0].GetError(), tt.identity) {
 				t.Errorf("outcome %s %q, want NOT_FOUND quoting the identity exactly", outcome(a), a.GetItems()[0].GetError())
 			}
-			if calls := h.casCalls(tt.identity); len(calls) != 1 {
-				t.Errorf("Exchange received %d Set-CASMailbox with the identity as one value", len(calls))
+			// The lists are read first, and the read finds no such mailbox.
+			if calls := h.casCalls("Get-CASMailbox", tt.identity); len(calls) != 1 {
+				t.Errorf("Exchange received %d Get-CASMailbox with the identity as one value", len(calls))
 			}
 		})
 	}

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/easguard/easguard/pkg/exchange"
 )
 
 // AdminHandler serves the simulator's admin API, for tests, benchmarks and
@@ -23,6 +25,7 @@ import (
 //	DELETE /api/requests                 forget the records
 //	POST   /api/faults                   inject a fault (body: Fault)
 //	POST   /api/role                     set the cmdlets the role grants (body: {"cmdlets":[…]})
+//	POST   /api/admin/invoke             run a cmdlet as an administrator, out of band (body: exchange.Call)
 func (s *Sim) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/org", func(w http.ResponseWriter, r *http.Request) {
@@ -138,6 +141,19 @@ func (s *Sim) AdminHandler() http.Handler {
 		}
 		s.Org.Grant(body.Cmdlets)
 		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /api/admin/invoke", func(w http.ResponseWriter, r *http.Request) {
+		var call exchange.Call
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&call); err != nil {
+			writeError(w, http.StatusBadRequest, err)
+			return
+		}
+		objs, warnings, err := s.Org.AdminInvoke(call)
+		if err != nil {
+			writeJSON(w, http.StatusUnprocessableEntity, map[string]any{"error": err.Error(), "objects": objs, "warnings": warnings})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"objects": objs, "warnings": warnings})
 	})
 	return mux
 }

@@ -412,13 +412,13 @@ func setCASMailbox(s *Session, a args, out *output) {
 	prevAllowed, prevBlocked := s.org.listsAt(m, s.server)
 	allowed, blocked := prevAllowed, prevBlocked
 	if allowedSet {
-		if !s.checkDeviceIDs(cmdlet, allowedArg, out) {
+		if !s.checkDeviceIDs(cmdlet, allowedArg, out) || !s.checkStrictMulti(cmdlet, m, m.Allowed, allowedArg, out) {
 			return
 		}
 		allowed = applyMulti(prevAllowed, allowedArg)
 	}
 	if blockedSet {
-		if !s.checkDeviceIDs(cmdlet, blockedArg, out) {
+		if !s.checkDeviceIDs(cmdlet, blockedArg, out) || !s.checkStrictMulti(cmdlet, m, m.Blocked, blockedArg, out) {
 			return
 		}
 		blocked = applyMulti(prevBlocked, blockedArg)
@@ -443,33 +443,101 @@ func setCASMailbox(s *Session, a args, out *output) {
 			allowed = removeFold(allowed, id)
 		}
 	}
+	// Exchange saves the object only when a property changed; otherwise it
+	// warns and writes nothing, so WhenChanged stays and no device is
+	// re-stamped (the warning is Exchange's for every Set- cmdlet).
+	policy := m.Policy
+	modified := !slices.Equal(allowed, m.Allowed) || !slices.Equal(blocked, m.Blocked)
 	if a.has("ActiveSyncMailboxPolicy") {
 		if a["ActiveSyncMailboxPolicy"] == nil {
-			m.Policy = nil
+			policy = nil
 		} else {
 			p := s.org.findPolicy(a.str("ActiveSyncMailboxPolicy"))
 			if p == nil {
 				out.fail(s.notFound(cmdlet, a.str("ActiveSyncMailboxPolicy")))
 				return
 			}
-			m.Policy = p
+			policy = p
 		}
+		// Naming the default policy explicitly clears IsDefaulted, a change.
+		modified = modified || policy != m.Policy
 	}
 	for name, field := range map[string]*bool{
 		"ActiveSyncEnabled": &m.ActiveSyncEnabled, "ActiveSyncDebugLogging": &m.ActiveSyncDebugLogging,
 		"OWAEnabled": &m.OWAEnabled, "EwsEnabled": &m.EwsEnabled, "MAPIEnabled": &m.MAPIEnabled,
 		"PopEnabled": &m.PopEnabled, "ImapEnabled": &m.ImapEnabled,
 	} {
-		if v, ok := a[name].(bool); ok {
-			*field = v
+		if v, ok := a[name].(bool); ok && *field != v {
+			*field, modified = v, true
 		}
 	}
+	if !modified {
+		out.warn(fmt.Sprintf("The command completed successfully but no settings of '%s' have been modified.", m.Canonical()))
+		return
+	}
+	listsChanged := !slices.Equal(allowed, m.Allowed) || !slices.Equal(blocked, m.Blocked)
+	m.Policy = policy
 	m.Allowed, m.Blocked = allowed, blocked
-	m.WhenChanged = s.org.now()
+	if !listsChanged || !s.org.listEditsKeepWhenChanged {
+		m.WhenChanged = s.org.now()
+	}
 	if allowedSet || blockedSet {
 		s.org.recordLists(m, s.server, prevAllowed, prevBlocked)
 		s.org.restamp(m, s.server)
 	}
+}
+
+// checkStrictMulti refuses, when the organisation is set to (SetStrictLists),
+// an @{Add=} of a value already on the list or an @{Remove=} of one that is
+// not, as a strict MultiValuedProperty would. UNCONFIRMED: whether Exchange
+// does; the messages and ids are invented after MultiValuedProperty's
+// duplicate-value error, and refuse the whole call as a terminating error
+// would.
+func (s *Session) checkStrictMulti(cmdlet string, m *Mailbox, list []string, mv *multi, out *output) bool {
+	if mv.replace {
+		return true
+	}
+	if s.org.strictAdd {
+		for _, v := range mv.add {
+			if containsFold(list, v) {
+				out.fail(s.exchangeError(cmdlet, "InvalidOperation", "InvalidOperationException", m.Canonical(),
+					"The value \"%s\" is already present in the collection.", v))
+				return false
+			}
+		}
+	}
+	if s.org.strictRemove {
+		for _, v := range mv.rmove {
+			if !containsFold(list, v) {
+				out.fail(s.exchangeError(cmdlet, "InvalidOperation", "InvalidOperationException", m.Canonical(),
+					"The value \"%s\" isn't present in the collection and can't be removed.", v))
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// SetStrictLists makes Set-CASMailbox refuse an @{Add=} of an id already on
+// a device list (add) and an @{Remove=} of an id that is not on it
+// (remove). Both are off by default, as the simulator has always accepted
+// them; which Exchange does is UNCONFIRMED, so tests run both ways.
+func (o *Org) SetStrictLists(add, remove bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.strictAdd, o.strictRemove = add, remove
+}
+
+// SetListEditsKeepWhenChanged makes a Set-CASMailbox that changes only the
+// device lists leave the mailbox's WhenChanged as it was. Off by default:
+// the lists are attributes of the user object, and Active Directory stamps
+// whenChanged on every write to an object; that Exchange's WhenChanged (and
+// a Get-CASMailbox -Filter on it) shows that stamp is UNCONFIRMED, and
+// easguard's quick sync depends on it, so tests run both ways.
+func (o *Org) SetListEditsKeepWhenChanged(keep bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.listEditsKeepWhenChanged = keep
 }
 
 func getCASMailbox(s *Session, a args, out *output) {

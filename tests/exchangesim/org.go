@@ -373,6 +373,9 @@ type Org struct {
 	classes map[string]time.Time
 	// granted are the cmdlets the service account's role grants.
 	granted map[string]bool
+	// strictAdd, strictRemove and listEditsKeepWhenChanged model
+	// unconfirmed list behaviour (SetStrictLists, SetListEditsKeepWhenChanged).
+	strictAdd, strictRemove, listEditsKeepWhenChanged bool
 
 	// DiscoveryPeriod is how long a new device without DeviceInformation
 	// stays in DeviceDiscovery while rules exist. UNCONFIRMED default; the

@@ -213,6 +213,20 @@ func Seed(o *Org, spec SeedSpec) error {
 			}
 		}
 	}
+	// A seeded organisation has been there a while: each mailbox last
+	// changed between its creation and two days ago (drawn last, so the
+	// rest of the seed is as it always was).
+	health.WhenCreated = now.Add(-30 * 24 * time.Hour)
+	health.WhenChanged = health.WhenCreated
+	for _, m := range boxes {
+		span := now.Add(-48 * time.Hour).Sub(m.WhenCreated)
+		m.WhenChanged = m.WhenCreated
+		if span > 0 {
+			m.WhenChanged = m.WhenCreated.Add(time.Duration(r.Int64N(int64(span))))
+		} else {
+			m.WhenCreated, m.WhenChanged = now.Add(-48*time.Hour), now.Add(-48*time.Hour)
+		}
+	}
 	return nil
 }
 

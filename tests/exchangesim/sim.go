@@ -108,6 +108,8 @@ type Sim struct {
 	adminURL  string
 	tlsCert   *tls.Certificate
 	pids      atomic.Int64
+	// killAfterWrites counts down the writes until a worker dies (KillWorkerAfterWrites).
+	killAfterWrites atomic.Int64
 
 	throttleMu sync.Mutex
 	calls      map[string][]time.Time

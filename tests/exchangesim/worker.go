@@ -257,6 +257,9 @@ func (p *workerProcess) handle(line string) bool {
 		results := make([]exchange.Result, 0, len(req.Calls))
 		ok := true
 		for _, c := range req.Calls {
+			if p.ctx.Err() != nil {
+				return false // killed mid-batch: the rest never runs
+			}
 			r := p.invoke(c, req.ID, 0)
 			ok = ok && r.OK
 			results = append(results, r)
@@ -303,6 +306,9 @@ func (p *workerProcess) invoke(c exchange.Call, id int64, page int) exchange.Res
 	params, _ := json.Marshal(c.Params)
 	p.sim.Recorder.Add(Record{Time: start, Endpoint: p.ep.Name, Kind: "cmdlet", User: p.session.user, Cmdlet: c.Cmdlet,
 		Params: params, OK: res.OK, Objects: res.Count, Duration: time.Since(start)})
+	if IsWrite(c.Cmdlet) && p.sim.killAfterWrites.Load() > 0 && p.sim.killAfterWrites.Add(-1) == 0 {
+		p.exit(1)
+	}
 	return res
 }
 
