@@ -32,7 +32,7 @@ type Config struct {
 	PowershellURL      string        `split_words:"true" default:"http://{server}/PowerShell/" desc:"Exchange remote PowerShell URL; {server} is the CAS the worker runs on."`
 	PowershellAuth     string        `split_words:"true" default:"Kerberos" desc:"Authentication of the remote session: Kerberos, Negotiate, Basic or Default."`
 	Workers            int           `split_words:"true" default:"4" desc:"Persistent PowerShell workers (WinRM shells, each with one Exchange session) per process, at most 8: Exchange allows 18 sessions per user, and the session of a killed worker counts until it expires."`
-	RequestTimeout     time.Duration `split_words:"true" default:"5m" desc:"Deadline of one request to a worker; a worker that misses it is replaced."`
+	RequestTimeout     time.Duration `split_words:"true" default:"5m" desc:"How long a request may wait for its answer, and a listing for each next page (not for the whole listing); a worker silent for longer is replaced."`
 	OperationTimeout   time.Duration `split_words:"true" default:"20s" desc:"WS-Man OperationTimeout: how long one Receive long-poll waits."`
 	StartTimeout       time.Duration `split_words:"true" default:"2m" desc:"How long starting a worker (shell, PowerShell, Exchange session) may take."`
 	Heartbeat          time.Duration `split_words:"true" default:"1m" desc:"An idle worker is pinged this often (a call through its Exchange session), so a broken one is found before a request needs it and a live one is not closed at the session's two-minute idle timeout; less than 2m."`

@@ -350,19 +350,46 @@ func (p *Pool) maintain() {
 }
 
 // Do runs one request, retrying transient failures with backoff on a fresh
-// worker (and, after failover, another CAS) until the request deadline.
-// Requests are safe to repeat: reads are reads, and easguard's writes add
-// and remove list entries, which converge when applied twice.
+// worker (and, after failover, another CAS).
+//
+// The request deadline (RequestTimeout) bounds silence, not the whole
+// request: it counts from the start, and for a paged answer again from
+// every page received, so a listing of any size completes as long as its
+// pages keep coming; a worker silent for RequestTimeout is killed and the
+// request fails with ErrTransient wrapping context.DeadlineExceeded. The
+// caller's own context still bounds everything.
+//
+// Requests are safe to repeat (reads are reads, and easguard's writes add
+// and remove list entries, which converge when applied twice), but a
+// repeated listing would hand the caller its first pages again. So a
+// request is retried only while none of its answer has reached onPage;
+// after that its failure is returned and the caller starts over.
 func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error) (Response, error) {
-	ctx, cancel := context.WithTimeout(ctx, p.opts.cfg.RequestTimeout)
-	defer cancel()
+	timeout := p.opts.cfg.RequestTimeout
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	silence := fmt.Errorf("%w: %s: no answer from Exchange for %s (EASGUARD_EXCHANGE_REQUEST_TIMEOUT): %w", ErrTransient, req.Op, timeout, context.DeadlineExceeded)
+	quiet := time.AfterFunc(timeout, func() { cancel(silence) })
+	defer quiet.Stop()
+	delivered := false
+	page := func(objs []Object) error {
+		// The caller's time with a page is not the worker's silence.
+		quiet.Stop()
+		delivered = true
+		var err error
+		if onPage != nil {
+			err = onPage(objs)
+		}
+		quiet.Reset(timeout)
+		return err
+	}
 	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond), backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
 	var last error
 	for {
 		w, err := p.acquire(ctx)
 		if err == nil {
 			var r Response
-			_, r, err = w.call(ctx, req, onPage)
+			_, r, err = w.call(ctx, req, page)
 			p.release(w, err)
 			if err == nil {
 				p.noteSuccess(w.target)
@@ -370,11 +397,14 @@ func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error)
 			}
 			p.noteFailure(w.target, err)
 		}
-		if !IsTransient(err) || ctx.Err() != nil {
-			if last != nil && ctx.Err() != nil {
-				return Response{}, fmt.Errorf("%w (last failure: %v)", err, last)
-			}
+		if ctx.Err() != nil {
+			return Response{}, deadlineError(ctx, err, last)
+		}
+		if !IsTransient(err) {
 			return Response{}, err
+		}
+		if delivered {
+			return Response{}, fmt.Errorf("%w (not retried: part of the answer had reached the caller)", err)
 		}
 		last = err
 		d := b.NextBackOff()
@@ -385,9 +415,27 @@ func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error)
 		select {
 		case <-time.After(d):
 		case <-ctx.Done():
-			return Response{}, fmt.Errorf("%w: %w (last failure: %v)", ErrTransient, ctx.Err(), last)
+			return Response{}, deadlineError(ctx, err, last)
 		}
 	}
+}
+
+// deadlineError says why a request's context ended: the request deadline
+// (its cause, already classified) or the caller's context, with the last
+// failure before it.
+func deadlineError(ctx context.Context, err, last error) error {
+	cause := context.Cause(ctx)
+	if !IsTransient(cause) {
+		// The caller's context ended.
+		cause = fmt.Errorf("%w: %w", ErrTransient, cause)
+	}
+	switch {
+	case last != nil:
+		return fmt.Errorf("%w (last failure: %v)", cause, last)
+	case err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded):
+		return fmt.Errorf("%w (failure: %v)", cause, err)
+	}
+	return cause
 }
 
 // Close ends every worker cleanly (their shells are deleted, so none is

@@ -32,8 +32,13 @@ type connectSettings struct {
 // shell on one CAS. It serves one request at a time.
 type worker struct {
 	target target
+	// mu guards shell, cmd and state. The boot goroutine writes shell and
+	// cmd while startWorker may give up on the start; whoever comes second
+	// (boot finishing, or the start's deadline) decides who tears down.
+	mu     sync.Mutex
 	shell  *winrm.Shell
 	cmd    *winrm.Command
+	state  startState
 	ctx    context.Context
 	cancel context.CancelFunc
 	frames chan frame
@@ -54,6 +59,20 @@ type worker struct {
 	deadErr  atomic.Value
 	once     sync.Once
 }
+
+// startState is where a worker's start stands.
+type startState int
+
+const (
+	// starting: boot is running and owns the shell it may create.
+	starting startState = iota
+	// running: boot succeeded before anyone gave up; the worker is handed out.
+	running
+	// abandoned: the start failed or its deadline passed first. Boot
+	// still owns what it created and deletes it when it returns, so a shell
+	// whose Create is answered after the deadline is deleted too.
+	abandoned
+)
 
 type frame struct {
 	r   Response
@@ -96,25 +115,67 @@ func startWorker(ctx context.Context, cfg transportConfig, t target, cs connectS
 		return nil, fmt.Errorf("%w: winrm client: %w", ErrInvalid, err)
 	}
 	w := &worker{target: t, ctx: wctx, cancel: cancel, frames: make(chan frame, 16), gone: make(chan struct{}), stderr: &tail{}, started: time.Now()}
-	type result struct {
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		done <- result{w.boot(client, cs)}
-	}()
+	done := make(chan error, 1)
+	go func() { done <- w.start(client, cs) }()
 	select {
-	case r := <-done:
-		if r.err != nil {
-			w.kill()
-			return nil, r.err
+	case err := <-done:
+		if err != nil {
+			return nil, err
 		}
 	case <-ctx.Done():
-		w.kill()
-		<-done
-		return nil, fmt.Errorf("%w: starting a worker on %s: %w", ErrUnreachable, t.fqdn, ctx.Err())
+		if w.abandon() {
+			// Boot goes on in the background until its current WinRM
+			// request is answered, then deletes whatever it made.
+			return nil, fmt.Errorf("%w: starting a worker on %s: %w", ErrUnreachable, t.fqdn, ctx.Err())
+		}
+		// Boot finished as the deadline passed: take its result.
+		if err := <-done; err != nil {
+			return nil, err
+		}
 	}
 	return w, nil
+}
+
+// start runs boot and settles the worker's state. A boot that failed, or
+// finished after its start was abandoned, tears the worker down itself:
+// only boot knows whether a Create or Command is still on its way, so
+// only boot can delete a shell that was made after the deadline.
+func (w *worker) start(client *winrm.Client, cs connectSettings) error {
+	err := w.boot(client, cs)
+	w.mu.Lock()
+	if err == nil && w.state == starting {
+		w.state = running
+		w.mu.Unlock()
+		return nil
+	}
+	if err == nil {
+		err = fmt.Errorf("%w: start on %s abandoned", ErrWorkerDead, w.target.fqdn)
+	}
+	w.state = abandoned
+	w.mu.Unlock()
+	w.kill()
+	return err
+}
+
+// abandon gives up on a start that is still booting and reports whether it
+// did; false means boot has already finished, successfully or not. It
+// marks the worker dead, which ends boot's waits for frames at once.
+func (w *worker) abandon() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.state != starting {
+		return false
+	}
+	w.state = abandoned
+	w.die(fmt.Errorf("%w: start on %s abandoned at its deadline", ErrWorkerDead, w.target.fqdn))
+	return true
+}
+
+// parts returns the shell and command, as far as boot has made them.
+func (w *worker) parts() (*winrm.Shell, *winrm.Command) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.shell, w.cmd
 }
 
 func (w *worker) boot(client *winrm.Client, cs connectSettings) error {
@@ -122,12 +183,19 @@ func (w *worker) boot(client *winrm.Client, cs connectSettings) error {
 	if err != nil {
 		return fmt.Errorf("create shell on %s: %w", w.target.fqdn, asKind(err))
 	}
+	w.mu.Lock()
 	w.shell = shell
+	w.mu.Unlock()
+	if w.dead.Load() {
+		return fmt.Errorf("%w: start on %s abandoned", ErrWorkerDead, w.target.fqdn)
+	}
 	cmd, err := shell.ExecuteWithContext(w.ctx, CommandLine())
 	if err != nil {
 		return fmt.Errorf("start worker on %s: %w", w.target.fqdn, asKind(err))
 	}
+	w.mu.Lock()
 	w.cmd = cmd
+	w.mu.Unlock()
 	go w.readFrames()
 	go func() { _, _ = io.Copy(w.stderr, cmd.Stderr) }()
 	if _, err := cmd.Stdin.Write(ScriptLine()); err != nil {
@@ -307,7 +375,7 @@ func (w *worker) call(ctx context.Context, req Request, onPage func([]Object) er
 // against the user's throttling budget.
 func (w *worker) close(ctx context.Context) {
 	w.once.Do(func() {
-		if !w.dead.Load() && w.cmd != nil {
+		if _, cmd := w.parts(); !w.dead.Load() && cmd != nil {
 			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			_, _, _ = w.call(cctx, Request{Op: "bye"}, nil)
 			cancel()
@@ -325,14 +393,15 @@ func (w *worker) kill() {
 
 func (w *worker) teardown() {
 	w.die(ErrWorkerDead)
-	if w.cmd != nil {
-		_ = w.cmd.Stdin.Close()
+	shell, cmd := w.parts()
+	if cmd != nil {
+		_ = cmd.Stdin.Close()
 	}
 	// Deleting the shell also ends its command; it goes over the other
 	// lane, so it is not stuck behind the long poll.
-	if w.shell != nil {
+	if shell != nil {
 		done := make(chan struct{})
-		go func() { _ = w.shell.Close(); close(done) }()
+		go func() { _ = shell.Close(); close(done) }()
 		select {
 		case <-done:
 		case <-time.After(15 * time.Second):

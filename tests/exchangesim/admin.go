@@ -163,9 +163,9 @@ type Fault struct {
 	// Endpoint names the CAS (EX01 or its FQDN).
 	Endpoint string `json:"endpoint"`
 	// Kind is down, up, refuse_auth, accept_auth, slow_receive (DelayMS),
-	// stall_receive, stall (every request), drop_shells, recycle (the
-	// /PowerShell app pool: every remote session on the CAS breaks), or
-	// clear (all off).
+	// slow_create (DelayMS), stall_receive, stall (every request),
+	// drop_shells, recycle (the /PowerShell app pool: every remote session
+	// on the CAS breaks), or clear (all off).
 	Kind    string `json:"kind"`
 	DelayMS int    `json:"delay_ms,omitempty"`
 }
@@ -189,6 +189,8 @@ func (s *Sim) Inject(f Fault) (int, error) {
 		e.SetRefuseAuth(false)
 	case "slow_receive":
 		e.SetSlowReceive(time.Duration(f.DelayMS) * time.Millisecond)
+	case "slow_create":
+		e.SetSlowCreate(time.Duration(f.DelayMS) * time.Millisecond)
 	case "stall_receive":
 		e.SetStallReceive(true)
 	case "stall":
@@ -198,6 +200,7 @@ func (s *Sim) Inject(f Fault) (int, error) {
 	case "clear":
 		e.SetRefuseAuth(false)
 		e.SetSlowReceive(0)
+		e.SetSlowCreate(0)
 		e.SetStallReceive(false)
 		e.SetStall(false)
 		if e.Down() {

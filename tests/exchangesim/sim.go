@@ -133,6 +133,8 @@ type Endpoint struct {
 
 	refuseAuth  atomic.Bool
 	slowReceive atomic.Int64 // nanoseconds
+	slowCreate  atomic.Int64 // nanoseconds
+	inFlight    atomic.Int64 // HTTP requests being handled
 	// stallReceive and stallAll are guarded by mu; released is closed
 	// whenever either is cleared, waking the requests they hold.
 	stallReceive bool
@@ -274,6 +276,9 @@ func (e *Endpoint) up() error {
 			BeforeAction: func(r wsman.Request) *wsman.Fault {
 				if actionName(r.Action) == "Create" {
 					sleep(s.profile.ShellCreate)
+					// Not bounded by the request's context: a client that
+					// stops waiting does not stop WinRM making the shell.
+					sleep(time.Duration(e.slowCreate.Load()))
 				}
 				sleep(s.profile.RoundTrip)
 				return nil
@@ -296,6 +301,8 @@ func (e *Endpoint) up() error {
 	mux := http.NewServeMux()
 	mux.Handle("/wsman", handler)
 	stallable := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		e.inFlight.Add(1)
+		defer e.inFlight.Add(-1)
 		e.waitWhile(r.Context(), func() bool { return e.stallAll })
 		mux.ServeHTTP(w, r)
 	})
@@ -401,6 +408,14 @@ func (e *Endpoint) SetRefuseAuth(v bool) { e.refuseAuth.Store(v) }
 // SetSlowReceive delays every Receive by d before it starts waiting.
 func (e *Endpoint) SetSlowReceive(d time.Duration) { e.slowReceive.Store(int64(d)) }
 
+// SetSlowCreate makes every shell Create take d before the shell exists
+// and the answer is sent. The shell is made even when the client has
+// stopped waiting, so a client that gives up on a slow Create and never
+// learns the shell's id leaves it behind: UNCONFIRMED that Windows carries
+// on with a Create whose HTTP request was abandoned; it is the worst case,
+// and nothing in WinRM's documentation says it rolls the Create back.
+func (e *Endpoint) SetSlowCreate(d time.Duration) { e.slowCreate.Store(int64(d)) }
+
 // SetStallReceive holds every Receive until the stall is cleared: a CAS
 // that accepts requests and never answers the long poll.
 func (e *Endpoint) SetStallReceive(v bool) { e.setStall(&e.stallReceive, v) }
@@ -426,6 +441,11 @@ func (e *Endpoint) DropShells() int {
 	}
 	return n
 }
+
+// InFlight returns how many HTTP requests the CAS is handling now, including
+// ones whose client has stopped waiting: a test that must see what those
+// leave behind waits for this to reach zero.
+func (e *Endpoint) InFlight() int { return int(e.inFlight.Load()) }
 
 // Shells returns the open shells of a user on this CAS.
 func (e *Endpoint) Shells(user string) int {

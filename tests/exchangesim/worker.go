@@ -280,6 +280,9 @@ func (p *workerProcess) handle(line string) bool {
 func (p *workerProcess) invoke(c exchange.Call, id int64, page int) exchange.Result {
 	start := time.Now()
 	res := exchange.Result{Objects: []exchange.Object{}, Errors: []exchange.Error{}, Warnings: []string{}}
+	// PerObject is spent as each object is produced, against a clock so
+	// that timer overshoot does not add up over a long listing.
+	due := time.Now()
 	if errs := p.sessionCall(); errs != nil {
 		res.Errors = append(res.Errors, errs...)
 	} else if err := p.sim.throttle(p.session.user, p.session.culture()); err != nil {
@@ -288,6 +291,12 @@ func (p *workerProcess) invoke(c exchange.Call, id int64, page int) exchange.Res
 		pageNo := 0
 		warnings, errs := p.session.Invoke(c, func(o exchange.Object) {
 			o = p.session.host.wire(o)
+			if d := p.sim.profile.PerObject; d > 0 {
+				due = due.Add(d)
+				if wait := time.Until(due); wait >= time.Millisecond {
+					sleepCtx(p.ctx, wait)
+				}
+			}
 			res.Objects = append(res.Objects, o)
 			res.Count++
 			if page > 0 && len(res.Objects) >= page {
@@ -302,7 +311,7 @@ func (p *workerProcess) invoke(c exchange.Call, id int64, page int) exchange.Res
 		res.Errors = append(res.Errors, errs...)
 	}
 	res.OK = len(res.Errors) == 0
-	sleepCtx(p.ctx, p.sim.profile.cmdletCost(c.Cmdlet, res.Count))
+	sleepCtx(p.ctx, p.sim.profile.cmdletCost(c)+time.Until(due))
 	params, _ := json.Marshal(c.Params)
 	p.sim.Recorder.Add(Record{Time: start, Endpoint: p.ep.Name, Kind: "cmdlet", User: p.session.user, Cmdlet: c.Cmdlet,
 		Params: params, OK: res.OK, Objects: res.Count, Duration: time.Since(start)})

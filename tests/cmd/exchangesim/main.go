@@ -57,7 +57,7 @@ func run(args []string) int {
 	user := fs.String("user", exchangesim.DefaultUser, "service account name")
 	host := fs.String("host", "127.0.0.1", "address the WS-Man endpoints listen on")
 	admin := fs.String("admin", "127.0.0.1:0", "admin API listen address")
-	profile := fs.String("profile", "default", "latency profile: default (realistic) or none")
+	profile := fs.String("profile", "default", "latency profile: default (realistic), slow (a large organisation through a remote session) or none")
 	org := fs.String("org", "Contoso", "Exchange organisation name")
 	domain := fs.String("domain", "contoso.com", "forest root domain")
 	replication := fs.Duration("replication-delay", 0, "how long a change written through one CAS takes to be seen through the others (Active Directory replication; about 15s within a site)")
@@ -112,15 +112,12 @@ func run(args []string) int {
 			return 2
 		}
 	}
-	switch *profile {
-	case "default":
-		cfg.Profile = exchangesim.DefaultProfile()
-	case "none":
-		cfg.Profile = exchangesim.TestProfile()
-	default:
-		fmt.Fprintf(os.Stderr, "exchangesim: -profile: use default or none, not %q\n", *profile)
+	p, err := exchangesim.ProfileByName(*profile)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "exchangesim: -profile: %v\n", err)
 		return 2
 	}
+	cfg.Profile = p
 	s, err := exchangesim.Start(cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "exchangesim:", err)
