@@ -230,7 +230,7 @@ func (p *Pool) signal() {
 // workers are closed instead.
 func (p *Pool) release(w *worker, err error) {
 	p.mu.Lock()
-	retire := w.dead.Load() || p.closed || w.target != p.servers[p.current] ||
+	retire := w.dead.Load() || w.retiring.Load() || p.closed || w.target != p.servers[p.current] ||
 		w.requests >= p.opts.cfg.RecycleRequests || time.Since(w.started) >= p.opts.cfg.RecycleAfter
 	if retire {
 		p.total--
@@ -248,6 +248,10 @@ func (p *Pool) release(w *worker, err error) {
 // pool to the next server, and start probing the primary if the pool left it.
 func (p *Pool) noteFailure(t target, err error) {
 	if IsFatal(err) || !(errors.Is(err, ErrUnreachable) || errors.Is(err, ErrWorkerDead) || errors.Is(err, ErrTransient)) {
+		return
+	}
+	if errors.Is(err, ErrSessionBroken) {
+		// The CAS answered; its app pool recycled. A new session works.
 		return
 	}
 	p.mu.Lock()
@@ -340,9 +344,15 @@ func (p *Pool) maintain() {
 			ctx, cancel := context.WithTimeout(context.Background(), p.opts.cfg.OperationTimeout+10*time.Second)
 			_, r, err := w.call(ctx, Request{Op: "ping"}, nil)
 			cancel()
-			if err != nil || !r.OK {
+			switch {
+			case err != nil:
 				p.log.Warn("idle worker failed its heartbeat; replacing it", "server", w.target.fqdn, "error", err)
 				w.kill()
+			case !r.OK:
+				// It answers, so it can say bye and remove what is left of
+				// its session.
+				p.log.Warn("idle worker's Exchange session failed its heartbeat; replacing it", "server", w.target.fqdn, "error", ResultError("ping", r.Errors))
+				w.retiring.Store(true)
 			}
 			p.release(w, err)
 		}
@@ -390,6 +400,17 @@ func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error)
 		if err == nil {
 			var r Response
 			_, r, err = w.call(ctx, req, page)
+			if err == nil {
+				if berr := sessionBrokenIn(r); berr != nil {
+					// The worker answers, but its Exchange session is gone:
+					// it leaves with bye, and a new worker (a new session)
+					// runs the request. Reads are reads; easguard's writes
+					// read the lists first, so a repeated batch is safe.
+					w.retiring.Store(true)
+					p.log.Warn("Exchange session broken; replacing the worker", "server", w.target.fqdn, "error", berr)
+					err = berr
+				}
+			}
 			p.release(w, err)
 			if err == nil {
 				p.noteSuccess(w.target)
@@ -436,6 +457,28 @@ func deadlineError(ctx context.Context, err, last error) error {
 		return fmt.Errorf("%w (failure: %v)", cause, err)
 	}
 	return cause
+}
+
+// sessionBrokenIn returns the classified error when a response (or one
+// call of a batch) says the worker's Exchange session broke.
+func sessionBrokenIn(r Response) error {
+	check := func(errs []Error) error {
+		for _, e := range errs {
+			if e.Reason == "SessionBroken" {
+				return classify("session", e)
+			}
+		}
+		return nil
+	}
+	if err := check(r.Errors); err != nil {
+		return err
+	}
+	for _, res := range r.Results {
+		if err := check(res.Errors); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Close ends every worker cleanly (their shells are deleted, so none is

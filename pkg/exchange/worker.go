@@ -44,6 +44,12 @@ type worker struct {
 	frames chan frame
 	// gone is closed when the worker dies; frames is never closed.
 	gone    chan struct{}
+	// exited is closed when the process's stdout has ended (it exited, or
+	// its shell is gone); nil until the process runs.
+	exited chan struct{}
+	// retiring marks a worker that still answers but must not take more
+	// requests (its Exchange session broke): it leaves with bye.
+	retiring atomic.Bool
 	stderr  *tail
 	started time.Time
 	// Connected describes the Exchange session: mode and the cmdlets the
@@ -196,6 +202,9 @@ func (w *worker) boot(client *winrm.Client, cs connectSettings) error {
 	w.mu.Lock()
 	w.cmd = cmd
 	w.mu.Unlock()
+	w.mu.Lock()
+	w.exited = make(chan struct{})
+	w.mu.Unlock()
 	go w.readFrames()
 	go func() { _, _ = io.Copy(w.stderr, cmd.Stderr) }()
 	if _, err := cmd.Stdin.Write(ScriptLine()); err != nil {
@@ -249,7 +258,12 @@ func isoSeconds(d time.Duration) string {
 
 // readFrames turns the worker's stdout into frames; it ends when the
 // process exits or the shell fails.
+//
+// Once the worker is dead its output is still read (and dropped) until the
+// process ends: a process whose stdout nobody reads would block on it and
+// never reach the end of its script, where it removes its Exchange session.
 func (w *worker) readFrames() {
+	defer close(w.exited)
 	sc := bufio.NewScanner(w.cmd.Stdout)
 	sc.Buffer(make([]byte, 64<<10), 64<<20)
 	for sc.Scan() {
@@ -265,7 +279,6 @@ func (w *worker) readFrames() {
 		select {
 		case w.frames <- frame{r: r, err: err}:
 		case <-w.gone:
-			return
 		}
 	}
 	err := sc.Err()
@@ -384,18 +397,38 @@ func (w *worker) close(ctx context.Context) {
 	})
 }
 
-// kill stops the worker at once and deletes its shell in the background.
+// kill stops the worker at once: no request reaches it any more, and its
+// shell is deleted in the background (see teardown).
 func (w *worker) kill() {
 	w.once.Do(func() {
 		go w.teardown()
 	})
 }
 
+// exitGrace is how long teardown lets a worker whose input has ended run
+// on: long enough to finish a cmdlet in flight and remove its Exchange
+// session, which would otherwise count against the user's 18 sessions
+// until its idle timeout.
+var exitGrace = 15 * time.Second
+
+// teardown ends the worker's input, so the script leaves its loop and its
+// finally block removes the Exchange session, waits up to exitGrace for
+// the process to end, and then deletes the shell (which kills a process
+// stuck in a cmdlet; its session then expires after the idle timeout).
 func (w *worker) teardown() {
 	w.die(ErrWorkerDead)
 	shell, cmd := w.parts()
 	if cmd != nil {
 		_ = cmd.Stdin.Close()
+		w.mu.Lock()
+		exited := w.exited
+		w.mu.Unlock()
+		if exited != nil {
+			select {
+			case <-exited:
+			case <-time.After(exitGrace):
+			}
+		}
 	}
 	// Deleting the shell also ends its command; it goes over the other
 	// lane, so it is not stuck behind the long poll.
