@@ -117,7 +117,10 @@ func TestLeakedSessionsExpire(t *testing.T) {
 		// Four at once, so the pool runs (and the server kills) all its workers.
 		errs := make(chan error, cfg.Workers)
 		for range cfg.Workers {
-			go func() { _, _, err := c.Invoke(ctx, exchange.Call{Cmdlet: "Get-ActiveSyncOrganizationSettings"}); errs <- err }()
+			go func() {
+				_, _, err := c.Invoke(ctx, exchange.Call{Cmdlet: "Get-ActiveSyncOrganizationSettings"})
+				errs <- err
+			}()
 		}
 		for range cfg.Workers {
 			if err := <-errs; err != nil {

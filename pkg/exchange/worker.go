@@ -43,15 +43,15 @@ type worker struct {
 	cancel context.CancelFunc
 	frames chan frame
 	// gone is closed when the worker dies; frames is never closed.
-	gone    chan struct{}
+	gone chan struct{}
 	// exited is closed when the process's stdout has ended (it exited, or
 	// its shell is gone); nil until the process runs.
 	exited chan struct{}
 	// retiring marks a worker that still answers but must not take more
 	// requests (its Exchange session broke): it leaves with bye.
 	retiring atomic.Bool
-	stderr  *tail
-	started time.Time
+	stderr   *tail
+	started  time.Time
 	// Connected describes the Exchange session: mode and the cmdlets the
 	// account may run.
 	mode    string
