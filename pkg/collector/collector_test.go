@@ -269,16 +269,7 @@ func TestFullSyncReportsChanges(t *testing.T) {
 	checkCounts(t, "second full sync", second.GetCounts(), &ev.SyncCounts{Observed: n, Unchanged: n, Mailboxes: int64(len(mailboxes))})
 
 	// An administrator blocks one phone; another phone syncs for the first time.
-	var victim exchangesim.Partnership
-	for _, p := range parts {
-		if p.State == "Allowed" && p.Reason == "Global" && !p.Allowed && !p.Blocked {
-			victim = p
-			break
-		}
-	}
-	if victim.DeviceID == "" {
-		t.Fatal("no phone allowed by the org default in the seeded organisation")
-	}
+	victim := allowedByDefault(t, parts)
 	res, err := h.client.ApplyAccess(ctx, []exchange.Change{{Mailbox: victim.PrimarySMTP, DeviceID: victim.DeviceID, Access: exchange.AccessBlock}})
 	if err != nil || len(res) != 1 || res[0].Err != nil {
 		t.Fatalf("block %s: %v %v", victim.DeviceID, res, err)
@@ -647,4 +638,17 @@ func TestConfigValidate(t *testing.T) {
 		{Name: "mail insert of 256 characters", Env: map[string]string{"EASGUARD_COLLECTOR_USER_MAIL_INSERT": strings.Repeat("é", 256)}, Want: ""},
 		{Name: "mail insert too long", Env: map[string]string{"EASGUARD_COLLECTOR_USER_MAIL_INSERT": strings.Repeat("é", 257)}, Want: "EASGUARD_COLLECTOR_USER_MAIL_INSERT"},
 	})
+}
+
+// allowedByDefault returns a phone that gets mail through the org default
+// alone (on neither list), the one the tests change by hand.
+func allowedByDefault(t testing.TB, parts []exchangesim.Partnership) exchangesim.Partnership {
+	t.Helper()
+	for _, p := range parts {
+		if p.State == "Allowed" && p.Reason == "Global" && !p.Allowed && !p.Blocked {
+			return p
+		}
+	}
+	t.Fatal("no phone allowed by the org default in the seeded organisation")
+	return exchangesim.Partnership{}
 }

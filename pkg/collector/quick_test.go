@@ -5,7 +5,6 @@ import (
 
 	"github.com/easguard/easguard/pkg/exchange"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
-	"github.com/easguard/easguard/tests/exchangesim"
 )
 
 // An administrator blocks a known phone by hand, out of band: the next
@@ -40,16 +39,7 @@ func TestQuickSyncReportsChangedAccess(t *testing.T) {
 				t.Fatalf("a quick sync of an unchanged organisation ran %d cmdlets, want at most 2", c)
 			}
 
-			var victim exchangesim.Partnership
-			for _, p := range parts {
-				if p.State == "Allowed" && p.Reason == "Global" && !p.Allowed && !p.Blocked {
-					victim = p
-					break
-				}
-			}
-			if victim.DeviceID == "" {
-				t.Fatal("no phone allowed by the org default in the seeded organisation")
-			}
+			victim := allowedByDefault(t, parts)
 			mates := int64(0) // visible partnerships of the victim's mailbox
 			for _, p := range parts {
 				if p.Mailbox == victim.Mailbox {
