@@ -181,6 +181,10 @@ type PolicyStatus struct {
 	File     string    `json:"file,omitempty"`
 	DryRun   bool      `json:"dry_run"`
 	LoadedAt time.Time `json:"loaded_at"`
+	// Warnings name the rules that trust values the phone reports about
+	// itself (policy.Policy.Warnings), so that an administrator sees them
+	// where the policy in force is shown, not only in a log.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // publishPolicy records the policy in force in the status bucket.
@@ -188,6 +192,10 @@ func (e *Evaluator) publishPolicy(p *policy.Policy) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	st := PolicyStatus{Version: p.Version(), File: e.cfg.PolicyFile, DryRun: p.DryRun || e.cfg.DryRun, LoadedAt: e.now()}
+	for _, w := range p.Warnings() {
+		st.Warnings = append(st.Warnings, w.String())
+		e.log.Warn("policy rule trusts a value the phone reports", "file", e.cfg.PolicyFile, "version", st.Version, "rule", w.Path, "warning", w.Message)
+	}
 	if err := e.putStatus(ctx, "policy", st); err != nil {
 		e.log.Warn("policy status not recorded", "error", err)
 	}

@@ -537,11 +537,11 @@ scope:
 allowed_platforms: [ios, android]
 platform_not_allowed: quarantine
 exemptions:
-  - {device_id: "ApplEXEMPT1", reason: "break-glass"}
-  - {device_type: "EASProbeDeviceType", reason: "health probes"}
+  - {mailbox: "frank@contoso.com", device_id: "ApplEXEMPT1", reason: "break-glass"}
+  - {device_type: "EASProbeDeviceType", reason: "health probes", trust_client_reported: true}
   - {mailbox: "helpdesk@contoso.com", reason: "shared phone"}
-  - {device_id: "ApplEXPIRED", reason: "was temporary", until: %q}
-  - {device_id: "ApplLATER", reason: "temporary", until: %q}
+  - {mailbox: "gina@contoso.com", device_id: "ApplEXPIRED", reason: "was temporary", until: %q}
+  - {mailbox: "hugo@contoso.com", device_id: "ApplLATER", reason: "temporary", until: %q}
 `, now.Add(-time.Hour).UTC().Format(time.RFC3339), now.Add(time.Hour).UTC().Format(time.RFC3339)))
 	h := start(t, evaluator.Config{PolicyFile: path})
 
@@ -562,6 +562,7 @@ exemptions:
 		{name: "allowed platform, compliant", dev: phone("dave@contoso.com", "ApplDAVE1", stQuarantined, rsGlobal), mdm: true, want: wantAllow, rule: policy.RuleCompliant},
 		{name: "platform not allowed, even compliant", dev: windows, mdm: true, want: wantQuar, rule: policy.RulePlatformNotAllowed, notifyReason: policy.NotifyPlatformNotAllowed},
 		{name: "exempt by device id, any case", dev: phone("frank@contoso.com", "applexempt1", stQuarantined, rsGlobal), want: wantAllow, rule: policy.RuleExemptionDeviceID},
+		{name: "an exempt device id on another mailbox is not exempt", dev: phone("ivan@contoso.com", "ApplEXEMPT1", stQuarantined, rsGlobal), want: wantBlock, rule: policy.RuleUnknownDevice, notifyReason: policy.NotifyNotEnrolled},
 		{name: "exempt by device type", dev: probe, want: wantAllow, rule: policy.RuleExemptionDeviceType},
 		{name: "exempt by mailbox", dev: phone("helpdesk@contoso.com", "ApplHELP1", stQuarantined, rsGlobal), want: wantAllow, rule: policy.RuleExemptionMailbox},
 		{name: "expired exemption no longer allows", dev: phone("gina@contoso.com", "ApplEXPIRED", stQuarantined, rsGlobal), want: wantBlock, rule: policy.RuleUnknownDevice, notifyReason: policy.NotifyNotEnrolled},
@@ -974,7 +975,7 @@ func TestRecheckWhenTimeRunsOut(t *testing.T) {
 		{"grace period ends (new device seen by a sync)", func(time.Time) string { return "grace_period: 3s\n" }, "eas", policy.RuleGracePeriod},
 		{"grace period ends (MDM change)", func(time.Time) string { return "grace_period: 3s\n" }, "mdm", policy.RuleGracePeriod},
 		{"exemption ends", func(until time.Time) string {
-			return fmt.Sprintf("exemptions:\n  - {device_id: ApplNEW1, reason: travel, until: %q}\n", until.UTC().Format(time.RFC3339))
+			return fmt.Sprintf("exemptions:\n  - {mailbox: alice@contoso.com, device_id: ApplNEW1, reason: travel, until: %q}\n", until.UTC().Format(time.RFC3339))
 		}, "eas", policy.RuleExemptionDeviceID},
 	}
 	for _, tc := range cases {

@@ -282,24 +282,33 @@ func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, tri
 			others = append(others, d)
 		}
 	}
-	// The newest check-in first; live records before retired ones.
+	// Live records before retired ones; then a record that names the
+	// mailbox's user before one that names nobody; then the newest check-in.
 	sort.Slice(mine, func(i, j int) bool {
 		if mine[i].GetRetired() != mine[j].GetRetired() {
 			return !mine[i].GetRetired()
 		}
+		if ui, uj := userOf(mine[i]) != "", userOf(mine[j]) != ""; ui != uj {
+			return ui
+		}
 		return mine[i].GetLastCheckIn().AsTime().After(mine[j].GetLastCheckIn().AsTime())
 	})
 	switch {
+	case len(mine) > 0 && !mine[0].GetRetired() && userOf(mine[0]) == "":
+		// The EAS id is the phone's own claim: a record that names no user
+		// is no proof that this mailbox's phone is the enrolled one. It
+		// travels with the verdict so that the policy can choose to trust
+		// it (trust_mdm_records_without_user).
+		d := mine[0]
+		out.Mdm = d
+		out.Method = ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID
+		out.NoMatchReason = ev.NoMatchReason_NO_MATCH_REASON_RECORD_WITHOUT_USER
+		out.Detail = fmt.Sprintf("MDM record %s has EAS id %s but names no user, so it is not joined to %s by the phone-reported EAS id alone", d.GetMdmDeviceId(), d.GetEasDeviceId(), userOfMailbox(mb))
 	case len(mine) > 0 && !mine[0].GetRetired():
 		d := mine[0]
 		out.Mdm = d
-		if d.GetUserPrincipalName() != "" || d.GetEmailAddress() != "" {
-			out.Method = ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID_AND_USER
-			out.Detail = fmt.Sprintf("MDM record %s has EAS id %s and belongs to %s", d.GetMdmDeviceId(), d.GetEasDeviceId(), userOf(d))
-		} else {
-			out.Method = ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID
-			out.Detail = fmt.Sprintf("MDM record %s has EAS id %s (the record names no user)", d.GetMdmDeviceId(), d.GetEasDeviceId())
-		}
+		out.Method = ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID_AND_USER
+		out.Detail = fmt.Sprintf("MDM record %s has EAS id %s and belongs to %s", d.GetMdmDeviceId(), d.GetEasDeviceId(), userOf(d))
 		if len(mine) > 1 {
 			out.Detail += fmt.Sprintf("; %d records share the id, the most recently checked-in one was taken", len(mine))
 		}

@@ -157,3 +157,40 @@ func TestMDMChangeRematches(t *testing.T) {
 		t.Fatalf("after removal: %v", v)
 	}
 }
+
+// An MDM record that names no user is not joined to any mailbox by the
+// phone-reported EAS id alone: every partnership with that id gets
+// RECORD_WITHOUT_USER, carrying the record for the policy to judge, and a
+// record that names the mailbox's user wins over it.
+func TestRecordWithoutUserIsNotAMatch(t *testing.T) {
+	h := start(t)
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m-nobody", EasDeviceId: "ApplCOPIED", LastCheckIn: timestamppb.Now(),
+		ComplianceState: ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT}, false, "")
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m-old-carol", UserPrincipalName: "carol@contoso.com", EasDeviceId: "ApplCOPIED",
+		LastCheckIn: timestamppb.New(time.Now().Add(-time.Hour)), ComplianceState: ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT}, false, "")
+	tests := []struct {
+		mailbox    string
+		wantReason ev.NoMatchReason
+		wantMethod ev.MatchMethod
+		wantMDM    string
+	}{
+		{"alice@contoso.com", ev.NoMatchReason_NO_MATCH_REASON_RECORD_WITHOUT_USER, ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID, "m-nobody"},
+		{"bob@contoso.com", ev.NoMatchReason_NO_MATCH_REASON_RECORD_WITHOUT_USER, ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID, "m-nobody"},
+		// carol's own record is older but names her: it is the match.
+		{"carol@contoso.com", ev.NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, ev.MatchMethod_MATCH_METHOD_EAS_DEVICE_ID_AND_USER, "m-old-carol"},
+	}
+	for i, tc := range tests {
+		t.Run(tc.mailbox, func(t *testing.T) {
+			h.t = t
+			h.observe(tc.mailbox, tc.mailbox, "ApplCOPIED", fmt.Sprint("g", i))
+			v := h.next(1)[0]
+			if v.GetNoMatchReason() != tc.wantReason || v.GetMethod() != tc.wantMethod || v.GetMdm().GetMdmDeviceId() != tc.wantMDM {
+				t.Fatalf("verdict: reason %v method %v mdm %q, want %v %v %q (%s)", v.GetNoMatchReason(), v.GetMethod(),
+					v.GetMdm().GetMdmDeviceId(), tc.wantReason, tc.wantMethod, tc.wantMDM, v.GetDetail())
+			}
+			if err := v.Validate(); err != nil {
+				t.Fatalf("verdict does not validate: %v", err)
+			}
+		})
+	}
+}

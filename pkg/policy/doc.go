@@ -14,7 +14,7 @@
 //	dry_run: false               # decide and record, never apply
 //	scope:                       # who easguard manages; everyone else is never touched
 //	  include: {mailboxes: [], domains: [contoso.com], groups: [all-staff]}
-//	  exclude: {mailboxes: [ceo@contoso.com], domains: [], groups: [service-accounts]}
+//	  exclude: {mailboxes: [ceo@contoso.com, "healthmailbox*@contoso.com"], domains: [], groups: [service-accounts]}
 //	groups:                      # easguard does not read Exchange group membership
 //	  all-staff: ["*@contoso.com"]
 //	  service-accounts: [svc-*@contoso.com]
@@ -24,10 +24,32 @@
 //	platform_not_allowed: block
 //	grace_period: 0s
 //	exemptions:
-//	  - {device_id: "ApplF17LTTCGFFG8", reason: "CEO iPhone, INC-4711", until: "2026-12-31T00:00:00Z"}
-//	  - {device_type: "EASProbeDeviceType", reason: "Exchange health probes"}
+//	  - {mailbox: "cfo@contoso.com", device_id: "ApplF17LTTCGFFG8", reason: "CFO iPhone, INC-4711", until: "2026-12-31T00:00:00Z"}
 //	  - {mailbox: "helpdesk@contoso.com", reason: "shared helpdesk phone"}
 //	notify: true
+//	trust_mdm_records_without_user: false
+//
+// # What the phone reports
+//
+// The device id, device type, model, OS and user agent of a partnership are
+// what the phone says about itself: any phone can claim the device type
+// EASProbeDeviceType or copy another phone's device id. The mailbox is not:
+// Exchange authenticated its user. So an exemption is a mailbox (every
+// device of it) or a device of a mailbox (mailbox with device_id or
+// device_type); a device_id or device_type exemption without a mailbox
+// admits every phone on every mailbox that claims the value, and is refused
+// unless it says trust_client_reported: true. Health-probe mailboxes are
+// better left out of scope (scope.exclude "healthmailbox*@contoso.com").
+// Warnings lists every rule that trusts a client-reported value (acknowledged
+// exemptions, a device type bound to a mailbox, allowed_platforms where a
+// claimed platform escapes a harsher platform_not_allowed, and
+// trust_mdm_records_without_user); the evaluator logs them and shows them
+// in its policy status at every load.
+//
+// An MDM record that names no user is joined to a partnership only by the
+// EAS device id, which the phone chooses; the matcher reports that as
+// NO_MATCH_REASON_RECORD_WITHOUT_USER and Evaluate treats the device as
+// unknown unless trust_mdm_records_without_user is true.
 //
 // Parse is strict because a policy decides who loses mail: an unknown key, a
 // wrong type, a group that is used but not defined or a second YAML document
@@ -54,7 +76,9 @@
 //     easguard leaves the partnership alone and decides nothing.
 //  2. Exemptions that are still valid at Now (no until, or Now before until)
 //     allow the device: by device_id (compared case-insensitively, as
-//     Exchange compares device ids), then by device_type, then by mailbox.
+//     Exchange compares device ids), then by device_type, then by mailbox;
+//     a device_id or device_type exemption with a mailbox applies on that
+//     mailbox (its SMTP address or UPN) only.
 //     They come before every other rule because they are the break-glass
 //     that must work when the MDM or its records are wrong.
 //  3. Platform. The platform is the MDM record's when there is one and it
@@ -64,6 +88,8 @@
 //  4. A usable MDM record (MDM set and NoMatch unspecified) that is enrolled
 //     and compliant (COMPLIANT or IN_GRACE_PERIOD) is allowed ("compliant");
 //     enrolled but in any other compliance state is decided by noncompliant.
+//     A record that names no user (NoMatch RECORD_WITHOUT_USER) is usable
+//     only with trust_mdm_records_without_user.
 //     ENROLLED, UNHEALTHY and an unreported (UNSPECIFIED) enrollment state
 //     count as enrolled and leave the verdict to the compliance state.
 //  5. Everything else is an unknown device: no MDM record, a record for

@@ -136,6 +136,13 @@ func (p *Policy) Evaluate(in Input) Verdict {
 			RuleExemptionDeviceType: fmt.Sprintf("its device type %q", in.Partnership.GetDeviceType()),
 			RuleExemptionMailbox:    "its mailbox",
 		}[rule]
+		if rule != RuleExemptionMailbox {
+			if e.Mailbox != "" {
+				by += " on this mailbox"
+			} else {
+				by += " on any mailbox (trust_client_reported)"
+			}
+		}
 		until := ""
 		if !e.Until.IsZero() {
 			until = " until " + stamp(e.Until)
@@ -153,7 +160,8 @@ func (p *Policy) Evaluate(in Input) Verdict {
 	}
 
 	// 4. A usable MDM record that is enrolled.
-	usable := in.MDM != nil && in.NoMatch == ev.NoMatchReason_NO_MATCH_REASON_UNSPECIFIED
+	usable := in.MDM != nil && (in.NoMatch == ev.NoMatchReason_NO_MATCH_REASON_UNSPECIFIED ||
+		in.NoMatch == ev.NoMatchReason_NO_MATCH_REASON_RECORD_WITHOUT_USER && p.TrustMDMRecordsWithoutUser)
 	if usable && standingOf(in.MDM) == enrolled {
 		src := sourceName(in.MDM)
 		switch cs := in.MDM.GetComplianceState(); cs {
@@ -217,19 +225,24 @@ func (p *Policy) deny(a Action, rule, notifyReason, reason string) Verdict {
 // exemptionFor finds the exemption that allows the partnership at Now:
 // device id before device type before mailbox, and within a kind the one
 // that lasts longest, so that RecheckAt is no earlier than it needs to be.
+// A device exemption with a mailbox admits the device only on that
+// mailbox.
 func (p *Policy) exemptionFor(in Input, addrs []string) (Exemption, string, bool) {
+	mailboxOK := func(e Exemption) bool {
+		return e.Mailbox == "" || slices.ContainsFunc(addrs, func(a string) bool { return strings.EqualFold(e.Mailbox, a) })
+	}
 	kinds := []struct {
 		rule  string
 		match func(Exemption) bool
 	}{
 		{RuleExemptionDeviceID, func(e Exemption) bool {
-			return e.DeviceID != "" && strings.EqualFold(e.DeviceID, in.Partnership.GetDeviceId())
+			return e.DeviceID != "" && strings.EqualFold(e.DeviceID, in.Partnership.GetDeviceId()) && mailboxOK(e)
 		}},
 		{RuleExemptionDeviceType, func(e Exemption) bool {
-			return e.DeviceType != "" && strings.EqualFold(e.DeviceType, in.Partnership.GetDeviceType())
+			return e.DeviceType != "" && strings.EqualFold(e.DeviceType, in.Partnership.GetDeviceType()) && mailboxOK(e)
 		}},
 		{RuleExemptionMailbox, func(e Exemption) bool {
-			return e.Mailbox != "" && slices.ContainsFunc(addrs, func(a string) bool { return strings.EqualFold(e.Mailbox, a) })
+			return e.Mailbox != "" && e.DeviceID == "" && e.DeviceType == "" && mailboxOK(e)
 		}},
 	}
 	for _, k := range kinds {
@@ -313,6 +326,8 @@ func unknownWhy(in Input) (string, string) {
 		return "its MDM record is retired", NotifyRetired
 	case ev.NoMatchReason_NO_MATCH_REASON_AMBIGUOUS:
 		return "several MDM records match it and none can be trusted", NotifyNotEnrolled
+	case ev.NoMatchReason_NO_MATCH_REASON_RECORD_WITHOUT_USER:
+		return "the only MDM record with its EAS device id names no user, and the policy does not trust a join by the phone-reported EAS id alone (trust_mdm_records_without_user)", NotifyNotEnrolled
 	case ev.NoMatchReason_NO_MATCH_REASON_UNSPECIFIED:
 	default:
 		return fmt.Sprintf("the matcher found no usable MDM record (%s)", enumWord(in.NoMatch.String(), "NO_MATCH_REASON_")), NotifyNotEnrolled

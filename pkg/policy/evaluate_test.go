@@ -27,10 +27,10 @@ allowed_platforms: [ios, ipados, android]
 platform_not_allowed: block
 grace_period: 2d
 exemptions:
-  - {device_id: "ApplF17LTTCGFFG8", reason: "CEO iPhone, INC-4711", until: "2026-12-31T00:00:00Z"}
-  - {device_type: "EASProbeDeviceType", reason: "Exchange health probes"}
+  - {device_id: "ApplF17LTTCGFFG8", reason: "CEO iPhone, INC-4711", until: "2026-12-31T00:00:00Z", trust_client_reported: true}
+  - {device_type: "EASProbeDeviceType", reason: "Exchange health probes", trust_client_reported: true}
   - {mailbox: "Helpdesk@contoso.com", reason: "shared helpdesk phone"}
-  - {device_id: "WINPHONE0001", reason: "legacy Windows phone of the lab"}
+  - {mailbox: "anna@contoso.com", device_id: "WINPHONE0001", reason: "legacy Windows phone of the lab"}
   - {mailbox: "lab@contoso.com", reason: "lab account, short", until: "2026-06-10T00:00:00Z"}
   - {mailbox: "lab@contoso.com", reason: "lab account, long", until: "2026-09-01T00:00:00Z"}
 notify: true
@@ -267,7 +267,7 @@ func TestEvaluate(t *testing.T) {
 		{name: "device id exemption, case-insensitive, before until",
 			in:     input(device("applf17lttcgffg8", "iPhone", "iOS 17"), mdm(ev.ComplianceState_COMPLIANCE_STATE_NONCOMPLIANT, ev.EnrollmentState_ENROLLMENT_STATE_ENROLLED, ev.Platform_PLATFORM_IOS)),
 			want:   Verdict{InScope: true, Desired: allow, Rule: RuleExemptionDeviceID, RecheckAt: until},
-			reason: "is exempt by its device id until 2026-12-31T00:00:00Z: CEO iPhone, INC-4711."},
+			reason: "is exempt by its device id on any mailbox (trust_client_reported) until 2026-12-31T00:00:00Z: CEO iPhone, INC-4711."},
 		{name: "device id exemption one second before until",
 			in:   input(device("ApplF17LTTCGFFG8", "iPhone", "iOS 17"), at(until.Add(-time.Second))),
 			want: Verdict{InScope: true, Desired: allow, Rule: RuleExemptionDeviceID, RecheckAt: until}},
@@ -280,14 +280,18 @@ func TestEvaluate(t *testing.T) {
 		{name: "device type exemption, case-insensitive, never expires",
 			in:     input(device("PROBE00000000001", "easprobedevicetype", "")),
 			want:   Verdict{InScope: true, Desired: allow, Rule: RuleExemptionDeviceType},
-			reason: "exempt by its device type \"easprobedevicetype\": Exchange health probes."},
+			reason: "exempt by its device type \"easprobedevicetype\" on any mailbox (trust_client_reported): Exchange health probes."},
 		{name: "mailbox exemption by UPN, case-insensitive",
 			in:     input(mailbox("it-support@contoso.com", "HELPDESK@Contoso.com")),
 			want:   Verdict{InScope: true, Desired: allow, Rule: RuleExemptionMailbox},
 			reason: "shared helpdesk phone"},
 		{name: "exemption comes before platform",
-			in:   input(device("winphone0001", "WindowsPhone", "Windows Phone 8.1")),
-			want: Verdict{InScope: true, Desired: allow, Rule: RuleExemptionDeviceID}},
+			in:     input(mailbox("Anna@contoso.com", ""), device("winphone0001", "WindowsPhone", "Windows Phone 8.1")),
+			want:   Verdict{InScope: true, Desired: allow, Rule: RuleExemptionDeviceID},
+			reason: "is exempt by its device id on this mailbox: legacy Windows phone of the lab."},
+		{name: "device id exemption bound to a mailbox does not admit the id on another",
+			in:   input(device("WINPHONE0001", "WindowsPhone", "Windows Phone 8.1")),
+			want: Verdict{InScope: true, Desired: block, Rule: RulePlatformNotAllowed, Notify: true, NotifyReason: NotifyPlatformNotAllowed}},
 		{name: "device id exemption before device type",
 			in:   input(device("ApplF17LTTCGFFG8", "EASProbeDeviceType", "")),
 			want: Verdict{InScope: true, Desired: allow, Rule: RuleExemptionDeviceID, RecheckAt: until}},

@@ -425,10 +425,10 @@ func (d *decoder) action(dst *Action) field {
 }
 
 const (
-	rootKeys      = "version, org, dry_run, scope, groups, unknown_device, noncompliant, allowed_platforms, platform_not_allowed, grace_period, exemptions, notify"
+	rootKeys      = "version, org, dry_run, scope, groups, unknown_device, noncompliant, allowed_platforms, platform_not_allowed, grace_period, exemptions, notify, trust_mdm_records_without_user"
 	scopeKeys     = "include, exclude"
 	selectorKeys  = "mailboxes, domains, groups"
-	exemptionKeys = "device_id, device_type, mailbox, reason, until"
+	exemptionKeys = "mailbox, device_id, device_type, reason, until, trust_client_reported"
 )
 
 // root decodes the top-level mapping into d.p.
@@ -468,6 +468,11 @@ func (d *decoder) root(n *yaml.Node) {
 		"notify": func(path string, v *yaml.Node) {
 			if b, ok := d.boolean(path, v); ok {
 				p.Notify = b
+			}
+		},
+		"trust_mdm_records_without_user": func(path string, v *yaml.Node) {
+			if b, ok := d.boolean(path, v); ok {
+				p.TrustMDMRecordsWithoutUser = b
 			}
 		},
 		"scope": func(path string, v *yaml.Node) {
@@ -583,6 +588,11 @@ func (d *decoder) exemptions(path string, n *yaml.Node) {
 			"device_type": str(&e.DeviceType),
 			"mailbox":     str(&e.Mailbox),
 			"reason":      str(&e.Reason),
+			"trust_client_reported": func(path string, v *yaml.Node) {
+				if b, ok := d.boolean(path, v); ok {
+					e.TrustClientReported = b
+				}
+			},
 			"until": func(path string, v *yaml.Node) {
 				s, ok := d.str(path, v)
 				if !ok {

@@ -24,7 +24,7 @@ func TestLoadExample(t *testing.T) {
 		Org:           "contoso",
 		Scope: Scope{
 			Include: Selector{Domains: []string{"contoso.com"}, Groups: []string{"all-staff"}},
-			Exclude: Selector{Mailboxes: []string{"ceo@contoso.com"}, Groups: []string{"service-accounts"}},
+			Exclude: Selector{Mailboxes: []string{"ceo@contoso.com", "healthmailbox*@contoso.com"}, Groups: []string{"service-accounts"}},
 		},
 		Groups: map[string][]string{
 			"all-staff":        {"*@contoso.com"},
@@ -35,8 +35,7 @@ func TestLoadExample(t *testing.T) {
 		AllowedPlatforms:   []ev.Platform{ev.Platform_PLATFORM_IOS, ev.Platform_PLATFORM_IPADOS, ev.Platform_PLATFORM_ANDROID},
 		PlatformNotAllowed: ActionBlock,
 		Exemptions: []Exemption{
-			{DeviceID: "ApplF17LTTCGFFG8", Reason: "CEO iPhone, INC-4711", Until: time.Date(2026, 12, 31, 0, 0, 0, 0, time.UTC)},
-			{DeviceType: "EASProbeDeviceType", Reason: "Exchange health probes"},
+			{Mailbox: "cfo@contoso.com", DeviceID: "ApplF17LTTCGFFG8", Reason: "CFO iPhone, INC-4711", Until: time.Date(2026, 12, 31, 0, 0, 0, 0, time.UTC)},
 			{Mailbox: "helpdesk@contoso.com", Reason: "shared helpdesk phone"},
 		},
 		Notify: true,
@@ -86,11 +85,11 @@ allowed_platforms: [Android, ios, android]
 				p.AllowedPlatforms = []ev.Platform{ev.Platform_PLATFORM_IOS, ev.Platform_PLATFORM_ANDROID}
 			}},
 		{name: "device ids keep their case and leading zeros",
-			yaml: "version: 1\norg: contoso\nexemptions:\n  - {device_id: 0123, reason: r}\n  - {device_id: AbC, reason: r, until: 2026-12-31T01:00:00+01:00}\n",
+			yaml: "version: 1\norg: contoso\nexemptions:\n  - {device_id: 0123, reason: r, trust_client_reported: true}\n  - {mailbox: a@contoso.com, device_id: AbC, reason: r, until: 2026-12-31T01:00:00+01:00}\n",
 			want: func(p *Policy) {
 				p.Exemptions = []Exemption{
-					{DeviceID: "0123", Reason: "r"},
-					{DeviceID: "AbC", Reason: "r", Until: time.Date(2026, 12, 31, 0, 0, 0, 0, time.UTC)},
+					{DeviceID: "0123", Reason: "r", TrustClientReported: true},
+					{Mailbox: "a@contoso.com", DeviceID: "AbC", Reason: "r", Until: time.Date(2026, 12, 31, 0, 0, 0, 0, time.UTC)},
 				}
 			}},
 		{name: "anchors and aliases",
@@ -150,8 +149,14 @@ func TestParseErrors(t *testing.T) {
 		{"dry_run yes", head + "dry_run: yes\n", "dry_run", `"yes" is not true or false`, 3},
 		{"notify list", head + "notify: [true]\n", "notify", "must be true or false, not a list", 3},
 		{"exemption without reason", head + "exemptions:\n  - device_id: a\n", "exemptions[0].reason", "is missing", 4},
-		{"exemption with two selectors", head + "exemptions:\n  - {device_id: a, mailbox: a@contoso.com, reason: r}\n", "exemptions[0]", "exactly one of device_id, device_type or mailbox (has 2)", 4},
-		{"exemption with no selector", head + "exemptions:\n  - {reason: r}\n", "exemptions[0]", "(has 0)", 4},
+		{"exemption with device id and type", head + "exemptions:\n  - {device_id: a, device_type: b, mailbox: a@contoso.com, reason: r}\n", "exemptions[0]", "has both device_id and device_type", 4},
+		{"exemption with no selector", head + "exemptions:\n  - {reason: r}\n", "exemptions[0]", "needs a mailbox", 4},
+		{"device id exemption without mailbox", head + "exemptions:\n  - {device_id: a, reason: r}\n", "exemptions[0]", `exempts every phone that reports device_id "a" on any mailbox`, 4},
+		{"device type exemption without mailbox", head + "exemptions:\n  - {device_type: EASProbeDeviceType, reason: r}\n", "exemptions[0]", "trust_client_reported: true", 4},
+		{"device id exemption acknowledged false", head + "exemptions:\n  - {device_id: a, reason: r, trust_client_reported: false}\n", "exemptions[0]", "bind it to a mailbox", 4},
+		{"acknowledgement on a bound exemption", head + "exemptions:\n  - {mailbox: a@contoso.com, device_id: a, reason: r,\n     trust_client_reported: true}\n", "exemptions[0].trust_client_reported", "only for exemptions without a mailbox", 5},
+		{"acknowledgement not a bool", head + "exemptions:\n  - {device_id: a, reason: r, trust_client_reported: yes please}\n", "exemptions[0].trust_client_reported", "not true or false", 4},
+		{"trust_mdm_records_without_user not a bool", head + "trust_mdm_records_without_user: sometimes\n", "trust_mdm_records_without_user", "not true or false", 3},
 		{"exemption mailbox wildcard", head + "exemptions:\n  - {mailbox: \"*@contoso.com\", reason: r}\n", "exemptions[0].mailbox", "no wildcards", 4},
 		{"exemption device id too long", head + "exemptions:\n  - {device_id: " + strings.Repeat("A", 33) + ", reason: r}\n", "exemptions[0].device_id", "1 to 32 characters", 4},
 		{"exemption device type with space", head + "exemptions:\n  - {device_type: \"EAS Probe\", reason: r}\n", "exemptions[0].device_type", "not a device type", 4},
@@ -284,7 +289,11 @@ func TestValidate(t *testing.T) {
 		{"unspecified platform", func(p *Policy) { p.AllowedPlatforms = []ev.Platform{ev.Platform_PLATFORM_UNSPECIFIED} }, "allowed_platforms[0]"},
 		{"undefined group", func(p *Policy) { p.Scope.Include.Groups = []string{"x"} }, "groups"},
 		{"exemption without reason", func(p *Policy) { p.Exemptions = []Exemption{{DeviceID: "a", Reason: " "}} }, "exemptions[0].reason"},
-		{"valid exemption", func(p *Policy) { p.Exemptions = []Exemption{{DeviceID: "a", Reason: "r"}} }, ""},
+		{"device exemption not bound to a mailbox", func(p *Policy) { p.Exemptions = []Exemption{{DeviceID: "a", Reason: "r"}} }, "exemptions[0]"},
+		{"valid exemption", func(p *Policy) { p.Exemptions = []Exemption{{DeviceID: "a", Mailbox: "a@contoso.com", Reason: "r"}} }, ""},
+		{"valid acknowledged exemption", func(p *Policy) {
+			p.Exemptions = []Exemption{{DeviceType: "EASProbeDeviceType", Reason: "r", TrustClientReported: true}}
+		}, ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -93,6 +93,14 @@ type Policy struct {
 	// Notify asks for the users of blocked or quarantined devices to be told
 	// how to enrol.
 	Notify bool
+	// TrustMDMRecordsWithoutUser lets an MDM record that names no user count
+	// for whichever mailbox's partnership reports its EAS device id. Off by
+	// default: the EAS id is chosen by the phone, so without a user on the
+	// record a phone that copies an enrolled phone's id would inherit its
+	// compliance. The matcher reports such a join as
+	// NO_MATCH_REASON_RECORD_WITHOUT_USER and Evaluate uses the record only
+	// when this is on.
+	TrustMDMRecordsWithoutUser bool
 }
 
 // Scope selects the mailboxes easguard manages. Exclude wins over Include
@@ -123,9 +131,14 @@ func (s Selector) empty() bool {
 	return len(s.Mailboxes) == 0 && len(s.Domains) == 0 && len(s.Groups) == 0
 }
 
-// Exemption always allows the devices it names. Exactly one of DeviceID,
-// DeviceType and Mailbox is set; the reason is mandatory because every
-// exemption is a hole in the gate that an auditor will ask about.
+// Exemption always allows the devices it names: a mailbox (every device of
+// it), a device of a mailbox (Mailbox with DeviceID or DeviceType), or,
+// only with TrustClientReported, a device id or type on any mailbox. The
+// device id and type are values the phone reports about itself, so an
+// exemption by them alone admits every phone that claims them; bound to a
+// mailbox, only a phone that also holds that mailbox's credentials can.
+// The reason is mandatory because every exemption is a hole in the gate
+// that an auditor will ask about.
 type Exemption struct {
 	// DeviceID is an EAS device id, compared case-insensitively.
 	DeviceID string
@@ -134,7 +147,12 @@ type Exemption struct {
 	DeviceType string
 	// Mailbox is an exact address (primary SMTP or UPN); wildcards are not
 	// accepted, so that one exemption cannot silently cover a whole domain.
+	// With DeviceID or DeviceType it binds the exemption to that mailbox.
 	Mailbox string
+	// TrustClientReported acknowledges that an exemption without Mailbox
+	// trusts a value any phone can claim; validation refuses such an
+	// exemption without it.
+	TrustClientReported bool
 	// Reason says why, for administrators and the audit log.
 	Reason string
 	// Until ends the exemption; zero means it never ends. Timed exemptions
@@ -311,14 +329,19 @@ func (v *validator) address(path, a string, wildcard bool) {
 }
 
 func (v *validator) exemption(path string, e Exemption) {
-	set := 0
-	for _, s := range []string{e.DeviceID, e.DeviceType, e.Mailbox} {
-		if s != "" {
-			set++
+	switch {
+	case e.DeviceID == "" && e.DeviceType == "" && e.Mailbox == "":
+		v.add(path, "needs a mailbox, a mailbox with a device_id or device_type, or (with trust_client_reported) a device_id or device_type")
+	case e.DeviceID != "" && e.DeviceType != "":
+		v.add(path, "has both device_id and device_type; give one of them")
+	case e.Mailbox == "" && !e.TrustClientReported:
+		what, val := "device_id", e.DeviceID
+		if e.DeviceType != "" {
+			what, val = "device_type", e.DeviceType
 		}
-	}
-	if set != 1 {
-		v.add(path, "needs exactly one of device_id, device_type or mailbox (has %d)", set)
+		v.add(path, "exempts every phone that reports %s %q on any mailbox, a value the phone chooses itself; bind it to a mailbox (mailbox: user@domain) or acknowledge the risk with trust_client_reported: true", what, val)
+	case e.Mailbox != "" && e.TrustClientReported:
+		v.add(path+".trust_client_reported", "is only for exemptions without a mailbox; this one is bound to %s", e.Mailbox)
 	}
 	if e.DeviceID != "" && !validToken(e.DeviceID, maxDeviceIDLen) {
 		v.add(path+".device_id", "%q is not a device id (1 to %d characters, no spaces or '*')", e.DeviceID, maxDeviceIDLen)
@@ -499,6 +522,7 @@ type canonical struct {
 	GracePeriodNanos   int64               `json:"grace_period_ns"`
 	Exemptions         []canonicalExempt   `json:"exemptions"`
 	Notify             bool                `json:"notify"`
+	TrustUserless      bool                `json:"trust_mdm_records_without_user,omitempty"`
 }
 
 type canonicalSelector struct {
@@ -513,6 +537,7 @@ type canonicalExempt struct {
 	Mailbox    string `json:"mailbox,omitempty"`
 	Reason     string `json:"reason"`
 	Until      string `json:"until,omitempty"`
+	Trust      bool   `json:"trust_client_reported,omitempty"`
 }
 
 // Version returns a short, stable hash of the normalised policy (16 hex
@@ -539,6 +564,7 @@ func (p *Policy) Version() string {
 		PlatformNotAllowed: string(n.PlatformNotAllowed),
 		GracePeriodNanos:   int64(n.GracePeriod),
 		Notify:             n.Notify,
+		TrustUserless:      n.TrustMDMRecordsWithoutUser,
 	}
 	for _, pl := range n.AllowedPlatforms {
 		name := PlatformName(pl)
@@ -548,7 +574,7 @@ func (p *Policy) Version() string {
 		c.AllowedPlatforms = append(c.AllowedPlatforms, name)
 	}
 	for _, e := range n.Exemptions {
-		ce := canonicalExempt{DeviceID: e.DeviceID, DeviceType: e.DeviceType, Mailbox: e.Mailbox, Reason: e.Reason}
+		ce := canonicalExempt{DeviceID: e.DeviceID, DeviceType: e.DeviceType, Mailbox: e.Mailbox, Reason: e.Reason, Trust: e.TrustClientReported}
 		if !e.Until.IsZero() {
 			ce.Until = e.Until.Format(time.RFC3339Nano)
 		}

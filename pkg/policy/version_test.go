@@ -36,12 +36,13 @@ func TestVersionIgnoresForm(t *testing.T) {
 		{"Windows line ends", strings.ReplaceAll(example, "\n", "\r\n")},
 		{"block style, other key order, other quoting, other case, other list order", `
 notify: true
+trust_mdm_records_without_user: false
 exemptions:
-  - reason: CEO iPhone, INC-4711
+  - reason: CFO iPhone, INC-4711
     until: 2026-12-31T01:00:00+01:00
     device_id: ApplF17LTTCGFFG8
-  - device_type: EASProbeDeviceType
-    reason: 'Exchange health probes'
+    mailbox: CFO@Contoso.com
+    trust_client_reported: false
   - mailbox: HelpDesk@Contoso.com
     reason: shared helpdesk phone
 groups:
@@ -53,7 +54,7 @@ allowed_platforms: [android, ipados, ios, ios]
 scope:
   exclude:
     groups: [service-accounts]
-    mailboxes: [CEO@contoso.com]
+    mailboxes: [HealthMailbox*@contoso.com, CEO@contoso.com]
   include:
     groups: [all-staff]
     domains: [contoso.com, CONTOSO.COM]
@@ -102,6 +103,11 @@ func TestVersionChangesWithPolicy(t *testing.T) {
 		{"exemption removed", func(p *Policy) { p.Exemptions = p.Exemptions[1:] }},
 		{"exemption order", func(p *Policy) { p.Exemptions[0], p.Exemptions[1] = p.Exemptions[1], p.Exemptions[0] }},
 		{"notify", func(p *Policy) { p.Notify = false }},
+		{"exemption unbound from its mailbox", func(p *Policy) {
+			p.Exemptions[0].Mailbox, p.Exemptions[0].TrustClientReported = "", true
+		}},
+		{"exemption trusts client-reported", func(p *Policy) { p.Exemptions[1].TrustClientReported = true }},
+		{"trust MDM records without user", func(p *Policy) { p.TrustMDMRecordsWithoutUser = true }},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

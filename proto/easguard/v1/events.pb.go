@@ -612,6 +612,11 @@ const (
 	NoMatchReason_NO_MATCH_REASON_MDM_RECORD_WITHOUT_EAS_ID NoMatchReason = 3
 	NoMatchReason_NO_MATCH_REASON_RETIRED                   NoMatchReason = 4
 	NoMatchReason_NO_MATCH_REASON_AMBIGUOUS                 NoMatchReason = 5
+	// The only live MDM record with the partnership's EAS id names no user.
+	// The EAS id is chosen by the phone, so the matcher does not join by it
+	// alone; mdm carries the record and the policy decides whether to trust
+	// it (trust_mdm_records_without_user).
+	NoMatchReason_NO_MATCH_REASON_RECORD_WITHOUT_USER NoMatchReason = 6
 )
 
 // Enum value maps for NoMatchReason.
@@ -623,6 +628,7 @@ var (
 		3: "NO_MATCH_REASON_MDM_RECORD_WITHOUT_EAS_ID",
 		4: "NO_MATCH_REASON_RETIRED",
 		5: "NO_MATCH_REASON_AMBIGUOUS",
+		6: "NO_MATCH_REASON_RECORD_WITHOUT_USER",
 	}
 	NoMatchReason_value = map[string]int32{
 		"NO_MATCH_REASON_UNSPECIFIED":               0,
@@ -631,6 +637,7 @@ var (
 		"NO_MATCH_REASON_MDM_RECORD_WITHOUT_EAS_ID": 3,
 		"NO_MATCH_REASON_RETIRED":                   4,
 		"NO_MATCH_REASON_AMBIGUOUS":                 5,
+		"NO_MATCH_REASON_RECORD_WITHOUT_USER":       6,
 	}
 )
 
@@ -1534,7 +1541,9 @@ type DeviceMatched struct {
 	Org   string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
 	// observed is the partnership as last observed on Exchange.
 	Observed *EASPartnershipObserved `protobuf:"bytes,2,opt,name=observed,proto3" json:"observed,omitempty"`
-	// mdm is the matched MDM record; unset when there is no match.
+	// mdm is the matched MDM record; unset when there is no match, except
+	// with NO_MATCH_REASON_RECORD_WITHOUT_USER, where it is the record the
+	// policy may choose to trust.
 	Mdm           *MDMDevice    `protobuf:"bytes,3,opt,name=mdm,proto3" json:"mdm,omitempty"`
 	Method        MatchMethod   `protobuf:"varint,4,opt,name=method,proto3,enum=easguard.v1.MatchMethod" json:"method,omitempty"`
 	NoMatchReason NoMatchReason `protobuf:"varint,5,opt,name=no_match_reason,json=noMatchReason,proto3,enum=easguard.v1.NoMatchReason" json:"no_match_reason,omitempty"`
@@ -2927,14 +2936,15 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\x18MATCH_METHOD_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aMATCH_METHOD_EAS_DEVICE_ID\x10\x01\x12'\n" +
 	"#MATCH_METHOD_EAS_DEVICE_ID_AND_USER\x10\x02\x12\x17\n" +
-	"\x13MATCH_METHOD_MANUAL\x10\x03*\xeb\x01\n" +
+	"\x13MATCH_METHOD_MANUAL\x10\x03*\x94\x02\n" +
 	"\rNoMatchReason\x12\x1f\n" +
 	"\x1bNO_MATCH_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dNO_MATCH_REASON_NO_MDM_RECORD\x10\x01\x12+\n" +
 	"'NO_MATCH_REASON_RECORD_FOR_ANOTHER_USER\x10\x02\x12-\n" +
 	")NO_MATCH_REASON_MDM_RECORD_WITHOUT_EAS_ID\x10\x03\x12\x1b\n" +
 	"\x17NO_MATCH_REASON_RETIRED\x10\x04\x12\x1d\n" +
-	"\x19NO_MATCH_REASON_AMBIGUOUS\x10\x05*\xff\x01\n" +
+	"\x19NO_MATCH_REASON_AMBIGUOUS\x10\x05\x12'\n" +
+	"#NO_MATCH_REASON_RECORD_WITHOUT_USER\x10\x06*\xff\x01\n" +
 	"\fApplyOutcome\x12\x1d\n" +
 	"\x19APPLY_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15APPLY_OUTCOME_APPLIED\x10\x01\x12\"\n" +

@@ -78,9 +78,13 @@ func (e *DeviceMatched) Validate() error {
 	p.need(e.GetOrg() != "", "org is empty")
 	p.need(e.GetObserved() != nil, "observed is missing")
 	p.partnership("observed.partnership", e.GetObserved().GetPartnership())
-	matched := e.GetMdm() != nil
-	p.need(!matched || e.GetMethod() != MatchMethod_MATCH_METHOD_UNSPECIFIED, "mdm is set but method is unspecified")
+	// A record without a user travels with its no-match reason, so that the
+	// policy can choose to trust it; every other record is a match.
+	userless := e.GetNoMatchReason() == NoMatchReason_NO_MATCH_REASON_RECORD_WITHOUT_USER
+	matched := e.GetMdm() != nil && !userless
+	p.need(e.GetMdm() == nil || e.GetMethod() != MatchMethod_MATCH_METHOD_UNSPECIFIED, "mdm is set but method is unspecified")
 	p.need(matched || e.GetNoMatchReason() != NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, "no mdm record and no no_match_reason")
+	p.need(!userless || e.GetMdm() != nil, "no_match_reason is record_without_user but mdm is missing")
 	p.need(!matched || e.GetNoMatchReason() == NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, "mdm is set together with no_match_reason")
 	p.need(e.GetMatchedAt().IsValid(), "matched_at is missing")
 	return p.err()
