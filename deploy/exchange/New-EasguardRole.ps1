@@ -131,7 +131,11 @@ if ($null -eq $group) {
         New-RoleGroup -Name $RoleGroup -Roles @($roles) -Members $Account -Description 'easguard service account: least-privilege ActiveSync access (deploy/exchange/New-EasguardRole.ps1)' | Out-Null
     }
 } else {
-    $assigned = @(Get-ManagementRoleAssignment -RoleAssignee $RoleGroup -Delegating $false | ForEach-Object { [string]$_.Role })
+    # An assignment's Role may show as the role's name or its
+    # distinguished name (which, in which version's remote session, is
+    # UNCONFIRMED); Get-ManagementRole accepts either and gives the name.
+    $assignments = @(Get-ManagementRoleAssignment -RoleAssignee $RoleGroup -Delegating $false)
+    $assigned = @($assignments | ForEach-Object { [string](Get-ManagementRole -Identity ([string]$_.Role)).Name })
     foreach ($roleName in $roles) {
         if ($assigned -notcontains $roleName) {
             if ($PSCmdlet.ShouldProcess($RoleGroup, "New-ManagementRoleAssignment -Role '$roleName'")) {
@@ -139,10 +143,10 @@ if ($null -eq $group) {
             }
         }
     }
-    foreach ($assignment in @(Get-ManagementRoleAssignment -RoleAssignee $RoleGroup -Delegating $false)) {
-        if ($roles -notcontains [string]$assignment.Role) {
-            if ($PSCmdlet.ShouldProcess([string]$assignment.Name, "Remove-ManagementRoleAssignment (role '$($assignment.Role)' is not easguard's)")) {
-                Remove-ManagementRoleAssignment -Identity $assignment.Identity -Confirm:$false
+    for ($i = 0; $i -lt $assignments.Count; $i++) {
+        if ($roles -notcontains $assigned[$i]) {
+            if ($PSCmdlet.ShouldProcess([string]$assignments[$i].Name, "Remove-ManagementRoleAssignment (role '$($assigned[$i])' is not easguard's)")) {
+                Remove-ManagementRoleAssignment -Identity ([string]$assignments[$i].Identity) -Confirm:$false
             }
         }
     }

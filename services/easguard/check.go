@@ -27,7 +27,7 @@ type CheckConfig struct {
 // only when the feature is on. Its default is the collector's
 // (collector.Config), which a test holds it to.
 type CheckCollector struct {
-	EnforceSettings bool `split_words:"true" default:"true" desc:"On full sync, make the organisation's ActiveSync settings what easguard needs (EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL and the two below)."`
+	EnforceSettings bool `split_words:"true" default:"true" desc:"Set as for the collector: whether it enforces the organisation's ActiveSync settings, and so whether the account needs Set-ActiveSyncOrganizationSettings."`
 }
 
 // features returns the features this configuration enables.
@@ -141,6 +141,9 @@ func checkPermissions(ctx context.Context, c *exchange.Client, cfg exchange.Conf
 		}
 		m := byFeature[f]
 		verdict := fmt.Sprintf("ok, %d cmdlets", len(exchange.FeatureCmdlets(f)))
+		if len(exchange.FeatureCmdlets(f)) == 1 {
+			verdict = "ok, " + exchange.FeatureCmdlets(f)[0]
+		}
 		if len(m) > 0 {
 			verdict = "MISSING " + describeCmdlets(m)
 			if !enabled[f] {
