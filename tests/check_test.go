@@ -180,6 +180,7 @@ func TestCheckExchangeWithTheScriptsRole(t *testing.T) {
 		{"settings not enforced", without("Set-ActiveSyncOrganizationSettings"), []string{"EASGUARD_COLLECTOR_ENFORCE_SETTINGS=false"}, 0,
 			[]string{"org settings (optional, EASGUARD_COLLECTOR_ENFORCE_SETTINGS): not granted (only needed when enabled): Set-ActiveSyncOrganizationSettings",
 				"all 7 cmdlets easguard needs are available", "\nOK\n"}, ""},
+		{"without Set-ADServerSettings", without("Set-ADServerSettings"), nil, 1, []string{"FAIL"}, "may not run Set-ADServerSettings"},
 		{"without Get-MobileDevice", without("Get-MobileDevice"), nil, 1,
 			[]string{"core (enabled, reads, allow and block lists): MISSING Get-MobileDevice (or Get-ActiveSyncDevice)"},
 			"may not run Get-MobileDevice (or Get-ActiveSyncDevice)"},

@@ -193,6 +193,10 @@ func explain(cfg exchange.Config, err error) error {
 		return fmt.Errorf("the certificate of %s is not trusted: set EASGUARD_EXCHANGE_CA_BUNDLE to a PEM file with the CA that issued it (only in a test lab: EASGUARD_EXCHANGE_INSECURE_SKIP_VERIFY=true) (%w)", cfg.Server, err)
 	case errors.Is(err, exchange.ErrUnreachable):
 		return fmt.Errorf("WinRM on %s port %d is not reachable: check the name, the port (5986 for HTTPS, 5985 for HTTP), firewalls and proxies, and that the server has a WinRM listener (winrm enumerate winrm/config/listener) (%w)", cfg.Server, port, err)
+	case errors.Is(err, exchange.ErrPermission) && strings.Contains(err.Error(), "'Set-ADServerSettings' is not recognized"):
+		// Every worker session runs it first, so without it no session
+		// starts and the per-feature report is never reached.
+		return fmt.Errorf("the account %s may not run Set-ADServerSettings, which every easguard session runs first (-ViewEntireForest); give it the role group deploy/exchange/New-EasguardRole.ps1 creates, then run this check again (%w)", cfg.User, err)
 	case errors.Is(err, exchange.ErrPermission):
 		return fmt.Errorf("the account %s lacks a permission easguard needs: %w", cfg.User, err)
 	case errors.Is(err, exchange.ErrThrottled):
