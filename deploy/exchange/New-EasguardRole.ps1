@@ -21,13 +21,15 @@ and partnership removal are not granted: nothing in easguard enables them.
 
 Which built-in role holds which cmdlet is looked up in the organisation
 (Get-ManagementRoleEntry), not assumed: the first role of -ParentRoles that
-has an entry for a cmdlet becomes its parent. The default list is the
-roles Microsoft's documentation and tooling name for these cmdlets (Mail
-Recipients for mailbox, recipient and device cmdlets; Organization Client
-Access and View-Only Configuration for the ActiveSync organisation settings
-and servers); that every cmdlet sits in one of them on every Exchange
-version from 2010 SP3 to 2019 is UNCONFIRMED, hence the look-up and the
-error that names the cmdlet no role of the list holds.
+has an entry for a cmdlet becomes its parent. The default list comes from
+Microsoft's tooling: Microsoft365DSC names Mail Recipients and View-Only
+Recipients for the CAS mailbox cmdlets, and Organization Client Access and
+View-Only Configuration for the ActiveSync configuration cmdlets (its
+settings.json files, written for Exchange Online). Which of them holds each
+cmdlet here (Get-MobileDevice, Get-Recipient, Get-ExchangeServer,
+Set-ADServerSettings, the ActiveSync organisation settings) on each version
+from 2010 SP3 to 2019 is UNCONFIRMED, hence the look-up and the error that
+names a cmdlet no role of the list holds.
 
 .PARAMETER Account
 The service account (EASGUARD_EXCHANGE_USER), e.g. CONTOSO\svc-easguard.
