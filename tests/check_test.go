@@ -3,6 +3,8 @@ package tests
 import (
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -52,7 +54,7 @@ func TestCheckExchangeReports(t *testing.T) {
 	}
 	for _, want := range []string{
 		"EX01 (ex01.contoso.com) Version 15.2", "EX02 (ex02.contoso.com)", "ex01.contoso.com, ex02.contoso.com",
-		"all 23 cmdlets easguard needs are available", "mailboxes      201", "DefaultAccessLevel Allow", "\nOK\n",
+		"all 8 cmdlets easguard needs are available", "mailboxes      201", "DefaultAccessLevel Allow", "\nOK\n",
 		"partnerships   " + strconv.Itoa(easPartnerships) + " ActiveSync",
 	} {
 		if !strings.Contains(stdout, want) {
@@ -121,6 +123,79 @@ func TestCheckExchangeFailsWithAnAction(t *testing.T) {
 			}
 			if strings.Contains(stderr, exchangesim.DefaultPassword) {
 				t.Fatal("the password appears in the error")
+			}
+		})
+	}
+}
+
+// roleScriptGrants reads the cmdlets deploy/exchange/New-EasguardRole.ps1
+// grants on Exchange 2013 and later: the first name of every quoted entry
+// between its "# BEGIN easguard cmdlets" and "# END easguard cmdlets"
+// lines (an entry is "Cmdlet" or "Cmdlet|Exchange 2010 alternative").
+func roleScriptGrants(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile("../deploy/exchange/New-EasguardRole.ps1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?s)\n# BEGIN easguard cmdlets\n(.*?)\n# END easguard cmdlets\n`).FindSubmatch(b)
+	if m == nil {
+		t.Fatal("the role script has no BEGIN/END easguard cmdlets block")
+	}
+	var out []string
+	for _, q := range regexp.MustCompile(`'([^']*)'`).FindAllSubmatch(m[1], -1) {
+		out = append(out, strings.Split(string(q[1]), "|")[0])
+	}
+	return out
+}
+
+// The check passes with exactly the role the shipped script creates, says
+// that remote wipe and partnership removal are optional and not granted,
+// and names what an enabled feature lacks when a cmdlet is taken away;
+// org-settings enforcement is required only while it is enabled.
+func TestCheckExchangeWithTheScriptsRole(t *testing.T) {
+	role := roleScriptGrants(t)
+	without := func(c string) []string {
+		if !slices.Contains(role, c) {
+			t.Fatalf("the role script does not grant %s", c)
+		}
+		return slices.DeleteFunc(slices.Clone(role), func(x string) bool { return x == c })
+	}
+	tests := []struct {
+		name    string
+		granted []string
+		env     []string
+		code    int
+		stdout  []string
+		stderr  string
+	}{
+		{"the script's role", role, nil, 0, []string{
+			"org settings (enabled, EASGUARD_COLLECTOR_ENFORCE_SETTINGS): ok",
+			"remote wipe (optional, nothing enables it yet): not granted (only needed when enabled): Clear-ActiveSyncDevice",
+			"partnership removal (optional, nothing enables it yet): not granted (only needed when enabled): Remove-ActiveSyncDevice",
+			"all 8 cmdlets easguard needs are available", "\nOK\n"}, ""},
+		{"without Set-ActiveSyncOrganizationSettings", without("Set-ActiveSyncOrganizationSettings"), nil, 1,
+			[]string{"org settings (enabled, EASGUARD_COLLECTOR_ENFORCE_SETTINGS): MISSING Set-ActiveSyncOrganizationSettings", "FAIL"},
+			"may not run Set-ActiveSyncOrganizationSettings; give it the role group deploy/exchange/New-EasguardRole.ps1 creates"},
+		{"settings not enforced", without("Set-ActiveSyncOrganizationSettings"), []string{"EASGUARD_COLLECTOR_ENFORCE_SETTINGS=false"}, 0,
+			[]string{"org settings (optional, EASGUARD_COLLECTOR_ENFORCE_SETTINGS): not granted (only needed when enabled): Set-ActiveSyncOrganizationSettings",
+				"all 7 cmdlets easguard needs are available", "\nOK\n"}, ""},
+		{"without Set-ADServerSettings", without("Set-ADServerSettings"), nil, 1, []string{"FAIL"}, "may not run Set-ADServerSettings"},
+		{"without Get-MobileDevice", without("Get-MobileDevice"), nil, 1,
+			[]string{"core (enabled, reads, allow and block lists): MISSING Get-MobileDevice (or Get-ActiveSyncDevice)"},
+			"may not run Get-MobileDevice (or Get-ActiveSyncDevice)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := startCheckSim(t, tt.granted)
+			stdout, stderr, code := runBinary(t, checkEnv(t, s, tt.env...), "check", "exchange")
+			if code != tt.code || !strings.Contains(stderr, tt.stderr) {
+				t.Fatalf("exit %d (want %d), stderr %q, want %q\nstdout:\n%s", code, tt.code, stderr, tt.stderr, stdout)
+			}
+			for _, want := range tt.stdout {
+				if !strings.Contains(stdout, want) {
+					t.Errorf("report lacks %q:\n%s", want, stdout)
+				}
 			}
 		})
 	}

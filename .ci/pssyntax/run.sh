@@ -11,8 +11,9 @@
 # CI lays it out). The cache is copied first: npm writes to its cache.
 #
 # Usage: .ci/pssyntax/run.sh [file.ps1...]   parse these files
-#        .ci/pssyntax/run.sh                  parse worker.ps1 and bootstrap.ps1, check the
-#                                             contract and prove the check works (selftest)
+#        .ci/pssyntax/run.sh                  parse worker.ps1, bootstrap.ps1, the Pester tests and
+#                                             deploy/exchange/*.ps1, check the contract and
+#                                             prove the check works (selftest)
 #        .ci/pssyntax/run.sh --contract       rewrite pkg/exchange/worker_contract.json
 set -euo pipefail
 
@@ -55,6 +56,6 @@ if [ "$#" -gt 0 ]; then
   exec node "$here/check.mjs" "$@"
 fi
 cd "$top"
-node "$here/check.mjs" pkg/exchange/worker.ps1 pkg/exchange/bootstrap.ps1 pkg/exchange/pester/*.ps1
+node "$here/check.mjs" pkg/exchange/worker.ps1 pkg/exchange/bootstrap.ps1 pkg/exchange/pester/*.ps1 deploy/exchange/*.ps1
 node "$here/contract.mjs" --check
 node "$here/contract.mjs" --selftest

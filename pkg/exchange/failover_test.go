@@ -182,7 +182,12 @@ func TestErrorClassification(t *testing.T) {
 		s := startSim(t, exchangesim.Config{Granted: granted})
 		cfg := simConfig(t, s)
 		c := exchange.NewClient(newPool(t, cfg), cfg)
+		// Remote wipe is optional: missing only when asked for.
 		missing, err := c.MissingCmdlets(context.Background())
+		if err != nil || len(missing) != 0 {
+			t.Fatalf("missing %v %v", missing, err)
+		}
+		missing, err = c.MissingCmdlets(context.Background(), exchange.FeatureRemoteWipe)
 		if err != nil || fmt.Sprint(missing) != "[Clear-ActiveSyncDevice]" {
 			t.Fatalf("missing %v %v", missing, err)
 		}

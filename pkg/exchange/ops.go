@@ -875,34 +875,6 @@ func (c *Client) Servers(ctx context.Context) ([]Server, error) {
 	return out, nil
 }
 
-// RequiredCmdlets are the cmdlets easguard needs the account to run.
-func RequiredCmdlets() []string {
-	var out []string
-	for _, c := range AllowedCmdlets {
-		if c != "Get-Command" {
-			out = append(out, c)
-		}
-	}
-	return out
-}
-
-// MissingCmdlets asks Exchange (Get-Command) which required cmdlets the
-// account may not run. A cmdlet the organisation's version lacks is not
-// missing when the one easguard uses there instead is available
-// (Get-ActiveSyncDevice on Exchange 2010 for Get-MobileDevice, say).
-func (c *Client) MissingCmdlets(ctx context.Context) ([]string, error) {
-	req := RequiredCmdlets()
-	objs, _, err := c.Invoke(ctx, Call{Cmdlet: "Get-Command", Params: Params{"Name": req}, Select: []string{"Name"}})
-	if err != nil && !errors.Is(err, ErrPermission) {
-		return nil, err
-	}
-	have := map[string]bool{}
-	for _, o := range objs {
-		have[strings.ToLower(str(o, "Name"))] = true
-	}
-	return missingWithAlternatives(req, have), nil
-}
-
 // Count runs a listing with one small property and counts the objects.
 func (c *Client) Count(ctx context.Context, cmdlet string, params Params) (int, error) {
 	n := 0

@@ -17,6 +17,26 @@ import (
 // settings the workers use.
 type CheckConfig struct {
 	Exchange exchange.Config
+	// Collector holds the collector settings that decide which
+	// permissions the account needs.
+	Collector CheckCollector
+}
+
+// CheckCollector is the part of the collector's configuration that
+// enables a feature with cmdlets of its own; check requires those cmdlets
+// only when the feature is on. Its default is the collector's
+// (collector.Config), which a test holds it to.
+type CheckCollector struct {
+	EnforceSettings bool `split_words:"true" default:"true" desc:"Set as for the collector: whether it enforces the organisation's ActiveSync settings, and so whether the account needs Set-ActiveSyncOrganizationSettings."`
+}
+
+// features returns the features this configuration enables.
+func (c *CheckConfig) features() []exchange.Feature {
+	fs := []exchange.Feature{exchange.FeatureCore}
+	if c.Collector.EnforceSettings {
+		fs = append(fs, exchange.FeatureOrgSettings)
+	}
+	return fs
 }
 
 // Validate checks the Exchange settings.
@@ -25,9 +45,10 @@ func (c *CheckConfig) Validate() error { return c.Exchange.Validate() }
 // checkExchange connects with the configured settings and reports what an
 // administrator needs to know before easguard touches anything: the
 // servers, the size of the organisation, the ActiveSync settings, and
-// whether the account may run every cmdlet easguard needs. It returns an
-// error with the action to take when anything fails.
-func checkExchange(ctx context.Context, cfg exchange.Config, out io.Writer) error {
+// whether the account may run the cmdlets of the enabled features (and
+// which the optional ones would need). It returns an error with the action
+// to take when anything fails.
+func checkExchange(ctx context.Context, cfg exchange.Config, features []exchange.Feature, out io.Writer) error {
 	mode := "remote session to " + strings.ReplaceAll(cfg.PowershellURL, "{server}", cfg.Server)
 	scheme := "http"
 	if cfg.HTTPS {
@@ -60,16 +81,9 @@ func checkExchange(ctx context.Context, cfg exchange.Config, out io.Writer) erro
 	} else {
 		fmt.Fprintf(out, "  %-14s off (EASGUARD_EXCHANGE_CAS_FAILOVER=false)\n", "failover")
 	}
-	missing, err := c.MissingCmdlets(ctx)
-	if err != nil {
-		return explain(cfg, err)
+	if err := checkPermissions(ctx, c, cfg, features, out); err != nil {
+		return err
 	}
-	if len(missing) > 0 {
-		fmt.Fprintf(out, "  %-14s MISSING %s\n", "permissions", strings.Join(missing, ", "))
-		return fmt.Errorf("%w: the account %s may not run %s; give it an RBAC role that includes them (the original connector needed the same cmdlets), then run this check again",
-			exchange.ErrPermission, cfg.User, strings.Join(missing, ", "))
-	}
-	fmt.Fprintf(out, "  %-14s all %d cmdlets easguard needs are available\n", "permissions", len(exchange.RequiredCmdlets()))
 	mailboxes, err := c.Count(ctx, "Get-CASMailbox", exchange.Params{"ResultSize": "Unlimited"})
 	if err != nil {
 		return explain(cfg, err)
@@ -97,6 +111,72 @@ func checkExchange(ctx context.Context, cfg exchange.Config, out io.Writer) erro
 	return nil
 }
 
+// featureNotes says, for each feature, what enables it.
+var featureNotes = map[exchange.Feature]string{
+	exchange.FeatureCore:               "reads, allow and block lists",
+	exchange.FeatureOrgSettings:        "EASGUARD_COLLECTOR_ENFORCE_SETTINGS",
+	exchange.FeatureRemoteWipe:         "nothing enables it yet",
+	exchange.FeaturePartnershipRemoval: "nothing enables it yet",
+}
+
+// checkPermissions reports, feature by feature, which cmdlets the account
+// may not run, and fails when an enabled feature lacks one. Optional
+// features (those the configuration leaves off) are reported, never
+// required.
+func checkPermissions(ctx context.Context, c *exchange.Client, cfg exchange.Config, features []exchange.Feature, out io.Writer) error {
+	byFeature, err := c.MissingByFeature(ctx)
+	if err != nil {
+		return explain(cfg, err)
+	}
+	enabled := map[exchange.Feature]bool{}
+	for _, f := range features {
+		enabled[f] = true
+	}
+	var missing []string
+	label := "permissions"
+	for _, f := range exchange.Features() {
+		state := "optional"
+		if enabled[f] {
+			state = "enabled"
+		}
+		m := byFeature[f]
+		verdict := fmt.Sprintf("ok, %d cmdlets", len(exchange.FeatureCmdlets(f)))
+		if len(exchange.FeatureCmdlets(f)) == 1 {
+			verdict = "ok, " + exchange.FeatureCmdlets(f)[0]
+		}
+		if len(m) > 0 {
+			verdict = "MISSING " + describeCmdlets(m)
+			if !enabled[f] {
+				verdict = "not granted (only needed when enabled): " + describeCmdlets(m)
+			}
+		}
+		fmt.Fprintf(out, "  %-14s %s (%s, %s): %s\n", label, f, state, featureNotes[f], verdict)
+		label = ""
+		if enabled[f] {
+			missing = append(missing, m...)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%w: the account %s may not run %s; give it the role group deploy/exchange/New-EasguardRole.ps1 creates (or an RBAC role that includes them), then run this check again",
+			exchange.ErrPermission, cfg.User, describeCmdlets(missing))
+	}
+	fmt.Fprintf(out, "  %-14s all %d cmdlets easguard needs are available\n", "", len(exchange.RequiredCmdlets(features...)))
+	return nil
+}
+
+// describeCmdlets names cmdlets with what stands in for them on Exchange
+// 2010, where that differs.
+func describeCmdlets(names []string) string {
+	parts := make([]string, len(names))
+	for i, n := range names {
+		parts[i] = n
+		if alt := exchange.CmdletAlternatives(n); len(alt) > 0 {
+			parts[i] += " (or " + strings.Join(alt, ", ") + ")"
+		}
+	}
+	return strings.Join(parts, ", ")
+}
+
 // explain turns an error into the action an administrator can take.
 func explain(cfg exchange.Config, err error) error {
 	port := cfg.Port
@@ -113,6 +193,10 @@ func explain(cfg exchange.Config, err error) error {
 		return fmt.Errorf("the certificate of %s is not trusted: set EASGUARD_EXCHANGE_CA_BUNDLE to a PEM file with the CA that issued it (only in a test lab: EASGUARD_EXCHANGE_INSECURE_SKIP_VERIFY=true) (%w)", cfg.Server, err)
 	case errors.Is(err, exchange.ErrUnreachable):
 		return fmt.Errorf("WinRM on %s port %d is not reachable: check the name, the port (5986 for HTTPS, 5985 for HTTP), firewalls and proxies, and that the server has a WinRM listener (winrm enumerate winrm/config/listener) (%w)", cfg.Server, port, err)
+	case errors.Is(err, exchange.ErrPermission) && strings.Contains(err.Error(), "'Set-ADServerSettings' is not recognized"):
+		// Every worker session runs it first, so without it no session
+		// starts and the per-feature report is never reached.
+		return fmt.Errorf("the account %s may not run Set-ADServerSettings, which every easguard session runs first (-ViewEntireForest); give it the role group deploy/exchange/New-EasguardRole.ps1 creates, then run this check again (%w)", cfg.User, err)
 	case errors.Is(err, exchange.ErrPermission):
 		return fmt.Errorf("the account %s lacks a permission easguard needs: %w", cfg.User, err)
 	case errors.Is(err, exchange.ErrThrottled):
@@ -134,7 +218,7 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Exchange.StartTimeout+10*time.Minute)
 	defer cancel()
-	if err := checkExchange(ctx, cfg.Exchange, stdout); err != nil {
+	if err := checkExchange(ctx, cfg.Exchange, cfg.features(), stdout); err != nil {
 		fmt.Fprintln(stdout, "FAIL")
 		fmt.Fprintln(stderr, "easguard check exchange:", err)
 		return 1

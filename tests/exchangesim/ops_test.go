@@ -286,6 +286,23 @@ func TestRoleLimitsCmdlets(t *testing.T) {
 	}
 }
 
+// worker.ps1 runs Set-ADServerSettings right after importing the session,
+// with $ErrorActionPreference Stop: a role without it fails the connect
+// with PowerShell's command-not-found error.
+func TestConnectNeedsSetADServerSettings(t *testing.T) {
+	s := startSim(t, exchangesim.Config{Granted: []string{"Get-MobileDevice", "Get-CASMailbox"}})
+	ep := s.Endpoints()[0]
+	w := startWorker(t, s, ep, conn{})
+	_, r := w.request(exchange.Request{Op: "connect", Mode: "remote", URI: "https://" + ep.FQDN + "/PowerShell/", Auth: "Kerberos", User: exchangesim.DefaultUser, Password: exchangesim.DefaultPassword})
+	if r.OK || r.Errors[0].Reason != "CommandNotFoundException" || !strings.Contains(r.Errors[0].Message, "'Set-ADServerSettings'") {
+		t.Fatalf("connect without Set-ADServerSettings: %+v", r)
+	}
+	s.Org.Grant([]string{"Get-MobileDevice", "Get-CASMailbox", "Set-ADServerSettings"})
+	if r := w.connect(ep); !r.OK {
+		t.Fatalf("connect with Set-ADServerSettings: %+v", r.Errors)
+	}
+}
+
 func TestConnectFailsLikeNewPSSession(t *testing.T) {
 	s := startSim(t, exchangesim.Config{})
 	ep := s.Endpoints()[0]

@@ -111,7 +111,16 @@ func (s *Session) Connect(req exchange.Request) (exchange.Object, *exchange.Erro
 		return nil, &e
 	}
 	s.mode = req.Mode
-	s.viewEntireForest = true // worker.ps1 runs Set-ADServerSettings -ViewEntireForest $true after connecting
+	// worker.ps1 runs Set-ADServerSettings -ViewEntireForest $true after
+	// importing the session, under $ErrorActionPreference Stop: where RBAC
+	// did not grant it, the import left it out and the connect fails
+	// with PowerShell's command-not-found error.
+	if !s.available("Set-ADServerSettings") {
+		e := newError("The term 'Set-ADServerSettings' is not recognized as the name of a cmdlet, function, script file, or operable program. Check the spelling of the name, or if a path was included, verify that the path is correct and try again.",
+			"ObjectNotFound", "CommandNotFoundException", "CommandNotFoundException", "Set-ADServerSettings")
+		return nil, &e
+	}
+	s.viewEntireForest = true
 	var names []any
 	for _, c := range exchange.AllowedCmdlets {
 		if c != "Get-Command" && s.available(c) {
