@@ -200,3 +200,50 @@ func TestCheckExchangeWithTheScriptsRole(t *testing.T) {
 		})
 	}
 }
+
+// check exchange --deep runs every read easguard makes and passes when Go
+// reads what comes back, however the host sends enums, property names and
+// dates; it fails naming the read and the problem when the simulator sends
+// a value easguard cannot read (test faults), or a listing is cut short.
+func TestCheckExchangeDeep(t *testing.T) {
+	reads := []string{"Servers (Get-ExchangeServer): 2 objects, ok", "ListPartnerships (Get-MobileDevice)", "ListRecipients (Get-Recipient)",
+		"ListMailboxes (Get-CASMailbox)", "GetOrgSettings (Get-ActiveSyncOrganizationSettings): 1 objects, ok",
+		"GetRecipient (Get-Recipient -Identity), 20 mailboxes: 20 objects, ok", "CASMailbox (Get-CASMailbox -Identity), 20 mailboxes: 20 objects, ok",
+		"DeviceStatistics (Get-MobileDeviceStatistics), 20 mailboxes"}
+	tests := []struct {
+		name   string
+		host   exchangesim.Host
+		code   int
+		stdout []string
+		stderr string
+	}{
+		{"default", exchangesim.Host{}, 0, append(reads, "all 8 reads came back complete and readable", "\nOK\n"), ""},
+		{"deserialised enums, other casing, unspecified dates", exchangesim.Host{DeserializedEnums: true, AltPropertyCase: true, UnspecifiedDates: true},
+			0, append(reads, "all 8 reads came back complete and readable", "\nOK\n"), ""},
+		{"unknown enum name", exchangesim.Host{FaultUnknownEnum: true}, 1,
+			[]string{"DeviceAccessStateReason not a known value", `"` + exchangesim.FaultEnumName + `" on "contoso.com/`, "FAIL"},
+			"does not read this organisation correctly: ListPartnerships (Get-MobileDevice); DeviceStatistics (Get-MobileDeviceStatistics), 20 mailboxes"},
+		{"unknown enum number", exchangesim.Host{FaultUnknownEnum: true, DeserializedEnums: true}, 1,
+			[]string{"DeviceAccessStateReason not a known value: ", `"` + strconv.Itoa(exchangesim.FaultEnumNumber) + `" on`, "FAIL"},
+			"does not read this organisation correctly: ListPartnerships"},
+		{"dates in the culture's format", exchangesim.Host{FaultCultureDates: true}, 1,
+			[]string{"FirstSyncTime does not parse", "LastSuccessSync does not parse", "FAIL"},
+			"does not read this organisation correctly: ListPartnerships"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := exchangesim.StartTest(t, exchangesim.Config{HTTPS: true, CAS: []string{"EX01", "EX02"}, WorkerHost: tt.host,
+				Seed: &exchangesim.SeedSpec{Mailboxes: 60, Partnerships: 90, Seed: 1}})
+			stdout, stderr, code := runBinary(t, checkEnv(t, s), "check", "exchange", "--deep")
+			if code != tt.code || !strings.Contains(stderr, tt.stderr) {
+				t.Fatalf("exit %d (want %d), stderr %q, want %q\nstdout:\n%s", code, tt.code, stderr, tt.stderr, stdout)
+			}
+			for _, want := range tt.stdout {
+				if !strings.Contains(stdout, want) {
+					t.Errorf("report lacks %q:\n%s", want, stdout)
+				}
+			}
+			t.Logf("stdout:\n%s", stdout)
+		})
+	}
+}

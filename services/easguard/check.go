@@ -48,7 +48,7 @@ func (c *CheckConfig) Validate() error { return c.Exchange.Validate() }
 // whether the account may run the cmdlets of the enabled features (and
 // which the optional ones would need). It returns an error with the action
 // to take when anything fails.
-func checkExchange(ctx context.Context, cfg exchange.Config, features []exchange.Feature, out io.Writer) error {
+func checkExchange(ctx context.Context, cfg exchange.Config, features []exchange.Feature, deep bool, out io.Writer) error {
 	mode := "remote session to " + strings.ReplaceAll(cfg.PowershellURL, "{server}", cfg.Server)
 	scheme := "http"
 	if cfg.HTTPS {
@@ -107,7 +107,50 @@ func checkExchange(ctx context.Context, cfg exchange.Config, features []exchange
 		insert = fmt.Sprintf("%q", st.UserMailInsert)
 	}
 	fmt.Fprintf(out, "  %-14s DefaultAccessLevel %s; AdminMailRecipients %s; UserMailInsert %s\n", "activesync", st.DefaultAccessLevel, admins, insert)
+	if deep {
+		if err := checkDeep(ctx, c, cfg, out); err != nil {
+			return err
+		}
+	}
 	fmt.Fprintln(out, "OK")
+	return nil
+}
+
+// deepSample is how many mailboxes (owners of the first partnerships
+// listed) the per-mailbox reads of a deep check read.
+const deepSample = 20
+
+// checkDeep runs every read easguard makes and reports, read by read, the
+// objects it returned and every shape problem in them (exchange.DeepCheck).
+// It fails naming the reads that failed or came back with problems.
+func checkDeep(ctx context.Context, c *exchange.Client, cfg exchange.Config, out io.Writer) error {
+	reports, err := c.DeepCheck(ctx, deepSample)
+	label := "reads"
+	var failed []string
+	for _, r := range reports {
+		verdict := "ok"
+		switch {
+		case r.Err != nil:
+			verdict = "FAILED: " + r.Err.Error()
+		case len(r.Problems) > 0:
+			verdict = fmt.Sprintf("%d PROBLEMS", len(r.Problems))
+		}
+		fmt.Fprintf(out, "  %-14s %s: %d objects, %s\n", label, r.Name, r.Count, verdict)
+		label = ""
+		for _, p := range r.Problems {
+			fmt.Fprintf(out, "  %-14s   %s\n", "", p)
+		}
+		if r.Failed() {
+			failed = append(failed, r.Name)
+		}
+	}
+	if err != nil {
+		return explain(cfg, err)
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("easguard does not read this organisation correctly: %s (see the report above; a value or date it cannot read is a bug to report with the report attached)", strings.Join(failed, "; "))
+	}
+	fmt.Fprintf(out, "  %-14s all %d reads came back complete and readable\n", "", len(reports))
 	return nil
 }
 
@@ -207,8 +250,9 @@ func explain(cfg exchange.Config, err error) error {
 
 // runCheck is `easguard check <what>`.
 func runCheck(args []string, stdout, stderr io.Writer) int {
-	if len(args) != 1 || args[0] != "exchange" {
-		fmt.Fprintln(stderr, "easguard check: usage: easguard check exchange")
+	deep := len(args) == 2 && args[1] == "--deep"
+	if len(args) < 1 || len(args) > 2 || args[0] != "exchange" || len(args) == 2 && !deep {
+		fmt.Fprintln(stderr, "easguard check: usage: easguard check exchange [--deep]")
 		return 2
 	}
 	var cfg CheckConfig
@@ -218,7 +262,7 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Exchange.StartTimeout+10*time.Minute)
 	defer cancel()
-	if err := checkExchange(ctx, cfg.Exchange, cfg.features(), stdout); err != nil {
+	if err := checkExchange(ctx, cfg.Exchange, cfg.features(), deep, stdout); err != nil {
 		fmt.Fprintln(stdout, "FAIL")
 		fmt.Fprintln(stderr, "easguard check exchange:", err)
 		return 1

@@ -6,6 +6,7 @@
 //
 //	easguard [run]           run until SIGINT or SIGTERM
 //	easguard check exchange  test the Exchange connection, servers and permissions
+//	  [--deep]               and run every read, checking the shapes that come back
 //	easguard help            this text and every environment variable
 //	easguard config-doc   the environment variables as a Markdown table
 //	easguard version      the version
@@ -90,6 +91,9 @@ Usage:
   easguard [run]           run the platform and workers until SIGINT or SIGTERM
   easguard check exchange  connect to Exchange and report servers, size, settings
                            and missing permissions; non-zero exit on any failure
+    --deep                 also run every read easguard makes and check what comes
+                           back (known enum values, parseable dates, ids, complete
+                           listings); for a lab, before easguard runs for real
   easguard help            print this help
   easguard config-doc      print the environment variables as Markdown tables
   easguard version         print the version

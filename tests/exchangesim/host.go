@@ -43,7 +43,26 @@ type Host struct {
 	// LastSuccessSync, ...) with DateTimeKind.Unspecified, that is without
 	// a zone. UNCONFIRMED which kind Exchange's deserialised dates carry.
 	UnspecifiedDates bool
+	// FaultUnknownEnum is a test fault, not a behaviour of Exchange as
+	// known: every DeviceAccessStateReason is sent as a value pkg/exchange's
+	// enum tables do not know (FaultEnumName, or FaultEnumNumber with
+	// DeserializedEnums), as a later Exchange update that added an enum
+	// member would send it. It is how tests provoke a shape that easguard
+	// cannot read (easguard check exchange --deep must name it).
+	FaultUnknownEnum bool
+	// FaultCultureDates is a test fault: Exchange's dates are sent as
+	// DateTime.ToString() writes them in the host's culture
+	// ("12/6/2026 9:05:00 AM"), as if the script had not converted them to
+	// the round-trip format, which pkg/exchange cannot parse.
+	FaultCultureDates bool
 }
+
+// The value FaultUnknownEnum sends for DeviceAccessStateReason, by name
+// and as a deserialised number; neither is in pkg/exchange's table.
+const (
+	FaultEnumName   = "FutureReason"
+	FaultEnumNumber = 99
+)
 
 func (h *Host) culture() string {
 	if h == nil || h.Culture == "" {
@@ -136,6 +155,12 @@ func (h *Host) wire(o exchange.Object) exchange.Object {
 			}
 		}
 		out[k] = h.wireValue(v)
+		if h != nil && h.FaultUnknownEnum && strings.EqualFold(k, "DeviceAccessStateReason") {
+			out[k] = FaultEnumName
+			if h.DeserializedEnums {
+				out[k] = int64(FaultEnumNumber)
+			}
+		}
 	}
 	return out
 }
@@ -149,6 +174,8 @@ func (h *Host) wireValue(v any) any {
 		return x.name
 	case dateValue:
 		switch {
+		case h != nil && h.FaultCultureDates:
+			return x.t.UTC().Format("1/2/2006 3:04:05 PM")
 		case x.local:
 			var off time.Duration
 			if h != nil {
