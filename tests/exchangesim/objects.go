@@ -107,7 +107,7 @@ func (o *Org) casMailboxObject(m *Mailbox) exchange.Object {
 		"ActiveSyncEnabled": m.ActiveSyncEnabled, "ActiveSyncDebugLogging": m.ActiveSyncDebugLogging,
 		"ActiveSyncAllowedDeviceIDs": wireStrings(m.Allowed), "ActiveSyncBlockedDeviceIDs": wireStrings(m.Blocked),
 		"ActiveSyncMailboxPolicy": pol.Name, "ActiveSyncMailboxPolicyIsDefaulted": m.Policy == nil,
-		"HasActiveSyncDevicePartnership": len(m.Devices) > 0, "ActiveSyncSuppressReadReceipt": false,
+		"HasActiveSyncDevicePartnership": m.hasPartnershipFlag(), "ActiveSyncSuppressReadReceipt": false,
 		"OWAEnabled": m.OWAEnabled, "EwsEnabled": m.EwsEnabled, "MAPIEnabled": m.MAPIEnabled, "PopEnabled": m.PopEnabled,
 		"ImapEnabled": m.ImapEnabled, "ExchangeVersion": o.Version.recipientExchangeVersion(), "IsValid": true,
 		"WhenChanged": localTime(m.WhenChanged), "WhenCreated": localTime(m.WhenCreated),
@@ -125,7 +125,7 @@ func (o *Org) recipientObject(m *Mailbox) exchange.Object {
 		"PrimarySmtpAddress": m.PrimarySMTP, "EmailAddresses": wireStrings(m.EmailAddresses), "SamAccountName": m.SamAccountName,
 		"UserPrincipalName": m.UPN, "RecipientType": "UserMailbox", "RecipientTypeDetails": "UserMailbox",
 		"OrganizationalUnit": m.Domain.DNS + "/" + m.OU, "Guid": m.GUID, "ExchangeGuid": m.GUID, "DistinguishedName": m.DN(),
-		"HasActiveSyncDevicePartnership": len(m.Devices) > 0, "WhenChanged": localTime(m.WhenChanged),
+		"HasActiveSyncDevicePartnership": m.hasPartnershipFlag(), "WhenChanged": localTime(m.WhenChanged),
 		"WhenCreated": localTime(m.WhenCreated), "WhenChangedUTC": wireTime(m.WhenChanged), "WhenCreatedUTC": wireTime(m.WhenCreated), "IsValid": true,
 	}
 }

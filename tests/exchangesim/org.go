@@ -169,12 +169,19 @@ type Mailbox struct {
 	Policy *MailboxPolicy
 
 	Devices []*Device
+	// stalePartnershipFlag makes HasActiveSyncDevicePartnership read false
+	// although the mailbox has partnerships (SetStalePartnershipFlag).
+	stalePartnershipFlag bool
 	// Notices are the mails Exchange itself put in the user's Inbox.
 	Notices []Notice
 
 	// replLists are the recent writes of the lists (replication.go).
 	replLists []listVersion
 }
+
+// hasPartnershipFlag is HasActiveSyncDevicePartnership as Exchange
+// reports it and filters on: a stored flag, which can be stale [D7].
+func (m *Mailbox) hasPartnershipFlag() bool { return len(m.Devices) > 0 && !m.stalePartnershipFlag }
 
 // DN returns the mailbox user's distinguished name.
 func (m *Mailbox) DN() string {
