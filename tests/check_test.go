@@ -217,6 +217,7 @@ func TestCheckExchangeDeep(t *testing.T) {
 		name    string
 		version exchangesim.Version // zero: the simulator's default
 		host    exchangesim.Host
+		granted []string // nil: every cmdlet
 		setup   func(t *testing.T, s *exchangesim.Sim)
 		code    int
 		stdout  []string
@@ -227,6 +228,9 @@ func TestCheckExchangeDeep(t *testing.T) {
 			stdout: reads("Get-MobileDevice", "Get-MobileDeviceStatistics")},
 		{name: "Exchange 2010", version: exchangesim.Version2010, host: exchangesim.Host{DeserializedEnums: true},
 			stdout: reads("Get-ActiveSyncDevice", "Get-ActiveSyncDeviceStatistics")},
+		{name: "the script's role", granted: roleScriptGrants(t), stdout: []string{
+			"DeviceStatistics (Get-MobileDeviceStatistics), 20 mailboxes: skipped, the account may not run Get-MobileDeviceStatistics",
+			"ListPartnerships (Get-MobileDevice): 90 objects, ok", "all 7 reads came back complete and readable", "\nOK\n"}},
 		{name: "unknown enum name", host: exchangesim.Host{FaultUnknownEnum: true}, code: 1,
 			stdout: []string{"DeviceAccessStateReason not a known value", `"` + exchangesim.FaultEnumName + `" on "contoso.com/`, "FAIL"},
 			stderr: "does not read this organisation correctly: ListPartnerships (Get-MobileDevice); DeviceStatistics (Get-MobileDeviceStatistics), 20 mailboxes"},
@@ -255,7 +259,7 @@ func TestCheckExchangeDeep(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := exchangesim.StartTest(t, exchangesim.Config{HTTPS: true, CAS: []string{"EX01", "EX02"}, WorkerHost: tt.host, Version: tt.version,
+			s := exchangesim.StartTest(t, exchangesim.Config{HTTPS: true, CAS: []string{"EX01", "EX02"}, WorkerHost: tt.host, Version: tt.version, Granted: tt.granted,
 				Seed: &exchangesim.SeedSpec{Mailboxes: 60, Partnerships: 90, Seed: 1}})
 			if tt.setup != nil {
 				tt.setup(t, s)

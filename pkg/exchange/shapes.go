@@ -20,6 +20,10 @@ type ReadReport struct {
 	// Err is the read's failure: a listing cut short (ErrIncomplete) or
 	// refused. A failed read has no count or problems to trust.
 	Err error
+	// Skipped says why the read did not run: the account may not run its
+	// cmdlet, which no enabled feature needs (the statistics). A skipped
+	// read is not a failure.
+	Skipped string
 }
 
 // Failed reports whether the read failed or came back with problems.
@@ -150,7 +154,9 @@ func checkShapes(p *problems, kind string, objs []Object) {
 // partnerships' owners. It also reports partnerships whose mailbox is not
 // among the recipients listed: the matcher could not name their user. A
 // fatal error (authentication, permission) stops it and is returned; a
-// read that fails otherwise is reported in its ReadReport.
+// read that fails otherwise is reported in its ReadReport. The statistics
+// are read only where the account may run their cmdlet: easguard's
+// features do not use them, and the least-privilege role does not grant it.
 func (c *Client) DeepCheck(ctx context.Context, sample int) ([]ReadReport, error) {
 	var reports []ReadReport
 	list := func(name, kind string, call Call, keep func(Object)) ReadReport {
@@ -251,8 +257,17 @@ func (c *Client) DeepCheck(ctx context.Context, sample int) ([]ReadReport, error
 		}, true},
 		{"DeviceStatistics (" + dc.stats + ")", "statistics", func(m string) Call { return Call{Cmdlet: dc.stats, Params: statsParams(m)} }, false},
 	}
+	have, err := c.sessionCmdlets(ctx, dc.stats)
+	if err != nil {
+		return reports, err
+	}
 	for _, pm := range perMailbox {
 		r := ReadReport{Name: fmt.Sprintf("%s, %d mailboxes", pm.name, len(owners))}
+		if pm.kind == "statistics" && !have[strings.ToLower(dc.stats)] {
+			r.Skipped = "the account may not run " + dc.stats + ", which no feature of easguard's needs"
+			reports = append(reports, r)
+			continue
+		}
 		calls := make([]Call, len(owners))
 		for i, m := range owners {
 			calls[i] = pm.call(m)

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/easguard/easguard/pkg/collector"
@@ -20,5 +22,18 @@ func TestCheckReadsEnforceSettingsAsTheCollector(t *testing.T) {
 	f, ok := reflect.TypeOf(CheckConfig{}).FieldByName("Collector")
 	if !ok || f.Tag != "" {
 		t.Fatalf("CheckConfig.Collector must exist untagged, so its variables are EASGUARD_COLLECTOR_*: %q", f.Tag)
+	}
+}
+
+// check takes exchange and, optionally, --deep; anything else is a usage
+// error (exit 2) before any configuration is read or connection made.
+func TestCheckUsage(t *testing.T) {
+	for _, args := range [][]string{{"check"}, {"check", "mailbox"}, {"check", "exchange", "--deeper"}, {"check", "exchange", "--deep", "x"}, {"check", "--deep", "exchange"}} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			if code := run(args, &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), "usage: easguard check exchange [--deep]") {
+				t.Fatalf("exit %d, stderr %q", code, stderr.String())
+			}
+		})
 	}
 }
