@@ -45,13 +45,7 @@ func TestCheckExchangeReports(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
 	}
-	easPartnerships := 0
-	ps, _ := s.Org.Partnerships("")
-	for _, p := range ps {
-		if p.DeviceType != "EASProbeDeviceType" && p.DeviceType != "OWA" {
-			easPartnerships++
-		}
-	}
+	easPartnerships := s.Org.ActiveSyncCount()
 	for _, want := range []string{
 		"EX01 (ex01.contoso.com) Version 15.2", "EX02 (ex02.contoso.com)", "ex01.contoso.com, ex02.contoso.com",
 		"all 8 cmdlets easguard needs are available", "mailboxes      201", "DefaultAccessLevel Allow", "\nOK\n",
@@ -77,13 +71,7 @@ func TestCheckExchange2010(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
 	}
-	eas := 0
-	ps, _ := s.Org.Partnerships("")
-	for _, p := range ps {
-		if p.DeviceType != "EASProbeDeviceType" && p.DeviceType != "OWA" {
-			eas++
-		}
-	}
+	eas := s.Org.ActiveSyncCount()
 	for _, want := range []string{"EX01 (ex01.contoso.com) Version 14.3", "ex01.contoso.com, ex02.contoso.com",
 		"cmdlets easguard needs are available", "partnerships   " + strconv.Itoa(eas) + " ActiveSync", "\nOK\n"} {
 		if !strings.Contains(stdout, want) {
@@ -246,7 +234,7 @@ func TestCheckExchangeDeep(t *testing.T) {
 		{name: "stale partnership flag", setup: func(t *testing.T, s *exchangesim.Sim) {
 			ps, _ := s.Org.Partnerships("")
 			for _, p := range ps {
-				if p.DeviceType != "EASProbeDeviceType" && p.DeviceType != "OWA" {
+				if p.ListedByActiveSync() {
 					if err := s.Org.SetStalePartnershipFlag(p.PrimarySMTP, true); err != nil {
 						t.Fatal(err)
 					}

@@ -201,7 +201,7 @@ func (h *harness) visible() []exchangesim.Partnership {
 	h.t.Helper()
 	var out []exchangesim.Partnership
 	for _, p := range h.partnerships() {
-		if p.DeviceType != "EASProbeDeviceType" && p.DeviceType != "OWA" {
+		if p.ListedByActiveSync() {
 			out = append(out, p)
 		}
 	}

@@ -41,7 +41,7 @@ func TestListChangedPartnerships(t *testing.T) {
 			}
 			byMailbox := map[string][]exchangesim.Partnership{}
 			for _, p := range all {
-				if p.DeviceType != "EASProbeDeviceType" && p.DeviceType != "OWA" {
+				if p.ListedByActiveSync() {
 					byMailbox[p.Mailbox] = append(byMailbox[p.Mailbox], p)
 				}
 			}

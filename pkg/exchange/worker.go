@@ -409,7 +409,7 @@ func (w *worker) kill() {
 // on: long enough to finish a cmdlet in flight and remove its Exchange
 // session, which would otherwise count against the user's 18 sessions
 // until its idle timeout.
-var exitGrace = 15 * time.Second
+const exitGrace = 15 * time.Second
 
 // teardown ends the worker's input, so the script leaves its loop and its
 // finally block removes the Exchange session, waits up to exitGrace for

@@ -71,10 +71,9 @@ func (h *Host) culture() string {
 	return h.Culture
 }
 
-// dayFirst reports whether a culture writes the day before the month.
-func dayFirst(culture string) bool {
-	return !strings.EqualFold(culture, "en-US") && culture != ""
-}
+// dayFirst reports whether a culture writes the day before the month: every
+// culture the simulator models but en-US.
+func dayFirst(culture string) bool { return !strings.EqualFold(culture, "en-US") }
 
 // german reports whether Exchange answers a session of this culture in German.
 func german(culture string) bool {

@@ -215,6 +215,26 @@ type Partnership struct {
 	Notices     int    `json:"notices"`
 }
 
+// ListedByActiveSync reports whether an organisation-wide
+// Get-MobileDevice -ActiveSync lists the partnership: not a managed
+// availability probe (hidden without -Monitoring), not OWA for Devices.
+func (p Partnership) ListedByActiveSync() bool {
+	return p.DeviceType != "EASProbeDeviceType" && p.DeviceType != "OWA"
+}
+
+// ActiveSyncCount returns how many partnerships an organisation-wide
+// Get-MobileDevice -ActiveSync lists.
+func (o *Org) ActiveSyncCount() int {
+	ps, _ := o.Partnerships("")
+	n := 0
+	for _, p := range ps {
+		if p.ListedByActiveSync() {
+			n++
+		}
+	}
+	return n
+}
+
 // Partnerships lists the partnerships, optionally of one mailbox.
 func (o *Org) Partnerships(mailbox string) ([]Partnership, error) {
 	o.mu.RLock()
