@@ -43,6 +43,44 @@ func TestProvisionIsIdempotent(t *testing.T) {
 	}
 }
 
+// Provision leaves a stream whose settings already agree untouched (an
+// update rewrites the store's configuration, which the server has raced
+// against concurrent consumer creation) and updates one that differs.
+func TestProvisionUpdatesOnlyWhatDiffers(t *testing.T) {
+	e := newEnv(t)
+	ctx := natstest.Context(t)
+	name := e.topo.StreamConfigs()[0].Name
+	before, err := e.js.Stream(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.Provision(ctx, e.js, e.topo); err != nil {
+		t.Fatal(err)
+	}
+	changed := e.topo
+	changed.FactsMaxAge = e.topo.FactsMaxAge + time.Hour
+	changed.DeadLetterMaxAge = e.topo.DeadLetterMaxAge + time.Hour
+	if err := bus.Provision(ctx, e.js, changed); err != nil {
+		t.Fatal(err)
+	}
+	for _, cfg := range changed.StreamConfigs() {
+		s, err := e.js.Stream(ctx, cfg.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.CachedInfo().Config.MaxAge; got != cfg.MaxAge {
+			t.Errorf("%s max age %s after a changed provision, want %s", cfg.Name, got, cfg.MaxAge)
+		}
+	}
+	if err := bus.Provision(ctx, e.js, e.topo); err != nil {
+		t.Fatal(err)
+	}
+	after, err := e.js.Stream(ctx, name)
+	if err != nil || after.CachedInfo().Config.MaxAge != before.CachedInfo().Config.MaxAge {
+		t.Fatalf("max age not restored: %v", err)
+	}
+}
+
 func TestPublishDuplicateStoredOnce(t *testing.T) {
 	e := newEnv(t)
 	ctx := natstest.Context(t)

@@ -2,7 +2,9 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"reflect"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -230,22 +232,82 @@ func (t Topology) ConsumerConfig(service, route, filter string, org Org) jetstre
 
 // Provision creates or updates every stream and bucket. It is idempotent and
 // safe to call from every worker at start: the first caller creates, the
-// others find the same configuration.
+// others find the same configuration and change nothing. A stream or bucket
+// is updated only when a setting easguard chooses differs: an update
+// rewrites the store's configuration, and the server has been seen racing
+// such a rewrite against a consumer another process creates at that moment.
 func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
 	for _, cfg := range t.StreamConfigs() {
-		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+		if err := provisionStream(ctx, js, cfg); err != nil {
 			return fmt.Errorf("provision stream %s: %w", cfg.Name, err)
 		}
 	}
-	if _, err := js.CreateOrUpdateKeyValue(ctx, t.LeaseBucketConfig()); err != nil {
-		return fmt.Errorf("provision bucket %s: %w", BucketLeases, err)
-	}
+	buckets := []jetstream.KeyValueConfig{t.LeaseBucketConfig()}
 	for _, b := range StateBuckets {
-		if _, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: b, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas}); err != nil {
-			return fmt.Errorf("provision bucket %s: %w", b, err)
+		buckets = append(buckets, jetstream.KeyValueConfig{Bucket: b, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas})
+	}
+	for _, cfg := range buckets {
+		if err := provisionBucket(ctx, js, cfg); err != nil {
+			return fmt.Errorf("provision bucket %s: %w", cfg.Bucket, err)
 		}
 	}
 	return nil
+}
+
+// provisionStream creates a stream, or updates it when a setting cfg sets
+// (a non-zero field) differs from what the server has.
+func provisionStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig) error {
+	s, err := js.Stream(ctx, cfg.Name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		_, err = js.CreateOrUpdateStream(ctx, cfg)
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	have := s.CachedInfo().Config
+	if !setFieldsDiffer(&cfg, &have) {
+		return nil
+	}
+	_, err = js.CreateOrUpdateStream(ctx, cfg)
+	return err
+}
+
+// provisionBucket creates a bucket, or updates it when its history, TTL or
+// replicas differ.
+func provisionBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) error {
+	kv, err := js.KeyValue(ctx, cfg.Bucket)
+	if err == nil {
+		st, serr := kv.Status(ctx)
+		if serr != nil {
+			return serr
+		}
+		replicas := cfg.Replicas
+		if replicas == 0 {
+			replicas = 1
+		}
+		history := int64(max(cfg.History, 1))
+		if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && st.History() == history && st.TTL() == cfg.TTL &&
+			bs.StreamInfo().Config.Replicas == replicas {
+			return nil
+		}
+	} else if !errors.Is(err, jetstream.ErrBucketNotFound) {
+		return err
+	}
+	_, err = js.CreateOrUpdateKeyValue(ctx, cfg)
+	return err
+}
+
+// setFieldsDiffer reports whether a field want sets (non-zero) differs from
+// have's: the server fills in defaults for the fields easguard leaves unset.
+func setFieldsDiffer(want, have *jetstream.StreamConfig) bool {
+	w, h := reflect.ValueOf(want).Elem(), reflect.ValueOf(have).Elem()
+	for i := range w.NumField() {
+		if f := w.Field(i); !f.IsZero() && !reflect.DeepEqual(f.Interface(), h.Field(i).Interface()) {
+			return true
+		}
+	}
+	return false
 }
 
 // isWorkQueue reports whether a stream removes a message once it is acked,
