@@ -194,10 +194,13 @@ load() {
 echo "== starting the demo in $data"
 
 # Exchange: two Client Access servers over HTTPS with a self-signed
-# certificate, a seeded organisation, Exchange's realistic latency, and
-# Exchange's own default (DefaultAccessLevel Allow) until easguard's first
-# full sync enforces Quarantine.
-"$bin"/exchangesim "${orgspec[@]}" -https -cert-out "$data/exchange-ca.pem" \
+# certificate, a seeded organisation, Exchange's realistic latency, and the
+# DefaultAccessLevel Quarantine that the retired Intune connector left
+# behind (its "unmanaged device access"). From Exchange's own Allow, easguard
+# would tighten it only once the seeded phones' blocks passed the
+# blast-radius guard, which holds them here (a third of the seeded phones
+# are not enrolled).
+"$bin"/exchangesim "${orgspec[@]}" -default-access Quarantine -https -cert-out "$data/exchange-ca.pem" \
 	-env-out "$data/exchange.env" >"$data/exchangesim.json" 2>"$data/exchangesim.log" &
 pids+=($!) names+=(exchangesim)
 started "$data/exchangesim.json" "${pids[-1]}" exchangesim

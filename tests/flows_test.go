@@ -115,11 +115,26 @@ scope:
 	if m := s.mailsTo("bob@contoso.com"); len(m) != 0 {
 		t.Fatalf("mail to an out-of-scope user: %v", m[0].Subject)
 	}
-	if r := s.phoneSync(bob); r.State != "Quarantined" || r.Reason != "Global" {
-		t.Fatalf("bob's phone is as Exchange's own default left it, got %+v", r)
-	}
 	if allowed, blocked, err := s.sim.Org.Lists("bob@contoso.com"); err != nil || len(allowed)+len(blocked) != 0 {
 		t.Fatalf("bob's lists %v %v %v", allowed, blocked, err)
+	}
+	// Exchange applies a changed DefaultAccessLevel to every partnership no
+	// list entry or rule covers, at its next sync: a pilot must never
+	// tighten it, after the first full sync or any later one.
+	for i := range 3 {
+		if r := s.phoneSync(bob); r.State != "Allowed" || r.Reason != "Global" || !r.GetsMail {
+			t.Fatalf("after full sync %d bob's phone lost mail: %+v", i+1, r)
+		}
+		plan := s.fullSync()
+		if plan.State != evaluator.PlanLeftAlone || plan.From != "Allow" || !strings.Contains(plan.Detail, "pilot") {
+			t.Fatalf("plan of the default for a pilot: %+v", plan)
+		}
+	}
+	if n := s.sim.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings"); n != 0 {
+		t.Fatalf("%d changes of the organisation settings for a pilot", n)
+	}
+	if r := s.phoneSync(bob); r.State != "Allowed" || !r.GetsMail {
+		t.Fatalf("bob's phone lost mail: %+v", r)
 	}
 }
 
@@ -156,11 +171,16 @@ dry_run: true
 	if r := s.phoneSync(phone); r.State != "Allowed" {
 		t.Fatalf("after the dry run: %+v", r)
 	}
-	var full struct {
-		SettingsNote string `json:"settings_note"`
+	// The plan of the default says what a live run would do: tighten it
+	// from Allow to Quarantine, taking mail from the unknown phone.
+	plan := s.fullSync()
+	if plan.State != evaluator.PlanDryRun || plan.From != "Allow" || plan.To != "Quarantine" || plan.Revoked != 1 || plan.Allowed != 1 ||
+		len(plan.Sample) != 1 || !strings.Contains(plan.Sample[0], phone.DeviceID) ||
+		!strings.Contains(plan.Detail, "dry run: would change DefaultAccessLevel from Allow to Quarantine") || strings.Contains(plan.Detail, "guard would hold") {
+		t.Fatalf("status must say what the dry run would have changed: %+v", plan)
 	}
-	if err := json.Unmarshal(s.status()["sync.full.ok"], &full); err != nil || !strings.Contains(full.SettingsNote, "dry run: would change DefaultAccessLevel") {
-		t.Fatalf("status must say what the dry run would have changed: %+v %v", full, err)
+	if n := s.sim.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings"); n != 0 {
+		t.Fatalf("%d changes of the organisation settings in a dry run", n)
 	}
 }
 

@@ -153,7 +153,7 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	if o.mdm != nil {
 		o.mdm(&mcfg)
 	}
-	cc := collector.Config{QuickInterval: time.Second, FullInterval: time.Hour, QuickOverlap: time.Minute, EnforceSettings: true, DefaultAccessLevel: "Quarantine"}
+	cc := collector.Config{QuickInterval: time.Second, FullInterval: time.Hour, QuickOverlap: time.Minute, EnforceSettings: true}
 	if o.collect != nil {
 		o.collect(&cc)
 	}
@@ -237,7 +237,7 @@ func (s *stack) processEnv(workers string) []string {
 		"EASGUARD_LEASE_TTL=" + testLeaseTTL.String(), "EASGUARD_ACK_WAIT=" + testAckWait.String(), "EASGUARD_SHUTDOWN_TIMEOUT=10s",
 		fmt.Sprint("EASGUARD_EXCHANGE_WORKERS=", x.Workers), "EASGUARD_EXCHANGE_OPERATION_TIMEOUT=" + x.OperationTimeout.String(),
 		"EASGUARD_COLLECTOR_QUICK_INTERVAL=" + c.QuickInterval.String(), "EASGUARD_COLLECTOR_FULL_INTERVAL=" + c.FullInterval.String(),
-		"EASGUARD_COLLECTOR_QUICK_OVERLAP=" + c.QuickOverlap.String(), "EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL=" + c.DefaultAccessLevel,
+		"EASGUARD_COLLECTOR_QUICK_OVERLAP=" + c.QuickOverlap.String(),
 		fmt.Sprint("EASGUARD_EVALUATOR_BLAST_RADIUS=", e.BlastRadius), fmt.Sprint("EASGUARD_EVALUATOR_BLAST_MINIMUM=", e.BlastMinimum),
 		"EASGUARD_EVALUATOR_MDM_WINDOW=" + e.MDMWindow.String(), "EASGUARD_EVALUATOR_REPLICATION_GRACE=" + e.ReplicationGrace.String(), "EASGUARD_EVALUATOR_POLICY_FILE=" + e.PolicyFile, fmt.Sprint("EASGUARD_EVALUATOR_DRY_RUN=", e.DryRun),
 		"EASGUARD_EXECUTOR_WINDOW=" + ex.Window.String(), fmt.Sprint("EASGUARD_EXECUTOR_MAX_BATCH=", ex.MaxBatch), fmt.Sprint("EASGUARD_EXECUTOR_PARALLEL=", ex.Parallel),
@@ -291,9 +291,60 @@ func (s *stack) status() map[string]json.RawMessage {
 	return out.Status
 }
 
+// waitFullSync waits for a successful full sync and for what easguard
+// does about the organisation's default after it: planned, and applied
+// when the plan released a change.
 func (s *stack) waitFullSync() {
 	s.t.Helper()
 	natstest.Eventually(s.t, 60*time.Second, "the first full sync", func() bool { _, ok := s.status()["sync.full.ok"]; return ok })
+	s.waitDefaultPlan()
+}
+
+// fullSync asks for a full sync, waits for it, and for the plan of the
+// organisation's default made from it; it returns the plan.
+func (s *stack) fullSync() evaluator.DefaultPlan {
+	s.t.Helper()
+	full := func(m *ev.SyncCompleted) bool { return m.GetKind() == ev.SyncKind_SYNC_KIND_FULL && m.GetSuccess() }
+	n := len(find(s.events, full))
+	s.requestSync("full")
+	s.waitSyncs("full", n+1)
+	done := find(s.events, full)
+	id := done[len(done)-1].GetSyncId()
+	natstest.Eventually(s.t, 30*time.Second, "status of full sync "+id, func() bool {
+		var st collector.SyncStatus
+		return json.Unmarshal(s.status()["sync.full.ok"], &st) == nil && st.SyncID == id
+	})
+	return s.waitDefaultPlan()
+}
+
+// waitDefaultPlan waits until the organisation's default is planned from
+// the latest successful full sync and, if the plan released a change,
+// the executor has applied it; it returns the plan.
+func (s *stack) waitDefaultPlan() evaluator.DefaultPlan {
+	s.t.Helper()
+	var plan evaluator.DefaultPlan
+	natstest.Eventually(s.t, 60*time.Second, "the organisation's default planned and applied", func() bool {
+		st := s.status()
+		var full collector.SyncStatus
+		if json.Unmarshal(st["sync.full.ok"], &full) != nil {
+			return false
+		}
+		if full.DefaultAccessLevel == "" {
+			return true // organisation settings left alone: nothing planned
+		}
+		if json.Unmarshal(st["default"], &plan) != nil || plan.SyncID != full.SyncID {
+			return false
+		}
+		switch plan.State {
+		case evaluator.PlanWaiting:
+			return false
+		case evaluator.PlanReleased:
+			var applied executor.DefaultApplied
+			return json.Unmarshal(st["default.applied"], &applied) == nil && applied.DecisionID == plan.DecisionID
+		}
+		return true
+	})
+	return plan
 }
 
 // requestSync asks the collector for a sync through the HTTP endpoint.

@@ -115,6 +115,9 @@ var (
 	SyncRequested = Event{name: "sync.requested", stream: StreamSyncRequests, msgType: "easguard.v1.SyncRequested"}
 	// SyncCompleted carries SyncCompleted.
 	SyncCompleted = Event{name: "sync.completed", stream: StreamSync, msgType: "easguard.v1.SyncCompleted"}
+	// SettingsDecided carries OrgSettingsDecided: the evaluator's released
+	// plan to change the organisation's DefaultAccessLevel, for the executor.
+	SettingsDecided = Event{name: "settings.decided", stream: StreamSettings, msgType: "easguard.v1.OrgSettingsDecided"}
 	// AlertRaised carries Alert, keyed by alert kind.
 	AlertRaised = Event{name: "alert", keyed: true, stream: StreamAlerts, msgType: "easguard.v1.Alert"}
 	// DeadLetter carries messages a worker could not process, keyed by the
@@ -124,7 +127,7 @@ var (
 )
 
 // Events lists every subject family, for provisioning and documentation.
-var Events = []Event{EASObserved, MDMChanged, DeviceMatched, AccessDecided, AccessApplied, NotifySent, SyncRequested, SyncCompleted, AlertRaised, DeadLetter}
+var Events = []Event{EASObserved, MDMChanged, DeviceMatched, AccessDecided, AccessApplied, NotifySent, SyncRequested, SyncCompleted, SettingsDecided, AlertRaised, DeadLetter}
 
 // Name returns the family name, e.g. "eas.observed".
 func (e Event) Name() string { return e.name }

@@ -21,6 +21,7 @@ const (
 	StreamNotify       = "EASGUARD_NOTIFY"
 	StreamSyncRequests = "EASGUARD_SYNC_REQUESTS"
 	StreamSync         = "EASGUARD_SYNC"
+	StreamSettings     = "EASGUARD_SETTINGS"
 	StreamAlerts       = "EASGUARD_ALERTS"
 	StreamDLQ          = "EASGUARD_DLQ"
 	// StreamAdvisories captures the server's max-deliveries advisories,
@@ -163,6 +164,7 @@ func (t Topology) StreamConfigs() []jetstream.StreamConfig {
 		facts(NotifySent, "notification mails sent"),
 		syncReq,
 		facts(SyncCompleted, "sync passes of the collector"),
+		facts(SettingsDecided, "planned changes of the organisation settings"),
 		alerts,
 		dlq,
 		{

@@ -3,8 +3,10 @@
 // read what is new or changed since the last one (every few minutes):
 // partnerships first synced since, and those of mailboxes whose object
 // changed since, which is where an administrator's allow or block lands.
-// Full syncs read every partnership, notice the ones that disappeared, and
-// enforce the organisation settings easguard owns (daily). Manual syncs come as
+// Full syncs read every partnership, notice the ones that disappeared,
+// enforce the organisation's mail settings easguard owns, and report the
+// organisation's DefaultAccessLevel, whose change the evaluator plans
+// (daily). Manual syncs come as
 // sync.requested commands. One collector per org is active at a time: it
 // holds the org's collector lease, and replicas stand by.
 package collector
@@ -35,8 +37,7 @@ type Config struct {
 	QuickInterval       time.Duration `split_words:"true" default:"5m" desc:"How often the collector reads partnerships that are new, or whose mailbox changed, since its last sync."`
 	FullInterval        time.Duration `split_words:"true" default:"24h" desc:"How often the collector reads every partnership and enforces the organisation settings."`
 	QuickOverlap        time.Duration `split_words:"true" default:"2m" desc:"A quick sync reads back this far before the previous one started (new partnerships and changed mailboxes), to cover clock differences."`
-	EnforceSettings     bool          `split_words:"true" default:"true" desc:"On full sync, make the organisation's ActiveSync settings what easguard needs (EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL and the two below)."`
-	DefaultAccessLevel  string        `split_words:"true" default:"Quarantine" desc:"DefaultAccessLevel easguard enforces: Quarantine holds a new device until easguard has judged it."`
+	EnforceSettings     bool          `split_words:"true" default:"true" desc:"On full sync, read the organisation's ActiveSync settings, make the two below what they say, and report DefaultAccessLevel, which the evaluator plans as the policy's default_access_level says and the executor changes. false: easguard leaves the organisation settings alone, DefaultAccessLevel included."`
 	AdminMailRecipients []string      `split_words:"true" desc:"Comma-separated AdminMailRecipients easguard enforces (Exchange's quarantine notices to administrators). Empty: left as Exchange has it."`
 	UserMailInsert      string        `split_words:"true" desc:"UserMailInsert easguard enforces (the footer of Exchange's own quarantine mail), at most 256 characters. Empty: left as Exchange has it."`
 }
@@ -49,11 +50,6 @@ func (c *Config) Validate() error {
 	if c.FullInterval < c.QuickInterval {
 		return config.Invalid(&c.FullInterval, "must not be shorter than the quick interval")
 	}
-	switch c.DefaultAccessLevel {
-	case "Allow", "Block", "Quarantine":
-	default:
-		return config.Invalid(&c.DefaultAccessLevel, "use Allow, Block or Quarantine, not %q", c.DefaultAccessLevel)
-	}
 	if len([]rune(c.UserMailInsert)) > 256 {
 		return config.Invalid(&c.UserMailInsert, "Exchange allows at most 256 characters")
 	}
@@ -65,7 +61,7 @@ type Exchange interface {
 	ListPartnerships(ctx context.Context, opt exchange.ListOptions, fn func([]exchange.Partnership) error) error
 	ListRecipients(ctx context.Context, fn func([]exchange.Recipient) error) error
 	GetRecipient(ctx context.Context, identity string) (exchange.Recipient, error)
-	EnforceOrgSettings(ctx context.Context, want exchange.OrgSettings, apply bool) ([]string, error)
+	EnforceOrgSettings(ctx context.Context, want exchange.OrgSettings, apply bool) (exchange.OrgSettings, []string, error)
 }
 
 // Collector is the collector worker of one organisation.
@@ -128,9 +124,11 @@ type SyncStatus struct {
 	Settings    []string         `json:"settings_enforced,omitempty"`
 	// SettingsNote says why settings were not enforced (a dry run, no
 	// policy known yet) and what a dry run would have changed.
-	SettingsNote string            `json:"settings_note,omitempty"`
-	Server       string            `json:"cas_server,omitempty"`
-	Extra        map[string]string `json:"extra,omitempty"`
+	SettingsNote string `json:"settings_note,omitempty"`
+	// DefaultAccessLevel is the organisation's as this full sync read it.
+	DefaultAccessLevel string            `json:"default_access_level,omitempty"`
+	Server             string            `json:"cas_server,omitempty"`
+	Extra              map[string]string `json:"extra,omitempty"`
 }
 
 func kindName(k ev.SyncKind) string {
@@ -275,23 +273,27 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 	err := func() error {
 		if kind == ev.SyncKind_SYNC_KIND_FULL && c.cfg.EnforceSettings {
 			dry, known := c.policyDryRun(ctx)
-			want := exchange.OrgSettings{DefaultAccessLevel: c.cfg.DefaultAccessLevel, AdminMailRecipients: c.cfg.AdminMailRecipients, UserMailInsert: c.cfg.UserMailInsert}
+			// No DefaultAccessLevel: its change is a mass revocation, which
+			// the evaluator plans from the level read here.
+			want := exchange.OrgSettings{AdminMailRecipients: c.cfg.AdminMailRecipients, UserMailInsert: c.cfg.UserMailInsert}
+			have, changed, err := c.ex.EnforceOrgSettings(ctx, want, known && !dry)
+			if err != nil {
+				return fmt.Errorf("enforce organisation settings: %w", err)
+			}
+			st.DefaultAccessLevel = have.DefaultAccessLevel
 			switch {
 			case !known:
 				st.SettingsNote = "organisation settings not enforced: no evaluator has published the policy yet, so a dry run cannot be ruled out"
+				if len(changed) > 0 {
+					st.SettingsNote += "; would change " + strings.Join(changed, ", ")
+				}
 				c.log.Warn(st.SettingsNote)
+			case dry:
+				if len(changed) > 0 {
+					st.SettingsNote = "dry run: would change " + strings.Join(changed, ", ")
+				}
 			default:
-				changed, err := c.ex.EnforceOrgSettings(ctx, want, !dry)
-				if err != nil {
-					return fmt.Errorf("enforce organisation settings: %w", err)
-				}
-				if dry {
-					if len(changed) > 0 {
-						st.SettingsNote = "dry run: would change " + strings.Join(changed, ", ")
-					}
-				} else {
-					settings = changed
-				}
+				settings = changed
 			}
 		}
 		seen := map[string]bool{}
@@ -353,7 +355,8 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 	st.Counts = map[string]int64{"observed": counts.Observed, "new": counts.New, "changed": counts.Changed, "unchanged": counts.Unchanged,
 		"gone": counts.Gone, "failed": counts.Failed, "mailboxes": counts.Mailboxes}
 	done := &ev.SyncCompleted{Org: string(c.org), SyncId: id, Kind: kind, RequestedBy: requestedBy, Counts: counts, Errors: st.Errors,
-		StartedAt: timestamppb.New(start), FinishedAt: timestamppb.New(st.FinishedAt), Success: st.Success, CasServer: st.Server, SettingsEnforced: settings}
+		StartedAt: timestamppb.New(start), FinishedAt: timestamppb.New(st.FinishedAt), Success: st.Success, CasServer: st.Server, SettingsEnforced: settings,
+		DefaultAccessLevel: st.DefaultAccessLevel}
 	subject, serr := bus.SyncCompleted.Subject(c.org, "")
 	if serr == nil {
 		if _, perr := c.pub.Publish(ctx, bus.Outbound{Subject: subject, Message: done, MsgID: "sync-completed:" + id}); perr != nil {

@@ -70,9 +70,6 @@ func testConfig(cfg collector.Config) collector.Config {
 	if cfg.QuickOverlap == 0 {
 		cfg.QuickOverlap = 2 * time.Minute
 	}
-	if cfg.DefaultAccessLevel == "" {
-		cfg.DefaultAccessLevel = "Quarantine"
-	}
 	return cfg
 }
 
@@ -378,10 +375,12 @@ func TestQuickSyncReportsOnlyNew(t *testing.T) {
 	}
 }
 
-// A full sync makes the organisation settings what easguard needs, but
-// only once the evaluator has said the policy is live; in a dry run it
+// A full sync makes the organisation's mail settings what easguard needs,
+// but only once the evaluator has said the policy is live; in a dry run it
 // only says what it would change. Settings easguard was not given are
-// left as the administrator set them.
+// left as the administrator set them. DefaultAccessLevel is never the
+// collector's to change: it reports the level it read, for the evaluator
+// to plan from, unless enforcement is off.
 func TestFullSyncEnforcesSettings(t *testing.T) {
 	t.Parallel()
 	live, dry := false, true
@@ -394,28 +393,30 @@ func TestFullSyncEnforcesSettings(t *testing.T) {
 		want     exchange.OrgSettings // what Exchange has after the full sync
 		enforced []string
 		note     string
-		sets     int // Set-ActiveSyncOrganizationSettings by the collector
+		sets     int    // Set-ActiveSyncOrganizationSettings by the collector
+		level    string // DefaultAccessLevel the full sync reports
 	}{
 		{name: "live policy: every setting", policy: &live,
 			cfg:      collector.Config{EnforceSettings: true, AdminMailRecipients: []string{"secops@contoso.com"}, UserMailInsert: insert},
-			want:     exchange.OrgSettings{DefaultAccessLevel: "Quarantine", AdminMailRecipients: []string{"secops@contoso.com"}, UserMailInsert: insert},
-			enforced: []string{"DefaultAccessLevel", "AdminMailRecipients", "UserMailInsert"}, sets: 1},
+			want:     exchange.OrgSettings{DefaultAccessLevel: "Allow", AdminMailRecipients: []string{"secops@contoso.com"}, UserMailInsert: insert},
+			enforced: []string{"AdminMailRecipients", "UserMailInsert"}, sets: 1, level: "Allow"},
 		{name: "live policy: unset settings are left alone", policy: &live,
-			cfg:      collector.Config{EnforceSettings: true},
-			before:   exchange.OrgSettings{AdminMailRecipients: []string{"boss@contoso.com"}, UserMailInsert: "Call the helpdesk"},
-			want:     exchange.OrgSettings{DefaultAccessLevel: "Quarantine", AdminMailRecipients: []string{"boss@contoso.com"}, UserMailInsert: "Call the helpdesk"},
-			enforced: []string{"DefaultAccessLevel"}, sets: 1},
+			cfg:    collector.Config{EnforceSettings: true},
+			before: exchange.OrgSettings{AdminMailRecipients: []string{"boss@contoso.com"}, UserMailInsert: "Call the helpdesk"},
+			want:   exchange.OrgSettings{DefaultAccessLevel: "Allow", AdminMailRecipients: []string{"boss@contoso.com"}, UserMailInsert: "Call the helpdesk"},
+			level:  "Allow"},
 		{name: "live policy: recipients replaced, not added to", policy: &live,
-			cfg:      collector.Config{EnforceSettings: true, DefaultAccessLevel: "Block", AdminMailRecipients: []string{"secops@contoso.com"}},
+			cfg:      collector.Config{EnforceSettings: true, AdminMailRecipients: []string{"secops@contoso.com"}},
 			before:   exchange.OrgSettings{AdminMailRecipients: []string{"boss@contoso.com", "SecOps@contoso.com"}},
-			want:     exchange.OrgSettings{DefaultAccessLevel: "Block", AdminMailRecipients: []string{"SecOps@contoso.com"}},
-			enforced: []string{"DefaultAccessLevel", "AdminMailRecipients"}, sets: 1},
+			want:     exchange.OrgSettings{DefaultAccessLevel: "Allow", AdminMailRecipients: []string{"SecOps@contoso.com"}},
+			enforced: []string{"AdminMailRecipients"}, sets: 1, level: "Allow"},
 		{name: "dry run changes nothing", policy: &dry,
-			cfg:  collector.Config{EnforceSettings: true, UserMailInsert: insert},
-			want: exchange.OrgSettings{DefaultAccessLevel: "Allow"},
-			note: "dry run: would change DefaultAccessLevel, UserMailInsert"},
+			cfg:   collector.Config{EnforceSettings: true, UserMailInsert: insert},
+			want:  exchange.OrgSettings{DefaultAccessLevel: "Allow"},
+			note:  "dry run: would change UserMailInsert",
+			level: "Allow"},
 		{name: "enforcement switched off", policy: &live,
-			cfg:  collector.Config{EnforceSettings: false},
+			cfg:  collector.Config{EnforceSettings: false, UserMailInsert: insert},
 			want: exchange.OrgSettings{DefaultAccessLevel: "Allow"}},
 	}
 	for _, tc := range cases {
@@ -447,6 +448,9 @@ func TestFullSyncEnforcesSettings(t *testing.T) {
 			done := h.sync(full, "full-1")
 			if n := h.sim.Recorder.Count(set) - base; n != tc.sets {
 				t.Fatalf("%d Set-ActiveSyncOrganizationSettings, want %d", n, tc.sets)
+			}
+			if done.GetDefaultAccessLevel() != tc.level {
+				t.Fatalf("reported DefaultAccessLevel %q, want %q", done.GetDefaultAccessLevel(), tc.level)
 			}
 			if !slices.Equal(done.GetSettingsEnforced(), tc.enforced) {
 				t.Fatalf("settings_enforced %q, want %q", done.GetSettingsEnforced(), tc.enforced)
@@ -632,9 +636,7 @@ func TestConfigValidate(t *testing.T) {
 		{Name: "quick interval too short", Env: map[string]string{"EASGUARD_COLLECTOR_QUICK_INTERVAL": "500ms"}, Want: "EASGUARD_COLLECTOR_QUICK_INTERVAL"},
 		{Name: "full interval shorter than quick", Env: map[string]string{"EASGUARD_COLLECTOR_QUICK_INTERVAL": "10m", "EASGUARD_COLLECTOR_FULL_INTERVAL": "5m"}, Want: "EASGUARD_COLLECTOR_FULL_INTERVAL"},
 		{Name: "full interval equal to quick", Env: map[string]string{"EASGUARD_COLLECTOR_QUICK_INTERVAL": "10m", "EASGUARD_COLLECTOR_FULL_INTERVAL": "10m"}, Want: ""},
-		{Name: "access level Allow", Env: map[string]string{"EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL": "Allow"}, Want: ""},
-		{Name: "access level Block", Env: map[string]string{"EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL": "Block"}, Want: ""},
-		{Name: "unknown access level", Env: map[string]string{"EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL": "Deny"}, Want: "EASGUARD_COLLECTOR_DEFAULT_ACCESS_LEVEL"},
+
 		{Name: "mail insert of 256 characters", Env: map[string]string{"EASGUARD_COLLECTOR_USER_MAIL_INSERT": strings.Repeat("é", 256)}, Want: ""},
 		{Name: "mail insert too long", Env: map[string]string{"EASGUARD_COLLECTOR_USER_MAIL_INSERT": strings.Repeat("é", 257)}, Want: "EASGUARD_COLLECTOR_USER_MAIL_INSERT"},
 	})

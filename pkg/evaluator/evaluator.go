@@ -208,7 +208,12 @@ func (e *Evaluator) policy() *policy.Policy {
 
 // satisfied reports whether Exchange already gives the partnership what
 // easguard wants: Allow and Block are per-device list entries (reason
-// Individual); Quarantine is the org default, so any quarantine will do.
+// Individual). Exchange has no per-device quarantine: easguard quarantines
+// a device by keeping it off both lists, so that the organisation's
+// default reaches it, and the default plan (orgdefault.go) makes that
+// Quarantine — counting in the blast-radius guard every partnership it
+// takes mail from, this one included while Exchange still allows it by the
+// default. A device rule that admits the device is beyond the lists.
 func satisfied(want ev.DesiredAccess, state ev.DeviceAccessState, reason ev.DeviceAccessStateReason) bool {
 	switch want {
 	case ev.DesiredAccess_DESIRED_ACCESS_ALLOW:
@@ -218,8 +223,8 @@ func satisfied(want ev.DesiredAccess, state ev.DeviceAccessState, reason ev.Devi
 	case ev.DesiredAccess_DESIRED_ACCESS_QUARANTINE:
 		// Taking an id off the lists re-stamps the device Unknown/Unknown
 		// until its next request, when the org default quarantines it.
-		return (state == ev.DeviceAccessState_DEVICE_ACCESS_STATE_QUARANTINED || state == ev.DeviceAccessState_DEVICE_ACCESS_STATE_UNKNOWN) &&
-			reason != ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_INDIVIDUAL
+		return reason != ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_INDIVIDUAL &&
+			!(state == ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED && reason == ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_DEVICE_RULE)
 	}
 	return false
 }
@@ -322,9 +327,10 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 			// A dry run already recorded it.
 		case !ok:
 			emit = true
-		case !exists && v.Notify && pol.Notify:
-			// Exchange already holds the device back, but its user has not
-			// been told how to enrol yet.
+		case v.Notify && pol.Notify && !rec.GetNotified() && p.GetDeviceAccessState() != ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED:
+			// Exchange holds the device back as decided, but its user has
+			// not been told how to enrol yet: a new partnership the default
+			// quarantined, or one the default reached since it was judged.
 			emit = true
 		}
 		switch {
@@ -530,7 +536,18 @@ func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
-	return nil, e.finalize(ctx, "sync/"+in.GetSyncId(), prefix, pub)
+	if err := e.finalize(ctx, "sync/"+in.GetSyncId(), prefix, pub); err != nil {
+		return nil, err
+	}
+	// A full sync that read every partnership and the organisation's
+	// default: plan the default from there. An incomplete one could not
+	// count whom a tighter default takes mail from.
+	if in.GetKind() == ev.SyncKind_SYNC_KIND_FULL && in.GetSuccess() && in.GetDefaultAccessLevel() != "" {
+		if err := e.planDefault(ctx, in.GetSyncId(), in.GetDefaultAccessLevel(), pub); err != nil {
+			return nil, fmt.Errorf("plan the organisation's default: %w", err)
+		}
+	}
+	return nil, nil
 }
 
 // DecisionOutbound is how a decision goes on the bus: under its device's
@@ -869,6 +886,9 @@ func (e *Evaluator) tick(ctx context.Context) error {
 		if err := e.finalize(ctx, "mdm/"+strconv.FormatInt(oldest, 10), prefix, pub); err != nil {
 			return err
 		}
+	}
+	if err := e.waitingDefault(ctx, pub); err != nil {
+		return err
 	}
 	return e.rechecks(ctx, pub)
 }

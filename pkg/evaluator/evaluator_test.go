@@ -536,6 +536,7 @@ scope:
   exclude: {mailboxes: [ceo@contoso.com]}
 allowed_platforms: [ios, android]
 platform_not_allowed: quarantine
+default_access_level: quarantine
 exemptions:
   - {mailbox: "frank@contoso.com", device_id: "ApplEXEMPT1", reason: "break-glass"}
   - {device_type: "EASProbeDeviceType", reason: "health probes", trust_client_reported: true}
@@ -634,7 +635,7 @@ func TestPolicyReload(t *testing.T) {
 		none(t, h.newDecisions(), "probes")
 	}
 
-	writePolicy(t, path, "unknown_device: quarantine\nscope:\n  exclude: {mailboxes: [alice@contoso.com]}\n", time.Now().Add(time.Second))
+	writePolicy(t, path, "unknown_device: quarantine\ndefault_access_level: quarantine\nscope:\n  exclude: {mailboxes: [alice@contoso.com]}\n", time.Now().Add(time.Second))
 	v2 := versionOf(t, path)
 	poke("policy v2 loaded", func() bool {
 		var st evaluator.PolicyStatus

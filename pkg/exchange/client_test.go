@@ -205,25 +205,42 @@ func TestTypedReads(t *testing.T) {
 	}
 	want := exchange.OrgSettings{DefaultAccessLevel: "Quarantine", AdminMailRecipients: []string{"helpdesk@contoso.com"}, UserMailInsert: "Enrol in Intune."}
 	sets := s.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings")
-	changed, err := c.EnforceOrgSettings(ctx, want, false)
+	_, changed, err := c.EnforceOrgSettings(ctx, want, false)
 	if err != nil || len(changed) != 3 || s.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings") != sets {
 		t.Fatalf("a dry run must name the three settings and change nothing: %v %v", changed, err)
 	}
-	changed, err = c.EnforceOrgSettings(ctx, want, true)
+	_, changed, err = c.EnforceOrgSettings(ctx, want, true)
 	if err != nil || len(changed) != 3 {
 		t.Fatalf("enforce: %v %v", changed, err)
 	}
-	changed, err = c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "quarantine", AdminMailRecipients: []string{"HELPDESK@contoso.com"}, UserMailInsert: "Enrol in Intune."}, true)
+	_, changed, err = c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "quarantine", AdminMailRecipients: []string{"HELPDESK@contoso.com"}, UserMailInsert: "Enrol in Intune."}, true)
 	if err != nil || len(changed) != 0 {
 		t.Fatalf("second enforce changed %v %v", changed, err)
 	}
 	// Settings easguard was not given are the administrator's: left alone.
-	changed, err = c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "Quarantine"}, true)
+	_, changed, err = c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "Quarantine"}, true)
 	if err != nil || len(changed) != 0 {
 		t.Fatalf("unset settings must be left alone: %v %v", changed, err)
 	}
 	if got, err := c.GetOrgSettings(ctx); err != nil || len(got.AdminMailRecipients) != 1 || got.UserMailInsert != "Enrol in Intune." {
 		t.Fatalf("settings after a partial enforce: %+v %v", got, err)
+	}
+	// The default changes only from the level the plan was made against.
+	for _, tc := range []struct{ from, to, found, after string }{
+		{"Allow", "Block", "Quarantine", "Quarantine"},           // stale plan: left alone
+		{"Quarantine", "Allow", "Quarantine", "Allow"},           // changed
+		{"allow", "Quarantine", "Allow", "Quarantine"},           // case-insensitive
+		{"Quarantine", "Quarantine", "Quarantine", "Quarantine"}, // nothing to do
+	} {
+		sets := s.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings")
+		found, err := c.SetDefaultAccessLevel(ctx, tc.from, tc.to)
+		got, gerr := c.GetOrgSettings(ctx)
+		if err != nil || gerr != nil || found != tc.found || got.DefaultAccessLevel != tc.after {
+			t.Fatalf("SetDefaultAccessLevel(%s, %s): found %q (%v), now %q (%v); want found %q, now %q", tc.from, tc.to, found, err, got.DefaultAccessLevel, gerr, tc.found, tc.after)
+		}
+		if wrote := s.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings") - sets; (tc.found != tc.after) != (wrote == 1) {
+			t.Fatalf("SetDefaultAccessLevel(%s, %s) ran Set-ActiveSyncOrganizationSettings %d times", tc.from, tc.to, wrote)
+		}
 	}
 	// Quick sync: only what is new since a time.
 	cut := time.Now()

@@ -86,7 +86,7 @@ func TestTypedReadsOnEveryHost(t *testing.T) {
 			if err != nil || org.DefaultAccessLevel != "Quarantine" {
 				t.Fatalf("org settings %+v %v", org, err)
 			}
-			if changed, err := c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "Quarantine"}, true); err != nil || len(changed) != 0 {
+			if _, changed, err := c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "Quarantine"}, true); err != nil || len(changed) != 0 {
 				t.Fatalf("an org already as wanted must not be rewritten: %v %v", changed, err)
 			}
 		})

@@ -470,16 +470,20 @@ func (c *Client) GetOrgSettings(ctx context.Context) (OrgSettings, error) {
 }
 
 // EnforceOrgSettings makes the organisation settings what want says and
-// returns the names of the settings that differed (none when they already
-// agreed). An empty field of want is left as Exchange has it, so that an
-// administrator's own recipients or mail insert are never wiped by a
-// setting easguard was not given. Admin recipients are compared
-// case-insensitively as addresses. With apply false nothing is changed:
-// the names say what would be (a dry run).
-func (c *Client) EnforceOrgSettings(ctx context.Context, want OrgSettings, apply bool) ([]string, error) {
+// returns them as it found them, with the names of the settings that
+// differed (none when they already agreed). An empty field of want is left
+// as Exchange has it, so that an administrator's own recipients or mail
+// insert are never wiped by a setting easguard was not given. Admin
+// recipients are compared case-insensitively as addresses. With apply
+// false nothing is changed: the names say what would be (a dry run).
+//
+// The collector gives it no DefaultAccessLevel: a changed default reaches
+// every partnership no list entry or rule covers, so the evaluator plans it
+// as a mass revocation and the executor applies it (SetDefaultAccessLevel).
+func (c *Client) EnforceOrgSettings(ctx context.Context, want OrgSettings, apply bool) (OrgSettings, []string, error) {
 	have, err := c.GetOrgSettings(ctx)
 	if err != nil {
-		return nil, err
+		return OrgSettings{}, nil, err
 	}
 	params := Params{}
 	var changed []string
@@ -509,12 +513,32 @@ func (c *Client) EnforceOrgSettings(ctx context.Context, want OrgSettings, apply
 		changed = append(changed, "UserMailInsert")
 	}
 	if len(changed) == 0 || !apply {
-		return changed, nil
+		return have, changed, nil
 	}
 	if _, _, err := c.Invoke(ctx, Call{Cmdlet: "Set-ActiveSyncOrganizationSettings", Params: params}); err != nil {
-		return nil, err
+		return OrgSettings{}, nil, err
 	}
-	return changed, nil
+	return have, changed, nil
+}
+
+// SetDefaultAccessLevel changes the organisation's DefaultAccessLevel to
+// to, but only while it is still from: the change was planned (and judged
+// by the blast-radius guard) against from, and an administrator who set
+// another level since must not be overruled by a stale plan. It returns the
+// level it found; the change was made when that equals from (compared
+// case-insensitively) and from differs from to.
+func (c *Client) SetDefaultAccessLevel(ctx context.Context, from, to string) (string, error) {
+	have, err := c.GetOrgSettings(ctx)
+	if err != nil {
+		return "", err
+	}
+	if !strings.EqualFold(have.DefaultAccessLevel, from) || strings.EqualFold(from, to) {
+		return have.DefaultAccessLevel, nil
+	}
+	if _, _, err := c.Invoke(ctx, Call{Cmdlet: "Set-ActiveSyncOrganizationSettings", Params: Params{"DefaultAccessLevel": to}}); err != nil {
+		return "", err
+	}
+	return have.DefaultAccessLevel, nil
 }
 
 func containsFold(list []string, v string) bool {

@@ -21,8 +21,9 @@ const (
 	// exchange` reads (servers, mailbox count, ActiveSync settings).
 	FeatureCore Feature = "core"
 	// FeatureOrgSettings is the collector's enforcement of the
-	// organisation's ActiveSync settings on full sync
-	// (EASGUARD_COLLECTOR_ENFORCE_SETTINGS).
+	// organisation's ActiveSync mail settings on full sync, and the
+	// executor's change of DefaultAccessLevel that the evaluator plans
+	// from what the full sync read (EASGUARD_COLLECTOR_ENFORCE_SETTINGS).
 	FeatureOrgSettings Feature = "org settings"
 	// FeatureRemoteWipe is Client.WipePartnership. Nothing in the
 	// pipeline calls it yet, so it is never required.

@@ -124,7 +124,7 @@ func TestRoleScriptCmdletsSuffice(t *testing.T) {
 			if err != nil || len(res) != 1 || res[0].Err != nil {
 				t.Fatalf("apply access %+v %v", res, err)
 			}
-			if _, err := c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "Quarantine", UserMailInsert: "Enrol in Intune."}, true); err != nil {
+			if _, _, err := c.EnforceOrgSettings(ctx, exchange.OrgSettings{DefaultAccessLevel: "Quarantine", UserMailInsert: "Enrol in Intune."}, true); err != nil {
 				t.Fatalf("enforce org settings: %v", err)
 			}
 			if _, err := c.Servers(ctx); err != nil {

@@ -48,9 +48,21 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// Applier is what the executor needs of Exchange (exchange.Client does it).
+// Applier is what the executor needs of Exchange for device decisions.
 type Applier interface {
 	ApplyAccess(ctx context.Context, changes []exchange.Change) ([]exchange.ChangeResult, error)
+}
+
+// DefaultSetter is what the executor needs of Exchange for the
+// organisation's default (exchange.Client.SetDefaultAccessLevel).
+type DefaultSetter interface {
+	SetDefaultAccessLevel(ctx context.Context, from, to string) (string, error)
+}
+
+// Exchange is all the executor needs of Exchange (exchange.Client does it).
+type Exchange interface {
+	Applier
+	DefaultSetter
 }
 
 // Executor is the executor worker of one organisation.
@@ -58,6 +70,8 @@ type Executor struct {
 	org     bus.Org
 	cfg     Config
 	applied jetstream.KeyValue
+	status  jetstream.KeyValue
+	setter  DefaultSetter
 	log     *slog.Logger
 	now     func() time.Time
 	server  func() string
@@ -67,10 +81,14 @@ type Executor struct {
 
 // New opens the executor's state. server reports the CAS in use, for the
 // audit record; actor is the service account, for SIEM attribution.
-func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, ex Applier, server func() string, actor string, log *slog.Logger) (*Executor, error) {
+func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, ex Exchange, server func() string, actor string, log *slog.Logger) (*Executor, error) {
 	kv, err := js.KeyValue(ctx, bus.BucketApplied)
 	if err != nil {
 		return nil, fmt.Errorf("executor: open %s: %w", bus.BucketApplied, err)
+	}
+	status, err := js.KeyValue(ctx, bus.BucketStatus)
+	if err != nil {
+		return nil, fmt.Errorf("executor: open %s: %w", bus.BucketStatus, err)
 	}
 	if log == nil {
 		log = slog.Default()
@@ -78,14 +96,14 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 	if server == nil {
 		server = func() string { return "" }
 	}
-	x := &Executor{org: org, cfg: cfg, applied: kv, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor}
+	x := &Executor{org: org, cfg: cfg, applied: kv, status: status, setter: ex, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor}
 	x.batch = &batcher{apply: ex.ApplyAccess, window: cfg.Window, max: cfg.MaxBatch}
 	return x, nil
 }
 
-// Routes returns the executor's handler.
+// Routes returns the executor's handlers.
 func (x *Executor) Routes() []bus.Route {
-	return []bus.Route{bus.Handle("access-decided", bus.AccessDecided, x.Apply)}
+	return []bus.Route{bus.Handle("access-decided", bus.AccessDecided, x.Apply), bus.Handle("settings-decided", bus.SettingsDecided, x.ApplyDefault)}
 }
 
 func accessOf(d ev.DesiredAccess) (exchange.Access, error) {

@@ -53,6 +53,11 @@ func (a *recordingApplier) ApplyAccess(ctx context.Context, changes []exchange.C
 	return a.client.ApplyAccess(ctx, changes)
 }
 
+// SetDefaultAccessLevel changes the organisation's default on Exchange.
+func (a *recordingApplier) SetDefaultAccessLevel(ctx context.Context, from, to string) (string, error) {
+	return a.client.SetDefaultAccessLevel(ctx, from, to)
+}
+
 // take returns the batches recorded since the last take.
 func (a *recordingApplier) take() [][]exchange.Change {
 	a.mu.Lock()

@@ -28,6 +28,22 @@
 //	  - {mailbox: "helpdesk@contoso.com", reason: "shared helpdesk phone"}
 //	notify: true
 //	trust_mdm_records_without_user: false
+//	default_access_level: quarantine  # quarantine | block | allow | unchanged; see below
+//
+// # The organisation's default
+//
+// Exchange gives every partnership that no individual list entry and no
+// device access rule covers the organisation's DefaultAccessLevel, and a
+// changed default reaches each such phone at its next sync. easguard
+// quarantines a device by leaving it off both lists, so quarantine needs the
+// default to be Quarantine; and tightening the default takes mail from every
+// phone easguard has not allow-listed, out-of-scope mailboxes included.
+// OrgDefault says what easguard makes it: default_access_level when the
+// file sets it, else Quarantine when the scope is everyone (no include, no
+// exclude) and the organisation's own default, untouched, for a pilot. The
+// evaluator plans a tightening as a mass revocation (allow-list first, count
+// the rest in the blast-radius guard, show it in a dry run). A quarantine
+// action where the default would not be Quarantine is an error.
 //
 // # What the phone reports
 //

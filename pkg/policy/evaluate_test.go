@@ -21,6 +21,7 @@ scope:
 groups:
   partners: ["*@Fabrikam.COM"]
   service-accounts: [svc-*@contoso.com]
+default_access_level: quarantine
 unknown_device: quarantine
 noncompliant: block
 allowed_platforms: [ios, ipados, android]

@@ -17,6 +17,7 @@ scope:
   exclude: {groups: [service-accounts]}
 groups:
   service-accounts: [svc-*@contoso.com]
+default_access_level: quarantine
 unknown_device: quarantine
 grace_period: 1d
 `))

@@ -425,7 +425,7 @@ func (d *decoder) action(dst *Action) field {
 }
 
 const (
-	rootKeys      = "version, org, dry_run, scope, groups, unknown_device, noncompliant, allowed_platforms, platform_not_allowed, grace_period, exemptions, notify, trust_mdm_records_without_user"
+	rootKeys      = "version, org, dry_run, scope, groups, unknown_device, noncompliant, allowed_platforms, platform_not_allowed, grace_period, exemptions, notify, trust_mdm_records_without_user, default_access_level"
 	scopeKeys     = "include, exclude"
 	selectorKeys  = "mailboxes, domains, groups"
 	exemptionKeys = "mailbox, device_id, device_type, reason, until, trust_client_reported"
@@ -473,6 +473,11 @@ func (d *decoder) root(n *yaml.Node) {
 		"trust_mdm_records_without_user": func(path string, v *yaml.Node) {
 			if b, ok := d.boolean(path, v); ok {
 				p.TrustMDMRecordsWithoutUser = b
+			}
+		},
+		"default_access_level": func(path string, v *yaml.Node) {
+			if s, ok := d.str(path, v); ok {
+				p.DefaultAccessLevel = DefaultLevel(strings.ToLower(s))
 			}
 		},
 		"scope": func(path string, v *yaml.Node) {

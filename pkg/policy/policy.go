@@ -101,6 +101,11 @@ type Policy struct {
 	// NO_MATCH_REASON_RECORD_WITHOUT_USER and Evaluate uses the record only
 	// when this is on.
 	TrustMDMRecordsWithoutUser bool
+	// DefaultAccessLevel is what easguard makes the organisation's
+	// DefaultAccessLevel (see OrgDefault). Exchange applies a changed
+	// default to every partnership that no list entry or rule covers, so
+	// the evaluator plans a tightening as a mass revocation.
+	DefaultAccessLevel DefaultLevel
 }
 
 // Scope selects the mailboxes easguard manages. Exclude wins over Include
@@ -269,6 +274,7 @@ func (p *Policy) problems() []Problem {
 	v.action("unknown_device", p.UnknownDevice)
 	v.action("noncompliant", p.Noncompliant)
 	v.action("platform_not_allowed", p.PlatformNotAllowed)
+	v.defaultProblems(p)
 	for i, pl := range p.AllowedPlatforms {
 		if PlatformName(pl) == "" {
 			v.add(fmt.Sprintf("allowed_platforms[%d]", i), "%v is not a platform (%s)", pl, platformList)
@@ -523,6 +529,7 @@ type canonical struct {
 	Exemptions         []canonicalExempt   `json:"exemptions"`
 	Notify             bool                `json:"notify"`
 	TrustUserless      bool                `json:"trust_mdm_records_without_user,omitempty"`
+	DefaultAccess      string              `json:"default_access_level,omitempty"`
 }
 
 type canonicalSelector struct {
@@ -565,6 +572,7 @@ func (p *Policy) Version() string {
 		GracePeriodNanos:   int64(n.GracePeriod),
 		Notify:             n.Notify,
 		TrustUserless:      n.TrustMDMRecordsWithoutUser,
+		DefaultAccess:      string(n.DefaultAccessLevel),
 	}
 	for _, pl := range n.AllowedPlatforms {
 		name := PlatformName(pl)

@@ -745,3 +745,11 @@ func (o *Org) SetDefaultAccessLevel(level string) error {
 	}
 	return fmt.Errorf("access level %q: use Allow, Block or Quarantine", level)
 }
+
+// DefaultAccessLevel returns the organisation's DefaultAccessLevel (Allow,
+// Block or Quarantine), as Get-ActiveSyncOrganizationSettings shows it.
+func (o *Org) DefaultAccessLevel() string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.Settings.DefaultAccessLevel.String()
+}

@@ -2465,8 +2465,13 @@ type SyncCompleted struct {
 	CasServer   string                 `protobuf:"bytes,10,opt,name=cas_server,json=casServer,proto3" json:"cas_server,omitempty"`
 	// settings_enforced lists the organisation settings a full sync changed.
 	SettingsEnforced []string `protobuf:"bytes,11,rep,name=settings_enforced,json=settingsEnforced,proto3" json:"settings_enforced,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// default_access_level is the organisation's DefaultAccessLevel (Allow,
+	// Block or Quarantine) as the full sync read it, before any partnership:
+	// the evaluator plans a change of it from there. Empty when the sync did
+	// not read it (a quick sync, or organisation settings left alone).
+	DefaultAccessLevel string `protobuf:"bytes,12,opt,name=default_access_level,json=defaultAccessLevel,proto3" json:"default_access_level,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *SyncCompleted) Reset() {
@@ -2576,6 +2581,141 @@ func (x *SyncCompleted) GetSettingsEnforced() []string {
 	return nil
 }
 
+func (x *SyncCompleted) GetDefaultAccessLevel() string {
+	if x != nil {
+		return x.DefaultAccessLevel
+	}
+	return ""
+}
+
+// OrgSettingsDecided is the evaluator's released plan to change the
+// organisation's DefaultAccessLevel. Exchange applies a changed default to
+// every partnership not covered by an individual entry or a rule at its
+// next sync, so a tightening is a mass revocation: it is released only once
+// every device the policy allows is on its allow list and what it still
+// takes mail from passed the blast-radius guard. The executor applies it
+// only while Exchange still has from_level.
+// Subject: easguard.<org>.settings.decided.
+type OrgSettingsDecided struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Org        string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	DecisionId string                 `protobuf:"bytes,2,opt,name=decision_id,json=decisionId,proto3" json:"decision_id,omitempty"`
+	// from_level is what the plan was made against; to_level what it sets.
+	FromLevel string `protobuf:"bytes,3,opt,name=from_level,json=fromLevel,proto3" json:"from_level,omitempty"`
+	ToLevel   string `protobuf:"bytes,4,opt,name=to_level,json=toLevel,proto3" json:"to_level,omitempty"`
+	// sync_id is the full sync whose reading the plan rests on.
+	SyncId        string `protobuf:"bytes,5,opt,name=sync_id,json=syncId,proto3" json:"sync_id,omitempty"`
+	PolicyVersion string `protobuf:"bytes,6,opt,name=policy_version,json=policyVersion,proto3" json:"policy_version,omitempty"`
+	// partnerships is every partnership of the org the plan looked at;
+	// revoked how many of them it takes mail from.
+	Partnerships  int64                  `protobuf:"varint,7,opt,name=partnerships,proto3" json:"partnerships,omitempty"`
+	Revoked       int64                  `protobuf:"varint,8,opt,name=revoked,proto3" json:"revoked,omitempty"`
+	Reason        string                 `protobuf:"bytes,9,opt,name=reason,proto3" json:"reason,omitempty"`
+	DecidedAt     *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=decided_at,json=decidedAt,proto3" json:"decided_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OrgSettingsDecided) Reset() {
+	*x = OrgSettingsDecided{}
+	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OrgSettingsDecided) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OrgSettingsDecided) ProtoMessage() {}
+
+func (x *OrgSettingsDecided) ProtoReflect() protoreflect.Message {
+	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OrgSettingsDecided.ProtoReflect.Descriptor instead.
+func (*OrgSettingsDecided) Descriptor() ([]byte, []int) {
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *OrgSettingsDecided) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *OrgSettingsDecided) GetDecisionId() string {
+	if x != nil {
+		return x.DecisionId
+	}
+	return ""
+}
+
+func (x *OrgSettingsDecided) GetFromLevel() string {
+	if x != nil {
+		return x.FromLevel
+	}
+	return ""
+}
+
+func (x *OrgSettingsDecided) GetToLevel() string {
+	if x != nil {
+		return x.ToLevel
+	}
+	return ""
+}
+
+func (x *OrgSettingsDecided) GetSyncId() string {
+	if x != nil {
+		return x.SyncId
+	}
+	return ""
+}
+
+func (x *OrgSettingsDecided) GetPolicyVersion() string {
+	if x != nil {
+		return x.PolicyVersion
+	}
+	return ""
+}
+
+func (x *OrgSettingsDecided) GetPartnerships() int64 {
+	if x != nil {
+		return x.Partnerships
+	}
+	return 0
+}
+
+func (x *OrgSettingsDecided) GetRevoked() int64 {
+	if x != nil {
+		return x.Revoked
+	}
+	return 0
+}
+
+func (x *OrgSettingsDecided) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *OrgSettingsDecided) GetDecidedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DecidedAt
+	}
+	return nil
+}
+
 // Alert tells operators something needs a human.
 // Subject: easguard.<org>.alert.<kind>.
 type Alert struct {
@@ -2593,7 +2733,7 @@ type Alert struct {
 
 func (x *Alert) Reset() {
 	*x = Alert{}
-	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	mi := &file_easguard_v1_events_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2605,7 +2745,7 @@ func (x *Alert) String() string {
 func (*Alert) ProtoMessage() {}
 
 func (x *Alert) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	mi := &file_easguard_v1_events_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2618,7 +2758,7 @@ func (x *Alert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Alert.ProtoReflect.Descriptor instead.
 func (*Alert) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{16}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Alert) GetOrg() string {
@@ -2836,7 +2976,7 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\tunchanged\x18\x04 \x01(\x03R\tunchanged\x12\x12\n" +
 	"\x04gone\x18\x05 \x01(\x03R\x04gone\x12\x16\n" +
 	"\x06failed\x18\x06 \x01(\x03R\x06failed\x12\x1c\n" +
-	"\tmailboxes\x18\a \x01(\x03R\tmailboxes\"\xaf\x03\n" +
+	"\tmailboxes\x18\a \x01(\x03R\tmailboxes\"\xe1\x03\n" +
 	"\rSyncCompleted\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\x12\x17\n" +
 	"\async_id\x18\x02 \x01(\tR\x06syncId\x12)\n" +
@@ -2852,7 +2992,23 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\n" +
 	"cas_server\x18\n" +
 	" \x01(\tR\tcasServer\x12+\n" +
-	"\x11settings_enforced\x18\v \x03(\tR\x10settingsEnforced\"\xde\x02\n" +
+	"\x11settings_enforced\x18\v \x03(\tR\x10settingsEnforced\x120\n" +
+	"\x14default_access_level\x18\f \x01(\tR\x12defaultAccessLevel\"\xd2\x02\n" +
+	"\x12OrgSettingsDecided\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x12\x1f\n" +
+	"\vdecision_id\x18\x02 \x01(\tR\n" +
+	"decisionId\x12\x1d\n" +
+	"\n" +
+	"from_level\x18\x03 \x01(\tR\tfromLevel\x12\x19\n" +
+	"\bto_level\x18\x04 \x01(\tR\atoLevel\x12\x17\n" +
+	"\async_id\x18\x05 \x01(\tR\x06syncId\x12%\n" +
+	"\x0epolicy_version\x18\x06 \x01(\tR\rpolicyVersion\x12\"\n" +
+	"\fpartnerships\x18\a \x01(\x03R\fpartnerships\x12\x18\n" +
+	"\arevoked\x18\b \x01(\x03R\arevoked\x12\x16\n" +
+	"\x06reason\x18\t \x01(\tR\x06reason\x129\n" +
+	"\n" +
+	"decided_at\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\tdecidedAt\"\xde\x02\n" +
 	"\x05Alert\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\x12\x19\n" +
 	"\balert_id\x18\x02 \x01(\tR\aalertId\x12*\n" +
@@ -2986,7 +3142,7 @@ func file_easguard_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_easguard_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 13)
-var file_easguard_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_easguard_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_easguard_v1_events_proto_goTypes = []any{
 	(DeviceAccessState)(0),         // 0: easguard.v1.DeviceAccessState
 	(DeviceAccessStateReason)(0),   // 1: easguard.v1.DeviceAccessStateReason
@@ -3017,67 +3173,69 @@ var file_easguard_v1_events_proto_goTypes = []any{
 	(*SyncRequested)(nil),          // 26: easguard.v1.SyncRequested
 	(*SyncCounts)(nil),             // 27: easguard.v1.SyncCounts
 	(*SyncCompleted)(nil),          // 28: easguard.v1.SyncCompleted
-	(*Alert)(nil),                  // 29: easguard.v1.Alert
-	nil,                            // 30: easguard.v1.Alert.DetailEntry
-	(*timestamppb.Timestamp)(nil),  // 31: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),    // 32: google.protobuf.Duration
+	(*OrgSettingsDecided)(nil),     // 29: easguard.v1.OrgSettingsDecided
+	(*Alert)(nil),                  // 30: easguard.v1.Alert
+	nil,                            // 31: easguard.v1.Alert.DetailEntry
+	(*timestamppb.Timestamp)(nil),  // 32: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),    // 33: google.protobuf.Duration
 }
 var file_easguard_v1_events_proto_depIdxs = []int32{
 	13, // 0: easguard.v1.EASPartnership.mailbox:type_name -> easguard.v1.Mailbox
 	0,  // 1: easguard.v1.EASPartnership.device_access_state:type_name -> easguard.v1.DeviceAccessState
 	1,  // 2: easguard.v1.EASPartnership.device_access_state_reason:type_name -> easguard.v1.DeviceAccessStateReason
-	31, // 3: easguard.v1.EASPartnership.first_sync_time:type_name -> google.protobuf.Timestamp
-	31, // 4: easguard.v1.EASPartnership.last_success_sync:type_name -> google.protobuf.Timestamp
-	31, // 5: easguard.v1.EASPartnership.when_changed:type_name -> google.protobuf.Timestamp
+	32, // 3: easguard.v1.EASPartnership.first_sync_time:type_name -> google.protobuf.Timestamp
+	32, // 4: easguard.v1.EASPartnership.last_success_sync:type_name -> google.protobuf.Timestamp
+	32, // 5: easguard.v1.EASPartnership.when_changed:type_name -> google.protobuf.Timestamp
 	2,  // 6: easguard.v1.SyncRef.kind:type_name -> easguard.v1.SyncKind
 	14, // 7: easguard.v1.EASPartnershipObserved.partnership:type_name -> easguard.v1.EASPartnership
 	15, // 8: easguard.v1.EASPartnershipObserved.sync:type_name -> easguard.v1.SyncRef
-	31, // 9: easguard.v1.EASPartnershipObserved.observed_at:type_name -> google.protobuf.Timestamp
+	32, // 9: easguard.v1.EASPartnershipObserved.observed_at:type_name -> google.protobuf.Timestamp
 	3,  // 10: easguard.v1.EASPartnershipObserved.change:type_name -> easguard.v1.ObservationChange
 	5,  // 11: easguard.v1.MDMDevice.enrollment_state:type_name -> easguard.v1.EnrollmentState
 	4,  // 12: easguard.v1.MDMDevice.compliance_state:type_name -> easguard.v1.ComplianceState
 	6,  // 13: easguard.v1.MDMDevice.platform:type_name -> easguard.v1.Platform
-	31, // 14: easguard.v1.MDMDevice.last_check_in:type_name -> google.protobuf.Timestamp
+	32, // 14: easguard.v1.MDMDevice.last_check_in:type_name -> google.protobuf.Timestamp
 	17, // 15: easguard.v1.MDMDeviceChanged.device:type_name -> easguard.v1.MDMDevice
-	31, // 16: easguard.v1.MDMDeviceChanged.observed_at:type_name -> google.protobuf.Timestamp
+	32, // 16: easguard.v1.MDMDeviceChanged.observed_at:type_name -> google.protobuf.Timestamp
 	16, // 17: easguard.v1.DeviceMatched.observed:type_name -> easguard.v1.EASPartnershipObserved
 	17, // 18: easguard.v1.DeviceMatched.mdm:type_name -> easguard.v1.MDMDevice
 	8,  // 19: easguard.v1.DeviceMatched.method:type_name -> easguard.v1.MatchMethod
 	9,  // 20: easguard.v1.DeviceMatched.no_match_reason:type_name -> easguard.v1.NoMatchReason
-	31, // 21: easguard.v1.DeviceMatched.matched_at:type_name -> google.protobuf.Timestamp
+	32, // 21: easguard.v1.DeviceMatched.matched_at:type_name -> google.protobuf.Timestamp
 	14, // 22: easguard.v1.AccessDecided.partnership:type_name -> easguard.v1.EASPartnership
 	7,  // 23: easguard.v1.AccessDecided.desired:type_name -> easguard.v1.DesiredAccess
 	0,  // 24: easguard.v1.AccessDecided.exchange_state:type_name -> easguard.v1.DeviceAccessState
 	1,  // 25: easguard.v1.AccessDecided.exchange_reason:type_name -> easguard.v1.DeviceAccessStateReason
 	17, // 26: easguard.v1.AccessDecided.mdm:type_name -> easguard.v1.MDMDevice
 	9,  // 27: easguard.v1.AccessDecided.no_match_reason:type_name -> easguard.v1.NoMatchReason
-	31, // 28: easguard.v1.AccessDecided.decided_at:type_name -> google.protobuf.Timestamp
+	32, // 28: easguard.v1.AccessDecided.decided_at:type_name -> google.protobuf.Timestamp
 	21, // 29: easguard.v1.CmdletInvocation.parameters:type_name -> easguard.v1.CmdletParameter
-	32, // 30: easguard.v1.CmdletInvocation.duration:type_name -> google.protobuf.Duration
+	33, // 30: easguard.v1.CmdletInvocation.duration:type_name -> google.protobuf.Duration
 	13, // 31: easguard.v1.AppliedItem.mailbox:type_name -> easguard.v1.Mailbox
 	7,  // 32: easguard.v1.AppliedItem.desired:type_name -> easguard.v1.DesiredAccess
 	10, // 33: easguard.v1.AppliedItem.outcome:type_name -> easguard.v1.ApplyOutcome
 	22, // 34: easguard.v1.AccessApplied.cmdlets:type_name -> easguard.v1.CmdletInvocation
 	23, // 35: easguard.v1.AccessApplied.items:type_name -> easguard.v1.AppliedItem
-	32, // 36: easguard.v1.AccessApplied.duration:type_name -> google.protobuf.Duration
-	31, // 37: easguard.v1.AccessApplied.applied_at:type_name -> google.protobuf.Timestamp
+	33, // 36: easguard.v1.AccessApplied.duration:type_name -> google.protobuf.Duration
+	32, // 37: easguard.v1.AccessApplied.applied_at:type_name -> google.protobuf.Timestamp
 	13, // 38: easguard.v1.NotificationSent.mailbox:type_name -> easguard.v1.Mailbox
-	31, // 39: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
+	32, // 39: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
 	2,  // 40: easguard.v1.SyncRequested.kind:type_name -> easguard.v1.SyncKind
-	31, // 41: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
+	32, // 41: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
 	2,  // 42: easguard.v1.SyncCompleted.kind:type_name -> easguard.v1.SyncKind
 	27, // 43: easguard.v1.SyncCompleted.counts:type_name -> easguard.v1.SyncCounts
-	31, // 44: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
-	31, // 45: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
-	11, // 46: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
-	12, // 47: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
-	30, // 48: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
-	31, // 49: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
-	50, // [50:50] is the sub-list for method output_type
-	50, // [50:50] is the sub-list for method input_type
-	50, // [50:50] is the sub-list for extension type_name
-	50, // [50:50] is the sub-list for extension extendee
-	0,  // [0:50] is the sub-list for field type_name
+	32, // 44: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
+	32, // 45: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
+	32, // 46: easguard.v1.OrgSettingsDecided.decided_at:type_name -> google.protobuf.Timestamp
+	11, // 47: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
+	12, // 48: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
+	31, // 49: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
+	32, // 50: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
+	51, // [51:51] is the sub-list for method output_type
+	51, // [51:51] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_easguard_v1_events_proto_init() }
@@ -3091,7 +3249,7 @@ func file_easguard_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_easguard_v1_events_proto_rawDesc), len(file_easguard_v1_events_proto_rawDesc)),
 			NumEnums:      13,
-			NumMessages:   18,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -167,3 +167,20 @@ func PartnershipID(p *EASPartnership) string {
 	}
 	return p.GetIdentity()
 }
+
+// accessLevels are the values of Exchange's DeviceAccessLevel a plan may name.
+var accessLevels = map[string]bool{"Allow": true, "Block": true, "Quarantine": true}
+
+// Validate checks what the executor relies on before it changes the
+// organisation's default: two known levels that differ, and a decision id
+// to record the outcome under.
+func (e *OrgSettingsDecided) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetDecisionId() != "", "decision_id is empty")
+	p.need(accessLevels[e.GetFromLevel()], "from_level %q is not Allow, Block or Quarantine", e.GetFromLevel())
+	p.need(accessLevels[e.GetToLevel()], "to_level %q is not Allow, Block or Quarantine", e.GetToLevel())
+	p.need(e.GetFromLevel() != e.GetToLevel(), "from_level and to_level are both %q", e.GetToLevel())
+	p.need(e.GetDecidedAt().IsValid(), "decided_at is missing")
+	return p.err()
+}

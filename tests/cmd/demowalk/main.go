@@ -184,7 +184,7 @@ func run(ctx context.Context, o options, out io.Writer) error {
 		timeout time.Duration
 		do      func(context.Context) error
 	}{
-		{"easguard's first full sync (it sets Exchange's DefaultAccessLevel to Quarantine) and first MDM read", o.fullSync, w.waitStart},
+		{"easguard's first full sync (Exchange's DefaultAccessLevel is Quarantine) and first MDM read", o.fullSync, w.waitStart},
 		{"A. A new mailbox on Exchange", o.step, w.createMailbox},
 		{"B. The phone syncs for the first time", o.step, w.firstSync},
 		{"C. easguard sees the phone, knows no MDM record for it, blocks it and mails its user", o.step, w.blockAndMail},
@@ -373,7 +373,7 @@ func (w *walker) firstSync(ctx context.Context) error {
 	}
 	w.printf("POST %s/api/phones/sync (%s, %s) → %s", w.o.exchange, w.phone.DeviceType, w.phone.FriendlyName, describe(r))
 	if !r.Created || r.State != "Quarantined" || r.GetsMail {
-		return fmt.Errorf("Exchange gave the new phone %+v; want a new partnership, Quarantined (easguard's full sync sets DefaultAccessLevel to Quarantine)", r)
+		return fmt.Errorf("Exchange gave the new phone %+v; want a new partnership, Quarantined (Exchange's DefaultAccessLevel is Quarantine)", r)
 	}
 	return nil
 }
