@@ -1,19 +1,25 @@
 // Package executor applies access decisions on Exchange. Decisions that
 // arrive together are coalesced into one batch (one Set-CASMailbox per
 // mailbox, many mailboxes per round trip); a decision older than one
-// already applied to the same partnership is superseded, not applied; and
-// applying a decision again after a redelivery changes nothing, because
-// easguard's writes only add and remove list entries.
+// already applied (or claimed) for the same partnership is superseded, not
+// applied; and applying a decision again after a redelivery changes
+// nothing. The ordering holds across any number of replicas: before a
+// change is sent, its decision is claimed with a compare-and-set on the
+// partnership's record in the applied bucket, which refuses a decision
+// older than the newest claimed or applied one and lets only one instance
+// at a time send a change for the partnership.
 package executor
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math"
+	"os"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -32,6 +38,7 @@ type Config struct {
 	Window   time.Duration `split_words:"true" default:"50ms" desc:"Decisions arriving within this window are applied together in one batch."`
 	MaxBatch int           `split_words:"true" default:"500" desc:"A batch is sent at once when it holds this many decisions."`
 	Parallel int           `split_words:"true" default:"64" desc:"Decisions handled at once by this process (they wait together for their batch)."`
+	ClaimTTL time.Duration `split_words:"true" default:"2m" desc:"How long a replica's claim to send a decision to Exchange lasts. While it lasts, no other replica sends a change for the same device; a batch still unanswered after four fifths of it is given up (and retried), so a replica that died holds a device back at most this long."`
 }
 
 // Validate checks the settings.
@@ -44,6 +51,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Parallel < 1 {
 		return config.Invalid(&c.Parallel, "must be positive")
+	}
+	if c.ClaimTTL < 5*time.Second || c.ClaimTTL > time.Hour {
+		return config.Invalid(&c.ClaimTTL, "must be between 5s and 1h, got %s", c.ClaimTTL)
 	}
 	return nil
 }
@@ -76,7 +86,11 @@ type Executor struct {
 	now     func() time.Time
 	server  func() string
 	actor   string
-	batch   *batcher
+	// holder names this instance in its claims; unique per Executor, so
+	// that two replicas (or two executors in one process) never take each
+	// other's claims for their own.
+	holder string
+	batch  *batcher
 }
 
 // New opens the executor's state. server reports the CAS in use, for the
@@ -96,8 +110,17 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 	if server == nil {
 		server = func() string { return "" }
 	}
-	x := &Executor{org: org, cfg: cfg, applied: kv, status: status, setter: ex, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor}
-	x.batch = &batcher{apply: ex.ApplyAccess, window: cfg.Window, max: cfg.MaxBatch}
+	var nonce [8]byte
+	if _, err := rand.Read(nonce[:]); err != nil {
+		return nil, fmt.Errorf("executor: instance name: %w", err)
+	}
+	host, _ := os.Hostname()
+	holder := fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(nonce[:]))
+	if cfg.ClaimTTL == 0 {
+		cfg.ClaimTTL = 2 * time.Minute
+	}
+	x := &Executor{org: org, cfg: cfg, applied: kv, status: status, setter: ex, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor, holder: holder}
+	x.batch = &batcher{apply: ex.ApplyAccess, claim: x.claim, window: cfg.Window, max: cfg.MaxBatch, claimTTL: cfg.ClaimTTL}
 	return x, nil
 }
 
@@ -137,11 +160,10 @@ func attempts(ctx context.Context) int32 {
 	return int32(max(1, min(bus.Delivery(ctx), math.MaxInt32)))
 }
 
-// newestPruneAt is the size of the batcher's memory of newest decisions
-// above which entries older than an hour are dropped.
-const newestPruneAt = 50000
-
-// Apply applies one decision and reports the outcome.
+// Apply applies one decision and reports the outcome. The decision is
+// claimed in the applied bucket before its change is sent (see claim), so
+// that across every replica of the executor each decision is applied at
+// most once and in order per partnership.
 func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbound, error) {
 	p := d.GetPartnership()
 	key, err := bus.StateKey(x.org, p.GetDeviceId(), ev.PartnershipID(p))
@@ -162,63 +184,205 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 			Actor: x.actor, PolicyVersion: d.GetPolicyVersion(),
 		}}}, nil
 	}
-	prev, seen, err := bus.Load[ev.AppliedRecord](ctx, x.applied, key)
-	if err != nil {
-		return nil, err
-	}
-	switch {
-	case seen && prev.GetDecisionId() == d.GetDecisionId():
-		// Redelivered after it was applied: report it again, do not re-apply.
-		return result(prev.GetOutcome(), "", nil)
-	case seen && prev.GetDecidedAt().AsTime().After(d.GetDecidedAt().AsTime()):
-		return result(ev.ApplyOutcome_APPLY_OUTCOME_SUPERSEDED, "a newer decision ("+prev.GetDecisionId()+") was already applied", nil)
-	case d.GetDryRun():
+	if d.GetDryRun() {
+		// A dry run claims nothing: it only reports, and a newer decision
+		// (or the same one, applied) is reported as it always was.
+		prev, _, err := bus.Load[ev.AppliedRecord](ctx, x.applied, key)
+		if err != nil {
+			return nil, err
+		}
+		switch v := verdictOf(prev, d, "", x.now()); v.kind {
+		case claimDone:
+			return result(v.outcome, "", nil)
+		case claimSuperseded:
+			return result(ev.ApplyOutcome_APPLY_OUTCOME_SUPERSEDED, v.reason, nil)
+		}
 		return result(ev.ApplyOutcome_APPLY_OUTCOME_SKIPPED_DRY_RUN, "dry run: nothing changed on Exchange", []*ev.CmdletInvocation{invocation(d)})
 	}
 	acc, err := accessOf(d.GetDesired())
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
-	res, err := x.batch.submit(ctx, exchange.Change{Mailbox: mailboxIdentity(p.GetMailbox()), DeviceID: p.GetDeviceId(), Access: acc}, d.GetDecidedAt().AsTime())
-	if err != nil {
-		return nil, err
+	var res exchange.ChangeResult
+	for {
+		var v claimVerdict
+		res, v, err = x.batch.submit(ctx, &submission{key: key, decision: d, change: exchange.Change{Mailbox: mailboxIdentity(p.GetMailbox()), DeviceID: p.GetDeviceId(), Access: acc}})
+		if err != nil {
+			return nil, err
+		}
+		switch v.kind {
+		case claimDone:
+			// Redelivered after it was applied: report it again, do not re-apply.
+			return result(v.outcome, "", nil)
+		case claimSuperseded:
+			return result(ev.ApplyOutcome_APPLY_OUTCOME_SUPERSEDED, v.reason, nil)
+		case claimBusy:
+			// Another replica is sending a change for this partnership:
+			// wait until it is done (or its claim runs out), then claim.
+			if err := x.awaitClaim(ctx, key, v.until); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		break
 	}
 	inv := invocation(d)
+	var outcome ev.ApplyOutcome
+	cmdlets := []*ev.CmdletInvocation{inv}
 	switch {
+	case res.Err == nil && res.Unchanged:
+		// Exchange already held the change (a redelivery after the worker
+		// that applied it died, or a list edited by hand): nothing was
+		// sent, and Exchange is as decided all the same.
+		outcome, cmdlets = ev.ApplyOutcome_APPLY_OUTCOME_ALREADY_IN_STATE, nil
 	case res.Err == nil:
+		outcome = ev.ApplyOutcome_APPLY_OUTCOME_APPLIED
 	case errors.Is(res.Err, exchange.ErrSuperseded):
+		x.release(ctx, key, d)
 		return result(ev.ApplyOutcome_APPLY_OUTCOME_SUPERSEDED, "superseded by a newer decision for the same device", nil)
 	case errors.Is(res.Err, exchange.ErrNotFound):
 		// The mailbox is gone: nothing to apply, and nothing to retry.
+		x.release(ctx, key, d)
 		inv.Error = res.Err.Error()
 		return result(ev.ApplyOutcome_APPLY_OUTCOME_NOT_FOUND, res.Err.Error(), []*ev.CmdletInvocation{inv})
 	case errors.Is(res.Err, exchange.ErrInvalid):
+		x.release(ctx, key, d)
 		return nil, bus.Poison(fmt.Errorf("Exchange refused the change: %w", res.Err))
 	default:
 		// Transient, throttled (the error carries Exchange's back-off) or
 		// fatal (credentials, permissions): retried by the runner, and
-		// dead-lettered with the reason when retries run out.
+		// dead-lettered with the reason when retries run out. The claim is
+		// released so that a newer decision need not wait for it; its
+		// watermark stays, so an older one still cannot overtake it.
+		x.release(ctx, key, d)
 		return nil, fmt.Errorf("apply %s for %s: %w", d.GetDesired(), p.GetDeviceId(), res.Err)
 	}
-	// Exchange already held the change (a redelivery after the worker that
-	// applied it died, or a list edited by hand): nothing was sent, and
-	// Exchange is as decided all the same.
-	outcome, cmdlets := ev.ApplyOutcome_APPLY_OUTCOME_APPLIED, []*ev.CmdletInvocation{inv}
-	if res.Unchanged {
-		outcome, cmdlets = ev.ApplyOutcome_APPLY_OUTCOME_ALREADY_IN_STATE, nil
-	}
 	if _, err := bus.Modify(ctx, x.applied, key, func(rec *ev.AppliedRecord, exists bool) (bus.Change, error) {
-		if exists && rec.GetDecidedAt().AsTime().After(d.GetDecidedAt().AsTime()) {
-			return bus.Keep, nil
+		if rec.GetClaimDecisionId() == d.GetDecisionId() && rec.GetClaimHolder() == x.holder {
+			rec.ClaimHolder, rec.ClaimUntil = "", nil
 		}
-		rec.DecisionId, rec.DecidedAt, rec.Desired = d.GetDecisionId(), d.GetDecidedAt(), d.GetDesired()
-		rec.AppliedAt, rec.Outcome = timestamppb.New(x.now()), outcome
+		if !exists || rec.GetDecisionId() == "" || !older(d.GetDecidedAt(), d.GetDecisionId(), rec.GetDecidedAt(), rec.GetDecisionId()) {
+			rec.DecisionId, rec.DecidedAt, rec.Desired = d.GetDecisionId(), d.GetDecidedAt(), d.GetDesired()
+			rec.AppliedAt, rec.Outcome = timestamppb.New(x.now()), outcome
+		}
 		return bus.Write, nil
 	}); err != nil {
 		return nil, err
 	}
 	inv.Duration = durationpb.New(x.now().Sub(start))
 	return result(outcome, "", cmdlets)
+}
+
+// The kinds of claim verdicts.
+const (
+	claimClaimed    = iota // this instance may send the change
+	claimDone              // the same decision was applied already
+	claimSuperseded        // a newer decision was claimed or applied
+	claimBusy              // another instance is sending a change for the partnership
+)
+
+// claimVerdict is what claiming a decision found.
+type claimVerdict struct {
+	kind    int
+	outcome ev.ApplyOutcome // claimDone: the outcome recorded
+	reason  string          // claimSuperseded: which decision is newer
+	until   time.Time       // claimBusy: when the other claim runs out
+}
+
+// older reports whether decision (at, id) comes before (bt, bid): by
+// decision time, and by id between two decisions of the same instant, so
+// that every replica orders any two decisions the same way.
+func older(at *timestamppb.Timestamp, id string, bt *timestamppb.Timestamp, bid string) bool {
+	a, b := at.AsTime(), bt.AsTime()
+	if !a.Equal(b) {
+		return a.Before(b)
+	}
+	return id < bid
+}
+
+// verdictOf judges decision d against the partnership's record, as the
+// instance holder would claim it at now.
+func verdictOf(rec *ev.AppliedRecord, d *ev.AccessDecided, holder string, now time.Time) claimVerdict {
+	switch {
+	case rec.GetDecisionId() != "" && rec.GetDecisionId() == d.GetDecisionId():
+		return claimVerdict{kind: claimDone, outcome: rec.GetOutcome()}
+	case rec.GetDecisionId() != "" && older(d.GetDecidedAt(), d.GetDecisionId(), rec.GetDecidedAt(), rec.GetDecisionId()):
+		return claimVerdict{kind: claimSuperseded, reason: "superseded: a newer decision (" + rec.GetDecisionId() + ") was already applied"}
+	case rec.GetClaimDecisionId() != "" && rec.GetClaimDecisionId() != d.GetDecisionId() &&
+		older(d.GetDecidedAt(), d.GetDecisionId(), rec.GetClaimDecidedAt(), rec.GetClaimDecisionId()):
+		return claimVerdict{kind: claimSuperseded, reason: "superseded: a newer decision (" + rec.GetClaimDecisionId() + ") was claimed to be applied"}
+	case rec.GetClaimHolder() != "" && rec.GetClaimHolder() != holder && now.Before(rec.GetClaimUntil().AsTime()):
+		// Even for the same decision: two instances sending it at once
+		// could each find Exchange without it and both change the lists.
+		return claimVerdict{kind: claimBusy, until: rec.GetClaimUntil().AsTime()}
+	}
+	return claimVerdict{kind: claimClaimed}
+}
+
+// claim records, with a compare-and-set on the partnership's applied
+// record, that this instance is about to send decision d, unless the
+// record says it must not (verdictOf). Claims are made by the batcher
+// just before it sends a batch, one batch after the other, so a claim
+// this instance still holds belongs to a batch that has been sent: it may
+// be taken over by a newer decision without waiting. A claim held by
+// another instance may not, until it is released or runs out; the batch
+// gives up on Exchange before then (claimUntil).
+func (x *Executor) claim(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error) {
+	var v claimVerdict
+	_, err := bus.Modify(ctx, x.applied, key, func(rec *ev.AppliedRecord, _ bool) (bus.Change, error) {
+		v = verdictOf(rec, d, x.holder, x.now())
+		if v.kind != claimClaimed {
+			return bus.Keep, nil
+		}
+		rec.ClaimDecisionId, rec.ClaimDecidedAt = d.GetDecisionId(), d.GetDecidedAt()
+		rec.ClaimHolder, rec.ClaimUntil = x.holder, timestamppb.New(until)
+		return bus.Write, nil
+	})
+	if err != nil {
+		return claimVerdict{}, fmt.Errorf("claim %s for %s: %w", key, d.GetDecisionId(), err)
+	}
+	return v, nil
+}
+
+// release gives up this instance's claim of d without recording it
+// applied, so that the next decision for the partnership need not wait for
+// the claim to run out. The watermark stays. A failed release is only
+// logged: the claim runs out on its own.
+func (x *Executor) release(ctx context.Context, key string, d *ev.AccessDecided) {
+	if _, err := bus.Modify(ctx, x.applied, key, func(rec *ev.AppliedRecord, exists bool) (bus.Change, error) {
+		if !exists || rec.GetClaimDecisionId() != d.GetDecisionId() || rec.GetClaimHolder() != x.holder {
+			return bus.Keep, nil
+		}
+		rec.ClaimHolder, rec.ClaimUntil = "", nil
+		return bus.Write, nil
+	}); err != nil {
+		x.log.Warn("claim not released; it runs out on its own", "key", key, "decision_id", d.GetDecisionId(), "error", err)
+	}
+}
+
+// awaitClaim waits until another instance's claim on key is released or
+// runs out (until), polling the record: the wait is short when the other
+// instance is alive, and bounded by the claim when it died.
+func (x *Executor) awaitClaim(ctx context.Context, key string, until time.Time) error {
+	delay := x.cfg.Window
+	for {
+		rec, _, err := bus.Load[ev.AppliedRecord](ctx, x.applied, key)
+		if err != nil {
+			return err
+		}
+		if rec.GetClaimHolder() == "" || rec.GetClaimHolder() == x.holder || !x.now().Before(rec.GetClaimUntil().AsTime()) {
+			return nil
+		}
+		wait := min(delay, max(time.Until(rec.GetClaimUntil().AsTime()), time.Millisecond))
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+		delay = min(2*delay, time.Second)
+	}
 }
 
 // invocation records, for audit, the part of the batch's Set-CASMailbox
@@ -243,37 +407,43 @@ func invocation(d *ev.AccessDecided) *ev.CmdletInvocation {
 	return inv
 }
 
-// batcher gathers changes submitted within a window and applies them in
-// one ApplyAccess call. Batches run one after the other, so one mailbox is
-// never changed by two Set-CASMailbox calls at once; inside a batch,
-// changes are ordered by decision time, so the newest decision for a
-// device wins.
+// batcher gathers changes submitted within a window, claims them (see
+// Executor.claim) and applies those it may send in one ApplyAccess call.
+// Batches run one after the other, so one mailbox is never changed by two
+// Set-CASMailbox calls of this instance at once, and a claim this instance
+// holds belongs to a batch already sent. Of several decisions for one
+// partnership in a batch only the newest is claimed and sent.
 type batcher struct {
 	apply  func(ctx context.Context, changes []exchange.Change) ([]exchange.ChangeResult, error)
+	claim  func(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error)
 	window time.Duration
 	max    int
+	// claimTTL is how long a claim lasts; the batch gives up on Exchange
+	// a fifth of it before, so that no change is sent on a claim that ran out.
+	claimTTL time.Duration
 
 	mu      sync.Mutex
 	pending []*submission
 	timer   *time.Timer
 	running sync.Mutex
-	// newest is the decision time of the newest change sent per mailbox
-	// and device, so that an older decision that arrives while a newer one
-	// is being applied (its record not written yet) cannot undo it;
-	// guarded by running. Within this process only: replicas of the
-	// executor each keep their own.
-	newest map[string]time.Time
 }
 
+// submission is one decision waiting for its batch.
 type submission struct {
-	change  exchange.Change
-	decided time.Time
-	done    chan exchange.ChangeResult
-	err     error
+	key      string
+	decision *ev.AccessDecided
+	change   exchange.Change
+	done     chan struct{}
+	result   exchange.ChangeResult
+	verdict  claimVerdict
+	err      error
 }
 
-func (b *batcher) submit(ctx context.Context, ch exchange.Change, decided time.Time) (exchange.ChangeResult, error) {
-	s := &submission{change: ch, decided: decided, done: make(chan exchange.ChangeResult, 1)}
+// claimParallel bounds the claims of one batch made at once.
+const claimParallel = 32
+
+func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeResult, claimVerdict, error) {
+	s.done = make(chan struct{})
 	b.mu.Lock()
 	b.pending = append(b.pending, s)
 	switch {
@@ -295,10 +465,10 @@ func (b *batcher) submit(ctx context.Context, ch exchange.Change, decided time.T
 		b.mu.Unlock()
 	}
 	select {
-	case r := <-s.done:
-		return r, s.err
+	case <-s.done:
+		return s.result, s.verdict, s.err
 	case <-ctx.Done():
-		return exchange.ChangeResult{}, ctx.Err()
+		return exchange.ChangeResult{}, claimVerdict{}, ctx.Err()
 	}
 }
 
@@ -316,57 +486,67 @@ func (b *batcher) take() []*submission {
 func (b *batcher) run(batch []*submission) {
 	b.running.Lock()
 	defer b.running.Unlock()
-	sort.SliceStable(batch, func(i, j int) bool { return batch[i].decided.Before(batch[j].decided) })
-	if b.newest == nil {
-		b.newest = map[string]time.Time{}
-	}
-	keyOf := func(c exchange.Change) string {
-		return strings.ToLower(c.Mailbox) + "\x00" + strings.ToLower(c.DeviceID)
-	}
-	kept := batch[:0]
+	// The batch outlives any one handler's context: it carries others. It
+	// gives up before its claims run out.
+	until := time.Now().Add(b.claimTTL)
+	ctx, cancel := context.WithDeadline(context.Background(), until.Add(-b.claimTTL/5))
+	defer cancel()
+
+	// The newest decision per partnership; the others are superseded.
+	newest := map[string]*submission{}
 	for _, s := range batch {
-		if t, ok := b.newest[keyOf(s.change)]; ok && s.decided.Before(t) {
-			s.done <- exchange.ChangeResult{Change: s.change, Err: exchange.ErrSuperseded}
+		d := s.decision
+		if n, ok := newest[s.key]; !ok || older(n.decision.GetDecidedAt(), n.decision.GetDecisionId(), d.GetDecidedAt(), d.GetDecisionId()) {
+			newest[s.key] = s
+		}
+	}
+	claims := make([]*submission, 0, len(newest))
+	for _, s := range batch {
+		if newest[s.key] != s {
+			s.verdict = claimVerdict{kind: claimSuperseded, reason: "superseded by a newer decision (" + newest[s.key].decision.GetDecisionId() + ") for the same device"}
+			close(s.done)
 			continue
 		}
-		kept = append(kept, s)
+		claims = append(claims, s)
 	}
-	batch = kept
-	if len(batch) == 0 {
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, claimParallel)
+	for _, s := range claims {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			s.verdict, s.err = b.claim(ctx, s.key, s.decision, until)
+		}()
+	}
+	wg.Wait()
+	send := claims[:0]
+	for _, s := range claims {
+		if s.err != nil || s.verdict.kind != claimClaimed {
+			close(s.done)
+			continue
+		}
+		send = append(send, s)
+	}
+	if len(send) == 0 {
 		return
 	}
-	defer func() {
-		for _, s := range batch {
-			if t, ok := b.newest[keyOf(s.change)]; !ok || s.decided.After(t) {
-				b.newest[keyOf(s.change)] = s.decided
-			}
-		}
-		// A late older decision comes within seconds (a retry, a
-		// redelivery); remember the last hour, and only prune when the
-		// memory has grown.
-		if len(b.newest) > newestPruneAt {
-			cut := time.Now().Add(-time.Hour)
-			for k, t := range b.newest {
-				if t.Before(cut) {
-					delete(b.newest, k)
-				}
-			}
-		}
-	}()
-	changes := make([]exchange.Change, len(batch))
-	for i, s := range batch {
+	// Oldest first: the exchange client keeps the last change per device.
+	sort.SliceStable(send, func(i, j int) bool {
+		return older(send[i].decision.GetDecidedAt(), send[i].decision.GetDecisionId(), send[j].decision.GetDecidedAt(), send[j].decision.GetDecisionId())
+	})
+	changes := make([]exchange.Change, len(send))
+	for i, s := range send {
 		changes[i] = s.change
 	}
-	// The batch outlives any one handler's context: it carries others.
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
 	results, err := b.apply(ctx, changes)
-	for i, s := range batch {
+	for i, s := range send {
 		if err != nil && (results == nil || results[i].Err == nil) {
-			s.err = err
-			s.done <- exchange.ChangeResult{Change: s.change, Err: err}
-			continue
+			// The handler releases its claim and retries.
+			s.result = exchange.ChangeResult{Change: s.change, Err: err}
+		} else {
+			s.result = results[i]
 		}
-		s.done <- results[i]
+		close(s.done)
 	}
 }

@@ -304,12 +304,24 @@ func (x *DecisionRecord) GetLastDecision() *AccessDecided {
 
 // AppliedRecord is the executor's memory of one partnership.
 type AppliedRecord struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	DecisionId    string                 `protobuf:"bytes,1,opt,name=decision_id,json=decisionId,proto3" json:"decision_id,omitempty"`
-	DecidedAt     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=decided_at,json=decidedAt,proto3" json:"decided_at,omitempty"`
-	Desired       DesiredAccess          `protobuf:"varint,3,opt,name=desired,proto3,enum=easguard.v1.DesiredAccess" json:"desired,omitempty"`
-	AppliedAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=applied_at,json=appliedAt,proto3" json:"applied_at,omitempty"`
-	Outcome       ApplyOutcome           `protobuf:"varint,5,opt,name=outcome,proto3,enum=easguard.v1.ApplyOutcome" json:"outcome,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	DecisionId string                 `protobuf:"bytes,1,opt,name=decision_id,json=decisionId,proto3" json:"decision_id,omitempty"`
+	DecidedAt  *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=decided_at,json=decidedAt,proto3" json:"decided_at,omitempty"`
+	Desired    DesiredAccess          `protobuf:"varint,3,opt,name=desired,proto3,enum=easguard.v1.DesiredAccess" json:"desired,omitempty"`
+	AppliedAt  *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=applied_at,json=appliedAt,proto3" json:"applied_at,omitempty"`
+	Outcome    ApplyOutcome           `protobuf:"varint,5,opt,name=outcome,proto3,enum=easguard.v1.ApplyOutcome" json:"outcome,omitempty"`
+	// claim_decision_id and claim_decided_at name the newest decision any
+	// executor replica has claimed for this partnership: a decision older
+	// than it (or than the applied one) is superseded, whichever replica it
+	// reaches. They stay after the claim is released, as that watermark.
+	ClaimDecisionId string                 `protobuf:"bytes,6,opt,name=claim_decision_id,json=claimDecisionId,proto3" json:"claim_decision_id,omitempty"`
+	ClaimDecidedAt  *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=claim_decided_at,json=claimDecidedAt,proto3" json:"claim_decided_at,omitempty"`
+	// claim_holder is the executor instance sending the claimed decision to
+	// Exchange, until claim_until; empty once it is done. While another
+	// instance holds a live claim, no replica sends a change for the same
+	// partnership, so two changes for one device never cross on Exchange.
+	ClaimHolder   string                 `protobuf:"bytes,8,opt,name=claim_holder,json=claimHolder,proto3" json:"claim_holder,omitempty"`
+	ClaimUntil    *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=claim_until,json=claimUntil,proto3" json:"claim_until,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -377,6 +389,34 @@ func (x *AppliedRecord) GetOutcome() ApplyOutcome {
 		return x.Outcome
 	}
 	return ApplyOutcome_APPLY_OUTCOME_UNSPECIFIED
+}
+
+func (x *AppliedRecord) GetClaimDecisionId() string {
+	if x != nil {
+		return x.ClaimDecisionId
+	}
+	return ""
+}
+
+func (x *AppliedRecord) GetClaimDecidedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ClaimDecidedAt
+	}
+	return nil
+}
+
+func (x *AppliedRecord) GetClaimHolder() string {
+	if x != nil {
+		return x.ClaimHolder
+	}
+	return ""
+}
+
+func (x *AppliedRecord) GetClaimUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ClaimUntil
+	}
+	return nil
 }
 
 // CollectorRecord is the collector's memory of one partnership, to tell
@@ -563,7 +603,7 @@ const file_easguard_v1_state_proto_rawDesc = "" +
 	"\vtraceparent\x18\v \x01(\tR\vtraceparent\x12=\n" +
 	"\fconfirmed_at\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\vconfirmedAt\x12\x12\n" +
 	"\x04held\x18\r \x01(\bR\x04held\x12?\n" +
-	"\rlast_decision\x18\x0e \x01(\v2\x1a.easguard.v1.AccessDecidedR\flastDecision\"\x91\x02\n" +
+	"\rlast_decision\x18\x0e \x01(\v2\x1a.easguard.v1.AccessDecidedR\flastDecision\"\xe3\x03\n" +
 	"\rAppliedRecord\x12\x1f\n" +
 	"\vdecision_id\x18\x01 \x01(\tR\n" +
 	"decisionId\x129\n" +
@@ -572,7 +612,12 @@ const file_easguard_v1_state_proto_rawDesc = "" +
 	"\adesired\x18\x03 \x01(\x0e2\x1a.easguard.v1.DesiredAccessR\adesired\x129\n" +
 	"\n" +
 	"applied_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tappliedAt\x123\n" +
-	"\aoutcome\x18\x05 \x01(\x0e2\x19.easguard.v1.ApplyOutcomeR\aoutcome\"\xea\x01\n" +
+	"\aoutcome\x18\x05 \x01(\x0e2\x19.easguard.v1.ApplyOutcomeR\aoutcome\x12*\n" +
+	"\x11claim_decision_id\x18\x06 \x01(\tR\x0fclaimDecisionId\x12D\n" +
+	"\x10claim_decided_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x0eclaimDecidedAt\x12!\n" +
+	"\fclaim_holder\x18\b \x01(\tR\vclaimHolder\x12;\n" +
+	"\vclaim_until\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"claimUntil\"\xea\x01\n" +
 	"\x0fCollectorRecord\x12 \n" +
 	"\vfingerprint\x18\x01 \x01(\tR\vfingerprint\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x127\n" +
@@ -633,17 +678,19 @@ var file_easguard_v1_state_proto_depIdxs = []int32{
 	10, // 11: easguard.v1.AppliedRecord.desired:type_name -> easguard.v1.DesiredAccess
 	11, // 12: easguard.v1.AppliedRecord.applied_at:type_name -> google.protobuf.Timestamp
 	14, // 13: easguard.v1.AppliedRecord.outcome:type_name -> easguard.v1.ApplyOutcome
-	11, // 14: easguard.v1.CollectorRecord.last_seen:type_name -> google.protobuf.Timestamp
-	15, // 15: easguard.v1.CollectorRecord.partnership:type_name -> easguard.v1.EASPartnership
-	13, // 16: easguard.v1.StagedDecision.decision:type_name -> easguard.v1.AccessDecided
-	16, // 17: easguard.v1.PartnershipIndex.ByIdEntry.value:type_name -> easguard.v1.EASPartnershipObserved
-	17, // 18: easguard.v1.MDMIndex.ByIdEntry.value:type_name -> easguard.v1.MDMDevice
-	11, // 19: easguard.v1.MDMIndex.ObservedAtByIdEntry.value:type_name -> google.protobuf.Timestamp
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	11, // 14: easguard.v1.AppliedRecord.claim_decided_at:type_name -> google.protobuf.Timestamp
+	11, // 15: easguard.v1.AppliedRecord.claim_until:type_name -> google.protobuf.Timestamp
+	11, // 16: easguard.v1.CollectorRecord.last_seen:type_name -> google.protobuf.Timestamp
+	15, // 17: easguard.v1.CollectorRecord.partnership:type_name -> easguard.v1.EASPartnership
+	13, // 18: easguard.v1.StagedDecision.decision:type_name -> easguard.v1.AccessDecided
+	16, // 19: easguard.v1.PartnershipIndex.ByIdEntry.value:type_name -> easguard.v1.EASPartnershipObserved
+	17, // 20: easguard.v1.MDMIndex.ByIdEntry.value:type_name -> easguard.v1.MDMDevice
+	11, // 21: easguard.v1.MDMIndex.ObservedAtByIdEntry.value:type_name -> google.protobuf.Timestamp
+	22, // [22:22] is the sub-list for method output_type
+	22, // [22:22] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_easguard_v1_state_proto_init() }
