@@ -500,14 +500,28 @@ func (b *batcher) run(batch []*submission) {
 			newest[s.key] = s
 		}
 	}
+	// Copies of the kept decision (a redelivery beside the delivery) share
+	// its fate.
+	copies := map[*submission][]*submission{}
+	finish := func(s *submission) {
+		for _, c := range copies[s] {
+			c.result, c.verdict, c.err = s.result, s.verdict, s.err
+			close(c.done)
+		}
+		close(s.done)
+	}
 	claims := make([]*submission, 0, len(newest))
 	for _, s := range batch {
-		if newest[s.key] != s {
-			s.verdict = claimVerdict{kind: claimSuperseded, reason: "superseded by a newer decision (" + newest[s.key].decision.GetDecisionId() + ") for the same device"}
+		n := newest[s.key]
+		switch {
+		case n == s:
+			claims = append(claims, s)
+		case n.decision.GetDecisionId() == s.decision.GetDecisionId():
+			copies[n] = append(copies[n], s)
+		default:
+			s.verdict = claimVerdict{kind: claimSuperseded, reason: "superseded by a newer decision (" + n.decision.GetDecisionId() + ") for the same device"}
 			close(s.done)
-			continue
 		}
-		claims = append(claims, s)
 	}
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, claimParallel)
@@ -523,7 +537,7 @@ func (b *batcher) run(batch []*submission) {
 	send := claims[:0]
 	for _, s := range claims {
 		if s.err != nil || s.verdict.kind != claimClaimed {
-			close(s.done)
+			finish(s)
 			continue
 		}
 		send = append(send, s)
@@ -547,6 +561,6 @@ func (b *batcher) run(batch []*submission) {
 		} else {
 			s.result = results[i]
 		}
-		close(s.done)
+		finish(s)
 	}
 }
