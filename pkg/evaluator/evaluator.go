@@ -77,7 +77,13 @@ type Evaluator struct {
 	log *slog.Logger
 	now func() time.Time
 
-	decisions, staged, parts, status, applied jetstream.KeyValue
+	decisions, staged, parts, status, applied, leases jetstream.KeyValue
+
+	// instance names this replica in the leases it holds.
+	instance string
+	// guardMu serializes this process's guard decisions before they take
+	// the organisation-wide guard lock (see guarded).
+	guardMu sync.Mutex
 
 	pol        atomic.Pointer[policy.Policy]
 	polMu      sync.Mutex
@@ -90,11 +96,12 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, l
 	if log == nil {
 		log = slog.Default()
 	}
-	e := &Evaluator{org: org, cfg: cfg, js: js, log: log.With("worker", "evaluator"), now: time.Now}
+	host, _ := os.Hostname()
+	e := &Evaluator{org: org, cfg: cfg, js: js, log: log.With("worker", "evaluator"), now: time.Now, instance: fmt.Sprintf("%s-%d", host, os.Getpid())}
 	for _, b := range []struct {
 		name string
 		kv   *jetstream.KeyValue
-	}{{bus.BucketDecisions, &e.decisions}, {bus.BucketStaged, &e.staged}, {bus.BucketPartnerships, &e.parts}, {bus.BucketStatus, &e.status}, {bus.BucketApplied, &e.applied}} {
+	}{{bus.BucketDecisions, &e.decisions}, {bus.BucketStaged, &e.staged}, {bus.BucketPartnerships, &e.parts}, {bus.BucketStatus, &e.status}, {bus.BucketApplied, &e.applied}, {bus.BucketLeases, &e.leases}} {
 		kv, err := js.KeyValue(ctx, b.name)
 		if err != nil {
 			return nil, fmt.Errorf("evaluator: open %s: %w", b.name, err)
@@ -113,6 +120,15 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, l
 		return nil, fmt.Errorf("evaluator: guard status: %w", err)
 	}
 	return e, nil
+}
+
+// SetInstance names this replica in the leases it holds (the service's
+// instance id), so that an operator reading the lease bucket sees which
+// replica runs the guard loop. Call it before Run.
+func (e *Evaluator) SetInstance(name string) {
+	if name != "" {
+		e.instance = name
+	}
 }
 
 // SetPublisher gives the evaluator the publisher it releases held
@@ -536,18 +552,21 @@ func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
-	if err := e.finalize(ctx, "sync/"+in.GetSyncId(), prefix, pub); err != nil {
-		return nil, err
-	}
-	// A full sync that read every partnership and the organisation's
-	// default: plan the default from there. An incomplete one could not
-	// count whom a tighter default takes mail from.
-	if in.GetKind() == ev.SyncKind_SYNC_KIND_FULL && in.GetSuccess() && in.GetDefaultAccessLevel() != "" {
-		if err := e.planDefault(ctx, in.GetSyncId(), in.GetDefaultAccessLevel(), pub); err != nil {
-			return nil, fmt.Errorf("plan the organisation's default: %w", err)
+	err = e.guarded(ctx, func(ctx context.Context) error {
+		if err := e.finalize(ctx, "sync/"+in.GetSyncId(), prefix, pub); err != nil {
+			return err
 		}
-	}
-	return nil, nil
+		// A full sync that read every partnership and the organisation's
+		// default: plan the default from there. An incomplete one could
+		// not count whom a tighter default takes mail from.
+		if in.GetKind() == ev.SyncKind_SYNC_KIND_FULL && in.GetSuccess() && in.GetDefaultAccessLevel() != "" {
+			if err := e.planDefault(ctx, in.GetSyncId(), in.GetDefaultAccessLevel(), pub); err != nil {
+				return fmt.Errorf("plan the organisation's default: %w", err)
+			}
+		}
+		return nil
+	})
+	return nil, err
 }
 
 // DecisionOutbound is how a decision goes on the bus: under its device's
@@ -636,10 +655,11 @@ func guardKey(staged []*ev.StagedDecision) string {
 }
 
 // finalize releases or refuses the decisions staged under prefix, judged
-// together as one batch. It publishes what it releases (and the alert,
-// when it refuses) before it drops the staged entries, so a crash in
-// between re-offers the batch; the decisions' message ids make a second
-// release a duplicate.
+// together as one batch; callers hold the guard lock (guarded). It
+// publishes what it releases (and the alert, when it refuses) before it
+// marks the records and drops the staged entries, so a crash in between
+// re-offers the batch; the decisions' message ids make a second release a
+// duplicate.
 func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus.Publisher) error {
 	keys, err := listKeys(ctx, e.staged, prefix+".>")
 	if err != nil {
@@ -648,21 +668,52 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 	if len(keys) == 0 {
 		return nil
 	}
+	// Only entries whose decision is still the device's current one, and
+	// still waiting for the guard (staged) or refused by it (held: a
+	// guard decision on this batch that stopped half-way, before it
+	// dropped the entries). Held ones count again, so the batch is judged
+	// again whole, never as the part a first judgement left: a part may be
+	// under the share where the whole was not. Entries of a decision
+	// since replaced, or already released, are only dropped.
 	var staged []*ev.StagedDecision
+	var current []*ev.DecisionRecord
+	heldAgain := 0
 	for _, k := range keys {
 		s, ok, err := bus.Load[ev.StagedDecision](ctx, e.staged, k)
 		if err != nil {
 			return err
 		}
-		if ok {
-			staged = append(staged, s)
+		if !ok {
+			continue
 		}
+		p := s.GetDecision().GetPartnership()
+		dk, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
+		if err != nil {
+			return bus.Poison(err)
+		}
+		rec, ok, err := bus.Load[ev.DecisionRecord](ctx, e.decisions, dk)
+		if err != nil {
+			return err
+		}
+		if !ok || rec.GetDecisionId() != s.GetDecision().GetDecisionId() || !rec.GetStaged() && !rec.GetHeld() {
+			continue
+		}
+		if rec.GetHeld() {
+			heldAgain++
+		}
+		staged = append(staged, s)
+		current = append(current, rec)
+	}
+	if len(staged) == 0 {
+		return e.dropStaged(ctx, keys)
 	}
 	allowed, err := e.allowedCount(ctx)
 	if err != nil {
 		return err
 	}
-	allowed += len(staged) // every staged decision takes mail from a device that has it
+	// Every staged decision takes mail from a device that has it; the
+	// held ones among them allowedCount counted already.
+	allowed += len(staged) - heldAgain
 	share := 0.0
 	if allowed > 0 {
 		share = float64(len(staged)) / float64(allowed)
@@ -686,6 +737,13 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 			}
 			outs = append(outs, a)
 		}
+		// The alert first: once the status says tripped for this set, a
+		// second judgement of it takes the alert for raised.
+		for _, o := range outs {
+			if _, err := pub.Publish(ctx, o); err != nil {
+				return err
+			}
+		}
 		if err := e.putStatus(ctx, "guard", st); err != nil {
 			return err
 		}
@@ -699,7 +757,7 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 				return bus.Poison(err)
 			}
 			if _, err := bus.Modify(ctx, e.decisions, dk, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
-				if exists && rec.GetDecisionId() == s.GetDecision().GetDecisionId() {
+				if exists && rec.GetDecisionId() == s.GetDecision().GetDecisionId() && rec.GetStaged() {
 					rec.Staged, rec.Held = false, true
 					return bus.Write, nil
 				}
@@ -708,39 +766,56 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 				return err
 			}
 		}
-	} else {
-		for _, s := range staged {
-			d := s.GetDecision()
-			out, err := DecisionOutbound(e.org, d)
-			if err != nil {
-				return bus.Poison(err)
-			}
-			out.Parent = telemetry.ParseTraceparent(s.GetTraceparent())
-			outs = append(outs, out)
-			p := d.GetPartnership()
-			dk, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
-			if err != nil {
-				return bus.Poison(err)
-			}
-			if _, err := bus.Modify(ctx, e.decisions, dk, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
-				if exists && rec.GetDecisionId() == d.GetDecisionId() {
-					rec.Staged = false
-					return bus.Write, nil
-				}
-				return bus.Keep, nil
-			}); err != nil {
-				return err
-			}
-		}
-		if err := e.putStatus(ctx, "guard", GuardStatus{State: "ok", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share,
-			Threshold: e.cfg.BlastRadius, At: e.now(), Detail: fmt.Sprintf("%s: %d revocation(s) released", batch, len(staged))}); err != nil {
-			return err
-		}
+		return e.dropStaged(ctx, keys)
 	}
+	if heldAgain > 0 {
+		// Judged whole, the batch no longer trips the guard (devices were
+		// allowed since): the held decisions are judged again with their
+		// devices' next pass, as any held decision is, not released here.
+		e.log.Warn("guard batch judged again is under the share now; held decisions wait for their next pass", "batch", batch, "held", heldAgain)
+	}
+	var release []*ev.StagedDecision
+	for i, s := range staged {
+		if current[i].GetHeld() {
+			continue
+		}
+		d := s.GetDecision()
+		out, err := DecisionOutbound(e.org, d)
+		if err != nil {
+			return bus.Poison(err)
+		}
+		out.Parent = telemetry.ParseTraceparent(s.GetTraceparent())
+		outs = append(outs, out)
+		release = append(release, s)
+	}
+	// Published before the records say released: a guard decision that
+	// stops in between finds them still staged and publishes them again,
+	// under the same message ids.
 	for _, o := range outs {
 		if _, err := pub.Publish(ctx, o); err != nil {
 			return err
 		}
+	}
+	for _, s := range release {
+		d := s.GetDecision()
+		p := d.GetPartnership()
+		dk, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
+		if err != nil {
+			return bus.Poison(err)
+		}
+		if _, err := bus.Modify(ctx, e.decisions, dk, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
+			if exists && rec.GetDecisionId() == d.GetDecisionId() && rec.GetStaged() {
+				rec.Staged = false
+				return bus.Write, nil
+			}
+			return bus.Keep, nil
+		}); err != nil {
+			return err
+		}
+	}
+	if err := e.putStatus(ctx, "guard", GuardStatus{State: "ok", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share,
+		Threshold: e.cfg.BlastRadius, At: e.now(), Detail: fmt.Sprintf("%s: %d revocation(s) released", batch, len(release))}); err != nil {
+		return err
 	}
 	return e.dropStaged(ctx, keys)
 }
@@ -829,14 +904,27 @@ func (e *Evaluator) putStatus(ctx context.Context, name string, v any) error {
 
 // Run finalizes MDM windows once they are closed and the pipeline behind
 // them is drained, and re-evaluates decisions whose time has come (grace
-// periods, exemptions that end). It returns when ctx ends.
+// periods, exemptions that end). Of all replicas of the organisation's
+// evaluator only the one holding the "evaluator" lease runs this loop, so
+// that one guard judges each MDM window; the others stand by and one of
+// them takes over within the lease TTL when the holder stops. It returns
+// when ctx ends.
 func (e *Evaluator) Run(ctx context.Context) error {
+	lease, err := bus.NewLease(ctx, e.leases, "evaluator", e.org, e.instance, e.log)
+	if err != nil {
+		return fmt.Errorf("evaluator: %w", err)
+	}
+	return lease.Run(ctx, e.loop)
+}
+
+// loop is the leaseholder's background work, until ctx ends.
+func (e *Evaluator) loop(ctx context.Context) {
 	t := time.NewTicker(e.cfg.MDMWindow / 2)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return nil
+			return
 		case <-t.C:
 		}
 		if err := e.tick(ctx); err != nil && ctx.Err() == nil {
@@ -844,6 +932,44 @@ func (e *Evaluator) Run(ctx context.Context) error {
 		}
 	}
 }
+
+// guarded runs fn, a guard decision (finalize, the default's plan), while
+// holding the organisation's "guard" lease, which no two replicas hold at
+// once: a sync pass's finalize (run by whichever replica its
+// sync.completed reached) and the leaseholder's loop never judge at the
+// same time, and two deliveries of one sync.completed never judge one
+// batch from two views of it. The lease is renewed while fn runs; if it
+// is lost, fn's context is cancelled and the error says so.
+func (e *Evaluator) guarded(ctx context.Context, fn func(ctx context.Context) error) error {
+	e.guardMu.Lock()
+	defer e.guardMu.Unlock()
+	lease, err := bus.NewLease(ctx, e.leases, "guard", e.org, e.instance, e.log)
+	if err != nil {
+		return fmt.Errorf("guard lock: %w", err)
+	}
+	ran, lost := false, false
+	var ferr error
+	if err := lease.Run(ctx, func(lctx context.Context) {
+		ran = true
+		ferr = fn(lctx)
+		lost = lctx.Err() != nil && ctx.Err() == nil
+	}); err != nil {
+		return fmt.Errorf("guard lock: %w", err)
+	}
+	switch {
+	case !ran && ctx.Err() != nil:
+		return ctx.Err()
+	case !ran:
+		return ErrGuardLockLost
+	case lost && ferr != nil:
+		return fmt.Errorf("%w: %w", ErrGuardLockLost, ferr)
+	}
+	return ferr
+}
+
+// ErrGuardLockLost is returned when a guard decision lost the guard lock
+// before it was done; it is retried, and judges again from what it left.
+var ErrGuardLockLost = errors.New("evaluator: guard lock lost")
 
 func (e *Evaluator) tick(ctx context.Context) error {
 	pub := e.pub.Load()
@@ -883,7 +1009,9 @@ func (e *Evaluator) tick(ctx context.Context) error {
 		if err := e.waitDrained(ctx, "evaluator-device-matched", bus.StreamMatch); err != nil {
 			return err
 		}
-		if err := e.finalize(ctx, "mdm/"+strconv.FormatInt(oldest, 10), prefix, pub); err != nil {
+		if err := e.guarded(ctx, func(ctx context.Context) error {
+			return e.finalize(ctx, "mdm/"+strconv.FormatInt(oldest, 10), prefix, pub)
+		}); err != nil {
 			return err
 		}
 	}

@@ -339,10 +339,18 @@ func (e *Evaluator) waitingDefault(ctx context.Context, pub *bus.Publisher) erro
 	if left > 0 {
 		return nil
 	}
-	var plan DefaultPlan
-	entry, err := e.status.Get(ctx, string(e.org)+".default")
-	if err != nil || json.Unmarshal(entry.Value(), &plan) != nil || plan.State != PlanWaiting {
-		return nil // a newer plan took over
-	}
-	return e.judgeDefault(ctx, plan.SyncID, plan.From, pub)
+	// Under the guard lock, so that a full sync's new plan (SyncCompleted,
+	// on any replica) and this one never judge at once; the plan is read
+	// again inside it, since a new one may have been made meanwhile.
+	return e.guarded(ctx, func(ctx context.Context) error {
+		if keys, err := listKeys(ctx, e.staged, string(e.org)+".default.>"); err != nil || len(keys) > 0 {
+			return err // a newer plan waits for its own entries
+		}
+		var plan DefaultPlan
+		entry, err := e.status.Get(ctx, string(e.org)+".default")
+		if err != nil || json.Unmarshal(entry.Value(), &plan) != nil || plan.State != PlanWaiting {
+			return nil // a newer plan took over
+		}
+		return e.judgeDefault(ctx, plan.SyncID, plan.From, pub)
+	})
 }

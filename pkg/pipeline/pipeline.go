@@ -245,6 +245,9 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 			return err
 		}
 		e.SetPublisher(r.Publisher())
+		// Every replica judges verdicts; the guard loop runs in the one
+		// that holds the org's evaluator lease.
+		e.SetInstance(svc.InstanceID())
 		svc.Go("evaluator guard", e.Run)
 	}
 	if has(Executor) {
