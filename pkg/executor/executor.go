@@ -41,6 +41,9 @@ type Config struct {
 	ClaimTTL time.Duration `split_words:"true" default:"2m" desc:"How long a replica's claim to send a decision to Exchange lasts. While it lasts, no other replica sends a change for the same device; a batch still unanswered after four fifths of it is given up (and retried), so a replica that died holds a device back at most this long."`
 }
 
+// defaultClaimTTL is ClaimTTL's default, for a Config built in code.
+const defaultClaimTTL = 2 * time.Minute
+
 // Validate checks the settings.
 func (c *Config) Validate() error {
 	if c.Window <= 0 || c.Window > 10*time.Second {
@@ -52,7 +55,8 @@ func (c *Config) Validate() error {
 	if c.Parallel < 1 {
 		return config.Invalid(&c.Parallel, "must be positive")
 	}
-	if c.ClaimTTL < 5*time.Second || c.ClaimTTL > time.Hour {
+	// Zero (a Config built in code) takes the default, as New does.
+	if c.ClaimTTL != 0 && (c.ClaimTTL < 5*time.Second || c.ClaimTTL > time.Hour) {
 		return config.Invalid(&c.ClaimTTL, "must be between 5s and 1h, got %s", c.ClaimTTL)
 	}
 	return nil
@@ -117,7 +121,7 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 	host, _ := os.Hostname()
 	holder := fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(nonce[:]))
 	if cfg.ClaimTTL == 0 {
-		cfg.ClaimTTL = 2 * time.Minute
+		cfg.ClaimTTL = defaultClaimTTL
 	}
 	x := &Executor{org: org, cfg: cfg, applied: kv, status: status, setter: ex, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor, holder: holder}
 	x.batch = &batcher{apply: ex.ApplyAccess, claim: x.claim, window: cfg.Window, max: cfg.MaxBatch, claimTTL: cfg.ClaimTTL}
@@ -409,10 +413,13 @@ func invocation(d *ev.AccessDecided) *ev.CmdletInvocation {
 
 // batcher gathers changes submitted within a window, claims them (see
 // Executor.claim) and applies those it may send in one ApplyAccess call.
-// Batches run one after the other, so one mailbox is never changed by two
-// Set-CASMailbox calls of this instance at once, and a claim this instance
-// holds belongs to a batch already sent. Of several decisions for one
-// partnership in a batch only the newest is claimed and sent.
+// Batches claim one after the other and are sent one after the other, in
+// the order they were formed, but a batch claims while the one before it
+// is still on Exchange: one mailbox is never changed by two Set-CASMailbox
+// calls of this instance at once, and a claim this instance holds belongs
+// to a batch that is sent before any batch that takes the claim over. Of
+// several decisions for one partnership in a batch only the newest is
+// claimed and sent.
 type batcher struct {
 	apply  func(ctx context.Context, changes []exchange.Change) ([]exchange.ChangeResult, error)
 	claim  func(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error)
@@ -425,8 +432,14 @@ type batcher struct {
 	mu      sync.Mutex
 	pending []*submission
 	timer   *time.Timer
-	running sync.Mutex
+	// last is the turn of the last batch formed; the next one claims and
+	// sends after it. Guarded by mu.
+	last *turn
 }
+
+// turn is a batch's place in the order: claimed is closed once its claims
+// are made, sent once it has been sent (or had nothing to send).
+type turn struct{ claimed, sent chan struct{} }
 
 // submission is one decision waiting for its batch.
 type submission struct {
@@ -448,16 +461,16 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 	b.pending = append(b.pending, s)
 	switch {
 	case len(b.pending) >= b.max:
-		batch := b.take()
+		batch, prev, mine := b.take()
 		b.mu.Unlock()
-		go b.run(batch)
+		go b.run(batch, prev, mine)
 	case len(b.pending) == 1:
 		b.timer = time.AfterFunc(b.window, func() {
 			b.mu.Lock()
-			batch := b.take()
+			batch, prev, mine := b.take()
 			b.mu.Unlock()
 			if len(batch) > 0 {
-				b.run(batch)
+				b.run(batch, prev, mine)
 			}
 		})
 		b.mu.Unlock()
@@ -472,20 +485,38 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 	}
 }
 
-// take removes the pending submissions; callers hold b.mu.
-func (b *batcher) take() []*submission {
+// take removes the pending submissions and gives them their turn, after
+// prev's. Callers hold b.mu.
+func (b *batcher) take() (batch []*submission, prev, mine *turn) {
 	if b.timer != nil {
 		b.timer.Stop()
 		b.timer = nil
 	}
-	batch := b.pending
+	batch = b.pending
 	b.pending = nil
-	return batch
+	if len(batch) == 0 {
+		return nil, nil, nil
+	}
+	prev = b.last
+	if prev == nil {
+		prev = &turn{claimed: make(chan struct{}), sent: make(chan struct{})}
+		close(prev.claimed)
+		close(prev.sent)
+	}
+	mine = &turn{claimed: make(chan struct{}), sent: make(chan struct{})}
+	b.last = mine
+	return batch, prev, mine
 }
 
-func (b *batcher) run(batch []*submission) {
-	b.running.Lock()
-	defer b.running.Unlock()
+func (b *batcher) run(batch []*submission, prev, mine *turn) {
+	claimed := false
+	defer func() {
+		if !claimed {
+			close(mine.claimed)
+		}
+		close(mine.sent)
+	}()
+	<-prev.claimed
 	// The batch outlives any one handler's context: it carries others. It
 	// gives up before its claims run out.
 	until := time.Now().Add(b.claimTTL)
@@ -534,6 +565,8 @@ func (b *batcher) run(batch []*submission) {
 		}()
 	}
 	wg.Wait()
+	close(mine.claimed)
+	claimed = true
 	send := claims[:0]
 	for _, s := range claims {
 		if s.err != nil || s.verdict.kind != claimClaimed {
@@ -542,6 +575,7 @@ func (b *batcher) run(batch []*submission) {
 		}
 		send = append(send, s)
 	}
+	<-prev.sent
 	if len(send) == 0 {
 		return
 	}

@@ -71,6 +71,7 @@ type options struct {
 	window         time.Duration
 	profile        exchangesim.Profile
 	requestTimeout time.Duration
+	parallel       int // handlers at once; 16 when 0
 }
 
 // harness is one executor on a real JetStream server, applying decisions
@@ -118,7 +119,10 @@ func start(tb testing.TB, o options) *harness {
 	h := &harness{sim: sim, js: js, user: cfg.User, cas: pool.Current()}
 	h.client = exchange.NewClient(pool, cfg)
 	h.applier = &recordingApplier{client: h.client}
-	xcfg := executor.Config{Window: o.window, MaxBatch: 500, Parallel: 16, ClaimTTL: time.Minute}
+	if o.parallel == 0 {
+		o.parallel = 16
+	}
+	xcfg := executor.Config{Window: o.window, MaxBatch: 500, Parallel: o.parallel, ClaimTTL: time.Minute}
 	if err := xcfg.Validate(); err != nil {
 		tb.Fatal(err)
 	}
@@ -811,7 +815,7 @@ func TestConfigValidate(t *testing.T) {
 	if err := config.Load(&defaults); err != nil {
 		t.Fatalf("defaults refused: %v", err)
 	}
-	if defaults.Executor.Window != 50*time.Millisecond || defaults.Executor.MaxBatch != 500 || defaults.Executor.Parallel != 64 {
+	if defaults.Executor.Window != 50*time.Millisecond || defaults.Executor.MaxBatch != 500 || defaults.Executor.Parallel != 64 || defaults.Executor.ClaimTTL != 2*time.Minute {
 		t.Fatalf("defaults %+v", defaults.Executor)
 	}
 	tests := []struct {
@@ -824,6 +828,8 @@ func TestConfigValidate(t *testing.T) {
 		{"zero batch", "EASGUARD_EXECUTOR_MAX_BATCH", "0", func(c *executor.Config) { c.MaxBatch = 0 }},
 		{"negative batch", "EASGUARD_EXECUTOR_MAX_BATCH", "-5", func(c *executor.Config) { c.MaxBatch = -5 }},
 		{"zero parallel", "EASGUARD_EXECUTOR_PARALLEL", "0", func(c *executor.Config) { c.Parallel = 0 }},
+		{"claim ttl under 5s", "EASGUARD_EXECUTOR_CLAIM_TTL", "1s", func(c *executor.Config) { c.ClaimTTL = time.Second }},
+		{"claim ttl over 1h", "EASGUARD_EXECUTOR_CLAIM_TTL", "2h", func(c *executor.Config) { c.ClaimTTL = 2 * time.Hour }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
