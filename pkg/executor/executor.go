@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -208,6 +209,7 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 		return nil, bus.Poison(err)
 	}
 	var res exchange.ChangeResult
+	var verdict claimVerdict
 	for {
 		var v claimVerdict
 		res, v, err = x.batch.submit(ctx, &submission{key: key, decision: d, change: exchange.Change{Mailbox: mailboxIdentity(p.GetMailbox()), DeviceID: p.GetDeviceId(), Access: acc}})
@@ -228,6 +230,7 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 			}
 			continue
 		}
+		verdict = v
 		break
 	}
 	inv := invocation(d)
@@ -261,16 +264,7 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 		x.release(ctx, key, d)
 		return nil, fmt.Errorf("apply %s for %s: %w", d.GetDesired(), p.GetDeviceId(), res.Err)
 	}
-	if _, err := bus.Modify(ctx, x.applied, key, func(rec *ev.AppliedRecord, exists bool) (bus.Change, error) {
-		if rec.GetClaimDecisionId() == d.GetDecisionId() && rec.GetClaimHolder() == x.holder {
-			rec.ClaimHolder, rec.ClaimUntil = "", nil
-		}
-		if !exists || rec.GetDecisionId() == "" || !older(d.GetDecidedAt(), d.GetDecisionId(), rec.GetDecidedAt(), rec.GetDecisionId()) {
-			rec.DecisionId, rec.DecidedAt, rec.Desired = d.GetDecisionId(), d.GetDecidedAt(), d.GetDesired()
-			rec.AppliedAt, rec.Outcome = timestamppb.New(x.now()), outcome
-		}
-		return bus.Write, nil
-	}); err != nil {
+	if err := x.complete(ctx, key, d, outcome, verdict); err != nil {
 		return nil, err
 	}
 	inv.Duration = durationpb.New(x.now().Sub(start))
@@ -291,6 +285,9 @@ type claimVerdict struct {
 	outcome ev.ApplyOutcome // claimDone: the outcome recorded
 	reason  string          // claimSuperseded: which decision is newer
 	until   time.Time       // claimBusy: when the other claim runs out
+	// record and revision are what the claim wrote (claimClaimed).
+	record   *ev.AppliedRecord
+	revision uint64
 }
 
 // older reports whether decision (at, id) comes before (bt, bid): by
@@ -332,20 +329,80 @@ func verdictOf(rec *ev.AppliedRecord, d *ev.AccessDecided, holder string, now ti
 // another instance may not, until it is released or runs out; the batch
 // gives up on Exchange before then (claimUntil).
 func (x *Executor) claim(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error) {
-	var v claimVerdict
-	_, err := bus.Modify(ctx, x.applied, key, func(rec *ev.AppliedRecord, _ bool) (bus.Change, error) {
-		v = verdictOf(rec, d, x.holder, x.now())
+	for attempt := 0; ; attempt++ {
+		rec := &ev.AppliedRecord{}
+		var rev uint64
+		e, err := x.applied.Get(ctx, key)
+		switch {
+		case err == nil:
+			if err := proto.Unmarshal(e.Value(), rec); err != nil {
+				return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
+			}
+			rev = e.Revision()
+		case errors.Is(err, jetstream.ErrKeyNotFound):
+		case errors.Is(err, jetstream.ErrKeyDeleted):
+			rev = e.Revision() // Update needs the delete marker's revision
+		default:
+			return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
+		}
+		v := verdictOf(rec, d, x.holder, x.now())
 		if v.kind != claimClaimed {
-			return bus.Keep, nil
+			return v, nil
 		}
 		rec.ClaimDecisionId, rec.ClaimDecidedAt = d.GetDecisionId(), d.GetDecidedAt()
 		rec.ClaimHolder, rec.ClaimUntil = x.holder, timestamppb.New(until)
-		return bus.Write, nil
-	})
-	if err != nil {
+		b, err := proto.Marshal(rec)
+		if err != nil {
+			return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
+		}
+		if rev == 0 {
+			rev, err = x.applied.Create(ctx, key, b)
+		} else {
+			rev, err = x.applied.Update(ctx, key, b, rev)
+		}
+		if err == nil {
+			v.record, v.revision = rec, rev
+			return v, nil
+		}
+		if (errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch)) && attempt < 50 {
+			continue
+		}
 		return claimVerdict{}, fmt.Errorf("claim %s for %s: %w", key, d.GetDecisionId(), err)
 	}
-	return v, nil
+}
+
+// complete records decision d applied with outcome and releases its
+// claim. It writes over the record its claim wrote (one round trip); when
+// the record changed since (a newer decision claimed it), it reads it
+// again.
+func (x *Executor) complete(ctx context.Context, key string, d *ev.AccessDecided, outcome ev.ApplyOutcome, v claimVerdict) error {
+	change := func(rec *ev.AppliedRecord, exists bool) (bus.Change, error) {
+		if rec.GetClaimDecisionId() == d.GetDecisionId() && rec.GetClaimHolder() == x.holder {
+			rec.ClaimHolder, rec.ClaimUntil = "", nil
+		}
+		if !exists || rec.GetDecisionId() == "" || !older(d.GetDecidedAt(), d.GetDecisionId(), rec.GetDecidedAt(), rec.GetDecisionId()) {
+			rec.DecisionId, rec.DecidedAt, rec.Desired = d.GetDecisionId(), d.GetDecidedAt(), d.GetDesired()
+			rec.AppliedAt, rec.Outcome = timestamppb.New(x.now()), outcome
+		}
+		return bus.Write, nil
+	}
+	if v.record != nil {
+		rec := proto.Clone(v.record).(*ev.AppliedRecord)
+		_, _ = change(rec, true)
+		b, err := proto.Marshal(rec)
+		if err != nil {
+			return fmt.Errorf("complete %s: %w", key, err)
+		}
+		_, err = x.applied.Update(ctx, key, b, v.revision)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) && !errors.Is(err, jetstream.ErrKeyExists) {
+			return fmt.Errorf("complete %s: %w", key, err)
+		}
+	}
+	_, err := bus.Modify(ctx, x.applied, key, change)
+	return err
 }
 
 // release gives up this instance's claim of d without recording it
