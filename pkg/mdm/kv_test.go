@@ -416,3 +416,40 @@ func TestKVReplayStore(t *testing.T) {
 		t.Fatalf("bucket without per-key TTLs: %v, want ErrReplayTTL", err)
 	}
 }
+
+// The first read of a large tenant stores every record and a restart
+// loads them all: both must stay a small part of a 100,000-device read.
+func BenchmarkKVInventoryStore100k(b *testing.B) {
+	const n = 100_000
+	nats := startNATS(b)
+	_, js := nats.connect("bench")
+	store, err := NewKVInventoryStore(bucket(b, js, bus.BucketMDMSources), testOrg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	put := make([]KnownDevice, n)
+	for i := range put {
+		d, err := Normalize("graph:bench", device(i))
+		if err != nil {
+			b.Fatal(err)
+		}
+		put[i] = KnownDevice{Device: d}
+	}
+	ctx := natstest.Context(b)
+	var save, load time.Duration
+	for b.Loop() {
+		start := time.Now()
+		if err := store.Save(ctx, "graph:bench", put, nil); err != nil {
+			b.Fatal(err)
+		}
+		save += time.Since(start)
+		start = time.Now()
+		got, err := store.Load(ctx, "graph:bench")
+		if err != nil || len(got) != n {
+			b.Fatalf("loaded %d of %d: %v", len(got), n, err)
+		}
+		load += time.Since(start)
+	}
+	b.ReportMetric(save.Seconds()/float64(b.N), "save_s")
+	b.ReportMetric(load.Seconds()/float64(b.N), "load_s")
+}
