@@ -117,7 +117,7 @@ func (r *reconciler) load(ctx context.Context) error {
 		r.known = inv
 	}
 	r.loaded = true
-	r.log.InfoContext(ctx, "mdm source continues from the stored inventory", "source", r.source, "devices", len(recs), "missing", len(r.missingSince))
+	r.log.InfoContext(ctx, "mdm source continues from the stored inventory", "devices", len(recs), "missing", len(r.missingSince))
 	return nil
 }
 

@@ -417,7 +417,7 @@ func startMDM(ctx context.Context, svc *service.Service, org bus.Org, cfg MDMCon
 		}
 	}
 	if cfg.File != "" {
-		src := mdm.NewFileSource(cfg.File, mdm.FileOptions{Format: cfg.FileFormat, MassRemovalShare: cfg.MassRemovalShare, Store: store})
+		src := mdm.NewFileSource(cfg.File, mdm.FileOptions{Format: cfg.FileFormat, MassRemovalShare: cfg.MassRemovalShare, Store: store, Logger: svc.Log})
 		if err := startSingleton(ctx, svc, org, "mdm-file", src); err != nil {
 			return err
 		}
