@@ -61,10 +61,19 @@ const (
 	// BucketStatus: per-org status the console and /status read: last
 	// syncs, guard state, MDM source health.
 	BucketStatus = "easguard_status"
+	// BucketMDMSources: what each inventory MDM source (file, Graph) last
+	// delivered, <org>.<source>.<mdm id> → MDMSourceRecord, so removals
+	// made while the source was down are still reported.
+	BucketMDMSources = "easguard_mdm_sources"
 )
 
+// BucketMDMReplay holds the MDM webhook's accepted event ids, each key with
+// its own TTL, so a captured request is refused after a restart and by
+// every replica. Per-key TTLs need limit markers on the bucket.
+const BucketMDMReplay = "easguard_mdm_replay"
+
 // StateBuckets lists the state buckets Provision creates.
-var StateBuckets = []string{BucketPartnerships, BucketMDMDevices, BucketMDMUsers, BucketDecisions, BucketStaged, BucketApplied, BucketNotified, BucketCollector, BucketStatus}
+var StateBuckets = []string{BucketPartnerships, BucketMDMDevices, BucketMDMUsers, BucketDecisions, BucketStaged, BucketApplied, BucketNotified, BucketCollector, BucketStatus, BucketMDMSources}
 
 // StateKey builds a state key: the org, then each part as a subject-safe
 // token (KeyToken), so a hostile device id or user name cannot escape its
@@ -207,6 +216,20 @@ func (t Topology) LeaseBucketConfig() jetstream.KeyValueConfig {
 	}
 }
 
+// MDMReplayBucketConfig returns the configuration of the webhook's replay
+// bucket: no bucket TTL (each key carries its own), limit markers on so
+// that per-key TTLs are allowed.
+func (t Topology) MDMReplayBucketConfig() jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{
+		Bucket:         BucketMDMReplay,
+		Description:    "MDM webhook event ids already accepted",
+		History:        1,
+		LimitMarkerTTL: time.Minute,
+		Storage:        jetstream.FileStorage,
+		Replicas:       t.Replicas,
+	}
+}
+
 // ConsumerConfig returns the durable consumer of one route. The durable name
 // is service-route[-org]; all instances of a service share it, which is how
 // a stage scales out.
@@ -244,7 +267,7 @@ func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
 			return fmt.Errorf("provision stream %s: %w", cfg.Name, err)
 		}
 	}
-	buckets := []jetstream.KeyValueConfig{t.LeaseBucketConfig()}
+	buckets := []jetstream.KeyValueConfig{t.LeaseBucketConfig(), t.MDMReplayBucketConfig()}
 	for _, b := range StateBuckets {
 		buckets = append(buckets, jetstream.KeyValueConfig{Bucket: b, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas})
 	}

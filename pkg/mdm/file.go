@@ -46,6 +46,11 @@ type FileOptions struct {
 	// Logger receives what operators may want to read besides alerts;
 	// default slog.Default().
 	Logger *slog.Logger
+	// Store keeps what the source last delivered beyond this process
+	// (default: memory only). With a store, a device dropped from the
+	// inventory while easguard was down is reported removed at the first
+	// read after it starts; without one it never is.
+	Store InventoryStore
 }
 
 // FileSource is an MDM source that reads an inventory export (JSON or CSV
@@ -67,9 +72,11 @@ type FileOptions struct {
 // A read that fails publishes nothing and keeps the previous inventory
 // (alerting ALERT_KIND_MDM_UNREACHABLE once per distinct failure); an empty
 // or mass-removing read publishes additions and changes but withholds
-// removals, with an alert. The inventory lives in memory only: after a
-// restart the first read publishes every record again, and records removed
-// while easguard was down are not announced as removed.
+// removals, with an alert. What was delivered is kept in FileOptions.Store:
+// after a restart the first read is compared with it, so records removed
+// while easguard was down are announced as removed (under the same
+// safety rules), and unchanged records are not published again. Without a
+// store the inventory lives in memory only, and a restart forgets it.
 type FileSource struct {
 	path     string
 	opts     FileOptions
@@ -110,8 +117,9 @@ func (f *FileSource) format() (string, error) {
 	return "", fmt.Errorf("file source %q: %w: unknown format %q (auto, json or csv)", f.path, ErrConfig, f.opts.Format)
 }
 
-// Run reads the inventory, publishes every record, and then publishes what
-// changes until ctx ends. It returns nil when ctx ends, and an error only
+// Run reads the inventory, publishes every record (with a Store: every
+// difference to what the store holds), and then publishes what changes
+// until ctx ends. It returns nil when ctx ends, and an error only
 // for a nil sink, an unusable format or a second concurrent Run.
 func (f *FileSource) Run(ctx context.Context, sink Sink) error {
 	if sink == nil {
@@ -138,6 +146,7 @@ func (f *FileSource) Run(ctx context.Context, sink Sink) error {
 		log:    log,
 		rec:    newReconciler(fmt.Sprintf("file %q", f.path), f.Name(), f.opts.MassRemovalShare, sink, log),
 	}
+	fr.rec.store = f.opts.Store
 	return fr.loop(ctx, f.debounce, f.retryMin, f.opts.PollInterval)
 }
 

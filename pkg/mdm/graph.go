@@ -98,6 +98,12 @@ type GraphOptions struct {
 	MassRemovalShare float64
 	// Logger receives failures and progress; default slog.Default().
 	Logger *slog.Logger
+	// Store keeps what the source last delivered and since when each
+	// missing device has been missing, beyond this process (default:
+	// memory only). With a store, a device deleted in Intune while
+	// easguard was down is reported removed MissingAfter after the first
+	// read that misses it, and a restart does not start that clock over.
+	Store InventoryStore
 }
 
 // GraphSource reads Intune's managed devices from Microsoft Graph: a
@@ -236,7 +242,8 @@ func (g *GraphSource) newTokenClient(cred confidential.Credential) error {
 // Name identifies the source: "graph:<tenant>".
 func (g *GraphSource) Name() string { return "graph:" + g.opts.Tenant }
 
-// Run polls Graph until ctx ends. The first poll publishes every record;
+// Run polls Graph until ctx ends. The first poll publishes every record
+// (with a Store: every record that differs from what the store holds);
 // later polls publish what changed; every FullResync all records again.
 func (g *GraphSource) Run(ctx context.Context, sink Sink) error {
 	if sink == nil {
@@ -248,7 +255,7 @@ func (g *GraphSource) Run(ctx context.Context, sink Sink) error {
 	defer g.running.Store(false)
 	log := logger(g.opts.Logger).With("source", g.Name())
 	rec := newReconciler(fmt.Sprintf("Graph tenant %q", g.opts.Tenant), g.Name(), g.opts.MassRemovalShare, sink, log)
-	rec.missingAfter, rec.now = g.opts.MissingAfter, g.now
+	rec.missingAfter, rec.now, rec.store = g.opts.MissingAfter, g.now, g.opts.Store
 	var lastResync time.Time
 	for {
 		start := g.now()

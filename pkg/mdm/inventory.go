@@ -68,6 +68,16 @@ type reconciler struct {
 
 	// known is what the sink has been told; nil before the first delivery.
 	known *inventory
+
+	// store, when set, keeps known and missingSince beyond this process,
+	// so that a restarted (or newly elected) source compares with what was
+	// last delivered; nil keeps them in memory only.
+	store InventoryStore
+	// loaded says known and missingSince are the store's; false at first
+	// and after a failed save, when only a fresh load tells what it holds.
+	loaded bool
+	// savedMissing is missingSince as the store holds it.
+	savedMissing map[string]time.Time
 	// failureAlert and withheldAlert are the conditions last alerted, so a
 	// condition that persists across reads alerts once.
 	failureAlert  string
@@ -79,6 +89,76 @@ func newReconciler(what, source string, massShare float64, sink Sink, log *slog.
 		massShare = DefaultMassRemovalShare
 	}
 	return &reconciler{what: what, source: source, massShare: massShare, sink: sink, log: log, now: time.Now, missingSince: map[string]time.Time{}}
+}
+
+// load replaces known and missingSince with what the store holds, once
+// per run and again after a failed save.
+func (r *reconciler) load(ctx context.Context) error {
+	if r.store == nil || r.loaded {
+		return nil
+	}
+	recs, err := r.store.Load(ctx, r.source)
+	if err != nil {
+		return fmt.Errorf("load what %s last delivered: %w", r.what, err)
+	}
+	sort.Slice(recs, func(i, j int) bool { return recs[i].Device.GetMdmDeviceId() < recs[j].Device.GetMdmDeviceId() })
+	inv := &inventory{order: make([]string, 0, len(recs)), byID: make(map[string]*ev.MDMDevice, len(recs))}
+	r.missingSince, r.savedMissing = map[string]time.Time{}, map[string]time.Time{}
+	for _, rec := range recs {
+		id := rec.Device.GetMdmDeviceId()
+		inv.order = append(inv.order, id)
+		inv.byID[id] = rec.Device
+		if !rec.MissingSince.IsZero() {
+			r.missingSince[id], r.savedMissing[id] = rec.MissingSince, rec.MissingSince
+		}
+	}
+	r.known = nil
+	if len(recs) > 0 {
+		r.known = inv
+	}
+	r.loaded = true
+	r.log.InfoContext(ctx, "mdm source continues from the stored inventory", "devices", len(recs), "missing", len(r.missingSince))
+	return nil
+}
+
+// save stores the difference between the inventory delivered before
+// (prev) and now (r.known, r.missingSince). A failed save makes the next
+// apply load the store again, so whatever did not reach it is delivered
+// again: a change reported twice is harmless, a lost removal is not.
+func (r *reconciler) save(ctx context.Context, prev map[string]*ev.MDMDevice) error {
+	if r.store == nil {
+		return nil
+	}
+	var put []KnownDevice
+	for _, id := range r.known.order {
+		d := r.known.byID[id]
+		since := r.missingSince[id]
+		old, had := prev[id]
+		if had && proto.Equal(old, d) && since.Equal(r.savedMissing[id]) {
+			continue
+		}
+		put = append(put, KnownDevice{Device: d, MissingSince: since})
+	}
+	var remove []string
+	for id := range prev {
+		if _, ok := r.known.byID[id]; !ok {
+			remove = append(remove, id)
+		}
+	}
+	sort.Strings(remove)
+	if len(put) == 0 && len(remove) == 0 {
+		return nil
+	}
+	if err := r.store.Save(ctx, r.source, put, remove); err != nil {
+		r.loaded = false
+		return fmt.Errorf("store what %s delivered: %w", r.what, err)
+	}
+	saved := make(map[string]time.Time, len(r.missingSince))
+	for id, t := range r.missingSince {
+		saved[id] = t
+	}
+	r.savedMissing = saved
+	return nil
 }
 
 // failed records a read that produced no usable inventory. Nothing is
@@ -104,6 +184,9 @@ func (r *reconciler) failed(ctx context.Context, err error) {
 // With resync every record of next is delivered, changed or not, so that
 // whatever a lost event left wrong downstream is put right.
 func (r *reconciler) apply(ctx context.Context, next *inventory, resync bool) error {
+	if err := r.load(ctx); err != nil {
+		return err
+	}
 	r.failureAlert = ""
 	var known map[string]*ev.MDMDevice
 	if r.known != nil {
@@ -186,6 +269,9 @@ func (r *reconciler) apply(ctx context.Context, next *inventory, resync bool) er
 		}
 	}
 	r.known = committed
+	if err := r.save(ctx, known); err != nil {
+		return err
+	}
 	if rr, ok := r.sink.(ReadReporter); ok && !withhold {
 		// A read whose removals were withheld is not "ok": its alert
 		// stands until a plausible read.

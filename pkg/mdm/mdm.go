@@ -11,6 +11,15 @@
 // publish implausible removals, because an MDM outage that looks like "every
 // device was retired" must never block a company's mail. Sources that are
 // told about individual changes (the webhook) publish them as they arrive.
+//
+// Several replicas of easguard's mdm worker may run at once. An inventory
+// source runs under a lease (Singleton), so one replica reads the MDM and
+// the others stand by, and keeps what it delivered in an InventoryStore
+// (KVInventoryStore, in JetStream), so that the replica that takes over, or
+// the same one after a restart, compares the MDM with what easguard was
+// last told: a device removed while no source ran is still reported
+// removed. The webhook runs on every replica; its ReplayStore
+// (KVReplayStore) is shared by them and survives restarts.
 package mdm
 
 import (

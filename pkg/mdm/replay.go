@@ -8,8 +8,9 @@ import (
 
 // ReplayStore remembers webhook event ids for a while, so that a captured
 // request cannot be sent again to re-assert an old device state. A store
-// shared by several easguard replicas (for example a NATS KV bucket) makes
-// the protection hold across them; each method must be atomic.
+// shared by several easguard replicas and kept beyond a restart
+// (KVReplayStore) makes the protection hold across them; each method must
+// be atomic.
 type ReplayStore interface {
 	// Seen records id for ttl and reports whether it was already recorded.
 	Seen(ctx context.Context, id string, ttl time.Duration) (bool, error)
@@ -19,7 +20,8 @@ type ReplayStore interface {
 }
 
 // MemoryReplayStore is the default ReplayStore: event ids in memory, each
-// expiring after its ttl. It protects one process only.
+// expiring after its ttl. It protects one process only, and only until it
+// restarts.
 type MemoryReplayStore struct {
 	now func() time.Time
 

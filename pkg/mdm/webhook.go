@@ -64,8 +64,10 @@ type WebhookOptions struct {
 	MaxSkew time.Duration
 	// MaxBody (default 1 MiB) is the largest request body read.
 	MaxBody int64
-	// Replay remembers event ids (default: in memory, this process only).
-	// Replicas behind one load balancer need a shared store.
+	// Replay remembers event ids (default: in memory, this process only,
+	// forgotten on restart). Replicas behind one load balancer, and a
+	// webhook that must refuse a captured request after a restart, need a
+	// shared store: KVReplayStore.
 	Replay ReplayStore
 	// Now is the clock (default time.Now).
 	Now func() time.Time

@@ -111,7 +111,7 @@ func (m *MDMConfig) validateGraph() error {
 }
 
 // graphSource builds the Graph source the settings describe.
-func (m *MDMConfig) graphSource(log *slog.Logger) (*mdm.GraphSource, error) {
+func (m *MDMConfig) graphSource(log *slog.Logger, store mdm.InventoryStore) (*mdm.GraphSource, error) {
 	client, err := mdm.GraphHTTPClient(m.GraphProxy, m.GraphCABundle, 2*time.Minute)
 	if err != nil {
 		return nil, err
@@ -120,7 +120,7 @@ func (m *MDMConfig) graphSource(log *slog.Logger) (*mdm.GraphSource, error) {
 		Tenant: m.GraphTenant, ClientID: m.GraphClientID, ClientSecret: m.GraphClientSecret.Reveal(),
 		Authority: m.GraphAuthority, GraphURL: m.GraphURL, HTTPClient: client, PollInterval: m.GraphPollInterval,
 		FullResync: m.GraphFullResync, MissingAfter: m.GraphMissingAfter, PageSize: m.GraphPageSize,
-		MassRemovalShare: m.MassRemovalShare, Logger: log,
+		MassRemovalShare: m.MassRemovalShare, Logger: log, Store: store,
 	}
 	if m.GraphCertificate != "" {
 		if opts.Certificate, err = os.ReadFile(m.GraphCertificate); err != nil {
@@ -391,22 +391,51 @@ func (b *busSink) status(ctx context.Context, v map[string]any) {
 	}
 }
 
+// startMDM starts the configured MDM sources. The inventory sources (Graph,
+// the file) run as per-org singletons under a lease each, so that N
+// replicas are one Graph poller on the tenant's throttling budget and one
+// publisher of the file's changes, with a standby taking over within the
+// lease TTL; what they delivered lives in KV (bus.BucketMDMSources), so
+// the replica that takes over, or the same one after a restart, reports
+// what was removed meanwhile. The webhook stays active on every replica,
+// its replay store in KV (bus.BucketMDMReplay) shared by all of them.
 func startMDM(ctx context.Context, svc *service.Service, org bus.Org, cfg MDMConfig) error {
+	var store *mdm.KVInventoryStore
+	if cfg.GraphTenant != "" || cfg.File != "" {
+		kv, err := svc.JS.KeyValue(ctx, bus.BucketMDMSources)
+		if err != nil {
+			return fmt.Errorf("mdm: %w", err)
+		}
+		if store, err = mdm.NewKVInventoryStore(kv, org); err != nil {
+			return err
+		}
+	}
 	if cfg.GraphTenant != "" {
-		src, err := cfg.graphSource(svc.Log)
+		src, err := cfg.graphSource(svc.Log, store)
 		if err != nil {
 			return err
 		}
-		sink := &busSink{svc: svc, org: org, source: src.Name(), kind: "graph"}
-		svc.Go("mdm "+src.Name(), func(ctx context.Context) error { return src.Run(ctx, sink) })
+		if err := startSingleton(ctx, svc, org, "mdm-graph", src); err != nil {
+			return err
+		}
 	}
 	if cfg.File != "" {
-		src := mdm.NewFileSource(cfg.File, mdm.FileOptions{Format: cfg.FileFormat, MassRemovalShare: cfg.MassRemovalShare})
-		sink := &busSink{svc: svc, org: org, source: src.Name(), kind: "file"}
-		svc.Go("mdm "+src.Name(), func(ctx context.Context) error { return src.Run(ctx, sink) })
+		src := mdm.NewFileSource(cfg.File, mdm.FileOptions{Format: cfg.FileFormat, MassRemovalShare: cfg.MassRemovalShare, Store: store, Logger: svc.Log})
+		if err := startSingleton(ctx, svc, org, "mdm-file", src); err != nil {
+			return err
+		}
 	}
 	if cfg.WebhookAddr != "" {
-		src, err := mdm.NewWebhookSource("webhook", mdm.WebhookOptions{Secret: []byte(cfg.WebhookSecret.Reveal())})
+		const name = "webhook"
+		kv, err := svc.JS.KeyValue(ctx, bus.BucketMDMReplay)
+		if err != nil {
+			return fmt.Errorf("mdm webhook: %w", err)
+		}
+		replay, err := mdm.NewKVReplayStore(ctx, kv, org, name)
+		if err != nil {
+			return err
+		}
+		src, err := mdm.NewWebhookSource(name, mdm.WebhookOptions{Secret: []byte(cfg.WebhookSecret.Reveal()), Replay: replay})
 		if err != nil {
 			return err
 		}
@@ -429,6 +458,24 @@ func startMDM(ctx context.Context, svc *service.Service, org bus.Org, cfg MDMCon
 			}
 		})
 	}
+	return nil
+}
+
+// startSingleton runs an inventory source while this replica holds the
+// org's lease on duty (mdm-graph, mdm-file); the duty's tail names the
+// source's status key (mdm.graph, mdm.file).
+func startSingleton(ctx context.Context, svc *service.Service, org bus.Org, duty string, src mdm.Source) error {
+	kv, err := svc.JS.KeyValue(ctx, bus.BucketLeases)
+	if err != nil {
+		return fmt.Errorf("%s: %w", duty, err)
+	}
+	lease, err := bus.NewLease(ctx, kv, duty, org, svc.InstanceID(), svc.Log)
+	if err != nil {
+		return err
+	}
+	sink := &busSink{svc: svc, org: org, source: src.Name(), kind: strings.TrimPrefix(duty, "mdm-")}
+	leased := mdm.Singleton(src, lease)
+	svc.Go("mdm "+src.Name(), func(ctx context.Context) error { return leased.Run(ctx, sink) })
 	return nil
 }
 
