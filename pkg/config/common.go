@@ -32,6 +32,7 @@ type Common struct {
 	InstanceID   string `split_words:"true" desc:"Name of this replica in leases, logs and traces. Empty: hostname and process id."`
 
 	ShutdownTimeout time.Duration `split_words:"true" default:"30s" desc:"How long a stopping worker waits for messages in flight."`
+	BindTimeout     time.Duration `split_words:"true" default:"1m" desc:"How long a worker keeps trying to bind its consumers (a stream not there yet, a conflicting consumer) while /readyz says why, before the process exits non-zero with the reason."`
 }
 
 // Validate checks the common settings.
@@ -82,6 +83,9 @@ func (c *Common) Validate() error {
 	}
 	if c.ShutdownTimeout <= 0 {
 		return Invalid(&c.ShutdownTimeout, "must be positive, got %s", c.ShutdownTimeout)
+	}
+	if c.BindTimeout < 0 {
+		return Invalid(&c.BindTimeout, "must not be negative, got %s", c.BindTimeout)
 	}
 	return nil
 }
