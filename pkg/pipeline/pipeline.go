@@ -24,6 +24,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/easguard/easguard/pkg/budget"
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/config"
@@ -214,14 +215,19 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 	var client *exchange.Client
 	var pool *exchange.Pool
 	if has(Collector) || has(Executor) {
-		var err error
-		pool, err = exchange.NewPool(ctx, *s.Exchange, svc.Log)
+		slots, err := sessionBudget(ctx, svc, org, s.Exchange.Sessions())
 		if err != nil {
+			return err
+		}
+		pool, err = exchange.NewPool(ctx, *s.Exchange, svc.Log, exchange.WithSessionSlots(slots))
+		if err != nil {
+			slots.Close()
 			return fmt.Errorf("exchange: %w", err)
 		}
 		svc.Go("exchange pool", func(ctx context.Context) error {
 			<-ctx.Done()
 			pool.Close(context.Background())
+			slots.Close()
 			return nil
 		})
 		client = exchange.NewClient(pool, *s.Exchange)
@@ -287,6 +293,21 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 	svc.Health.Handle("GET /status", statusHandler(svc, org))
 	svc.Health.Handle("POST /sync", syncHandler(svc, org))
 	return nil
+}
+
+// sessionBudget opens this process's share of the organisation's Exchange
+// session budget: slots leased in the lease bucket, so that a crashed
+// process's sessions return to the others within the lease TTL.
+func sessionBudget(ctx context.Context, svc *service.Service, org bus.Org, total int) (*budget.Slots, error) {
+	kv, err := svc.JS.KeyValue(ctx, bus.BucketLeases)
+	if err != nil {
+		return nil, fmt.Errorf("exchange session budget: %w", err)
+	}
+	slots, err := budget.New(ctx, kv, "exchange-session", org, total, svc.InstanceID(), svc.Log)
+	if err != nil {
+		return nil, fmt.Errorf("exchange session budget: %w", err)
+	}
+	return slots, nil
 }
 
 // startCollector campaigns for the org's collector lease; the holder binds
