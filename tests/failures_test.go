@@ -18,10 +18,12 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
 	"github.com/easguard/easguard/tests/simcmd"
-	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
 var (
@@ -224,7 +226,9 @@ func TestWorkerThatCannotBindFailsReadinessAndExits(t *testing.T) {
 // so a mail sent on the decision would come first), and a block the
 // executor can never apply, which ends dead-lettered, sends no mail.
 func TestMailFollowsTheAppliedBlock(t *testing.T) {
-	s := startStack(t, stackOptions{})
+	// Three deliveries, so a decision that cannot be applied is
+	// dead-lettered within seconds.
+	s := startStack(t, stackOptions{common: func(c *config.Common) { c.MaxDeliver = 3 }})
 	s.waitFullSync()
 
 	t.Run("applied", func(t *testing.T) {
@@ -263,20 +267,30 @@ func TestMailFollowsTheAppliedBlock(t *testing.T) {
 	})
 
 	t.Run("dead-lettered", func(t *testing.T) {
-		// Exchange keeps the partnership of a device id longer than the
-		// 32 characters Set-CASMailbox accepts: the executor can never
-		// apply a block to it and dead-letters the decision.
-		phone := iPhone("bob@contoso.com", "ApplDEADLETTER"+strings.Repeat("X", 26))
+		// The role loses Set-CASMailbox (an administrator trimmed it):
+		// every apply fails until the executor dead-letters the decision.
+		var reads []string
+		for _, c := range exchange.AllowedCmdlets {
+			if !strings.EqualFold(c, "Set-CASMailbox") {
+				reads = append(reads, c)
+			}
+		}
+		s.sim.Org.Grant(reads)
+		t.Cleanup(func() { s.sim.Org.Grant(nil) })
+		phone := iPhone("bob@contoso.com", "ApplDEADLETTER01")
 		s.phoneSync(phone)
 		d := waitEvent(t, s.events, "the block decided", decidedFor(phone.DeviceID, ev.DesiredAccess_DESIRED_ACCESS_BLOCK))
-		natstest.Eventually(t, 30*time.Second, "the executor's dead letter", func() bool {
+		natstest.Eventually(t, 60*time.Second, "the executor's dead letter", func() bool {
 			for _, dl := range s.events.deadLetters() {
-				if strings.Contains(dl, ".dlq.executor") && strings.Contains(dl, phone.DeviceID) {
+				if strings.Contains(dl, ".dlq.executor") {
 					return true
 				}
 			}
 			return false
 		})
+		if r := s.phoneSync(phone); r.State == "Blocked" {
+			t.Fatalf("the phone is blocked although Set-CASMailbox was refused: %+v", r)
+		}
 		s.settle()
 		if a := find(s.events, func(a *ev.AccessApplied) bool { return slices0(a.GetDecisionIds()) == d.GetDecisionId() }); len(a) != 0 {
 			t.Errorf("access.applied for a dead-lettered decision: %v", a)
