@@ -61,6 +61,7 @@ type stackOptions struct {
 	mdm      func(*pipeline.MDMConfig)
 	sim      func(*exchangesim.Config) // tweak the Exchange simulator (not with join)
 	exchange func(*exchange.Config)    // tweak easguard's Exchange settings
+	common   func(*config.Common)      // tweak the settings every worker shares
 }
 
 // fixture is what a test's easguard talks to: the Exchange simulator, the
@@ -169,6 +170,9 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	s := &stack{fixture: f, t: t, spans: tracetest.NewSpanRecorder(), events: &eventLog{}}
 	common := config.Common{Org: testOrg, HTTPAddr: "127.0.0.1:0", LogLevel: "error", LeaseTTL: testLeaseTTL, AckWait: testAckWait,
 		Retention: time.Hour, NatsReplicas: 1, ShutdownTimeout: 10 * time.Second}
+	if o.common != nil {
+		o.common(&common)
+	}
 	s.sections = pipeline.Sections{
 		Exchange:  &xcfg,
 		Collector: &cc,

@@ -25,6 +25,7 @@ type Common struct {
 	LeaseTTL      time.Duration `split_words:"true" default:"15s" desc:"A standby takes over a singleton duty (the collector of an org) within this time of the active one failing."`
 	Retention     time.Duration `split_words:"true" default:"336h" desc:"How long observed, matched, decided and applied events are kept for replay and audit."`
 	AckWait       time.Duration `split_words:"true" default:"30s" desc:"A message a crashed worker was handling is redelivered to another replica after this long (live workers extend it while they work)."`
+	MaxDeliver    int           `split_words:"true" default:"10" desc:"Deliveries of one message before it is dead-lettered with the reason (retries back off from 1s to 5m in between)."`
 
 	HTTPAddr     string `split_words:"true" default:"127.0.0.1:9090" desc:"Listen address of /healthz, /readyz and /metrics."`
 	LogLevel     string `split_words:"true" default:"info" desc:"Log level: debug, info, warn or error."`
@@ -32,6 +33,7 @@ type Common struct {
 	InstanceID   string `split_words:"true" desc:"Name of this replica in leases, logs and traces. Empty: hostname and process id."`
 
 	ShutdownTimeout time.Duration `split_words:"true" default:"30s" desc:"How long a stopping worker waits for messages in flight."`
+	BindTimeout     time.Duration `split_words:"true" default:"1m" desc:"How long a worker keeps trying to bind its consumers (a stream not there yet, a conflicting consumer) while /readyz says why, before the process exits non-zero with the reason."`
 }
 
 // Validate checks the common settings.
@@ -65,6 +67,9 @@ func (c *Common) Validate() error {
 	if c.AckWait < time.Second || c.AckWait > 10*time.Minute {
 		return Invalid(&c.AckWait, "must be between 1s and 10m, got %s", c.AckWait)
 	}
+	if c.MaxDeliver != 0 && (c.MaxDeliver < 2 || c.MaxDeliver > 100) {
+		return Invalid(&c.MaxDeliver, "must be between 2 and 100, got %d", c.MaxDeliver)
+	}
 	if c.Retention < time.Hour {
 		return Invalid(&c.Retention, "must be at least 1h, got %s", c.Retention)
 	}
@@ -83,6 +88,9 @@ func (c *Common) Validate() error {
 	if c.ShutdownTimeout <= 0 {
 		return Invalid(&c.ShutdownTimeout, "must be positive, got %s", c.ShutdownTimeout)
 	}
+	if c.BindTimeout < 0 {
+		return Invalid(&c.BindTimeout, "must not be negative, got %s", c.BindTimeout)
+	}
 	return nil
 }
 
@@ -97,6 +105,9 @@ func (c *Common) Topology() bus.Topology {
 	t.FactsMaxAge = c.Retention
 	if c.AckWait > 0 {
 		t.Consumer.AckWait = c.AckWait
+	}
+	if c.MaxDeliver > 0 {
+		t.Consumer.MaxDeliver = c.MaxDeliver
 	}
 	return t
 }

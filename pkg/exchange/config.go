@@ -32,6 +32,7 @@ type Config struct {
 	PowershellURL      string        `split_words:"true" default:"http://{server}/PowerShell/" desc:"Exchange remote PowerShell URL; {server} is the CAS the worker runs on."`
 	PowershellAuth     string        `split_words:"true" default:"Kerberos" desc:"Authentication of the remote session: Kerberos, Negotiate, Basic or Default."`
 	Workers            int           `split_words:"true" default:"4" desc:"Persistent PowerShell workers (WinRM shells, each with one Exchange session) per process, at most 8: Exchange allows 18 sessions per user, and the session of a killed worker counts until it expires."`
+	SessionBudget      int           `split_words:"true" default:"12" desc:"Exchange sessions all processes of the organisation (every collector and executor replica) may hold together, shared through NATS; at most 18, Exchange's limit per user, and best well below it: the sessions of killed workers and an administrator's own count too."`
 	RequestTimeout     time.Duration `split_words:"true" default:"5m" desc:"How long a request may wait for its answer, and a listing for each next page (not for the whole listing); a worker silent for longer is replaced."`
 	OperationTimeout   time.Duration `split_words:"true" default:"20s" desc:"WS-Man OperationTimeout: how long one Receive long-poll waits."`
 	StartTimeout       time.Duration `split_words:"true" default:"2m" desc:"How long starting a worker (shell, PowerShell, Exchange session) may take."`
@@ -46,6 +47,25 @@ type Config struct {
 // remote sessions per user (PowerShellMaxConcurrency): sessions left behind
 // by killed workers and an administrator's own session need room too.
 const MaxWorkers = 8
+
+// MaxSessionBudget is Exchange's default limit of concurrent remote
+// PowerShell sessions per user (PowerShellMaxConcurrency), which the
+// shared session budget of an organisation must not exceed.
+const MaxSessionBudget = 18
+
+// DefaultSessionBudget is the shared session budget when none is set: well
+// below MaxSessionBudget, leaving room for sessions of killed workers
+// that have not expired yet and for an administrator's own.
+const DefaultSessionBudget = 12
+
+// Sessions returns the organisation's session budget, the default when
+// SessionBudget is 0.
+func (c *Config) Sessions() int {
+	if c.SessionBudget == 0 {
+		return DefaultSessionBudget
+	}
+	return c.SessionBudget
+}
 
 // SessionIdleTimeout is the idle timeout worker.ps1 opens its Exchange
 // session with (New-PSSessionOption -IdleTimeout): a session left behind
@@ -95,6 +115,9 @@ func (c *Config) Validate() error {
 		return config.Invalid(&c.Mode, "snapin cannot work: loaded in a WinRM shell, the Exchange snap-in cannot reach Active Directory (a second hop with no credentials to pass on); use remote")
 	default:
 		return config.Invalid(&c.Mode, "use remote, not %q", c.Mode)
+	}
+	if c.SessionBudget < 0 || c.SessionBudget > MaxSessionBudget {
+		return config.Invalid(&c.SessionBudget, "must be 1 to %d (0: %d), got %d: Exchange allows %d remote sessions per user, for all processes together", MaxSessionBudget, DefaultSessionBudget, c.SessionBudget, MaxSessionBudget)
 	}
 	if c.Workers < 1 || c.Workers > MaxWorkers {
 		return config.Invalid(&c.Workers, "must be 1 to %d, got %d: Exchange allows 18 remote sessions per user, and the session of a worker killed mid-request counts against them until its idle timeout", MaxWorkers, c.Workers)

@@ -41,32 +41,90 @@ type Pool struct {
 	closed   bool
 	probing  bool
 
+	// With a shared session budget (WithSessionSlots), every session this
+	// process has open counts against a slot it holds: held is how many it
+	// holds, outside how many sessions it has open beyond total (workers
+	// being closed, a probe of the primary). A worker starts only on a
+	// free held slot, and a slot is given back only once its session is
+	// closed, so the processes of an organisation together never hold more
+	// sessions than the budget.
+	slots     SessionSlots
+	held      int
+	outside   int
+	acquiring bool // one request at a time asks the budget for a slot
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 }
 
+// SessionSlots is a budget of Exchange sessions shared with other
+// processes (package budget keeps it in JetStream KV). Exchange's limit of
+// concurrent sessions is per user, and every replica logs on as the same
+// service account, so only a shared budget keeps their sum under it.
+type SessionSlots interface {
+	// Acquire takes one more slot; false (and no error) when none is free.
+	Acquire(ctx context.Context) (bool, error)
+	// Release gives one slot back.
+	Release()
+	// Lost receives one value per slot the process could no longer keep.
+	Lost() <-chan struct{}
+	// Total is the size of the whole budget.
+	Total() int
+}
+
+// PoolOption changes how a pool is built.
+type PoolOption func(*Pool)
+
+// WithSessionSlots makes the pool open a session only on a slot of the
+// shared budget, and close one for every slot it loses.
+func WithSessionSlots(s SessionSlots) PoolOption {
+	return func(p *Pool) { p.slots = s }
+}
+
+// ErrNoSessionSlot is returned when the pool could not get a slot of the
+// shared session budget for its first worker within StartTimeout.
+var ErrNoSessionSlot = errors.New("no free slot in the shared Exchange session budget")
+
+// slotPoll is how often a pool that needs a session but finds the shared
+// budget spent asks again (a slot freed by another process is not
+// announced).
+const slotPoll = 250 * time.Millisecond
+
 // NewPool validates the settings and starts one worker, so that wrong
 // credentials, an untrusted certificate or a missing role show at once.
 // Further workers start as requests need them.
-func NewPool(ctx context.Context, cfg Config, log *slog.Logger) (*Pool, error) {
-	opts, err := cfg.options()
+func NewPool(ctx context.Context, cfg Config, log *slog.Logger, opts ...PoolOption) (*Pool, error) {
+	o, err := cfg.options()
 	if err != nil {
 		return nil, err
 	}
 	if log == nil {
 		log = slog.Default()
 	}
-	p := &Pool{opts: opts, log: log.With("component", "exchange-pool"), servers: []target{opts.primary}, waiters: make(chan struct{}, 1), stop: make(chan struct{})}
+	p := &Pool{opts: o, log: log.With("component", "exchange-pool"), servers: []target{o.primary}, waiters: make(chan struct{}, 1), stop: make(chan struct{})}
+	for _, opt := range opts {
+		opt(p)
+	}
 	sctx, cancel := context.WithTimeout(ctx, cfg.StartTimeout)
 	defer cancel()
-	w, err := p.spawn(sctx, opts.primary)
+	if p.slots != nil {
+		if err := p.firstSlot(sctx); err != nil {
+			return nil, err
+		}
+	}
+	w, err := p.spawn(sctx, o.primary)
 	if err != nil {
+		p.trimSlots()
 		return nil, err
 	}
 	p.mu.Lock()
 	p.total = 1
 	p.idle = append(p.idle, w)
 	p.mu.Unlock()
+	if p.slots != nil {
+		p.wg.Add(1)
+		go p.watchSlots()
+	}
 	if cfg.CASFailover {
 		if err := p.discover(ctx, w); err != nil {
 			p.log.Warn("CAS discovery failed; failover limited to the configured server", "error", err)
@@ -185,15 +243,40 @@ func (p *Pool) acquire(ctx context.Context) (*worker, error) {
 			if w.dead.Load() || w.target != cur {
 				// Dead, or on a server the pool has moved away from.
 				p.total--
+				p.outside++
 				p.mu.Unlock()
-				w.close(context.Background())
+				p.closeOutside(w)
 				p.mu.Lock()
 				continue
 			}
 			p.mu.Unlock()
 			return w, nil
 		}
-		if p.total < p.opts.cfg.Workers {
+		grow := p.total < p.opts.cfg.Workers
+		var poll <-chan time.Time
+		if grow && p.slots != nil && p.total+p.outside >= p.held && p.acquiring {
+			grow, poll = false, time.After(slotPoll)
+		} else if grow && p.slots != nil && p.total+p.outside >= p.held {
+			// Every held slot has its session: take one more, if the
+			// organisation's budget has one free.
+			p.acquiring = true
+			p.mu.Unlock()
+			ok, err := p.slots.Acquire(ctx)
+			if err != nil {
+				p.log.Warn("session budget unavailable", "error", err)
+			}
+			p.mu.Lock()
+			p.acquiring = false
+			p.signal()
+			if ok {
+				p.held++
+				p.mu.Unlock()
+				continue
+			}
+			grow = false
+			poll = time.After(slotPoll)
+		}
+		if grow {
 			p.total++
 			p.mu.Unlock()
 			sctx, cancel := context.WithTimeout(ctx, p.opts.cfg.StartTimeout)
@@ -203,6 +286,7 @@ func (p *Pool) acquire(ctx context.Context) (*worker, error) {
 				p.mu.Lock()
 				p.total--
 				p.mu.Unlock()
+				p.trimSlots()
 				p.noteFailure(cur, err)
 				p.signal()
 				return nil, err
@@ -213,8 +297,87 @@ func (p *Pool) acquire(ctx context.Context) (*worker, error) {
 		p.mu.Unlock()
 		select {
 		case <-p.waiters:
+		case <-poll:
 		case <-ctx.Done():
 			return nil, fmt.Errorf("%w: waiting for a worker: %w", ErrTransient, ctx.Err())
+		}
+	}
+}
+
+// firstSlot waits for the slot of the first worker.
+func (p *Pool) firstSlot(ctx context.Context) error {
+	for {
+		ok, err := p.slots.Acquire(ctx)
+		if ok {
+			p.mu.Lock()
+			p.held++
+			p.mu.Unlock()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			if err == nil {
+				err = fmt.Errorf("all %d are held by other processes (EASGUARD_EXCHANGE_SESSION_BUDGET)", p.slots.Total())
+			}
+			return fmt.Errorf("%w: %w", ErrNoSessionSlot, err)
+		case <-time.After(slotPoll):
+		}
+	}
+}
+
+// trimSlots gives back the slots no open session needs.
+func (p *Pool) trimSlots() {
+	if p.slots == nil {
+		return
+	}
+	p.mu.Lock()
+	n := p.held - (p.total + p.outside)
+	if n > 0 {
+		p.held -= n
+	}
+	p.mu.Unlock()
+	for range n {
+		p.slots.Release()
+	}
+	if n > 0 {
+		p.signal()
+	}
+}
+
+// closeOutside closes a worker that no longer counts in total; its slot
+// is given back once its session is gone. Call it with p.outside already
+// counting the worker.
+func (p *Pool) closeOutside(w *worker) {
+	w.close(context.Background())
+	p.mu.Lock()
+	p.outside--
+	p.mu.Unlock()
+	p.trimSlots()
+}
+
+// watchSlots gives up one session for every slot the pool loses: an idle
+// worker at once, else the next worker that finishes its request.
+func (p *Pool) watchSlots() {
+	defer p.wg.Done()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-p.slots.Lost():
+		}
+		p.mu.Lock()
+		p.held--
+		var w *worker
+		if p.total+p.outside > p.held && len(p.idle) > 0 {
+			w = p.idle[0]
+			p.idle = p.idle[1:]
+			p.total--
+			p.outside++
+		}
+		p.mu.Unlock()
+		if w != nil {
+			p.log.Warn("session slot lost; closing an idle worker", "server", w.target.fqdn)
+			go p.closeOutside(w)
 		}
 	}
 }
@@ -231,15 +394,17 @@ func (p *Pool) signal() {
 func (p *Pool) release(w *worker, err error) {
 	p.mu.Lock()
 	retire := w.dead.Load() || w.retiring.Load() || p.closed || w.target != p.servers[p.current] ||
-		w.requests >= p.opts.cfg.RecycleRequests || time.Since(w.started) >= p.opts.cfg.RecycleAfter
+		w.requests >= p.opts.cfg.RecycleRequests || time.Since(w.started) >= p.opts.cfg.RecycleAfter ||
+		(p.slots != nil && p.total+p.outside > p.held) // a slot was lost
 	if retire {
 		p.total--
+		p.outside++
 	} else {
 		p.idle = append(p.idle, w)
 	}
 	p.mu.Unlock()
 	if retire {
-		go w.close(context.Background())
+		go p.closeOutside(w)
 	}
 	p.signal()
 }
@@ -294,27 +459,68 @@ func (p *Pool) probePrimary() {
 		case <-time.After(b.NextBackOff()):
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), p.opts.cfg.StartTimeout)
+		if !p.probeSlot(ctx) {
+			cancel()
+			p.log.Debug("no session slot free to probe the primary")
+			continue
+		}
 		w, err := p.spawn(ctx, p.opts.primary)
 		cancel()
 		if err != nil {
+			p.mu.Lock()
+			p.outside--
+			p.mu.Unlock()
+			p.trimSlots()
 			p.log.Debug("primary still unavailable", "server", p.opts.primary.fqdn, "error", err)
 			continue
 		}
 		p.mu.Lock()
 		p.current, p.failures, p.probing = 0, 0, false
-		if p.total < p.opts.cfg.Workers && !p.closed {
+		keep := p.total < p.opts.cfg.Workers && !p.closed
+		if keep {
+			// The probe's session becomes a worker on the same slot.
 			p.total++
+			p.outside--
 			p.idle = append(p.idle, w)
-			w = nil
 		}
 		p.mu.Unlock()
-		if w != nil {
-			w.close(context.Background())
+		if !keep {
+			p.closeOutside(w)
 		}
 		p.log.Info("back on the primary Client Access server", "server", p.opts.primary.fqdn)
 		p.signal()
 		return
 	}
+}
+
+// probeSlot counts the probe's session against a slot, taking one more
+// from the shared budget if no held slot is free; false when none is.
+func (p *Pool) probeSlot(ctx context.Context) bool {
+	if p.slots == nil {
+		p.mu.Lock()
+		p.outside++
+		p.mu.Unlock()
+		return true
+	}
+	p.mu.Lock()
+	if p.total+p.outside < p.held {
+		p.outside++
+		p.mu.Unlock()
+		return true
+	}
+	p.mu.Unlock()
+	ok, err := p.slots.Acquire(ctx)
+	if !ok {
+		if err != nil {
+			p.log.Debug("session budget unavailable", "error", err)
+		}
+		return false
+	}
+	p.mu.Lock()
+	p.held++
+	p.outside++
+	p.mu.Unlock()
+	return true
 }
 
 // maintain pings idle workers and retires old ones.
@@ -494,6 +700,7 @@ func (p *Pool) Close(ctx context.Context) {
 	p.idle = nil
 	p.mu.Unlock()
 	close(p.stop)
+	p.total -= len(idle)
 	var wg sync.WaitGroup
 	for _, w := range idle {
 		wg.Add(1)
@@ -501,4 +708,7 @@ func (p *Pool) Close(ctx context.Context) {
 	}
 	wg.Wait()
 	p.wg.Wait()
+	// The slots of the closed sessions go back; busy workers give theirs
+	// back when their request ends.
+	p.trimSlots()
 }

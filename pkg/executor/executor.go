@@ -186,7 +186,7 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 		return []bus.Outbound{{Subject: subject, MsgID: "applied:" + d.GetDecisionId(), Message: &ev.AccessApplied{
 			Org: string(x.org), DecisionIds: []string{d.GetDecisionId()}, Cmdlets: cmdlets, Items: []*ev.AppliedItem{item},
 			CasServer: x.server(), Attempts: attempts(ctx), Duration: durationpb.New(x.now().Sub(start)), AppliedAt: timestamppb.New(x.now()),
-			Actor: x.actor, PolicyVersion: d.GetPolicyVersion(),
+			Actor: x.actor, PolicyVersion: d.GetPolicyVersion(), Decision: d,
 		}}}, nil
 	}
 	if d.GetDryRun() {

@@ -1,8 +1,11 @@
 // Package mailer tells the users of blocked or quarantined devices how to
-// enrol them: it consumes access decisions that ask for a notification,
-// renders the org's templates, sends the mail over SMTP, and reports
-// notify.sent. A user gets at most one mail per device per period, however
-// often the device is re-evaluated.
+// enrol them: it consumes what the executor applied on Exchange
+// (access.applied), and for a block or quarantine that asked for a
+// notification and really took effect renders the org's templates, sends
+// the mail over SMTP, and reports notify.sent. A decision that was never
+// applied (dead-lettered, superseded, its mailbox gone) sends no mail. A
+// user gets at most one mail per device per period, however often the
+// device is re-evaluated and however many mailer replicas run.
 package mailer
 
 import (
@@ -131,9 +134,34 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, s
 	return &Mailer{org: org, cfg: cfg, tmpl: tmpl, sender: sender, notified: kv, log: log.With("worker", "mailer"), now: time.Now}, nil
 }
 
-// Routes returns the mailer's handler.
+// Routes returns the mailer's handler. It follows access.applied, not
+// access.decided: a user is told of a block only once Exchange holds it.
 func (m *Mailer) Routes() []bus.Route {
-	return []bus.Route{bus.Handle("access-decided", bus.AccessDecided, m.Notify)}
+	return []bus.Route{bus.Handle("access-applied", bus.AccessApplied, m.Applied)}
+}
+
+// Applied mails the user of a device whose block or quarantine the
+// executor applied (or found already in place) when its decision asked for
+// it; any other outcome sends nothing.
+func (m *Mailer) Applied(ctx context.Context, a *ev.AccessApplied) ([]bus.Outbound, error) {
+	d := a.GetDecision()
+	if d == nil {
+		// An executor that does not say what it applied (older than the
+		// mailer): nothing to tell the user from.
+		return nil, nil
+	}
+	for _, it := range a.GetItems() {
+		if it.GetDecisionId() != d.GetDecisionId() {
+			continue
+		}
+		switch it.GetOutcome() {
+		case ev.ApplyOutcome_APPLY_OUTCOME_APPLIED, ev.ApplyOutcome_APPLY_OUTCOME_ALREADY_IN_STATE:
+			return m.notify(ctx, d)
+		}
+		m.log.DebugContext(ctx, "no mail: the decision did not take effect", "decision", d.GetDecisionId(), "outcome", it.GetOutcome())
+		return nil, nil
+	}
+	return nil, nil
 }
 
 // notifyReason picks the mail: the policy's choice when the decision
@@ -158,8 +186,9 @@ func notifyReason(d *ev.AccessDecided) string {
 	return notify.ReasonOther
 }
 
-// Notify mails the user of a device easguard keeps from mail.
-func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbound, error) {
+// notify mails the user about an applied decision that keeps their device
+// from mail, once per device per period.
+func (m *Mailer) notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbound, error) {
 	if !d.GetNotifyUser() || d.GetDryRun() || d.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_ALLOW {
 		return nil, nil
 	}
@@ -176,18 +205,14 @@ func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
-	var resend *time.Time
-	if last, err := m.notified.Get(ctx, key); err == nil {
-		at, id, _ := strings.Cut(string(last.Value()), " ")
-		if t, perr := time.Parse(time.RFC3339Nano, at); perr == nil && m.now().Sub(t) < m.cfg.Period {
-			if id != d.GetDecisionId() {
-				return nil, nil // already told within the period
-			}
-			resend = &t // this decision's mail went out; report it again
-		}
-	} else if !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted) {
-		return nil, fmt.Errorf("mailer: read %s: %w", key, err)
+	claim, err := m.claim(ctx, key, d.GetDecisionId())
+	if err != nil {
+		return nil, err
 	}
+	if claim.told {
+		return nil, nil // already told within the period
+	}
+	resend := claim.resend
 	state := notify.StateBlocked
 	if d.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_QUARANTINE {
 		state = notify.StateQuarantined
@@ -198,6 +223,7 @@ func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 		State: state, Reason: notifyReason(d), ReasonDetail: d.GetReason(), EnrolURL: m.cfg.EnrolURL, Helpdesk: m.cfg.Helpdesk, Company: m.cfg.Company, Time: m.now(),
 	})
 	if err != nil {
+		m.release(key, claim.rev)
 		return nil, bus.Poison(fmt.Errorf("render: %w", err))
 	}
 	msgID := "<" + d.GetDecisionId() + "@easguard.invalid>"
@@ -205,6 +231,7 @@ func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 	if resend != nil {
 		sent = *resend
 	} else if err := m.sender.Send(ctx, to, r, msgID); err != nil {
+		m.release(key, claim.rev)
 		switch {
 		case errors.Is(err, notify.ErrPermanent):
 			return nil, bus.Poison(fmt.Errorf("send to %s: %w", to, err))
@@ -220,7 +247,7 @@ func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 	if resend == nil {
 		// The decision id lets a redelivery of this decision report the
 		// mail again instead of being dropped as "already told".
-		if _, err := m.notified.Put(ctx, key, []byte(sent.Format(time.RFC3339Nano)+" "+d.GetDecisionId())); err != nil {
+		if _, err := m.notified.Update(ctx, key, record(sent, d.GetDecisionId(), false), claim.rev); err != nil {
 			m.log.WarnContext(ctx, "mail sent but not recorded; a redelivery could send it again", "to", to, "error", err)
 		}
 	}
@@ -236,4 +263,92 @@ func (m *Mailer) Notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 		Org: string(m.org), Recipient: to, Template: template + "/" + notifyReason(d), Locale: m.cfg.Locale, MessageId: msgID,
 		DeviceId: p.GetDeviceId(), Mailbox: mb, DecisionId: d.GetDecisionId(), SentAt: timestamppb.New(sent),
 	}}}, nil
+}
+
+// claimStale is how old another decision's unfinished claim on a device
+// must be before a mailer takes it over: its holder died or gave up
+// between claiming and sending.
+const claimStale = 2 * sendTimeout
+
+// claimed is the outcome of claim.
+type claimed struct {
+	// told: the user was mailed about the device within the period, or
+	// another mailer is mailing them now; send nothing.
+	told bool
+	// resend: this decision's mail went out at this time; report it again.
+	resend *time.Time
+	// rev is the revision of this mailer's claim, to record the mail on.
+	rev uint64
+}
+
+// record is the value of a notified key: when, for which decision, and
+// whether the mail is still being sent (a claim) or went out.
+func record(at time.Time, decisionID string, sending bool) []byte {
+	v := at.Format(time.RFC3339Nano) + " " + decisionID
+	if sending {
+		v += " sending"
+	}
+	return []byte(v)
+}
+
+// claim decides, with compare-and-set on the device's notified key, whether
+// this mailer sends the mail: of several replicas handling decisions for
+// one device at once, exactly one writes its claim; the others see it and
+// send nothing. A read that raced a write (or a follower that lags, in a
+// cluster) only makes the write fail and the loop read again.
+func (m *Mailer) claim(ctx context.Context, key, decisionID string) (claimed, error) {
+	for attempt := 0; attempt < 50; attempt++ {
+		var rev uint64
+		e, err := m.notified.Get(ctx, key)
+		switch {
+		case err == nil:
+			rev = e.Revision()
+			at, rest, _ := strings.Cut(string(e.Value()), " ")
+			id, state, _ := strings.Cut(rest, " ")
+			t, perr := time.Parse(time.RFC3339Nano, at)
+			if perr == nil && m.now().Sub(t) < m.cfg.Period {
+				sending := state == "sending"
+				switch {
+				case id == decisionID && !sending:
+					return claimed{resend: &t}, nil
+				case id != decisionID && (!sending || m.now().Sub(t) < claimStale):
+					return claimed{told: true}, nil
+				}
+				// Our own unfinished claim (a crash or failed send before
+				// this delivery), or a stale one of another decision.
+			}
+		case errors.Is(err, jetstream.ErrKeyNotFound), errors.Is(err, jetstream.ErrKeyDeleted):
+		default:
+			return claimed{}, fmt.Errorf("mailer: read %s: %w", key, err)
+		}
+		v := record(m.now(), decisionID, true)
+		if rev == 0 {
+			rev, err = m.notified.Create(ctx, key, v)
+		} else {
+			rev, err = m.notified.Update(ctx, key, v, rev)
+		}
+		switch {
+		case err == nil:
+			return claimed{rev: rev}, nil
+		case errors.Is(err, jetstream.ErrKeyExists), errors.Is(err, jetstream.ErrKeyRevisionMismatch):
+			continue // another mailer wrote first: read what it wrote
+		default:
+			return claimed{}, fmt.Errorf("mailer: claim %s: %w", key, err)
+		}
+	}
+	return claimed{}, fmt.Errorf("mailer: claim %s: too much contention", key)
+}
+
+// release withdraws a claim whose mail did not go out, so that the next
+// decision for the device is not held back by it; if that fails, the claim
+// goes stale after claimStale.
+func (m *Mailer) release(key string, rev uint64) {
+	if rev == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := m.notified.Delete(ctx, key, jetstream.LastRevision(rev)); err != nil {
+		m.log.Debug("claim not withdrawn; it goes stale", "key", key, "error", err)
+	}
 }

@@ -21,7 +21,6 @@ import (
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/config"
-	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/notify"
@@ -58,6 +57,9 @@ type options struct {
 	// noSentObserver leaves notify.sent unobserved, for a test that
 	// deletes its stream.
 	noSentObserver bool
+	// replicas is how many mailers share the consumer (default 1), each
+	// handling several messages at once.
+	replicas int
 }
 
 // harness is one mailer on a real JetStream server, sending through the
@@ -71,7 +73,7 @@ type harness struct {
 	consumer string
 
 	sent *natstest.Received[*ev.NotificationSent] // nil with noSentObserver
-	dead *natstest.Received[bustest.DeadLetter[*ev.AccessDecided]]
+	dead *natstest.Received[bustest.DeadLetter[*ev.AccessApplied]]
 }
 
 func start(tb testing.TB, o options) *harness {
@@ -102,27 +104,29 @@ func start(tb testing.TB, o options) *harness {
 	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
 		tb.Fatal(err)
 	}
-	m, err := mailer.New(ctx, js, org, cfg, sender, quiet())
-	if err != nil {
-		tb.Fatal(err)
-	}
 	h := &harness{js: js, relay: relay, clock: newClock(), cfg: cfg}
-	mailer.SetClock(m, h.clock.Now)
-	r, err := bus.NewRunner(js, bus.RunnerConfig{Service: "mailer", Org: org,
-		Retry:  bus.RetryPolicy{Initial: 100 * time.Millisecond, Max: time.Second, Multiplier: 2, Jitter: 0.1},
-		Logger: quiet()}, m.Routes()...)
-	if err != nil {
-		tb.Fatal(err)
+	for range max(1, o.replicas) {
+		m, err := mailer.New(ctx, js, org, cfg, sender, quiet())
+		if err != nil {
+			tb.Fatal(err)
+		}
+		mailer.SetClock(m, h.clock.Now)
+		r, err := bus.NewRunner(js, bus.RunnerConfig{Service: "mailer", Org: org, Concurrency: max(1, o.replicas),
+			Retry:  bus.RetryPolicy{Initial: 100 * time.Millisecond, Max: time.Second, Multiplier: 2, Jitter: 0.1},
+			Logger: quiet()}, m.Routes()...)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		bustest.Run(tb, r)
 	}
-	h.consumer = bus.DefaultTopology().ConsumerConfig("mailer", "access-decided", bus.AccessDecided.Filter(org), org).Durable
-	bustest.Run(tb, r)
+	h.consumer = bus.DefaultTopology().ConsumerConfig("mailer", "access-applied", bus.AccessApplied.Filter(org), org).Durable
 	if h.pub, err = bus.NewPublisher(js, bus.Instrumentation{}); err != nil {
 		tb.Fatal(err)
 	}
 	if !o.noSentObserver {
 		h.sent = natstest.Receive[ev.NotificationSent](tb, js, bus.StreamNotify, bus.NotifySent.Filter(org))
 	}
-	h.dead = bustest.DeadLetters[ev.AccessDecided](tb, js, org, "mailer")
+	h.dead = bustest.DeadLetters[ev.AccessApplied](tb, js, org, "mailer")
 	return h
 }
 
@@ -152,18 +156,28 @@ func (h *harness) decision(p *ev.EASPartnership, desired ev.DesiredAccess, reaso
 	}
 }
 
-// publish sends a decision as the evaluator does (evaluator.DecisionOutbound);
-// a msgID other than "" replaces its message id.
+// publish sends what the executor publishes once it applied a decision
+// on Exchange; a msgID other than "" replaces its message id.
 func (h *harness) publish(tb testing.TB, d *ev.AccessDecided, msgID string) {
 	tb.Helper()
-	out, err := evaluator.DecisionOutbound(org, d)
+	h.publishOutcome(tb, d, ev.ApplyOutcome_APPLY_OUTCOME_APPLIED, msgID)
+}
+
+// publishOutcome sends the executor's access.applied for d with the given
+// outcome, as executor.Apply builds it.
+func (h *harness) publishOutcome(tb testing.TB, d *ev.AccessDecided, outcome ev.ApplyOutcome, msgID string) {
+	tb.Helper()
+	p := d.GetPartnership()
+	subject, err := bus.AccessApplied.Subject(org, p.GetDeviceId())
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if msgID != "" {
-		out.MsgID = msgID
+	if msgID == "" {
+		msgID = "applied:" + d.GetDecisionId()
 	}
-	if _, err := h.pub.Publish(context.Background(), out); err != nil {
+	a := &ev.AccessApplied{Org: string(org), DecisionIds: []string{d.GetDecisionId()}, Decision: d, AppliedAt: timestamppb.New(h.clock.Now()),
+		Items: []*ev.AppliedItem{{Mailbox: p.GetMailbox(), DeviceId: p.GetDeviceId(), Desired: d.GetDesired(), DecisionId: d.GetDecisionId(), Outcome: outcome}}}
+	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subject, MsgID: msgID, Message: a}); err != nil {
 		tb.Fatal(err)
 	}
 }
@@ -194,10 +208,10 @@ func (h *harness) awaitSent(tb testing.TB, d *ev.AccessDecided) (*ev.Notificatio
 }
 
 // awaitDead waits for the dead letter of a decision.
-func (h *harness) awaitDead(tb testing.TB, d *ev.AccessDecided) bustest.DeadLetter[*ev.AccessDecided] {
+func (h *harness) awaitDead(tb testing.TB, d *ev.AccessDecided) bustest.DeadLetter[*ev.AccessApplied] {
 	tb.Helper()
-	return h.dead.Await(tb, 20*time.Second, "dead letter for "+d.GetDecisionId(), func(dl bustest.DeadLetter[*ev.AccessDecided]) bool {
-		return dl.Message.GetDecisionId() == d.GetDecisionId()
+	return h.dead.Await(tb, 20*time.Second, "dead letter for "+d.GetDecisionId(), func(dl bustest.DeadLetter[*ev.AccessApplied]) bool {
+		return dl.Message.GetDecision().GetDecisionId() == d.GetDecisionId()
 	})
 }
 
@@ -211,11 +225,11 @@ func (h *harness) mailsWithID(id string) []smtpsim.Message {
 	return out
 }
 
-// redeliveries counts how often decisions were delivered to the mailer
-// again; every decision in the stream is one it consumes.
+// redeliveries counts how often applied decisions were delivered to the
+// mailer again; every event in the stream is one it consumes.
 func (h *harness) redeliveries(tb testing.TB) int {
 	tb.Helper()
-	return natstest.Redeliveries(tb, h.js, bus.StreamDecisions, h.consumer)
+	return natstest.Redeliveries(tb, h.js, bus.StreamApplied, h.consumer)
 }
 
 // settle waits until the mailer has settled every decision published so
@@ -224,7 +238,7 @@ func (h *harness) redeliveries(tb testing.TB) int {
 // in the stream.
 func (h *harness) settle(tb testing.TB) {
 	tb.Helper()
-	natstest.WaitDrained(tb, h.js, 20*time.Second, bus.StreamDecisions)
+	natstest.WaitDrained(tb, h.js, 20*time.Second, bus.StreamApplied)
 }
 
 // settleSent waits until the notify.sent events in the stream have all
@@ -383,6 +397,95 @@ func TestNoMailWhenNotWanted(t *testing.T) {
 	if n := h.redeliveries(t); n != 0 {
 		t.Errorf("%d redeliveries", n)
 	}
+}
+
+// The mail follows what happened on Exchange, not what was decided: a
+// block the executor applied, or found already in place, is mailed about;
+// one that was superseded, whose mailbox is gone, that failed or that was
+// only a dry run is not, and neither is an executor's report that does not
+// say which decision it applied.
+func TestMailFollowsTheAppliedOutcome(t *testing.T) {
+	h := start(t, options{})
+	tests := []struct {
+		outcome ev.ApplyOutcome
+		mails   bool
+	}{
+		{ev.ApplyOutcome_APPLY_OUTCOME_APPLIED, true},
+		{ev.ApplyOutcome_APPLY_OUTCOME_ALREADY_IN_STATE, true},
+		{ev.ApplyOutcome_APPLY_OUTCOME_SUPERSEDED, false},
+		{ev.ApplyOutcome_APPLY_OUTCOME_NOT_FOUND, false},
+		{ev.ApplyOutcome_APPLY_OUTCOME_FAILED, false},
+		{ev.ApplyOutcome_APPLY_OUTCOME_INVALID, false},
+		{ev.ApplyOutcome_APPLY_OUTCOME_SKIPPED_DRY_RUN, false},
+	}
+	for i, tt := range tests {
+		t.Run(tt.outcome.String(), func(t *testing.T) {
+			before := len(h.relay.Messages())
+			d := h.decision(phone(user(fmt.Sprintf("Outcome User%d", i)), fmt.Sprintf("ApplOUTCOME%d", i), ""), ev.DesiredAccess_DESIRED_ACCESS_BLOCK, notify.ReasonNotEnrolled)
+			h.publishOutcome(t, d, tt.outcome, "")
+			if tt.mails {
+				h.awaitSent(t, d)
+			}
+			h.settle(t)
+			h.settleSent(t)
+			want := 0
+			if tt.mails {
+				want = 1
+			}
+			if n := len(h.relay.Messages()) - before; n != want {
+				t.Errorf("%d mails, want %d", n, want)
+			}
+			if n := len(h.sentFor(d.GetDecisionId())); n != want {
+				t.Errorf("%d notify.sent, want %d", n, want)
+			}
+		})
+	}
+	t.Run("no decision in the report", func(t *testing.T) {
+		before := len(h.relay.Messages())
+		mb := user("Old Executor")
+		subject, err := bus.AccessApplied.Subject(org, "ApplOLDEXEC")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subject, MsgID: "applied:old", Message: &ev.AccessApplied{
+			Org: string(org), DecisionIds: []string{"dec-old"}, AppliedAt: timestamppb.New(h.clock.Now()), Items: []*ev.AppliedItem{{Mailbox: mb, DeviceId: "ApplOLDEXEC",
+				Desired: ev.DesiredAccess_DESIRED_ACCESS_BLOCK, DecisionId: "dec-old", Outcome: ev.ApplyOutcome_APPLY_OUTCOME_APPLIED}},
+		}}); err != nil {
+			t.Fatal(err)
+		}
+		h.settle(t)
+		if n := len(h.relay.Messages()) - before; n != 0 {
+			t.Errorf("%d mails", n)
+		}
+	})
+	if dl := h.dead.All(); len(dl) != 0 {
+		t.Errorf("dead letters %v", dl)
+	}
+}
+
+// Several mailer replicas handling many applied decisions for one device
+// at once send its user one mail: the notified key is claimed with
+// compare-and-set before the mail goes out.
+func TestOneMailPerDeviceAcrossReplicas(t *testing.T) {
+	const replicas, decisions = 3, 24
+	h := start(t, options{replicas: replicas})
+	p := phone(user("Carla Vogel"), "ApplREPLICAS0001", "Carla's iPhone")
+	ds := make([]*ev.AccessDecided, decisions)
+	for i := range ds {
+		ds[i] = h.decision(p, ev.DesiredAccess_DESIRED_ACCESS_BLOCK, notify.ReasonNotEnrolled)
+	}
+	for _, d := range ds {
+		h.publish(t, d, "")
+	}
+	h.settle(t)
+	h.settleSent(t)
+	if n := len(h.relay.Messages()); n != 1 {
+		t.Errorf("%d mails from %d replicas for %d decisions about one device, want 1", n, replicas, decisions)
+	}
+	if n := h.sent.Len(); n != 1 {
+		t.Errorf("%d notify.sent, want 1", n)
+	}
+	t.Logf("%d replicas, %d decisions for one device: %d mail", replicas, decisions, len(h.relay.Messages()))
 }
 
 // notify_reason picks the mail (and, without one, what the decision says

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/easguard/easguard/pkg/budget"
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/config"
@@ -214,14 +215,19 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 	var client *exchange.Client
 	var pool *exchange.Pool
 	if has(Collector) || has(Executor) {
-		var err error
-		pool, err = exchange.NewPool(ctx, *s.Exchange, svc.Log)
+		slots, err := sessionBudget(ctx, svc, org, s.Exchange.Sessions())
 		if err != nil {
+			return err
+		}
+		pool, err = exchange.NewPool(ctx, *s.Exchange, svc.Log, exchange.WithSessionSlots(slots))
+		if err != nil {
+			slots.Close()
 			return fmt.Errorf("exchange: %w", err)
 		}
 		svc.Go("exchange pool", func(ctx context.Context) error {
 			<-ctx.Done()
 			pool.Close(context.Background())
+			slots.Close()
 			return nil
 		})
 		client = exchange.NewClient(pool, *s.Exchange)
@@ -292,6 +298,21 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 	return nil
 }
 
+// sessionBudget opens this process's share of the organisation's Exchange
+// session budget: slots leased in the lease bucket, so that a crashed
+// process's sessions return to the others within the lease TTL.
+func sessionBudget(ctx context.Context, svc *service.Service, org bus.Org, total int) (*budget.Slots, error) {
+	kv, err := svc.JS.KeyValue(ctx, bus.BucketLeases)
+	if err != nil {
+		return nil, fmt.Errorf("exchange session budget: %w", err)
+	}
+	slots, err := budget.New(ctx, kv, "exchange-session", org, total, svc.InstanceID(), svc.Log)
+	if err != nil {
+		return nil, fmt.Errorf("exchange session budget: %w", err)
+	}
+	return slots, nil
+}
+
 // startCollector campaigns for the org's collector lease; the holder binds
 // the manual-sync consumer and runs the schedule, standbys wait.
 func startCollector(ctx context.Context, svc *service.Service, org bus.Org, cfg collector.Config, client *exchange.Client, pool *exchange.Pool) error {
@@ -307,18 +328,43 @@ func startCollector(ctx context.Context, svc *service.Service, org bus.Org, cfg 
 	if err != nil {
 		return err
 	}
+	// The runner exists only while the lease is held, but it is built
+	// here: a route that cannot be built stops the process at start.
+	r, err := bus.NewRunner(svc.JS, svc.RunnerConfig(Collector, org), c.Route())
+	if err != nil {
+		return fmt.Errorf("collector: %w", err)
+	}
+	binding := svc.Binding("", r)
+	svc.Health.AddReadiness("collector", func() error {
+		if !lease.Held() {
+			return nil // a standby has nothing bound, and that is right
+		}
+		return binding.Ready()
+	})
 	svc.Go("collector", func(ctx context.Context) error {
-		return lease.Run(ctx, func(lctx context.Context) {
-			r, err := bus.NewRunner(svc.JS, svc.RunnerConfig(Collector, org), c.Route())
-			if err != nil {
-				svc.Log.Error("collector runner", "error", err)
-				return
-			}
+		// A leader whose consumer cannot bind stops the process (and so
+		// frees the lease for a standby) instead of holding the duty
+		// without doing it.
+		ctx, cancel := context.WithCancelCause(ctx)
+		defer cancel(nil)
+		err := lease.Run(ctx, func(lctx context.Context) {
+			lctx, stop := context.WithCancel(lctx)
+			defer stop()
 			done := make(chan struct{})
-			go func() { defer close(done); _ = r.Run(lctx) }()
+			go func() {
+				defer close(done)
+				if err := binding.Run(lctx); err != nil {
+					cancel(err)
+					stop()
+				}
+			}()
 			_ = c.Schedule(lctx)
 			<-done
 		})
+		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
+			return fmt.Errorf("collector: %w", cause)
+		}
+		return err
 	})
 	return nil
 }
@@ -535,12 +581,30 @@ func syncHandler(svc *service.Service, org bus.Org) http.Handler {
 	})
 }
 
+// StartDeadLetterMover schedules the dead-letter mover on the service.
+// Every binary runs one, whatever its workers: a message that reaches
+// MaxDeliver while its worker crashed or hung is never settled by that
+// worker, and only the mover turns it into a dead letter. All movers share
+// one durable consumer on the advisories work-queue stream, so each
+// advisory is handled by one of them; a redelivered advisory publishes the
+// same dead-letter id, which the DLQ stream drops as a duplicate.
+func StartDeadLetterMover(svc *service.Service) error {
+	if _, err := svc.AddRunner(svc.RunnerConfig("deadletter", ""), bus.DeadLetterMover()); err != nil {
+		return fmt.Errorf("dead-letter mover: %w", err)
+	}
+	return nil
+}
+
 // RunWorkers is the life of a worker binary: start the service (NATS
-// from EASGUARD_NATS_URL), start the workers, run until ctx ends.
+// from EASGUARD_NATS_URL), the dead-letter mover and the workers, and run
+// until ctx ends or a part fails (then the error says which and why).
 func RunWorkers(ctx context.Context, name string, common config.Common, workers []string, s Sections) error {
 	svc, err := service.Start(ctx, service.Options{Name: name, Version: service.Version, Common: common})
 	if err != nil {
 		return err
+	}
+	if err := StartDeadLetterMover(svc); err != nil {
+		return errors.Join(err, svc.Run(cancelled()))
 	}
 	if err := Start(ctx, svc, common.OrgName(), workers, s); err != nil {
 		return errors.Join(err, svc.Run(cancelled()))

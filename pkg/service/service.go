@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
@@ -60,6 +61,9 @@ type Service struct {
 
 	mu    sync.Mutex
 	tasks []task
+	// failure is the first task failure: /readyz reports it while the
+	// process stops, and Run returns it.
+	failure error
 }
 
 type task struct {
@@ -155,6 +159,14 @@ func Start(ctx context.Context, o Options) (_ *Service, err error) {
 		}
 		return nil
 	})
+	s.Health.AddReadiness("process", func() error {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.failure != nil {
+			return fmt.Errorf("stopping: %w", s.failure)
+		}
+		return nil
+	})
 	addr, serve, err := s.Health.Listen(o.Common.HTTPAddr)
 	if err != nil {
 		return nil, err
@@ -196,14 +208,90 @@ func (s *Service) InstanceID() string {
 }
 
 // AddRunner builds a runner, registers its readiness and schedules it.
+// A runner that cannot bind its consumers makes the process fail
+// readiness with the reason and, after EASGUARD_BIND_TIMEOUT, stop with
+// it: a worker never silently goes missing.
 func (s *Service) AddRunner(cfg bus.RunnerConfig, routes ...bus.Route) (*bus.Runner, error) {
 	r, err := bus.NewRunner(s.JS, cfg, routes...)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("runner %s: %w", cfg.Service, err)
 	}
-	s.Health.AddReadiness("runner "+cfg.Service, r.Ready)
-	s.Go("runner "+cfg.Service, r.Run)
+	name := "runner " + cfg.Service
+	b := s.Binding(name, r)
+	s.Go(name, func(ctx context.Context) error { return b.Run(ctx) })
 	return r, nil
+}
+
+// ErrBindTimeout is returned when a runner could not bind its consumers
+// within the bind timeout.
+var ErrBindTimeout = errors.New("consumers not bound within EASGUARD_BIND_TIMEOUT")
+
+// Binding runs one runner and tells readiness why it is not bound. It is
+// separate from AddRunner for runners that run only part of the time
+// (the collector's, while it holds its lease).
+type Binding struct {
+	svc    *Service
+	runner *bus.Runner
+
+	mu   sync.Mutex
+	last error
+}
+
+// Binding returns the binding that runs r and, unless name is empty (the
+// caller checks readiness itself), registers its readiness under name; the
+// readiness says why binding failed, not only that it did.
+func (s *Service) Binding(name string, r *bus.Runner) *Binding {
+	b := &Binding{svc: s, runner: r}
+	if name != "" {
+		s.Health.AddReadiness(name, b.Ready)
+	}
+	return b
+}
+
+// Ready is nil once the runner is bound, else the last bind failure.
+func (b *Binding) Ready() error {
+	err := b.runner.Ready()
+	if err == nil {
+		return nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.last != nil {
+		return b.last
+	}
+	return err
+}
+
+// Run runs the runner until ctx ends. A bind failure (a stream not there
+// yet while a cluster elects its leaders, a consumer of the same name with
+// a conflicting configuration) is retried with backoff until the bind
+// timeout; then Run returns the failure, which stops the process.
+func (b *Binding) Run(ctx context.Context) error {
+	timeout := b.svc.opts.Common.BindTimeout
+	if timeout <= 0 {
+		timeout = time.Minute
+	}
+	deadline := time.Now().Add(timeout)
+	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond), backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0))
+	for {
+		err := b.runner.Run(ctx)
+		if err == nil || ctx.Err() != nil {
+			return nil
+		}
+		b.mu.Lock()
+		b.last = err
+		b.mu.Unlock()
+		if !time.Now().Before(deadline) {
+			return fmt.Errorf("%w (%s): %w", ErrBindTimeout, timeout, err)
+		}
+		d := min(bo.NextBackOff(), time.Until(deadline))
+		b.svc.Log.Error("cannot bind consumers; retrying", "error", err, "retry_in", d, "gives_up_in", time.Until(deadline).Round(time.Millisecond))
+		select {
+		case <-time.After(d):
+		case <-ctx.Done():
+			return nil
+		}
+	}
 }
 
 // Go schedules a long-running task; Run starts it. A task that returns an
@@ -235,6 +323,11 @@ func (s *Service) Run(ctx context.Context) error {
 			if err != nil && ctx.Err() == nil {
 				err = fmt.Errorf("%s: %w", t.name, err)
 				s.Log.Error("task failed; stopping", "task", t.name, "error", err)
+				s.mu.Lock()
+				if s.failure == nil {
+					s.failure = err
+				}
+				s.mu.Unlock()
 				errc <- err
 				cancel()
 			}

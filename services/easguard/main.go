@@ -23,7 +23,6 @@ import (
 	"path/filepath"
 	"syscall"
 
-	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/config"
 	"github.com/easguard/easguard/pkg/evaluator"
@@ -182,9 +181,8 @@ func serve(ctx context.Context, cfg Config, logs io.Writer) error {
 	if err != nil {
 		return err
 	}
-	// One dead-letter mover per process; in a split deployment every
-	// worker set runs one and they share its durable consumer.
-	if _, err := svc.AddRunner(svc.RunnerConfig("deadletter", ""), bus.DeadLetterMover()); err != nil {
+	// One dead-letter mover per process, as in every worker binary.
+	if err := pipeline.StartDeadLetterMover(svc); err != nil {
 		return errors.Join(err, svc.Run(cancelled()))
 	}
 	workers, _ := pipeline.ParseWorkers(cfg.Workers)

@@ -2054,6 +2054,10 @@ type AccessApplied struct {
 	// actor is the service account that ran the cmdlets, for SIEM attribution.
 	Actor         string `protobuf:"bytes,9,opt,name=actor,proto3" json:"actor,omitempty"`
 	PolicyVersion string `protobuf:"bytes,10,opt,name=policy_version,json=policyVersion,proto3" json:"policy_version,omitempty"`
+	// decision is the decision this event reports the outcome of, so that a
+	// consumer acting on what really happened on Exchange (the mailer tells
+	// a user of a block only once it is applied) needs no join.
+	Decision      *AccessDecided `protobuf:"bytes,11,opt,name=decision,proto3" json:"decision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2156,6 +2160,13 @@ func (x *AccessApplied) GetPolicyVersion() string {
 		return x.PolicyVersion
 	}
 	return ""
+}
+
+func (x *AccessApplied) GetDecision() *AccessDecided {
+	if x != nil {
+		return x.Decision
+	}
+	return nil
 }
 
 // NotificationSent is published by the mailer once a mail was handed to the
@@ -2934,7 +2945,7 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\aoutcome\x18\x04 \x01(\x0e2\x19.easguard.v1.ApplyOutcomeR\aoutcome\x12\x14\n" +
 	"\x05error\x18\x05 \x01(\tR\x05error\x12\x1f\n" +
 	"\vdecision_id\x18\x06 \x01(\tR\n" +
-	"decisionId\"\x97\x03\n" +
+	"decisionId\"\xcf\x03\n" +
 	"\rAccessApplied\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\x12!\n" +
 	"\fdecision_ids\x18\x02 \x03(\tR\vdecisionIds\x127\n" +
@@ -2948,7 +2959,8 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"applied_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tappliedAt\x12\x14\n" +
 	"\x05actor\x18\t \x01(\tR\x05actor\x12%\n" +
 	"\x0epolicy_version\x18\n" +
-	" \x01(\tR\rpolicyVersion\"\xb8\x02\n" +
+	" \x01(\tR\rpolicyVersion\x126\n" +
+	"\bdecision\x18\v \x01(\v2\x1a.easguard.v1.AccessDecidedR\bdecision\"\xb8\x02\n" +
 	"\x10NotificationSent\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\x12\x1c\n" +
 	"\trecipient\x18\x02 \x01(\tR\trecipient\x12\x1a\n" +
@@ -3218,24 +3230,25 @@ var file_easguard_v1_events_proto_depIdxs = []int32{
 	23, // 35: easguard.v1.AccessApplied.items:type_name -> easguard.v1.AppliedItem
 	33, // 36: easguard.v1.AccessApplied.duration:type_name -> google.protobuf.Duration
 	32, // 37: easguard.v1.AccessApplied.applied_at:type_name -> google.protobuf.Timestamp
-	13, // 38: easguard.v1.NotificationSent.mailbox:type_name -> easguard.v1.Mailbox
-	32, // 39: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
-	2,  // 40: easguard.v1.SyncRequested.kind:type_name -> easguard.v1.SyncKind
-	32, // 41: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
-	2,  // 42: easguard.v1.SyncCompleted.kind:type_name -> easguard.v1.SyncKind
-	27, // 43: easguard.v1.SyncCompleted.counts:type_name -> easguard.v1.SyncCounts
-	32, // 44: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
-	32, // 45: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
-	32, // 46: easguard.v1.OrgSettingsDecided.decided_at:type_name -> google.protobuf.Timestamp
-	11, // 47: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
-	12, // 48: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
-	31, // 49: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
-	32, // 50: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
-	51, // [51:51] is the sub-list for method output_type
-	51, // [51:51] is the sub-list for method input_type
-	51, // [51:51] is the sub-list for extension type_name
-	51, // [51:51] is the sub-list for extension extendee
-	0,  // [0:51] is the sub-list for field type_name
+	20, // 38: easguard.v1.AccessApplied.decision:type_name -> easguard.v1.AccessDecided
+	13, // 39: easguard.v1.NotificationSent.mailbox:type_name -> easguard.v1.Mailbox
+	32, // 40: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
+	2,  // 41: easguard.v1.SyncRequested.kind:type_name -> easguard.v1.SyncKind
+	32, // 42: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
+	2,  // 43: easguard.v1.SyncCompleted.kind:type_name -> easguard.v1.SyncKind
+	27, // 44: easguard.v1.SyncCompleted.counts:type_name -> easguard.v1.SyncCounts
+	32, // 45: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
+	32, // 46: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
+	32, // 47: easguard.v1.OrgSettingsDecided.decided_at:type_name -> google.protobuf.Timestamp
+	11, // 48: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
+	12, // 49: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
+	31, // 50: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
+	32, // 51: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
+	52, // [52:52] is the sub-list for method output_type
+	52, // [52:52] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_easguard_v1_events_proto_init() }
