@@ -1,6 +1,7 @@
 package natstest
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -182,7 +183,7 @@ func (c *Cluster) Kill(i int) {
 	c.tb.Helper()
 	nd := c.nodes[i]
 	for _, r := range append(append([]*relay(nil), nd.out...), nd.in...) {
-		r.cut(true)
+		_ = r.cut(true) // cutting never fails
 	}
 	c.stop(nd)
 }
@@ -196,7 +197,9 @@ func (c *Cluster) Restart(i int) {
 		c.tb.Fatalf("restart NATS node %s: it is running", nd.name)
 	}
 	for _, r := range append(append([]*relay(nil), nd.out...), nd.in...) {
-		r.cut(false)
+		if err := r.cut(false); err != nil {
+			c.tb.Fatalf("restart NATS node %s: %v", nd.name, err)
+		}
 	}
 	c.start(nd)
 	c.WaitReady(c.tb, time.Minute)
@@ -219,7 +222,9 @@ func (c *Cluster) StartAll() {
 	c.tb.Helper()
 	for _, nd := range c.nodes {
 		for _, r := range nd.out {
-			r.cut(false)
+			if err := r.cut(false); err != nil {
+				c.tb.Fatalf("start cluster: %v", err)
+			}
 		}
 	}
 	var wg sync.WaitGroup
@@ -235,43 +240,74 @@ func (c *Cluster) StartAll() {
 }
 
 // WaitReady waits until the JetStream meta group has a leader that every
-// running node follows and that sees each running node as current: from
-// then on streams and consumers can be created. JetStream API calls made
-// earlier just time out.
+// running node follows and that can place a stream on all of them: from
+// then on streams and consumers with as many replicas as nodes run can be
+// created. JetStream API calls made earlier time out or find no peers
+// ("peer offline": the leader has not heard from them yet). The placement
+// is checked for real, with a memory stream that is deleted at once.
 func (c *Cluster) WaitReady(tb testing.TB, timeout time.Duration) {
 	tb.Helper()
-	Eventually(tb, timeout, "a JetStream meta leader followed by every running node", func() bool {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		var leader *server.Server
-		running := map[string]bool{}
-		for _, nd := range c.nodes {
-			if nd.ns == nil {
-				continue
-			}
-			running[nd.name] = true
-			if !nd.ns.JetStreamIsCurrent() {
-				return false
-			}
-			if nd.ns.JetStreamIsLeader() {
-				leader = nd.ns
-			}
-		}
+	ctx := Context(tb)
+	Eventually(tb, timeout, "a JetStream meta leader that can place a stream on every running node", func() bool {
+		leader, running := c.metaLeader()
 		if leader == nil {
 			return false
 		}
-		jsz, err := leader.Jsz(nil)
-		if err != nil || jsz.Meta == nil || jsz.Meta.Leader == "" {
+		nc, err := nats.Connect(leader.ClientURL(), nats.NoReconnect(), nats.Timeout(time.Second))
+		if err != nil {
 			return false
 		}
-		current := 1 // the leader
-		for _, p := range jsz.Meta.Replicas {
-			if running[p.Name] && p.Current && !p.Offline {
-				current++
-			}
+		defer nc.Close()
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return false
 		}
-		return current == len(running)
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		const probe = "NATSTEST_READY"
+		if _, err := js.CreateStream(cctx, jetstream.StreamConfig{Name: probe, Subjects: []string{"natstest.ready"}, Storage: jetstream.MemoryStorage, Replicas: running}); err != nil {
+			return false
+		}
+		return js.DeleteStream(cctx, probe) == nil
 	})
+}
+
+// metaLeader returns the meta leader when every running node is current
+// and the leader sees each as current, and how many nodes run.
+func (c *Cluster) metaLeader() (*server.Server, int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var leader *server.Server
+	running := map[string]bool{}
+	for _, nd := range c.nodes {
+		if nd.ns == nil {
+			continue
+		}
+		running[nd.name] = true
+		if !nd.ns.JetStreamIsCurrent() {
+			return nil, 0
+		}
+		if nd.ns.JetStreamIsLeader() {
+			leader = nd.ns
+		}
+	}
+	if leader == nil {
+		return nil, 0
+	}
+	jsz, err := leader.Jsz(nil)
+	if err != nil || jsz.Meta == nil || jsz.Meta.Leader == "" {
+		return nil, 0
+	}
+	current := 1 // the leader
+	for _, p := range jsz.Meta.Replicas {
+		if running[p.Name] && p.Current && !p.Offline {
+			current++
+		}
+	}
+	if current != len(running) {
+		return nil, 0
+	}
+	return leader, len(running)
 }
 
 // Connect opens a client connection to node i only (no failover to the
@@ -317,14 +353,16 @@ func freePorts(tb testing.TB, n int) []int {
 // has no listener on a test machine.
 const blackhole = "127.0.0.1:1"
 
-// relay forwards TCP connections from its own loopback port to a target,
-// and can cut them all at once and refuse new ones, as a dead peer would.
+// relay forwards TCP connections from its own loopback port to a target.
+// Cut closes its port and every connection through it, as a dead peer's
+// would be: dials are refused (not accepted and dropped, which a server
+// would take for a peer that answers). Up listens on the same port again.
 type relay struct {
-	ln     net.Listener
-	target string
+	address string
+	target  string
 
 	mu     sync.Mutex
-	down   bool
+	ln     net.Listener // nil while cut or closed
 	closed bool
 	conns  map[net.Conn]struct{}
 }
@@ -334,16 +372,16 @@ func startRelay(target string) (*relay, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &relay{ln: ln, target: target, conns: map[net.Conn]struct{}{}}
-	go r.serve()
+	r := &relay{address: ln.Addr().String(), target: target, ln: ln, conns: map[net.Conn]struct{}{}}
+	go r.serve(ln)
 	return r, nil
 }
 
-func (r *relay) addr() string { return r.ln.Addr().String() }
+func (r *relay) addr() string { return r.address }
 
-func (r *relay) serve() {
+func (r *relay) serve(ln net.Listener) {
 	for {
-		in, err := r.ln.Accept()
+		in, err := ln.Accept()
 		if err != nil {
 			return
 		}
@@ -354,20 +392,13 @@ func (r *relay) serve() {
 // forward pipes one accepted connection to the target until either side
 // ends or the relay is cut.
 func (r *relay) forward(in net.Conn) {
-	r.mu.Lock()
-	refuse := r.down || r.closed
-	r.mu.Unlock()
-	if refuse {
-		in.Close()
-		return
-	}
 	out, err := net.DialTimeout("tcp", r.target, 2*time.Second)
 	if err != nil {
 		in.Close()
 		return
 	}
 	r.mu.Lock()
-	if r.down || r.closed {
+	if r.ln == nil {
 		r.mu.Unlock()
 		in.Close()
 		out.Close()
@@ -391,14 +422,26 @@ func (r *relay) forward(in net.Conn) {
 	r.mu.Unlock()
 }
 
-// cut drops every connection and refuses new ones (down true), or lets
-// connections through again (down false).
-func (r *relay) cut(down bool) {
+// cut closes the port and drops every connection (down true), or listens
+// on the port again (down false).
+func (r *relay) cut(down bool) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.down = down
 	if !down {
-		return
+		if r.ln != nil || r.closed {
+			return nil
+		}
+		ln, err := net.Listen("tcp", r.address)
+		if err != nil {
+			return fmt.Errorf("relay %s: listen again: %w", r.address, err)
+		}
+		r.ln = ln
+		go r.serve(ln)
+		return nil
+	}
+	if r.ln != nil {
+		r.ln.Close()
+		r.ln = nil
 	}
 	for c := range r.conns {
 		if tc, ok := c.(*net.TCPConn); ok {
@@ -406,6 +449,7 @@ func (r *relay) cut(down bool) {
 		}
 		c.Close()
 	}
+	return nil
 }
 
 // close stops the relay for good.
@@ -413,6 +457,5 @@ func (r *relay) close() {
 	r.mu.Lock()
 	r.closed = true
 	r.mu.Unlock()
-	r.ln.Close()
-	r.cut(true)
+	_ = r.cut(true)
 }
