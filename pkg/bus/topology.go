@@ -298,29 +298,74 @@ func provisionStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.
 	return err
 }
 
-// provisionBucket creates a bucket, or updates it when its history, TTL or
-// replicas differ.
+// provisionBucket creates a bucket's stream, or updates it when a setting
+// easguard chooses differs. It never goes through nats.go's KeyValue
+// creation, which always allows direct gets (see BucketStreamConfig): a
+// bucket created that way, even for a moment, would hand out handles that
+// read from followers.
 func provisionBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) error {
-	kv, err := js.KeyValue(ctx, cfg.Bucket)
-	if err == nil {
-		st, serr := kv.Status(ctx)
-		if serr != nil {
-			return serr
+	want := BucketStreamConfig(cfg)
+	s, err := js.Stream(ctx, want.Name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		_, err = js.CreateStream(ctx, want)
+		if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			return err
 		}
-		replicas := cfg.Replicas
-		if replicas == 0 {
-			replicas = 1
-		}
-		history := int64(max(cfg.History, 1))
-		if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && st.History() == history && st.TTL() == cfg.TTL &&
-			bs.StreamInfo().Config.Replicas == replicas {
-			return nil
-		}
-	} else if !errors.Is(err, jetstream.ErrBucketNotFound) {
+		// Another process created it meanwhile: check its settings.
+		s, err = js.Stream(ctx, want.Name)
+	}
+	if err != nil {
 		return err
 	}
-	_, err = js.CreateOrUpdateKeyValue(ctx, cfg)
+	have := s.CachedInfo().Config
+	if !have.AllowDirect && !setFieldsDiffer(&want, &have) {
+		return nil
+	}
+	_, err = js.UpdateStream(ctx, want)
 	return err
+}
+
+// BucketStreamConfig returns the stream behind a KV bucket: what nats.go
+// (v1.55) creates for cfg, except that direct gets are off. A direct get may
+// be answered by any replica, and a follower that has not applied the
+// latest write yet answers with the previous value, so a KV read on a
+// cluster would not see a write that was already acknowledged (nats.docs
+// PR #815, nats-server issues 6557 and 7281). The workers join and
+// compare-and-set on these buckets: the matcher must see the MDM record
+// another replica has just indexed, or it blocks a compliant phone. With
+// direct gets off, jetstream.KeyValue reads through the stream leader
+// (STREAM.MSG.GET), which answers only with what it has committed. Only the
+// fields easguard uses are carried (no mirrors, sources, placement).
+func BucketStreamConfig(cfg jetstream.KeyValueConfig) jetstream.StreamConfig {
+	history := int64(max(cfg.History, 1))
+	replicas := max(cfg.Replicas, 1)
+	duplicates := 2 * time.Minute
+	if cfg.TTL > 0 && cfg.TTL < duplicates {
+		duplicates = cfg.TTL
+	}
+	sc := jetstream.StreamConfig{
+		Name:              "KV_" + cfg.Bucket,
+		Description:       cfg.Description,
+		Subjects:          []string{"$KV." + cfg.Bucket + ".>"},
+		MaxMsgsPerSubject: history,
+		MaxBytes:          -1,
+		MaxAge:            cfg.TTL,
+		MaxMsgSize:        -1,
+		Storage:           cfg.Storage,
+		Replicas:          replicas,
+		AllowRollup:       true,
+		DenyDelete:        true,
+		Duplicates:        duplicates,
+		MaxMsgs:           -1,
+		MaxConsumers:      -1,
+		AllowDirect:       false,
+		Discard:           jetstream.DiscardNew,
+		Metadata:          cfg.Metadata,
+	}
+	if cfg.LimitMarkerTTL != 0 {
+		sc.AllowMsgTTL, sc.SubjectDeleteMarkerTTL = true, cfg.LimitMarkerTTL
+	}
+	return sc
 }
 
 // setFieldsDiffer reports whether a field want sets (non-zero) differs from
