@@ -358,12 +358,13 @@ func verdictOf(rec *ev.AppliedRecord, d *ev.AccessDecided, holder string, now ti
 
 // claim records, with a compare-and-set on the partnership's applied
 // record, that this instance is about to send decision d, unless the
-// record says it must not (verdictOf). Claims are made by the batcher
-// just before it sends a batch, one batch after the other, so a claim
-// this instance still holds belongs to a batch that has been sent: it may
-// be taken over by a newer decision without waiting. A claim held by
-// another instance may not, until it is released or runs out; the batch
-// gives up on Exchange before then (claimUntil).
+// record says it must not (verdictOf). Claims are made by the batcher,
+// batch after batch, and batches are sent in that same order, so a claim
+// this instance still holds belongs to a batch sent before the one that
+// claims now: a newer decision may take it over without waiting. A claim
+// held by another instance may not, until it is released, runs out (the
+// batch gives up on Exchange before then: until), or its holder's
+// liveness lease is gone.
 func (x *Executor) claim(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error) {
 	for attempt := 0; ; attempt++ {
 		rec := &ev.AppliedRecord{}
