@@ -20,6 +20,7 @@ import (
 	"math"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -95,6 +96,9 @@ type Executor struct {
 	// that two replicas (or two executors in one process) never take each
 	// other's claims for their own.
 	holder string
+	// nonce is the random part of holder, which names its liveness lease.
+	nonce  string
+	leases jetstream.KeyValue
 	batch  *batcher
 }
 
@@ -121,12 +125,44 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 	}
 	host, _ := os.Hostname()
 	holder := fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(nonce[:]))
+	leases, err := js.KeyValue(ctx, bus.BucketLeases)
+	if err != nil {
+		return nil, fmt.Errorf("executor: open %s: %w", bus.BucketLeases, err)
+	}
 	if cfg.ClaimTTL == 0 {
 		cfg.ClaimTTL = defaultClaimTTL
 	}
-	x := &Executor{org: org, cfg: cfg, applied: kv, status: status, setter: ex, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor, holder: holder}
+	x := &Executor{org: org, cfg: cfg, applied: kv, status: status, setter: ex, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor, holder: holder, nonce: hex.EncodeToString(nonce[:]), leases: leases}
 	x.batch = &batcher{apply: ex.ApplyAccess, claim: x.claim, window: cfg.Window, max: cfg.MaxBatch, claimTTL: cfg.ClaimTTL}
 	return x, nil
+}
+
+// Run keeps this instance's liveness lease (key executor-<nonce>.<org> in
+// the lease bucket) until ctx ends: while it lives, other replicas wait for
+// this instance's claims; once it is gone (released at shutdown, or run
+// out within the lease TTL after a crash), they take them over at once
+// instead of waiting for ClaimTTL.
+func (x *Executor) Run(ctx context.Context) error {
+	lease, err := bus.NewLease(ctx, x.leases, livenessDuty(x.nonce), x.org, x.holder, x.log)
+	if err != nil {
+		return fmt.Errorf("executor: %w", err)
+	}
+	return lease.Run(ctx, func(lctx context.Context) { <-lctx.Done() })
+}
+
+// livenessDuty names the liveness lease of the instance with this nonce.
+func livenessDuty(nonce string) string { return "executor-" + nonce }
+
+// alive reports whether the instance holder still keeps its liveness
+// lease. When that cannot be read, it is taken as alive: waiting for a
+// claim is safe, taking over a live one is not.
+func (x *Executor) alive(ctx context.Context, holder string) bool {
+	i := strings.LastIndexByte(holder, '-')
+	if i < 0 || i == len(holder)-1 {
+		return true
+	}
+	_, err := x.leases.Get(ctx, livenessDuty(holder[i+1:])+"."+string(x.org))
+	return !errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyDeleted)
 }
 
 // Routes returns the executor's handlers.
@@ -322,12 +358,13 @@ func verdictOf(rec *ev.AppliedRecord, d *ev.AccessDecided, holder string, now ti
 
 // claim records, with a compare-and-set on the partnership's applied
 // record, that this instance is about to send decision d, unless the
-// record says it must not (verdictOf). Claims are made by the batcher
-// just before it sends a batch, one batch after the other, so a claim
-// this instance still holds belongs to a batch that has been sent: it may
-// be taken over by a newer decision without waiting. A claim held by
-// another instance may not, until it is released or runs out; the batch
-// gives up on Exchange before then (claimUntil).
+// record says it must not (verdictOf). Claims are made by the batcher,
+// batch after batch, and batches are sent in that same order, so a claim
+// this instance still holds belongs to a batch sent before the one that
+// claims now: a newer decision may take it over without waiting. A claim
+// held by another instance may not, until it is released, runs out (the
+// batch gives up on Exchange before then: until), or its holder's
+// liveness lease is gone.
 func (x *Executor) claim(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error) {
 	for attempt := 0; ; attempt++ {
 		rec := &ev.AppliedRecord{}
@@ -346,6 +383,14 @@ func (x *Executor) claim(ctx context.Context, key string, d *ev.AccessDecided, u
 			return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
 		}
 		v := verdictOf(rec, d, x.holder, x.now())
+		if v.kind == claimBusy && !x.alive(ctx, rec.GetClaimHolder()) {
+			// Its holder died (or lost NATS for a lease TTL) while sending:
+			// the claim is taken over at once rather than after ClaimTTL.
+			// A holder cut off from NATS but not from Exchange may still
+			// have its one Set-CASMailbox in flight; that is the window
+			// this trades for a quick recovery from a crash.
+			v = claimVerdict{kind: claimClaimed}
+		}
 		if v.kind != claimClaimed {
 			return v, nil
 		}
@@ -431,7 +476,7 @@ func (x *Executor) awaitClaim(ctx context.Context, key string, until time.Time) 
 		if err != nil {
 			return err
 		}
-		if rec.GetClaimHolder() == "" || rec.GetClaimHolder() == x.holder || !x.now().Before(rec.GetClaimUntil().AsTime()) {
+		if rec.GetClaimHolder() == "" || rec.GetClaimHolder() == x.holder || !x.now().Before(rec.GetClaimUntil().AsTime()) || !x.alive(ctx, rec.GetClaimHolder()) {
 			return nil
 		}
 		wait := min(delay, max(time.Until(rec.GetClaimUntil().AsTime()), time.Millisecond))

@@ -130,6 +130,7 @@ func start(tb testing.TB, o options) *harness {
 	if err != nil {
 		tb.Fatal(err)
 	}
+	runLiveness(tb, h.x)
 	// As pkg/pipeline runs it: many handlers at once, one message each.
 	r, err := bus.NewRunner(js, bus.RunnerConfig{Service: "executor", Org: org, Concurrency: xcfg.Parallel, Prefetch: 1,
 		Retry:  bus.RetryPolicy{Initial: 100 * time.Millisecond, Max: time.Second, Multiplier: 2, Jitter: 0.1},

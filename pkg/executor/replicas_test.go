@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/exchange"
@@ -44,6 +46,7 @@ func (h *harness) replica(tb testing.TB, window time.Duration) *replica {
 	if r.x, err = executor.New(ctx, h.js, org, xcfg, r.applier, pool.Current, cfg.User, quiet()); err != nil {
 		tb.Fatal(err)
 	}
+	runLiveness(tb, r.x)
 	run, err := bus.NewRunner(h.js, bus.RunnerConfig{Service: "executor", Org: org, Concurrency: xcfg.Parallel, Prefetch: 1,
 		Retry:  bus.RetryPolicy{Initial: 100 * time.Millisecond, Max: time.Second, Multiplier: 2, Jitter: 0.1},
 		Logger: quiet()}, r.x.Routes()...)
@@ -52,6 +55,21 @@ func (h *harness) replica(tb testing.TB, window time.Duration) *replica {
 	}
 	bustest.Run(tb, run)
 	return r
+}
+
+// runLiveness runs x's liveness lease, as pkg/pipeline does, until the
+// test ends.
+func runLiveness(tb testing.TB, x *executor.Executor) {
+	tb.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- x.Run(ctx) }()
+	tb.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			tb.Errorf("executor liveness: %v", err)
+		}
+	})
 }
 
 // setCASFor returns the Set-CASMailbox calls Exchange received that
@@ -286,5 +304,71 @@ func TestReplicasBurstAppliedOnce(t *testing.T) {
 	}
 	if dl := h.dead.All(); len(dl) != 0 {
 		t.Errorf("dead letters %v", dl)
+	}
+}
+
+// A claim left by another instance holds the device back while that
+// instance lives (its liveness lease is in the lease bucket), until the
+// claim runs out; a claim of an instance whose lease is gone (it crashed)
+// is taken over at once, not after ClaimTTL.
+func TestClaimOfAnotherInstance(t *testing.T) {
+	h := start(t, options{window: 50 * time.Millisecond})
+	ctx := natstest.Context(t)
+	applied, err := h.js.KeyValue(ctx, bus.BucketApplied)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leases, err := h.js.KeyValue(ctx, bus.BucketLeases)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name  string
+		alive bool
+		claim time.Duration // how long the other instance's claim still runs
+	}{
+		{"the other instance crashed", false, time.Hour},
+		{"the other instance lives", true, 3 * time.Second},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := h.boxes[i]
+			dev := fmt.Sprintf("ApplGHOST%d", i)
+			p := h.phone(t, m, dev)
+			key, err := bus.StateKey(org, dev, ev.PartnershipID(p))
+			if err != nil {
+				t.Fatal(err)
+			}
+			nonce := fmt.Sprintf("%016x", i+0xfeed)
+			until := time.Now().Add(tt.claim)
+			if err := bus.Put(ctx, applied, key, &ev.AppliedRecord{ClaimDecisionId: "ghost-decision", ClaimDecidedAt: timestamppb.New(time.Now().Add(-time.Hour)),
+				ClaimHolder: "ghost-host-4242-" + nonce, ClaimUntil: timestamppb.New(until)}); err != nil {
+				t.Fatal(err)
+			}
+			if tt.alive {
+				if _, err := leases.Put(ctx, "executor-"+nonce+"."+string(org), []byte(`{"holder":"ghost-host-4242-`+nonce+`"}`)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			d := decision(p, ev.DesiredAccess_DESIRED_ACCESS_BLOCK, time.Now())
+			h.publish(t, d, "")
+			a := h.await(t, d)
+			if outcome(a) != ev.ApplyOutcome_APPLY_OUTCOME_APPLIED {
+				t.Fatalf("outcome %s %q", outcome(a), a.GetItems()[0].GetError())
+			}
+			calls := h.setCASFor(dev)
+			if len(calls) != 1 {
+				t.Fatalf("%d Set-CASMailbox for %s:%s", len(calls), dev, callsOf(calls))
+			}
+			if tt.alive && calls[0].Time.Before(until) {
+				t.Errorf("sent %s before the live instance's claim ran out", until.Sub(calls[0].Time))
+			}
+			if !tt.alive && !calls[0].Time.Before(until) {
+				t.Errorf("sent at %s, after the claim of the crashed instance ran out (%s)", calls[0].Time, until)
+			}
+			if _, blocked := h.lists(t, m); !slices.Contains(blocked, dev) {
+				t.Errorf("blocked %q", blocked)
+			}
+		})
 	}
 }

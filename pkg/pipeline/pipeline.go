@@ -268,6 +268,9 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 		if _, err := svc.AddRunner(rc, x.Routes()...); err != nil {
 			return err
 		}
+		// The liveness lease other replicas check before they wait for
+		// this one's claims.
+		svc.Go("executor liveness", x.Run)
 	}
 	if has(Mailer) {
 		mc := s.Mailer
