@@ -178,8 +178,9 @@ func (r *reconciler) failed(ctx context.Context, err error) {
 }
 
 // apply delivers the difference between the known inventory and next. It
-// returns an error only when the sink failed; the known inventory is then
-// unchanged, so the next read offers the same difference again.
+// returns an error only when the sink or the store failed; the known
+// inventory is then unchanged (or, after a failed save, read from the
+// store again), so the next read offers the same difference again.
 //
 // With resync every record of next is delivered, changed or not, so that
 // whatever a lost event left wrong downstream is put right.
