@@ -124,6 +124,7 @@ func (s *Slots) Acquire(ctx context.Context) (bool, error) {
 			s.mu.Unlock()
 			return true, nil
 		case errors.Is(err, jetstream.ErrKeyExists):
+			s.log.Debug("slot held elsewhere", "slot", i, "error", err)
 		default:
 			errs = append(errs, err)
 		}

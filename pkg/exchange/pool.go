@@ -314,6 +314,7 @@ func (p *Pool) firstSlot(ctx context.Context) error {
 			p.mu.Unlock()
 			return nil
 		}
+		p.log.Debug("waiting for a session slot", "error", err)
 		select {
 		case <-ctx.Done():
 			if err == nil {
