@@ -170,9 +170,9 @@ func TestClusterWaveSurvivesNodeLossAndFullRestart(t *testing.T) {
 	collector.stop(t)
 	s.drained()
 	progress.stop()
-	t.Logf("wave of %d done %s after it began; stall after the kill %s, after the full stop %s (of which %s the cluster was down or electing); longest stall %s",
+	t.Logf("wave of %d done %s after it began; first progress %s after the kill; the full stop: cluster down or electing for %s, first progress %s after it was ready; longest stall %s",
 		waveSize, finished.Sub(start).Round(time.Millisecond), progress.stall(killedAt).Round(time.Millisecond),
-		progress.stall(stoppedAt).Round(time.Millisecond), readyAt.Sub(stoppedAt).Round(time.Millisecond), progress.longestStall(start, finished).Round(time.Millisecond))
+		readyAt.Sub(stoppedAt).Round(time.Millisecond), progress.stall(readyAt).Round(time.Millisecond), progress.longestStall(start, finished).Round(time.Millisecond))
 
 	// What reached Exchange, per device.
 	applied := appliedPerDevice(t, s.sim)
