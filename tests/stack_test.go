@@ -62,6 +62,9 @@ type stackOptions struct {
 	sim      func(*exchangesim.Config) // tweak the Exchange simulator (not with join)
 	exchange func(*exchange.Config)    // tweak easguard's Exchange settings
 	common   func(*config.Common)      // tweak the settings every worker shares
+	natsURL  string                    // an external NATS (a cluster's URLs) instead of the embedded server
+	replicas int                       // EASGUARD_NATS_REPLICAS; 0: 1
+	org      string                    // the organisation; empty: testOrg
 }
 
 // fixture is what a test's easguard talks to: the Exchange simulator, the
@@ -81,6 +84,7 @@ type fixture struct {
 type stack struct {
 	*fixture
 	t        testing.TB
+	org      string // the organisation this stack serves
 	svc      *service.Service
 	sections pipeline.Sections
 	natsAddr string
@@ -169,10 +173,14 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	}
 	s := &stack{fixture: f, t: t, spans: tracetest.NewSpanRecorder(), events: &eventLog{}}
 	common := config.Common{Org: testOrg, HTTPAddr: "127.0.0.1:0", LogLevel: "error", LeaseTTL: testLeaseTTL, AckWait: testAckWait,
-		Retention: time.Hour, NatsReplicas: 1, ShutdownTimeout: 10 * time.Second}
+		Retention: time.Hour, NatsReplicas: max(o.replicas, 1), ShutdownTimeout: 10 * time.Second}
+	if o.org != "" {
+		common.Org = o.org
+	}
 	if o.common != nil {
 		o.common(&common)
 	}
+	s.org = common.Org
 	s.sections = pipeline.Sections{
 		Exchange:  &xcfg,
 		Collector: &cc,
@@ -195,9 +203,12 @@ func startStack(t testing.TB, o stackOptions) *stack {
 		logs, common.LogLevel = os.Stderr, lvl
 	}
 	opts := service.Options{Name: "e2e", Common: common, LogOutput: logs, SpanProcessor: s.spans}
-	if o.join != nil {
+	switch {
+	case o.natsURL != "":
+		opts.Common.NatsURL = o.natsURL
+	case o.join != nil:
 		opts.Common.NatsURL = o.join.natsAddr
-	} else {
+	default:
 		opts.Embedded = &natsembed.Options{StoreDir: filepath.Join(t.TempDir(), "nats"), Listen: "127.0.0.1:0"}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -211,12 +222,12 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	if svc.Embedded != nil {
 		s.natsAddr = svc.Embedded.ClientURL()
 	}
-	if err := pipeline.Start(ctx, svc, bus.Org(testOrg), workers, s.sections); err != nil {
+	if err := pipeline.Start(ctx, svc, bus.Org(s.org), workers, s.sections); err != nil {
 		cancel()
 		_ = svc.Run(ctx)
 		t.Fatal(err)
 	}
-	sub, err := svc.NC.Subscribe("easguard."+testOrg+".>", s.events.add)
+	sub, err := svc.NC.Subscribe("easguard."+s.org+".>", s.events.add)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +248,8 @@ func startStack(t testing.TB, o stackOptions) *stack {
 func (s *stack) processEnv(workers string) []string {
 	x, c, e, ex, m := s.sections.Exchange, s.sections.Collector, s.sections.Evaluator, s.sections.Executor, s.sections.Mailer
 	env := append([]string{
-		"EASGUARD_ORG=" + testOrg, "EASGUARD_NATS_URL=" + s.natsAddr, "EASGUARD_WORKERS=" + workers, "EASGUARD_LOG_LEVEL=info",
+		"EASGUARD_ORG=" + s.org, "EASGUARD_NATS_URL=" + s.natsAddr, "EASGUARD_WORKERS=" + workers, "EASGUARD_LOG_LEVEL=info",
+		fmt.Sprint("EASGUARD_NATS_REPLICAS=", s.svc.Topology().Replicas),
 		"EASGUARD_LEASE_TTL=" + testLeaseTTL.String(), "EASGUARD_ACK_WAIT=" + testAckWait.String(), "EASGUARD_SHUTDOWN_TIMEOUT=10s",
 		fmt.Sprint("EASGUARD_EXCHANGE_WORKERS=", x.Workers), "EASGUARD_EXCHANGE_OPERATION_TIMEOUT=" + x.OperationTimeout.String(),
 		"EASGUARD_COLLECTOR_QUICK_INTERVAL=" + c.QuickInterval.String(), "EASGUARD_COLLECTOR_FULL_INTERVAL=" + c.FullInterval.String(),

@@ -428,7 +428,12 @@ func (c *Collector) observe(ctx context.Context, kind ev.SyncKind, syncID string
 		rec.Fingerprint, rec.DeviceId, rec.LastSeen, rec.LastSyncId, rec.Partnership = fp, ep.GetDeviceId(), timestamppb.New(c.now()), syncID, ep
 		return bus.Write, nil
 	}); err != nil {
-		return err
+		// The bus, not this partnership, failed (a NATS leader election,
+		// say): like a failed publish it fails the pass, so that the
+		// next quick sync reads back from the last successful one. Skipped
+		// as a bad partnership, it would not be read again until the next
+		// full sync: a phone lost for hours.
+		return bus.MarkPublishFailure(fmt.Errorf("remember %s: %w", key, err))
 	}
 	counts.Observed++
 	switch change {
