@@ -10,7 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/config"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/pipeline"
 	"github.com/easguard/easguard/tests/exchangesim"
@@ -47,6 +51,7 @@ type waveDevice struct {
 func TestClusterWaveSurvivesNodeLossAndFullRestart(t *testing.T) {
 	began := time.Now()
 	c := natstest.StartCluster(t, 3)
+	provisionCluster(t, c)
 	s := startStack(t, stackOptions{natsURL: c.URL(), replicas: 3, workers: []string{},
 		seed: &exchangesim.SeedSpec{Mailboxes: waveSize, Seed: 11, NoHostile: true}})
 	var collector *process
@@ -107,26 +112,37 @@ func TestClusterWaveSurvivesNodeLossAndFullRestart(t *testing.T) {
 	}
 	progress := startProgress(t, done)
 
-	// The wave: the MDM export lands and the phones start syncing at the
-	// same moment, 100 a second, so partnerships and their MDM records
-	// reach the two matchers interleaved.
+	// The wave: every 100 ms ten phones start syncing and, at the same
+	// moment, the MDM export is rewritten with their records, so that
+	// partnerships and their MDM records reach the two matchers
+	// interleaved, in either order.
 	start := time.Now()
-	s.writeInventory(inventory...)
 	half := make(chan struct{})
 	waveDone := make(chan error, 1)
 	go func() {
 		tick := time.NewTicker(100 * time.Millisecond)
 		defer tick.Stop()
-		for i, d := range wave {
-			if i%10 == 0 {
-				<-tick.C
-			}
+		var exported []managedDevice
+		for i := 0; i < len(wave); i += 10 {
+			<-tick.C
 			if i == waveSize/2 {
 				close(half)
 			}
-			if _, err := s.sim.Org.Sync(d.phone); err != nil {
-				waveDone <- fmt.Errorf("phone %s: %w", d.phone.DeviceID, err)
+			batch := wave[i:min(i+10, len(wave))]
+			for _, d := range batch {
+				if d.enrolled {
+					exported = append(exported, inventory[len(exported)])
+				}
+			}
+			if err := s.tryWriteInventory(exported...); err != nil {
+				waveDone <- err
 				return
+			}
+			for _, d := range batch {
+				if _, err := s.sim.Org.Sync(d.phone); err != nil {
+					waveDone <- fmt.Errorf("phone %s: %w", d.phone.DeviceID, err)
+					return
+				}
 			}
 		}
 		waveDone <- nil
@@ -220,6 +236,34 @@ func TestClusterWaveSurvivesNodeLossAndFullRestart(t *testing.T) {
 		t.Errorf("%d dead letters: %v", n, s.events.deadLetters())
 	}
 	t.Logf("test took %s", time.Since(began).Round(time.Millisecond))
+}
+
+// provisionCluster creates the streams and buckets an operator would
+// before starting easguard, retrying while the fresh cluster settles: the
+// first creation of two dozen R3 groups on a loaded machine under the race
+// detector can outlast a service's 30 s provisioning deadline. The topology
+// is the stack's (startStack), so its own provisioning finds it current.
+func provisionCluster(t *testing.T, c *natstest.Cluster) {
+	t.Helper()
+	nc, err := nats.Connect(c.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	common := config.Common{NatsReplicas: 3, LeaseTTL: testLeaseTTL, AckWait: testAckWait, Retention: time.Hour}
+	natstest.Eventually(t, 3*time.Minute, "the topology provisioned on the cluster", func() bool {
+		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+		defer cancel()
+		err := bus.Provision(ctx, js, common.Topology())
+		if err != nil {
+			t.Logf("provision: %v; again", err)
+		}
+		return err == nil
+	})
 }
 
 // drained waits until every consumer of the pipeline's streams has
