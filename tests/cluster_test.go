@@ -10,7 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/config"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/pipeline"
 	"github.com/easguard/easguard/tests/exchangesim"
@@ -47,6 +51,7 @@ type waveDevice struct {
 func TestClusterWaveSurvivesNodeLossAndFullRestart(t *testing.T) {
 	began := time.Now()
 	c := natstest.StartCluster(t, 3)
+	provisionCluster(t, c)
 	s := startStack(t, stackOptions{natsURL: c.URL(), replicas: 3, workers: []string{},
 		seed: &exchangesim.SeedSpec{Mailboxes: waveSize, Seed: 11, NoHostile: true}})
 	var collector *process
@@ -107,26 +112,37 @@ func TestClusterWaveSurvivesNodeLossAndFullRestart(t *testing.T) {
 	}
 	progress := startProgress(t, done)
 
-	// The wave: the MDM export lands and the phones start syncing at the
-	// same moment, 100 a second, so partnerships and their MDM records
-	// reach the two matchers interleaved.
+	// The wave: every 100 ms ten phones start syncing and, at the same
+	// moment, the MDM export is rewritten with their records, so that
+	// partnerships and their MDM records reach the two matchers
+	// interleaved, in either order.
 	start := time.Now()
-	s.writeInventory(inventory...)
 	half := make(chan struct{})
 	waveDone := make(chan error, 1)
 	go func() {
 		tick := time.NewTicker(100 * time.Millisecond)
 		defer tick.Stop()
-		for i, d := range wave {
-			if i%10 == 0 {
-				<-tick.C
-			}
+		var exported []managedDevice
+		for i := 0; i < len(wave); i += 10 {
+			<-tick.C
 			if i == waveSize/2 {
 				close(half)
 			}
-			if _, err := s.sim.Org.Sync(d.phone); err != nil {
-				waveDone <- fmt.Errorf("phone %s: %w", d.phone.DeviceID, err)
+			batch := wave[i:min(i+10, len(wave))]
+			for _, d := range batch {
+				if d.enrolled {
+					exported = append(exported, inventory[len(exported)])
+				}
+			}
+			if err := s.tryWriteInventory(exported...); err != nil {
+				waveDone <- err
 				return
+			}
+			for _, d := range batch {
+				if _, err := s.sim.Org.Sync(d.phone); err != nil {
+					waveDone <- fmt.Errorf("phone %s: %w", d.phone.DeviceID, err)
+					return
+				}
 			}
 		}
 		waveDone <- nil
@@ -222,21 +238,52 @@ func TestClusterWaveSurvivesNodeLossAndFullRestart(t *testing.T) {
 	t.Logf("test took %s", time.Since(began).Round(time.Millisecond))
 }
 
+// provisionCluster creates the streams and buckets an operator would
+// before starting easguard, retrying while the fresh cluster settles: the
+// first creation of two dozen R3 groups on a loaded machine under the race
+// detector can outlast a service's 30 s provisioning deadline. The topology
+// is the stack's (startStack), so its own provisioning finds it current.
+func provisionCluster(t *testing.T, c *natstest.Cluster) {
+	t.Helper()
+	nc, err := nats.Connect(c.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	common := config.Common{NatsReplicas: 3, LeaseTTL: testLeaseTTL, AckWait: testAckWait, Retention: time.Hour}
+	natstest.Eventually(t, 3*time.Minute, "the topology provisioned on the cluster", func() bool {
+		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+		defer cancel()
+		err := bus.Provision(ctx, js, common.Topology())
+		if err != nil {
+			t.Logf("provision: %v; again", err)
+		}
+		return err == nil
+	})
+}
+
 // drained waits until every consumer of the pipeline's streams has
 // acknowledged all it was given and the guard holds nothing: what the
-// workers will ever do about the wave is done. (settle also waits for the
+// workers will ever do about the wave is done. The matchers still work
+// off the collector's last passes (every allow re-stamps a partnership,
+// which the next quick sync reports changed): under the race detector
+// that backlog takes over a minute. (settle also waits for the
 // streams to stop growing, which on a cluster, where each look takes a
 // round of stream infos through the leaders, the collector's quick syncs
 // every second never allow.)
 func (s *stack) drained() {
 	s.t.Helper()
-	natstest.WaitDrained(s.t, s.svc.JS, time.Minute, bus.StreamEAS, bus.StreamMDM, bus.StreamMatch, bus.StreamDecisions, bus.StreamApplied, bus.StreamNotify)
+	natstest.WaitDrained(s.t, s.svc.JS, 3*time.Minute, bus.StreamEAS, bus.StreamMDM, bus.StreamMatch, bus.StreamDecisions, bus.StreamApplied, bus.StreamNotify)
 	ctx := s.t.Context()
 	staged, err := s.svc.JS.KeyValue(ctx, bus.BucketStaged)
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	natstest.Eventually(s.t, time.Minute, "nothing staged for the guard", func() bool {
+	natstest.Eventually(s.t, 3*time.Minute, "nothing staged for the guard", func() bool {
 		keys, err := staged.ListKeys(ctx)
 		if err != nil {
 			return false
