@@ -219,12 +219,12 @@ func TestBucketReadAfterWriteAcrossNodes(t *testing.T) {
 	if n := stale(bus.BucketMDMDevices); n != 0 {
 		t.Fatalf("%d of %d reads through another node missed the write just acknowledged", n, rounds)
 	}
-	// The hazard is real on this cluster, so the check above can fail.
+	// The control: with direct gets a follower answers, and misses a write
+	// it has not applied yet whenever it lags (59 of 300 in one run here,
+	// none in another on a loaded machine). How often depends on timing,
+	// so it is reported, not required: requiring it made the test flaky.
 	n := stale("direct")
 	t.Logf("with direct gets (nats.go's default), %d of %d reads through a follower missed the write just acknowledged", n, rounds)
-	if n == 0 {
-		t.Fatal("direct gets through a follower never missed a write: this test no longer shows the hazard it guards against")
-	}
 }
 
 func isNotFound(err error) bool {
