@@ -32,7 +32,7 @@ var (
 )
 
 // easguardBinary builds services/easguard once per test run.
-func easguardBinary(t *testing.T) string {
+func easguardBinary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "easguard-bin-")
@@ -171,7 +171,7 @@ func freeAddr(t testing.TB) string {
 	return ln.Addr().String()
 }
 
-func start(t *testing.T, env ...string) *process {
+func start(t testing.TB, env ...string) *process {
 	t.Helper()
 	addr := freeAddr(t)
 	cmd := exec.Command(easguardBinary(t), "run")
@@ -192,7 +192,7 @@ func start(t *testing.T, env ...string) *process {
 	return p
 }
 
-func (p *process) waitReady(t *testing.T) {
+func (p *process) waitReady(t testing.TB) {
 	t.Helper()
 	natstest.Eventually(t, 30*time.Second, "/readyz 200", func() bool {
 		select {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/protobuf/encoding/prototext"
@@ -399,6 +400,12 @@ func (s *stack) writeInventory(devices ...managedDevice) {
 
 // tryWriteInventory is writeInventory for goroutines other than the test's.
 func (s *stack) tryWriteInventory(devices ...managedDevice) error {
+	return writeInventoryFile(s.inventory, devices...)
+}
+
+// writeInventoryFile replaces an MDM inventory file at once (written
+// aside, then renamed), so that the file source never reads half of it.
+func writeInventoryFile(path string, devices ...managedDevice) error {
 	out := make([]managedDevice, len(devices)) // "[]", not "null", when empty
 	copy(out, devices)
 	for i := range out {
@@ -410,11 +417,11 @@ func (s *stack) tryWriteInventory(devices ...managedDevice) error {
 	if err != nil {
 		return err
 	}
-	tmp := s.inventory + ".tmp"
+	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
 	}
-	return os.Rename(tmp, s.inventory)
+	return os.Rename(tmp, path)
 }
 
 func compliant(id, upn, easID string) managedDevice {
@@ -584,11 +591,17 @@ var _ = sdktrace.NewTracerProvider
 // a row. A test asserts that something did not happen only after it.
 func (s *stack) settle() {
 	s.t.Helper()
-	ctx := s.t.Context()
-	js := s.svc.JS
+	waitIdle(s.t, s.svc.JS, 60*time.Second, 10*time.Millisecond)
+}
+
+// waitIdle is settle for any easguard reached through js (an easguard in
+// its own process, say), looking every so often until timeout.
+func waitIdle(t testing.TB, js jetstream.JetStream, timeout, every time.Duration) {
+	t.Helper()
+	ctx := t.Context()
 	staged, err := js.KeyValue(ctx, bus.BucketStaged)
 	if err != nil {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
 	snapshot := func() (string, bool) {
 		var b strings.Builder
@@ -625,7 +638,7 @@ func (s *stack) settle() {
 		return b.String(), true
 	}
 	var last string
-	natstest.Eventually(s.t, 60*time.Second, "easguard idle", func() bool {
+	pollEvery(t, timeout, every, "easguard idle", func() bool {
 		snap, idle := snapshot()
 		if !idle {
 			last = ""
@@ -637,6 +650,22 @@ func (s *stack) settle() {
 		last = snap
 		return false
 	})
+}
+
+// pollEvery is natstest.Eventually at a slower pace, for conditions that
+// cost a look at many records or streams: polled every 10 ms they would
+// take the cores from the process being measured.
+func pollEvery(tb testing.TB, timeout, every time.Duration, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		<-tick.C
+	}
 }
 
 // setCASMailboxCalls counts the Set-CASMailbox calls that reached Exchange

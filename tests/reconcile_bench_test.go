@@ -1,0 +1,668 @@
+package tests
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/exchange"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+	"github.com/easguard/easguard/tests/exchangesim"
+)
+
+// benchSizeEnv sets the number of partnerships of BenchmarkReconcile100k,
+// so that the benchmark can be worked on at a size that takes seconds; the
+// metric names say the size (reconcile_5k_… at 5000).
+const benchSizeEnv = "EASGUARD_BENCH_PARTNERSHIPS"
+
+// benchSessions is the Exchange workers (sessions) of the easguard process,
+// EASGUARD_EXCHANGE_WORKERS's default, written out because the onboarding
+// limit divides by it.
+const benchSessions = 4
+
+// reconcilePolicy covers every mailbox: compliant devices are allowed,
+// everything else blocked, and the organisation's default is quarantine,
+// which the simulated organisation already has, so that no plan to change
+// it runs alongside the reconcile.
+const reconcilePolicy = `version: 1
+org: contoso
+unknown_device: block
+noncompliant: block
+notify: true
+default_access_level: quarantine
+`
+
+// peakRSSMB is the largest easguard peak RSS seen by the shapes run so far
+// in this process, so that the last shape can report the maximum over both.
+var peakRSSMB float64
+
+// BenchmarkReconcile100k measures a full reconcile of a large organisation:
+// the all-in-one easguard binary (`easguard run`, its own process around its
+// embedded NATS server, so that its peak RSS is its own), the Exchange
+// simulator seeded with 100,000 partnerships on 50,000 mailboxes
+// (EASGUARD_BENCH_PARTNERSHIPS changes the size) behind its default latency
+// profile and reached over real WinRM, an inventory file in which every
+// ActiveSync device is enrolled and compliant, and a policy for everyone.
+//
+//   - steady: Exchange already matches the policy (every device
+//     allow-listed, the default quarantine). easguard's first full sync and
+//     the quick sync after it run unmeasured; then one full sync is asked
+//     for and timed until the pipeline has settled: read and judge only,
+//     and the benchmark fails if anything is written to Exchange.
+//   - onboarding: no device is on any list, so every one needs an allow;
+//     timed from the start of easguard's first full sync until every
+//     device is allow-listed on the simulator.
+//
+// Lines (for 100,000; another size has its own prefix): reconcile_100k_
+// steady_s; listing_s, a bare exchange.Client reading what a full sync
+// reads (Get-Recipient and Get-MobileDevice listings) over the same
+// simulator in the same run; partnerships_per_s end to end, and through
+// each hop (observed, matched, decided: each hop's output over the time
+// between its first and last output of the pass); decisions_per_partnership,
+// the device.matched events the evaluator judged per partnership;
+// onboarding_s and onboarding_limit_ratio, onboarding's time over the
+// physical limit (one Set-CASMailbox per mailbox with devices × the
+// profile's write latency ÷ the sessions); and the peak RSS of the easguard
+// process of each shape and the largest of them (rss_mb_max).
+func BenchmarkReconcile100k(b *testing.B) {
+	n := benchPartnerships(b)
+	prefix := "reconcile_" + sizeLabel(n) + "_"
+	b.Run("steady", func(b *testing.B) {
+		b.StopTimer()
+		var steady, listing, e2e, observed, matched, decided, perPartnership, rss []float64
+		for range b.N {
+			r := reconcileSteady(b, n)
+			steady, listing, e2e = append(steady, r.wall.Seconds()), append(listing, r.listing.Seconds()), append(e2e, r.perSecond)
+			observed, matched, decided = append(observed, r.observed), append(matched, r.matched), append(decided, r.decided)
+			perPartnership, rss = append(perPartnership, r.decisionsPerPartnership), append(rss, r.rssMB)
+		}
+		b.ReportMetric(mean(steady), prefix+"steady_s:s")
+		b.ReportMetric(mean(listing), prefix+"listing_s:s")
+		b.ReportMetric(mean(e2e), prefix+"partnerships_per_s:partnerships/s")
+		b.ReportMetric(mean(observed), prefix+"partnerships_per_s_observed:partnerships/s")
+		b.ReportMetric(mean(matched), prefix+"partnerships_per_s_matched:partnerships/s")
+		b.ReportMetric(mean(decided), prefix+"partnerships_per_s_decided:partnerships/s")
+		b.ReportMetric(mean(perPartnership), prefix+"decisions_per_partnership:decisions")
+		b.ReportMetric(slices.Max(rss), prefix+"steady_rss_mb:MB")
+	})
+	b.Run("onboarding", func(b *testing.B) {
+		b.StopTimer()
+		var wall, ratio, perPartnership, rss []float64
+		for range b.N {
+			r := reconcileOnboarding(b, n)
+			wall, ratio = append(wall, r.wall.Seconds()), append(ratio, r.limitRatio)
+			perPartnership, rss = append(perPartnership, r.decisionsPerPartnership), append(rss, r.rssMB)
+		}
+		b.ReportMetric(mean(wall), prefix+"onboarding_s:s")
+		b.ReportMetric(mean(ratio), prefix+"onboarding_limit_ratio:ratio")
+		b.ReportMetric(mean(perPartnership), prefix+"onboarding_decisions_per_partnership:decisions")
+		b.ReportMetric(slices.Max(rss), prefix+"onboarding_rss_mb:MB")
+		b.ReportMetric(max(peakRSSMB, slices.Max(rss)), prefix+"rss_mb_max:MB")
+	})
+}
+
+// benchPartnerships reads the benchmark's size.
+func benchPartnerships(b *testing.B) int {
+	b.Helper()
+	v := os.Getenv(benchSizeEnv)
+	if v == "" {
+		return 100_000
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 2 {
+		b.Fatalf("%s=%q: want a number of partnerships, at least 2", benchSizeEnv, v)
+	}
+	return n
+}
+
+// sizeLabel names a size in metric names: 100000 → "100k".
+func sizeLabel(n int) string {
+	if n%1000 == 0 {
+		return strconv.Itoa(n/1000) + "k"
+	}
+	return strconv.Itoa(n)
+}
+
+func mean(xs []float64) float64 {
+	s := 0.0
+	for _, x := range xs {
+		s += x
+	}
+	return s / float64(len(xs))
+}
+
+// steadyResult is one measured steady-state pass.
+type steadyResult struct {
+	wall, listing              time.Duration
+	perSecond                  float64 // partnerships ÷ wall
+	observed, matched, decided float64 // partnerships/s through each hop
+	decisionsPerPartnership    float64
+	rssMB                      float64
+}
+
+func reconcileSteady(b *testing.B, n int) steadyResult {
+	b.Helper()
+	r := newReconcileRig(b, n, true)
+	var res steadyResult
+	res.listing = r.timeListing()
+
+	r.start()
+	// Unmeasured: the first full sync (every partnership new to easguard)
+	// and the quick sync the schedule runs right after it.
+	for _, sync := range r.waitSyncs(0, 30*time.Minute, ev.SyncKind_SYNC_KIND_FULL, ev.SyncKind_SYNC_KIND_QUICK) {
+		if !sync.GetSuccess() {
+			b.Fatalf("unmeasured %s sync failed: %v", sync.GetKind(), sync.GetErrors())
+		}
+	}
+	r.waitIdle(30 * time.Minute)
+	if missing := r.notAllowListed(r.mailboxIDs()); len(missing) > 0 {
+		b.Fatalf("after the first full sync %d mailboxes lack allow-list entries (e.g. %s): steady state is not what the policy says", len(missing), missing[0])
+	}
+
+	before := r.snapshot()
+	writes := r.f.sim.Recorder.Count("cmdlet:Set-CASMailbox")
+	b.StartTimer()
+	t0 := time.Now()
+	r.requestFullSync()
+	done := r.waitSyncs(before.seq[bus.StreamSync], 30*time.Minute, ev.SyncKind_SYNC_KIND_FULL)[0]
+	r.waitIdle(30 * time.Minute)
+	b.StopTimer()
+	pass := r.since(before)
+
+	if !done.GetSuccess() {
+		b.Fatalf("the measured full sync failed: %v", done.GetErrors())
+	}
+	if got := done.GetCounts().GetObserved(); got != int64(len(r.parts)) {
+		b.Errorf("the measured full sync observed %d partnerships, Exchange has %d", got, len(r.parts))
+	}
+	if w := r.f.sim.Recorder.Count("cmdlet:Set-CASMailbox") - writes; w != 0 {
+		b.Errorf("steady state wrote %d Set-CASMailbox calls to Exchange; it should only read and judge", w)
+	}
+	if d := pass[bus.StreamDecisions].n; d != 0 {
+		b.Logf("note: %d decisions published although Exchange already matched the policy", d)
+	}
+	// The pass ends with the last thing it made: the sync's report, the
+	// last observation, match, judgement, decision or apply.
+	end := pass.last(bus.StreamEAS, bus.StreamMatch, decisionsKV, bus.StreamDecisions, bus.StreamApplied)
+	if f := done.GetFinishedAt().AsTime(); f.After(end) {
+		end = f
+	}
+	res.wall = end.Sub(t0)
+	parts := float64(len(r.parts))
+	res.perSecond = parts / res.wall.Seconds()
+	res.observed = pass[bus.StreamEAS].rate()
+	res.matched = pass[bus.StreamMatch].rate()
+	res.decided = pass[decisionsKV].rate()
+	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].n) / parts
+	res.rssMB = r.peakRSSMB()
+	peakRSSMB = max(peakRSSMB, res.rssMB)
+
+	collectorPass := done.GetFinishedAt().AsTime().Sub(done.GetStartedAt().AsTime())
+	b.Logf("steady, %d partnerships on %d mailboxes: reconcile %.1fs (asked at 0; the collector's pass %.1fs→%.1fs, %.1fs; last event %.1fs), bare listing %.1fs",
+		len(r.parts), len(r.byMailbox), res.wall.Seconds(), done.GetStartedAt().AsTime().Sub(t0).Seconds(), done.GetFinishedAt().AsTime().Sub(t0).Seconds(),
+		collectorPass.Seconds(), end.Sub(t0).Seconds(), res.listing.Seconds())
+	r.logPass("steady", t0, pass)
+	r.logMetrics("steady")
+	return res
+}
+
+// onboardingResult is one measured onboarding.
+type onboardingResult struct {
+	wall                    time.Duration
+	limitRatio              float64
+	decisionsPerPartnership float64
+	rssMB                   float64
+}
+
+func reconcileOnboarding(b *testing.B, n int) onboardingResult {
+	b.Helper()
+	r := newReconcileRig(b, n, false)
+	pending := r.mailboxIDs()
+	if missing := r.notAllowListed(pending); len(missing) != len(pending) {
+		b.Fatalf("%d of %d mailboxes already allow-list their devices before onboarding", len(pending)-len(missing), len(pending))
+	}
+	before := r.snapshot()
+	writes := r.f.sim.Recorder.Count("cmdlet:Set-CASMailbox")
+
+	b.StartTimer()
+	r.start()
+	// Every mailbox checked once more each poll until it lists all its
+	// devices: a mailbox at a time, so that the simulator's lock is never
+	// held for a scan of the whole organisation.
+	var end time.Time
+	pollEvery(b, 60*time.Minute, time.Second, "every device allow-listed", func() bool {
+		r.alive()
+		pending = r.notAllowListed(pending)
+		end = time.Now()
+		return len(pending) == 0
+	})
+	b.StopTimer()
+	first := r.waitSyncs(before.seq[bus.StreamSync], time.Minute, ev.SyncKind_SYNC_KIND_FULL)[0]
+	t0 := first.GetStartedAt().AsTime()
+	if !first.GetSuccess() {
+		b.Errorf("the first full sync failed: %v", first.GetErrors())
+	}
+	r.waitIdle(30 * time.Minute)
+	pass := r.since(before)
+	if dl := pass[bus.StreamDLQ].n; dl != 0 {
+		b.Errorf("%d dead letters during onboarding", dl)
+	}
+
+	var res onboardingResult
+	res.wall = end.Sub(t0)
+	profile := exchangesim.DefaultProfile()
+	limit := time.Duration(len(r.byMailbox)) * profile.CmdletWrite / benchSessions
+	res.limitRatio = res.wall.Seconds() / limit.Seconds()
+	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].n) / float64(len(r.parts))
+	res.rssMB = r.peakRSSMB()
+	peakRSSMB = max(peakRSSMB, res.rssMB)
+	b.Logf("onboarding, %d partnerships on %d mailboxes: every device allow-listed %.1fs after the first full sync began (its pass: %.1fs; easguard started %.1fs before it); limit %.1fs (%d mailboxes × %s ÷ %d sessions); %d Set-CASMailbox calls",
+		len(r.parts), len(r.byMailbox), res.wall.Seconds(), first.GetFinishedAt().AsTime().Sub(t0).Seconds(), t0.Sub(r.started).Seconds(),
+		limit.Seconds(), len(r.byMailbox), profile.CmdletWrite, benchSessions, r.f.sim.Recorder.Count("cmdlet:Set-CASMailbox")-writes)
+	r.logPass("onboarding", t0, pass)
+	r.logMetrics("onboarding")
+	return res
+}
+
+// reconcileRig is one reconcile's world: the seeded simulator, the
+// inventory, and the easguard process once started.
+type reconcileRig struct {
+	tb        testing.TB
+	f         *fixture
+	parts     []exchangesim.Partnership // those a full sync lists (ActiveSync, no probes)
+	byMailbox map[string][]string       // primary SMTP address → its device ids
+	natsAddr  string
+	proc      *process
+	started   time.Time
+	js        jetstream.JetStream
+}
+
+// newReconcileRig seeds the organisation (n partnerships on n/2 mailboxes),
+// sets its default to quarantine, makes every mailbox's lists what the
+// shape needs (each device allow-listed, or no list entries at all), and
+// writes the inventory with every device compliant.
+func newReconcileRig(tb testing.TB, n int, allowListed bool) *reconcileRig {
+	tb.Helper()
+	easguardBinary(tb) // built before anything is timed
+	f := newFixture(tb, stackOptions{
+		seed:    &exchangesim.SeedSpec{Mailboxes: n / 2, Partnerships: n, Seed: 11, NoHostile: true},
+		profile: exchangesim.DefaultProfile(),
+		policy:  reconcilePolicy,
+	})
+	r := &reconcileRig{tb: tb, f: f, byMailbox: map[string][]string{}}
+	if err := f.sim.Org.SetDefaultAccessLevel("Quarantine"); err != nil {
+		tb.Fatal(err)
+	}
+	all, err := f.sim.Org.Partnerships("")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, p := range all {
+		if p.ListedByActiveSync() {
+			r.parts = append(r.parts, p)
+			r.byMailbox[p.PrimarySMTP] = append(r.byMailbox[p.PrimarySMTP], p.DeviceID)
+		}
+	}
+	for _, mb := range f.sim.Org.Mailboxes() {
+		allowed, blocked, err := f.sim.Org.Lists(mb.PrimarySMTP)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		var want []string
+		if allowListed {
+			want = r.byMailbox[mb.PrimarySMTP]
+		}
+		if slices.Equal(allowed, want) && len(blocked) == 0 {
+			continue
+		}
+		// As an administrator would: the lists replaced, the blocked one emptied.
+		params := exchange.Params{"Identity": mb.PrimarySMTP, "ActiveSyncAllowedDeviceIDs": nil, "ActiveSyncBlockedDeviceIDs": nil}
+		if len(want) > 0 {
+			params["ActiveSyncAllowedDeviceIDs"] = want
+		}
+		if _, _, err := f.sim.Org.AdminInvoke(exchange.Call{Cmdlet: "Set-CASMailbox", Params: params}); err != nil {
+			tb.Fatalf("lists of %s: %v", mb.PrimarySMTP, err)
+		}
+	}
+	devices := make([]managedDevice, len(r.parts))
+	for i, p := range r.parts {
+		d := compliant(fmt.Sprintf("m-%d", i), p.UPN, p.DeviceID)
+		d.OperatingSystem, d.OSVersion, d.Model = osOf(p.DeviceOS), osVersionOf(p.DeviceOS), p.DeviceModel
+		devices[i] = d
+	}
+	if err := writeInventoryFile(f.inventory, devices...); err != nil {
+		tb.Fatal(err)
+	}
+	return r
+}
+
+// osOf is the MDM's operating system name of an EAS DeviceOS ("iOS 17.4 21F70" → "iOS").
+func osOf(deviceOS string) string {
+	if name, _, ok := strings.Cut(deviceOS, " "); ok {
+		return name
+	}
+	return deviceOS
+}
+
+// osVersionOf is the version of an EAS DeviceOS ("iOS 17.4 21F70" → "17.4").
+func osVersionOf(deviceOS string) string {
+	if f := strings.Fields(deviceOS); len(f) > 1 {
+		return f[1]
+	}
+	return ""
+}
+
+// mailboxIDs lists the mailboxes that have partnerships.
+func (r *reconcileRig) mailboxIDs() []string {
+	out := make([]string, 0, len(r.byMailbox))
+	for mb := range r.byMailbox {
+		out = append(out, mb)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// notAllowListed returns the mailboxes of mbs whose allowed list lacks one
+// of their devices.
+func (r *reconcileRig) notAllowListed(mbs []string) []string {
+	var out []string
+	for _, mb := range mbs {
+		allowed, _, err := r.f.sim.Org.Lists(mb)
+		if err != nil {
+			r.tb.Fatal(err)
+		}
+		for _, id := range r.byMailbox[mb] {
+			if !slices.ContainsFunc(allowed, func(a string) bool { return strings.EqualFold(a, id) }) {
+				out = append(out, mb)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// timeListing reads what a full sync reads, the mailboxes and then every
+// partnership, with a bare exchange.Client over a pool of its own, and
+// returns how long the two listings took (the pool's start not counted).
+func (r *reconcileRig) timeListing() time.Duration {
+	tb := r.tb
+	tb.Helper()
+	ctx := tb.Context()
+	cfg := r.f.sim.ExchangeConfig(tb)
+	cfg.Workers = benchSessions
+	pool, err := exchange.NewPool(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer pool.Close(context.Background())
+	c := exchange.NewClient(pool, cfg)
+	start := time.Now()
+	mailboxes, parts := 0, 0
+	if err := c.ListRecipients(ctx, func(rs []exchange.Recipient) error { mailboxes += len(rs); return nil }); err != nil {
+		tb.Fatal(err)
+	}
+	recipients := time.Since(start)
+	if err := c.ListPartnerships(ctx, exchange.ListOptions{}, func(ps []exchange.Partnership) error { parts += len(ps); return nil }); err != nil {
+		tb.Fatal(err)
+	}
+	took := time.Since(start)
+	if parts != len(r.parts) {
+		tb.Fatalf("the bare listing read %d partnerships, Exchange has %d", parts, len(r.parts))
+	}
+	tb.Logf("bare listing: %d mailboxes in %.1fs, %d partnerships in %.1fs", mailboxes, recipients.Seconds(), parts, (took - recipients).Seconds())
+	return took
+}
+
+// start runs `easguard run` with every worker around its embedded NATS
+// server, which also listens on loopback so that the benchmark can read
+// the streams. Settings are the binary's defaults but for the
+// environment's: Exchange, SMTP, the inventory, the policy.
+func (r *reconcileRig) start() {
+	tb := r.tb
+	tb.Helper()
+	f := r.f
+	host, port := splitAddr(tb, f.smtp.Addr())
+	r.natsAddr = freeAddr(tb)
+	env := append([]string{
+		"EASGUARD_ORG=" + testOrg, "EASGUARD_NATS_LISTEN=" + r.natsAddr, "EASGUARD_LOG_LEVEL=warn",
+		fmt.Sprint("EASGUARD_EXCHANGE_WORKERS=", benchSessions),
+		// The simulator caps a Receive long-poll at 2 s (exchangesim.StartTest).
+		"EASGUARD_EXCHANGE_OPERATION_TIMEOUT=2s",
+		"EASGUARD_EVALUATOR_POLICY_FILE=" + f.policy,
+		"EASGUARD_MAILER_SMTP_HOST=" + host, fmt.Sprint("EASGUARD_MAILER_SMTP_PORT=", port), "EASGUARD_MAILER_SMTP_SECURITY=starttls",
+		"EASGUARD_MAILER_SMTP_USER=" + smtpUser, "EASGUARD_MAILER_SMTP_PASSWORD=" + smtpPass, "EASGUARD_MAILER_SMTP_CA_BUNDLE=" + f.smtpCA,
+		"EASGUARD_MAILER_FROM=IT Service <it@contoso.com>", "EASGUARD_MAILER_ENROL_URL=" + enrolURL,
+		"EASGUARD_MDM_FILE=" + f.inventory,
+	}, f.sim.Env(exchangesim.DefaultUser, exchangesim.DefaultPassword, "")...)
+	r.started = time.Now()
+	r.proc = start(tb, env...)
+	r.proc.waitReady(tb)
+	nc, err := nats.Connect("nats://"+r.natsAddr, nats.MaxReconnects(-1))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(nc.Close)
+	if r.js, err = jetstream.New(nc); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// alive fails the benchmark if the easguard process has exited.
+func (r *reconcileRig) alive() {
+	select {
+	case <-r.proc.exited:
+		r.tb.Fatalf("easguard exited: %v\n%s", r.proc.err, r.proc.stderr.String())
+	default:
+	}
+}
+
+// requestFullSync asks the collector for a full sync.
+func (r *reconcileRig) requestFullSync() {
+	r.tb.Helper()
+	resp, err := http.Post(r.proc.http+"/sync?kind=full", "", nil)
+	if err != nil {
+		r.tb.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		r.tb.Fatalf("POST /sync: %d", resp.StatusCode)
+	}
+}
+
+// waitSyncs waits until syncs of the given kinds, in that order, have
+// completed after the sync stream's sequence from, and returns them.
+func (r *reconcileRig) waitSyncs(from uint64, timeout time.Duration, kinds ...ev.SyncKind) []*ev.SyncCompleted {
+	r.tb.Helper()
+	var got []*ev.SyncCompleted
+	next := from + 1
+	what := fmt.Sprintf("syncs %v", kinds)
+	pollEvery(r.tb, timeout, 250*time.Millisecond, what, func() bool {
+		r.alive()
+		last := r.lastSeq(bus.StreamSync)
+		for ; next <= last && len(got) < len(kinds); next++ {
+			var m ev.SyncCompleted
+			r.message(bus.StreamSync, next, &m)
+			if m.GetKind() == kinds[len(got)] {
+				got = append(got, &m)
+			}
+		}
+		return len(got) == len(kinds)
+	})
+	return got
+}
+
+// waitIdle waits until the easguard process has nothing left to do.
+func (r *reconcileRig) waitIdle(timeout time.Duration) {
+	r.tb.Helper()
+	waitIdle(r.tb, r.js, timeout, 250*time.Millisecond)
+}
+
+func (r *reconcileRig) stream(name string) jetstream.Stream {
+	r.tb.Helper()
+	s, err := r.js.Stream(r.tb.Context(), name)
+	if err != nil {
+		r.tb.Fatalf("stream %s: %v", name, err)
+	}
+	return s
+}
+
+func (r *reconcileRig) lastSeq(name string) uint64 {
+	r.tb.Helper()
+	info, err := r.stream(name).Info(r.tb.Context())
+	if err != nil {
+		r.tb.Fatalf("stream %s: %v", name, err)
+	}
+	return info.State.LastSeq
+}
+
+// message reads one stored message; into, when set, gets its body.
+func (r *reconcileRig) message(name string, seq uint64, into proto.Message) *jetstream.RawStreamMsg {
+	r.tb.Helper()
+	m, err := r.stream(name).GetMsg(r.tb.Context(), seq)
+	if err != nil {
+		r.tb.Fatalf("message %d of %s: %v", seq, name, err)
+	}
+	if into != nil {
+		if err := proto.Unmarshal(m.Data, into); err != nil {
+			r.tb.Fatalf("message %d of %s: %v", seq, name, err)
+		}
+	}
+	return m
+}
+
+// decisionsKV is the stream of the evaluator's records: every partnership
+// judged writes its record, whether or not a decision is published.
+const decisionsKV = "KV_" + bus.BucketDecisions
+
+// passStreams are the streams a reconcile pass writes to, in pipeline order.
+var passStreams = []string{bus.StreamMDM, bus.StreamEAS, bus.StreamMatch, decisionsKV, bus.StreamDecisions, bus.StreamApplied, bus.StreamSync, bus.StreamAlerts, bus.StreamDLQ}
+
+// streamSnapshot is the last sequence of every pass stream.
+type streamSnapshot struct{ seq map[string]uint64 }
+
+func (r *reconcileRig) snapshot() streamSnapshot {
+	s := streamSnapshot{seq: map[string]uint64{}}
+	if r.js == nil { // easguard not started: every stream starts empty
+		return s
+	}
+	for _, name := range passStreams {
+		s.seq[name] = r.lastSeq(name)
+	}
+	return s
+}
+
+// hop is what one stream received during a pass.
+type hop struct {
+	n           uint64
+	first, last time.Time
+}
+
+// rate is the hop's output per second between its first and last message.
+func (h hop) rate() float64 {
+	if h.n < 2 || !h.last.After(h.first) {
+		return 0
+	}
+	return float64(h.n) / h.last.Sub(h.first).Seconds()
+}
+
+type passStats map[string]hop
+
+// last is when the last message of the named streams was stored.
+func (p passStats) last(streams ...string) time.Time {
+	var t time.Time
+	for _, name := range streams {
+		if h := p[name]; h.last.After(t) {
+			t = h.last
+		}
+	}
+	return t
+}
+
+// since returns what each pass stream received after the snapshot.
+func (r *reconcileRig) since(before streamSnapshot) passStats {
+	out := passStats{}
+	for _, name := range passStreams {
+		from, last := before.seq[name], r.lastSeq(name)
+		if last <= from {
+			out[name] = hop{}
+			continue
+		}
+		out[name] = hop{n: last - from, first: r.message(name, from+1, nil).Time, last: r.message(name, last, nil).Time}
+	}
+	return out
+}
+
+// logPass logs each stream's count and timing relative to t0.
+func (r *reconcileRig) logPass(shape string, t0 time.Time, p passStats) {
+	var b strings.Builder
+	for _, name := range passStreams {
+		h := p[name]
+		if h.n == 0 {
+			fmt.Fprintf(&b, "\n  %-28s 0", name)
+			continue
+		}
+		fmt.Fprintf(&b, "\n  %-28s %7d  %7.1fs → %7.1fs  %8.0f/s", name, h.n, h.first.Sub(t0).Seconds(), h.last.Sub(t0).Seconds(), h.rate())
+	}
+	r.tb.Logf("%s: messages per stream (first → last stored, from the pass's start):%s", shape, b.String())
+}
+
+// logMetrics logs the easguard process's per-consumer handling counts and
+// times, which say where the time of the pass went.
+func (r *reconcileRig) logMetrics(shape string) {
+	resp, err := http.Get(r.proc.http + "/metrics")
+	if err != nil {
+		r.tb.Logf("%s: /metrics: %v", shape, err)
+		return
+	}
+	defer resp.Body.Close()
+	var b strings.Builder
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "#") {
+			continue
+		}
+		if strings.Contains(line, "process_duration_seconds_sum") || strings.Contains(line, "process_duration_seconds_count") ||
+			strings.Contains(line, "operation_duration_seconds_sum") || strings.Contains(line, "consumed_messages_total") {
+			b.WriteString("\n  " + line)
+		}
+	}
+	r.tb.Logf("%s: easguard's handling, cumulative since it started:%s", shape, b.String())
+}
+
+// peakRSSMB reads the easguard process's peak resident set (VmHWM).
+func (r *reconcileRig) peakRSSMB() float64 {
+	r.tb.Helper()
+	path := filepath.Join("/proc", strconv.Itoa(r.proc.cmd.Process.Pid), "status")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		r.tb.Fatalf("peak RSS of easguard: %v", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			if err != nil {
+				r.tb.Fatalf("peak RSS of easguard: %q: %v", line, err)
+			}
+			return float64(kb) / 1024
+		}
+	}
+	r.tb.Fatalf("peak RSS of easguard: no VmHWM in %s", path)
+	return 0
+}
