@@ -160,8 +160,9 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 	r := newReconcileRig(b, n, true)
 	var res steadyResult
 	res.listing = r.timeListing()
-
+	r.phase("bare listing")
 	r.start()
+	r.phase("easguard started")
 	// Unmeasured: the first full sync (every partnership new to easguard)
 	// and the quick sync the schedule runs right after it.
 	for _, sync := range r.waitSyncs(0, 30*time.Minute, ev.SyncKind_SYNC_KIND_FULL, ev.SyncKind_SYNC_KIND_QUICK) {
@@ -169,7 +170,9 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 			b.Fatalf("unmeasured %s sync failed: %v", sync.GetKind(), sync.GetErrors())
 		}
 	}
+	r.phase("unmeasured full and quick sync")
 	r.waitIdle(30 * time.Minute)
+	r.phase("unmeasured pass settled")
 	if missing := r.notAllowListed(r.mailboxIDs()); len(missing) > 0 {
 		b.Fatalf("after the first full sync %d mailboxes lack allow-list entries (e.g. %s): steady state is not what the policy says", len(missing), missing[0])
 	}
@@ -182,6 +185,7 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 	done := r.waitSyncs(before.seq[bus.StreamSync], 30*time.Minute, ev.SyncKind_SYNC_KIND_FULL)[0]
 	r.waitIdle(30 * time.Minute)
 	b.StopTimer()
+	r.phase("measured full sync settled")
 	pass := r.since(before)
 
 	if !done.GetSuccess() {
@@ -257,7 +261,9 @@ func reconcileOnboarding(b *testing.B, n int) onboardingResult {
 	if !first.GetSuccess() {
 		b.Errorf("the first full sync failed: %v", first.GetErrors())
 	}
+	r.phase("onboarding (from easguard's start)")
 	r.waitIdle(30 * time.Minute)
+	r.phase("settled after onboarding")
 	pass := r.since(before)
 	if dl := pass[bus.StreamDLQ].n; dl != 0 {
 		b.Errorf("%d dead letters during onboarding", dl)
@@ -290,6 +296,7 @@ type reconcileRig struct {
 	proc      *process
 	started   time.Time
 	js        jetstream.JetStream
+	mark      time.Time // end of the last phase logged
 }
 
 // newReconcileRig seeds the organisation (n partnerships on n/2 mailboxes),
@@ -298,13 +305,14 @@ type reconcileRig struct {
 // writes the inventory with every device compliant.
 func newReconcileRig(tb testing.TB, n int, allowListed bool) *reconcileRig {
 	tb.Helper()
+	begun := time.Now()
 	easguardBinary(tb) // built before anything is timed
 	f := newFixture(tb, stackOptions{
 		seed:    &exchangesim.SeedSpec{Mailboxes: n / 2, Partnerships: n, Seed: 11, NoHostile: true},
 		profile: exchangesim.DefaultProfile(),
 		policy:  reconcilePolicy,
 	})
-	r := &reconcileRig{tb: tb, f: f, byMailbox: map[string][]string{}}
+	r := &reconcileRig{tb: tb, f: f, byMailbox: map[string][]string{}, mark: begun}
 	if err := f.sim.Org.SetDefaultAccessLevel("Quarantine"); err != nil {
 		tb.Fatal(err)
 	}
@@ -348,7 +356,14 @@ func newReconcileRig(tb testing.TB, n int, allowListed bool) *reconcileRig {
 	if err := writeInventoryFile(f.inventory, devices...); err != nil {
 		tb.Fatal(err)
 	}
+	r.phase("seeded, lists set, inventory written")
 	return r
+}
+
+// phase logs how long the part of the setup or run since the last one took.
+func (r *reconcileRig) phase(what string) {
+	r.tb.Logf("%-40s %6.1fs", what, time.Since(r.mark).Seconds())
+	r.mark = time.Now()
 }
 
 // osOf is the MDM's operating system name of an EAS DeviceOS ("iOS 17.4 21F70" → "iOS").
