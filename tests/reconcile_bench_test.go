@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -221,6 +222,7 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 	b.Logf("steady, %d partnerships on %d mailboxes: reconcile %.1fs (asked at 0; the collector's pass %.1fs→%.1fs, %.1fs; last event %.1fs), bare listing %.1fs",
 		len(r.parts), len(r.byMailbox), res.wall.Seconds(), done.GetStartedAt().AsTime().Sub(t0).Seconds(), done.GetFinishedAt().AsTime().Sub(t0).Seconds(),
 		collectorPass.Seconds(), end.Sub(t0).Seconds(), res.listing.Seconds())
+	r.logPhases("steady")
 	r.logPass("steady", t0, pass)
 	r.logMetrics("steady")
 	return res
@@ -281,6 +283,7 @@ func reconcileOnboarding(b *testing.B, n int) onboardingResult {
 	b.Logf("onboarding, %d partnerships on %d mailboxes: every device allow-listed %.1fs after the first full sync began (its pass: %.1fs; easguard started %.1fs before it); limit %.1fs (%d mailboxes × %s ÷ %d sessions); %d Set-CASMailbox calls",
 		len(r.parts), len(r.byMailbox), res.wall.Seconds(), first.GetFinishedAt().AsTime().Sub(t0).Seconds(), t0.Sub(r.started).Seconds(),
 		limit.Seconds(), len(r.byMailbox), profile.CmdletWrite, benchSessions, r.f.sim.Recorder.Count("cmdlet:Set-CASMailbox")-writes)
+	r.logPhases("onboarding")
 	r.logPass("onboarding", t0, pass)
 	r.logMetrics("onboarding")
 	return res
@@ -297,7 +300,8 @@ type reconcileRig struct {
 	proc      *process
 	started   time.Time
 	js        jetstream.JetStream
-	mark      time.Time // end of the last phase logged
+	mark      time.Time // end of the last phase noted
+	phases    []string
 }
 
 // newReconcileRig seeds the organisation (n partnerships on n/2 mailboxes),
@@ -361,10 +365,15 @@ func newReconcileRig(tb testing.TB, n int, allowListed bool) *reconcileRig {
 	return r
 }
 
-// phase logs how long the part of the setup or run since the last one took.
+// phase notes how long the part of the setup or run since the last one
+// took; logPhases logs them.
 func (r *reconcileRig) phase(what string) {
-	r.tb.Logf("%-40s %6.1fs", what, time.Since(r.mark).Seconds())
+	r.phases = append(r.phases, fmt.Sprintf("%s %.1fs", what, time.Since(r.mark).Seconds()))
 	r.mark = time.Now()
+}
+
+func (r *reconcileRig) logPhases(shape string) {
+	r.tb.Logf("%s, phases: %s", shape, strings.Join(r.phases, ", "))
 }
 
 // osOf is the MDM's operating system name of an EAS DeviceOS ("iOS 17.4 21F70" → "iOS").
@@ -625,22 +634,24 @@ func (r *reconcileRig) since(before streamSnapshot) passStats {
 	return out
 }
 
-// logPass logs each stream's count and timing relative to t0.
+// logPass logs, on one line (a benchmark's log keeps only its first
+// ten), each stream's count and timing relative to t0.
 func (r *reconcileRig) logPass(shape string, t0 time.Time, p passStats) {
-	var b strings.Builder
+	var parts []string
 	for _, name := range passStreams {
 		h := p[name]
 		if h.n == 0 {
-			fmt.Fprintf(&b, "\n  %-28s 0", name)
+			parts = append(parts, name+" 0")
 			continue
 		}
-		fmt.Fprintf(&b, "\n  %-28s %7d  %7.1fs → %7.1fs  %8.0f/s", name, h.n, h.first.Sub(t0).Seconds(), h.last.Sub(t0).Seconds(), h.rate())
+		parts = append(parts, fmt.Sprintf("%s %d %.1fs→%.1fs %.0f/s", name, h.n, h.first.Sub(t0).Seconds(), h.last.Sub(t0).Seconds(), h.rate()))
 	}
-	r.tb.Logf("%s: messages per stream (first → last stored, from the pass's start):%s", shape, b.String())
+	r.tb.Logf("%s, messages stored per stream (first→last, from the pass's start): %s", shape, strings.Join(parts, "; "))
 }
 
-// logMetrics logs the easguard process's per-consumer handling counts and
-// times, which say where the time of the pass went.
+// logMetrics logs, on one line, the easguard process's messages handled
+// and time spent handling them per consumer since it started, which say
+// where the time went.
 func (r *reconcileRig) logMetrics(shape string) {
 	resp, err := http.Get(r.proc.http + "/metrics")
 	if err != nil {
@@ -648,20 +659,36 @@ func (r *reconcileRig) logMetrics(shape string) {
 		return
 	}
 	defer resp.Body.Close()
-	var b strings.Builder
+	type handled struct{ n, seconds float64 }
+	by := map[string]*handled{}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if strings.HasPrefix(line, "#") {
+		_, group, ok := strings.Cut(line, `messaging_consumer_group_name="`)
+		if !ok || strings.HasPrefix(line, "#") {
 			continue
 		}
-		if strings.Contains(line, "process_duration_seconds_sum") || strings.Contains(line, "process_duration_seconds_count") ||
-			strings.Contains(line, "operation_duration_seconds_sum") || strings.Contains(line, "consumed_messages_total") {
-			b.WriteString("\n  " + line)
+		group, _, _ = strings.Cut(group, `"`)
+		v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+		if err != nil {
+			continue
+		}
+		if by[group] == nil {
+			by[group] = &handled{}
+		}
+		switch {
+		case strings.HasPrefix(line, "messaging_client_consumed_messages_total"):
+			by[group].n += v
+		case strings.HasPrefix(line, "messaging_process_duration_seconds_sum"):
+			by[group].seconds += v
 		}
 	}
-	r.tb.Logf("%s: easguard's handling, cumulative since it started:%s", shape, b.String())
+	var parts []string
+	for _, g := range slices.Sorted(maps.Keys(by)) {
+		parts = append(parts, fmt.Sprintf("%s %.0f in %.1fs", strings.TrimSuffix(g, "-"+testOrg), by[g].n, by[g].seconds))
+	}
+	r.tb.Logf("%s, handled by easguard since it started (messages in handler time): %s", shape, strings.Join(parts, "; "))
 }
 
 // peakRSSMB reads the easguard process's peak resident set (VmHWM).
