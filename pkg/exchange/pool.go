@@ -699,9 +699,9 @@ func (p *Pool) Close(ctx context.Context) {
 	p.closed = true
 	idle := p.idle
 	p.idle = nil
+	p.total -= len(idle) // under the lock: release reads it while busy workers finish
 	p.mu.Unlock()
 	close(p.stop)
-	p.total -= len(idle)
 	var wg sync.WaitGroup
 	for _, w := range idle {
 		wg.Add(1)
