@@ -171,25 +171,10 @@ func freeAddr(t testing.TB) string {
 	return ln.Addr().String()
 }
 
+// start runs the all-in-one binary with env (see startBinary).
 func start(t testing.TB, env ...string) *process {
 	t.Helper()
-	addr := freeAddr(t)
-	cmd := exec.Command(easguardBinary(t), "run")
-	cmd.Env = baseEnv(append([]string{"EASGUARD_HTTP_ADDR=" + addr, "EASGUARD_DATA_DIR=" + t.TempDir()}, env...)...)
-	p := &process{cmd: cmd, stderr: &simcmd.LockedBuffer{}, exited: make(chan struct{}), http: "http://" + addr}
-	cmd.Stderr = p.stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { p.err = cmd.Wait(); close(p.exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-p.exited
-		if t.Failed() {
-			t.Logf("easguard logs:\n%s", p.stderr.String())
-		}
-	})
-	return p
+	return startBinary(t, easguardBinary(t), env...)
 }
 
 func (p *process) waitReady(t testing.TB) {

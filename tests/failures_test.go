@@ -52,9 +52,10 @@ func workerBinary(t *testing.T, name string) string {
 	return p
 }
 
-// startBinary runs bin with env (and a health address of its own), like
-// start does for the all-in-one binary.
-func startBinary(t *testing.T, bin string, env ...string) *process {
+// startBinary runs `bin run` with env, a health address and a data
+// directory of its own; it is killed at cleanup, its logs shown if the
+// test failed.
+func startBinary(t testing.TB, bin string, env ...string) *process {
 	t.Helper()
 	addr := freeAddr(t)
 	cmd := exec.Command(bin, "run")

@@ -132,7 +132,18 @@ func start(tb testing.TB, cfg evaluator.Config) *harness {
 	tb.Cleanup(func() { cancel(); <-edone })
 	bustest.Run(tb, r)
 
-	h := &harness{t: tb, js: js, e: e, logs: logs}
+	h := observe(tb, js, logs)
+	h.e = e
+	return h
+}
+
+// observe opens what a test reads of the evaluator's work: its publisher,
+// the status, decision and applied buckets, and its decisions and alerts.
+func observe(tb testing.TB, js jetstream.JetStream, logs *logSink) *harness {
+	tb.Helper()
+	ctx := natstest.Context(tb)
+	h := &harness{t: tb, js: js, logs: logs}
+	var err error
 	if h.pub, err = bus.NewPublisher(js, bus.Instrumentation{}); err != nil {
 		tb.Fatal(err)
 	}

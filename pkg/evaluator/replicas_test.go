@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -94,21 +93,7 @@ func replicaHarness(tb testing.TB, cfg evaluator.Config, names ...string) (*harn
 	for _, n := range names {
 		reps = append(reps, startReplica(tb, s, cfg, n))
 	}
-	h := &harness{t: tb, js: js, logs: &logSink{}}
-	var err error
-	if h.pub, err = bus.NewPublisher(js, bus.Instrumentation{}); err != nil {
-		tb.Fatal(err)
-	}
-	for _, b := range []struct {
-		name string
-		kv   *jetstream.KeyValue
-	}{{bus.BucketStatus, &h.status}, {bus.BucketDecisions, &h.decisions}, {bus.BucketApplied, &h.applied}} {
-		if *b.kv, err = js.KeyValue(ctx, b.name); err != nil {
-			tb.Fatal(err)
-		}
-	}
-	h.decided = natstest.Receive[ev.AccessDecided](tb, js, bus.StreamDecisions, bus.AccessDecided.Filter(org))
-	h.alerts = natstest.Receive[ev.Alert](tb, js, bus.StreamAlerts, bus.AlertRaised.Filter(org))
+	h := observe(tb, js, &logSink{})
 	return h, s, reps
 }
 
