@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -30,6 +31,11 @@ import (
 // so that the benchmark can be worked on at a size that takes seconds; the
 // metric names say the size (reconcile_5k_… at 5000).
 const benchSizeEnv = "EASGUARD_BENCH_PARTNERSHIPS"
+
+// benchEnvEnv adds settings to the easguard process of
+// BenchmarkReconcile100k (space-separated NAME=value), so that one setting
+// can be compared with another on the same benchmark.
+const benchEnvEnv = "EASGUARD_BENCH_ENV"
 
 // benchSessions is the Exchange workers (sessions) of the easguard process,
 // EASGUARD_EXCHANGE_WORKERS's default, written out because the onboarding
@@ -181,6 +187,7 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 
 	before := r.snapshot()
 	writes := r.f.sim.Recorder.Count("cmdlet:Set-CASMailbox")
+	cpu0 := r.cpuSeconds()
 	b.StartTimer()
 	t0 := time.Now()
 	r.requestFullSync()
@@ -188,6 +195,7 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 	r.waitIdle(30 * time.Minute)
 	b.StopTimer()
 	r.phase("measured full sync settled")
+	cpu := r.cpuSeconds() - cpu0
 	pass := r.since(before)
 
 	if !done.GetSuccess() {
@@ -222,6 +230,7 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 	b.Logf("steady, %d partnerships on %d mailboxes: reconcile %.1fs (asked at 0; the collector's pass %.1fs→%.1fs, %.1fs; last event %.1fs), bare listing %.1fs",
 		len(r.parts), len(r.byMailbox), res.wall.Seconds(), done.GetStartedAt().AsTime().Sub(t0).Seconds(), done.GetFinishedAt().AsTime().Sub(t0).Seconds(),
 		collectorPass.Seconds(), end.Sub(t0).Seconds(), res.listing.Seconds())
+	b.Logf("steady: easguard used %.1f s of CPU in the pass, %.0f µs a partnership", cpu, cpu*1e6/float64(len(r.parts)))
 	r.logPhases("steady")
 	r.logPass("steady", t0, pass)
 	r.logMetrics("steady")
@@ -476,6 +485,8 @@ func (r *reconcileRig) start(extra ...string) {
 		"EASGUARD_MDM_FILE=" + f.inventory,
 	}, f.sim.Env(exchangesim.DefaultUser, exchangesim.DefaultPassword, "")...)
 	env = append(env, extra...)
+	// Settings to compare (EASGUARD_CONCURRENCY=1, say) come last and win.
+	env = append(env, strings.Fields(os.Getenv(benchEnvEnv))...)
 	r.started = time.Now()
 	r.proc = start(tb, env...)
 	r.proc.waitReady(tb)
@@ -692,6 +703,32 @@ func (r *reconcileRig) logMetrics(shape string) {
 }
 
 // peakRSSMB reads the easguard process's peak resident set (VmHWM).
+// cpuSeconds is the CPU time the easguard process has used so far (user
+// and system, from /proc): over a pass, it says what the pass cost
+// whatever else shares the machine, which wall time does not.
+func (r *reconcileRig) cpuSeconds() float64 {
+	r.tb.Helper()
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(r.proc.cmd.Process.Pid), "stat"))
+	if err != nil {
+		r.tb.Fatalf("CPU time of easguard: %v", err)
+	}
+	// The fields after the command name, which is in parentheses and may
+	// hold spaces: state is the first, utime the 12th and stime the 13th.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	if len(f) < 13 {
+		r.tb.Fatalf("CPU time of easguard: short stat %q", b)
+	}
+	ticks := 0
+	for _, v := range f[11:13] {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			r.tb.Fatalf("CPU time of easguard: %q: %v", v, err)
+		}
+		ticks += n
+	}
+	return float64(ticks) / 100 // USER_HZ, 100 on Linux
+}
+
 func (r *reconcileRig) peakRSSMB() float64 {
 	r.tb.Helper()
 	path := filepath.Join("/proc", strconv.Itoa(r.proc.cmd.Process.Pid), "status")

@@ -301,8 +301,8 @@ func provisionStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.
 // provisionBucket creates a bucket's stream, or updates it when a setting
 // easguard chooses differs. It never goes through nats.go's KeyValue
 // creation, which always allows direct gets (see BucketStreamConfig): a
-// bucket created that way, even for a moment, would hand out handles that
-// read from followers.
+// replicated bucket created that way, even for a moment, would hand out
+// handles that read from followers.
 func provisionBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) error {
 	want := BucketStreamConfig(cfg)
 	s, err := js.Stream(ctx, want.Name)
@@ -318,7 +318,7 @@ func provisionBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.
 		return err
 	}
 	have := s.CachedInfo().Config
-	if !have.AllowDirect && !setFieldsDiffer(&want, &have) {
+	if have.AllowDirect == want.AllowDirect && !setFieldsDiffer(&want, &have) {
 		return nil
 	}
 	_, err = js.UpdateStream(ctx, want)
@@ -326,16 +326,20 @@ func provisionBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.
 }
 
 // BucketStreamConfig returns the stream behind a KV bucket: what nats.go
-// (v1.55) creates for cfg, except that direct gets are off. A direct get may
-// be answered by any replica, and a follower that has not applied the
-// latest write yet answers with the previous value, so a KV read on a
-// cluster would not see a write that was already acknowledged (nats.docs
-// PR #815, nats-server issues 6557 and 7281). The workers join and
-// compare-and-set on these buckets: the matcher must see the MDM record
-// another replica has just indexed, or it blocks a compliant phone. With
-// direct gets off, jetstream.KeyValue reads through the stream leader
-// (STREAM.MSG.GET), which answers only with what it has committed. Only the
-// fields easguard uses are carried (no mirrors, sources, placement).
+// (v1.55) creates for cfg, except that direct gets are off when the bucket
+// has replicas. A direct get may be answered by any replica, and a
+// follower that has not applied the latest write yet answers with the
+// previous value, so a KV read on a cluster would not see a write that was
+// already acknowledged (nats.docs PR #815, nats-server issues 6557 and
+// 7281). The workers join and compare-and-set on these buckets: the
+// matcher must see the MDM record another replica has just indexed, or it
+// blocks a compliant phone. With direct gets off, jetstream.KeyValue reads
+// through the stream leader (STREAM.MSG.GET), which answers only with what
+// it has committed. A bucket of one replica has no follower, so its direct
+// gets (binary, without the JSON API's encoding) are as current and
+// several times cheaper: a full sync of a large organisation makes
+// hundreds of thousands of them. Only the fields easguard uses are carried
+// (no mirrors, sources, placement).
 func BucketStreamConfig(cfg jetstream.KeyValueConfig) jetstream.StreamConfig {
 	history := int64(max(cfg.History, 1))
 	replicas := max(cfg.Replicas, 1)
@@ -358,7 +362,7 @@ func BucketStreamConfig(cfg jetstream.KeyValueConfig) jetstream.StreamConfig {
 		Duplicates:        duplicates,
 		MaxMsgs:           -1,
 		MaxConsumers:      -1,
-		AllowDirect:       false,
+		AllowDirect:       replicas == 1,
 		Discard:           jetstream.DiscardNew,
 		Metadata:          cfg.Metadata,
 	}

@@ -16,10 +16,12 @@ import (
 )
 
 // The stream Provision makes for a bucket is the one nats.go makes for a
-// KeyValue bucket in every setting but direct gets, so jetstream.KeyValue
-// opens it as a bucket; and Provision turns direct gets off on a bucket
-// that nats.go created (an older easguard's).
-func TestBucketStreamIsNATSKeyValueWithoutDirectGet(t *testing.T) {
+// KeyValue bucket, so jetstream.KeyValue opens it as a bucket, except that
+// a replicated bucket has no direct gets (a follower could answer them);
+// Provision keeps them on a bucket of one replica that nats.go created,
+// and turns them off when the bucket gets replicas
+// (TestProvisionOnClusterAppliesReplicas).
+func TestBucketStreamIsNATSKeyValueDirectOnlyUnreplicated(t *testing.T) {
 	top := bus.DefaultTopology()
 	for _, tt := range []struct {
 		name string
@@ -41,10 +43,17 @@ func TestBucketStreamIsNATSKeyValueWithoutDirectGet(t *testing.T) {
 			}
 			theirs := st.(*jetstream.KeyValueBucketStatus).StreamInfo().Config
 			ours := bus.BucketStreamConfig(tt.cfg)
-			if ours.AllowDirect || !theirs.AllowDirect {
+			// One replica: no follower to answer a direct get with an
+			// older value, so direct gets stay on, as nats.go has them.
+			if !ours.AllowDirect || !theirs.AllowDirect {
 				t.Fatalf("allow direct: ours %v, nats.go's %v", ours.AllowDirect, theirs.AllowDirect)
 			}
-			theirs.AllowDirect, theirs.Metadata = false, nil
+			r3 := tt.cfg
+			r3.Replicas = 3
+			if bus.BucketStreamConfig(r3).AllowDirect {
+				t.Fatal("allow direct on a bucket of three replicas")
+			}
+			theirs.Metadata = nil
 			if !reflect.DeepEqual(ours, theirs) {
 				t.Fatalf("bucket stream differs from nats.go's:\n ours   %+v\n theirs %+v", ours, theirs)
 			}
@@ -55,8 +64,8 @@ func TestBucketStreamIsNATSKeyValueWithoutDirectGet(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if s.CachedInfo().Config.AllowDirect {
-				t.Fatal("Provision left direct gets on")
+			if !s.CachedInfo().Config.AllowDirect {
+				t.Fatal("Provision turned direct gets off on a bucket of one replica")
 			}
 			if _, err := js.KeyValue(ctx, tt.cfg.Bucket); err != nil {
 				t.Fatalf("open the provisioned bucket: %v", err)
@@ -116,8 +125,8 @@ func TestProvisionOnClusterAppliesReplicas(t *testing.T) {
 			if info.Config.Replicas != replicas {
 				t.Errorf("%s: %d replicas, want %d", name, info.Config.Replicas, replicas)
 			}
-			if strings.HasPrefix(name, "KV_") && info.Config.AllowDirect {
-				t.Errorf("%s allows direct gets", name)
+			if strings.HasPrefix(name, "KV_") && info.Config.AllowDirect != (replicas == 1) {
+				t.Errorf("%s: allow direct %v with %d replicas", name, info.Config.AllowDirect, replicas)
 			}
 		}
 	}

@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -325,19 +326,41 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 			opt.NewSince = since.Add(-c.cfg.QuickOverlap)
 			opt.ChangedSince = opt.NewSince
 		}
-		if err := c.ex.ListPartnerships(ctx, opt, func(ps []exchange.Partnership) error {
+		// Partnerships are reported several at once: each report is a
+		// compare-and-set of what the collector knows and a publish, two
+		// round trips to the bus that would otherwise pace the whole pass.
+		rep := &reporter{counts: counts}
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(reportConcurrency)
+		lerr := c.ex.ListPartnerships(gctx, opt, func(ps []exchange.Partnership) error {
 			for _, p := range ps {
-				if err := c.observe(ctx, kind, id, start, p, seen, counts); err != nil {
-					counts.Failed++
-					if errors.Is(err, context.Canceled) || bus.IsPublishFailure(err) {
+				o, err := c.prepare(gctx, p, seen)
+				if err != nil {
+					rep.failed(c.log, p, err)
+					continue
+				}
+				g.Go(func() error {
+					err := c.report(gctx, kind, id, start, o, rep)
+					if err != nil && (errors.Is(err, context.Canceled) || bus.IsPublishFailure(err)) {
+						rep.add(func(n *ev.SyncCounts) { n.Failed++ })
 						return err
 					}
-					c.log.Warn("partnership not reported", "identity", p.Identity, "error", err)
+					if err != nil {
+						rep.failed(c.log, p, err)
+					}
+					return nil
+				})
+				if gctx.Err() != nil {
+					return gctx.Err()
 				}
 			}
 			return nil
-		}); err != nil {
+		})
+		if err := g.Wait(); err != nil {
 			return fmt.Errorf("list partnerships: %w", err)
+		}
+		if lerr != nil {
+			return fmt.Errorf("list partnerships: %w", lerr)
 		}
 		if kind == ev.SyncKind_SYNC_KIND_FULL {
 			if err := c.reportGone(ctx, id, start, seen, counts); err != nil {
@@ -396,24 +419,65 @@ func (c *Collector) recipient(ctx context.Context, mailbox string) (exchange.Rec
 	return r, nil
 }
 
-// observe reports one partnership and remembers it.
-func (c *Collector) observe(ctx context.Context, kind ev.SyncKind, syncID string, at time.Time, p exchange.Partnership, seen map[string]bool, counts *ev.SyncCounts) error {
+// lastSeenResolution is how stale the last-seen time of an unchanged
+// partnership may get: a pass rewrites only what changed, or what was last
+// stamped longer ago, so that a full sync of an organisation where nothing
+// changed costs one read per partnership, not a read and a write.
+const lastSeenResolution = 12 * time.Hour
+
+// reportConcurrency is how many partnerships a pass reports at once.
+const reportConcurrency = 16
+
+// reporter gathers a pass's counts from the reports running at once.
+type reporter struct {
+	mu     sync.Mutex
+	counts *ev.SyncCounts
+}
+
+func (r *reporter) add(fn func(*ev.SyncCounts)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	fn(r.counts)
+}
+
+// failed counts a partnership that could not be reported, which the next
+// pass reads again.
+func (r *reporter) failed(log *slog.Logger, p exchange.Partnership, err error) {
+	r.add(func(n *ev.SyncCounts) { n.Failed++ })
+	log.Warn("partnership not reported", "identity", p.Identity, "error", err)
+}
+
+// observation is a partnership ready to be reported: the event, and its
+// key in what the collector knows.
+type observation struct {
+	ep  *ev.EASPartnership
+	key string
+}
+
+// prepare marks a partnership seen by this pass (even if reporting it
+// fails below: it is on Exchange, and must not be reported gone) and
+// joins it with its mailbox. It runs in the listing's order, one at a
+// time: seen and the recipients are not shared with the reports.
+func (c *Collector) prepare(ctx context.Context, p exchange.Partnership, seen map[string]bool) (observation, error) {
 	pid := strings.ToLower(p.GUID)
 	if pid == "" {
 		pid = p.Identity
 	}
-	// Seen even if reporting it fails below: it is on Exchange, and must
-	// not be reported gone.
-	seen[pid] = true
-	r, err := c.recipient(ctx, p.Mailbox)
-	if err != nil {
-		return fmt.Errorf("mailbox of %s: %w", p.Identity, err)
-	}
-	ep := toEvent(p, r)
 	key, err := bus.StateKey(c.org, pid)
 	if err != nil {
-		return err
+		return observation{}, err
 	}
+	seen[key] = true
+	r, err := c.recipient(ctx, p.Mailbox)
+	if err != nil {
+		return observation{}, fmt.Errorf("mailbox of %s: %w", p.Identity, err)
+	}
+	return observation{ep: toEvent(p, r), key: key}, nil
+}
+
+// report remembers one partnership and reports it.
+func (c *Collector) report(ctx context.Context, kind ev.SyncKind, syncID string, at time.Time, o observation, rep *reporter) error {
+	ep, key := o.ep, o.key
 	fp := fingerprint(ep)
 	change := ev.ObservationChange_OBSERVATION_CHANGE_NEW
 	if _, err := bus.Modify(ctx, c.known, key, func(rec *ev.CollectorRecord, exists bool) (bus.Change, error) {
@@ -422,6 +486,9 @@ func (c *Collector) observe(ctx context.Context, kind ev.SyncKind, syncID string
 			change = ev.ObservationChange_OBSERVATION_CHANGE_NEW
 		case rec.GetFingerprint() == fp:
 			change = ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED
+			if rec.GetLastSeen().IsValid() && c.now().Sub(rec.GetLastSeen().AsTime()) < lastSeenResolution {
+				return bus.Keep, nil // nothing to remember that is not there
+			}
 		default:
 			change = ev.ObservationChange_OBSERVATION_CHANGE_CHANGED
 		}
@@ -435,15 +502,17 @@ func (c *Collector) observe(ctx context.Context, kind ev.SyncKind, syncID string
 		// full sync: a phone lost for hours.
 		return bus.MarkPublishFailure(fmt.Errorf("remember %s: %w", key, err))
 	}
-	counts.Observed++
-	switch change {
-	case ev.ObservationChange_OBSERVATION_CHANGE_NEW:
-		counts.New++
-	case ev.ObservationChange_OBSERVATION_CHANGE_CHANGED:
-		counts.Changed++
-	default:
-		counts.Unchanged++
-	}
+	rep.add(func(n *ev.SyncCounts) {
+		n.Observed++
+		switch change {
+		case ev.ObservationChange_OBSERVATION_CHANGE_NEW:
+			n.New++
+		case ev.ObservationChange_OBSERVATION_CHANGE_CHANGED:
+			n.Changed++
+		default:
+			n.Unchanged++
+		}
+	})
 	return c.publish(ctx, syncID, kind, at, ep, change)
 }
 
@@ -468,7 +537,8 @@ func (c *Collector) publish(ctx context.Context, syncID string, kind ev.SyncKind
 	return nil
 }
 
-// reportGone reports the partnerships a full sync no longer saw.
+// reportGone reports the partnerships a full sync no longer saw: those
+// the collector knows whose key the pass did not mark seen.
 func (c *Collector) reportGone(ctx context.Context, syncID string, at time.Time, seen map[string]bool, counts *ev.SyncCounts) error {
 	l, err := c.known.ListKeysFiltered(ctx, string(c.org)+".>")
 	if err != nil {
@@ -479,18 +549,14 @@ func (c *Collector) reportGone(ctx context.Context, syncID string, at time.Time,
 		keys = append(keys, k)
 	}
 	for _, k := range keys {
+		if seen[k] {
+			continue // only the ones not seen are read
+		}
 		rec, ok, err := bus.Load[ev.CollectorRecord](ctx, c.known, k)
 		if err != nil || !ok {
 			continue
 		}
 		p := rec.GetPartnership()
-		pid := strings.ToLower(p.GetGuid())
-		if pid == "" {
-			pid = p.GetIdentity()
-		}
-		if seen[pid] {
-			continue
-		}
 		if err := c.publish(ctx, syncID, ev.SyncKind_SYNC_KIND_FULL, at, p, ev.ObservationChange_OBSERVATION_CHANGE_GONE); err != nil {
 			return err
 		}

@@ -26,8 +26,10 @@ type Common struct {
 	Retention     time.Duration `split_words:"true" default:"336h" desc:"How long observed, matched, decided and applied events are kept for replay and audit."`
 	AckWait       time.Duration `split_words:"true" default:"30s" desc:"A message a crashed worker was handling is redelivered to another replica after this long (live workers extend it while they work)."`
 	MaxDeliver    int           `split_words:"true" default:"10" desc:"Deliveries of one message before it is dead-lettered with the reason (retries back off from 1s to 5m in between)."`
+	Concurrency   int           `split_words:"true" default:"8" desc:"Messages the matcher, evaluator and mailer of this process each handle at once (replicas add theirs): most of a message's time is waiting for the bus, so several at once keep a full sync of a large organisation moving. Every state change is compare-and-set, so two messages about one device may run together."`
 
 	HTTPAddr     string `split_words:"true" default:"127.0.0.1:9090" desc:"Listen address of /healthz, /readyz and /metrics."`
+	DebugAddr    string `split_words:"true" desc:"Listen address of Go's profiler (/debug/pprof/), for diagnosing CPU and memory use; empty: off. It has no authentication: keep it on loopback."`
 	LogLevel     string `split_words:"true" default:"info" desc:"Log level: debug, info, warn or error."`
 	OtelEndpoint string `split_words:"true" desc:"OTLP/HTTP endpoint for traces and metrics, e.g. http://collector:4318. Empty: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no export."`
 	InstanceID   string `split_words:"true" desc:"Name of this replica in leases, logs and traces. Empty: hostname and process id."`
@@ -70,11 +72,19 @@ func (c *Common) Validate() error {
 	if c.MaxDeliver != 0 && (c.MaxDeliver < 2 || c.MaxDeliver > 100) {
 		return Invalid(&c.MaxDeliver, "must be between 2 and 100, got %d", c.MaxDeliver)
 	}
+	if c.Concurrency < 1 || c.Concurrency > 64 {
+		return Invalid(&c.Concurrency, "must be between 1 and 64, got %d", c.Concurrency)
+	}
 	if c.Retention < time.Hour {
 		return Invalid(&c.Retention, "must be at least 1h, got %s", c.Retention)
 	}
 	if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
 		return Invalid(&c.HTTPAddr, "%q is not host:port: %v", c.HTTPAddr, err)
+	}
+	if c.DebugAddr != "" {
+		if _, _, err := net.SplitHostPort(c.DebugAddr); err != nil {
+			return Invalid(&c.DebugAddr, "%q is not host:port: %v", c.DebugAddr, err)
+		}
 	}
 	if _, err := telemetry.ParseLevel(c.LogLevel); err != nil {
 		return Invalid(&c.LogLevel, "%v", err)

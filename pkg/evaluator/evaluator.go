@@ -271,9 +271,15 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 	pol := e.policy()
 	now := e.now()
 	v := pol.Evaluate(policy.Input{Org: string(e.org), Mailbox: p.GetMailbox(), Partnership: p, MDM: in.GetMdm(), NoMatch: in.GetNoMatchReason(), Now: now})
-	applied, _, err := bus.Load[ev.AppliedRecord](ctx, e.applied, key)
-	if err != nil {
-		return nil, err
+	ok := satisfied(v.Desired, p.GetDeviceAccessState(), p.GetDeviceAccessStateReason())
+	// What the executor applied matters only where Exchange disagrees with
+	// the verdict (drift, replication, a decision in flight); a full sync
+	// of an organisation that is as the policy says skips the read.
+	applied := &ev.AppliedRecord{}
+	if v.InScope && !ok {
+		if applied, _, err = bus.Load[ev.AppliedRecord](ctx, e.applied, key); err != nil {
+			return nil, err
+		}
 	}
 	var outs []bus.Outbound
 	var stage *ev.AccessDecided
@@ -303,7 +309,6 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 			return bus.Keep, nil
 		}
 		dry := pol.DryRun || e.cfg.DryRun
-		ok := satisfied(v.Desired, p.GetDeviceAccessState(), p.GetDeviceAccessStateReason())
 		same := exists && rec.GetDesired() == v.Desired && rec.GetDryRun() == dry
 		emit, drift, reoffer := false, false, false
 		observed := obs.GetObservedAt().AsTime()

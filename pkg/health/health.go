@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sort"
 	"strings"
 	"sync"
@@ -98,17 +99,36 @@ func (s *Server) routes() {
 // Listen binds addr at once, so a port clash stops the worker at start,
 // and returns the bound address with a function that serves until ctx ends.
 func (s *Server) Listen(addr string) (net.Addr, func(ctx context.Context) error, error) {
+	return ListenHandler(addr, s.Handler())
+}
+
+// Profiler serves Go's profiles (/debug/pprof/) on a mux of its own, so
+// that they are reachable only on the address an operator chose for them,
+// never on the health and metrics listener.
+func Profiler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}
+
+// ListenHandler binds addr at once, so that a taken port fails the start,
+// and returns a function that serves h until its context ends.
+func ListenHandler(addr string, h http.Handler) (net.Addr, func(ctx context.Context) error, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, nil, fmt.Errorf("health listen %s: %w", addr, err)
+		return nil, nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
-	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 	serve := func(ctx context.Context) error {
 		errc := make(chan error, 1)
 		go func() { errc <- srv.Serve(ln) }()
 		select {
 		case err := <-errc:
-			return fmt.Errorf("health serve: %w", err)
+			return fmt.Errorf("serve %s: %w", ln.Addr(), err)
 		case <-ctx.Done():
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()

@@ -11,7 +11,6 @@ package matcher
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -125,14 +124,37 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
-	last, _, err := bus.Load[ev.MDMIndex](ctx, m.users, byIDKey)
-	if err != nil {
-		return nil, err
+	// The record's last report is replaced in one compare-and-set with the
+	// check that this report is not older, so that two reports of one
+	// record handled at once (two replicas, or two handlers of one) leave
+	// the newer one, whichever finishes first.
+	var prev *ev.MDMDevice
+	newer := false
+	if _, err := bus.Modify(ctx, m.users, byIDKey, func(last *ev.MDMIndex, exists bool) (bus.Change, error) {
+		prev, newer = nil, false
+		if seen := last.GetObservedAtById()[mdmID]; seen.IsValid() && in.GetObservedAt().IsValid() && seen.AsTime().After(in.GetObservedAt().AsTime()) {
+			newer = true
+			return bus.Keep, nil
+		}
+		if p := last.GetById()[mdmID]; p != nil {
+			prev = proto.Clone(p).(*ev.MDMDevice)
+		}
+		if in.GetRemoved() {
+			return bus.Remove, nil
+		}
+		last.Reset()
+		last.ById = map[string]*ev.MDMDevice{mdmID: d}
+		if in.GetObservedAt().IsValid() {
+			last.ObservedAtById = map[string]*timestamppb.Timestamp{mdmID: in.GetObservedAt()}
+		}
+		return bus.Write, nil
+	}); err != nil {
+		return nil, fmt.Errorf("matcher: record %s: %w", mdmID, err)
 	}
-	if seen := last.GetObservedAtById()[mdmID]; seen.IsValid() && in.GetObservedAt().IsValid() && seen.AsTime().After(in.GetObservedAt().AsTime()) {
+	if newer {
 		return nil, nil // a newer report of this record was already indexed
 	}
-	if prev := last.GetById()[mdmID]; prev != nil && in.GetRemoved() {
+	if prev != nil && in.GetRemoved() {
 		if d.GetEasDeviceId() == "" || d.GetUserPrincipalName() == "" {
 			d = proto.Clone(d).(*ev.MDMDevice)
 			if d.EasDeviceId == "" {
@@ -143,25 +165,10 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 			}
 		}
 	}
-	if prev := last.GetById()[mdmID]; prev != nil && in.GetPreviousEasDeviceId() == "" && !strings.EqualFold(prev.GetEasDeviceId(), d.GetEasDeviceId()) {
+	if prev != nil && in.GetPreviousEasDeviceId() == "" && !strings.EqualFold(prev.GetEasDeviceId(), d.GetEasDeviceId()) {
 		// The id moved without the source saying so: treat it as moved.
 		in = proto.Clone(in).(*ev.MDMDeviceChanged)
 		in.PreviousEasDeviceId = prev.GetEasDeviceId()
-	}
-	if in.GetRemoved() {
-		err = m.users.Delete(ctx, byIDKey)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			err = nil
-		}
-	} else {
-		rec := &ev.MDMIndex{ById: map[string]*ev.MDMDevice{mdmID: d}}
-		if in.GetObservedAt().IsValid() {
-			rec.ObservedAtById = map[string]*timestamppb.Timestamp{mdmID: in.GetObservedAt()}
-		}
-		err = bus.Put(ctx, m.users, byIDKey, rec)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("matcher: record %s: %w", mdmID, err)
 	}
 	easID := strings.TrimSpace(d.GetEasDeviceId())
 	affected := map[string]string{} // state key → a device id for re-matching

@@ -173,6 +173,14 @@ func Start(ctx context.Context, o Options) (_ *Service, err error) {
 	}
 	s.HTTPAddr = addr.String()
 	s.serve = serve
+	if o.Common.DebugAddr != "" {
+		addr, serveDebug, err := health.ListenHandler(o.Common.DebugAddr, health.Profiler())
+		if err != nil {
+			return nil, fmt.Errorf("profiler: %w", err)
+		}
+		s.Log.Info("profiler listening", "addr", addr.String())
+		s.Go("profiler", serveDebug)
+	}
 	return s, nil
 }
 
@@ -184,10 +192,13 @@ func (s *Service) instrumentation() bus.Instrumentation {
 }
 
 // RunnerConfig returns a runner configuration wired to this service's
-// logs, telemetry and topology.
+// logs, telemetry and topology, handling EASGUARD_CONCURRENCY messages at
+// once; a worker whose messages must be handled one at a time (the
+// collector's sync requests) sets Concurrency back to 1.
 func (s *Service) RunnerConfig(service string, org bus.Org) bus.RunnerConfig {
 	return bus.RunnerConfig{
 		Service: service, Org: org, Topology: s.topology,
+		Concurrency:     s.opts.Common.Concurrency,
 		DrainTimeout:    s.opts.Common.ShutdownTimeout,
 		Logger:          s.Log,
 		Instrumentation: s.instrumentation(),
