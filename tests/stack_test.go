@@ -86,6 +86,7 @@ type stack struct {
 	*fixture
 	t        testing.TB
 	org      string // the organisation this stack serves
+	common   config.Common
 	svc      *service.Service
 	sections pipeline.Sections
 	natsAddr string
@@ -159,7 +160,10 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	if o.mdm != nil {
 		o.mdm(&mcfg)
 	}
-	cc := collector.Config{QuickInterval: time.Second, FullInterval: time.Hour, QuickOverlap: time.Minute, EnforceSettings: true}
+	// The first full sync waits for the MDM inventory as it does by
+	// default, within a bound that keeps a test without an inventory
+	// source short.
+	cc := collector.Config{QuickInterval: time.Second, FullInterval: time.Hour, QuickOverlap: time.Minute, EnforceSettings: true, MDMWait: 20 * time.Second}
 	if o.collect != nil {
 		o.collect(&cc)
 	}
@@ -174,14 +178,14 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	}
 	s := &stack{fixture: f, t: t, spans: tracetest.NewSpanRecorder(), events: &eventLog{}}
 	common := config.Common{Org: testOrg, HTTPAddr: "127.0.0.1:0", LogLevel: "error", LeaseTTL: testLeaseTTL, AckWait: testAckWait,
-		Retention: time.Hour, NatsReplicas: max(o.replicas, 1), ShutdownTimeout: 10 * time.Second}
+		Retention: time.Hour, NatsReplicas: max(o.replicas, 1), ShutdownTimeout: 10 * time.Second, Concurrency: 8}
 	if o.org != "" {
 		common.Org = o.org
 	}
 	if o.common != nil {
 		o.common(&common)
 	}
-	s.org = common.Org
+	s.org, s.common = common.Org, common
 	s.sections = pipeline.Sections{
 		Exchange:  &xcfg,
 		Collector: &cc,
@@ -254,7 +258,8 @@ func (s *stack) processEnv(workers string) []string {
 		"EASGUARD_LEASE_TTL=" + testLeaseTTL.String(), "EASGUARD_ACK_WAIT=" + testAckWait.String(), "EASGUARD_SHUTDOWN_TIMEOUT=10s",
 		fmt.Sprint("EASGUARD_EXCHANGE_WORKERS=", x.Workers), "EASGUARD_EXCHANGE_OPERATION_TIMEOUT=" + x.OperationTimeout.String(),
 		"EASGUARD_COLLECTOR_QUICK_INTERVAL=" + c.QuickInterval.String(), "EASGUARD_COLLECTOR_FULL_INTERVAL=" + c.FullInterval.String(),
-		"EASGUARD_COLLECTOR_QUICK_OVERLAP=" + c.QuickOverlap.String(),
+		"EASGUARD_COLLECTOR_QUICK_OVERLAP=" + c.QuickOverlap.String(), "EASGUARD_COLLECTOR_MDM_WAIT=" + c.MDMWait.String(),
+		fmt.Sprint("EASGUARD_CONCURRENCY=", s.common.Concurrency),
 		fmt.Sprint("EASGUARD_EVALUATOR_BLAST_RADIUS=", e.BlastRadius), fmt.Sprint("EASGUARD_EVALUATOR_BLAST_MINIMUM=", e.BlastMinimum),
 		"EASGUARD_EVALUATOR_MDM_WINDOW=" + e.MDMWindow.String(), "EASGUARD_EVALUATOR_REPLICATION_GRACE=" + e.ReplicationGrace.String(), "EASGUARD_EVALUATOR_POLICY_FILE=" + e.PolicyFile, fmt.Sprint("EASGUARD_EVALUATOR_DRY_RUN=", e.DryRun),
 		"EASGUARD_EXECUTOR_WINDOW=" + ex.Window.String(), fmt.Sprint("EASGUARD_EXECUTOR_MAX_BATCH=", ex.MaxBatch), fmt.Sprint("EASGUARD_EXECUTOR_PARALLEL=", ex.Parallel),

@@ -41,6 +41,7 @@ type Config struct {
 	EnforceSettings     bool          `split_words:"true" default:"true" desc:"On full sync, read the organisation's ActiveSync settings, make the two below what they say, and report DefaultAccessLevel, which the evaluator plans as the policy's default_access_level says and the executor changes. false: easguard leaves the organisation settings alone, DefaultAccessLevel included."`
 	AdminMailRecipients []string      `split_words:"true" desc:"Comma-separated AdminMailRecipients easguard enforces (Exchange's quarantine notices to administrators). Empty: left as Exchange has it."`
 	UserMailInsert      string        `split_words:"true" desc:"UserMailInsert easguard enforces (the footer of Exchange's own quarantine mail), at most 256 characters. Empty: left as Exchange has it."`
+	MDMWait             time.Duration `split_words:"true" default:"2m" desc:"Before the organisation's first full sync, wait up to this long for an MDM inventory (Graph or the file) to be read completely and indexed by the matcher, so that no enrolled phone is judged unknown (blocked, and its user told to enrol) because its partnership was read before its MDM record. 0: do not wait (an MDM that only calls the webhook)."`
 }
 
 // Validate checks the settings.
@@ -50,6 +51,9 @@ func (c *Config) Validate() error {
 	}
 	if c.FullInterval < c.QuickInterval {
 		return config.Invalid(&c.FullInterval, "must not be shorter than the quick interval")
+	}
+	if c.MDMWait < 0 {
+		return config.Invalid(&c.MDMWait, "must not be negative, got %s", c.MDMWait)
 	}
 	if len([]rune(c.UserMailInsert)) > 256 {
 		return config.Invalid(&c.UserMailInsert, "Exchange allows at most 256 characters")
@@ -74,8 +78,10 @@ type Collector struct {
 	log    *slog.Logger
 	now    func() time.Time
 
-	known, status jetstream.KeyValue
-	pub           *bus.Publisher
+	known, status, mdmSources jetstream.KeyValue
+	js                        jetstream.JetStream
+	pub                       *bus.Publisher
+	mdmWaited                 bool
 
 	mu         sync.Mutex // one sync at a time
 	recipients map[string]exchange.Recipient
@@ -97,6 +103,10 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 	if c.status, err = js.KeyValue(ctx, bus.BucketStatus); err != nil {
 		return nil, fmt.Errorf("collector: open %s: %w", bus.BucketStatus, err)
 	}
+	if c.mdmSources, err = js.KeyValue(ctx, bus.BucketMDMSources); err != nil {
+		return nil, fmt.Errorf("collector: open %s: %w", bus.BucketMDMSources, err)
+	}
+	c.js = js
 	return c, nil
 }
 
@@ -150,6 +160,10 @@ func (c *Collector) Schedule(ctx context.Context) error {
 		lastQuick, okQuick := c.lastSuccess(ctx, "quick")
 		switch {
 		case !okFull || c.now().Sub(lastFull.StartedAt) >= c.cfg.FullInterval:
+			if !okFull && !c.mdmWaited {
+				c.mdmWaited = true
+				c.waitForMDM(ctx)
+			}
 			if _, err := c.Sync(ctx, ev.SyncKind_SYNC_KIND_FULL, "", "schedule"); err != nil && ctx.Err() == nil {
 				c.log.Error("full sync failed", "error", err)
 			}
@@ -168,6 +182,113 @@ func (c *Collector) Schedule(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
+}
+
+// waitForMDM holds the organisation's first full sync until an MDM
+// inventory source has delivered a complete read (what it delivered is in
+// bus.BucketMDMSources) and the matcher has indexed every MDM change
+// published so far (its consumer is drained), or until MDMWait has passed.
+// Started together, easguard's collector lists the partnerships while its
+// MDM source is still reading the inventory: a partnership matched before
+// its MDM record would be judged an unknown device, blocked, and its
+// enrolled user sent a mail telling them to enrol, all undone a moment
+// later. The wait comes before the first full sync only: later, the
+// indexes hold the MDM's records.
+func (c *Collector) waitForMDM(ctx context.Context) {
+	if c.cfg.MDMWait <= 0 {
+		return
+	}
+	st := MDMWaitStatus{Waiting: true, Since: c.now()}
+	c.putStatus(ctx, MDMWaitStatusKey, st)
+	deadline := st.Since.Add(c.cfg.MDMWait)
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		var err error
+		if !st.InventoryRead {
+			st.InventoryRead, err = c.inventoryDelivered(ctx)
+		}
+		if st.InventoryRead && err == nil {
+			st.Indexed, err = c.mdmIndexed(ctx)
+		}
+		st.Checks++
+		done := st.InventoryRead && st.Indexed
+		if done || c.now().After(deadline) || ctx.Err() != nil {
+			st.Waiting, st.Until = false, c.now()
+			c.putStatus(ctx, MDMWaitStatusKey, st)
+			if done {
+				c.log.Info("first full sync: the MDM inventory is read and indexed", "waited", st.Until.Sub(st.Since).Round(time.Millisecond))
+			} else if ctx.Err() == nil {
+				c.log.Warn("first full sync starts without a complete MDM inventory: devices whose MDM record is not indexed yet are judged unknown until it is",
+					"waited", c.cfg.MDMWait, "inventory_read", st.InventoryRead, "indexed", st.Indexed, "error", err)
+			}
+			return
+		}
+		c.putStatus(ctx, MDMWaitStatusKey, st)
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+	}
+}
+
+// MDMWaitStatusKey is where, under the org, the status bucket holds the
+// collector's MDMWaitStatus.
+const MDMWaitStatusKey = "sync.full.mdm_wait"
+
+// MDMWaitStatus is what the status bucket says about the first full sync's
+// wait for the MDM inventory (see Collector.waitForMDM).
+type MDMWaitStatus struct {
+	// Waiting is true while the first full sync waits.
+	Waiting bool      `json:"waiting"`
+	Since   time.Time `json:"since"`
+	Until   time.Time `json:"until,omitzero"`
+	// InventoryRead says an MDM inventory source delivered a complete
+	// read; Indexed that the matcher has handled every MDM change since.
+	InventoryRead bool `json:"inventory_read"`
+	Indexed       bool `json:"indexed"`
+	// Checks counts the looks at both so far.
+	Checks int `json:"checks"`
+}
+
+// inventoryDelivered reports whether an inventory source of this org has
+// stored what it delivered: it does so after each complete read.
+func (c *Collector) inventoryDelivered(ctx context.Context) (bool, error) {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	w, err := c.mdmSources.WatchFiltered(wctx, []string{string(c.org) + ".>"}, jetstream.MetaOnly(), jetstream.IgnoreDeletes())
+	if err != nil {
+		return false, fmt.Errorf("watch %s: %w", bus.BucketMDMSources, err)
+	}
+	defer func() { _ = w.Stop() }()
+	select {
+	case e := <-w.Updates():
+		// The first key, or nil: the bucket holds none for this org.
+		return e != nil, nil
+	case <-wctx.Done():
+		return false, wctx.Err()
+	}
+}
+
+// mdmIndexed reports whether the matcher has handled every MDM change of
+// this org published so far.
+func (c *Collector) mdmIndexed(ctx context.Context) (bool, error) {
+	s, err := c.js.Stream(ctx, bus.StreamMDM)
+	if err != nil {
+		return false, fmt.Errorf("mdm stream: %w", err)
+	}
+	cons, err := s.Consumer(ctx, "matcher-mdm-changed-"+string(c.org))
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return false, nil // the matcher has not bound yet
+	}
+	if err != nil {
+		return false, fmt.Errorf("matcher's mdm consumer: %w", err)
+	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		return false, fmt.Errorf("matcher's mdm consumer: %w", err)
+	}
+	return bus.Drained(ctx, s, info)
 }
 
 // policyWait is how long a full sync waits for the evaluator to say

@@ -82,6 +82,9 @@ type reconciler struct {
 	// condition that persists across reads alerts once.
 	failureAlert  string
 	withheldAlert string
+	// marked says this run has told the store that a complete read was
+	// delivered (ReadMarker), which it does once.
+	marked bool
 }
 
 func newReconciler(what, source string, massShare float64, sink Sink, log *slog.Logger) *reconciler {
@@ -272,6 +275,12 @@ func (r *reconciler) apply(ctx context.Context, next *inventory, resync bool) er
 	r.known = committed
 	if err := r.save(ctx, known); err != nil {
 		return err
+	}
+	if m, ok := r.store.(ReadMarker); ok && !r.marked {
+		if err := m.MarkRead(ctx, r.source, len(next.order)); err != nil {
+			return fmt.Errorf("mark %s read: %w", r.what, err)
+		}
+		r.marked = true
 	}
 	if rr, ok := r.sink.(ReadReporter); ok && !withhold {
 		// A read whose removals were withheld is not "ok": its alert

@@ -42,6 +42,15 @@ type InventoryStore interface {
 	Save(ctx context.Context, source string, put []KnownDevice, remove []string) error
 }
 
+// ReadMarker is an InventoryStore that also records that a source has
+// delivered a complete read, even one with nothing to store (an empty
+// inventory): the collector holds an organisation's first full sync until
+// some source has, so that no enrolled phone is judged before its MDM
+// record is read.
+type ReadMarker interface {
+	MarkRead(ctx context.Context, source string, devices int) error
+}
+
 // kvSaveParallel bounds the writes of one Save in flight at once: a first
 // read of a large tenant stores tens of thousands of records, and one
 // round trip at a time would take minutes.
@@ -65,6 +74,17 @@ func NewKVInventoryStore(kv jetstream.KeyValue, org bus.Org) (*KVInventoryStore,
 }
 
 func (s *KVInventoryStore) prefix(source string) string { return s.org + "." + exactToken(source) }
+
+// MarkRead stores when the source delivered a complete read under
+// <org>.<source> itself, beside its records (<org>.<source>.<mdm id>),
+// which Load does not read.
+func (s *KVInventoryStore) MarkRead(ctx context.Context, source string, devices int) error {
+	v := fmt.Sprintf(`{"read_at":%q,"devices":%d}`, time.Now().UTC().Format(time.RFC3339Nano), devices)
+	if _, err := s.kv.Put(ctx, s.prefix(source), []byte(v)); err != nil {
+		return fmt.Errorf("mark %s read: %w", source, err)
+	}
+	return nil
+}
 
 // Load reads every record of the source through one watcher, which walks
 // the bucket's stream in one pass instead of a round trip per key.
