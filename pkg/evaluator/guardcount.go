@@ -1,0 +1,431 @@
+package evaluator
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/easguard/easguard/pkg/bus"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
+)
+
+// The blast-radius guard's base, "how many partnerships have mail now", is
+// kept by a materialized view of the two buckets that decide it, instead
+// of being recounted from every key at each guard decision (O(devices) KV
+// round trips per sync pass and per MDM window).
+//
+// Why a view and not counters: a counter updated beside the record it
+// describes drifts when a worker dies between the two writes, and the
+// partnership index it would have to follow is written by another worker
+// (the matcher). The view holds no state of its own that could disagree
+// with the records: it is a function of the buckets' current values,
+// replayed from JetStream (a KV watcher, last value per key) the first
+// time a replica judges, then updated by every change in the order the
+// stream stored them. Crashes, redeliveries, concurrent handlers and
+// several replicas only ever write records; whatever they leave is what
+// the view shows. A restart or a lease takeover replays it in the replica
+// that judges next.
+//
+// Why exact: before it counts, the guard reads the sequence of the last
+// message the bucket holds for the organisation's keys (from the stream's
+// leader, not a direct get that a lagging follower may answer) and waits
+// until the view has applied it. Everything written before the guard
+// decision began is then in the count, as it was in a full recount that
+// read each key then; writes made meanwhile may or may not be, as they
+// may or may not have been in the recount.
+//
+// Memory: per partnership that is decided or shown Allowed, its key and a
+// few bits (about 100 bytes at 100,000 partnerships: ~10 MB); per
+// partnership index, the keys of its Allowed partnerships. No record is
+// kept decoded.
+//
+// Each replica that has judged keeps its view up to date from then on,
+// so that the next guard decision (which any replica may take: a sync
+// pass is judged where its sync.completed arrives) waits only for the
+// changes since; it stops with the evaluator's Run.
+
+// viewStall is how long a count waits for a view that makes no progress
+// before it gives the view up: the guard decision fails (and is retried)
+// and the next one replays a new view.
+const viewStall = 30 * time.Second
+
+// allowedView is the materialized view of one organisation's decisions
+// and partnership index that allowedCount reads.
+type allowedView struct {
+	org  string
+	stop context.CancelFunc
+
+	mu sync.Mutex
+	// keys: per decision key, what decides whether it has mail.
+	keys map[string]viewKey
+	// parts: per partnership index key, the decision keys of the
+	// partnerships it shows Allowed (to take them back when it changes).
+	parts map[string][]string
+	// bad: keys whose value could not be decoded; a count fails while
+	// there is one, as the recount did.
+	bad map[string]error
+	// n is the count: Σ contribution over keys.
+	n int
+	// seen: the stream sequence of the last change applied, per bucket
+	// (decisions, partnerships).
+	seen [2]uint64
+	// err: the view stopped (its context ended, a watcher closed).
+	err error
+	// wake is closed at the next change applied, when someone waits.
+	wake chan struct{}
+}
+
+// viewKey is what the view knows of one decision key.
+type viewKey struct {
+	// decided: the evaluator has a record of the partnership; counts: that
+	// record gives it mail (held, or an Allow that is applied for real and
+	// not waiting for the guard).
+	decided, counts bool
+	// allowedSeen: how many index entries show the partnership Allowed by
+	// Exchange when last observed (one at most, in practice).
+	allowedSeen uint16
+}
+
+// contribution is what a key adds to the count: an undecided partnership
+// (out of scope, say) has mail if Exchange showed it Allowed; a decided
+// one if its record says so.
+func (k viewKey) contribution() int {
+	if k.decided {
+		if k.counts {
+			return 1
+		}
+		return 0
+	}
+	return int(k.allowedSeen)
+}
+
+// hasMail is the decision record's part of "has mail now": what
+// allowedCount counted for a decided partnership before it had a view.
+func hasMail(rec *ev.DecisionRecord) bool {
+	return rec.GetHeld() || rec.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_ALLOW && !rec.GetDryRun() && !rec.GetStaged()
+}
+
+const (
+	bucketDecisions = iota
+	bucketParts
+)
+
+// startAllowedView replays the organisation's keys of both buckets into a
+// new view and keeps it updated until ctx ends.
+func startAllowedView(ctx context.Context, org bus.Org, decisions, parts jetstream.KeyValue) (*allowedView, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	v := &allowedView{org: string(org), stop: cancel, keys: map[string]viewKey{}, parts: map[string][]string{}, bad: map[string]error{}}
+	// A slice each: WatchFiltered rewrites the one it is given in place.
+	filter := string(org) + ".>"
+	wd, err := decisions.WatchFiltered(ctx, []string{filter})
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("guard view: watch %s: %w", decisions.Bucket(), err)
+	}
+	wp, err := parts.WatchFiltered(ctx, []string{filter})
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("guard view: watch %s: %w", parts.Bucket(), err)
+	}
+	go v.run(ctx, wd, wp)
+	return v, nil
+}
+
+// run applies the watchers' changes until ctx ends or one stops.
+func (v *allowedView) run(ctx context.Context, wd, wp jetstream.KeyWatcher) {
+	defer func() { _ = wd.Stop(); _ = wp.Stop() }()
+	dc, pc := wd.Updates(), wp.Updates()
+	for {
+		var e jetstream.KeyValueEntry
+		var ok bool
+		bucket := bucketDecisions
+		select {
+		case <-ctx.Done():
+			v.fail(fmt.Errorf("guard view stopped: %w", ctx.Err()))
+			return
+		case e, ok = <-dc:
+		case e, ok = <-pc:
+			bucket = bucketParts
+		}
+		if !ok {
+			v.fail(errors.New("guard view: a watcher stopped"))
+			return
+		}
+		if e == nil {
+			continue // the end of the replay; the sequences say more
+		}
+		v.apply(bucket, e)
+	}
+}
+
+// fail marks the view stopped and wakes whoever waits on it.
+func (v *allowedView) fail(err error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.err == nil {
+		v.err = err
+	}
+	v.signal()
+}
+
+func (v *allowedView) signal() {
+	if v.wake != nil {
+		close(v.wake)
+		v.wake = nil
+	}
+}
+
+// apply applies one change of a bucket.
+func (v *allowedView) apply(bucket int, e jetstream.KeyValueEntry) {
+	key := e.Key()
+	put := e.Operation() == jetstream.KeyValuePut
+	var decErr error
+	var counts bool
+	var allowed []string
+	if put {
+		switch bucket {
+		case bucketDecisions:
+			rec := &ev.DecisionRecord{}
+			if decErr = proto.Unmarshal(e.Value(), rec); decErr == nil {
+				counts = hasMail(rec)
+			}
+		case bucketParts:
+			idx := &ev.PartnershipIndex{}
+			if decErr = proto.Unmarshal(e.Value(), idx); decErr == nil {
+				allowed = v.allowedOf(idx)
+			}
+		}
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	bk := [...]string{"decisions|", "partnerships|"}[bucket] + key
+	delete(v.bad, bk)
+	if decErr != nil {
+		v.bad[bk] = fmt.Errorf("guard view: decode %s: %w", key, decErr)
+		put = false // counted as gone until a readable value replaces it
+	}
+	switch bucket {
+	case bucketDecisions:
+		v.update(key, func(k *viewKey) { k.decided, k.counts = put, put && counts })
+	case bucketParts:
+		for _, dk := range v.parts[key] {
+			v.update(dk, func(k *viewKey) { k.allowedSeen-- })
+		}
+		delete(v.parts, key)
+		if len(allowed) > 0 {
+			v.parts[key] = allowed
+		}
+		for _, dk := range allowed {
+			v.update(dk, func(k *viewKey) { k.allowedSeen++ })
+		}
+	}
+	v.seen[bucket] = max(v.seen[bucket], e.Revision())
+	v.signal()
+}
+
+// update changes one key's state and the count with it; callers hold mu.
+func (v *allowedView) update(dk string, fn func(*viewKey)) {
+	k := v.keys[dk]
+	v.n -= k.contribution()
+	fn(&k)
+	v.n += k.contribution()
+	if k == (viewKey{}) {
+		delete(v.keys, dk)
+		return
+	}
+	v.keys[dk] = k
+}
+
+// allowedOf lists the decision keys of the partnerships an index entry
+// shows Allowed by Exchange.
+func (v *allowedView) allowedOf(idx *ev.PartnershipIndex) []string {
+	var out []string
+	for id, o := range idx.GetById() {
+		p := o.GetPartnership()
+		if p.GetDeviceAccessState() != ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED {
+			continue
+		}
+		dk, err := bus.StateKey(bus.Org(v.org), p.GetDeviceId(), id)
+		if err != nil {
+			continue // not a key the evaluator could have decided on
+		}
+		out = append(out, dk)
+	}
+	return out
+}
+
+// errViewStalled says a view made no progress towards a count for
+// viewStall; it is replaced.
+var errViewStalled = errors.New("guard view: no progress")
+
+// count waits until the view has applied the changes up to the given
+// stream sequences (of decisions and partnerships), then returns the count.
+func (v *allowedView) count(ctx context.Context, upTo [2]uint64) (int, error) {
+	stall := time.NewTimer(viewStall)
+	defer stall.Stop()
+	var last [2]uint64
+	for {
+		v.mu.Lock()
+		if v.err != nil {
+			err := v.err
+			v.mu.Unlock()
+			return 0, err
+		}
+		if v.seen[0] >= upTo[0] && v.seen[1] >= upTo[1] {
+			n := v.n
+			var bad error
+			for _, err := range v.bad {
+				bad = err
+				break
+			}
+			v.mu.Unlock()
+			return n, bad
+		}
+		if v.seen != last {
+			last = v.seen
+			stall.Reset(viewStall)
+		}
+		if v.wake == nil {
+			v.wake = make(chan struct{})
+		}
+		wake := v.wake
+		v.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-stall.C:
+			return 0, fmt.Errorf("%w for %s (at %v, waiting for %v)", errViewStalled, viewStall, last, upTo)
+		case <-wake:
+		}
+	}
+}
+
+// size reports how many keys the view holds, for tests and benchmarks.
+func (v *allowedView) size() (keys, indexes int) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return len(v.keys), len(v.parts)
+}
+
+// allowedCount counts the partnerships that have mail now, not counting
+// the staged revocations (the caller adds those): the ones easguard
+// allowed (or the guard held), and the ones Exchange allowed when last
+// seen that easguard has not decided on (out of scope, say). It reads the
+// replica's view (see allowedView), started on first use.
+func (e *Evaluator) allowedCount(ctx context.Context) (int, error) {
+	v, err := e.allowedView(ctx)
+	if err != nil {
+		return 0, err
+	}
+	var upTo [2]uint64
+	for i, kv := range []jetstream.KeyValue{e.decisions, e.parts} {
+		if upTo[i], err = lastSeq(ctx, e.js, kv, string(e.org)+".>"); err != nil {
+			return 0, err
+		}
+	}
+	n, err := v.count(ctx, upTo)
+	if err != nil && ctx.Err() == nil {
+		// Whatever stopped it, the next guard decision replays a new one.
+		e.dropView(v)
+	}
+	return n, err
+}
+
+// allowedView returns the replica's view, starting one if there is none
+// (or the last one stopped). It lives as long as the evaluator's Run;
+// without Run (a test calling a handler alone), as long as ctx.
+func (e *Evaluator) allowedView(ctx context.Context) (*allowedView, error) {
+	e.viewMu.Lock()
+	defer e.viewMu.Unlock()
+	if v := e.view; v != nil {
+		v.mu.Lock()
+		alive := v.err == nil
+		v.mu.Unlock()
+		if alive {
+			return v, nil
+		}
+	}
+	life := e.life
+	if life == nil || life.Err() != nil {
+		life = ctx
+	}
+	v, err := startAllowedView(life, e.org, e.decisions, e.parts)
+	if err != nil {
+		return nil, err
+	}
+	e.view = v
+	return v, nil
+}
+
+// dropView stops a view and forgets it, if it is still the current one.
+func (e *Evaluator) dropView(v *allowedView) {
+	e.viewMu.Lock()
+	defer e.viewMu.Unlock()
+	v.stop()
+	if e.view == v {
+		e.view = nil
+	}
+}
+
+// lastSeq returns the stream sequence of the last message a KV bucket
+// holds under a key filter (0 if none), as the stream's leader knows it.
+// The client's Stream.GetLastMsgForSubject takes the direct-get path on a
+// KV bucket's stream (AllowDirect), which any replica may answer, and a
+// follower may lag; the guard needs the leader's answer, so this is the
+// STREAM.MSG.GET request of the JetStream API, whose last_by_subj accepts
+// a wildcard filter.
+func lastSeq(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, filter string) (uint64, error) {
+	stream := "KV_" + kv.Bucket()
+	req, err := json.Marshal(struct {
+		LastFor string `json:"last_by_subj"`
+	}{"$KV." + kv.Bucket() + "." + filter})
+	if err != nil {
+		return 0, err
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+	}
+	msg, err := js.Conn().RequestWithContext(ctx, apiPrefix(js)+"STREAM.MSG.GET."+stream, req)
+	if err != nil {
+		return 0, fmt.Errorf("guard view: last sequence of %s: %w", stream, err)
+	}
+	var resp struct {
+		Message *struct {
+			Seq uint64 `json:"seq"`
+		} `json:"message"`
+		Error *jetstream.APIError `json:"error"`
+	}
+	if err := json.Unmarshal(msg.Data, &resp); err != nil {
+		return 0, fmt.Errorf("guard view: last sequence of %s: %w", stream, err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound:
+		return 0, nil
+	case resp.Error != nil:
+		return 0, fmt.Errorf("guard view: last sequence of %s: %w", stream, resp.Error)
+	case resp.Message == nil:
+		return 0, fmt.Errorf("guard view: last sequence of %s: empty answer", stream)
+	}
+	return resp.Message.Seq, nil
+}
+
+// apiPrefix is the JetStream API prefix js sends its requests under.
+func apiPrefix(js jetstream.JetStream) string {
+	o := js.Options()
+	switch {
+	case o.APIPrefix != "":
+		return strings.TrimSuffix(o.APIPrefix, ".") + "."
+	case o.Domain != "":
+		return "$JS." + o.Domain + ".API."
+	}
+	return jetstream.DefaultAPIPrefix
+}
