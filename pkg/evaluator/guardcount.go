@@ -61,6 +61,8 @@ const viewStall = 30 * time.Second
 type allowedView struct {
 	org  string
 	stop context.CancelFunc
+	// done is closed when the view's goroutine has returned.
+	done chan struct{}
 
 	mu sync.Mutex
 	// keys: per decision key, what decides whether it has mail.
@@ -121,7 +123,7 @@ const (
 // new view and keeps it updated until ctx ends.
 func startAllowedView(ctx context.Context, org bus.Org, decisions, parts jetstream.KeyValue) (*allowedView, error) {
 	ctx, cancel := context.WithCancel(ctx)
-	v := &allowedView{org: string(org), stop: cancel, keys: map[string]viewKey{}, parts: map[string][]string{}, bad: map[string]error{}}
+	v := &allowedView{org: string(org), stop: cancel, done: make(chan struct{}), keys: map[string]viewKey{}, parts: map[string][]string{}, bad: map[string]error{}}
 	// A slice each: WatchFiltered rewrites the one it is given in place.
 	filter := string(org) + ".>"
 	wd, err := decisions.WatchFiltered(ctx, []string{filter})
@@ -140,6 +142,7 @@ func startAllowedView(ctx context.Context, org bus.Org, decisions, parts jetstre
 
 // run applies the watchers' changes until ctx ends or one stops.
 func (v *allowedView) run(ctx context.Context, wd, wp jetstream.KeyWatcher) {
+	defer close(v.done)
 	defer func() { _ = wd.Stop(); _ = wp.Stop() }()
 	dc, pc := wd.Updates(), wp.Updates()
 	for {
@@ -220,7 +223,8 @@ func (v *allowedView) apply(bucket int, e jetstream.KeyValueEntry) {
 		}
 		delete(v.parts, key)
 		if len(allowed) > 0 {
-			v.parts[key] = allowed
+			// A copy: the entry's key is a slice of its whole subject.
+			v.parts[strings.Clone(key)] = allowed
 		}
 		for _, dk := range allowed {
 			v.update(dk, func(k *viewKey) { k.allowedSeen++ })
@@ -232,15 +236,19 @@ func (v *allowedView) apply(bucket int, e jetstream.KeyValueEntry) {
 
 // update changes one key's state and the count with it; callers hold mu.
 func (v *allowedView) update(dk string, fn func(*viewKey)) {
-	k := v.keys[dk]
+	k, known := v.keys[dk]
 	v.n -= k.contribution()
 	fn(&k)
 	v.n += k.contribution()
-	if k == (viewKey{}) {
+	switch {
+	case k == (viewKey{}):
 		delete(v.keys, dk)
-		return
+	case known:
+		v.keys[dk] = k
+	default:
+		// A copy: a watched entry's key is a slice of its whole subject.
+		v.keys[strings.Clone(dk)] = k
 	}
-	v.keys[dk] = k
 }
 
 // allowedOf lists the decision keys of the partnerships an index entry
