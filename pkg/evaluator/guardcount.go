@@ -2,7 +2,6 @@ package evaluator
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -384,56 +383,26 @@ func (e *Evaluator) dropView(v *allowedView) {
 
 // lastSeq returns the stream sequence of the last message a KV bucket
 // holds under a key filter (0 if none), as the stream's leader knows it.
-// The client's Stream.GetLastMsgForSubject takes the direct-get path on a
-// KV bucket's stream (AllowDirect), which any replica may answer, and a
-// follower may lag; the guard needs the leader's answer, so this is the
-// STREAM.MSG.GET request of the JetStream API, whose last_by_subj accepts
-// a wildcard filter.
+// bus.Provision turns direct gets off on every bucket (a follower may
+// answer a direct get with what it has not caught up on), so the client's
+// GetLastMsgForSubject is a STREAM.MSG.GET that the leader answers; its
+// last_by_subj takes a wildcard filter. A bucket that allows direct gets
+// is refused rather than read from a follower.
 func lastSeq(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, filter string) (uint64, error) {
-	stream := "KV_" + kv.Bucket()
-	req, err := json.Marshal(struct {
-		LastFor string `json:"last_by_subj"`
-	}{"$KV." + kv.Bucket() + "." + filter})
+	name := "KV_" + kv.Bucket()
+	s, err := js.Stream(ctx, name)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("guard view: last sequence of %s: %w", name, err)
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
+	if s.CachedInfo().Config.AllowDirect {
+		return 0, fmt.Errorf("guard view: %s allows direct gets, which a lagging replica may answer; provision the buckets (bus.Provision)", name)
 	}
-	msg, err := js.Conn().RequestWithContext(ctx, apiPrefix(js)+"STREAM.MSG.GET."+stream, req)
-	if err != nil {
-		return 0, fmt.Errorf("guard view: last sequence of %s: %w", stream, err)
-	}
-	var resp struct {
-		Message *struct {
-			Seq uint64 `json:"seq"`
-		} `json:"message"`
-		Error *jetstream.APIError `json:"error"`
-	}
-	if err := json.Unmarshal(msg.Data, &resp); err != nil {
-		return 0, fmt.Errorf("guard view: last sequence of %s: %w", stream, err)
-	}
-	switch {
-	case resp.Error != nil && resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound:
+	m, err := s.GetLastMsgForSubject(ctx, "$KV."+kv.Bucket()+"."+filter)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return 0, nil
-	case resp.Error != nil:
-		return 0, fmt.Errorf("guard view: last sequence of %s: %w", stream, resp.Error)
-	case resp.Message == nil:
-		return 0, fmt.Errorf("guard view: last sequence of %s: empty answer", stream)
 	}
-	return resp.Message.Seq, nil
-}
-
-// apiPrefix is the JetStream API prefix js sends its requests under.
-func apiPrefix(js jetstream.JetStream) string {
-	o := js.Options()
-	switch {
-	case o.APIPrefix != "":
-		return strings.TrimSuffix(o.APIPrefix, ".") + "."
-	case o.Domain != "":
-		return "$JS." + o.Domain + ".API."
+	if err != nil {
+		return 0, fmt.Errorf("guard view: last sequence of %s: %w", name, err)
 	}
-	return jetstream.DefaultAPIPrefix
+	return m.Sequence, nil
 }
