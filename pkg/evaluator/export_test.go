@@ -65,3 +65,13 @@ func (e *Evaluator) recountAllowed(ctx context.Context) (int, error) {
 	}
 	return n, nil
 }
+
+// dropView stops a view and forgets it, if it is still the current one.
+func (e *Evaluator) dropView(v *allowedView) {
+	e.viewMu.Lock()
+	defer e.viewMu.Unlock()
+	v.stop()
+	if e.view == v {
+		e.view = nil
+	}
+}

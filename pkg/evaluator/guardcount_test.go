@@ -2,6 +2,8 @@ package evaluator_test
 
 import (
 	"context"
+	"errors"
+	"log/slog"
 	"strconv"
 	"strings"
 	"testing"
@@ -216,4 +218,166 @@ func TestGuardCountMatchesRecount(t *testing.T) {
 	})
 	h.settle()
 	counted(t, "three revocations released after the takeover", 27, d)
+}
+
+// On a three-node cluster (R3 buckets) the guard's view counts what a full
+// recount finds for its own organisation only, while another organisation
+// writes to the same buckets, and again after the node leading the
+// decisions bucket is killed and another takes over.
+func TestGuardCountOnClusterPerOrganisation(t *testing.T) {
+	c := natstest.StartCluster(t, 3)
+	ctx := natstest.Context(t)
+	topo := bus.DefaultTopology()
+	topo.Replicas = 3
+	// The leader of the decisions bucket is killed below: connect through
+	// another node.
+	_, probe := c.Connect(t, 0)
+	retry(t, "provision", func(ctx context.Context) error { return bus.Provision(ctx, probe, topo) })
+	var leader string
+	retry(t, "the decisions bucket's leader", func(ctx context.Context) error {
+		s, err := probe.Stream(ctx, "KV_"+bus.BucketDecisions)
+		if err != nil {
+			return err
+		}
+		if cl := s.CachedInfo().Cluster; cl != nil && cl.Leader != "" {
+			leader = cl.Leader
+			return nil
+		}
+		return errors.New("no leader yet")
+	})
+	via, victim := 0, 0
+	for i := range c.Size() {
+		if c.Name(i) == leader {
+			victim = i
+		}
+	}
+	if victim == 0 {
+		via = 1
+	}
+	_, js := c.Connect(t, via)
+	orgs := []bus.Org{org, "fabrikam"}
+	evals := map[bus.Org]*evaluator.Evaluator{}
+	for _, o := range orgs {
+		e, err := evaluator.New(ctx, js, o, testConfig(evaluator.Config{}), slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		evals[o] = e
+		// Run bounds the views' life: they stay up from one count to the
+		// next, through the leader change.
+		rctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); _ = e.Run(rctx) }()
+		t.Cleanup(func() { cancel(); <-done })
+	}
+	decisions, err := js.KeyValue(ctx, bus.BucketDecisions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parts, err := js.KeyValue(ctx, bus.BucketPartnerships)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// write stores, for o, devices [from, to): each in the index (allowed
+	// by Exchange when i is even), decided Allow when i%3 == 0, Block when
+	// i%3 == 1, undecided otherwise. It returns how many have mail.
+	write := func(o bus.Org, from, to int) int {
+		t.Helper()
+		n := 0
+		for i := from; i < to; i++ {
+			dev := "ApplCLUSTER" + strconv.Itoa(i)
+			d := phone("user"+strconv.Itoa(i)+"@"+string(o)+".com", dev, stBlocked, rsIndividual)
+			if i%2 == 0 {
+				d.state = stAllowed
+			}
+			p := d.partnership()
+			id := ev.PartnershipID(p)
+			ik, err := bus.StateKey(o, dev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dk, err := bus.StateKey(o, dev, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			retry(t, "index "+ik, func(ctx context.Context) error {
+				return bus.Put(ctx, parts, ik, &ev.PartnershipIndex{ById: map[string]*ev.EASPartnershipObserved{id: {Org: string(o), Partnership: p, ObservedAt: timestamppb.Now()}}})
+			})
+			switch i % 3 {
+			case 0:
+				retry(t, "decide "+dk, func(ctx context.Context) error {
+					return bus.Put(ctx, decisions, dk, &ev.DecisionRecord{Desired: wantAllow, DecisionId: "allow-" + dev})
+				})
+				n++
+			case 1:
+				retry(t, "decide "+dk, func(ctx context.Context) error {
+					return bus.Put(ctx, decisions, dk, &ev.DecisionRecord{Desired: wantBlock, DecisionId: "block-" + dev})
+				})
+			default:
+				if i%2 == 0 {
+					n++
+				}
+			}
+		}
+		return n
+	}
+	want := map[bus.Org]int{}
+	check := func(step string) {
+		t.Helper()
+		for _, o := range orgs {
+			var view, recount int
+			retry(t, step+" count of "+string(o), func(ctx context.Context) (err error) {
+				view, recount, err = evals[o].GuardCounts(ctx)
+				return err
+			})
+			if view != recount || recount != want[o] {
+				t.Errorf("%s: %s counts %d with its view, %d by a full recount; want %d", step, o, view, recount, want[o])
+			}
+		}
+	}
+	want[org] = write(org, 0, 30)
+	want["fabrikam"] = write("fabrikam", 0, 12)
+	check("two organisations")
+	want["fabrikam"] += write("fabrikam", 12, 40)
+	check("the other organisation grew")
+
+	c.Kill(victim)
+	c.WaitReady(t, time.Minute)
+	want[org] += write(org, 30, 45)
+	check("after the decisions bucket's leader was killed")
+}
+
+// retry runs fn until it succeeds, for calls that fail while a cluster
+// elects a leader.
+func retry(tb testing.TB, what string, fn func(ctx context.Context) error) {
+	tb.Helper()
+	var err error
+	natstest.Eventually(tb, time.Minute, what, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		err = fn(ctx)
+		return err == nil
+	})
+}
+
+// A record the guard cannot read stops its count, as it stopped the full
+// recount: the guard must not judge with a base it could not establish.
+// Once the record is readable again, the count is whole.
+func TestGuardCountRefusesAnUnreadableRecord(t *testing.T) {
+	h := start(t, evaluator.Config{})
+	ctx := natstest.Context(t)
+	ds := h.fleet(3)
+	if _, err := h.decisions.Put(ctx, ds[0].key(t), []byte("not a record")); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := h.e.GuardCounts(ctx); err == nil || !strings.Contains(err.Error(), ds[0].key(t)) {
+		t.Fatalf("count with an unreadable record: err %v, want one that names %s", err, ds[0].key(t))
+	}
+	if err := bus.Put(ctx, h.decisions, ds[0].key(t), &ev.DecisionRecord{Desired: wantAllow}); err != nil {
+		t.Fatal(err)
+	}
+	view, recount, err := h.e.GuardCounts(ctx)
+	if err != nil || view != 3 || recount != 3 {
+		t.Fatalf("count once the record is readable: view %d, recount %d, err %v; want 3", view, recount, err)
+	}
 }
