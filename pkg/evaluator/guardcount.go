@@ -72,6 +72,9 @@ type allowedView struct {
 	stop context.CancelFunc
 	// done is closed when the view's goroutine has returned.
 	done chan struct{}
+	// streams are the buckets' streams (decisions, partnerships), whose
+	// leaders say how far a count must wait (upTo).
+	streams [2]jetstream.Stream
 
 	mu sync.Mutex
 	// keys: per decision key, what decides whether it has mail.
@@ -134,9 +137,23 @@ const (
 
 // startAllowedView replays the organisation's keys of both buckets into a
 // new view and keeps it updated until ctx ends.
-func startAllowedView(ctx context.Context, org bus.Org, decisions, parts jetstream.KeyValue) (*allowedView, error) {
+func startAllowedView(ctx context.Context, js jetstream.JetStream, org bus.Org, decisions, parts jetstream.KeyValue) (*allowedView, error) {
+	v := &allowedView{org: string(org), done: make(chan struct{}), keys: map[string]viewKey{}, parts: map[string][]string{}, bad: map[string]error{}}
+	for i, kv := range []jetstream.KeyValue{decisions, parts} {
+		name := "KV_" + kv.Bucket()
+		s, err := js.Stream(ctx, name)
+		if err != nil {
+			return nil, fmt.Errorf("guard view: %s: %w", name, err)
+		}
+		if s.CachedInfo().Config.AllowDirect {
+			// GetLastMsgForSubject would take the direct get, which a
+			// lagging replica may answer.
+			return nil, fmt.Errorf("guard view: %s allows direct gets; provision the buckets (bus.Provision)", name)
+		}
+		v.streams[i] = s
+	}
 	ctx, cancel := context.WithCancel(ctx)
-	v := &allowedView{org: string(org), stop: cancel, done: make(chan struct{}), keys: map[string]viewKey{}, parts: map[string][]string{}, bad: map[string]error{}}
+	v.stop = cancel
 	// A slice each: WatchFiltered rewrites the one it is given in place.
 	filter := string(org) + ".>"
 	wd, err := decisions.WatchFiltered(ctx, []string{filter})
@@ -377,8 +394,8 @@ func (e *Evaluator) allowedCount(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	var upTo [2]uint64
-	for i, kv := range []jetstream.KeyValue{e.decisions, e.parts} {
-		if upTo[i], err = lastSeq(ctx, e.js, kv, string(e.org)+".>"); err != nil {
+	for i, s := range v.streams {
+		if upTo[i], err = lastSeq(ctx, s, string(e.org)+".>"); err != nil {
 			return 0, err
 		}
 	}
@@ -402,7 +419,7 @@ func (e *Evaluator) allowedView(ctx context.Context) (*allowedView, error) {
 	if life == nil || life.Err() != nil {
 		life = ctx
 	}
-	v, err := startAllowedView(life, e.org, e.decisions, e.parts)
+	v, err := startAllowedView(life, e.js, e.org, e.decisions, e.parts)
 	if err != nil {
 		return nil, err
 	}
@@ -410,23 +427,16 @@ func (e *Evaluator) allowedView(ctx context.Context) (*allowedView, error) {
 	return v, nil
 }
 
-// lastSeq returns the stream sequence of the last message a KV bucket
-// holds under a key filter (0 if none), as the stream's leader knows it.
-// bus.Provision turns direct gets off on every bucket (a follower may
-// answer a direct get with what it has not caught up on), so the client's
-// GetLastMsgForSubject is a STREAM.MSG.GET that the leader answers; its
-// last_by_subj takes a wildcard filter. A bucket that allows direct gets
-// is refused rather than read from a follower.
-func lastSeq(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, filter string) (uint64, error) {
-	name := "KV_" + kv.Bucket()
-	s, err := js.Stream(ctx, name)
-	if err != nil {
-		return 0, fmt.Errorf("guard view: last sequence of %s: %w", name, err)
-	}
-	if s.CachedInfo().Config.AllowDirect {
-		return 0, fmt.Errorf("guard view: %s allows direct gets, which a lagging replica may answer; provision the buckets (bus.Provision)", name)
-	}
-	m, err := s.GetLastMsgForSubject(ctx, "$KV."+kv.Bucket()+"."+filter)
+// lastSeq returns the stream sequence of the last message a KV bucket's
+// stream holds under a key filter (0 if none), as the stream's leader
+// knows it. bus.Provision turns direct gets off on every bucket (a
+// follower may answer a direct get with what it has not caught up on;
+// startAllowedView checks), so the client's GetLastMsgForSubject is a
+// STREAM.MSG.GET that the leader answers; its last_by_subj takes a
+// wildcard filter.
+func lastSeq(ctx context.Context, s jetstream.Stream, filter string) (uint64, error) {
+	name := s.CachedInfo().Config.Name
+	m, err := s.GetLastMsgForSubject(ctx, "$KV."+strings.TrimPrefix(name, "KV_")+"."+filter)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return 0, nil
 	}
