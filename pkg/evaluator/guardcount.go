@@ -173,8 +173,20 @@ func startAllowedView(ctx context.Context, js jetstream.JetStream, org bus.Org, 
 // run applies the watchers' changes until ctx ends or one stops.
 func (v *allowedView) run(ctx context.Context, wd, wp jetstream.KeyWatcher) {
 	defer close(v.done)
-	defer func() { _ = wd.Stop(); _ = wp.Stop() }()
 	dc, pc := wd.Updates(), wp.Updates()
+	defer func() {
+		// The client's watcher blocks its subscription on a full updates
+		// channel, and closes the channel only once that delivery is
+		// done: drain both until they close, or the subscription never
+		// ends.
+		_, _ = wd.Stop(), wp.Stop()
+		for _, c := range []<-chan jetstream.KeyValueEntry{dc, pc} {
+			go func() {
+				for range c {
+				}
+			}()
+		}
+	}()
 	for {
 		var e jetstream.KeyValueEntry
 		var ok bool
