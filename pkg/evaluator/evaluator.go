@@ -879,6 +879,11 @@ func (e *Evaluator) Run(ctx context.Context) error {
 
 // loop is the leaseholder's background work, until ctx ends.
 func (e *Evaluator) loop(ctx context.Context) {
+	// The guard's view, replayed now rather than by the first judgement
+	// of an MDM window (seconds at 100,000 partnerships).
+	if _, err := e.allowedView(ctx); err != nil {
+		e.log.Warn("guard view not started; the first guard decision starts it", "error", err)
+	}
 	t := time.NewTicker(e.cfg.MDMWindow / 2)
 	defer t.Stop()
 	for {

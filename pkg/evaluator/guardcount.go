@@ -54,11 +54,13 @@ import (
 // Allowed partnerships: about 200 bytes per partnership, ~20 MB at
 // 100,000 (BenchmarkGuardCount reports it). No record is kept decoded.
 //
-// Lifetime. Each replica that has counted keeps its view up to date from
-// then on, so that its next guard decision (which any replica may take:
-// a sync pass is judged where its sync.completed arrives, under the guard
-// lease) waits only for the changes since. The view stops with the
-// evaluator's Run, and is replaced when it stops or stalls.
+// Lifetime. The replica that takes the evaluator lease (whose loop judges
+// the MDM windows) replays its view then; any other replica starts one at
+// its first guard decision (a sync pass is judged where its
+// sync.completed arrives, under the guard lease). Each keeps its view up
+// to date from then on, so that its next guard decision waits only for
+// the changes since. The view stops with the evaluator's Run, and is
+// replaced when it stops or stalls.
 
 // viewStall is how long a count waits for a view that makes no progress
 // before it gives the view up: the guard decision fails (and is retried)
