@@ -84,6 +84,12 @@ type Evaluator struct {
 	// guardMu serializes this process's guard decisions before they take
 	// the organisation-wide guard lock (see guarded).
 	guardMu sync.Mutex
+	// view is the guard's count of partnerships with mail (guardcount.go),
+	// started by the first guard decision of this replica; life is Run's
+	// context, which bounds it.
+	viewMu sync.Mutex
+	view   *allowedView
+	life   context.Context
 
 	pol        atomic.Pointer[policy.Policy]
 	polMu      sync.Mutex
@@ -835,55 +841,6 @@ func (e *Evaluator) dropStaged(ctx context.Context, keys []string) error {
 	return nil
 }
 
-// allowedCount counts the partnerships that have mail now, not counting
-// the staged revocations (the caller adds those): the ones easguard
-// allowed, and the ones Exchange allowed when last seen that easguard has
-// not decided on (out of scope, say).
-func (e *Evaluator) allowedCount(ctx context.Context) (int, error) {
-	keys, err := listKeys(ctx, e.decisions, string(e.org)+".>")
-	if err != nil {
-		return 0, err
-	}
-	decided := make(map[string]bool, len(keys))
-	n := 0
-	for _, k := range keys {
-		rec, ok, err := bus.Load[ev.DecisionRecord](ctx, e.decisions, k)
-		if err != nil {
-			return 0, err
-		}
-		if !ok {
-			continue
-		}
-		decided[k] = true
-		if rec.GetHeld() || rec.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_ALLOW && !rec.GetDryRun() && !rec.GetStaged() {
-			n++
-		}
-	}
-	if keys, err = listKeys(ctx, e.parts, string(e.org)+".>"); err != nil {
-		return 0, err
-	}
-	for _, k := range keys {
-		idx, ok, err := bus.Load[ev.PartnershipIndex](ctx, e.parts, k)
-		if err != nil {
-			return 0, err
-		}
-		if !ok {
-			continue
-		}
-		for id, o := range idx.GetById() {
-			p := o.GetPartnership()
-			dk, err := bus.StateKey(e.org, p.GetDeviceId(), id)
-			if err != nil || decided[dk] {
-				continue
-			}
-			if p.GetDeviceAccessState() == ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED {
-				n++
-			}
-		}
-	}
-	return n, nil
-}
-
 func listKeys(ctx context.Context, kv jetstream.KeyValue, filter string) ([]string, error) {
 	l, err := kv.ListKeysFiltered(ctx, filter)
 	if err != nil {
@@ -915,6 +872,9 @@ func (e *Evaluator) putStatus(ctx context.Context, name string, v any) error {
 // them takes over within the lease TTL when the holder stops. It returns
 // when ctx ends.
 func (e *Evaluator) Run(ctx context.Context) error {
+	e.viewMu.Lock()
+	e.life = ctx
+	e.viewMu.Unlock()
 	lease, err := bus.NewLease(ctx, e.leases, "evaluator", e.org, e.instance, e.log)
 	if err != nil {
 		return fmt.Errorf("evaluator: %w", err)
@@ -924,6 +884,11 @@ func (e *Evaluator) Run(ctx context.Context) error {
 
 // loop is the leaseholder's background work, until ctx ends.
 func (e *Evaluator) loop(ctx context.Context) {
+	// The guard's view, replayed now rather than by the first judgement
+	// of an MDM window (seconds at 100,000 partnerships).
+	if _, err := e.allowedView(ctx); err != nil {
+		e.log.Warn("guard view not started; the first guard decision starts it", "error", err)
+	}
 	t := time.NewTicker(e.cfg.MDMWindow / 2)
 	defer t.Stop()
 	for {
