@@ -148,10 +148,10 @@ func startAllowedView(ctx context.Context, js jetstream.JetStream, org bus.Org, 
 		if err != nil {
 			return nil, fmt.Errorf("guard view: %s: %w", name, err)
 		}
-		if s.CachedInfo().Config.AllowDirect {
+		if cfg := s.CachedInfo().Config; cfg.AllowDirect && cfg.Replicas > 1 {
 			// GetLastMsgForSubject would take the direct get, which a
 			// lagging replica may answer.
-			return nil, fmt.Errorf("guard view: %s allows direct gets; provision the buckets (bus.Provision)", name)
+			return nil, fmt.Errorf("guard view: %s allows direct gets on %d replicas; provision the buckets (bus.Provision)", name, cfg.Replicas)
 		}
 		v.streams[i] = s
 	}
@@ -444,11 +444,12 @@ func (e *Evaluator) allowedView(ctx context.Context) (*allowedView, error) {
 
 // lastSeq returns the stream sequence of the last message a KV bucket's
 // stream holds under a key filter (0 if none), as the stream's leader
-// knows it. bus.Provision turns direct gets off on every bucket (a
-// follower may answer a direct get with what it has not caught up on;
-// startAllowedView checks), so the client's GetLastMsgForSubject is a
-// STREAM.MSG.GET that the leader answers; its last_by_subj takes a
-// wildcard filter.
+// knows it. bus.Provision turns direct gets off on every replicated
+// bucket (a follower may answer a direct get with what it has not caught
+// up on; startAllowedView checks), so the client's GetLastMsgForSubject is
+// a STREAM.MSG.GET that the leader answers, or, on a bucket of one
+// replica, a direct get that the only server holding it answers; both
+// take a wildcard filter.
 func lastSeq(ctx context.Context, s jetstream.Stream, filter string) (uint64, error) {
 	name := s.CachedInfo().Config.Name
 	m, err := s.GetLastMsgForSubject(ctx, "$KV."+strings.TrimPrefix(name, "KV_")+"."+filter)
