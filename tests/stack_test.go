@@ -178,7 +178,7 @@ func startStack(t testing.TB, o stackOptions) *stack {
 	}
 	s := &stack{fixture: f, t: t, spans: tracetest.NewSpanRecorder(), events: &eventLog{}}
 	common := config.Common{Org: testOrg, HTTPAddr: "127.0.0.1:0", LogLevel: "error", LeaseTTL: testLeaseTTL, AckWait: testAckWait,
-		Retention: time.Hour, NatsReplicas: max(o.replicas, 1), ShutdownTimeout: 10 * time.Second, Concurrency: 8}
+		Retention: time.Hour, NatsReplicas: max(o.replicas, 1), ShutdownTimeout: 10 * time.Second, Concurrency: 4}
 	if o.org != "" {
 		common.Org = o.org
 	}

@@ -92,6 +92,16 @@ type Route struct {
 	decode func(m jetstream.Msg) (any, error)
 	handle func(ctx context.Context, r *Runner, in any) ([]Outbound, error)
 	err    error
+	serial bool
+}
+
+// Serial makes the route handle one message at a time whatever the
+// runner's Concurrency: for a handler that waits on the bus (a barrier
+// that polls until the pipeline has drained), several at once would only
+// multiply the polling and contend for the lock it takes.
+func (r Route) Serial() Route {
+	r.serial = true
+	return r
 }
 
 // Handle builds a route that feeds events of one family to a typed handler.
@@ -290,7 +300,11 @@ func (r *Runner) Run(ctx context.Context) error {
 			stopAll()
 			return fmt.Errorf("run %s: bind consumer %s on %s: %w", r.cfg.Service, rt.consumer.Durable, rt.stream, err)
 		}
-		for i := 0; i < r.cfg.Concurrency; i++ {
+		n := r.cfg.Concurrency
+		if rt.serial {
+			n = 1
+		}
+		for i := 0; i < n; i++ {
 			cc, err := cons.Consume(func(m jetstream.Msg) { r.process(hctx, rt, m) },
 				jetstream.PullMaxMessages(r.cfg.Prefetch),
 				jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {

@@ -113,13 +113,14 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 // Route returns the handler of manual sync commands; the caller binds it
 // only while this replica holds the lease.
 func (c *Collector) Route() bus.Route {
+	// One sync at a time: a second request waits for the first.
 	return bus.Handle("sync-requested", bus.SyncRequested, func(ctx context.Context, in *ev.SyncRequested) ([]bus.Outbound, error) {
 		done, err := c.Sync(ctx, in.GetKind(), in.GetSyncId(), in.GetRequestedBy())
 		if err != nil && done == nil {
 			return nil, err
 		}
 		return nil, nil
-	})
+	}).Serial()
 }
 
 // SyncStatus is what the status bucket records about a sync pass.

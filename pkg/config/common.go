@@ -26,7 +26,7 @@ type Common struct {
 	Retention     time.Duration `split_words:"true" default:"336h" desc:"How long observed, matched, decided and applied events are kept for replay and audit."`
 	AckWait       time.Duration `split_words:"true" default:"30s" desc:"A message a crashed worker was handling is redelivered to another replica after this long (live workers extend it while they work)."`
 	MaxDeliver    int           `split_words:"true" default:"10" desc:"Deliveries of one message before it is dead-lettered with the reason (retries back off from 1s to 5m in between)."`
-	Concurrency   int           `split_words:"true" default:"8" desc:"Messages the matcher, evaluator and mailer of this process each handle at once (replicas add theirs): most of a message's time is waiting for the bus, so several at once keep a full sync of a large organisation moving. Every state change is compare-and-set, so two messages about one device may run together."`
+	Concurrency   int           `split_words:"true" default:"4" desc:"Messages the matcher, evaluator and mailer of this process each handle at once (replicas add theirs): most of a message's time is waiting for the bus, so several at once keep a full sync of a large organisation moving; more than the NATS servers' cores can serve only queues requests. Every state change is compare-and-set, so two messages about one device may run together."`
 
 	HTTPAddr     string `split_words:"true" default:"127.0.0.1:9090" desc:"Listen address of /healthz, /readyz and /metrics."`
 	DebugAddr    string `split_words:"true" desc:"Listen address of Go's profiler (/debug/pprof/), for diagnosing CPU and memory use; empty: off. It has no authentication: keep it on loopback."`

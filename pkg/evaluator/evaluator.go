@@ -145,7 +145,9 @@ func (e *Evaluator) SetPublisher(p *bus.Publisher) { e.pub.Store(p) }
 func (e *Evaluator) Routes() []bus.Route {
 	return []bus.Route{
 		bus.Handle("device-matched", bus.DeviceMatched, e.Decide),
-		bus.Handle("sync-completed", bus.SyncCompleted, e.SyncCompleted),
+		// Its barrier polls until the pipeline has drained, and its
+		// judgement takes the guard lease: one at a time.
+		bus.Handle("sync-completed", bus.SyncCompleted, e.SyncCompleted).Serial(),
 	}
 }
 

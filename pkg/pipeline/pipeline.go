@@ -333,10 +333,7 @@ func startCollector(ctx context.Context, svc *service.Service, org bus.Org, cfg 
 	}
 	// The runner exists only while the lease is held, but it is built
 	// here: a route that cannot be built stops the process at start.
-	// One sync at a time: a second request waits for the first.
-	rc := svc.RunnerConfig(Collector, org)
-	rc.Concurrency = 1
-	r, err := bus.NewRunner(svc.JS, rc, c.Route())
+	r, err := bus.NewRunner(svc.JS, svc.RunnerConfig(Collector, org), c.Route())
 	if err != nil {
 		return fmt.Errorf("collector: %w", err)
 	}
@@ -595,9 +592,7 @@ func syncHandler(svc *service.Service, org bus.Org) http.Handler {
 // advisory is handled by one of them; a redelivered advisory publishes the
 // same dead-letter id, which the DLQ stream drops as a duplicate.
 func StartDeadLetterMover(svc *service.Service) error {
-	rc := svc.RunnerConfig("deadletter", "")
-	rc.Concurrency = 1 // a handful of advisories, never a backlog
-	if _, err := svc.AddRunner(rc, bus.DeadLetterMover()); err != nil {
+	if _, err := svc.AddRunner(svc.RunnerConfig("deadletter", ""), bus.DeadLetterMover().Serial()); err != nil {
 		return fmt.Errorf("dead-letter mover: %w", err)
 	}
 	return nil
