@@ -23,6 +23,11 @@ type Client struct {
 	Parallel int
 	// PageSize is how many objects a listing streams per frame.
 	PageSize int
+	// ListPartitions is how many parts a full listing (ListRecipients, and
+	// ListPartnerships without options) is split into besides its
+	// remainder, read Parallel at a time (partition.go); 1 reads it as one
+	// listing, 0 derives it from Parallel (listGroups).
+	ListPartitions int
 
 	devMu sync.Mutex
 	dev   *deviceCmdlets // nil until known
@@ -34,7 +39,7 @@ type Client struct {
 
 // NewClient returns a client over r.
 func NewClient(r Runner, cfg Config) *Client {
-	c := &Client{r: r, BatchSize: cfg.BatchSize, Parallel: cfg.Workers, PageSize: 500}
+	c := &Client{r: r, BatchSize: cfg.BatchSize, Parallel: cfg.Workers, PageSize: 500, ListPartitions: cfg.ListPartitions}
 	if c.BatchSize < 1 {
 		c.BatchSize = 100
 	}
@@ -196,6 +201,13 @@ const probeDeviceType = "EASProbeDeviceType"
 
 // ListPartnerships streams ActiveSync partnerships page by page. Large
 // organisations never become one giant frame.
+//
+// The full listing (no options) is read in parts at once, over as many
+// sessions as the client has (partition.go): fn still gets one page at a
+// time, never two concurrently, but pages of different parts interleave,
+// and if any part fails the listing fails (never a listing that looks
+// complete with a part missing). Quick and per-mailbox listings are one
+// listing, or many small ones batched, as before.
 func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func([]Partnership) error) error {
 	params := Params{"ResultSize": "Unlimited", "ActiveSync": true}
 	if opt.Mailbox != "" {
@@ -211,6 +223,11 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 	deviceCall := dc.listCall
 	isNew := func(p Partnership) bool { return !opt.NewSince.IsZero() && !p.FirstSyncTime.Before(opt.NewSince) }
 	changed := func(p Partnership) bool { return !opt.ChangedSince.IsZero() && !p.WhenChanged.Before(opt.ChangedSince) }
+	if opt.Mailbox == "" && opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
+		// The full listing, in parts read at once (partition.go).
+		parts := partitionFilters("DeviceId", "", c.listGroups(), deviceIDWeight)
+		return c.streamPartitioned(ctx, deviceCall(params), parts, partnershipPages(func(Partnership) bool { return true }, fn))
+	}
 	if opt.Mailbox != "" || opt.ChangedSince.IsZero() {
 		if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
 			params["Filter"] = "FirstSyncTime -ge '" + filterSince(opt.NewSince) + "'"
@@ -334,7 +351,13 @@ func (c *Client) changedMailboxes(ctx context.Context, since time.Time) (map[str
 // streamPartnerships runs a listing and hands fn, page by page, the
 // partnerships keep accepts.
 func (c *Client) streamPartnerships(ctx context.Context, call Call, keep func(Partnership) bool, fn func([]Partnership) error) error {
-	return c.stream(ctx, call, func(objs []Object) error {
+	return c.stream(ctx, call, partnershipPages(keep, fn))
+}
+
+// partnershipPages turns pages of objects into pages of the partnerships
+// keep accepts for fn.
+func partnershipPages(keep func(Partnership) bool, fn func([]Partnership) error) func([]Object) error {
+	return func(objs []Object) error {
 		page := make([]Partnership, 0, len(objs))
 		for _, o := range objs {
 			if p := toPartnership(o); keep(p) {
@@ -345,7 +368,7 @@ func (c *Client) streamPartnerships(ctx context.Context, call Call, keep func(Pa
 			return nil
 		}
 		return fn(page)
-	})
+	}
 }
 
 // Statistics is the sync state of a partnership (Get-MobileDeviceStatistics).
@@ -946,8 +969,12 @@ func toRecipient(o Object) Recipient {
 }
 
 // ListRecipients streams the recipients that have ActiveSync partnerships.
+// Like the full partnership listing it is read in parts at once, split on
+// the recipients' Alias (partition.go); fn gets one page at a time, and
+// the listing fails if any part does.
 func (c *Client) ListRecipients(ctx context.Context, fn func([]Recipient) error) error {
-	return c.stream(ctx, Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited", "Filter": "HasActiveSyncDevicePartnership -eq $true"}, Select: recipientProps},
+	parts := partitionFilters("Alias", recipientsFilter, c.listGroups(), evenWeight)
+	return c.streamPartitioned(ctx, Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited"}, Select: recipientProps}, parts,
 		func(objs []Object) error {
 			page := make([]Recipient, 0, len(objs))
 			for _, o := range objs {
@@ -956,6 +983,9 @@ func (c *Client) ListRecipients(ctx context.Context, fn func([]Recipient) error)
 			return fn(page)
 		})
 }
+
+// recipientsFilter selects the recipients with ActiveSync partnerships.
+const recipientsFilter = "HasActiveSyncDevicePartnership -eq $true"
 
 // GetRecipient reads one recipient.
 func (c *Client) GetRecipient(ctx context.Context, identity string) (Recipient, error) {

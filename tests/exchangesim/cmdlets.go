@@ -136,6 +136,9 @@ func (s *Session) filterArg(cmdlet string, a args, allowed map[string]string, ou
 		return nil, true
 	}
 	n, err := parseFilter(src, allowed)
+	if err == nil && s.org.caseSensitiveLike {
+		n = withCaseSensitiveLike(n)
+	}
 	if err == nil && dayFirst(s.culture()) {
 		// The session's culture reads date literals day first: 12/25/2026
 		// cannot be converted, 05/12/2026 is the 5th of December.
@@ -538,6 +541,28 @@ func (o *Org) SetListEditsKeepWhenChanged(keep bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.listEditsKeepWhenChanged = keep
+}
+
+// SetCaseSensitiveLike makes -like and -notlike in -Filter compare case
+// by case. Off by default: OPATH filters become LDAP queries, and Active
+// Directory matches its string attributes regardless of case, but the
+// reference has no source for how Exchange's -like treats case (for
+// DeviceId, which a partitioned listing filters on, in particular): it is
+// UNCONFIRMED, so tests run both ways.
+func (o *Org) SetCaseSensitiveLike(v bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.caseSensitiveLike = v
+}
+
+// SetCallFault makes every call for which fail returns an error end with
+// that error after it has produced its objects, as a listing does whose
+// domain controller went away part way through; nil removes the fault.
+// fail is called without the organisation's lock held.
+func (o *Org) SetCallFault(fail func(exchange.Call) *exchange.Error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.callFault = fail
 }
 
 // SetStalePartnershipFlag makes a mailbox's HasActiveSyncDevicePartnership

@@ -23,6 +23,9 @@ type cmpNode struct {
 	// dayFirst reads date literals the way a session whose culture puts the
 	// day first (de-DE and most of Europe) converts them.
 	dayFirst bool
+	// caseSensitive makes -like and -notlike compare case by case
+	// (Org.SetCaseSensitiveLike).
+	caseSensitive bool
 }
 
 func (n andNode) eval(g func(string) any) bool { return n.l.eval(g) && n.r.eval(g) }
@@ -38,9 +41,15 @@ func (n cmpNode) eval(g func(string) any) bool {
 		return !opathEqual(v, n.val, n.dayFirst)
 	case "-like", "-notlike":
 		pat, _ := n.val.(string)
+		if !n.caseSensitive {
+			pat = strings.ToLower(pat)
+		}
 		m := false
 		for _, s := range asStrings(v) {
-			if wildcard(strings.ToLower(pat), strings.ToLower(s)) {
+			if !n.caseSensitive {
+				s = strings.ToLower(s)
+			}
+			if wildcard(pat, s) {
 				m = true
 			}
 		}
@@ -199,6 +208,23 @@ func withDayFirst(n filterNode) filterNode {
 		return notNode{withDayFirst(x.x)}
 	case cmpNode:
 		x.dayFirst = true
+		return x
+	}
+	return n
+}
+
+// withCaseSensitiveLike returns the filter with its -like and -notlike
+// comparisons made case by case.
+func withCaseSensitiveLike(n filterNode) filterNode {
+	switch x := n.(type) {
+	case andNode:
+		return andNode{withCaseSensitiveLike(x.l), withCaseSensitiveLike(x.r)}
+	case orNode:
+		return orNode{withCaseSensitiveLike(x.l), withCaseSensitiveLike(x.r)}
+	case notNode:
+		return notNode{withCaseSensitiveLike(x.x)}
+	case cmpNode:
+		x.caseSensitive = true
 		return x
 	}
 	return n
