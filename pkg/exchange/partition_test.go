@@ -221,7 +221,9 @@ func TestPartitionedListingFailsWithAnyPart(t *testing.T) {
 		part   func(filter string) bool
 		list   func(*exchange.Client) error
 	}{
-		{"a group of partnerships", "Get-MobileDevice", func(f string) bool { return strings.Contains(f, "DeviceId -like '*0'") && !strings.HasPrefix(f, "-not") },
+		{"a group of partnerships", "Get-MobileDevice", func(f string) bool {
+			return strings.Contains(f, "DeviceId -like '*0'") && !strings.HasPrefix(f, "-not")
+		},
 			func(c *exchange.Client) error {
 				return c.ListPartnerships(context.Background(), exchange.ListOptions{}, func([]exchange.Partnership) error { return nil })
 			}},
