@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 	"unicode"
+	"unicode/utf8"
 )
 
 // filterNode is a parsed OPATH filter.
@@ -41,15 +42,9 @@ func (n cmpNode) eval(g func(string) any) bool {
 		return !opathEqual(v, n.val, n.dayFirst)
 	case "-like", "-notlike":
 		pat, _ := n.val.(string)
-		if !n.caseSensitive {
-			pat = strings.ToLower(pat)
-		}
 		m := false
 		for _, s := range asStrings(v) {
-			if !n.caseSensitive {
-				s = strings.ToLower(s)
-			}
-			if wildcard(pat, s) {
+			if like(pat, s, n.caseSensitive) {
 				m = true
 			}
 		}
@@ -168,6 +163,32 @@ func parseOPATHTime(s string, dayFirst bool) (time.Time, error) {
 		}
 	}
 	return time.Time{}, fmt.Errorf("%q is not a date", s)
+}
+
+// like matches s against a -like pattern, by rune after lower-casing both
+// unless caseSensitive. A pattern that is a literal after one leading *
+// (a partitioned listing's '*a') is matched from the end without copying
+// s, as a full listing evaluates dozens of them on every object.
+func like(pat, s string, caseSensitive bool) bool {
+	if len(pat) > 1 && pat[0] == '*' && !strings.ContainsAny(pat[1:], "*?") {
+		lit := pat[1:]
+		if caseSensitive {
+			return strings.HasSuffix(s, lit)
+		}
+		for lit != "" {
+			pr, pn := utf8.DecodeLastRuneInString(lit)
+			sr, sn := utf8.DecodeLastRuneInString(s)
+			if sn == 0 || unicode.ToLower(pr) != unicode.ToLower(sr) {
+				return false
+			}
+			lit, s = lit[:len(lit)-pn], s[:len(s)-sn]
+		}
+		return true
+	}
+	if caseSensitive {
+		return wildcard(pat, s)
+	}
+	return wildcard(strings.ToLower(pat), strings.ToLower(s))
 }
 
 // wildcard matches PowerShell -like patterns with * and ?.
