@@ -41,7 +41,7 @@ type Config struct {
 	RecycleAfter       time.Duration `split_words:"true" default:"2h" desc:"A worker is replaced after this long."`
 	CASFailover        bool          `split_words:"true" default:"true" desc:"Discover the organisation's other Client Access servers and fail over to them."`
 	BatchSize          int           `split_words:"true" default:"100" desc:"Set-CASMailbox calls sent in one round trip."`
-	ListPartitions     int           `split_words:"true" desc:"Parts a full sync's listings (partnerships, and the mailboxes that have them) are split into, read over the workers at once, each part the objects whose DeviceId (Alias) ends in one group of letters and digits, plus one part for the rest; 0 (the default) means two per worker, 1 one listing on one worker (for an Exchange that refused the parts' filters), at most 36."`
+	ListPartitions     int           `split_words:"true" desc:"Parts a full sync's listings (partnerships, and the mailboxes that have them) are split into, read over the workers at once, each part the objects whose DeviceId (Alias) ends in one group of letters and digits, plus one part for the rest; 0 (the default) means two per worker, 1 one listing on one worker (what easguard falls back to by itself where Exchange refuses the parts' filters), at most 36."`
 }
 
 // MaxWorkers caps the workers of one process well below Exchange's 18

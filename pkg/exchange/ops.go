@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -32,6 +33,9 @@ type Client struct {
 	devMu sync.Mutex
 	dev   *deviceCmdlets // nil until known
 	devAt time.Time
+	// unpartitioned is set once Exchange refused the filters of a
+	// partitioned listing: full listings are read as one from then on.
+	unpartitioned atomic.Bool
 	// MailboxReadLimit is how many changed mailboxes a listing with
 	// ChangedSince reads one by one (zero: DefaultMailboxReadLimit).
 	MailboxReadLimit int
@@ -225,8 +229,7 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 	changed := func(p Partnership) bool { return !opt.ChangedSince.IsZero() && !p.WhenChanged.Before(opt.ChangedSince) }
 	if opt.Mailbox == "" && opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
 		// The full listing, in parts read at once (partition.go).
-		parts := partitionFilters("DeviceId", "", c.listGroups(), deviceIDWeight)
-		return c.streamPartitioned(ctx, deviceCall(params), parts, partnershipPages(func(Partnership) bool { return true }, fn))
+		return c.streamPartitioned(ctx, deviceCall(params), "DeviceId", "", deviceIDWeight, partnershipPages(func(Partnership) bool { return true }, fn))
 	}
 	if opt.Mailbox != "" || opt.ChangedSince.IsZero() {
 		if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
@@ -973,8 +976,7 @@ func toRecipient(o Object) Recipient {
 // the recipients' Alias (partition.go); fn gets one page at a time, and
 // the listing fails if any part does.
 func (c *Client) ListRecipients(ctx context.Context, fn func([]Recipient) error) error {
-	parts := partitionFilters("Alias", recipientsFilter, c.listGroups(), evenWeight)
-	return c.streamPartitioned(ctx, Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited"}, Select: recipientProps}, parts,
+	return c.streamPartitioned(ctx, Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited"}, Select: recipientProps}, "Alias", recipientsFilter, evenWeight,
 		func(objs []Object) error {
 			page := make([]Recipient, 0, len(objs))
 			for _, o := range objs {

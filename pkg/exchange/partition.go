@@ -2,6 +2,7 @@ package exchange
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"sort"
@@ -36,9 +37,10 @@ import (
 // character would leave most partnerships in one part; the last character
 // is a serial number's or a random id's, spread evenly. Exchange turns a
 // -like with a leading wildcard into an LDAP final-substring match
-// (attribute=*a), which Active Directory answers for any string attribute
-// (the reference has no source on its cost; an unindexed attribute is
-// scanned per part either way).
+// (attribute=*a), which Active Directory answers for any string attribute;
+// the reference has no source for it on these cmdlets (UNCONFIRMED), so
+// where Exchange refuses the parts' filters the listing is read as one
+// (streamPartitioned).
 
 // partitionChars are the last characters the parts group, in lower case.
 const partitionChars = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -139,41 +141,58 @@ func (c *Client) listGroups() int {
 	return min(2*c.Parallel, MaxListPartitions)
 }
 
-// streamPartitioned runs call once per part, with the part's filter, at
-// most Parallel at once
-// (each on a session of its own, through the same Runner as every other
-// request), and hands fn their objects page by page. fn is called for one
-// page at a time, never concurrently, so a caller written for one listing
-// needs no locking; pages of different parts arrive interleaved, in no
-// particular order. The listing is complete only if every part is
-// (stream): the first part to fail ends the others and is the error, and
-// fn is not called after it.
-func (c *Client) streamPartitioned(ctx context.Context, call Call, parts []part, fn func([]Object) error) error {
-	withFilter := func(p part) Call {
+// streamPartitioned runs a full listing, call with base as its filter, in
+// parts split on prop (partitionFilters, listGroups of them, weighed by
+// weight), at most Parallel at once (each on a session of its own, through
+// the same Runner as every other request), and hands fn their objects page
+// by page. fn is called for one page at a time, never concurrently, so a
+// caller written for one listing needs no locking; pages of different
+// parts arrive interleaved, in no particular order. The listing is
+// complete only if every part is (stream): the first part to fail ends the
+// others and is the error, and fn is not called after it.
+//
+// Whether Exchange accepts -like with a leading wildcard on these
+// properties is UNCONFIRMED. If it refuses the parts' filters (ErrInvalid:
+// the filter could not be bound) before any page reached fn, the listing
+// is read as one, and so is every later full listing of this client.
+func (c *Client) streamPartitioned(ctx context.Context, call Call, prop, base string, weight func(byte) float64, fn func([]Object) error) error {
+	withFilter := func(f string) Call {
 		call := call
 		call.Params = maps.Clone(call.Params)
-		if p.filter == "" {
+		if f == "" {
 			delete(call.Params, "Filter")
 		} else {
-			call.Params["Filter"] = p.filter
+			call.Params["Filter"] = f
 		}
 		return call
 	}
+	groups := c.listGroups()
+	if c.unpartitioned.Load() {
+		groups = 1
+	}
+	parts := partitionFilters(prop, base, groups, weight)
 	if len(parts) == 1 {
-		return c.stream(ctx, withFilter(parts[0]), fn)
+		return c.stream(ctx, withFilter(parts[0].filter), fn)
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(max(1, c.Parallel))
-	var mu sync.Mutex
+	var (
+		mu        sync.Mutex
+		delivered bool
+	)
 	for i, p := range parts {
-		call := withFilter(p)
+		call := withFilter(p.filter)
 		g.Go(func() error {
+			if err := gctx.Err(); err != nil {
+				return err // another part failed before this one started
+			}
 			err := c.stream(gctx, call, func(objs []Object) error {
 				mu.Lock()
 				defer mu.Unlock()
 				if err := gctx.Err(); err != nil {
 					return fmt.Errorf("%w: another part of the listing failed", err)
 				}
+				delivered = true
 				return fn(objs)
 			})
 			if err != nil {
@@ -182,5 +201,13 @@ func (c *Client) streamPartitioned(ctx context.Context, call Call, parts []part,
 			return nil
 		})
 	}
-	return g.Wait()
+	perr := g.Wait()
+	if perr != nil && errors.Is(perr, ErrInvalid) && !delivered && ctx.Err() == nil {
+		c.unpartitioned.Store(true)
+		if err := c.stream(ctx, withFilter(base), fn); err != nil {
+			return fmt.Errorf("%w (read as one listing after Exchange refused its parts: %v)", err, perr)
+		}
+		return nil
+	}
+	return perr
 }

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/easguard/easguard/pkg/config/configtest"
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/tests/exchangesim"
 )
@@ -264,4 +265,52 @@ func TestPartitionedListingFailsWithAnyPart(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Whether Exchange takes a -like with a leading wildcard ('*a') on
+// DeviceId and Alias is UNCONFIRMED. Where it refuses the parts' filters,
+// a full listing is read as one instead (complete, only slower), and the
+// client stops trying parts; where it takes them, the parts are read
+// (TestPartitionedListingMatchesOneListing).
+func TestPartitionedListingWhereLeadingWildcardsAreRefused(t *testing.T) {
+	s := partitionedSim(t, exchangesim.Version2019, false)
+	want, _ := listAll(t, clientOf(t, s, 1, 0))
+	wantRecipients := recipientsOf(t, clientOf(t, s, 1, 0))
+	s.Org.SetRefuseLeadingWildcard(true)
+	c := clientOf(t, s, 3, 0)
+	for _, pass := range []string{"first", "second"} {
+		s.Recorder.Reset()
+		got, _ := listAll(t, c)
+		if strings.Join(got, ",") != strings.Join(want, ",") {
+			t.Fatalf("%s listing: %d partnerships, the one listing %d; missing or extra: %v", pass, len(got), len(want), diff(want, got))
+		}
+		filters := filtersOf(t, s, "Get-MobileDevice")
+		if unfiltered := filters[len(filters)-1]; unfiltered != "" {
+			t.Fatalf("%s listing ended with a filtered listing %q", pass, unfiltered)
+		}
+		// The first tries parts (the first refusal ends the others), the
+		// second goes straight to the one listing.
+		if (pass == "first") != (len(filters) > 1) {
+			t.Fatalf("%s listing: %d Get-MobileDevice calls: %q", pass, len(filters), filters)
+		}
+	}
+	if got := recipientsOf(t, c); strings.Join(got, "\n") != strings.Join(wantRecipients, "\n") {
+		t.Fatalf("recipients: %d, the one listing %d", len(got), len(wantRecipients))
+	}
+}
+
+// EASGUARD_EXCHANGE_LIST_PARTITIONS takes 0 (two parts per worker) to 36
+// (one per last character); anything else is refused by name.
+func TestConfigListPartitions(t *testing.T) {
+	env := func(v string) map[string]string {
+		return map[string]string{"EASGUARD_EXCHANGE_SERVER": "ex01.contoso.com", "EASGUARD_EXCHANGE_USER": `CONTOSO\svc-easguard`,
+			"EASGUARD_EXCHANGE_PASSWORD": "secret", "EASGUARD_EXCHANGE_LIST_PARTITIONS": v}
+	}
+	configtest.Check[exchangeSpec](t, []configtest.Case{
+		{Name: "derived", Env: env("0"), Want: ""},
+		{Name: "one listing", Env: env("1"), Want: ""},
+		{Name: "one part per character", Env: env("36"), Want: ""},
+		{Name: "more parts than characters", Env: env("37"), Want: "EASGUARD_EXCHANGE_LIST_PARTITIONS"},
+		{Name: "negative", Env: env("-1"), Want: "EASGUARD_EXCHANGE_LIST_PARTITIONS"},
+	})
 }

@@ -139,6 +139,12 @@ func (s *Session) filterArg(cmdlet string, a args, allowed map[string]string, ou
 	if err == nil && s.org.caseSensitiveLike {
 		n = withCaseSensitiveLike(n)
 	}
+	if err == nil && s.org.refuseLeadingWildcard {
+		if prop, ok := leadingWildcard(n); ok {
+			// UNCONFIRMED wording: no Exchange was seen refusing one.
+			err = fmt.Errorf("Wildcards at the beginning of a value are not supported for the property %q.", prop)
+		}
+	}
 	if err == nil && dayFirst(s.culture()) {
 		// The session's culture reads date literals day first: 12/25/2026
 		// cannot be converted, 05/12/2026 is the 5th of December.
@@ -553,6 +559,19 @@ func (o *Org) SetCaseSensitiveLike(v bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.caseSensitiveLike = v
+}
+
+// SetRefuseLeadingWildcard makes -Filter refuse a -like or -notlike whose
+// value begins with * ('*a'), as a parameter binding error. Off by
+// default: OPATH filters become LDAP queries, which take a final substring
+// (attribute=*a), and administrators filter on "EmailAddresses -like
+// '*@contoso.com'"; but the reference has no source for it on
+// Get-MobileDevice or Get-Recipient (UNCONFIRMED), and easguard's
+// partitioned listing relies on it, so tests run both ways.
+func (o *Org) SetRefuseLeadingWildcard(v bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.refuseLeadingWildcard = v
 }
 
 // SetCallFault makes every call for which fail returns an error end with

@@ -251,6 +251,30 @@ func withCaseSensitiveLike(n filterNode) filterNode {
 	return n
 }
 
+// leadingWildcard returns the property of the first -like or -notlike
+// whose value begins with *.
+func leadingWildcard(n filterNode) (string, bool) {
+	switch x := n.(type) {
+	case andNode:
+		if p, ok := leadingWildcard(x.l); ok {
+			return p, ok
+		}
+		return leadingWildcard(x.r)
+	case orNode:
+		if p, ok := leadingWildcard(x.l); ok {
+			return p, ok
+		}
+		return leadingWildcard(x.r)
+	case notNode:
+		return leadingWildcard(x.x)
+	case cmpNode:
+		if s, ok := x.val.(string); ok && (x.op == "-like" || x.op == "-notlike") && strings.HasPrefix(s, "*") {
+			return x.prop, true
+		}
+	}
+	return "", false
+}
+
 // dateLiterals returns the literals a filter compares date properties with.
 func dateLiterals(n filterNode, isDate func(prop string) bool) []string {
 	switch x := n.(type) {

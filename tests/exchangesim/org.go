@@ -385,9 +385,10 @@ type Org struct {
 	// strictAdd, strictRemove and listEditsKeepWhenChanged model
 	// unconfirmed list behaviour (SetStrictLists, SetListEditsKeepWhenChanged).
 	strictAdd, strictRemove, listEditsKeepWhenChanged bool
-	// caseSensitiveLike and callFault: SetCaseSensitiveLike, SetCallFault.
-	caseSensitiveLike bool
-	callFault         func(exchange.Call) *exchange.Error
+	// caseSensitiveLike, refuseLeadingWildcard and callFault:
+	// SetCaseSensitiveLike, SetRefuseLeadingWildcard, SetCallFault.
+	caseSensitiveLike, refuseLeadingWildcard bool
+	callFault                                func(exchange.Call) *exchange.Error
 
 	// DiscoveryPeriod is how long a new device without DeviceInformation
 	// stays in DeviceDiscovery while rules exist. UNCONFIRMED default; the
