@@ -16,6 +16,11 @@ import (
 // the reconcile benchmark in tests/.
 const listingBenchSizeEnv = "EASGUARD_BENCH_PARTNERSHIPS"
 
+// listingBenchProfileEnv names the simulator's latency profile for
+// BenchmarkFullListing (exchangesim.ProfileByName: default, slow); the
+// metric names carry any but the default (listing_slow_10k_…).
+const listingBenchProfileEnv = "EASGUARD_BENCH_LISTING_PROFILE"
+
 // listingBenchSessions is the sessions both listings may use: the default
 // EASGUARD_EXCHANGE_WORKERS, and the reconcile benchmark's.
 const listingBenchSessions = 4
@@ -34,6 +39,9 @@ const listingBenchSessions = 4
 // serial_limit_ratio and partitioned_limit_ratio, each time over it;
 // speedup, serial over partitioned; recipients_serial_s and
 // recipients_partitioned_s, the Get-Recipient listing each way.
+// EASGUARD_BENCH_PARTNERSHIPS changes the size, and
+// EASGUARD_BENCH_LISTING_PROFILE the profile (slow: where the per-object
+// cost, not this machine's CPU, is what a listing waits for).
 func BenchmarkFullListing(b *testing.B) {
 	n := 100_000
 	if v := os.Getenv(listingBenchSizeEnv); v != "" {
@@ -48,6 +56,13 @@ func BenchmarkFullListing(b *testing.B) {
 	}
 	prefix := "listing_" + label + "_"
 	profile := exchangesim.DefaultProfile()
+	if name := os.Getenv(listingBenchProfileEnv); name != "" && name != "default" {
+		var err error
+		if profile, err = exchangesim.ProfileByName(name); err != nil {
+			b.Fatalf("%s: %v", listingBenchProfileEnv, err)
+		}
+		prefix = "listing_" + name + "_" + label + "_"
+	}
 	b.StopTimer()
 	for range b.N {
 		s := startSim(b, exchangesim.Config{Profile: profile, Seed: &exchangesim.SeedSpec{Mailboxes: max(1, n/2), Partnerships: n, Seed: 7}})
