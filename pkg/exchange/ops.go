@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -976,7 +977,8 @@ func toRecipient(o Object) Recipient {
 // the recipients' Alias (partition.go); fn gets one page at a time, and
 // the listing fails if any part does.
 func (c *Client) ListRecipients(ctx context.Context, fn func([]Recipient) error) error {
-	return c.streamPartitioned(ctx, Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited"}, Select: recipientProps}, "Alias", recipientsFilter, evenWeight,
+	call := Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited"}, Select: slices.Concat(recipientProps, []string{"Alias"})}
+	return c.streamPartitioned(ctx, call, "Alias", recipientsFilter, evenWeight,
 		func(objs []Object) error {
 			page := make([]Recipient, 0, len(objs))
 			for _, o := range objs {

@@ -74,6 +74,40 @@ type part struct {
 	filter string
 	// what says which objects the part holds, for errors.
 	what string
+	// chars are the last characters (lower case) of a group's objects;
+	// rest marks the remainder, whole the one part of an unpartitioned
+	// listing.
+	chars       string
+	rest, whole bool
+}
+
+// mayHold reports whether an object whose property is v can be in the
+// part however Exchange's -like treats case: false when v ends in an
+// ASCII letter or digit the group does not hold (for the remainder: one
+// any group holds), or in any other ASCII character, or is empty, and the
+// part is a group. A non-ASCII ending is not judged (case folding may
+// take it to a group's letter, as the Kelvin sign to k). An object the
+// part cannot hold shows that Exchange did not apply the filter as
+// written (it ignored it, or read '*a' as something else), so the parts
+// may overlap or leave objects out.
+func (p part) mayHold(v string) bool {
+	if p.whole {
+		return true
+	}
+	if v == "" {
+		return p.rest
+	}
+	c := v[len(v)-1]
+	if c >= 0x80 {
+		return true
+	}
+	if c >= 'A' && c <= 'Z' {
+		c += 'a' - 'A'
+	}
+	if p.rest {
+		return strings.IndexByte(partitionChars, c) < 0
+	}
+	return strings.IndexByte(p.chars, c) >= 0
 }
 
 // partitionFilters returns the parts of a listing of prop split into
@@ -85,7 +119,7 @@ type part struct {
 func partitionFilters(prop, base string, groups int, weight func(byte) float64) []part {
 	groups = min(groups, MaxListPartitions)
 	if groups < 2 {
-		return []part{{filter: base, what: "the whole listing"}}
+		return []part{{filter: base, what: "the whole listing", whole: true}}
 	}
 	chars := []byte(partitionChars)
 	sort.SliceStable(chars, func(i, j int) bool { return weight(chars[i]) > weight(chars[j]) })
@@ -121,10 +155,10 @@ func partitionFilters(prop, base string, groups int, weight func(byte) float64) 
 	out := make([]part, 0, groups+1)
 	for _, cs := range sets {
 		f := with(strings.Join(terms(cs), " -or "))
-		out = append(out, part{filter: f, what: prop + " ending in one of " + string(cs)})
+		out = append(out, part{filter: f, what: prop + " ending in one of " + string(cs), chars: string(cs)})
 	}
 	rest := with("-not (" + strings.Join(terms([]byte(partitionChars)), " -or ") + ")")
-	return append(out, part{filter: rest, what: prop + " ending in none of " + partitionChars})
+	return append(out, part{filter: rest, what: prop + " ending in none of " + partitionChars, rest: true})
 }
 
 // listGroups is how many parts (besides the remainder) a full listing is
@@ -154,7 +188,10 @@ func (c *Client) listGroups() int {
 // Whether Exchange accepts -like with a leading wildcard on these
 // properties is UNCONFIRMED. If it refuses the parts' filters (ErrInvalid:
 // the filter could not be bound) before any page reached fn, the listing
-// is read as one, and so is every later full listing of this client.
+// is read as one, and so is every later full listing of this client. If it
+// lists an object in a part that cannot hold it (part.mayHold: the filter
+// was not applied as written), the listing fails (ErrIncomplete) and later
+// full listings are read as one. call must select prop.
 func (c *Client) streamPartitioned(ctx context.Context, call Call, prop, base string, weight func(byte) float64, fn func([]Object) error) error {
 	withFilter := func(f string) Call {
 		call := call
@@ -191,6 +228,14 @@ func (c *Client) streamPartitioned(ctx context.Context, call Call, prop, base st
 				defer mu.Unlock()
 				if err := gctx.Err(); err != nil {
 					return fmt.Errorf("%w: another part of the listing failed", err)
+				}
+				for _, o := range objs {
+					if v := str(o, prop); !p.mayHold(v) {
+						// Read the next full listing as one.
+						c.unpartitioned.Store(true)
+						return fmt.Errorf("%w: Exchange listed %s %q among those %s: it did not apply the part's filter as written",
+							ErrIncomplete, prop, v, p.what)
+					}
 				}
 				delivered = true
 				return fn(objs)
