@@ -230,7 +230,7 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 	changed := func(p Partnership) bool { return !opt.ChangedSince.IsZero() && !p.WhenChanged.Before(opt.ChangedSince) }
 	if opt.Mailbox == "" && opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
 		// The full listing, in parts read at once (partition.go).
-		return c.streamPartitioned(ctx, deviceCall(params), "DeviceId", "", deviceIDWeight, partnershipPages(func(Partnership) bool { return true }, fn))
+		return streamPartitioned(ctx, c, deviceCall(params), "DeviceId", "", deviceIDWeight, toPartnership, fn)
 	}
 	if opt.Mailbox != "" || opt.ChangedSince.IsZero() {
 		if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
@@ -978,14 +978,7 @@ func toRecipient(o Object) Recipient {
 // the listing fails if any part does.
 func (c *Client) ListRecipients(ctx context.Context, fn func([]Recipient) error) error {
 	call := Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited"}, Select: slices.Concat(recipientProps, []string{"Alias"})}
-	return c.streamPartitioned(ctx, call, "Alias", recipientsFilter, evenWeight,
-		func(objs []Object) error {
-			page := make([]Recipient, 0, len(objs))
-			for _, o := range objs {
-				page = append(page, toRecipient(o))
-			}
-			return fn(page)
-		})
+	return streamPartitioned(ctx, c, call, "Alias", recipientsFilter, evenWeight, toRecipient, fn)
 }
 
 // recipientsFilter selects the recipients with ActiveSync partnerships.

@@ -179,7 +179,8 @@ func (c *Client) listGroups() int {
 // parts split on prop (partitionFilters, listGroups of them, weighed by
 // weight), at most Parallel at once (each on a session of its own, through
 // the same Runner as every other request), and hands fn their objects page
-// by page. fn is called for one page at a time, never concurrently, so a
+// by page, each made a T by convert in its part's own goroutine. fn is
+// called for one page at a time, never concurrently, so a
 // caller written for one listing needs no locking; pages of different
 // parts arrive interleaved, in no particular order. The listing is
 // complete only if every part is (stream): the first part to fail ends the
@@ -192,7 +193,14 @@ func (c *Client) listGroups() int {
 // lists an object in a part that cannot hold it (part.mayHold: the filter
 // was not applied as written), the listing fails (ErrIncomplete) and later
 // full listings are read as one. call must select prop.
-func (c *Client) streamPartitioned(ctx context.Context, call Call, prop, base string, weight func(byte) float64, fn func([]Object) error) error {
+func streamPartitioned[T any](ctx context.Context, c *Client, call Call, prop, base string, weight func(byte) float64, convert func(Object) T, fn func([]T) error) error {
+	pages := func(objs []Object) []T {
+		page := make([]T, 0, len(objs))
+		for _, o := range objs {
+			page = append(page, convert(o))
+		}
+		return page
+	}
 	withFilter := func(f string) Call {
 		call := call
 		call.Params = maps.Clone(call.Params)
@@ -209,7 +217,7 @@ func (c *Client) streamPartitioned(ctx context.Context, call Call, prop, base st
 	}
 	parts := partitionFilters(prop, base, groups, weight)
 	if len(parts) == 1 {
-		return c.stream(ctx, withFilter(parts[0].filter), fn)
+		return c.stream(ctx, withFilter(parts[0].filter), func(objs []Object) error { return fn(pages(objs)) })
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(max(1, c.Parallel))
@@ -224,11 +232,6 @@ func (c *Client) streamPartitioned(ctx context.Context, call Call, prop, base st
 				return err // another part failed before this one started
 			}
 			err := c.stream(gctx, call, func(objs []Object) error {
-				mu.Lock()
-				defer mu.Unlock()
-				if err := gctx.Err(); err != nil {
-					return fmt.Errorf("%w: another part of the listing failed", err)
-				}
 				for _, o := range objs {
 					if v := str(o, prop); !p.mayHold(v) {
 						// Read the next full listing as one.
@@ -237,8 +240,14 @@ func (c *Client) streamPartitioned(ctx context.Context, call Call, prop, base st
 							ErrIncomplete, prop, v, p.what)
 					}
 				}
+				page := pages(objs)
+				mu.Lock()
+				defer mu.Unlock()
+				if err := gctx.Err(); err != nil {
+					return fmt.Errorf("%w: another part of the listing failed", err)
+				}
 				delivered = true
-				return fn(objs)
+				return fn(page)
 			})
 			if err != nil {
 				return fmt.Errorf("part %d of %d of the listing (%s): %w", i+1, len(parts), p.what, err)
@@ -249,7 +258,7 @@ func (c *Client) streamPartitioned(ctx context.Context, call Call, prop, base st
 	perr := g.Wait()
 	if perr != nil && errors.Is(perr, ErrInvalid) && !delivered && ctx.Err() == nil {
 		c.unpartitioned.Store(true)
-		if err := c.stream(ctx, withFilter(base), fn); err != nil {
+		if err := c.stream(ctx, withFilter(base), func(objs []Object) error { return fn(pages(objs)) }); err != nil {
 			return fmt.Errorf("%w (read as one listing after Exchange refused its parts: %v)", err, perr)
 		}
 		return nil
