@@ -355,13 +355,7 @@ func (c *Client) changedMailboxes(ctx context.Context, since time.Time) (map[str
 // streamPartnerships runs a listing and hands fn, page by page, the
 // partnerships keep accepts.
 func (c *Client) streamPartnerships(ctx context.Context, call Call, keep func(Partnership) bool, fn func([]Partnership) error) error {
-	return c.stream(ctx, call, partnershipPages(keep, fn))
-}
-
-// partnershipPages turns pages of objects into pages of the partnerships
-// keep accepts for fn.
-func partnershipPages(keep func(Partnership) bool, fn func([]Partnership) error) func([]Object) error {
-	return func(objs []Object) error {
+	return c.stream(ctx, call, func(objs []Object) error {
 		page := make([]Partnership, 0, len(objs))
 		for _, o := range objs {
 			if p := toPartnership(o); keep(p) {
@@ -372,7 +366,7 @@ func partnershipPages(keep func(Partnership) bool, fn func([]Partnership) error)
 			return nil
 		}
 		return fn(page)
-	}
+	})
 }
 
 // Statistics is the sync state of a partnership (Get-MobileDeviceStatistics).
