@@ -13,7 +13,8 @@ import (
 )
 
 // A full listing (every partnership, every recipient with one) is read as
-// several filtered listings at once, one per session, so that its time
+// several filtered listings at once over the client's sessions (two parts
+// a session, so that one that ends early takes another), so that its time
 // approaches objects × per-object cost ÷ sessions instead of one session
 // reading everything while the others sit idle: the parallel reads the
 // original connector's parallel command support did for writes.
@@ -29,7 +30,9 @@ import (
 // letter are always in the same group), and whatever characters a value
 // holds: quotes, non-ASCII, an empty or missing value all fall in the
 // last part. No two groups share a character, and a value has one last
-// character, so no object is in two parts.
+// character, so no object is in two parts. An object that arrives in a
+// part that cannot hold it (an ASCII ending of another group: Exchange did
+// not apply the filter as written) fails the listing.
 //
 // The last character, not the first, is what the parts split on: device
 // ids begin with a platform's fixed prefix (Appl… on every iPhone and
