@@ -284,7 +284,7 @@ func getDevices(cmdlet string, easOnlyAlways bool) func(s *Session, a args, out 
 			}
 			var matched []*Device
 			for _, d := range list {
-				if f == nil || f.eval(func(p string) any { return s.deviceProp(d, p) }) {
+				if f == nil || f.eval(lastProp(func(p string) any { return s.deviceProp(d, p) })) {
 					matched = append(matched, d)
 				}
 			}
@@ -635,7 +635,7 @@ func listMailboxes(s *Session, a args, out *output, cmdlet string, obj func(*Mai
 		}
 		var matched []*Mailbox
 		for _, m := range list {
-			if f == nil || f.eval(func(p string) any { return s.recipientProp(m, p) }) {
+			if f == nil || f.eval(lastProp(func(p string) any { return s.recipientProp(m, p) })) {
 				matched = append(matched, m)
 			}
 		}

@@ -43,14 +43,35 @@ func (n cmpNode) eval(g func(string) any) bool {
 	case "-like", "-notlike":
 		pat, _ := n.val.(string)
 		m := false
-		for _, s := range asStrings(v) {
-			if like(pat, s, n.caseSensitive) {
-				m = true
+		if s, ok := v.(string); ok {
+			m = like(pat, s, n.caseSensitive)
+		} else {
+			for _, s := range asStrings(v) {
+				if like(pat, s, n.caseSensitive) {
+					m = true
+				}
 			}
 		}
 		return m == (n.op == "-like")
 	default:
 		return compareOrdered(v, n.val, n.op, n.dayFirst)
+	}
+}
+
+// lastProp remembers the last property get read, so that a filter
+// comparing one property many times (a partitioned listing's dozens of
+// DeviceId -like '*a') reads and boxes it once per object.
+func lastProp(get func(string) any) func(string) any {
+	var (
+		name string
+		val  any
+		read bool
+	)
+	return func(p string) any {
+		if !read || p != name {
+			name, val, read = p, get(p), true
+		}
+		return val
 	}
 }
 
