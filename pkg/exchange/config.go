@@ -41,6 +41,7 @@ type Config struct {
 	RecycleAfter       time.Duration `split_words:"true" default:"2h" desc:"A worker is replaced after this long."`
 	CASFailover        bool          `split_words:"true" default:"true" desc:"Discover the organisation's other Client Access servers and fail over to them."`
 	BatchSize          int           `split_words:"true" default:"100" desc:"Set-CASMailbox calls sent in one round trip."`
+	ListPartitions     int           `split_words:"true" desc:"Parts a full sync's listings (partnerships, and the mailboxes that have them) are split into, read over the workers at once, each part the objects whose DeviceId (Alias) ends in one group of letters and digits, plus one part for the rest; 0 (the default) means two per worker, 1 one listing on one worker (what easguard falls back to by itself where Exchange refuses the parts' filters), at most 36."`
 }
 
 // MaxWorkers caps the workers of one process well below Exchange's 18
@@ -115,6 +116,9 @@ func (c *Config) Validate() error {
 		return config.Invalid(&c.Mode, "snapin cannot work: loaded in a WinRM shell, the Exchange snap-in cannot reach Active Directory (a second hop with no credentials to pass on); use remote")
 	default:
 		return config.Invalid(&c.Mode, "use remote, not %q", c.Mode)
+	}
+	if c.ListPartitions < 0 || c.ListPartitions > MaxListPartitions {
+		return config.Invalid(&c.ListPartitions, "must be 0 to %d, got %d: 0 splits a full listing in two parts per worker, 1 reads it as one listing", MaxListPartitions, c.ListPartitions)
 	}
 	if c.SessionBudget < 0 || c.SessionBudget > MaxSessionBudget {
 		return config.Invalid(&c.SessionBudget, "must be 1 to %d (0: %d), got %d: Exchange allows %d remote sessions per user, for all processes together", MaxSessionBudget, DefaultSessionBudget, c.SessionBudget, MaxSessionBudget)

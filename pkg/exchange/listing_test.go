@@ -26,6 +26,9 @@ func listingSim(t *testing.T) (*exchangesim.Sim, exchange.Config, *exchange.Clie
 	cfg.Workers = 2
 	c := exchange.NewClient(newPool(t, cfg), cfg)
 	c.PageSize = 100
+	// One listing, not parts over both sessions: these tests are about
+	// one long listing and its deadline (partition_test.go has the parts).
+	c.ListPartitions = 1
 	return s, cfg, c
 }
 

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -23,10 +25,18 @@ type Client struct {
 	Parallel int
 	// PageSize is how many objects a listing streams per frame.
 	PageSize int
+	// ListPartitions is how many parts a full listing (ListRecipients, and
+	// ListPartnerships without options) is split into besides its
+	// remainder, read Parallel at a time (partition.go); 1 reads it as one
+	// listing, 0 derives it from Parallel (listGroups).
+	ListPartitions int
 
 	devMu sync.Mutex
 	dev   *deviceCmdlets // nil until known
 	devAt time.Time
+	// unpartitioned is set once Exchange refused the filters of a
+	// partitioned listing: full listings are read as one from then on.
+	unpartitioned atomic.Bool
 	// MailboxReadLimit is how many changed mailboxes a listing with
 	// ChangedSince reads one by one (zero: DefaultMailboxReadLimit).
 	MailboxReadLimit int
@@ -34,7 +44,7 @@ type Client struct {
 
 // NewClient returns a client over r.
 func NewClient(r Runner, cfg Config) *Client {
-	c := &Client{r: r, BatchSize: cfg.BatchSize, Parallel: cfg.Workers, PageSize: 500}
+	c := &Client{r: r, BatchSize: cfg.BatchSize, Parallel: cfg.Workers, PageSize: 500, ListPartitions: cfg.ListPartitions}
 	if c.BatchSize < 1 {
 		c.BatchSize = 100
 	}
@@ -196,6 +206,13 @@ const probeDeviceType = "EASProbeDeviceType"
 
 // ListPartnerships streams ActiveSync partnerships page by page. Large
 // organisations never become one giant frame.
+//
+// The full listing (no options) is read in parts at once, over as many
+// sessions as the client has (partition.go): fn still gets one page at a
+// time, never two concurrently, but pages of different parts interleave,
+// and if any part fails the listing fails (never a listing that looks
+// complete with a part missing). Quick and per-mailbox listings are one
+// listing, or many small ones batched, as before.
 func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func([]Partnership) error) error {
 	params := Params{"ResultSize": "Unlimited", "ActiveSync": true}
 	if opt.Mailbox != "" {
@@ -211,6 +228,10 @@ func (c *Client) ListPartnerships(ctx context.Context, opt ListOptions, fn func(
 	deviceCall := dc.listCall
 	isNew := func(p Partnership) bool { return !opt.NewSince.IsZero() && !p.FirstSyncTime.Before(opt.NewSince) }
 	changed := func(p Partnership) bool { return !opt.ChangedSince.IsZero() && !p.WhenChanged.Before(opt.ChangedSince) }
+	if opt.Mailbox == "" && opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
+		// The full listing, in parts read at once (partition.go).
+		return streamPartitioned(ctx, c, deviceCall(params), "DeviceId", "", deviceIDWeight, toPartnership, fn)
+	}
 	if opt.Mailbox != "" || opt.ChangedSince.IsZero() {
 		if !opt.NewSince.IsZero() && opt.ChangedSince.IsZero() {
 			params["Filter"] = "FirstSyncTime -ge '" + filterSince(opt.NewSince) + "'"
@@ -946,16 +967,16 @@ func toRecipient(o Object) Recipient {
 }
 
 // ListRecipients streams the recipients that have ActiveSync partnerships.
+// Like the full partnership listing it is read in parts at once, split on
+// the recipients' Alias (partition.go); fn gets one page at a time, and
+// the listing fails if any part does.
 func (c *Client) ListRecipients(ctx context.Context, fn func([]Recipient) error) error {
-	return c.stream(ctx, Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited", "Filter": "HasActiveSyncDevicePartnership -eq $true"}, Select: recipientProps},
-		func(objs []Object) error {
-			page := make([]Recipient, 0, len(objs))
-			for _, o := range objs {
-				page = append(page, toRecipient(o))
-			}
-			return fn(page)
-		})
+	call := Call{Cmdlet: "Get-Recipient", Params: Params{"ResultSize": "Unlimited"}, Select: slices.Concat(recipientProps, []string{"Alias"})}
+	return streamPartitioned(ctx, c, call, "Alias", recipientsFilter, evenWeight, toRecipient, fn)
 }
+
+// recipientsFilter selects the recipients with ActiveSync partnerships.
+const recipientsFilter = "HasActiveSyncDevicePartnership -eq $true"
 
 // GetRecipient reads one recipient.
 func (c *Client) GetRecipient(ctx context.Context, identity string) (Recipient, error) {

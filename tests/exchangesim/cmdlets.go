@@ -136,6 +136,15 @@ func (s *Session) filterArg(cmdlet string, a args, allowed map[string]string, ou
 		return nil, true
 	}
 	n, err := parseFilter(src, allowed)
+	if err == nil && s.org.caseSensitiveLike {
+		n = withCaseSensitiveLike(n)
+	}
+	if err == nil && s.org.refuseLeadingWildcard {
+		if prop, ok := leadingWildcard(n); ok {
+			// UNCONFIRMED wording: no Exchange was seen refusing one.
+			err = fmt.Errorf("Wildcards at the beginning of a value are not supported for the property %q.", prop)
+		}
+	}
 	if err == nil && dayFirst(s.culture()) {
 		// The session's culture reads date literals day first: 12/25/2026
 		// cannot be converted, 05/12/2026 is the 5th of December.
@@ -275,7 +284,7 @@ func getDevices(cmdlet string, easOnlyAlways bool) func(s *Session, a args, out 
 			}
 			var matched []*Device
 			for _, d := range list {
-				if f == nil || f.eval(func(p string) any { return s.deviceProp(d, p) }) {
+				if f == nil || f.eval(lastProp(func(p string) any { return s.deviceProp(d, p) })) {
 					matched = append(matched, d)
 				}
 			}
@@ -540,6 +549,41 @@ func (o *Org) SetListEditsKeepWhenChanged(keep bool) {
 	o.listEditsKeepWhenChanged = keep
 }
 
+// SetCaseSensitiveLike makes -like and -notlike in -Filter compare case
+// by case. Off by default: OPATH filters become LDAP queries, and Active
+// Directory matches its string attributes regardless of case, but the
+// reference has no source for how Exchange's -like treats case (for
+// DeviceId, which a partitioned listing filters on, in particular): it is
+// UNCONFIRMED, so tests run both ways.
+func (o *Org) SetCaseSensitiveLike(v bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.caseSensitiveLike = v
+}
+
+// SetRefuseLeadingWildcard makes -Filter refuse a -like or -notlike whose
+// value begins with * ('*a'), as a parameter binding error. Off by
+// default: OPATH filters become LDAP queries, which take a final substring
+// (attribute=*a), and administrators filter on "EmailAddresses -like
+// '*@contoso.com'"; but the reference has no source for it on
+// Get-MobileDevice or Get-Recipient (UNCONFIRMED), and easguard's
+// partitioned listing relies on it, so tests run both ways.
+func (o *Org) SetRefuseLeadingWildcard(v bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.refuseLeadingWildcard = v
+}
+
+// SetCallFault makes every call for which fail returns an error end with
+// that error after it has produced its objects, as a listing does whose
+// domain controller went away part way through; nil removes the fault.
+// fail is called without the organisation's lock held.
+func (o *Org) SetCallFault(fail func(exchange.Call) *exchange.Error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.callFault = fail
+}
+
 // SetStalePartnershipFlag makes a mailbox's HasActiveSyncDevicePartnership
 // read (and filter) false although it has partnerships: the flag is stored
 // on the mailbox and can be stale, which is why Get-CASMailbox has
@@ -591,7 +635,7 @@ func listMailboxes(s *Session, a args, out *output, cmdlet string, obj func(*Mai
 		}
 		var matched []*Mailbox
 		for _, m := range list {
-			if f == nil || f.eval(func(p string) any { return s.recipientProp(m, p) }) {
+			if f == nil || f.eval(lastProp(func(p string) any { return s.recipientProp(m, p) })) {
 				matched = append(matched, m)
 			}
 		}

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 	"unicode"
+	"unicode/utf8"
 )
 
 // filterNode is a parsed OPATH filter.
@@ -23,6 +24,9 @@ type cmpNode struct {
 	// dayFirst reads date literals the way a session whose culture puts the
 	// day first (de-DE and most of Europe) converts them.
 	dayFirst bool
+	// caseSensitive makes -like and -notlike compare case by case
+	// (Org.SetCaseSensitiveLike).
+	caseSensitive bool
 }
 
 func (n andNode) eval(g func(string) any) bool { return n.l.eval(g) && n.r.eval(g) }
@@ -39,14 +43,35 @@ func (n cmpNode) eval(g func(string) any) bool {
 	case "-like", "-notlike":
 		pat, _ := n.val.(string)
 		m := false
-		for _, s := range asStrings(v) {
-			if wildcard(strings.ToLower(pat), strings.ToLower(s)) {
-				m = true
+		if s, ok := v.(string); ok {
+			m = like(pat, s, n.caseSensitive)
+		} else {
+			for _, s := range asStrings(v) {
+				if like(pat, s, n.caseSensitive) {
+					m = true
+				}
 			}
 		}
 		return m == (n.op == "-like")
 	default:
 		return compareOrdered(v, n.val, n.op, n.dayFirst)
+	}
+}
+
+// lastProp remembers the last property get read, so that a filter
+// comparing one property many times (a partitioned listing's dozens of
+// DeviceId -like '*a') reads and boxes it once per object.
+func lastProp(get func(string) any) func(string) any {
+	var (
+		name string
+		val  any
+		read bool
+	)
+	return func(p string) any {
+		if !read || p != name {
+			name, val, read = p, get(p), true
+		}
+		return val
 	}
 }
 
@@ -161,6 +186,32 @@ func parseOPATHTime(s string, dayFirst bool) (time.Time, error) {
 	return time.Time{}, fmt.Errorf("%q is not a date", s)
 }
 
+// like matches s against a -like pattern, by rune after lower-casing both
+// unless caseSensitive. A pattern that is a literal after one leading *
+// (a partitioned listing's '*a') is matched from the end without copying
+// s, as a full listing evaluates dozens of them on every object.
+func like(pat, s string, caseSensitive bool) bool {
+	if len(pat) > 1 && pat[0] == '*' && !strings.ContainsAny(pat[1:], "*?") {
+		lit := pat[1:]
+		if caseSensitive {
+			return strings.HasSuffix(s, lit)
+		}
+		for lit != "" {
+			pr, pn := utf8.DecodeLastRuneInString(lit)
+			sr, sn := utf8.DecodeLastRuneInString(s)
+			if sn == 0 || unicode.ToLower(pr) != unicode.ToLower(sr) {
+				return false
+			}
+			lit, s = lit[:len(lit)-pn], s[:len(s)-sn]
+		}
+		return true
+	}
+	if caseSensitive {
+		return wildcard(pat, s)
+	}
+	return wildcard(strings.ToLower(pat), strings.ToLower(s))
+}
+
 // wildcard matches PowerShell -like patterns with * and ?.
 func wildcard(pat, s string) bool {
 	if pat == "" {
@@ -202,6 +253,47 @@ func withDayFirst(n filterNode) filterNode {
 		return x
 	}
 	return n
+}
+
+// withCaseSensitiveLike returns the filter with its -like and -notlike
+// comparisons made case by case.
+func withCaseSensitiveLike(n filterNode) filterNode {
+	switch x := n.(type) {
+	case andNode:
+		return andNode{withCaseSensitiveLike(x.l), withCaseSensitiveLike(x.r)}
+	case orNode:
+		return orNode{withCaseSensitiveLike(x.l), withCaseSensitiveLike(x.r)}
+	case notNode:
+		return notNode{withCaseSensitiveLike(x.x)}
+	case cmpNode:
+		x.caseSensitive = true
+		return x
+	}
+	return n
+}
+
+// leadingWildcard returns the property of the first -like or -notlike
+// whose value begins with *.
+func leadingWildcard(n filterNode) (string, bool) {
+	switch x := n.(type) {
+	case andNode:
+		if p, ok := leadingWildcard(x.l); ok {
+			return p, ok
+		}
+		return leadingWildcard(x.r)
+	case orNode:
+		if p, ok := leadingWildcard(x.l); ok {
+			return p, ok
+		}
+		return leadingWildcard(x.r)
+	case notNode:
+		return leadingWildcard(x.x)
+	case cmpNode:
+		if s, ok := x.val.(string); ok && (x.op == "-like" || x.op == "-notlike") && strings.HasPrefix(s, "*") {
+			return x.prop, true
+		}
+	}
+	return "", false
 }
 
 // dateLiterals returns the literals a filter compares date properties with.

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/easguard/easguard/pkg/exchange"
 )
 
 // AccessState is Exchange's DeviceAccessState.
@@ -383,6 +385,10 @@ type Org struct {
 	// strictAdd, strictRemove and listEditsKeepWhenChanged model
 	// unconfirmed list behaviour (SetStrictLists, SetListEditsKeepWhenChanged).
 	strictAdd, strictRemove, listEditsKeepWhenChanged bool
+	// caseSensitiveLike, refuseLeadingWildcard and callFault:
+	// SetCaseSensitiveLike, SetRefuseLeadingWildcard, SetCallFault.
+	caseSensitiveLike, refuseLeadingWildcard bool
+	callFault                                func(exchange.Call) *exchange.Error
 
 	// DiscoveryPeriod is how long a new device without DeviceInformation
 	// stays in DeviceDiscovery while rules exist. UNCONFIRMED default; the

@@ -212,6 +212,14 @@ func (s *Session) Invoke(call exchange.Call, emit func(exchange.Object)) (warnin
 		emit(o)
 	}}
 	c.run(s, a, out)
+	s.org.mu.RLock()
+	fault := s.org.callFault
+	s.org.mu.RUnlock()
+	if fault != nil {
+		if e := fault(call); e != nil {
+			out.fail(*e)
+		}
+	}
 	return out.warnings, out.errors
 }
 
