@@ -816,12 +816,18 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 // serialised. It returns the first fatal error (authentication,
 // permission).
 func (c *Client) runBatches(ctx context.Context, calls []Call, fn func(i int, r Result, err error)) error {
-	size := min(c.BatchSize, max(1, (len(calls)+c.Parallel-1)/c.Parallel))
+	parallel := c.Parallel
+	if p, ok := c.r.(interface{ MaxSessions() int }); ok {
+		// Split as many ways as the pool may open sessions under a
+		// backlog: the requests that wait are what make it grow.
+		parallel = max(parallel, p.MaxSessions())
+	}
+	size := min(c.BatchSize, max(1, (len(calls)+parallel-1)/parallel))
 	var (
 		mu    sync.Mutex
 		fatal error
 		wg    sync.WaitGroup
-		sem   = make(chan struct{}, c.Parallel)
+		sem   = make(chan struct{}, parallel)
 	)
 	for start := 0; start < len(calls); start += size {
 		end := min(start+size, len(calls))
