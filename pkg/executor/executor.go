@@ -515,13 +515,15 @@ func invocation(d *ev.AccessDecided) *ev.CmdletInvocation {
 
 // batcher gathers changes submitted within a window, claims them (see
 // Executor.claim) and applies those it may send in one ApplyAccess call.
-// Batches claim one after the other and are sent one after the other, in
-// the order they were formed, but a batch claims while the one before it
-// is still on Exchange: one mailbox is never changed by two Set-CASMailbox
-// calls of this instance at once, and a claim this instance holds belongs
-// to a batch that is sent before any batch that takes the claim over. Of
-// several decisions for one partnership in a batch only the newest is
-// claimed and sent.
+// One batch at a time is claimed and sent; what arrives meanwhile waits
+// and forms the next batch as soon as it is done (group commit), so that
+// under a burst batches grow with the backlog instead of queueing one
+// window's worth each behind the other, and the Exchange client can
+// spread a large batch over every session the pool may open. One mailbox
+// is therefore never changed by two Set-CASMailbox calls of this instance
+// at once, and a claim this instance holds belongs to a batch that was
+// sent before any batch that takes the claim over. Of several decisions
+// for one partnership in a batch only the newest is claimed and sent.
 type batcher struct {
 	apply  func(ctx context.Context, changes []exchange.Change) ([]exchange.ChangeResult, error)
 	claim  func(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error)
@@ -534,14 +536,11 @@ type batcher struct {
 	mu      sync.Mutex
 	pending []*submission
 	timer   *time.Timer
-	// last is the turn of the last batch formed; the next one claims and
-	// sends after it. Guarded by mu.
-	last *turn
+	// busy is set while a batch is claimed and sent; due, that the window
+	// of the oldest pending submission has passed meanwhile, so the next
+	// batch is sent as soon as this one is done. Guarded by mu.
+	busy, due bool
 }
-
-// turn is a batch's place in the order: claimed is closed once its claims
-// are made, sent once it has been sent (or had nothing to send).
-type turn struct{ claimed, sent chan struct{} }
 
 // submission is one decision waiting for its batch.
 type submission struct {
@@ -562,19 +561,12 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 	b.mu.Lock()
 	b.pending = append(b.pending, s)
 	switch {
-	case len(b.pending) >= b.max:
-		batch, prev, mine := b.take()
+	case !b.busy && len(b.pending) >= b.max:
+		batch := b.take()
 		b.mu.Unlock()
-		go b.run(batch, prev, mine)
-	case len(b.pending) == 1:
-		b.timer = time.AfterFunc(b.window, func() {
-			b.mu.Lock()
-			batch, prev, mine := b.take()
-			b.mu.Unlock()
-			if len(batch) > 0 {
-				b.run(batch, prev, mine)
-			}
-		})
+		go b.run(batch)
+	case b.timer == nil && !b.due:
+		b.timer = time.AfterFunc(b.window, b.expire)
 		b.mu.Unlock()
 	default:
 		b.mu.Unlock()
@@ -587,38 +579,63 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 	}
 }
 
-// take removes the pending submissions and gives them their turn, after
-// prev's. Callers hold b.mu.
-func (b *batcher) take() (batch []*submission, prev, mine *turn) {
+// expire ends the window of the oldest pending submission: the batch is
+// sent now, or as soon as the batch on Exchange is done.
+func (b *batcher) expire() {
+	b.mu.Lock()
+	b.timer = nil
+	if b.busy {
+		b.due = true
+		b.mu.Unlock()
+		return
+	}
+	batch := b.take()
+	b.mu.Unlock()
+	if len(batch) > 0 {
+		b.run(batch)
+	}
+}
+
+// take removes up to max pending submissions and marks the batcher busy
+// with them; the rest are due. Callers hold b.mu.
+func (b *batcher) take() []*submission {
 	if b.timer != nil {
 		b.timer.Stop()
 		b.timer = nil
 	}
-	batch = b.pending
-	b.pending = nil
-	if len(batch) == 0 {
-		return nil, nil, nil
+	n := min(len(b.pending), b.max)
+	if n == 0 {
+		b.due = false
+		return nil
 	}
-	prev = b.last
-	if prev == nil {
-		prev = &turn{claimed: make(chan struct{}), sent: make(chan struct{})}
-		close(prev.claimed)
-		close(prev.sent)
-	}
-	mine = &turn{claimed: make(chan struct{}), sent: make(chan struct{})}
-	b.last = mine
-	return batch, prev, mine
+	batch := b.pending[:n:n]
+	b.pending = append([]*submission(nil), b.pending[n:]...)
+	b.busy, b.due = true, len(b.pending) > 0
+	return batch
 }
 
-func (b *batcher) run(batch []*submission, prev, mine *turn) {
-	claimed := false
-	defer func() {
-		if !claimed {
-			close(mine.claimed)
-		}
-		close(mine.sent)
-	}()
-	<-prev.claimed
+// next starts the batch after one is done: at once when its window has
+// passed (or it is full), else when its window ends.
+func (b *batcher) next() {
+	b.mu.Lock()
+	b.busy = false
+	var batch []*submission
+	switch {
+	case len(b.pending) == 0:
+		b.due = false
+	case b.due || len(b.pending) >= b.max:
+		batch = b.take()
+	case b.timer == nil:
+		b.timer = time.AfterFunc(b.window, b.expire)
+	}
+	b.mu.Unlock()
+	if len(batch) > 0 {
+		go b.run(batch)
+	}
+}
+
+func (b *batcher) run(batch []*submission) {
+	defer b.next()
 	// The batch outlives any one handler's context: it carries others. It
 	// gives up before its claims run out.
 	until := time.Now().Add(b.claimTTL)
@@ -667,8 +684,6 @@ func (b *batcher) run(batch []*submission, prev, mine *turn) {
 		}()
 	}
 	wg.Wait()
-	close(mine.claimed)
-	claimed = true
 	send := claims[:0]
 	for _, s := range claims {
 		if s.err != nil || s.verdict.kind != claimClaimed {
@@ -677,7 +692,6 @@ func (b *batcher) run(batch []*submission, prev, mine *turn) {
 		}
 		send = append(send, s)
 	}
-	<-prev.sent
 	if len(send) == 0 {
 		return
 	}
