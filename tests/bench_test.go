@@ -76,7 +76,7 @@ func timeToAllow(b *testing.B, source string, every time.Duration) []time.Durati
 		seed:    &exchangesim.SeedSpec{Mailboxes: benchDevices, Seed: 7, NoHostile: true},
 		profile: exchangesim.DefaultProfile(),
 		executor: func(c *executor.Config) {
-			*c = executor.Config{Window: 50 * time.Millisecond, MaxBatch: 500, Parallel: 64}
+			*c = executor.Config{Window: 10 * time.Millisecond, MaxBatch: 500, Parallel: 64}
 		}, // the defaults
 	}
 	if source == "webhook" {

@@ -111,7 +111,7 @@ const slotPoll = 250 * time.Millisecond
 // to prove lasting: a session opened at the first sign of one is ready
 // while a burst still runs, and it stays BurstIdle, so the next burst
 // finds it warm.
-const burstTarget = 250 * time.Millisecond
+const burstTarget = 100 * time.Millisecond
 
 // NewPool validates the settings and starts one worker, so that wrong
 // credentials, an untrusted certificate or a missing role show at once.
