@@ -11,8 +11,8 @@ import (
 
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
-	"github.com/easguard/easguard/tests/exchangesim"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
+	"github.com/easguard/easguard/tests/exchangesim"
 )
 
 // BenchmarkApplyBurst measures the executor's throughput, from decisions
