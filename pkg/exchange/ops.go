@@ -822,15 +822,17 @@ func (c *Client) runBatches(ctx context.Context, calls []Call, fn func(i int, r 
 		// backlog: the requests that wait are what make it grow.
 		parallel = max(parallel, p.MaxSessions())
 	}
-	size := min(c.BatchSize, max(1, (len(calls)+parallel-1)/parallel))
+	// Chunks of near-equal length (none over BatchSize), so that the
+	// sessions finish a round of them together.
+	chunks := max(min(len(calls), parallel), (len(calls)+c.BatchSize-1)/c.BatchSize)
 	var (
 		mu    sync.Mutex
 		fatal error
 		wg    sync.WaitGroup
 		sem   = make(chan struct{}, parallel)
 	)
-	for start := 0; start < len(calls); start += size {
-		end := min(start+size, len(calls))
+	for k := range chunks {
+		start, end := k*len(calls)/chunks, (k+1)*len(calls)/chunks
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
