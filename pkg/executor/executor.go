@@ -515,15 +515,17 @@ func invocation(d *ev.AccessDecided) *ev.CmdletInvocation {
 
 // batcher gathers changes submitted within a window, claims them (see
 // Executor.claim) and applies those it may send in one ApplyAccess call.
-// One batch at a time is claimed and sent; what arrives meanwhile waits
-// and forms the next batch as soon as it is done (group commit), so that
-// under a burst batches grow with the backlog instead of queueing one
-// window's worth each behind the other, and the Exchange client can
-// spread a large batch over every session the pool may open. One mailbox
-// is therefore never changed by two Set-CASMailbox calls of this instance
-// at once, and a claim this instance holds belongs to a batch that was
-// sent before any batch that takes the claim over. Of several decisions
-// for one partnership in a batch only the newest is claimed and sent.
+// Up to batchesInFlight batches are claimed and sent at once; what
+// arrives while they are forms the next batch as soon as one is done
+// (group commit), so that under a burst batches grow with the backlog
+// instead of queueing one window's worth each behind the other, and the
+// Exchange client can spread them over every session the pool may open.
+// A submission for a partnership or a mailbox that a batch in flight
+// holds waits for that batch: one mailbox is never changed by two
+// Set-CASMailbox calls of this instance at once, and a claim this
+// instance holds belongs to a batch that was sent before any batch that
+// takes the claim over. Of several decisions for one partnership in a
+// batch only the newest is claimed and sent.
 type batcher struct {
 	apply  func(ctx context.Context, changes []exchange.Change) ([]exchange.ChangeResult, error)
 	claim  func(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error)
@@ -536,11 +538,20 @@ type batcher struct {
 	mu      sync.Mutex
 	pending []*submission
 	timer   *time.Timer
-	// busy is set while a batch is claimed and sent; due, that the window
-	// of the oldest pending submission has passed meanwhile, so the next
-	// batch is sent as soon as this one is done. Guarded by mu.
-	busy, due bool
+	// inflight is how many batches are being claimed and sent, and held
+	// the partnerships and mailboxes they carry (with how many of them
+	// carry each); due, that the window of the oldest pending submission
+	// has passed, so it goes as soon as it may. Guarded by mu.
+	inflight int
+	held     map[string]int
+	due      bool
 }
+
+// batchesInFlight is how many batches one executor sends at once: a
+// second one keeps the sessions busy while the first one's last answers
+// come in, and a decision that arrives during a batch need not wait for
+// all of it.
+const batchesInFlight = 2
 
 // submission is one decision waiting for its batch.
 type submission struct {
@@ -553,6 +564,11 @@ type submission struct {
 	err      error
 }
 
+// holds returns what a submission holds while its batch is in flight.
+func (s *submission) holds() [2]string {
+	return [2]string{"p:" + s.key, "m:" + strings.ToLower(s.change.Mailbox)}
+}
+
 // claimParallel bounds the claims of one batch made at once.
 const claimParallel = 32
 
@@ -560,16 +576,16 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 	s.done = make(chan struct{})
 	b.mu.Lock()
 	b.pending = append(b.pending, s)
+	var batch []*submission
 	switch {
-	case !b.busy && len(b.pending) >= b.max:
-		batch := b.take()
-		b.mu.Unlock()
-		go b.run(batch)
+	case b.inflight < batchesInFlight && len(b.pending) >= b.max:
+		batch = b.take()
 	case b.timer == nil && !b.due:
 		b.timer = time.AfterFunc(b.window, b.expire)
-		b.mu.Unlock()
-	default:
-		b.mu.Unlock()
+	}
+	b.mu.Unlock()
+	if len(batch) > 0 {
+		go b.run(batch)
 	}
 	select {
 	case <-s.done:
@@ -580,62 +596,85 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 }
 
 // expire ends the window of the oldest pending submission: the batch is
-// sent now, or as soon as the batch on Exchange is done.
+// sent now, or as soon as a batch in flight is done.
 func (b *batcher) expire() {
 	b.mu.Lock()
 	b.timer = nil
-	if b.busy {
-		b.due = true
-		b.mu.Unlock()
-		return
+	var batch []*submission
+	if b.inflight < batchesInFlight {
+		batch = b.take()
 	}
-	batch := b.take()
+	b.due = len(b.pending) > 0
 	b.mu.Unlock()
 	if len(batch) > 0 {
 		b.run(batch)
 	}
 }
 
-// take removes up to max pending submissions and marks the batcher busy
-// with them; the rest are due. Callers hold b.mu.
+// take removes up to max pending submissions that hold nothing a batch
+// in flight holds, and counts them in flight. Callers hold b.mu.
 func (b *batcher) take() []*submission {
 	if b.timer != nil {
 		b.timer.Stop()
 		b.timer = nil
 	}
-	n := min(len(b.pending), b.max)
-	if n == 0 {
-		b.due = false
-		return nil
+	if b.held == nil {
+		b.held = map[string]int{}
 	}
-	batch := b.pending[:n:n]
-	b.pending = append([]*submission(nil), b.pending[n:]...)
-	b.busy, b.due = true, len(b.pending) > 0
+	// What the batches in flight hold; this batch may hold it too.
+	busy := make(map[string]bool, len(b.held))
+	for k := range b.held {
+		busy[k] = true
+	}
+	var batch, rest []*submission
+	for _, s := range b.pending {
+		h := s.holds()
+		if len(batch) == b.max || busy[h[0]] || busy[h[1]] {
+			rest = append(rest, s)
+			continue
+		}
+		batch = append(batch, s)
+		for _, k := range h {
+			b.held[k]++
+		}
+	}
+	b.pending = rest
+	b.due = len(rest) > 0
+	if len(batch) > 0 {
+		b.inflight++
+	}
 	return batch
 }
 
-// next starts the batch after one is done: at once when its window has
-// passed (or it is full), else when its window ends.
-func (b *batcher) next() {
+// finished lets go of what a batch held and starts the next one: at once
+// when its window has passed (or it is full), else when its window ends.
+func (b *batcher) finished(batch []*submission) {
 	b.mu.Lock()
-	b.busy = false
-	var batch []*submission
+	b.inflight--
+	for _, s := range batch {
+		for _, k := range s.holds() {
+			if b.held[k]--; b.held[k] <= 0 {
+				delete(b.held, k)
+			}
+		}
+	}
+	var next []*submission
 	switch {
 	case len(b.pending) == 0:
 		b.due = false
 	case b.due || len(b.pending) >= b.max:
-		batch = b.take()
+		next = b.take()
 	case b.timer == nil:
 		b.timer = time.AfterFunc(b.window, b.expire)
 	}
 	b.mu.Unlock()
-	if len(batch) > 0 {
-		go b.run(batch)
+	if len(next) > 0 {
+		go b.run(next)
 	}
 }
 
 func (b *batcher) run(batch []*submission) {
-	defer b.next()
+	defer b.finished(batch)
 	// The batch outlives any one handler's context: it carries others. It
 	// gives up before its claims run out.
 	until := time.Now().Add(b.claimTTL)
