@@ -37,7 +37,7 @@ import (
 
 // Config configures the executor.
 type Config struct {
-	Window   time.Duration `split_words:"true" default:"10ms" desc:"Decisions arriving within this window are applied together in one batch; those arriving while a batch is on Exchange go together in the next, sent as soon as it is done. It is latency added to every decision that finds the executor idle."`
+	Window   time.Duration `split_words:"true" default:"10ms" desc:"Decisions arriving within this window are applied together in one batch. Two batches are on Exchange at most; what arrives meanwhile goes together in the next, sent as soon as one is done. The window is latency added to every decision that finds the executor idle."`
 	MaxBatch int           `split_words:"true" default:"500" desc:"A batch is sent at once when it holds this many decisions."`
 	Parallel int           `split_words:"true" default:"64" desc:"Decisions handled at once by this process (they wait together for their batch)."`
 	ClaimTTL time.Duration `split_words:"true" default:"2m" desc:"How long a replica's claim to send a decision to Exchange lasts. While it lasts, no other replica sends a change for the same device; a batch still unanswered after four fifths of it is given up (and retried), so a replica that died holds a device back at most this long."`
@@ -576,15 +576,12 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 	s.done = make(chan struct{})
 	b.mu.Lock()
 	b.pending = append(b.pending, s)
-	var batch []*submission
-	switch {
-	case b.inflight < batchesInFlight && len(b.pending) >= b.max:
-		batch = b.take()
-	case b.timer == nil && !b.due:
+	batches := b.ready()
+	if len(b.pending) > 0 && b.timer == nil && !b.due {
 		b.timer = time.AfterFunc(b.window, b.expire)
 	}
 	b.mu.Unlock()
-	if len(batch) > 0 {
+	for _, batch := range batches {
 		go b.run(batch)
 	}
 	select {
@@ -600,15 +597,26 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 func (b *batcher) expire() {
 	b.mu.Lock()
 	b.timer = nil
-	var batch []*submission
-	if b.inflight < batchesInFlight {
-		batch = b.take()
-	}
 	b.due = len(b.pending) > 0
+	batches := b.ready()
 	b.mu.Unlock()
-	if len(batch) > 0 {
-		b.run(batch)
+	for _, batch := range batches {
+		go b.run(batch)
 	}
+}
+
+// ready takes the batches that may start now: due or full ones, while
+// fewer than batchesInFlight are in flight. Callers hold b.mu.
+func (b *batcher) ready() [][]*submission {
+	var out [][]*submission
+	for b.inflight < batchesInFlight && len(b.pending) > 0 && (b.due || len(b.pending) >= b.max) {
+		batch := b.take()
+		if len(batch) == 0 {
+			break // every pending one waits for a batch in flight
+		}
+		out = append(out, batch)
+	}
+	return out
 }
 
 // take removes up to max pending submissions that hold nothing a batch
@@ -658,18 +666,16 @@ func (b *batcher) finished(batch []*submission) {
 			}
 		}
 	}
-	var next []*submission
+	batches := b.ready()
 	switch {
 	case len(b.pending) == 0:
 		b.due = false
-	case b.due || len(b.pending) >= b.max:
-		next = b.take()
-	case b.timer == nil:
+	case !b.due && b.timer == nil:
 		b.timer = time.AfterFunc(b.window, b.expire)
 	}
 	b.mu.Unlock()
-	if len(next) > 0 {
-		go b.run(next)
+	for _, batch := range batches {
+		go b.run(batch)
 	}
 }
 

@@ -872,3 +872,48 @@ func TestConfigValidate(t *testing.T) {
 		})
 	}
 }
+
+// Two batches go to Exchange at once when they share no mailbox: a
+// decision that arrives while a slow batch is on Exchange is applied
+// before that batch ends, while one for the batch's mailbox waits for it,
+// so that one mailbox never has two Set-CASMailbox calls at once.
+func TestSecondBatchInFlightUnlessItSharesAMailbox(t *testing.T) {
+	profile := exchangesim.TestProfile()
+	profile.CmdletWrite = 700 * time.Millisecond // Exchange changes the lists, then the call takes this long
+	h := start(t, options{window: 20 * time.Millisecond, profile: profile})
+	first := decision(h.phone(t, h.boxes[0], "ApplFIRST"), ev.DesiredAccess_DESIRED_ACCESS_ALLOW, time.Now())
+	h.publish(t, first, "")
+	natstest.Eventually(t, 10*time.Second, "the first batch on Exchange", func() bool {
+		allowed, _ := h.lists(t, h.boxes[0])
+		return h.applier.inflight.Load() == 1 && slices.Contains(allowed, "ApplFIRST")
+	})
+	same := decision(h.phone(t, h.boxes[0], "ApplSAME"), ev.DesiredAccess_DESIRED_ACCESS_ALLOW, time.Now())
+	other := decision(h.phone(t, h.boxes[1], "ApplOTHER"), ev.DesiredAccess_DESIRED_ACCESS_ALLOW, time.Now())
+	h.publish(t, same, "")
+	h.publish(t, other, "")
+	for _, d := range []*ev.AccessDecided{first, same, other} {
+		if a := h.await(t, d); outcome(a) != ev.ApplyOutcome_APPLY_OUTCOME_APPLIED {
+			t.Fatalf("%s: %s %q", d.GetPartnership().GetDeviceId(), outcome(a), a.GetItems()[0].GetError())
+		}
+	}
+	sets := map[string]exchangesim.Record{}
+	for _, r := range h.sim.Recorder.Records("cmdlet") {
+		for _, id := range []string{"ApplFIRST", "ApplSAME", "ApplOTHER"} {
+			if r.Cmdlet == "Set-CASMailbox" && strings.Contains(string(r.Params), id) {
+				sets[id] = r
+			}
+		}
+	}
+	if len(sets) != 3 {
+		t.Fatalf("Set-CASMailbox calls found for %d of 3 devices: %v", len(sets), sets)
+	}
+	end := func(r exchangesim.Record) time.Time { return r.Time.Add(r.Duration) }
+	if !sets["ApplOTHER"].Time.Before(end(sets["ApplFIRST"])) {
+		t.Errorf("the other mailbox's change started %s after the first batch's Set-CASMailbox ended: it waited for a batch it shares nothing with",
+			sets["ApplOTHER"].Time.Sub(end(sets["ApplFIRST"])))
+	}
+	if sets["ApplSAME"].Time.Before(end(sets["ApplFIRST"])) {
+		t.Errorf("two Set-CASMailbox calls on %s at once: the second started %s before the first ended",
+			h.boxes[0].PrimarySMTP, end(sets["ApplFIRST"]).Sub(sets["ApplSAME"].Time))
+	}
+}
