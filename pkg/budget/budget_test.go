@@ -246,3 +246,102 @@ func TestPoolsStayWithinTheSharedBudget(t *testing.T) {
 		})
 	}
 }
+
+// Under a backlog a pool opens sessions beyond its Workers, as many as the
+// shared budget has free and never more (another process's sessions
+// count), and closes them again once they have idled for BurstIdle, so
+// its slots go back to the budget; a load of no more requests than it has
+// workers opens none. Shells dropped while the pool is grown are replaced
+// within the budget, and every request still succeeds.
+func TestPoolGrowsForABacklogWithinTheBudget(t *testing.T) {
+	const total = 6
+	for _, tt := range []struct {
+		name     string
+		requests int  // kept running at once on the pool
+		other    int  // sessions of another process's pool, kept busy
+		drop     bool // drop every shell once the pool has grown
+		want     int  // the pool's sessions at their peak
+	}{
+		{"steady load", 2, 0, false, 2},
+		{"backlog", 16, 0, false, total},
+		{"backlog beside another process", 16, 2, false, total - 2},
+		{"backlog, shells dropped while grown", 16, 0, true, total},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			sim := exchangesim.StartTest(t, exchangesim.Config{Profile: exchangesim.Profile{MaxShellsPerUser: 18, CmdletRead: 200 * time.Millisecond}})
+			cfg := sim.ExchangeConfig(t)
+			cfg.Workers, cfg.CASFailover, cfg.BurstIdle = 2, false, time.Second
+			s := server(t)
+			newPool := func(name string) (*exchange.Pool, *process) {
+				pr := newProcess(t, s, name, total)
+				p, err := exchange.NewPool(context.Background(), cfg, quiet(), exchange.WithSessionSlots(pr.slots))
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { p.Close(context.Background()) })
+				return p, pr
+			}
+			pool, proc := newPool("a")
+			stop := make(chan struct{})
+			var others *sync.WaitGroup
+			otherHeld := func() int { return 0 }
+			if tt.other > 0 {
+				other, op := newPool("b")
+				otherHeld = op.slots.Held
+				others = load(t, []*exchange.Pool{other}, tt.other, stop)
+				natstest.Eventually(t, 30*time.Second, "the other process to open its sessions", func() bool {
+					return other.Sessions() == tt.other && sim.RemoteSessions(cfg.User) == 1+tt.other
+				})
+			}
+			wg := load(t, []*exchange.Pool{pool}, tt.requests, stop)
+			peak := 0
+			watch := func(what string, d time.Duration, cond func() bool) {
+				t.Helper()
+				natstest.Eventually(t, d, what, func() bool {
+					peak = max(peak, pool.Sessions())
+					if n := proc.slots.Held() + otherHeld(); n > total {
+						t.Fatalf("%d slots held, budget %d", n, total)
+					}
+					return cond()
+				})
+			}
+			watch("the pool to reach its peak", 30*time.Second, func() bool { return pool.Sessions() >= tt.want })
+			if tt.drop {
+				if _, err := sim.Inject(exchangesim.Fault{Endpoint: sim.Endpoints()[0].Name, Kind: "drop_shells"}); err != nil {
+					t.Fatal(err)
+				}
+				// The pool replaces them under the same backlog. (The
+				// dropped shells' Exchange sessions leak until their idle
+				// timeout, as on Exchange: the simulator counts them.)
+				watch("the pool to open its sessions again", 30*time.Second, func() bool {
+					return pool.Sessions() == tt.want && proc.slots.Held() == tt.want
+				})
+			}
+			// Keep pushing for a while longer: the pool must not grow past it.
+			settle := time.Now().Add(2 * time.Second)
+			watch("two more seconds of load", 10*time.Second, func() bool { return time.Now().After(settle) })
+			close(stop)
+			wg.Wait()
+			if others != nil {
+				others.Wait()
+			}
+			t.Logf("pool of %d workers under %d requests at once: peak %d sessions, %d held slots (budget %d, %d held by another process); remote sessions peak %d",
+				cfg.Workers, tt.requests, peak, proc.slots.Held(), total, tt.other, sim.PeakRemoteSessions(cfg.User))
+			if peak != tt.want {
+				t.Errorf("peak of %d sessions, want %d", peak, tt.want)
+			}
+			if got := sim.PeakRemoteSessions(cfg.User); got > total && !tt.drop {
+				t.Errorf("peak of %d remote sessions, over the budget of %d", got, total)
+			}
+			if n := sim.RefusedRemoteSessions(cfg.User); n != 0 {
+				t.Errorf("%d sessions refused", n)
+			}
+			// Idle: the extra sessions close and their slots go back.
+			idle := time.Now()
+			natstest.Eventually(t, 10*cfg.BurstIdle, "the extra sessions to close", func() bool {
+				return pool.Sessions() == cfg.Workers && proc.slots.Held() == cfg.Workers && (tt.drop || sim.RemoteSessions(cfg.User) == cfg.Workers+tt.other)
+			})
+			t.Logf("back to %d sessions %s after the load ended (BurstIdle %s)", cfg.Workers, time.Since(idle).Round(10*time.Millisecond), cfg.BurstIdle)
+		})
+	}
+}

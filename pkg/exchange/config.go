@@ -33,6 +33,7 @@ type Config struct {
 	PowershellAuth     string        `split_words:"true" default:"Kerberos" desc:"Authentication of the remote session: Kerberos, Negotiate, Basic or Default."`
 	Workers            int           `split_words:"true" default:"4" desc:"Persistent PowerShell workers (WinRM shells, each with one Exchange session) per process, at most 8: Exchange allows 18 sessions per user, and the session of a killed worker counts until it expires."`
 	SessionBudget      int           `split_words:"true" default:"12" desc:"Exchange sessions all processes of the organisation (every collector and executor replica) may hold together, shared through NATS; at most 18, Exchange's limit per user, and best well below it: the sessions of killed workers and an administrator's own count too."`
+	BurstIdle          time.Duration `split_words:"true" default:"1m" desc:"Under a backlog a process opens sessions beyond EASGUARD_EXCHANGE_WORKERS, as many as the shared session budget has free; each extra one is closed, and its slot given back, once it has been idle this long, so an idle organisation does not hold the whole budget."`
 	RequestTimeout     time.Duration `split_words:"true" default:"5m" desc:"How long a request may wait for its answer, and a listing for each next page (not for the whole listing); a worker silent for longer is replaced."`
 	OperationTimeout   time.Duration `split_words:"true" default:"20s" desc:"WS-Man OperationTimeout: how long one Receive long-poll waits."`
 	StartTimeout       time.Duration `split_words:"true" default:"2m" desc:"How long starting a worker (shell, PowerShell, Exchange session) may take."`
@@ -66,6 +67,17 @@ func (c *Config) Sessions() int {
 		return DefaultSessionBudget
 	}
 	return c.SessionBudget
+}
+
+// DefaultBurstIdle is BurstIdle when none is set (a Config built in code).
+const DefaultBurstIdle = time.Minute
+
+// burstIdle returns how long a session beyond Workers may idle.
+func (c *Config) burstIdle() time.Duration {
+	if c.BurstIdle == 0 {
+		return DefaultBurstIdle
+	}
+	return c.BurstIdle
 }
 
 // SessionIdleTimeout is the idle timeout worker.ps1 opens its Exchange
@@ -125,6 +137,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Workers < 1 || c.Workers > MaxWorkers {
 		return config.Invalid(&c.Workers, "must be 1 to %d, got %d: Exchange allows 18 remote sessions per user, and the session of a worker killed mid-request counts against them until its idle timeout", MaxWorkers, c.Workers)
+	}
+	if c.BurstIdle < 0 {
+		return config.Invalid(&c.BurstIdle, "must be positive (0: %s), got %s", DefaultBurstIdle, c.BurstIdle)
 	}
 	for _, d := range []*time.Duration{&c.RequestTimeout, &c.OperationTimeout, &c.StartTimeout, &c.Heartbeat, &c.RecycleAfter} {
 		if *d <= 0 {

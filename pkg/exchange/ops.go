@@ -837,15 +837,23 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 // serialised. It returns the first fatal error (authentication,
 // permission).
 func (c *Client) runBatches(ctx context.Context, calls []Call, fn func(i int, r Result, err error)) error {
-	size := min(c.BatchSize, max(1, (len(calls)+c.Parallel-1)/c.Parallel))
+	parallel := c.Parallel
+	if p, ok := c.r.(interface{ MaxSessions() int }); ok {
+		// Split as many ways as the pool may open sessions under a
+		// backlog: the requests that wait are what make it grow.
+		parallel = max(parallel, p.MaxSessions())
+	}
+	// Chunks of near-equal length (none over BatchSize), so that the
+	// sessions finish a round of them together.
+	chunks := max(min(len(calls), parallel), (len(calls)+c.BatchSize-1)/c.BatchSize)
 	var (
 		mu    sync.Mutex
 		fatal error
 		wg    sync.WaitGroup
-		sem   = make(chan struct{}, c.Parallel)
+		sem   = make(chan struct{}, parallel)
 	)
-	for start := 0; start < len(calls); start += size {
-		end := min(start+size, len(calls))
+	for k := range chunks {
+		start, end := k*len(calls)/chunks, (k+1)*len(calls)/chunks
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {

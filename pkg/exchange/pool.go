@@ -53,6 +53,19 @@ type Pool struct {
 	outside   int
 	acquiring bool // one request at a time asks the budget for a slot
 
+	// Under a backlog the pool opens sessions beyond Workers, up to what
+	// the shared budget has free (see wantsBurst), and closes them again
+	// once they have idled for BurstIdle (shrink). waiting is how many
+	// requests wait for a worker, service the moving average of a
+	// request's time on a worker (paged listings left out), served when
+	// each worker last finished a request (a heartbeat is not use), and
+	// noSlotUntil when the budget may be asked again for an extra slot
+	// after it had none free.
+	waiting     int
+	service     time.Duration
+	served      map[*worker]time.Time
+	noSlotUntil time.Time
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 }
@@ -90,6 +103,16 @@ var ErrNoSessionSlot = errors.New("no free slot in the shared Exchange session b
 // announced).
 const slotPoll = 250 * time.Millisecond
 
+// burstTarget is the wait the pool's backlog may cause before the pool
+// opens a session beyond Workers: one more opens as soon as the queued
+// requests need longer than this to clear on the sessions it has (opening
+// ones included). Opening takes seconds (shell, PowerShell, Exchange
+// session), far longer than this, so the pool does not wait for a backlog
+// to prove lasting: a session opened at the first sign of one is ready
+// while a burst still runs, and it stays BurstIdle, so the next burst
+// finds it warm.
+const burstTarget = 100 * time.Millisecond
+
 // NewPool validates the settings and starts one worker, so that wrong
 // credentials, an untrusted certificate or a missing role show at once.
 // Further workers start as requests need them.
@@ -101,7 +124,7 @@ func NewPool(ctx context.Context, cfg Config, log *slog.Logger, opts ...PoolOpti
 	if log == nil {
 		log = slog.Default()
 	}
-	p := &Pool{opts: o, log: log.With("component", "exchange-pool"), servers: []target{o.primary}, waiters: make(chan struct{}, 1), stop: make(chan struct{})}
+	p := &Pool{opts: o, log: log.With("component", "exchange-pool"), servers: []target{o.primary}, waiters: make(chan struct{}, 1), stop: make(chan struct{}), served: map[*worker]time.Time{}}
 	for _, opt := range opts {
 		opt(p)
 	}
@@ -122,8 +145,9 @@ func NewPool(ctx context.Context, cfg Config, log *slog.Logger, opts ...PoolOpti
 	p.idle = append(p.idle, w)
 	p.mu.Unlock()
 	if p.slots != nil {
-		p.wg.Add(1)
+		p.wg.Add(2)
 		go p.watchSlots()
+		go p.shrink()
 	}
 	if cfg.CASFailover {
 		if err := p.discover(ctx, w); err != nil {
@@ -227,6 +251,93 @@ func (p *Pool) Current() string {
 // RoundTrips returns how many HTTP requests the pool's workers have sent.
 func (p *Pool) RoundTrips() int64 { return p.roundTrips.Load() }
 
+// MaxSessions returns how many sessions the pool may open under a backlog:
+// Workers, or with a shared budget the whole budget (the budget, not this
+// number, decides how many it gets). Callers that split work into
+// parallel requests split it this many ways, so that a backlog reaches
+// the pool as waiting requests, which is what makes it grow.
+func (p *Pool) MaxSessions() int { return p.ceiling() }
+
+func (p *Pool) ceiling() int {
+	if p.slots == nil {
+		return p.opts.cfg.Workers
+	}
+	return max(p.opts.cfg.Workers, min(p.slots.Total(), MaxSessionBudget))
+}
+
+// Sessions returns how many sessions the pool has open or opening.
+func (p *Pool) Sessions() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.total
+}
+
+// wantsBurst reports whether the requests queued for a worker (the asking
+// one included) need longer than burstTarget to clear on the pool's
+// sessions, so that one more session beyond Workers is worth opening.
+// Only with a shared budget: it is what bounds the growth. Call it with
+// p.mu held.
+func (p *Pool) wantsBurst() bool {
+	if p.slots == nil || p.total >= p.ceiling() || p.service <= 0 || time.Now().Before(p.noSlotUntil) {
+		return false
+	}
+	queued := time.Duration(p.waiting + 1)
+	return queued*p.service > burstTarget*time.Duration(max(p.total, 1))
+}
+
+// markServed records that w finished a request that took d (zero: not
+// counted in the average), for shrink and wantsBurst.
+func (p *Pool) markServed(w *worker, d time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.served[w] = time.Now()
+	if d > 0 {
+		if p.service == 0 {
+			p.service = d
+		} else {
+			p.service += (d - p.service) / 5
+		}
+	}
+}
+
+// shrink closes sessions beyond Workers that have idled for BurstIdle,
+// which gives their slots back to the organisation's budget.
+func (p *Pool) shrink() {
+	defer p.wg.Done()
+	idle := p.opts.cfg.burstIdle()
+	t := time.NewTicker(min(max(idle/4, 50*time.Millisecond), 15*time.Second))
+	defer t.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-t.C:
+		}
+		p.mu.Lock()
+		var drop []*worker
+		keep := p.idle[:0]
+		for _, w := range p.idle {
+			if p.total > p.opts.cfg.Workers && time.Since(p.served[w]) >= idle {
+				drop = append(drop, w)
+				delete(p.served, w)
+				p.total--
+				p.outside++
+			} else {
+				keep = append(keep, w)
+			}
+		}
+		p.idle = keep
+		sessions := p.total
+		p.mu.Unlock()
+		if len(drop) > 0 {
+			p.log.Info("closing idle sessions opened for a backlog", "closing", len(drop), "sessions", sessions, "idle", idle)
+		}
+		for _, w := range drop {
+			go p.closeOutside(w)
+		}
+	}
+}
+
 // acquire returns an idle worker on the current server, starts one if
 // the pool has room, or waits for one to come back.
 func (p *Pool) acquire(ctx context.Context) (*worker, error) {
@@ -252,7 +363,8 @@ func (p *Pool) acquire(ctx context.Context) (*worker, error) {
 			p.mu.Unlock()
 			return w, nil
 		}
-		grow := p.total < p.opts.cfg.Workers
+		burst := p.total >= p.opts.cfg.Workers && p.wantsBurst()
+		grow := p.total < p.opts.cfg.Workers || burst
 		var poll <-chan time.Time
 		if grow && p.slots != nil && p.total+p.outside >= p.held && p.acquiring {
 			grow, poll = false, time.After(slotPoll)
@@ -273,8 +385,22 @@ func (p *Pool) acquire(ctx context.Context) (*worker, error) {
 				p.mu.Unlock()
 				continue
 			}
+			if burst {
+				// Other processes hold the rest: ask again later, not
+				// at every request of the backlog.
+				p.noSlotUntil = time.Now().Add(slotPoll)
+			}
 			grow = false
 			poll = time.After(slotPoll)
+		}
+		if grow && burst {
+			// The session opens in the background: this request takes
+			// whichever worker is free first, which is seldom the new one.
+			p.total++
+			p.log.Info("opening a session for a backlog", "queued", p.waiting+1, "sessions", p.total, "workers", p.opts.cfg.Workers, "request_ms", p.service.Milliseconds())
+			p.wg.Add(1)
+			go p.spawnExtra(cur)
+			grow = false
 		}
 		if grow {
 			p.total++
@@ -291,17 +417,55 @@ func (p *Pool) acquire(ctx context.Context) (*worker, error) {
 				p.signal()
 				return nil, err
 			}
+			p.markServed(w, 0)
 			p.noteSuccess(cur)
 			return w, nil
 		}
+		p.waiting++
 		p.mu.Unlock()
+		var err error
 		select {
 		case <-p.waiters:
 		case <-poll:
 		case <-ctx.Done():
-			return nil, fmt.Errorf("%w: waiting for a worker: %w", ErrTransient, ctx.Err())
+			err = fmt.Errorf("%w: waiting for a worker: %w", ErrTransient, ctx.Err())
+		}
+		p.mu.Lock()
+		p.waiting--
+		p.mu.Unlock()
+		if err != nil {
+			return nil, err
 		}
 	}
+}
+
+// spawnExtra opens a session beyond Workers (counted in total already)
+// and hands it to whoever waits for a worker.
+func (p *Pool) spawnExtra(t target) {
+	defer p.wg.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), p.opts.cfg.StartTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	w, err := p.spawn(ctx, t)
+	if err != nil {
+		p.mu.Lock()
+		p.total--
+		p.mu.Unlock()
+		p.trimSlots()
+		p.noteFailure(t, err)
+		p.signal()
+		p.log.Warn("could not open a session for a backlog", "server", t.fqdn, "error", err)
+		return
+	}
+	p.markServed(w, 0)
+	p.noteSuccess(t)
+	p.release(w, nil)
 }
 
 // firstSlot waits for the slot of the first worker.
@@ -351,6 +515,7 @@ func (p *Pool) trimSlots() {
 func (p *Pool) closeOutside(w *worker) {
 	w.close(context.Background())
 	p.mu.Lock()
+	delete(p.served, w)
 	p.outside--
 	p.mu.Unlock()
 	p.trimSlots()
@@ -606,7 +771,13 @@ func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error)
 		w, err := p.acquire(ctx)
 		if err == nil {
 			var r Response
+			began := time.Now()
 			_, r, err = w.call(ctx, req, page)
+			took := time.Since(began)
+			if delivered || err != nil {
+				took = 0 // a listing's pages or a failure say nothing of a request's time
+			}
+			p.markServed(w, took)
 			if err == nil {
 				if berr := sessionBrokenIn(r); berr != nil {
 					// The worker answers, but its Exchange session is gone:

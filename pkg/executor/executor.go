@@ -37,7 +37,7 @@ import (
 
 // Config configures the executor.
 type Config struct {
-	Window   time.Duration `split_words:"true" default:"50ms" desc:"Decisions arriving within this window are applied together in one batch."`
+	Window   time.Duration `split_words:"true" default:"10ms" desc:"Decisions arriving within this window are applied together in one batch. Two batches are on Exchange at most; what arrives meanwhile goes together in the next, sent as soon as one is done. The window is latency added to every decision that finds the executor idle."`
 	MaxBatch int           `split_words:"true" default:"500" desc:"A batch is sent at once when it holds this many decisions."`
 	Parallel int           `split_words:"true" default:"64" desc:"Decisions handled at once by this process (they wait together for their batch)."`
 	ClaimTTL time.Duration `split_words:"true" default:"2m" desc:"How long a replica's claim to send a decision to Exchange lasts. While it lasts, no other replica sends a change for the same device; a batch still unanswered after four fifths of it is given up (and retried), so a replica that died holds a device back at most this long."`
@@ -515,13 +515,17 @@ func invocation(d *ev.AccessDecided) *ev.CmdletInvocation {
 
 // batcher gathers changes submitted within a window, claims them (see
 // Executor.claim) and applies those it may send in one ApplyAccess call.
-// Batches claim one after the other and are sent one after the other, in
-// the order they were formed, but a batch claims while the one before it
-// is still on Exchange: one mailbox is never changed by two Set-CASMailbox
-// calls of this instance at once, and a claim this instance holds belongs
-// to a batch that is sent before any batch that takes the claim over. Of
-// several decisions for one partnership in a batch only the newest is
-// claimed and sent.
+// Up to batchesInFlight batches are claimed and sent at once; what
+// arrives while they are forms the next batch as soon as one is done
+// (group commit), so that under a burst batches grow with the backlog
+// instead of queueing one window's worth each behind the other, and the
+// Exchange client can spread them over every session the pool may open.
+// A submission for a partnership or a mailbox that a batch in flight
+// holds waits for that batch: one mailbox is never changed by two
+// Set-CASMailbox calls of this instance at once, and a claim this
+// instance holds belongs to a batch that was sent before any batch that
+// takes the claim over. Of several decisions for one partnership in a
+// batch only the newest is claimed and sent.
 type batcher struct {
 	apply  func(ctx context.Context, changes []exchange.Change) ([]exchange.ChangeResult, error)
 	claim  func(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error)
@@ -534,14 +538,20 @@ type batcher struct {
 	mu      sync.Mutex
 	pending []*submission
 	timer   *time.Timer
-	// last is the turn of the last batch formed; the next one claims and
-	// sends after it. Guarded by mu.
-	last *turn
+	// inflight is how many batches are being claimed and sent, and held
+	// the partnerships and mailboxes they carry (with how many of them
+	// carry each); due, that the window of the oldest pending submission
+	// has passed, so it goes as soon as it may. Guarded by mu.
+	inflight int
+	held     map[string]int
+	due      bool
 }
 
-// turn is a batch's place in the order: claimed is closed once its claims
-// are made, sent once it has been sent (or had nothing to send).
-type turn struct{ claimed, sent chan struct{} }
+// batchesInFlight is how many batches one executor sends at once: a
+// second one keeps the sessions busy while the first one's last answers
+// come in, and a decision that arrives during a batch need not wait for
+// all of it.
+const batchesInFlight = 2
 
 // submission is one decision waiting for its batch.
 type submission struct {
@@ -554,6 +564,11 @@ type submission struct {
 	err      error
 }
 
+// holds returns what a submission holds while its batch is in flight.
+func (s *submission) holds() [2]string {
+	return [2]string{"p:" + s.key, "m:" + strings.ToLower(s.change.Mailbox)}
+}
+
 // claimParallel bounds the claims of one batch made at once.
 const claimParallel = 32
 
@@ -561,23 +576,13 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 	s.done = make(chan struct{})
 	b.mu.Lock()
 	b.pending = append(b.pending, s)
-	switch {
-	case len(b.pending) >= b.max:
-		batch, prev, mine := b.take()
-		b.mu.Unlock()
-		go b.run(batch, prev, mine)
-	case len(b.pending) == 1:
-		b.timer = time.AfterFunc(b.window, func() {
-			b.mu.Lock()
-			batch, prev, mine := b.take()
-			b.mu.Unlock()
-			if len(batch) > 0 {
-				b.run(batch, prev, mine)
-			}
-		})
-		b.mu.Unlock()
-	default:
-		b.mu.Unlock()
+	batches := b.ready()
+	if len(b.pending) > 0 && b.timer == nil && !b.due {
+		b.timer = time.AfterFunc(b.window, b.expire)
+	}
+	b.mu.Unlock()
+	for _, batch := range batches {
+		go b.run(batch)
 	}
 	select {
 	case <-s.done:
@@ -587,38 +592,95 @@ func (b *batcher) submit(ctx context.Context, s *submission) (exchange.ChangeRes
 	}
 }
 
-// take removes the pending submissions and gives them their turn, after
-// prev's. Callers hold b.mu.
-func (b *batcher) take() (batch []*submission, prev, mine *turn) {
+// expire ends the window of the oldest pending submission: the batch is
+// sent now, or as soon as a batch in flight is done.
+func (b *batcher) expire() {
+	b.mu.Lock()
+	b.timer = nil
+	b.due = len(b.pending) > 0
+	batches := b.ready()
+	b.mu.Unlock()
+	for _, batch := range batches {
+		go b.run(batch)
+	}
+}
+
+// ready takes the batches that may start now: due or full ones, while
+// fewer than batchesInFlight are in flight. Callers hold b.mu.
+func (b *batcher) ready() [][]*submission {
+	var out [][]*submission
+	for b.inflight < batchesInFlight && len(b.pending) > 0 && (b.due || len(b.pending) >= b.max) {
+		batch := b.take()
+		if len(batch) == 0 {
+			break // every pending one waits for a batch in flight
+		}
+		out = append(out, batch)
+	}
+	return out
+}
+
+// take removes up to max pending submissions that hold nothing a batch
+// in flight holds, and counts them in flight. Callers hold b.mu.
+func (b *batcher) take() []*submission {
 	if b.timer != nil {
 		b.timer.Stop()
 		b.timer = nil
 	}
-	batch = b.pending
-	b.pending = nil
-	if len(batch) == 0 {
-		return nil, nil, nil
+	if b.held == nil {
+		b.held = map[string]int{}
 	}
-	prev = b.last
-	if prev == nil {
-		prev = &turn{claimed: make(chan struct{}), sent: make(chan struct{})}
-		close(prev.claimed)
-		close(prev.sent)
+	// What the batches in flight hold; this batch may hold it too.
+	busy := make(map[string]bool, len(b.held))
+	for k := range b.held {
+		busy[k] = true
 	}
-	mine = &turn{claimed: make(chan struct{}), sent: make(chan struct{})}
-	b.last = mine
-	return batch, prev, mine
+	var batch, rest []*submission
+	for _, s := range b.pending {
+		h := s.holds()
+		if len(batch) == b.max || busy[h[0]] || busy[h[1]] {
+			rest = append(rest, s)
+			continue
+		}
+		batch = append(batch, s)
+		for _, k := range h {
+			b.held[k]++
+		}
+	}
+	b.pending = rest
+	b.due = len(rest) > 0
+	if len(batch) > 0 {
+		b.inflight++
+	}
+	return batch
 }
 
-func (b *batcher) run(batch []*submission, prev, mine *turn) {
-	claimed := false
-	defer func() {
-		if !claimed {
-			close(mine.claimed)
+// finished lets go of what a batch held and starts the next one: at once
+// when its window has passed (or it is full), else when its window ends.
+func (b *batcher) finished(batch []*submission) {
+	b.mu.Lock()
+	b.inflight--
+	for _, s := range batch {
+		for _, k := range s.holds() {
+			if b.held[k]--; b.held[k] <= 0 {
+				delete(b.held, k)
+			}
 		}
-		close(mine.sent)
-	}()
-	<-prev.claimed
+	}
+	batches := b.ready()
+	switch {
+	case len(b.pending) == 0:
+		b.due = false
+	case !b.due && b.timer == nil:
+		b.timer = time.AfterFunc(b.window, b.expire)
+	}
+	b.mu.Unlock()
+	for _, batch := range batches {
+		go b.run(batch)
+	}
+}
+
+func (b *batcher) run(batch []*submission) {
+	defer b.finished(batch)
 	// The batch outlives any one handler's context: it carries others. It
 	// gives up before its claims run out.
 	until := time.Now().Add(b.claimTTL)
@@ -667,8 +729,6 @@ func (b *batcher) run(batch []*submission, prev, mine *turn) {
 		}()
 	}
 	wg.Wait()
-	close(mine.claimed)
-	claimed = true
 	send := claims[:0]
 	for _, s := range claims {
 		if s.err != nil || s.verdict.kind != claimClaimed {
@@ -677,7 +737,6 @@ func (b *batcher) run(batch []*submission, prev, mine *turn) {
 		}
 		send = append(send, s)
 	}
-	<-prev.sent
 	if len(send) == 0 {
 		return
 	}

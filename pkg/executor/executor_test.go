@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/easguard/easguard/pkg/budget"
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/bus/bustest"
 	"github.com/easguard/easguard/pkg/config"
@@ -72,6 +73,8 @@ type options struct {
 	profile        exchangesim.Profile
 	requestTimeout time.Duration
 	parallel       int // handlers at once; 16 when 0
+	mailboxes      int // seeded; 5 when 0
+	budget         int // the pool takes its sessions from a shared budget of this many (0: none)
 }
 
 // harness is one executor on a real JetStream server, applying decisions
@@ -83,6 +86,7 @@ type harness struct {
 	pub      *bus.Publisher
 	x        *executor.Executor
 	client   *exchange.Client
+	pool     *exchange.Pool
 	applier  *recordingApplier
 	user     string
 	cas      string
@@ -98,7 +102,10 @@ func start(tb testing.TB, o options) *harness {
 	if o.window == 0 {
 		o.window = 150 * time.Millisecond
 	}
-	sim := exchangesim.StartTest(tb, exchangesim.Config{Profile: o.profile, Seed: &exchangesim.SeedSpec{Mailboxes: 5, Seed: 1, NoHostile: true}})
+	if o.mailboxes == 0 {
+		o.mailboxes = 5
+	}
+	sim := exchangesim.StartTest(tb, exchangesim.Config{Profile: o.profile, Seed: &exchangesim.SeedSpec{Mailboxes: o.mailboxes, Seed: 1, NoHostile: true}})
 	if err := sim.Org.SetDefaultAccessLevel("Quarantine"); err != nil {
 		tb.Fatal(err)
 	}
@@ -111,12 +118,25 @@ func start(tb testing.TB, o options) *harness {
 	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
 		tb.Fatal(err)
 	}
-	pool, err := exchange.NewPool(ctx, cfg, quiet())
+	var popts []exchange.PoolOption
+	if o.budget > 0 {
+		kv, err := js.KeyValue(ctx, bus.BucketLeases)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		slots, err := budget.New(ctx, kv, "exchange-session", org, o.budget, "executor-test", quiet())
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(slots.Close)
+		popts = append(popts, exchange.WithSessionSlots(slots))
+	}
+	pool, err := exchange.NewPool(ctx, cfg, quiet(), popts...)
 	if err != nil {
 		tb.Fatalf("exchange pool: %v", err)
 	}
 	tb.Cleanup(func() { pool.Close(context.Background()) })
-	h := &harness{sim: sim, js: js, user: cfg.User, cas: pool.Current()}
+	h := &harness{sim: sim, js: js, user: cfg.User, cas: pool.Current(), pool: pool}
 	h.client = exchange.NewClient(pool, cfg)
 	h.applier = &recordingApplier{client: h.client}
 	if o.parallel == 0 {
@@ -151,7 +171,7 @@ func start(tb testing.TB, o options) *harness {
 			h.boxes = append(h.boxes, m)
 		}
 	}
-	if len(h.boxes) < 5 {
+	if len(h.boxes) < min(o.mailboxes, 5) {
 		tb.Fatalf("seeded %d mailboxes", len(h.boxes))
 	}
 	return h
@@ -816,7 +836,7 @@ func TestConfigValidate(t *testing.T) {
 	if err := config.Load(&defaults); err != nil {
 		t.Fatalf("defaults refused: %v", err)
 	}
-	if defaults.Executor.Window != 50*time.Millisecond || defaults.Executor.MaxBatch != 500 || defaults.Executor.Parallel != 64 || defaults.Executor.ClaimTTL != 2*time.Minute {
+	if defaults.Executor.Window != 10*time.Millisecond || defaults.Executor.MaxBatch != 500 || defaults.Executor.Parallel != 64 || defaults.Executor.ClaimTTL != 2*time.Minute {
 		t.Fatalf("defaults %+v", defaults.Executor)
 	}
 	tests := []struct {
@@ -850,5 +870,50 @@ func TestConfigValidate(t *testing.T) {
 				t.Errorf("load: %v, want an error naming %s", err, tt.env)
 			}
 		})
+	}
+}
+
+// Two batches go to Exchange at once when they share no mailbox: a
+// decision that arrives while a slow batch is on Exchange is applied
+// before that batch ends, while one for the batch's mailbox waits for it,
+// so that one mailbox never has two Set-CASMailbox calls at once.
+func TestSecondBatchInFlightUnlessItSharesAMailbox(t *testing.T) {
+	profile := exchangesim.TestProfile()
+	profile.CmdletWrite = 700 * time.Millisecond // Exchange changes the lists, then the call takes this long
+	h := start(t, options{window: 20 * time.Millisecond, profile: profile})
+	first := decision(h.phone(t, h.boxes[0], "ApplFIRST"), ev.DesiredAccess_DESIRED_ACCESS_ALLOW, time.Now())
+	h.publish(t, first, "")
+	natstest.Eventually(t, 10*time.Second, "the first batch on Exchange", func() bool {
+		allowed, _ := h.lists(t, h.boxes[0])
+		return h.applier.inflight.Load() == 1 && slices.Contains(allowed, "ApplFIRST")
+	})
+	same := decision(h.phone(t, h.boxes[0], "ApplSAME"), ev.DesiredAccess_DESIRED_ACCESS_ALLOW, time.Now())
+	other := decision(h.phone(t, h.boxes[1], "ApplOTHER"), ev.DesiredAccess_DESIRED_ACCESS_ALLOW, time.Now())
+	h.publish(t, same, "")
+	h.publish(t, other, "")
+	for _, d := range []*ev.AccessDecided{first, same, other} {
+		if a := h.await(t, d); outcome(a) != ev.ApplyOutcome_APPLY_OUTCOME_APPLIED {
+			t.Fatalf("%s: %s %q", d.GetPartnership().GetDeviceId(), outcome(a), a.GetItems()[0].GetError())
+		}
+	}
+	sets := map[string]exchangesim.Record{}
+	for _, r := range h.sim.Recorder.Records("cmdlet") {
+		for _, id := range []string{"ApplFIRST", "ApplSAME", "ApplOTHER"} {
+			if r.Cmdlet == "Set-CASMailbox" && strings.Contains(string(r.Params), id) {
+				sets[id] = r
+			}
+		}
+	}
+	if len(sets) != 3 {
+		t.Fatalf("Set-CASMailbox calls found for %d of 3 devices: %v", len(sets), sets)
+	}
+	end := func(r exchangesim.Record) time.Time { return r.Time.Add(r.Duration) }
+	if !sets["ApplOTHER"].Time.Before(end(sets["ApplFIRST"])) {
+		t.Errorf("the other mailbox's change started %s after the first batch's Set-CASMailbox ended: it waited for a batch it shares nothing with",
+			sets["ApplOTHER"].Time.Sub(end(sets["ApplFIRST"])))
+	}
+	if sets["ApplSAME"].Time.Before(end(sets["ApplFIRST"])) {
+		t.Errorf("two Set-CASMailbox calls on %s at once: the second started %s before the first ended",
+			h.boxes[0].PrimarySMTP, end(sets["ApplFIRST"]).Sub(sets["ApplSAME"].Time))
 	}
 }
