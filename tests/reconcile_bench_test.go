@@ -232,9 +232,7 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 		len(r.parts), len(r.byMailbox), res.wall.Seconds(), done.GetStartedAt().AsTime().Sub(t0).Seconds(), done.GetFinishedAt().AsTime().Sub(t0).Seconds(),
 		collectorPass.Seconds(), end.Sub(t0).Seconds(), res.listing.Seconds())
 	b.Logf("steady: easguard used %.1f s of CPU in the pass, %.0f µs a partnership", cpu, cpu*1e6/float64(len(r.parts)))
-	r.logPhases("steady")
-	r.logPass("steady", t0, pass)
-	r.logMetrics("steady")
+	r.logAll("steady", t0, pass)
 	return res
 }
 
@@ -293,9 +291,7 @@ func reconcileOnboarding(b *testing.B, n int) onboardingResult {
 	b.Logf("onboarding, %d partnerships on %d mailboxes: every device allow-listed %.1fs after the first full sync began (its pass: %.1fs; easguard started %.1fs before it); limit %.1fs (%d mailboxes × %s ÷ %d sessions); %d Set-CASMailbox calls",
 		len(r.parts), len(r.byMailbox), res.wall.Seconds(), first.GetFinishedAt().AsTime().Sub(t0).Seconds(), t0.Sub(r.started).Seconds(),
 		limit.Seconds(), len(r.byMailbox), profile.CmdletWrite, benchSessions, r.f.sim.Recorder.Count("cmdlet:Set-CASMailbox")-writes)
-	r.logPhases("onboarding")
-	r.logPass("onboarding", t0, pass)
-	r.logMetrics("onboarding")
+	r.logAll("onboarding", t0, pass)
 	return res
 }
 
@@ -380,6 +376,15 @@ func newReconcileRig(tb testing.TB, n int, allowListed bool) *reconcileRig {
 func (r *reconcileRig) phase(what string) {
 	r.phases = append(r.phases, fmt.Sprintf("%s %.1fs", what, time.Since(r.mark).Seconds()))
 	r.mark = time.Now()
+}
+
+// logAll logs a shape's phases, what its pass stored per stream, and what
+// easguard's consumers handled.
+func (r *reconcileRig) logAll(shape string, t0 time.Time, pass passStats) {
+	r.tb.Helper()
+	r.logPhases(shape)
+	r.logPass(shape, t0, pass)
+	r.logMetrics(shape)
 }
 
 func (r *reconcileRig) logPhases(shape string) {

@@ -8,6 +8,28 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// ConsumerDrained looks up a durable consumer of stream and reports
+// whether it is Drained, with the consumer's info for messages. An error
+// wraps jetstream.ErrConsumerNotFound when the consumer does not exist
+// (its worker has not bound it yet, or never ran), which callers weigh
+// differently.
+func ConsumerDrained(ctx context.Context, js jetstream.JetStream, stream, durable string) (bool, *jetstream.ConsumerInfo, error) {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return false, nil, fmt.Errorf("drained %s: %w", durable, err)
+	}
+	c, err := s.Consumer(ctx, durable)
+	if err != nil {
+		return false, nil, fmt.Errorf("drained %s: %w", durable, err)
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		return false, nil, fmt.Errorf("drained %s: %w", durable, err)
+	}
+	drained, err := Drained(ctx, s, info)
+	return drained, info, err
+}
+
 // Drained reports whether the durable consumer ci of stream s has been
 // given, and has settled, the newest message s holds for it: everything
 // published to it before the call has been handled. Barriers use it, the

@@ -230,14 +230,22 @@ func (t Topology) MDMReplayBucketConfig() jetstream.KeyValueConfig {
 	}
 }
 
-// ConsumerConfig returns the durable consumer of one route. The durable name
-// is service-route[-org]; all instances of a service share it, which is how
-// a stage scales out.
-func (t Topology) ConsumerConfig(service, route, filter string, org Org) jetstream.ConsumerConfig {
+// DurableName is the durable consumer of a service's route for org
+// (service-route[-org]), for a barrier that waits on another worker's
+// consumer.
+func DurableName(service, route string, org Org) string {
 	name := service + "-" + route
 	if org != "" {
 		name += "-" + string(org)
 	}
+	return name
+}
+
+// ConsumerConfig returns the durable consumer of one route. The durable name
+// is service-route[-org]; all instances of a service share it, which is how
+// a stage scales out.
+func (t Topology) ConsumerConfig(service, route, filter string, org Org) jetstream.ConsumerConfig {
+	name := DurableName(service, route, org)
 	md := map[string]string{"easguard.service": service, "easguard.route": route}
 	if org != "" {
 		md["easguard.org"] = string(org)

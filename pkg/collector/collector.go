@@ -274,22 +274,11 @@ func (c *Collector) inventoryDelivered(ctx context.Context) (bool, error) {
 // mdmIndexed reports whether the matcher has handled every MDM change of
 // this org published so far.
 func (c *Collector) mdmIndexed(ctx context.Context) (bool, error) {
-	s, err := c.js.Stream(ctx, bus.StreamMDM)
-	if err != nil {
-		return false, fmt.Errorf("mdm stream: %w", err)
-	}
-	cons, err := s.Consumer(ctx, "matcher-mdm-changed-"+string(c.org))
+	drained, _, err := bus.ConsumerDrained(ctx, c.js, bus.StreamMDM, bus.DurableName("matcher", "mdm-changed", c.org))
 	if errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return false, nil // the matcher has not bound yet
 	}
-	if err != nil {
-		return false, fmt.Errorf("matcher's mdm consumer: %w", err)
-	}
-	info, err := cons.Info(ctx)
-	if err != nil {
-		return false, fmt.Errorf("matcher's mdm consumer: %w", err)
-	}
-	return bus.Drained(ctx, s, info)
+	return drained, err
 }
 
 // policyWait is how long a full sync waits for the evaluator to say

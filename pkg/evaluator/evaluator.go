@@ -551,10 +551,10 @@ func (e *Evaluator) stage(ctx context.Context, in *ev.DeviceMatched, d *ev.Acces
 // SyncCompleted judges the revocations a sync pass staged, once every
 // observation of the pass has gone through the matcher and the evaluator.
 func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]bus.Outbound, error) {
-	if err := e.waitDrained(ctx, "matcher-eas-observed", bus.StreamEAS); err != nil {
+	if err := e.waitDrained(ctx, "matcher", "eas-observed", bus.StreamEAS); err != nil {
 		return nil, err
 	}
-	if err := e.waitDrained(ctx, "evaluator-device-matched", bus.StreamMatch); err != nil {
+	if err := e.waitDrained(ctx, "evaluator", "device-matched", bus.StreamMatch); err != nil {
 		return nil, err
 	}
 	pub := e.pub.Load()
@@ -597,35 +597,22 @@ func DecisionOutbound(org bus.Org, d *ev.AccessDecided) (bus.Outbound, error) {
 // waitDrained waits until a worker's consumer of this org has nothing
 // pending or unacknowledged: a barrier that says every message published
 // before now has been handled.
-func (e *Evaluator) waitDrained(ctx context.Context, durable, stream string) error {
-	name := durable + "-" + string(e.org)
+func (e *Evaluator) waitDrained(ctx context.Context, service, route, stream string) error {
+	name := bus.DurableName(service, route, e.org)
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	deadline := time.Now().Add(15 * time.Minute)
 	for {
-		c, err := e.js.Consumer(ctx, stream, name)
-		if errors.Is(err, jetstream.ErrConsumerNotFound) {
-			return nil // that worker never ran for this org
-		}
-		if err != nil {
-			return fmt.Errorf("barrier on %s: %w", name, err)
-		}
-		info, err := c.Info(ctx)
-		if err != nil {
-			return fmt.Errorf("barrier on %s: %w", name, err)
-		}
-		s, err := e.js.Stream(ctx, stream)
-		if err != nil {
-			return fmt.Errorf("barrier on %s: %w", name, err)
-		}
 		// The barrier runs inside the evaluator's own handler for its
 		// device-matched consumer only from the background loop, so a
 		// drained consumer means every message before now is handled.
-		drained, err := bus.Drained(ctx, s, info)
-		if err != nil {
+		drained, info, err := bus.ConsumerDrained(ctx, e.js, stream, name)
+		switch {
+		case errors.Is(err, jetstream.ErrConsumerNotFound):
+			return nil // that worker never ran for this org
+		case err != nil:
 			return fmt.Errorf("barrier on %s: %w", name, err)
-		}
-		if drained {
+		case drained:
 			return nil
 		}
 		if time.Now().After(deadline) {
@@ -975,10 +962,10 @@ func (e *Evaluator) tick(ctx context.Context) error {
 	if oldest >= 0 {
 		// Every MDM change published by now has been matched and judged,
 		// so each revocation it causes is staged.
-		if err := e.waitDrained(ctx, "matcher-mdm-changed", bus.StreamMDM); err != nil {
+		if err := e.waitDrained(ctx, "matcher", "mdm-changed", bus.StreamMDM); err != nil {
 			return err
 		}
-		if err := e.waitDrained(ctx, "evaluator-device-matched", bus.StreamMatch); err != nil {
+		if err := e.waitDrained(ctx, "evaluator", "device-matched", bus.StreamMatch); err != nil {
 			return err
 		}
 		if err := e.guarded(ctx, func(ctx context.Context) error {
