@@ -17,9 +17,14 @@ build:
 	@mkdir -p bin
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./services/... ./tests/cmd/...
 
-## test: every test, with the race detector (real NATS servers start in-process)
+## test: every test, with the race detector (real NATS servers start in-process);
+## a failed run ends with the failed tests and their messages, since CI keeps only a log's tail
 test:
-	$(GO) test -race -count=1 -timeout 20m ./...
+	@log=$$(mktemp); set -o pipefail; \
+	$(GO) test -race -count=1 -timeout 20m ./... 2>&1 | tee $$log; rc=$$?; \
+	if [ $$rc -ne 0 ]; then echo; echo "== what failed (from the log above):"; \
+		grep -E -- '^\s*--- FAIL|^panic:|^\s+[A-Za-z0-9_]+\.go:[0-9]+: ' $$log | cut -c1-300 | head -80; fi; \
+	rm -f $$log; exit $$rc
 
 ## lint: gofmt and go vet
 lint:

@@ -508,7 +508,26 @@ func (l *eventLog) dump() string {
 		}
 		return s
 	}
+	// A run of successful quick syncs with nothing between them is one
+	// line: a test that waited for something that never came would
+	// otherwise end its log with a screen of them and push the failure
+	// itself out of what CI shows.
+	quiet, quietFrom := 0, ""
+	flush := func() {
+		if quiet > 0 {
+			fmt.Fprintf(&b, "  sync.completed: %d quick syncs ok, from %s\n", quiet, quietFrom)
+			quiet = 0
+		}
+	}
 	for _, e := range l.all {
+		if m, ok := e.Msg.(*ev.SyncCompleted); ok && m.GetKind() == ev.SyncKind_SYNC_KIND_QUICK && m.GetSuccess() && len(m.GetErrors()) == 0 {
+			if quiet == 0 {
+				quietFrom = m.GetSyncId()
+			}
+			quiet++
+			continue
+		}
+		flush()
 		var line string
 		switch m := e.Msg.(type) {
 		case *ev.EASPartnershipObserved:
@@ -543,6 +562,7 @@ func (l *eventLog) dump() string {
 		}
 		fmt.Fprintf(&b, "  %s: %s\n", strings.TrimPrefix(e.Subject, "easguard."+testOrg+"."), line)
 	}
+	flush()
 	return b.String()
 }
 
