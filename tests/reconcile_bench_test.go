@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -22,6 +23,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
@@ -80,8 +82,10 @@ var peakRSSMB float64
 // reads (Get-Recipient and Get-MobileDevice listings, each in parts over
 // the sessions as the collector reads them) over the same simulator in the
 // same run; partnerships_per_s end to end, and through
-// each hop (observed, matched, decided: each hop's output over the time
-// between its first and last output of the pass); decisions_per_partnership,
+// each hop (observed, matched: each hop's output over the time between its
+// first and last output of the pass; decided: the partnerships over the
+// time from the first match to the evaluator's status that it judged the
+// pass, since a judgement that changes nothing writes nothing); decisions_per_partnership,
 // the device.matched events the evaluator judged per partnership;
 // onboarding_s and onboarding_limit_ratio, onboarding's time over the
 // physical limit (one Set-CASMailbox per mailbox with devices × the
@@ -217,12 +221,20 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 	if f := done.GetFinishedAt().AsTime(); f.After(end) {
 		end = f
 	}
+	// A judgement that changes nothing writes nothing: the evaluator's
+	// hop ends when it says the pass is judged.
+	judged := r.passJudged(done.GetSyncId())
+	if judged.After(end) {
+		end = judged
+	}
 	res.wall = end.Sub(t0)
 	parts := float64(len(r.parts))
 	res.perSecond = parts / res.wall.Seconds()
 	res.observed = pass[bus.StreamEAS].rate()
 	res.matched = pass[bus.StreamMatch].rate()
-	res.decided = pass[decisionsKV].rate()
+	if first := pass[bus.StreamMatch].first; !first.IsZero() && judged.After(first) {
+		res.decided = parts / judged.Sub(first).Seconds()
+	}
 	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].n) / parts
 	res.rssMB = r.peakRSSMB()
 	peakRSSMB = max(peakRSSMB, res.rssMB)
@@ -596,6 +608,22 @@ func (r *reconcileRig) message(name string, seq uint64, into proto.Message) *jet
 		}
 	}
 	return m
+}
+
+// passJudged waits for the evaluator's status that it has judged a sync
+// pass, and returns when it had.
+func (r *reconcileRig) passJudged(syncID string) time.Time {
+	r.tb.Helper()
+	kv, err := r.js.KeyValue(r.tb.Context(), bus.BucketStatus)
+	if err != nil {
+		r.tb.Fatal(err)
+	}
+	var st evaluator.PassJudgedStatus
+	pollEvery(r.tb, time.Minute, 50*time.Millisecond, "the evaluator's judged status of "+syncID, func() bool {
+		e, err := kv.Get(r.tb.Context(), testOrg+"."+evaluator.PassJudgedStatusKey("full"))
+		return err == nil && json.Unmarshal(e.Value(), &st) == nil && st.SyncID == syncID
+	})
+	return st.JudgedAt
 }
 
 // decisionsKV is the stream of the evaluator's records: every partnership

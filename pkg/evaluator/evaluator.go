@@ -293,6 +293,10 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 	var stage *ev.AccessDecided
 	_, err = bus.Modify(ctx, e.decisions, key, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
 		outs, stage = nil, nil
+		var before *ev.DecisionRecord
+		if exists {
+			before = proto.Clone(rec).(*ev.DecisionRecord)
+		}
 		if exists && proto.Equal(rec.GetLastMatched(), in) {
 			// Redelivered after it was judged (the worker died before
 			// acknowledging): offer the same decision again. Its message
@@ -393,6 +397,9 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 					rec.DecidedAt = timestamppb.New(now)
 				}
 			}
+			if unchangedRecord(before, rec, in) {
+				return bus.Keep, nil
+			}
 			return bus.Write, nil
 		}
 		d := &ev.AccessDecided{
@@ -456,6 +463,49 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 		}
 	}
 	return outs, nil
+}
+
+// confirmResolution is how old a decision's confirmation may get while
+// Exchange keeps agreeing with it and nothing else about it changes: a full
+// sync of an organisation that is as the policy says then costs the
+// decisions one read per partnership, not a read and a write. Only the
+// fact that Exchange agreed after the decision counts (drift is a later
+// observation that disagrees), not how recently it was seen to.
+const confirmResolution = 12 * time.Hour
+
+// unchangedRecord reports whether judging in changed nothing about a
+// decision but when it was last confirmed and matched: the same verdict
+// for the same partnership and MDM record, the same decision and flags,
+// and a confirmation newer than confirmResolution. Such a record is not
+// written again. before is the record as read, nil if there was none.
+func unchangedRecord(before, after *ev.DecisionRecord, in *ev.DeviceMatched) bool {
+	if before == nil || !before.GetConfirmedAt().IsValid() || !after.GetConfirmedAt().IsValid() ||
+		after.GetConfirmedAt().AsTime().Sub(before.GetConfirmedAt().AsTime()) >= confirmResolution ||
+		!sameVerdictInput(before.GetLastMatched(), in) {
+		return false
+	}
+	a, b := proto.Clone(before).(*ev.DecisionRecord), proto.Clone(after).(*ev.DecisionRecord)
+	for _, r := range []*ev.DecisionRecord{a, b} {
+		r.LastMatched, r.ConfirmedAt, r.Traceparent = nil, nil, ""
+	}
+	return proto.Equal(a, b)
+}
+
+// sameVerdictInput reports whether two verdicts of the matcher say the same
+// about the same partnership: equal but for when and why they were made
+// (matched, observed, the sync, the trigger, the kind of observation).
+func sameVerdictInput(a, b *ev.DeviceMatched) bool {
+	if a == nil || b == nil {
+		return false
+	}
+	a, b = proto.Clone(a).(*ev.DeviceMatched), proto.Clone(b).(*ev.DeviceMatched)
+	for _, m := range []*ev.DeviceMatched{a, b} {
+		m.MatchedAt, m.Trigger = nil, ""
+		if o := m.GetObserved(); o != nil {
+			o.ObservedAt, o.Sync, o.Change = nil, nil, ev.ObservationChange_OBSERVATION_CHANGE_UNSPECIFIED
+		}
+	}
+	return proto.Equal(a, b)
 }
 
 // replicationStale reports whether an observation may predate Active
@@ -557,6 +607,7 @@ func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]
 	if err := e.waitDrained(ctx, "evaluator", "device-matched", bus.StreamMatch); err != nil {
 		return nil, err
 	}
+	judged := e.now()
 	pub := e.pub.Load()
 	if pub == nil {
 		return nil, errors.New("evaluator: no publisher yet")
@@ -579,7 +630,32 @@ func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]
 		}
 		return nil
 	})
-	return nil, err
+	if err != nil {
+		return nil, err
+	}
+	st := PassJudgedStatus{SyncID: in.GetSyncId(), Kind: strings.ToLower(strings.TrimPrefix(in.GetKind().String(), "SYNC_KIND_")),
+		Observed: in.GetCounts().GetObserved(), FinishedAt: in.GetFinishedAt().AsTime(), JudgedAt: judged}
+	return nil, e.putStatus(ctx, PassJudgedStatusKey(st.Kind), st)
+}
+
+// PassJudgedStatusKey is where, under the org, the status bucket holds the
+// PassJudgedStatus of the last sync pass of a kind ("quick", "full").
+func PassJudgedStatusKey(kind string) string { return "sync." + kind + ".judged" }
+
+// PassJudgedStatus says when the evaluator had judged every partnership a
+// sync pass observed: the end of a pass as a user sees it, where the
+// collector's own status ends with the listing. A judgement that changes
+// nothing writes nothing, so this is also the only trace of how long the
+// judging of a pass took.
+type PassJudgedStatus struct {
+	SyncID string `json:"sync_id"`
+	Kind   string `json:"kind"`
+	// Observed is the partnerships the pass observed.
+	Observed   int64     `json:"observed"`
+	FinishedAt time.Time `json:"finished_at"`
+	// JudgedAt is when the pass's last observation had been matched and
+	// judged (within the barrier's 100 ms poll).
+	JudgedAt time.Time `json:"judged_at"`
 }
 
 // DecisionOutbound is how a decision goes on the bus: under its device's

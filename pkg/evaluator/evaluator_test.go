@@ -1038,3 +1038,62 @@ func TestConfigValidate(t *testing.T) {
 		{Name: "broken policy file", Env: map[string]string{"EASGUARD_EVALUATOR_POLICY_FILE": broken}, Want: "EASGUARD_EVALUATOR_POLICY_FILE"},
 	})
 }
+
+// A full sync of an organisation that is as the policy says judges every
+// partnership and writes nothing: a verdict equal to the one a decision
+// was last confirmed with, but for when it was made, leaves the record as
+// it is. A verdict that differs in anything else (here the MDM record's
+// check-in) is recorded. The pass's end is in the status either way.
+func TestSteadyJudgementWritesNothing(t *testing.T) {
+	h := start(t, evaluator.Config{})
+	d := phone("alice@contoso.com", "ApplSTEADY", stAllowed, rsIndividual)
+	mdm := compliant(d)
+	t0 := time.Now().Add(-time.Hour)
+	none(t, h.decide(matched(d, how{mdm: mdm, observed: t0, matched: t0})), "first verdict")
+	revision := func() uint64 {
+		t.Helper()
+		e, err := h.decisions.Get(context.Background(), d.key(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e.Revision()
+	}
+	rev := revision()
+	if rec, _ := h.decisionRecord(d); !rec.GetConfirmedAt().IsValid() {
+		t.Fatalf("first verdict: not confirmed: %v", rec)
+	}
+
+	steps := []struct {
+		name    string
+		edit    func(*ev.MDMDevice)
+		written bool
+	}{
+		{"the same verdict later: not written", nil, false},
+		{"the MDM record checked in since: written", func(m *ev.MDMDevice) { m.LastCheckIn = timestamppb.New(t0.Add(time.Minute)) }, true},
+		{"that verdict again: not written", func(m *ev.MDMDevice) { m.LastCheckIn = timestamppb.New(t0.Add(time.Minute)) }, false},
+	}
+	for i, s := range steps {
+		t.Run(s.name, func(t *testing.T) {
+			m := proto.Clone(mdm).(*ev.MDMDevice)
+			if s.edit != nil {
+				s.edit(m)
+			}
+			at := t0.Add(time.Duration(i+1) * 5 * time.Minute)
+			none(t, h.decide(matched(d, how{mdm: m, syncID: fmt.Sprint("sync-", i+2), observed: at, matched: at})), s.name)
+			got := revision()
+			if written := got != rev; written != s.written {
+				t.Fatalf("record written = %v (revision %d → %d), want %v", written, rev, got, s.written)
+			}
+			rev = got
+		})
+	}
+
+	h.syncCompleted("sync-4")
+	var st evaluator.PassJudgedStatus
+	natstest.Eventually(t, 10*time.Second, "the pass's judged status", func() bool {
+		return h.statusOf(evaluator.PassJudgedStatusKey("quick"), &st) && st.SyncID == "sync-4"
+	})
+	if st.JudgedAt.Before(st.FinishedAt) || st.Kind != "quick" {
+		t.Fatalf("judged status %+v", st)
+	}
+}

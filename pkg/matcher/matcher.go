@@ -57,6 +57,15 @@ func (m *Matcher) Routes() []bus.Route {
 	}
 }
 
+// observedResolution is how old the indexed observation of a partnership
+// may get while the partnership stays as it was: a full sync of an
+// organisation where nothing changed then costs the index one read per
+// partnership, not a read and a write. An MDM change re-matches the
+// indexed observation, so its time is at most this much older than the
+// last sync that saw it, on top of the full sync's interval that quick
+// syncs already leave it to.
+const observedResolution = 12 * time.Hour
+
 // Observed handles one observation of a partnership: store it, then match it.
 func (m *Matcher) Observed(ctx context.Context, in *ev.EASPartnershipObserved) ([]bus.Outbound, error) {
 	p := in.GetPartnership()
@@ -83,6 +92,18 @@ func (m *Matcher) Observed(ctx context.Context, in *ev.EASPartnershipObserved) (
 				return bus.Remove, nil
 			}
 			return bus.Write, nil
+		}
+		if in.GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED && prev != nil &&
+			proto.Equal(prev.GetPartnership(), in.GetPartnership()) &&
+			in.GetObservedAt().AsTime().Sub(prev.GetObservedAt().AsTime()) < observedResolution {
+			// Indexed as it is: only the time it was seen would change.
+			// An older observation that differs and comes late may pass
+			// the check above against the earlier time, but the
+			// collector says unchanged only after an observation that
+			// made the partnership so (new or changed, never skipped
+			// here), later than that one: if it is not indexed yet, it
+			// will be, over the older one.
+			return bus.Keep, nil
 		}
 		if idx.ById == nil {
 			idx.ById = map[string]*ev.EASPartnershipObserved{}

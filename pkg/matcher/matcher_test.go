@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -59,6 +60,37 @@ func (h *harness) observe(mailbox, upn, deviceID, guid string) {
 	}}); err != nil {
 		h.t.Fatal(err)
 	}
+}
+
+// observeAs publishes an observation of a partnership as the collector
+// reports it: with a change and the time it was seen.
+func (h *harness) observeAs(p *ev.EASPartnership, change ev.ObservationChange, at time.Time) {
+	h.t.Helper()
+	h.n++
+	subj, _ := bus.EASObserved.Subject(org, p.GetDeviceId())
+	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subj, MsgID: fmt.Sprint("o", h.n), Message: &ev.EASPartnershipObserved{
+		Org: string(org), Partnership: p, Sync: &ev.SyncRef{SyncId: fmt.Sprint("s", h.n), Kind: ev.SyncKind_SYNC_KIND_FULL}, ObservedAt: timestamppb.New(at), Change: change,
+	}}); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// revision returns the partnership index's revision for a device id.
+func (h *harness) revision(deviceID string) uint64 {
+	h.t.Helper()
+	kv, err := h.js.KeyValue(context.Background(), bus.BucketPartnerships)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	key, err := bus.StateKey(org, deviceID)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	e, err := kv.Get(context.Background(), key)
+	if err != nil {
+		h.t.Fatalf("index of %s: %v", deviceID, err)
+	}
+	return e.Revision()
 }
 
 func (h *harness) mdm(d *ev.MDMDevice, removed bool, prev string) {
@@ -191,6 +223,52 @@ func TestRecordWithoutUserIsNotAMatch(t *testing.T) {
 			if err := v.Validate(); err != nil {
 				t.Fatalf("verdict does not validate: %v", err)
 			}
+		})
+	}
+}
+
+// A full sync of an organisation where nothing changed reads the index
+// and writes nothing: an observation the collector reports unchanged,
+// equal to the one indexed, is matched without being stored again. One
+// that differs, or that the collector reports new or changed, is stored.
+func TestUnchangedObservationIsNotRewritten(t *testing.T) {
+	h := start(t)
+	p := &ev.EASPartnership{Mailbox: &ev.Mailbox{Identity: "alice@contoso.com", PrimarySmtpAddress: "alice@contoso.com", UserPrincipalName: "alice@contoso.com"},
+		DeviceId: "ApplSTEADY", Guid: "g1", DeviceAccessState: ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED}
+	t0 := time.Now().Add(-time.Hour)
+	h.observeAs(p, ev.ObservationChange_OBSERVATION_CHANGE_NEW, t0)
+	h.next(1)
+	rev := h.revision("ApplSTEADY")
+
+	steps := []struct {
+		name    string
+		change  ev.ObservationChange
+		edit    func(*ev.EASPartnership)
+		written bool
+	}{
+		{"unchanged and equal: matched, not stored", ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED, nil, false},
+		{"reported changed although equal: stored", ev.ObservationChange_OBSERVATION_CHANGE_CHANGED, nil, true},
+		{"unchanged but different from the index: stored", ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED,
+			func(p *ev.EASPartnership) { p.DeviceAccessState = ev.DeviceAccessState_DEVICE_ACCESS_STATE_BLOCKED }, true},
+		{"unchanged again: not stored", ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED,
+			func(p *ev.EASPartnership) { p.DeviceAccessState = ev.DeviceAccessState_DEVICE_ACCESS_STATE_BLOCKED }, false},
+	}
+	for i, s := range steps {
+		t.Run(s.name, func(t *testing.T) {
+			q := proto.Clone(p).(*ev.EASPartnership)
+			if s.edit != nil {
+				s.edit(q)
+			}
+			h.observeAs(q, s.change, t0.Add(time.Duration(i+1)*time.Minute))
+			v := h.next(1)[0]
+			if v.GetTrigger() != "eas" || v.GetObserved().GetChange() != s.change || !proto.Equal(v.GetObserved().GetPartnership(), q) {
+				t.Fatalf("verdict %v", v)
+			}
+			got := h.revision("ApplSTEADY")
+			if written := got != rev; written != s.written {
+				t.Fatalf("index written = %v (revision %d → %d), want %v", written, rev, got, s.written)
+			}
+			rev = got
 		})
 	}
 }
