@@ -143,13 +143,6 @@ type SyncStatus struct {
 	Extra              map[string]string `json:"extra,omitempty"`
 }
 
-func kindName(k ev.SyncKind) string {
-	if k == ev.SyncKind_SYNC_KIND_FULL {
-		return "full"
-	}
-	return "quick"
-}
-
 // Schedule runs syncs on their intervals until ctx ends: a full sync when
 // the last successful one is older than FullInterval (so a new leader does
 // not wait a day), quick syncs in between. After any sync, failed or not,
@@ -377,9 +370,9 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 		kind = ev.SyncKind_SYNC_KIND_QUICK
 	}
 	if id == "" {
-		id = fmt.Sprintf("%s-%d", kindName(kind), start.UnixNano())
+		id = fmt.Sprintf("%s-%d", kind.Short(), start.UnixNano())
 	}
-	st := SyncStatus{SyncID: id, Kind: kindName(kind), RequestedBy: requestedBy, StartedAt: start, Counts: map[string]int64{}}
+	st := SyncStatus{SyncID: id, Kind: kind.Short(), RequestedBy: requestedBy, StartedAt: start, Counts: map[string]int64{}}
 	counts := &ev.SyncCounts{}
 	var settings []string
 	err := func() error {

@@ -633,7 +633,7 @@ func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]
 	if err != nil {
 		return nil, err
 	}
-	st := PassJudgedStatus{SyncID: in.GetSyncId(), Kind: strings.ToLower(strings.TrimPrefix(in.GetKind().String(), "SYNC_KIND_")),
+	st := PassJudgedStatus{SyncID: in.GetSyncId(), Kind: in.GetKind().Short(),
 		Observed: in.GetCounts().GetObserved(), FinishedAt: in.GetFinishedAt().AsTime(), JudgedAt: judged}
 	return nil, e.putStatus(ctx, PassJudgedStatusKey(st.Kind), st)
 }

@@ -184,3 +184,14 @@ func (e *OrgSettingsDecided) Validate() error {
 	p.need(e.GetDecidedAt().IsValid(), "decided_at is missing")
 	return p.err()
 }
+
+// Short is the kind's name in status keys and logs ("quick", "full"): the
+// collector's status of a pass and the evaluator's status of its judging
+// are found under the same name. A kind left unset is a quick sync, as the
+// collector runs it.
+func (k SyncKind) Short() string {
+	if k == SyncKind_SYNC_KIND_FULL {
+		return "full"
+	}
+	return "quick"
+}
