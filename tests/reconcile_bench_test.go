@@ -683,9 +683,21 @@ func (r *reconcileRig) since(before streamSnapshot) passStats {
 			out[name] = hop{}
 			continue
 		}
-		out[name] = hop{n: last - from, first: r.message(name, from+1, nil).Time, last: r.message(name, last, nil).Time}
+		out[name] = hop{n: last - from, first: r.firstFrom(name, from+1).Time, last: r.message(name, last, nil).Time}
 	}
 	return out
+}
+
+// firstFrom reads the first message of a stream still stored at or after
+// seq: a bucket keeps a key's last revision only, so a long pass that
+// writes a key twice has removed its first write.
+func (r *reconcileRig) firstFrom(name string, seq uint64) *jetstream.RawStreamMsg {
+	r.tb.Helper()
+	m, err := r.stream(name).GetMsg(r.tb.Context(), seq, jetstream.WithGetMsgSubject(">"))
+	if err != nil {
+		r.tb.Fatalf("first message of %s from %d: %v", name, seq, err)
+	}
+	return m
 }
 
 // logPass logs, on one line (a benchmark's log keeps only its first
