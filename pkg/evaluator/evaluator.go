@@ -346,8 +346,10 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 		case !ok && same && !rec.GetDryRun() && agreed:
 			// Exchange agreed, and was changed back since: a manual edit.
 			emit, drift = true, true
-		case !ok && same && !rec.GetDryRun() && observed.After(rec.GetDecidedAt().AsTime().Add(lostMargin)):
-			// Decided long ago and never applied: decide again.
+		case !ok && same && !rec.GetDryRun() && observed.After(rec.GetDecidedAt().AsTime().Add(lostMargin)) &&
+			!e.queued(ctx, p.GetDeviceId(), rec.GetDecisionId()):
+			// Decided long ago and never applied, and not waiting for
+			// the executor either: decide again.
 			emit = true
 		case !ok && same && !rec.GetDryRun():
 			// The decision is in flight, or it was recorded by a worker
@@ -506,6 +508,40 @@ func sameVerdictInput(a, b *ev.DeviceMatched) bool {
 		}
 	}
 	return proto.Equal(a, b)
+}
+
+// queued reports whether a decision is on the bus and the executor has
+// not settled it yet: behind a backlog (an onboarding of thousands of
+// mailboxes paced by Exchange) a decision waits longer than lostMargin,
+// and deciding it again would only queue a second apply behind the first.
+// A decision that was never published, or that the executor settled
+// without applying (it dead-lettered it), is not queued. Where it cannot
+// tell, it says not queued, which decides again as before.
+func (e *Evaluator) queued(ctx context.Context, deviceID, decisionID string) bool {
+	subject, err := bus.AccessDecided.Subject(e.org, deviceID)
+	if err != nil || decisionID == "" {
+		return false
+	}
+	s, err := e.js.Stream(ctx, bus.StreamDecisions)
+	if err != nil {
+		return false
+	}
+	m, err := s.GetLastMsgForSubject(ctx, subject)
+	if err != nil || m.Header.Get(jetstream.MsgIDHeader) != "decided:"+decisionID {
+		return false // never published, or a newer message (another partnership of the id) since
+	}
+	c, err := s.Consumer(ctx, bus.DurableName("executor", "access-decided", e.org))
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return true // no executor has bound yet: it will find the decision waiting
+	}
+	if err != nil {
+		return false
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		return false
+	}
+	return info.AckFloor.Stream < m.Sequence
 }
 
 // replicationStale reports whether an observation may predate Active

@@ -1097,3 +1097,51 @@ func TestSteadyJudgementWritesNothing(t *testing.T) {
 		t.Fatalf("judged status %+v", st)
 	}
 }
+
+// A decision still waiting for the executor is not decided again when its
+// partnership is seen unchanged long after (an onboarding queued behind
+// Exchange's pace): that would queue a second apply behind the first. Once
+// the executor has settled it without applying it (dead-lettered), the next
+// sighting decides again.
+func TestQueuedDecisionIsNotDecidedAgain(t *testing.T) {
+	h := start(t, evaluator.Config{})
+	ctx := natstest.Context(t)
+	// The executor's consumer, bound but not consuming: a backlog.
+	cons, err := h.js.CreateOrUpdateConsumer(ctx, bus.StreamDecisions,
+		bus.DefaultTopology().ConsumerConfig("executor", "access-decided", bus.AccessDecided.Filter(org), org))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := phone("alice@contoso.com", "ApplQUEUED01", stQuarantined, rsGlobal)
+	first := only(t, h.decide(matched(d, how{})), "unknown device")
+	if first.GetDesired() != wantBlock {
+		t.Fatalf("first decision: %v", first)
+	}
+	later := time.Now().Add(3 * time.Minute) // past the margin for a lost decision
+	none(t, h.decide(matched(d, how{observed: later, matched: later})), "seen again while the decision waits for the executor")
+
+	// The executor settles it without applying it.
+	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for m := range batch.Messages() {
+		n++
+		if err := m.Term(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n != 1 {
+		t.Fatalf("executor fetched %d decisions, want 1", n)
+	}
+	natstest.Eventually(t, 10*time.Second, "the executor's ack floor past the decision", func() bool {
+		info, err := cons.Info(ctx)
+		return err == nil && info.AckFloor.Stream >= 1 && info.NumAckPending == 0
+	})
+	later = later.Add(3 * time.Minute)
+	again := only(t, h.decide(matched(d, how{observed: later, matched: later})), "seen again after the executor dropped the decision")
+	if again.GetDesired() != wantBlock || again.GetDecisionId() == first.GetDecisionId() {
+		t.Fatalf("decided again: %v (first %s)", again, first.GetDecisionId())
+	}
+}
