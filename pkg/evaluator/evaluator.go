@@ -409,7 +409,7 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 			ExchangeState: p.GetDeviceAccessState(), ExchangeReason: p.GetDeviceAccessStateReason(), DryRun: dry,
 			NotifyUser:    v.Notify && pol.Notify && v.Desired != ev.DesiredAccess_DESIRED_ACCESS_ALLOW,
 			PolicyVersion: pol.Version(), Mdm: in.GetMdm(), NoMatchReason: in.GetNoMatchReason(),
-			DecidedAt: timestamppb.New(now), SyncId: obs.GetSync().GetSyncId(),
+			DecidedAt: timestamppb.New(decidedAfter(rec, exists, e.now())), SyncId: obs.GetSync().GetSyncId(),
 		}
 		if d.NotifyUser {
 			d.NotifyReason = v.NotifyReason
@@ -465,6 +465,19 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 		}
 	}
 	return outs, nil
+}
+
+// decidedAfter is the time of a new decision about a partnership: now,
+// but never at or before the decision the record holds. The executor
+// applies the newest decision by this time; two replicas that judge one
+// partnership at once read their clocks before their compare-and-set,
+// so the one that writes second may hold the earlier reading, and its
+// decision, the newer one, would be taken for the older and superseded.
+func decidedAfter(rec *ev.DecisionRecord, exists bool, now time.Time) time.Time {
+	if exists && rec.GetDecidedAt().IsValid() && !now.After(rec.GetDecidedAt().AsTime()) {
+		return rec.GetDecidedAt().AsTime().Add(time.Microsecond)
+	}
+	return now
 }
 
 // confirmResolution is how old a decision's confirmation may get while

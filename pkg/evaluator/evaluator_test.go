@@ -1145,3 +1145,20 @@ func TestQueuedDecisionIsNotDecidedAgain(t *testing.T) {
 		t.Fatalf("decided again: %v (first %s)", again, first.GetDecisionId())
 	}
 }
+
+// A decision is always later than the one it replaces, even when the
+// replica that makes it read its clock before another replica's decision
+// was recorded: the executor applies the newest by decision time, and
+// would otherwise supersede the newer one (an Allow taken for older than
+// the Block it replaces leaves an enrolled phone blocked).
+func TestNewDecisionIsLaterThanTheOneItReplaces(t *testing.T) {
+	h := start(t, evaluator.Config{})
+	d := phone("alice@contoso.com", "ApplCLOCK001", stQuarantined, rsGlobal)
+	block := only(t, h.decide(matched(d, how{})), "unknown device")
+	behind := block.GetDecidedAt().AsTime().Add(-10 * time.Second)
+	h.e.SetClock(func() time.Time { return behind })
+	allow := only(t, h.decide(matched(d, how{mdm: compliant(d)})), "enrolled")
+	if allow.GetDesired() != ev.DesiredAccess_DESIRED_ACCESS_ALLOW || !allow.GetDecidedAt().AsTime().After(block.GetDecidedAt().AsTime()) {
+		t.Fatalf("allow decided at %v, block at %v: the newer decision must be later", allow.GetDecidedAt().AsTime(), block.GetDecidedAt().AsTime())
+	}
+}
