@@ -235,7 +235,7 @@ func reconcileSteady(b *testing.B, n int) steadyResult {
 	if first := pass[bus.StreamMatch].first; !first.IsZero() && judged.After(first) {
 		res.decided = parts / judged.Sub(first).Seconds()
 	}
-	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].n) / parts
+	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].items) / parts
 	res.rssMB = r.peakRSSMB()
 	peakRSSMB = max(peakRSSMB, res.rssMB)
 
@@ -297,7 +297,7 @@ func reconcileOnboarding(b *testing.B, n int) onboardingResult {
 	profile := exchangesim.DefaultProfile()
 	limit := time.Duration(len(r.byMailbox)) * profile.CmdletWrite / benchSessions
 	res.limitRatio = res.wall.Seconds() / limit.Seconds()
-	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].n) / float64(len(r.parts))
+	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].items) / float64(len(r.parts))
 	res.rssMB = r.peakRSSMB()
 	peakRSSMB = max(peakRSSMB, res.rssMB)
 	b.Logf("onboarding, %d partnerships on %d mailboxes: every device allow-listed %.1fs after the first full sync began (its pass: %.1fs; easguard started %.1fs before it); limit %.1fs (%d mailboxes × %s ÷ %d sessions); %d Set-CASMailbox calls",
@@ -649,16 +649,19 @@ func (r *reconcileRig) snapshot() streamSnapshot {
 
 // hop is what one stream received during a pass.
 type hop struct {
-	n           uint64
+	// n is messages; items is partnerships, a page of confirmations
+	// counting as the partnerships it carries.
+	n, items    uint64
 	first, last time.Time
 }
 
-// rate is the hop's output per second between its first and last message.
+// rate is the hop's partnerships per second between its first and last
+// message.
 func (h hop) rate() float64 {
 	if h.n < 2 || !h.last.After(h.first) {
 		return 0
 	}
-	return float64(h.n) / h.last.Sub(h.first).Seconds()
+	return float64(h.items) / h.last.Sub(h.first).Seconds()
 }
 
 type passStats map[string]hop
@@ -683,9 +686,68 @@ func (r *reconcileRig) since(before streamSnapshot) passStats {
 			out[name] = hop{}
 			continue
 		}
-		out[name] = hop{n: last - from, first: r.firstFrom(name, from+1).Time, last: r.message(name, last, nil).Time}
+		h := hop{n: last - from, items: last - from, first: r.firstFrom(name, from+1).Time, last: r.message(name, last, nil).Time}
+		if page, ok := pagesOf[name]; ok {
+			pages, items := r.pageItems(name, page, from+1)
+			h.items = h.n - pages + items
+		}
+		out[name] = h
 	}
 	return out
+}
+
+// pagesOf is, for each stream that carries pages of confirmations, the
+// family of its pages.
+var pagesOf = map[string]bus.Event{bus.StreamEAS: bus.EASConfirmed, bus.StreamMatch: bus.DevicesConfirmed}
+
+// pageItems counts the pages a stream stored from seq on and the
+// partnerships they carry.
+func (r *reconcileRig) pageItems(stream string, family bus.Event, seq uint64) (pages, items uint64) {
+	r.tb.Helper()
+	ctx := r.tb.Context()
+	c, err := r.stream(stream).OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{family.Filter(testOrg)}, DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: seq,
+	})
+	if err != nil {
+		r.tb.Fatalf("pages of %s: %v", stream, err)
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		r.tb.Fatalf("pages of %s: %v", stream, err)
+	}
+	for left := info.NumPending; left > 0; {
+		batch, err := c.Fetch(int(min(left, 256)), jetstream.FetchMaxWait(10*time.Second))
+		if err != nil {
+			r.tb.Fatalf("pages of %s: %v", stream, err)
+		}
+		got := uint64(0)
+		for m := range batch.Messages() {
+			got++
+			switch family {
+			case bus.EASConfirmed:
+				var p ev.EASPartnershipsConfirmed
+				if err := proto.Unmarshal(m.Data(), &p); err != nil {
+					r.tb.Fatalf("page on %s: %v", m.Subject(), err)
+				}
+				items += uint64(len(p.GetPartnerships()))
+			default:
+				var p ev.DevicesMatched
+				if err := proto.Unmarshal(m.Data(), &p); err != nil {
+					r.tb.Fatalf("page on %s: %v", m.Subject(), err)
+				}
+				items += uint64(len(p.GetMatches()))
+			}
+		}
+		if batch.Error() != nil {
+			r.tb.Fatalf("pages of %s: %v", stream, batch.Error())
+		}
+		if got == 0 {
+			r.tb.Fatalf("pages of %s: %d pending, none delivered", stream, left)
+		}
+		pages += got
+		left -= min(left, got)
+	}
+	return pages, items
 }
 
 // firstFrom reads the first message of a stream still stored at or after
@@ -710,7 +772,11 @@ func (r *reconcileRig) logPass(shape string, t0 time.Time, p passStats) {
 			parts = append(parts, name+" 0")
 			continue
 		}
-		parts = append(parts, fmt.Sprintf("%s %d %.1fs→%.1fs %.0f/s", name, h.n, h.first.Sub(t0).Seconds(), h.last.Sub(t0).Seconds(), h.rate()))
+		n := strconv.FormatUint(h.n, 10)
+		if h.items != h.n {
+			n += fmt.Sprintf(" (%d partnerships)", h.items)
+		}
+		parts = append(parts, fmt.Sprintf("%s %s %.1fs→%.1fs %.0f/s", name, n, h.first.Sub(t0).Seconds(), h.last.Sub(t0).Seconds(), h.rate()))
 	}
 	r.tb.Logf("%s, messages stored per stream (first→last, from the pass's start): %s", shape, strings.Join(parts, "; "))
 }

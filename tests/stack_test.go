@@ -466,7 +466,8 @@ type event struct {
 	Header  nats.Header
 }
 
-// eventLog records every event of the org, decoded by its type header.
+// eventLog records every event of the org, decoded by its type header,
+// a page of confirmations as the events it carries.
 type eventLog struct {
 	mu  sync.Mutex
 	all []event
@@ -489,8 +490,25 @@ func (l *eventLog) add(m *nats.Msg) {
 	if proto.Unmarshal(m.Data, msg) != nil {
 		return
 	}
+	// A page stands for the observations or verdicts it carries: tests
+	// look for a partnership's, whichever way it travelled.
+	msgs := []proto.Message{msg}
+	switch p := msg.(type) {
+	case *ev.EASPartnershipsConfirmed:
+		msgs = msgs[:0]
+		for _, o := range p.Observations() {
+			msgs = append(msgs, o)
+		}
+	case *ev.DevicesMatched:
+		msgs = msgs[:0]
+		for _, v := range p.GetMatches() {
+			msgs = append(msgs, v)
+		}
+	}
 	l.mu.Lock()
-	l.all = append(l.all, event{Subject: m.Subject, Msg: msg, Header: m.Header})
+	for _, msg := range msgs {
+		l.all = append(l.all, event{Subject: m.Subject, Msg: msg, Header: m.Header})
+	}
 	l.mu.Unlock()
 }
 

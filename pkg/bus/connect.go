@@ -21,6 +21,15 @@ type ConnectOptions struct {
 	Logger    *slog.Logger
 }
 
+// SyncQueueLen sizes the buffer of every synchronous subscription of a
+// worker's connection. A BulkReader's batched read (jetstreamext, through
+// natsext.RequestMany) opens one per request, and nats.go's default buffer
+// of 65,536 messages is half a megabyte allocated for at most 256
+// answers: at 100,000 partnerships that was a tenth of everything a full
+// sync allocated. A message beyond the buffer is dropped as a slow
+// consumer's, so it stays well above bulkChunk.
+func SyncQueueLen() nats.Option { return nats.SyncQueueLen(4 * bulkChunk) }
+
 // Connect dials NATS and keeps reconnecting for as long as the process
 // lives: a worker that gives up on its bus is a worker that silently stops,
 // while one that keeps trying reports not-ready until the bus is back.
@@ -31,6 +40,7 @@ func Connect(o ConnectOptions) (*nats.Conn, error) {
 	}
 	opts := []nats.Option{
 		nats.Name(o.Name),
+		SyncQueueLen(),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(time.Second),
 		nats.RetryOnFailedConnect(false),

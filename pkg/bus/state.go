@@ -47,24 +47,33 @@ func Modify[T any, PT interface {
 	*T
 	proto.Message
 }](ctx context.Context, kv jetstream.KeyValue, key string, fn func(rec PT, exists bool) (Change, error)) (PT, error) {
+	return ModifyRead[T, PT](ctx, kv, key, nil, fn)
+}
+
+// ModifyRead is Modify starting from a read already made (by a
+// BulkReader, with the reads of a whole page): the first attempt costs no
+// read of its own, and a compare-and-set that finds the key changed since
+// retries with a fresh read as Modify does. read nil reads first.
+func ModifyRead[T any, PT interface {
+	*T
+	proto.Message
+}](ctx context.Context, kv jetstream.KeyValue, key string, read *Read, fn func(rec PT, exists bool) (Change, error)) (PT, error) {
 	for attempt := 0; ; attempt++ {
 		rec := PT(new(T))
-		var rev uint64
-		exists := false
-		e, err := kv.Get(ctx, key)
-		switch {
-		case err == nil:
-			if err := proto.Unmarshal(e.Value(), rec); err != nil {
+		r := read
+		read = nil
+		if r == nil {
+			got, err := readKey(ctx, kv, key)
+			if err != nil {
 				return nil, fmt.Errorf("modify %s/%s: %w", kv.Bucket(), key, err)
 			}
-			rev, exists = e.Revision(), true
-		case errors.Is(err, jetstream.ErrKeyNotFound):
-		case errors.Is(err, jetstream.ErrKeyDeleted):
-			// A deleted key has a revision: Create needs it to be free,
-			// Update needs the delete marker's revision.
-			rev = e.Revision()
-		default:
-			return nil, fmt.Errorf("modify %s/%s: %w", kv.Bucket(), key, err)
+			r = &got
+		}
+		rev, exists := r.Revision, r.Exists
+		if exists {
+			if err := proto.Unmarshal(r.Value, rec); err != nil {
+				return nil, fmt.Errorf("modify %s/%s: %w", kv.Bucket(), key, err)
+			}
 		}
 		change, err := fn(rec, exists)
 		if err != nil {
@@ -97,6 +106,29 @@ func Modify[T any, PT interface {
 			continue
 		}
 		return nil, fmt.Errorf("modify %s/%s: %w", kv.Bucket(), key, err)
+	}
+}
+
+// Read is one key of a bucket as read: its value and revision, or that it
+// does not exist. A deleted key read by a BulkReader's direct get has the
+// revision of its delete marker, which an update names; kv.Get reports
+// one as not found, and a create finds it free.
+type Read struct {
+	Value    []byte
+	Revision uint64
+	Exists   bool
+}
+
+// readKey reads one key as Modify needs it.
+func readKey(ctx context.Context, kv jetstream.KeyValue, key string) (Read, error) {
+	e, err := kv.Get(ctx, key)
+	switch {
+	case err == nil:
+		return Read{Value: e.Value(), Revision: e.Revision(), Exists: true}, nil
+	case errors.Is(err, jetstream.ErrKeyNotFound), errors.Is(err, jetstream.ErrKeyDeleted):
+		return Read{}, nil
+	default:
+		return Read{}, err
 	}
 }
 

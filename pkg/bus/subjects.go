@@ -101,10 +101,16 @@ type Event struct {
 var (
 	// EASObserved carries EASPartnershipObserved, keyed by device id.
 	EASObserved = Event{name: "eas.observed", keyed: true, stream: StreamEAS, msgType: "easguard.v1.EASPartnershipObserved"}
+	// EASConfirmed carries EASPartnershipsConfirmed: a page of
+	// partnerships a sync found as they were, keyed by the page.
+	EASConfirmed = Event{name: "eas.confirmed", keyed: true, stream: StreamEAS, msgType: "easguard.v1.EASPartnershipsConfirmed"}
 	// MDMChanged carries MDMDeviceChanged, keyed by EAS device id (or MDM id when the MDM has none).
 	MDMChanged = Event{name: "mdm.changed", keyed: true, stream: StreamMDM, msgType: "easguard.v1.MDMDeviceChanged"}
 	// DeviceMatched carries DeviceMatched, keyed by device id.
 	DeviceMatched = Event{name: "device.matched", keyed: true, stream: StreamMatch, msgType: "easguard.v1.DeviceMatched"}
+	// DevicesConfirmed carries DevicesMatched: the verdicts on one
+	// EASConfirmed page, keyed by the page.
+	DevicesConfirmed = Event{name: "device.confirmed", keyed: true, stream: StreamMatch, msgType: "easguard.v1.DevicesMatched"}
 	// AccessDecided carries AccessDecided, keyed by device id.
 	AccessDecided = Event{name: "access.decided", keyed: true, stream: StreamDecisions, msgType: "easguard.v1.AccessDecided"}
 	// AccessApplied carries AccessApplied, keyed by device id.
@@ -127,7 +133,7 @@ var (
 )
 
 // Events lists every subject family, for provisioning and documentation.
-var Events = []Event{EASObserved, MDMChanged, DeviceMatched, AccessDecided, AccessApplied, NotifySent, SyncRequested, SyncCompleted, SettingsDecided, AlertRaised, DeadLetter}
+var Events = []Event{EASObserved, EASConfirmed, MDMChanged, DeviceMatched, DevicesConfirmed, AccessDecided, AccessApplied, NotifySent, SyncRequested, SyncCompleted, SettingsDecided, AlertRaised, DeadLetter}
 
 // Name returns the family name, e.g. "eas.observed".
 func (e Event) Name() string { return e.name }

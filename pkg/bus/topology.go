@@ -150,7 +150,7 @@ func (t Topology) StreamConfigs() []jetstream.StreamConfig {
 		return jetstream.StreamConfig{
 			Name:        e.stream,
 			Description: desc,
-			Subjects:    []string{e.streamSubject()},
+			Subjects:    streamSubjects(e.stream),
 			Retention:   jetstream.LimitsPolicy,
 			MaxAge:      t.FactsMaxAge,
 			Duplicates:  t.DuplicateWindow,
@@ -186,6 +186,17 @@ func (t Topology) StreamConfigs() []jetstream.StreamConfig {
 			Replicas:    t.Replicas,
 		},
 	}
+}
+
+// streamSubjects is the subjects of every family a stream stores.
+func streamSubjects(stream string) []string {
+	var subjects []string
+	for _, e := range Events {
+		if e.stream == stream {
+			subjects = append(subjects, e.streamSubject())
+		}
+	}
+	return subjects
 }
 
 // LeaseKeyTTL is how long a lease key lives on the server after its last

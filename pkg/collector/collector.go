@@ -79,9 +79,11 @@ type Collector struct {
 	now    func() time.Time
 
 	known, status, mdmSources jetstream.KeyValue
-	js                        jetstream.JetStream
-	pub                       *bus.Publisher
-	mdmWaited                 bool
+	// knownBulk reads what the collector knows of a listing page at once.
+	knownBulk *bus.BulkReader
+	js        jetstream.JetStream
+	pub       *bus.Publisher
+	mdmWaited bool
 
 	mu         sync.Mutex // one sync at a time
 	recipients map[string]exchange.Recipient
@@ -99,6 +101,9 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 	var err error
 	if c.known, err = js.KeyValue(ctx, bus.BucketCollector); err != nil {
 		return nil, fmt.Errorf("collector: open %s: %w", bus.BucketCollector, err)
+	}
+	if c.knownBulk, err = bus.NewBulkReader(ctx, js, c.known); err != nil {
+		return nil, fmt.Errorf("collector: %w", err)
 	}
 	if c.status, err = js.KeyValue(ctx, bus.BucketStatus); err != nil {
 		return nil, fmt.Errorf("collector: open %s: %w", bus.BucketStatus, err)
@@ -436,21 +441,43 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 		rep := &reporter{counts: counts}
 		g, gctx := errgroup.WithContext(ctx)
 		g.SetLimit(reportConcurrency)
+		conf := &confirmations{send: func(ctx context.Context, page []*ev.EASPartnership, n uint32) error {
+			return c.confirm(ctx, id, kind, start, page, n)
+		}}
 		lerr := c.ex.ListPartnerships(gctx, opt, func(ps []exchange.Partnership) error {
+			obs := make([]observation, 0, len(ps))
+			keys := make([]string, 0, len(ps))
 			for _, p := range ps {
 				o, err := c.prepare(gctx, p, seen)
 				if err != nil {
 					rep.failed(c.log, p, err)
 					continue
 				}
+				obs = append(obs, o)
+				keys = append(keys, o.key)
+			}
+			// What the collector knows of the page, in one read: at
+			// 100,000 partnerships, a read each paced the pass.
+			known, err := c.knownBulk.Read(gctx, keys)
+			if err != nil {
+				rep.add(func(n *ev.SyncCounts) { n.Failed += int64(len(obs)) })
+				return bus.MarkPublishFailure(fmt.Errorf("remember: %w", err))
+			}
+			used := make(map[string]bool, len(obs))
+			for _, o := range obs {
+				var read *bus.Read
+				if !used[o.key] {
+					r := known[o.key]
+					read, used[o.key] = &r, true
+				}
 				g.Go(func() error {
-					err := c.report(gctx, kind, id, start, o, rep)
+					err := c.report(gctx, kind, id, start, o, read, rep, conf)
 					if err != nil && (errors.Is(err, context.Canceled) || bus.IsPublishFailure(err)) {
 						rep.add(func(n *ev.SyncCounts) { n.Failed++ })
 						return err
 					}
 					if err != nil {
-						rep.failed(c.log, p, err)
+						rep.failed(c.log, o.src, err)
 					}
 					return nil
 				})
@@ -461,6 +488,9 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 			return nil
 		})
 		if err := g.Wait(); err != nil {
+			return fmt.Errorf("list partnerships: %w", err)
+		}
+		if err := conf.flush(ctx); err != nil {
 			return fmt.Errorf("list partnerships: %w", err)
 		}
 		if lerr != nil {
@@ -556,6 +586,7 @@ func (r *reporter) failed(log *slog.Logger, p exchange.Partnership, err error) {
 type observation struct {
 	ep  *ev.EASPartnership
 	key string
+	src exchange.Partnership
 }
 
 // prepare marks a partnership seen by this pass (even if reporting it
@@ -576,15 +607,17 @@ func (c *Collector) prepare(ctx context.Context, p exchange.Partnership, seen ma
 	if err != nil {
 		return observation{}, fmt.Errorf("mailbox of %s: %w", p.Identity, err)
 	}
-	return observation{ep: toEvent(p, r), key: key}, nil
+	return observation{ep: toEvent(p, r), key: key, src: p}, nil
 }
 
-// report remembers one partnership and reports it.
-func (c *Collector) report(ctx context.Context, kind ev.SyncKind, syncID string, at time.Time, o observation, rep *reporter) error {
+// report remembers one partnership and reports it: an unchanged one in a
+// page of confirmations, any other alone. read is what the collector
+// knew of it as read with its page (nil: read it here).
+func (c *Collector) report(ctx context.Context, kind ev.SyncKind, syncID string, at time.Time, o observation, read *bus.Read, rep *reporter, conf *confirmations) error {
 	ep, key := o.ep, o.key
 	fp := fingerprint(ep)
 	change := ev.ObservationChange_OBSERVATION_CHANGE_NEW
-	if _, err := bus.Modify(ctx, c.known, key, func(rec *ev.CollectorRecord, exists bool) (bus.Change, error) {
+	if _, err := bus.ModifyRead(ctx, c.known, key, read, func(rec *ev.CollectorRecord, exists bool) (bus.Change, error) {
 		switch {
 		case !exists:
 			change = ev.ObservationChange_OBSERVATION_CHANGE_NEW
@@ -617,7 +650,74 @@ func (c *Collector) report(ctx context.Context, kind ev.SyncKind, syncID string,
 			n.Unchanged++
 		}
 	})
+	if change == ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED && ep.Validate() == nil {
+		// One that would not validate goes alone, to be dead-lettered
+		// by itself rather than with its page.
+		return conf.add(ctx, ep)
+	}
 	return c.publish(ctx, syncID, kind, at, ep, change)
+}
+
+// confirmPage is how many unchanged partnerships one confirmation carries:
+// a page's store, delivery and acknowledgement stand for this many
+// partnerships', and the verdicts on it stay well below the server's
+// message size limit (1 MB) with their MDM records.
+const confirmPage = 128
+
+// confirmations gathers a pass's unchanged partnerships into pages of
+// confirmPage, sending each page as it fills.
+type confirmations struct {
+	mu   sync.Mutex
+	page []*ev.EASPartnership
+	n    uint32
+	send func(ctx context.Context, page []*ev.EASPartnership, n uint32) error
+}
+
+// add puts one partnership on the page, and sends the page if it is full.
+func (f *confirmations) add(ctx context.Context, ep *ev.EASPartnership) error {
+	f.mu.Lock()
+	f.page = append(f.page, ep)
+	if len(f.page) < confirmPage {
+		f.mu.Unlock()
+		return nil
+	}
+	page := f.page
+	f.page = nil
+	f.n++
+	n := f.n
+	f.mu.Unlock()
+	return f.send(ctx, page, n)
+}
+
+// flush sends the last page, once every report is done.
+func (f *confirmations) flush(ctx context.Context) error {
+	f.mu.Lock()
+	page := f.page
+	f.page = nil
+	if len(page) == 0 {
+		f.mu.Unlock()
+		return nil
+	}
+	f.n++
+	n := f.n
+	f.mu.Unlock()
+	return f.send(ctx, page, n)
+}
+
+// confirm publishes one page of unchanged partnerships.
+func (c *Collector) confirm(ctx context.Context, syncID string, kind ev.SyncKind, at time.Time, page []*ev.EASPartnership, n uint32) error {
+	ref := &ev.SyncRef{SyncId: syncID, Kind: kind}
+	subject, err := bus.EASConfirmed.Subject(c.org, ev.PageKey(ref, n))
+	if err != nil {
+		return err
+	}
+	_, err = c.pub.Publish(ctx, bus.Outbound{Subject: subject, MsgID: "eas-confirmed:" + ev.PageKey(ref, n), Message: &ev.EASPartnershipsConfirmed{
+		Org: string(c.org), Sync: ref, ObservedAt: timestamppb.New(at), Partnerships: page, Page: n,
+	}})
+	if err != nil {
+		return bus.MarkPublishFailure(err)
+	}
+	return nil
 }
 
 // publish reports one partnership. at is when the sync began: what it

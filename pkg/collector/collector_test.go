@@ -57,6 +57,7 @@ type harness struct {
 	c      *collector.Collector
 
 	observed  *natstest.Received[*ev.EASPartnershipObserved]
+	confirmed *natstest.Received[*ev.EASPartnershipsConfirmed]
 	completed *natstest.Received[*ev.SyncCompleted]
 }
 
@@ -114,6 +115,7 @@ func start(tb testing.TB, o options) *harness {
 		tb.Fatal(err)
 	}
 	h.observed = natstest.Receive[ev.EASPartnershipObserved](tb, js, bus.StreamEAS, bus.EASObserved.Filter(org))
+	h.confirmed = natstest.Receive[ev.EASPartnershipsConfirmed](tb, js, bus.StreamEAS, bus.EASConfirmed.Filter(org))
 	h.completed = natstest.Receive[ev.SyncCompleted](tb, js, bus.StreamSync, bus.SyncCompleted.Filter(org))
 	return h
 }
@@ -145,7 +147,9 @@ func (h *harness) completedOf(id string) *ev.SyncCompleted {
 	})
 }
 
-// observationsOf waits for the n observations of a pass and returns them.
+// observationsOf waits for the n observations of a pass and returns them:
+// those sent alone and those confirmed in pages, each page as the
+// observations it stands for.
 func (h *harness) observationsOf(id string, n int) []*ev.EASPartnershipObserved {
 	h.t.Helper()
 	var got []*ev.EASPartnershipObserved
@@ -154,6 +158,11 @@ func (h *harness) observationsOf(id string, n int) []*ev.EASPartnershipObserved 
 		for _, o := range h.observed.All() {
 			if o.GetSync().GetSyncId() == id {
 				got = append(got, o)
+			}
+		}
+		for _, c := range h.confirmed.All() {
+			if c.GetSync().GetSyncId() == id {
+				got = append(got, c.Observations()...)
 			}
 		}
 		return len(got) >= n
@@ -264,6 +273,18 @@ func TestFullSyncReportsChanges(t *testing.T) {
 
 	second := h.sync(full, "full-2")
 	checkCounts(t, "second full sync", second.GetCounts(), &ev.SyncCounts{Observed: n, Unchanged: n, Mailboxes: int64(len(mailboxes))})
+	// Unchanged, every partnership goes in pages, none alone.
+	h.observationsOf("full-2", int(n))
+	for _, o := range h.observed.All() {
+		if o.GetSync().GetSyncId() == "full-2" {
+			t.Fatalf("second full sync: %s sent alone although unchanged", o.GetPartnership().GetDeviceId())
+		}
+	}
+	for _, c := range h.confirmed.All() {
+		if c.GetSync().GetSyncId() == "full-2" && (c.GetPage() != 1 || len(c.GetPartnerships()) != int(n) || c.Validate() != nil) {
+			t.Fatalf("second full sync: page %d of %d partnerships (%v), want one page of %d", c.GetPage(), len(c.GetPartnerships()), c.Validate(), n)
+		}
+	}
 
 	// An administrator blocks one phone; another phone syncs for the first time.
 	victim := allowedByDefault(t, parts)

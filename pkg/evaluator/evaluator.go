@@ -78,6 +78,8 @@ type Evaluator struct {
 	now func() time.Time
 
 	decisions, staged, parts, status, applied, leases jetstream.KeyValue
+	// decisionsBulk reads a page's decision records at once.
+	decisionsBulk *bus.BulkReader
 
 	// instance names this replica in the leases it holds.
 	instance string
@@ -114,6 +116,10 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, l
 		}
 		*b.kv = kv
 	}
+	var err error
+	if e.decisionsBulk, err = bus.NewBulkReader(ctx, js, e.decisions); err != nil {
+		return nil, fmt.Errorf("evaluator: %w", err)
+	}
 	if err := e.loadPolicy(true); err != nil {
 		return nil, err
 	}
@@ -145,6 +151,7 @@ func (e *Evaluator) SetPublisher(p *bus.Publisher) { e.pub.Store(p) }
 func (e *Evaluator) Routes() []bus.Route {
 	return []bus.Route{
 		bus.Handle("device-matched", bus.DeviceMatched, e.Decide),
+		bus.Handle("device-confirmed", bus.DevicesConfirmed, e.DecideConfirmed),
 		// Its barrier polls until the pipeline has drained, and its
 		// judgement takes the guard lease: one at a time.
 		bus.Handle("sync-completed", bus.SyncCompleted, e.SyncCompleted).Serial(),
@@ -264,12 +271,64 @@ const lostMargin = 2 * time.Minute
 
 // Decide evaluates one verdict of the matcher.
 func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Outbound, error) {
-	obs := in.GetObserved()
-	p := obs.GetPartnership()
+	p := in.GetObserved().GetPartnership()
 	key, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
+	return e.decide(ctx, key, in, nil)
+}
+
+// DecideConfirmed evaluates the matcher's verdicts on a page of
+// partnerships a sync found as they were, each as Decide would, with the
+// page's decision records read in one batched request. In an organisation
+// that is as the policy says, that read is all a page costs: nothing is
+// written and nothing published. A decision made from a verdict continues
+// its partnership's journey.
+func (e *Evaluator) DecideConfirmed(ctx context.Context, in *ev.DevicesMatched) ([]bus.Outbound, error) {
+	keys := make([]string, len(in.GetMatches()))
+	for i, m := range in.GetMatches() {
+		p := m.GetObserved().GetPartnership()
+		k, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
+		if err != nil {
+			return nil, bus.Poison(fmt.Errorf("matches[%d]: %w", i, err))
+		}
+		keys[i] = k
+	}
+	records, err := e.decisionsBulk.Read(ctx, keys)
+	if err != nil {
+		return nil, err
+	}
+	var outs []bus.Outbound
+	used := make(map[string]bool, len(keys))
+	for i, m := range in.GetMatches() {
+		var read *bus.Read
+		if !used[keys[i]] {
+			r := records[keys[i]]
+			read, used[keys[i]] = &r, true
+		}
+		o, err := e.decide(ctx, keys[i], m, read)
+		if err != nil {
+			return nil, err
+		}
+		if j := telemetry.ParseTraceparent(in.Journey(i)); j.IsValid() {
+			for k := range o {
+				if !o[k].Parent.IsValid() {
+					o[k].Parent = j
+				}
+			}
+		}
+		outs = append(outs, o...)
+	}
+	return outs, nil
+}
+
+// decide judges one verdict against the decision record under key; read
+// is the record as read with its page, nil to read it here.
+func (e *Evaluator) decide(ctx context.Context, key string, in *ev.DeviceMatched, read *bus.Read) ([]bus.Outbound, error) {
+	obs := in.GetObserved()
+	p := obs.GetPartnership()
+	var err error
 	if obs.GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_GONE {
 		if _, err := bus.Modify(ctx, e.decisions, key, func(*ev.DecisionRecord, bool) (bus.Change, error) { return bus.Remove, nil }); err != nil {
 			return nil, err
@@ -291,11 +350,13 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 	}
 	var outs []bus.Outbound
 	var stage *ev.AccessDecided
-	_, err = bus.Modify(ctx, e.decisions, key, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
+	_, err = bus.ModifyRead(ctx, e.decisions, key, read, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
 		outs, stage = nil, nil
 		var before *ev.DecisionRecord
 		if exists {
-			before = proto.Clone(rec).(*ev.DecisionRecord)
+			// The callback below assigns fields, never edits a nested
+			// message in place: a shallow copy keeps the record as read.
+			before = shallowCopy(rec)
 		}
 		if exists && proto.Equal(rec.GetLastMatched(), in) {
 			// Redelivered after it was judged (the worker died before
@@ -499,11 +560,7 @@ func unchangedRecord(before, after *ev.DecisionRecord, in *ev.DeviceMatched) boo
 		!sameVerdictInput(before.GetLastMatched(), in) {
 		return false
 	}
-	a, b := proto.Clone(before).(*ev.DecisionRecord), proto.Clone(after).(*ev.DecisionRecord)
-	for _, r := range []*ev.DecisionRecord{a, b} {
-		r.LastMatched, r.ConfirmedAt, r.Traceparent = nil, nil, ""
-	}
-	return proto.Equal(a, b)
+	return equalExcept(before, after, "last_matched", "confirmed_at", "traceparent")
 }
 
 // sameVerdictInput reports whether two verdicts of the matcher say the same
@@ -513,14 +570,14 @@ func sameVerdictInput(a, b *ev.DeviceMatched) bool {
 	if a == nil || b == nil {
 		return false
 	}
-	a, b = proto.Clone(a).(*ev.DeviceMatched), proto.Clone(b).(*ev.DeviceMatched)
-	for _, m := range []*ev.DeviceMatched{a, b} {
-		m.MatchedAt, m.Trigger = nil, ""
-		if o := m.GetObserved(); o != nil {
-			o.ObservedAt, o.Sync, o.Change = nil, nil, ev.ObservationChange_OBSERVATION_CHANGE_UNSPECIFIED
-		}
+	if !equalExcept(a, b, "matched_at", "trigger", "observed") {
+		return false
 	}
-	return proto.Equal(a, b)
+	oa, ob := a.GetObserved(), b.GetObserved()
+	if (oa == nil) != (ob == nil) {
+		return false
+	}
+	return oa == nil || equalExcept(oa, ob, "observed_at", "sync", "change")
 }
 
 // queued reports whether a decision is on the bus and the executor has
@@ -650,11 +707,13 @@ func (e *Evaluator) stage(ctx context.Context, in *ev.DeviceMatched, d *ev.Acces
 // SyncCompleted judges the revocations a sync pass staged, once every
 // observation of the pass has gone through the matcher and the evaluator.
 func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]bus.Outbound, error) {
-	if err := e.waitDrained(ctx, "matcher", "eas-observed", bus.StreamEAS); err != nil {
-		return nil, err
-	}
-	if err := e.waitDrained(ctx, "evaluator", "device-matched", bus.StreamMatch); err != nil {
-		return nil, err
+	for _, c := range []struct{ service, route, stream string }{
+		{"matcher", "eas-observed", bus.StreamEAS}, {"matcher", "eas-confirmed", bus.StreamEAS},
+		{"evaluator", "device-matched", bus.StreamMatch}, {"evaluator", "device-confirmed", bus.StreamMatch},
+	} {
+		if err := e.waitDrained(ctx, c.service, c.route, c.stream); err != nil {
+			return nil, err
+		}
 	}
 	judged := e.now()
 	pub := e.pub.Load()
@@ -736,11 +795,17 @@ func (e *Evaluator) waitDrained(ctx context.Context, service, route, stream stri
 		case errors.Is(err, jetstream.ErrConsumerNotFound):
 			return nil // that worker never ran for this org
 		case err != nil:
-			return fmt.Errorf("barrier on %s: %w", name, err)
+			// The bus is electing a leader or restarting: wait it out
+			// here. Failing would spend one of the message's deliveries
+			// each time, and an outage of the whole cluster used them
+			// all up in seconds (a sync's report dead-lettered).
 		case drained:
 			return nil
 		}
 		if time.Now().After(deadline) {
+			if err != nil {
+				return bus.RetryAfter(10*time.Second, fmt.Errorf("barrier on %s: %w", name, err))
+			}
 			return bus.RetryAfter(10*time.Second, fmt.Errorf("%s still has %d pending and %d unacknowledged messages", name, info.NumPending, info.NumAckPending))
 		}
 		select {

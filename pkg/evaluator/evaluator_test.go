@@ -1162,3 +1162,58 @@ func TestNewDecisionIsLaterThanTheOneItReplaces(t *testing.T) {
 		t.Fatalf("allow decided at %v, block at %v: the newer decision must be later", allow.GetDecidedAt().AsTime(), block.GetDecidedAt().AsTime())
 	}
 }
+
+// A page of the matcher's verdicts on confirmed partnerships is judged as
+// the verdicts would be alone: a partnership as the policy says is neither
+// written nor decided, one that Exchange holds back although it is
+// compliant is allowed, and that decision continues the partnership's
+// journey (the trace its partnership was first seen in), not the page's.
+func TestConfirmedPageIsJudgedAsVerdictsAre(t *testing.T) {
+	h := start(t, evaluator.Config{})
+	steady := phone("alice@contoso.com", "ApplSTEADY", stAllowed, rsIndividual)
+	held := phone("bob@contoso.com", "ApplHELD", stQuarantined, rsGlobal)
+	t0 := time.Now().Add(-time.Hour)
+	none(t, h.decide(matched(steady, how{mdm: compliant(steady), observed: t0, matched: t0})), "first verdict on the steady phone")
+	e, err := h.decisions.Get(context.Background(), steady.key(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := e.Revision()
+
+	at := t0.Add(5 * time.Minute)
+	page := &ev.DevicesMatched{Org: string(org), Sync: &ev.SyncRef{SyncId: "full-2", Kind: ev.SyncKind_SYNC_KIND_FULL}, Page: 1}
+	journey := "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+	for i, d := range []device{steady, held} {
+		m := matched(d, how{mdm: compliant(d), syncID: "full-2", observed: at, matched: at})
+		m.Observed.Change = ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED
+		page.Matches = append(page.Matches, m)
+		page.Journeys = append(page.Journeys, []string{"", journey}[i])
+	}
+	subject, err := bus.DevicesConfirmed.Subject(org, ev.PageKey(page.GetSync(), 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subject, MsgID: "page-1", Message: page}); err != nil {
+		t.Fatal(err)
+	}
+	h.settle()
+	d := only(t, h.newDecisions(), "the page")
+	if d.GetPartnership().GetDeviceId() != held.id || d.GetDesired() != ev.DesiredAccess_DESIRED_ACCESS_ALLOW {
+		t.Fatalf("decision %v, want an allow for %s", d, held.id)
+	}
+	if e, err := h.decisions.Get(context.Background(), steady.key(t)); err != nil || e.Revision() != rev {
+		t.Fatalf("the steady phone's record was rewritten (revision %d → %v, %v)", rev, e, err)
+	}
+	s, err := h.js.Stream(context.Background(), bus.StreamDecisions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subj, _ := bus.AccessDecided.Subject(org, held.id)
+	msg, err := s.GetLastMsgForSubject(context.Background(), subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tp := msg.Header.Get("traceparent"); !strings.Contains(tp, "0af7651916cd43dd8448eb211c80319c") {
+		t.Fatalf("the decision's traceparent %q is not of the partnership's journey", tp)
+	}
+}

@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -30,7 +29,10 @@ import (
 type Matcher struct {
 	org                   bus.Org
 	parts, devices, users jetstream.KeyValue
-	now                   func() time.Time
+	// Pages of confirmed partnerships read their index entries and MDM
+	// records a page at a time.
+	partsBulk, devicesBulk, usersBulk *bus.BulkReader
+	now                               func() time.Time
 }
 
 // New opens the matcher's indexes.
@@ -46,6 +48,15 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org) (*Matcher, er
 		}
 		*b.kv = kv
 	}
+	var err error
+	for _, b := range []struct {
+		kv jetstream.KeyValue
+		r  **bus.BulkReader
+	}{{m.parts, &m.partsBulk}, {m.devices, &m.devicesBulk}, {m.users, &m.usersBulk}} {
+		if *b.r, err = bus.NewBulkReader(ctx, js, b.kv); err != nil {
+			return nil, fmt.Errorf("matcher: %w", err)
+		}
+	}
 	return m, nil
 }
 
@@ -53,6 +64,7 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org) (*Matcher, er
 func (m *Matcher) Routes() []bus.Route {
 	return []bus.Route{
 		bus.Handle("eas-observed", bus.EASObserved, m.Observed),
+		bus.Handle("eas-confirmed", bus.EASConfirmed, m.Confirmed),
 		bus.Handle("mdm-changed", bus.MDMChanged, m.MDMChanged),
 	}
 }
@@ -73,11 +85,125 @@ func (m *Matcher) Observed(ctx context.Context, in *ev.EASPartnershipObserved) (
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
-	id := ev.PartnershipID(p)
-	stale := false
-	var journey trace.SpanContext
-	if _, err := bus.Modify(ctx, m.parts, key, func(idx *ev.PartnershipIndex, _ bool) (bus.Change, error) {
-		journey = telemetry.ParseTraceparent(idx.GetTraceparentById()[id])
+	journey, stale, err := m.index(ctx, key, in, nil)
+	if err != nil || stale {
+		return nil, err
+	}
+	out, err := m.match(ctx, in, "eas")
+	if err != nil {
+		return nil, err
+	}
+	out.Parent = telemetry.ParseTraceparent(journey)
+	return []bus.Outbound{out}, nil
+}
+
+// Confirmed handles a page of partnerships a sync found as they were:
+// each is indexed and matched as Observed would, with the page's index
+// entries, MDM records and users read in a few batched requests, and the
+// verdicts go out together, as one DevicesMatched.
+func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed) ([]bus.Outbound, error) {
+	obs := in.Observations()
+	keys := make([]string, len(obs))
+	for i, o := range obs {
+		k, err := bus.StateKey(m.org, o.GetPartnership().GetDeviceId())
+		if err != nil {
+			return nil, bus.Poison(fmt.Errorf("partnerships[%d]: %w", i, err))
+		}
+		keys[i] = k
+	}
+	indexed, err := m.partsBulk.Read(ctx, keys)
+	if err != nil {
+		return nil, err
+	}
+	out := &ev.DevicesMatched{Org: string(m.org), Sync: in.GetSync(), Page: in.GetPage()}
+	var live []int
+	journeys := make([]string, len(obs))
+	used := make(map[string]bool, len(obs))
+	for i, o := range obs {
+		var read *bus.Read
+		if !used[keys[i]] {
+			// Two partnerships of one device id share an entry: the
+			// second reads it afresh, as the first may have written it.
+			r := indexed[keys[i]]
+			read, used[keys[i]] = &r, true
+		}
+		journey, stale, err := m.index(ctx, keys[i], o, read)
+		if err != nil {
+			return nil, err
+		}
+		if !stale {
+			live = append(live, i)
+			journeys[i] = journey
+		}
+	}
+	if len(live) == 0 {
+		return nil, nil
+	}
+	// The MDM side is read after this side is written, as Observed does.
+	devKeys := make([]string, len(live))
+	for j, i := range live {
+		devKeys[j] = keys[i]
+	}
+	records, err := m.devicesBulk.Read(ctx, devKeys)
+	if err != nil {
+		return nil, err
+	}
+	idxs := make([]*ev.MDMIndex, len(live))
+	var userKeys []string
+	for j, i := range live {
+		idxs[j] = &ev.MDMIndex{}
+		if r, ok := records[keys[i]]; ok && r.Exists {
+			if err := proto.Unmarshal(r.Value, idxs[j]); err != nil {
+				return nil, fmt.Errorf("matcher: read %s: %w", keys[i], err)
+			}
+		}
+		if len(idxs[j].GetById()) == 0 {
+			ks, err := m.userKeys(obs[i].GetPartnership().GetMailbox())
+			if err != nil {
+				return nil, err
+			}
+			userKeys = append(userKeys, ks...)
+		}
+	}
+	users := map[string]bus.Read{}
+	if len(userKeys) > 0 {
+		if users, err = m.usersBulk.Read(ctx, userKeys); err != nil {
+			return nil, err
+		}
+	}
+	lookup := func(_ context.Context, key string) (*ev.MDMIndex, error) {
+		idx := &ev.MDMIndex{}
+		if r, ok := users[key]; ok && r.Exists {
+			if err := proto.Unmarshal(r.Value, idx); err != nil {
+				return nil, fmt.Errorf("matcher: read %s: %w", key, err)
+			}
+		}
+		return idx, nil
+	}
+	for j, i := range live {
+		v, err := m.verdict(ctx, obs[i], "eas", idxs[j], lookup)
+		if err != nil {
+			return nil, err
+		}
+		out.Matches = append(out.Matches, v)
+		out.Journeys = append(out.Journeys, journeys[i])
+	}
+	subject, err := bus.DevicesConfirmed.Subject(m.org, ev.PageKey(in.GetSync(), in.GetPage()))
+	if err != nil {
+		return nil, bus.Poison(err)
+	}
+	return []bus.Outbound{{Subject: subject, Message: out}}, nil
+}
+
+// index stores an observation in the partnership index unless a newer one
+// is there (stale) or it is there already; journey is the trace its
+// partnership was first seen in (a traceparent, "" before this one). read
+// is the entry as read with its page, nil to read it here.
+func (m *Matcher) index(ctx context.Context, key string, in *ev.EASPartnershipObserved, read *bus.Read) (journey string, stale bool, err error) {
+	id := ev.PartnershipID(in.GetPartnership())
+	_, err = bus.ModifyRead(ctx, m.parts, key, read, func(idx *ev.PartnershipIndex, _ bool) (bus.Change, error) {
+		stale = false
+		journey = idx.GetTraceparentById()[id]
 		prev := idx.GetById()[id]
 		if prev != nil && prev.GetObservedAt().AsTime().After(in.GetObservedAt().AsTime()) {
 			stale = true // a newer observation is already indexed
@@ -109,7 +235,7 @@ func (m *Matcher) Observed(ctx context.Context, in *ev.EASPartnershipObserved) (
 			idx.ById = map[string]*ev.EASPartnershipObserved{}
 		}
 		idx.ById[id] = in
-		if !journey.IsValid() {
+		if !telemetry.ParseTraceparent(journey).IsValid() {
 			// First sight of this partnership: its journey is this trace.
 			if tp := telemetry.Traceparent(ctx); tp != "" {
 				if idx.TraceparentById == nil {
@@ -119,18 +245,8 @@ func (m *Matcher) Observed(ctx context.Context, in *ev.EASPartnershipObserved) (
 			}
 		}
 		return bus.Write, nil
-	}); err != nil {
-		return nil, err
-	}
-	if stale {
-		return nil, nil
-	}
-	out, err := m.match(ctx, in, "eas")
-	if err != nil {
-		return nil, err
-	}
-	out.Parent = journey
-	return []bus.Outbound{out}, nil
+	})
+	return journey, stale, err
 }
 
 // MDMChanged handles a changed MDM record: update the indexes, then
@@ -289,8 +405,6 @@ func sameUser(d *ev.MDMDevice, mb *ev.Mailbox) bool {
 // match joins one observation with the MDM index.
 func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, trigger string) (bus.Outbound, error) {
 	p := obs.GetPartnership()
-	mb := p.GetMailbox()
-	out := &ev.DeviceMatched{Org: string(m.org), Observed: obs, MatchedAt: timestamppb.New(m.now()), Trigger: trigger}
 	key, err := bus.StateKey(m.org, p.GetDeviceId())
 	if err != nil {
 		return bus.Outbound{}, bus.Poison(err)
@@ -299,6 +413,29 @@ func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, tri
 	if err != nil {
 		return bus.Outbound{}, err
 	}
+	out, err := m.verdict(ctx, obs, trigger, idx, func(ctx context.Context, key string) (*ev.MDMIndex, error) {
+		idx, _, err := bus.Load[ev.MDMIndex](ctx, m.users, key)
+		return idx, err
+	})
+	if err != nil {
+		return bus.Outbound{}, err
+	}
+	subject, err := bus.DeviceMatched.Subject(m.org, p.GetDeviceId())
+	if err != nil {
+		return bus.Outbound{}, bus.Poison(err)
+	}
+	return bus.Outbound{Subject: subject, Message: out}, nil
+}
+
+// usersIndex reads the users index under one key.
+type usersIndex func(ctx context.Context, key string) (*ev.MDMIndex, error)
+
+// verdict joins one observation with idx, the device index entry of its
+// EAS id; users reads the users index when no record has the id.
+func (m *Matcher) verdict(ctx context.Context, obs *ev.EASPartnershipObserved, trigger string, idx *ev.MDMIndex, users usersIndex) (*ev.DeviceMatched, error) {
+	p := obs.GetPartnership()
+	mb := p.GetMailbox()
+	out := &ev.DeviceMatched{Org: string(m.org), Observed: obs, MatchedAt: timestamppb.New(m.now()), Trigger: trigger}
 	var mine, others []*ev.MDMDevice
 	for _, d := range idx.GetById() {
 		if !strings.EqualFold(strings.TrimSpace(d.GetEasDeviceId()), p.GetDeviceId()) {
@@ -349,22 +486,20 @@ func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, tri
 	default:
 		out.NoMatchReason = ev.NoMatchReason_NO_MATCH_REASON_NO_MDM_RECORD
 		out.Detail = "no MDM record has EAS id " + p.GetDeviceId()
-		if n, err := m.recordsWithoutEASID(ctx, mb); err != nil {
-			return bus.Outbound{}, err
+		if n, err := m.recordsWithoutEASID(ctx, mb, users); err != nil {
+			return nil, err
 		} else if n > 0 {
 			out.NoMatchReason = ev.NoMatchReason_NO_MATCH_REASON_MDM_RECORD_WITHOUT_EAS_ID
 			out.Detail = fmt.Sprintf("%s has %d MDM record(s) without an EAS id, so none can be joined to this partnership (an Android device without its EAS id, or enrolment not finished)", userOfMailbox(mb), n)
 		}
 	}
-	subject, err := bus.DeviceMatched.Subject(m.org, p.GetDeviceId())
-	if err != nil {
-		return bus.Outbound{}, bus.Poison(err)
-	}
-	return bus.Outbound{Subject: subject, Message: out}, nil
+	return out, nil
 }
 
-func (m *Matcher) recordsWithoutEASID(ctx context.Context, mb *ev.Mailbox) (int, error) {
-	n := 0
+// userKeys returns the users index keys of a mailbox: its UPN and its
+// primary SMTP address.
+func (m *Matcher) userKeys(mb *ev.Mailbox) ([]string, error) {
+	var keys []string
 	seen := map[string]bool{}
 	for _, u := range []string{mb.GetUserPrincipalName(), mb.GetPrimarySmtpAddress()} {
 		u = strings.ToLower(u)
@@ -374,9 +509,21 @@ func (m *Matcher) recordsWithoutEASID(ctx context.Context, mb *ev.Mailbox) (int,
 		seen[u] = true
 		key, err := bus.StateKey(m.org, u)
 		if err != nil {
-			return 0, bus.Poison(err)
+			return nil, bus.Poison(err)
 		}
-		idx, _, err := bus.Load[ev.MDMIndex](ctx, m.users, key)
+		keys = append(keys, key)
+	}
+	return keys, nil
+}
+
+func (m *Matcher) recordsWithoutEASID(ctx context.Context, mb *ev.Mailbox, users usersIndex) (int, error) {
+	n := 0
+	keys, err := m.userKeys(mb)
+	if err != nil {
+		return 0, err
+	}
+	for _, key := range keys {
+		idx, err := users(ctx, key)
 		if err != nil {
 			return 0, err
 		}

@@ -272,3 +272,77 @@ func TestUnchangedObservationIsNotRewritten(t *testing.T) {
 		})
 	}
 }
+
+// A page of confirmed partnerships is matched as the observations it
+// stands for would be, one verdict each in the page's order, in one
+// DevicesMatched: joined, without a record, by a record without an EAS id,
+// for another user, and one the index had not seen (stored now). Those
+// indexed as they are are not stored again.
+func TestConfirmedPageIsMatchedAsObservationsAre(t *testing.T) {
+	h := start(t)
+	pages := natstest.Receive[ev.DevicesMatched](t, h.js, bus.StreamMatch, bus.DevicesConfirmed.Filter(org))
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m-alice", UserPrincipalName: "alice@contoso.com", EasDeviceId: "ApplALICE",
+		ComplianceState: ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT}, false, "")
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m-bob", UserPrincipalName: "bob@contoso.com"}, false, "")
+	h.mdm(&ev.MDMDevice{MdmDeviceId: "m-dave", UserPrincipalName: "dave@contoso.com", EasDeviceId: "DevC"}, false, "")
+	part := func(user, deviceID, guid string) *ev.EASPartnership {
+		return &ev.EASPartnership{Mailbox: &ev.Mailbox{Identity: user, PrimarySmtpAddress: user, UserPrincipalName: user},
+			DeviceId: deviceID, Guid: guid, DeviceAccessState: ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED}
+	}
+	known := []*ev.EASPartnership{
+		part("alice@contoso.com", "ApplALICE", "g1"),
+		part("shared@contoso.com", "ApplALICE", "g2"), // the same id, another mailbox
+		part("bob@contoso.com", "DevB", "g3"),
+		part("carol@contoso.com", "devc", "g4"),
+		part("erin@contoso.com", "DevE", "g5"),
+	}
+	t0 := time.Now().Add(-time.Hour)
+	for _, p := range known {
+		h.observeAs(p, ev.ObservationChange_OBSERVATION_CHANGE_NEW, t0)
+	}
+	alone := map[string]*ev.DeviceMatched{}
+	for _, v := range h.next(len(known)) {
+		alone[v.GetObserved().GetPartnership().GetGuid()] = v
+	}
+	revs := map[string]uint64{}
+	for _, p := range known {
+		revs[p.GetDeviceId()] = h.revision(p.GetDeviceId())
+	}
+
+	unseen := part("frank@contoso.com", "DevF", "g6")
+	page := append(append([]*ev.EASPartnership{}, known...), unseen)
+	ref := &ev.SyncRef{SyncId: "full-2", Kind: ev.SyncKind_SYNC_KIND_FULL}
+	subj, _ := bus.EASConfirmed.Subject(org, ev.PageKey(ref, 1))
+	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subj, MsgID: "page-1", Message: &ev.EASPartnershipsConfirmed{
+		Org: string(org), Sync: ref, ObservedAt: timestamppb.New(t0.Add(time.Minute)), Partnerships: page, Page: 1,
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	got := pages.AwaitLen(t, 10*time.Second, 1)[0]
+	if len(got.GetMatches()) != len(page) || len(got.GetJourneys()) != len(page) || got.GetPage() != 1 || got.GetSync().GetSyncId() != "full-2" {
+		t.Fatalf("%d verdicts, %d journeys on page %d of %q; want %d", len(got.GetMatches()), len(got.GetJourneys()), got.GetPage(), got.GetSync().GetSyncId(), len(page))
+	}
+	for i, v := range got.GetMatches() {
+		p := page[i]
+		if !proto.Equal(v.GetObserved().GetPartnership(), p) || v.GetObserved().GetChange() != ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED ||
+			v.GetObserved().GetSync().GetSyncId() != "full-2" || v.GetTrigger() != "eas" {
+			t.Fatalf("verdict %d is not of %s: %v", i, p.GetGuid(), v)
+		}
+		if err := v.Validate(); err != nil {
+			t.Fatalf("verdict %d: %v", i, err)
+		}
+		if want, ok := alone[p.GetGuid()]; ok {
+			if v.GetNoMatchReason() != want.GetNoMatchReason() || v.GetMethod() != want.GetMethod() ||
+				!proto.Equal(v.GetMdm(), want.GetMdm()) || v.GetDetail() != want.GetDetail() {
+				t.Fatalf("%s in a page: %v; alone: %v", p.GetGuid(), v, want)
+			}
+			if r := h.revision(p.GetDeviceId()); r != revs[p.GetDeviceId()] {
+				t.Fatalf("%s: index rewritten (revision %d → %d)", p.GetDeviceId(), revs[p.GetDeviceId()], r)
+			}
+		}
+	}
+	if v := got.GetMatches()[len(page)-1]; v.GetNoMatchReason() != ev.NoMatchReason_NO_MATCH_REASON_NO_MDM_RECORD {
+		t.Fatalf("unseen partnership: %v", v)
+	}
+	h.revision("DevF") // stored: fails if not
+}

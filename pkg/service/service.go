@@ -118,7 +118,7 @@ func Start(ctx context.Context, o Options) (_ *Service, err error) {
 			return nil, err
 		}
 		undo = append(undo, s.Embedded.Shutdown)
-		s.NC, err = s.Embedded.Connect(o.Name)
+		s.NC, err = s.Embedded.Connect(o.Name, bus.SyncQueueLen())
 		if err != nil {
 			return nil, err
 		}

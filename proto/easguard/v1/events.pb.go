@@ -1267,6 +1267,177 @@ func (x *EASPartnershipObserved) GetChange() ObservationChange {
 	return ObservationChange_OBSERVATION_CHANGE_UNSPECIFIED
 }
 
+// EASPartnershipsConfirmed carries, a page at a time, the partnerships a
+// sync pass found exactly as the collector last knew them (each one's
+// change is UNCHANGED). A full sync of an organisation where nothing
+// changed would otherwise put one message per partnership through every
+// hop, each a store, a delivery and an acknowledgement: at 100,000
+// partnerships that, not Exchange, paced the pass. New, changed and gone
+// partnerships still travel one event each, as EASPartnershipObserved.
+// Subject: easguard.<org>.eas.confirmed.<page>, page the sync id and the
+// page's number.
+type EASPartnershipsConfirmed struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Org   string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	Sync  *SyncRef               `protobuf:"bytes,2,opt,name=sync,proto3" json:"sync,omitempty"`
+	// observed_at is when the pass began, as in EASPartnershipObserved.
+	ObservedAt   *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=observed_at,json=observedAt,proto3" json:"observed_at,omitempty"`
+	Partnerships []*EASPartnership      `protobuf:"bytes,4,rep,name=partnerships,proto3" json:"partnerships,omitempty"`
+	// page numbers the pass's pages from 1; with the sync id it keys the
+	// page's subject and its verdicts'.
+	Page          uint32 `protobuf:"varint,5,opt,name=page,proto3" json:"page,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EASPartnershipsConfirmed) Reset() {
+	*x = EASPartnershipsConfirmed{}
+	mi := &file_easguard_v1_events_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EASPartnershipsConfirmed) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EASPartnershipsConfirmed) ProtoMessage() {}
+
+func (x *EASPartnershipsConfirmed) ProtoReflect() protoreflect.Message {
+	mi := &file_easguard_v1_events_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EASPartnershipsConfirmed.ProtoReflect.Descriptor instead.
+func (*EASPartnershipsConfirmed) Descriptor() ([]byte, []int) {
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *EASPartnershipsConfirmed) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *EASPartnershipsConfirmed) GetSync() *SyncRef {
+	if x != nil {
+		return x.Sync
+	}
+	return nil
+}
+
+func (x *EASPartnershipsConfirmed) GetObservedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ObservedAt
+	}
+	return nil
+}
+
+func (x *EASPartnershipsConfirmed) GetPartnerships() []*EASPartnership {
+	if x != nil {
+		return x.Partnerships
+	}
+	return nil
+}
+
+func (x *EASPartnershipsConfirmed) GetPage() uint32 {
+	if x != nil {
+		return x.Page
+	}
+	return 0
+}
+
+// DevicesMatched is the matcher's verdicts on one EASPartnershipsConfirmed
+// page, one DeviceMatched per partnership in the page's order.
+// Subject: easguard.<org>.device.confirmed.<page>.
+type DevicesMatched struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Org     string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	Matches []*DeviceMatched       `protobuf:"bytes,2,rep,name=matches,proto3" json:"matches,omitempty"`
+	// journeys holds each match's journey (the W3C traceparent of the trace
+	// its partnership was first seen in), by position; "" for none. A
+	// decision made from a match continues that trace.
+	Journeys []string `protobuf:"bytes,3,rep,name=journeys,proto3" json:"journeys,omitempty"`
+	// sync and page are the confirmed page's.
+	Sync          *SyncRef `protobuf:"bytes,4,opt,name=sync,proto3" json:"sync,omitempty"`
+	Page          uint32   `protobuf:"varint,5,opt,name=page,proto3" json:"page,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DevicesMatched) Reset() {
+	*x = DevicesMatched{}
+	mi := &file_easguard_v1_events_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DevicesMatched) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DevicesMatched) ProtoMessage() {}
+
+func (x *DevicesMatched) ProtoReflect() protoreflect.Message {
+	mi := &file_easguard_v1_events_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DevicesMatched.ProtoReflect.Descriptor instead.
+func (*DevicesMatched) Descriptor() ([]byte, []int) {
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *DevicesMatched) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *DevicesMatched) GetMatches() []*DeviceMatched {
+	if x != nil {
+		return x.Matches
+	}
+	return nil
+}
+
+func (x *DevicesMatched) GetJourneys() []string {
+	if x != nil {
+		return x.Journeys
+	}
+	return nil
+}
+
+func (x *DevicesMatched) GetSync() *SyncRef {
+	if x != nil {
+		return x.Sync
+	}
+	return nil
+}
+
+func (x *DevicesMatched) GetPage() uint32 {
+	if x != nil {
+		return x.Page
+	}
+	return 0
+}
+
 // MDMDevice is one device record of an MDM, normalised across sources.
 type MDMDevice struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1296,7 +1467,7 @@ type MDMDevice struct {
 
 func (x *MDMDevice) Reset() {
 	*x = MDMDevice{}
-	mi := &file_easguard_v1_events_proto_msgTypes[4]
+	mi := &file_easguard_v1_events_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1308,7 +1479,7 @@ func (x *MDMDevice) String() string {
 func (*MDMDevice) ProtoMessage() {}
 
 func (x *MDMDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[4]
+	mi := &file_easguard_v1_events_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1321,7 +1492,7 @@ func (x *MDMDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MDMDevice.ProtoReflect.Descriptor instead.
 func (*MDMDevice) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{4}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *MDMDevice) GetSource() string {
@@ -1464,7 +1635,7 @@ type MDMDeviceChanged struct {
 
 func (x *MDMDeviceChanged) Reset() {
 	*x = MDMDeviceChanged{}
-	mi := &file_easguard_v1_events_proto_msgTypes[5]
+	mi := &file_easguard_v1_events_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1476,7 +1647,7 @@ func (x *MDMDeviceChanged) String() string {
 func (*MDMDeviceChanged) ProtoMessage() {}
 
 func (x *MDMDeviceChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[5]
+	mi := &file_easguard_v1_events_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1489,7 +1660,7 @@ func (x *MDMDeviceChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MDMDeviceChanged.ProtoReflect.Descriptor instead.
 func (*MDMDeviceChanged) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{5}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *MDMDeviceChanged) GetOrg() string {
@@ -1558,7 +1729,7 @@ type DeviceMatched struct {
 
 func (x *DeviceMatched) Reset() {
 	*x = DeviceMatched{}
-	mi := &file_easguard_v1_events_proto_msgTypes[6]
+	mi := &file_easguard_v1_events_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1570,7 +1741,7 @@ func (x *DeviceMatched) String() string {
 func (*DeviceMatched) ProtoMessage() {}
 
 func (x *DeviceMatched) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[6]
+	mi := &file_easguard_v1_events_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1583,7 +1754,7 @@ func (x *DeviceMatched) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceMatched.ProtoReflect.Descriptor instead.
 func (*DeviceMatched) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{6}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DeviceMatched) GetOrg() string {
@@ -1675,7 +1846,7 @@ type AccessDecided struct {
 
 func (x *AccessDecided) Reset() {
 	*x = AccessDecided{}
-	mi := &file_easguard_v1_events_proto_msgTypes[7]
+	mi := &file_easguard_v1_events_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1687,7 +1858,7 @@ func (x *AccessDecided) String() string {
 func (*AccessDecided) ProtoMessage() {}
 
 func (x *AccessDecided) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[7]
+	mi := &file_easguard_v1_events_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1700,7 +1871,7 @@ func (x *AccessDecided) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccessDecided.ProtoReflect.Descriptor instead.
 func (*AccessDecided) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{7}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *AccessDecided) GetOrg() string {
@@ -1828,7 +1999,7 @@ type CmdletParameter struct {
 
 func (x *CmdletParameter) Reset() {
 	*x = CmdletParameter{}
-	mi := &file_easguard_v1_events_proto_msgTypes[8]
+	mi := &file_easguard_v1_events_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1840,7 +2011,7 @@ func (x *CmdletParameter) String() string {
 func (*CmdletParameter) ProtoMessage() {}
 
 func (x *CmdletParameter) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[8]
+	mi := &file_easguard_v1_events_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1853,7 +2024,7 @@ func (x *CmdletParameter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CmdletParameter.ProtoReflect.Descriptor instead.
 func (*CmdletParameter) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{8}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CmdletParameter) GetName() string {
@@ -1891,7 +2062,7 @@ type CmdletInvocation struct {
 
 func (x *CmdletInvocation) Reset() {
 	*x = CmdletInvocation{}
-	mi := &file_easguard_v1_events_proto_msgTypes[9]
+	mi := &file_easguard_v1_events_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1903,7 +2074,7 @@ func (x *CmdletInvocation) String() string {
 func (*CmdletInvocation) ProtoMessage() {}
 
 func (x *CmdletInvocation) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[9]
+	mi := &file_easguard_v1_events_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1916,7 +2087,7 @@ func (x *CmdletInvocation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CmdletInvocation.ProtoReflect.Descriptor instead.
 func (*CmdletInvocation) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{9}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CmdletInvocation) GetName() string {
@@ -1969,7 +2140,7 @@ type AppliedItem struct {
 
 func (x *AppliedItem) Reset() {
 	*x = AppliedItem{}
-	mi := &file_easguard_v1_events_proto_msgTypes[10]
+	mi := &file_easguard_v1_events_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1981,7 +2152,7 @@ func (x *AppliedItem) String() string {
 func (*AppliedItem) ProtoMessage() {}
 
 func (x *AppliedItem) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[10]
+	mi := &file_easguard_v1_events_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1994,7 +2165,7 @@ func (x *AppliedItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppliedItem.ProtoReflect.Descriptor instead.
 func (*AppliedItem) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{10}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AppliedItem) GetMailbox() *Mailbox {
@@ -2064,7 +2235,7 @@ type AccessApplied struct {
 
 func (x *AccessApplied) Reset() {
 	*x = AccessApplied{}
-	mi := &file_easguard_v1_events_proto_msgTypes[11]
+	mi := &file_easguard_v1_events_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2076,7 +2247,7 @@ func (x *AccessApplied) String() string {
 func (*AccessApplied) ProtoMessage() {}
 
 func (x *AccessApplied) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[11]
+	mi := &file_easguard_v1_events_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2089,7 +2260,7 @@ func (x *AccessApplied) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccessApplied.ProtoReflect.Descriptor instead.
 func (*AccessApplied) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{11}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *AccessApplied) GetOrg() string {
@@ -2189,7 +2360,7 @@ type NotificationSent struct {
 
 func (x *NotificationSent) Reset() {
 	*x = NotificationSent{}
-	mi := &file_easguard_v1_events_proto_msgTypes[12]
+	mi := &file_easguard_v1_events_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2201,7 +2372,7 @@ func (x *NotificationSent) String() string {
 func (*NotificationSent) ProtoMessage() {}
 
 func (x *NotificationSent) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[12]
+	mi := &file_easguard_v1_events_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2214,7 +2385,7 @@ func (x *NotificationSent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotificationSent.ProtoReflect.Descriptor instead.
 func (*NotificationSent) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{12}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *NotificationSent) GetOrg() string {
@@ -2297,7 +2468,7 @@ type SyncRequested struct {
 
 func (x *SyncRequested) Reset() {
 	*x = SyncRequested{}
-	mi := &file_easguard_v1_events_proto_msgTypes[13]
+	mi := &file_easguard_v1_events_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2309,7 +2480,7 @@ func (x *SyncRequested) String() string {
 func (*SyncRequested) ProtoMessage() {}
 
 func (x *SyncRequested) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[13]
+	mi := &file_easguard_v1_events_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2322,7 +2493,7 @@ func (x *SyncRequested) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequested.ProtoReflect.Descriptor instead.
 func (*SyncRequested) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{13}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SyncRequested) GetOrg() string {
@@ -2383,7 +2554,7 @@ type SyncCounts struct {
 
 func (x *SyncCounts) Reset() {
 	*x = SyncCounts{}
-	mi := &file_easguard_v1_events_proto_msgTypes[14]
+	mi := &file_easguard_v1_events_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2395,7 +2566,7 @@ func (x *SyncCounts) String() string {
 func (*SyncCounts) ProtoMessage() {}
 
 func (x *SyncCounts) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[14]
+	mi := &file_easguard_v1_events_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2408,7 +2579,7 @@ func (x *SyncCounts) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncCounts.ProtoReflect.Descriptor instead.
 func (*SyncCounts) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{14}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SyncCounts) GetObserved() int64 {
@@ -2487,7 +2658,7 @@ type SyncCompleted struct {
 
 func (x *SyncCompleted) Reset() {
 	*x = SyncCompleted{}
-	mi := &file_easguard_v1_events_proto_msgTypes[15]
+	mi := &file_easguard_v1_events_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2499,7 +2670,7 @@ func (x *SyncCompleted) String() string {
 func (*SyncCompleted) ProtoMessage() {}
 
 func (x *SyncCompleted) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[15]
+	mi := &file_easguard_v1_events_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2512,7 +2683,7 @@ func (x *SyncCompleted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncCompleted.ProtoReflect.Descriptor instead.
 func (*SyncCompleted) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{15}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SyncCompleted) GetOrg() string {
@@ -2629,7 +2800,7 @@ type OrgSettingsDecided struct {
 
 func (x *OrgSettingsDecided) Reset() {
 	*x = OrgSettingsDecided{}
-	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	mi := &file_easguard_v1_events_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2641,7 +2812,7 @@ func (x *OrgSettingsDecided) String() string {
 func (*OrgSettingsDecided) ProtoMessage() {}
 
 func (x *OrgSettingsDecided) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	mi := &file_easguard_v1_events_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2654,7 +2825,7 @@ func (x *OrgSettingsDecided) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrgSettingsDecided.ProtoReflect.Descriptor instead.
 func (*OrgSettingsDecided) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{16}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *OrgSettingsDecided) GetOrg() string {
@@ -2744,7 +2915,7 @@ type Alert struct {
 
 func (x *Alert) Reset() {
 	*x = Alert{}
-	mi := &file_easguard_v1_events_proto_msgTypes[17]
+	mi := &file_easguard_v1_events_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2756,7 +2927,7 @@ func (x *Alert) String() string {
 func (*Alert) ProtoMessage() {}
 
 func (x *Alert) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[17]
+	mi := &file_easguard_v1_events_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2769,7 +2940,7 @@ func (x *Alert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Alert.ProtoReflect.Descriptor instead.
 func (*Alert) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{17}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Alert) GetOrg() string {
@@ -2865,7 +3036,20 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\x04sync\x18\x03 \x01(\v2\x14.easguard.v1.SyncRefR\x04sync\x12;\n" +
 	"\vobserved_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"observedAt\x126\n" +
-	"\x06change\x18\x05 \x01(\x0e2\x1e.easguard.v1.ObservationChangeR\x06change\"\xd6\x05\n" +
+	"\x06change\x18\x05 \x01(\x0e2\x1e.easguard.v1.ObservationChangeR\x06change\"\xe8\x01\n" +
+	"\x18EASPartnershipsConfirmed\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x12(\n" +
+	"\x04sync\x18\x02 \x01(\v2\x14.easguard.v1.SyncRefR\x04sync\x12;\n" +
+	"\vobserved_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"observedAt\x12?\n" +
+	"\fpartnerships\x18\x04 \x03(\v2\x1b.easguard.v1.EASPartnershipR\fpartnerships\x12\x12\n" +
+	"\x04page\x18\x05 \x01(\rR\x04page\"\xb2\x01\n" +
+	"\x0eDevicesMatched\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x124\n" +
+	"\amatches\x18\x02 \x03(\v2\x1a.easguard.v1.DeviceMatchedR\amatches\x12\x1a\n" +
+	"\bjourneys\x18\x03 \x03(\tR\bjourneys\x12(\n" +
+	"\x04sync\x18\x04 \x01(\v2\x14.easguard.v1.SyncRefR\x04sync\x12\x12\n" +
+	"\x04page\x18\x05 \x01(\rR\x04page\"\xd6\x05\n" +
 	"\tMDMDevice\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12\"\n" +
 	"\rmdm_device_id\x18\x02 \x01(\tR\vmdmDeviceId\x12.\n" +
@@ -3154,101 +3338,108 @@ func file_easguard_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_easguard_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 13)
-var file_easguard_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_easguard_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_easguard_v1_events_proto_goTypes = []any{
-	(DeviceAccessState)(0),         // 0: easguard.v1.DeviceAccessState
-	(DeviceAccessStateReason)(0),   // 1: easguard.v1.DeviceAccessStateReason
-	(SyncKind)(0),                  // 2: easguard.v1.SyncKind
-	(ObservationChange)(0),         // 3: easguard.v1.ObservationChange
-	(ComplianceState)(0),           // 4: easguard.v1.ComplianceState
-	(EnrollmentState)(0),           // 5: easguard.v1.EnrollmentState
-	(Platform)(0),                  // 6: easguard.v1.Platform
-	(DesiredAccess)(0),             // 7: easguard.v1.DesiredAccess
-	(MatchMethod)(0),               // 8: easguard.v1.MatchMethod
-	(NoMatchReason)(0),             // 9: easguard.v1.NoMatchReason
-	(ApplyOutcome)(0),              // 10: easguard.v1.ApplyOutcome
-	(AlertKind)(0),                 // 11: easguard.v1.AlertKind
-	(AlertSeverity)(0),             // 12: easguard.v1.AlertSeverity
-	(*Mailbox)(nil),                // 13: easguard.v1.Mailbox
-	(*EASPartnership)(nil),         // 14: easguard.v1.EASPartnership
-	(*SyncRef)(nil),                // 15: easguard.v1.SyncRef
-	(*EASPartnershipObserved)(nil), // 16: easguard.v1.EASPartnershipObserved
-	(*MDMDevice)(nil),              // 17: easguard.v1.MDMDevice
-	(*MDMDeviceChanged)(nil),       // 18: easguard.v1.MDMDeviceChanged
-	(*DeviceMatched)(nil),          // 19: easguard.v1.DeviceMatched
-	(*AccessDecided)(nil),          // 20: easguard.v1.AccessDecided
-	(*CmdletParameter)(nil),        // 21: easguard.v1.CmdletParameter
-	(*CmdletInvocation)(nil),       // 22: easguard.v1.CmdletInvocation
-	(*AppliedItem)(nil),            // 23: easguard.v1.AppliedItem
-	(*AccessApplied)(nil),          // 24: easguard.v1.AccessApplied
-	(*NotificationSent)(nil),       // 25: easguard.v1.NotificationSent
-	(*SyncRequested)(nil),          // 26: easguard.v1.SyncRequested
-	(*SyncCounts)(nil),             // 27: easguard.v1.SyncCounts
-	(*SyncCompleted)(nil),          // 28: easguard.v1.SyncCompleted
-	(*OrgSettingsDecided)(nil),     // 29: easguard.v1.OrgSettingsDecided
-	(*Alert)(nil),                  // 30: easguard.v1.Alert
-	nil,                            // 31: easguard.v1.Alert.DetailEntry
-	(*timestamppb.Timestamp)(nil),  // 32: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),    // 33: google.protobuf.Duration
+	(DeviceAccessState)(0),           // 0: easguard.v1.DeviceAccessState
+	(DeviceAccessStateReason)(0),     // 1: easguard.v1.DeviceAccessStateReason
+	(SyncKind)(0),                    // 2: easguard.v1.SyncKind
+	(ObservationChange)(0),           // 3: easguard.v1.ObservationChange
+	(ComplianceState)(0),             // 4: easguard.v1.ComplianceState
+	(EnrollmentState)(0),             // 5: easguard.v1.EnrollmentState
+	(Platform)(0),                    // 6: easguard.v1.Platform
+	(DesiredAccess)(0),               // 7: easguard.v1.DesiredAccess
+	(MatchMethod)(0),                 // 8: easguard.v1.MatchMethod
+	(NoMatchReason)(0),               // 9: easguard.v1.NoMatchReason
+	(ApplyOutcome)(0),                // 10: easguard.v1.ApplyOutcome
+	(AlertKind)(0),                   // 11: easguard.v1.AlertKind
+	(AlertSeverity)(0),               // 12: easguard.v1.AlertSeverity
+	(*Mailbox)(nil),                  // 13: easguard.v1.Mailbox
+	(*EASPartnership)(nil),           // 14: easguard.v1.EASPartnership
+	(*SyncRef)(nil),                  // 15: easguard.v1.SyncRef
+	(*EASPartnershipObserved)(nil),   // 16: easguard.v1.EASPartnershipObserved
+	(*EASPartnershipsConfirmed)(nil), // 17: easguard.v1.EASPartnershipsConfirmed
+	(*DevicesMatched)(nil),           // 18: easguard.v1.DevicesMatched
+	(*MDMDevice)(nil),                // 19: easguard.v1.MDMDevice
+	(*MDMDeviceChanged)(nil),         // 20: easguard.v1.MDMDeviceChanged
+	(*DeviceMatched)(nil),            // 21: easguard.v1.DeviceMatched
+	(*AccessDecided)(nil),            // 22: easguard.v1.AccessDecided
+	(*CmdletParameter)(nil),          // 23: easguard.v1.CmdletParameter
+	(*CmdletInvocation)(nil),         // 24: easguard.v1.CmdletInvocation
+	(*AppliedItem)(nil),              // 25: easguard.v1.AppliedItem
+	(*AccessApplied)(nil),            // 26: easguard.v1.AccessApplied
+	(*NotificationSent)(nil),         // 27: easguard.v1.NotificationSent
+	(*SyncRequested)(nil),            // 28: easguard.v1.SyncRequested
+	(*SyncCounts)(nil),               // 29: easguard.v1.SyncCounts
+	(*SyncCompleted)(nil),            // 30: easguard.v1.SyncCompleted
+	(*OrgSettingsDecided)(nil),       // 31: easguard.v1.OrgSettingsDecided
+	(*Alert)(nil),                    // 32: easguard.v1.Alert
+	nil,                              // 33: easguard.v1.Alert.DetailEntry
+	(*timestamppb.Timestamp)(nil),    // 34: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 35: google.protobuf.Duration
 }
 var file_easguard_v1_events_proto_depIdxs = []int32{
 	13, // 0: easguard.v1.EASPartnership.mailbox:type_name -> easguard.v1.Mailbox
 	0,  // 1: easguard.v1.EASPartnership.device_access_state:type_name -> easguard.v1.DeviceAccessState
 	1,  // 2: easguard.v1.EASPartnership.device_access_state_reason:type_name -> easguard.v1.DeviceAccessStateReason
-	32, // 3: easguard.v1.EASPartnership.first_sync_time:type_name -> google.protobuf.Timestamp
-	32, // 4: easguard.v1.EASPartnership.last_success_sync:type_name -> google.protobuf.Timestamp
-	32, // 5: easguard.v1.EASPartnership.when_changed:type_name -> google.protobuf.Timestamp
+	34, // 3: easguard.v1.EASPartnership.first_sync_time:type_name -> google.protobuf.Timestamp
+	34, // 4: easguard.v1.EASPartnership.last_success_sync:type_name -> google.protobuf.Timestamp
+	34, // 5: easguard.v1.EASPartnership.when_changed:type_name -> google.protobuf.Timestamp
 	2,  // 6: easguard.v1.SyncRef.kind:type_name -> easguard.v1.SyncKind
 	14, // 7: easguard.v1.EASPartnershipObserved.partnership:type_name -> easguard.v1.EASPartnership
 	15, // 8: easguard.v1.EASPartnershipObserved.sync:type_name -> easguard.v1.SyncRef
-	32, // 9: easguard.v1.EASPartnershipObserved.observed_at:type_name -> google.protobuf.Timestamp
+	34, // 9: easguard.v1.EASPartnershipObserved.observed_at:type_name -> google.protobuf.Timestamp
 	3,  // 10: easguard.v1.EASPartnershipObserved.change:type_name -> easguard.v1.ObservationChange
-	5,  // 11: easguard.v1.MDMDevice.enrollment_state:type_name -> easguard.v1.EnrollmentState
-	4,  // 12: easguard.v1.MDMDevice.compliance_state:type_name -> easguard.v1.ComplianceState
-	6,  // 13: easguard.v1.MDMDevice.platform:type_name -> easguard.v1.Platform
-	32, // 14: easguard.v1.MDMDevice.last_check_in:type_name -> google.protobuf.Timestamp
-	17, // 15: easguard.v1.MDMDeviceChanged.device:type_name -> easguard.v1.MDMDevice
-	32, // 16: easguard.v1.MDMDeviceChanged.observed_at:type_name -> google.protobuf.Timestamp
-	16, // 17: easguard.v1.DeviceMatched.observed:type_name -> easguard.v1.EASPartnershipObserved
-	17, // 18: easguard.v1.DeviceMatched.mdm:type_name -> easguard.v1.MDMDevice
-	8,  // 19: easguard.v1.DeviceMatched.method:type_name -> easguard.v1.MatchMethod
-	9,  // 20: easguard.v1.DeviceMatched.no_match_reason:type_name -> easguard.v1.NoMatchReason
-	32, // 21: easguard.v1.DeviceMatched.matched_at:type_name -> google.protobuf.Timestamp
-	14, // 22: easguard.v1.AccessDecided.partnership:type_name -> easguard.v1.EASPartnership
-	7,  // 23: easguard.v1.AccessDecided.desired:type_name -> easguard.v1.DesiredAccess
-	0,  // 24: easguard.v1.AccessDecided.exchange_state:type_name -> easguard.v1.DeviceAccessState
-	1,  // 25: easguard.v1.AccessDecided.exchange_reason:type_name -> easguard.v1.DeviceAccessStateReason
-	17, // 26: easguard.v1.AccessDecided.mdm:type_name -> easguard.v1.MDMDevice
-	9,  // 27: easguard.v1.AccessDecided.no_match_reason:type_name -> easguard.v1.NoMatchReason
-	32, // 28: easguard.v1.AccessDecided.decided_at:type_name -> google.protobuf.Timestamp
-	21, // 29: easguard.v1.CmdletInvocation.parameters:type_name -> easguard.v1.CmdletParameter
-	33, // 30: easguard.v1.CmdletInvocation.duration:type_name -> google.protobuf.Duration
-	13, // 31: easguard.v1.AppliedItem.mailbox:type_name -> easguard.v1.Mailbox
-	7,  // 32: easguard.v1.AppliedItem.desired:type_name -> easguard.v1.DesiredAccess
-	10, // 33: easguard.v1.AppliedItem.outcome:type_name -> easguard.v1.ApplyOutcome
-	22, // 34: easguard.v1.AccessApplied.cmdlets:type_name -> easguard.v1.CmdletInvocation
-	23, // 35: easguard.v1.AccessApplied.items:type_name -> easguard.v1.AppliedItem
-	33, // 36: easguard.v1.AccessApplied.duration:type_name -> google.protobuf.Duration
-	32, // 37: easguard.v1.AccessApplied.applied_at:type_name -> google.protobuf.Timestamp
-	20, // 38: easguard.v1.AccessApplied.decision:type_name -> easguard.v1.AccessDecided
-	13, // 39: easguard.v1.NotificationSent.mailbox:type_name -> easguard.v1.Mailbox
-	32, // 40: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
-	2,  // 41: easguard.v1.SyncRequested.kind:type_name -> easguard.v1.SyncKind
-	32, // 42: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
-	2,  // 43: easguard.v1.SyncCompleted.kind:type_name -> easguard.v1.SyncKind
-	27, // 44: easguard.v1.SyncCompleted.counts:type_name -> easguard.v1.SyncCounts
-	32, // 45: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
-	32, // 46: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
-	32, // 47: easguard.v1.OrgSettingsDecided.decided_at:type_name -> google.protobuf.Timestamp
-	11, // 48: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
-	12, // 49: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
-	31, // 50: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
-	32, // 51: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
-	52, // [52:52] is the sub-list for method output_type
-	52, // [52:52] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	15, // 11: easguard.v1.EASPartnershipsConfirmed.sync:type_name -> easguard.v1.SyncRef
+	34, // 12: easguard.v1.EASPartnershipsConfirmed.observed_at:type_name -> google.protobuf.Timestamp
+	14, // 13: easguard.v1.EASPartnershipsConfirmed.partnerships:type_name -> easguard.v1.EASPartnership
+	21, // 14: easguard.v1.DevicesMatched.matches:type_name -> easguard.v1.DeviceMatched
+	15, // 15: easguard.v1.DevicesMatched.sync:type_name -> easguard.v1.SyncRef
+	5,  // 16: easguard.v1.MDMDevice.enrollment_state:type_name -> easguard.v1.EnrollmentState
+	4,  // 17: easguard.v1.MDMDevice.compliance_state:type_name -> easguard.v1.ComplianceState
+	6,  // 18: easguard.v1.MDMDevice.platform:type_name -> easguard.v1.Platform
+	34, // 19: easguard.v1.MDMDevice.last_check_in:type_name -> google.protobuf.Timestamp
+	19, // 20: easguard.v1.MDMDeviceChanged.device:type_name -> easguard.v1.MDMDevice
+	34, // 21: easguard.v1.MDMDeviceChanged.observed_at:type_name -> google.protobuf.Timestamp
+	16, // 22: easguard.v1.DeviceMatched.observed:type_name -> easguard.v1.EASPartnershipObserved
+	19, // 23: easguard.v1.DeviceMatched.mdm:type_name -> easguard.v1.MDMDevice
+	8,  // 24: easguard.v1.DeviceMatched.method:type_name -> easguard.v1.MatchMethod
+	9,  // 25: easguard.v1.DeviceMatched.no_match_reason:type_name -> easguard.v1.NoMatchReason
+	34, // 26: easguard.v1.DeviceMatched.matched_at:type_name -> google.protobuf.Timestamp
+	14, // 27: easguard.v1.AccessDecided.partnership:type_name -> easguard.v1.EASPartnership
+	7,  // 28: easguard.v1.AccessDecided.desired:type_name -> easguard.v1.DesiredAccess
+	0,  // 29: easguard.v1.AccessDecided.exchange_state:type_name -> easguard.v1.DeviceAccessState
+	1,  // 30: easguard.v1.AccessDecided.exchange_reason:type_name -> easguard.v1.DeviceAccessStateReason
+	19, // 31: easguard.v1.AccessDecided.mdm:type_name -> easguard.v1.MDMDevice
+	9,  // 32: easguard.v1.AccessDecided.no_match_reason:type_name -> easguard.v1.NoMatchReason
+	34, // 33: easguard.v1.AccessDecided.decided_at:type_name -> google.protobuf.Timestamp
+	23, // 34: easguard.v1.CmdletInvocation.parameters:type_name -> easguard.v1.CmdletParameter
+	35, // 35: easguard.v1.CmdletInvocation.duration:type_name -> google.protobuf.Duration
+	13, // 36: easguard.v1.AppliedItem.mailbox:type_name -> easguard.v1.Mailbox
+	7,  // 37: easguard.v1.AppliedItem.desired:type_name -> easguard.v1.DesiredAccess
+	10, // 38: easguard.v1.AppliedItem.outcome:type_name -> easguard.v1.ApplyOutcome
+	24, // 39: easguard.v1.AccessApplied.cmdlets:type_name -> easguard.v1.CmdletInvocation
+	25, // 40: easguard.v1.AccessApplied.items:type_name -> easguard.v1.AppliedItem
+	35, // 41: easguard.v1.AccessApplied.duration:type_name -> google.protobuf.Duration
+	34, // 42: easguard.v1.AccessApplied.applied_at:type_name -> google.protobuf.Timestamp
+	22, // 43: easguard.v1.AccessApplied.decision:type_name -> easguard.v1.AccessDecided
+	13, // 44: easguard.v1.NotificationSent.mailbox:type_name -> easguard.v1.Mailbox
+	34, // 45: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
+	2,  // 46: easguard.v1.SyncRequested.kind:type_name -> easguard.v1.SyncKind
+	34, // 47: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
+	2,  // 48: easguard.v1.SyncCompleted.kind:type_name -> easguard.v1.SyncKind
+	29, // 49: easguard.v1.SyncCompleted.counts:type_name -> easguard.v1.SyncCounts
+	34, // 50: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
+	34, // 51: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
+	34, // 52: easguard.v1.OrgSettingsDecided.decided_at:type_name -> google.protobuf.Timestamp
+	11, // 53: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
+	12, // 54: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
+	33, // 55: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
+	34, // 56: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
+	57, // [57:57] is the sub-list for method output_type
+	57, // [57:57] is the sub-list for method input_type
+	57, // [57:57] is the sub-list for extension type_name
+	57, // [57:57] is the sub-list for extension extendee
+	0,  // [0:57] is the sub-list for field type_name
 }
 
 func init() { file_easguard_v1_events_proto_init() }
@@ -3262,7 +3453,7 @@ func file_easguard_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_easguard_v1_events_proto_rawDesc), len(file_easguard_v1_events_proto_rawDesc)),
 			NumEnums:      13,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

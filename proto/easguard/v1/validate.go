@@ -45,6 +45,14 @@ func (p *problems) partnership(field string, e *EASPartnership) {
 	p.need(e.GetMailbox().GetIdentity() != "", "%s.mailbox.identity is empty", field)
 }
 
+// Validate checks a partnership as every consumer of an observation of it
+// relies on.
+func (e *EASPartnership) Validate() error {
+	var p problems
+	p.partnership("partnership", e)
+	return p.err()
+}
+
 // Validate checks what every consumer of an observation relies on.
 func (e *EASPartnershipObserved) Validate() error {
 	var p problems
@@ -55,6 +63,36 @@ func (e *EASPartnershipObserved) Validate() error {
 	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
 	p.need(e.GetChange() != ObservationChange_OBSERVATION_CHANGE_UNSPECIFIED, "change is unspecified")
 	return p.err()
+}
+
+// Validate checks a page of confirmed partnerships as the matcher relies
+// on it. The collector sends a partnership that would fail this alone, as
+// an EASPartnershipObserved, so that one bad partnership is dead-lettered
+// by itself and never takes a page of good ones with it.
+func (e *EASPartnershipsConfirmed) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetSync().GetSyncId() != "", "sync.sync_id is empty")
+	p.need(e.GetSync().GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "sync.kind is unspecified")
+	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
+	p.need(e.GetPage() > 0, "page is 0")
+	p.need(len(e.GetPartnerships()) > 0, "partnerships is empty")
+	for i, ep := range e.GetPartnerships() {
+		p.partnership(fmt.Sprintf("partnerships[%d]", i), ep)
+	}
+	return p.err()
+}
+
+// Observations returns the page as the observations it stands for, one
+// UNCHANGED EASPartnershipObserved per partnership, so that what handles
+// one handles the other alike.
+func (e *EASPartnershipsConfirmed) Observations() []*EASPartnershipObserved {
+	out := make([]*EASPartnershipObserved, len(e.GetPartnerships()))
+	for i, ep := range e.GetPartnerships() {
+		out[i] = &EASPartnershipObserved{Org: e.GetOrg(), Partnership: ep, Sync: e.GetSync(), ObservedAt: e.GetObservedAt(),
+			Change: ObservationChange_OBSERVATION_CHANGE_UNCHANGED}
+	}
+	return out
 }
 
 // Validate checks what the matcher relies on.
@@ -88,6 +126,38 @@ func (e *DeviceMatched) Validate() error {
 	p.need(!matched || e.GetNoMatchReason() == NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, "mdm is set together with no_match_reason")
 	p.need(e.GetMatchedAt().IsValid(), "matched_at is missing")
 	return p.err()
+}
+
+// Validate checks every verdict of a page as DeviceMatched.Validate does,
+// and that journeys, if any, go one to one with them.
+func (e *DevicesMatched) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetSync().GetSyncId() != "", "sync.sync_id is empty")
+	p.need(e.GetPage() > 0, "page is 0")
+	p.need(len(e.GetMatches()) > 0, "matches is empty")
+	p.need(len(e.GetJourneys()) == 0 || len(e.GetJourneys()) == len(e.GetMatches()), "%d journeys for %d matches", len(e.GetJourneys()), len(e.GetMatches()))
+	for i, m := range e.GetMatches() {
+		if err := m.Validate(); err != nil {
+			p.need(false, "matches[%d]: %s", i, strings.TrimPrefix(err.Error(), ErrInvalid.Error()+": "))
+			continue
+		}
+		p.need(m.GetOrg() == e.GetOrg(), "matches[%d].org is %q, not %q", i, m.GetOrg(), e.GetOrg())
+	}
+	return p.err()
+}
+
+// PageKey is the key of a page's subjects: its sync id and number.
+func PageKey(sync *SyncRef, page uint32) string {
+	return fmt.Sprintf("%s-%d", sync.GetSyncId(), page)
+}
+
+// Journey returns the journey of the i-th match, "" if it has none.
+func (e *DevicesMatched) Journey(i int) string {
+	if i < len(e.GetJourneys()) {
+		return e.GetJourneys()[i]
+	}
+	return ""
 }
 
 // Validate checks what the executor and the mailer rely on.

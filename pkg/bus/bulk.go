@@ -1,0 +1,115 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/synadia-io/orbit.go/jetstreamext"
+)
+
+// bulkChunk is how many keys one batched read asks for. The server answers
+// a multi-subject direct get with one message per key it has; a page of
+// partnerships is never larger.
+const bulkChunk = 256
+
+// BulkReader reads many keys of one bucket at once: on a bucket that
+// allows direct gets (a single server: see BucketStreamConfig) in one
+// request per 256 keys, the server streaming back the last value of each
+// (a multi-subject direct get, through jetstreamext.GetLastMsgsFor). A
+// full sync that reads every partnership's records one request at a time
+// pays a round trip to the server per key, and those, not the handlers,
+// paced it. A replicated bucket reads key by key through its leader as
+// kv.Get does, so a read never misses an acknowledged write.
+type BulkReader struct {
+	js     jetstream.JetStream
+	kv     jetstream.KeyValue
+	stream string
+	prefix string
+	direct bool
+}
+
+// NewBulkReader prepares batched reads of kv.
+func NewBulkReader(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue) (*BulkReader, error) {
+	st, err := kv.Status(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("bulk reader for %s: %w", kv.Bucket(), err)
+	}
+	b := &BulkReader{js: js, kv: kv, stream: "KV_" + kv.Bucket(), prefix: "$KV." + kv.Bucket() + "."}
+	if s, ok := st.(*jetstream.KeyValueBucketStatus); ok {
+		b.direct = s.StreamInfo().Config.AllowDirect
+	}
+	return b, nil
+}
+
+// Read returns what the bucket holds under each key: a key absent from
+// the map does not exist and was never deleted. Keys may repeat.
+func (b *BulkReader) Read(ctx context.Context, keys []string) (map[string]Read, error) {
+	out := make(map[string]Read, len(keys))
+	if !b.direct {
+		for _, k := range keys {
+			if _, done := out[k]; done {
+				continue
+			}
+			r, err := readKey(ctx, b.kv, k)
+			if err != nil {
+				return nil, fmt.Errorf("read %s/%s: %w", b.kv.Bucket(), k, err)
+			}
+			if r.Exists || r.Revision != 0 {
+				out[k] = r
+			}
+		}
+		return out, nil
+	}
+	seen := make(map[string]bool, len(keys))
+	subjects := make([]string, 0, min(len(keys), bulkChunk))
+	flush := func() error {
+		if len(subjects) == 0 {
+			return nil
+		}
+		defer func() { subjects = subjects[:0] }()
+		msgs, err := jetstreamext.GetLastMsgsFor(ctx, b.js, b.stream, subjects, jetstreamext.GetLastMsgsBatchSize(len(subjects)))
+		if err != nil {
+			return fmt.Errorf("read %d keys of %s: %w", len(subjects), b.kv.Bucket(), err)
+		}
+		for m, err := range msgs {
+			if errors.Is(err, jetstreamext.ErrNoMessages) {
+				return nil // none of these keys exists
+			}
+			if err != nil {
+				return fmt.Errorf("read %d keys of %s: %w", len(subjects), b.kv.Bucket(), err)
+			}
+			if len(m.Subject) <= len(b.prefix) {
+				return fmt.Errorf("read keys of %s: answer on subject %q", b.kv.Bucket(), m.Subject)
+			}
+			k := m.Subject[len(b.prefix):]
+			switch m.Header.Get(kvOperationHeader) {
+			case "DEL", "PURGE":
+				out[k] = Read{Revision: m.Sequence}
+			default:
+				out[k] = Read{Value: m.Data, Revision: m.Sequence, Exists: true}
+			}
+		}
+		return nil
+	}
+	for _, k := range keys {
+		if seen[k] {
+			continue
+		}
+		seen[k] = true
+		subjects = append(subjects, b.prefix+k)
+		if len(subjects) == bulkChunk {
+			if err := flush(); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if err := flush(); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// kvOperationHeader marks a KV delete or purge on the bucket's stream.
+const kvOperationHeader = "KV-Operation"
