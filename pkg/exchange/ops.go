@@ -147,10 +147,28 @@ func toPartnership(o Object) Partnership {
 		AccessRule: str(o, "DeviceAccessControlRule"), FirstSyncTime: when(o, "FirstSyncTime"), WhenChanged: whenUTC(o, "WhenChanged"),
 		Mailbox: str(o, "UserDisplayName"),
 	}
-	if i := strings.LastIndex(strings.ToLower(p.Identity), "/exchangeactivesyncdevices/"); i > 0 {
-		p.Mailbox = p.Identity[:i]
+	if m, ok := mailboxOf(p.Identity); ok {
+		p.Mailbox = m
 	}
 	return p
+}
+
+// devicesContainer separates a partnership's mailbox from its name in its
+// identity: contoso.com/Users/Alice/ExchangeActiveSyncDevices/iPhone§….
+const devicesContainer = "/ExchangeActiveSyncDevices/"
+
+// mailboxOf returns what precedes the last devicesContainer, in any casing
+// of its letters, in a partnership's identity. It compares byte for byte
+// in the identity itself: the index of a lower-cased copy is not an index
+// into a name whose lower case has another length in UTF-8 (İ, Ⱥ), and
+// cutting the name there lost its last characters or panicked.
+func mailboxOf(identity string) (string, bool) {
+	for i := len(identity) - len(devicesContainer); i > 0; i-- {
+		if identity[i] == '/' && strings.EqualFold(identity[i:i+len(devicesContainer)], devicesContainer) {
+			return identity[:i], true
+		}
+	}
+	return "", false
 }
 
 // ListOptions narrows a partnership listing.

@@ -188,7 +188,7 @@ func (l *sealedLane) exchange(ctx context.Context, body []byte) (int, string, []
 		return 0, "", nil, transportError(err)
 	}
 	defer resp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	raw, err := readBody(resp)
 	if err != nil {
 		return 0, "", nil, fmt.Errorf("%w: read response: %w", ErrTransient, err)
 	}

@@ -36,7 +36,8 @@ func (t target) wsmanURL(https bool) string {
 	return scheme + "://" + net.JoinHostPort(t.fqdn, fmt.Sprint(t.port)) + "/wsman"
 }
 
-// transport is the winrm.Transporter of one worker. It differs from the
+// transport carries one worker's WS-Man requests (winrs.go; it is also
+// the winrm.Transporter of a one-shot run). It differs from the
 // library's transports where those are unsafe for a long-lived worker
 // (reference/winrm.md §7): a non-200 answer is an error carrying the
 // fault, not an empty success; NTLM is safe because each of the two lanes
@@ -127,7 +128,19 @@ const receiveAction = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/R
 // Post sends one WS-Man request and returns the response body, or an
 // error that says what went wrong in terms callers can act on.
 func (t *transport) Post(_ *winrm.Client, m *soap.SoapMessage) (string, error) {
-	body := m.String()
+	b, err := t.post(m.String())
+	return string(b), err
+}
+
+// send is Post for easguard's own WinRS requests (winrs.go): it frees the
+// message and returns the body as it was read, without a copy.
+func (t *transport) send(m *soap.SoapMessage) ([]byte, error) {
+	defer m.Free()
+	return t.post(m.String())
+}
+
+// post sends one WS-Man request body and returns the response body.
+func (t *transport) post(body string) ([]byte, error) {
 	if t.sealRecv != nil {
 		return t.postSealed(body)
 	}
@@ -137,35 +150,35 @@ func (t *transport) Post(_ *winrm.Client, m *soap.SoapMessage) (string, error) {
 	}
 	req, err := http.NewRequestWithContext(t.ctx, http.MethodPost, t.url, strings.NewReader(body))
 	if err != nil {
-		return "", fmt.Errorf("%w: build request: %w", ErrInvalid, err)
+		return nil, fmt.Errorf("%w: build request: %w", ErrInvalid, err)
 	}
 	req.Header.Set("Content-Type", "application/soap+xml;charset=UTF-8")
 	req.SetBasicAuth(t.user, t.pass)
 	resp, err := client.Do(req)
 	t.roundTrips.Add(1)
 	if err != nil {
-		return "", transportError(err)
+		return nil, transportError(err)
 	}
 	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	b, err := readBody(resp)
 	if err != nil {
-		return "", fmt.Errorf("%w: read response: %w", ErrTransient, err)
+		return nil, fmt.Errorf("%w: read response: %w", ErrTransient, err)
 	}
 	if resp.StatusCode == http.StatusUnauthorized {
-		return "", fmt.Errorf("%w: the server answered 401 Unauthorized (user %q, %s)", ErrAuth, t.user, scheme(t.ntlm))
+		return nil, fmt.Errorf("%w: the server answered 401 Unauthorized (user %q, %s)", ErrAuth, t.user, scheme(t.ntlm))
 	}
 	if !strings.Contains(resp.Header.Get("Content-Type"), "application/soap+xml") {
-		return "", fmt.Errorf("%w: HTTP %d without a SOAP body from %s", ErrTransient, resp.StatusCode, t.url)
+		return nil, fmt.Errorf("%w: HTTP %d without a SOAP body from %s", ErrTransient, resp.StatusCode, t.url)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return "", parseFault(resp.StatusCode, b)
+		return nil, parseFault(resp.StatusCode, b)
 	}
-	return string(b), nil
+	return b, nil
 }
 
 // postSealed is Post for NTLM over plain HTTP: the body travels sealed and
 // the answer is unsealed and its signature checked before it is parsed.
-func (t *transport) postSealed(body string) (string, error) {
+func (t *transport) postSealed(body string) ([]byte, error) {
 	lane := t.sealOther
 	if strings.Contains(body, receiveAction+"<") {
 		lane = t.sealRecv
@@ -173,18 +186,34 @@ func (t *transport) postSealed(body string) (string, error) {
 	status, ctype, b, err := lane.post(t.ctx, []byte(body))
 	t.roundTrips.Add(1)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	if status == http.StatusUnauthorized {
-		return "", fmt.Errorf("%w: the server answered 401 Unauthorized (user %q, NTLM with message sealing)", ErrAuth, t.user)
+		return nil, fmt.Errorf("%w: the server answered 401 Unauthorized (user %q, NTLM with message sealing)", ErrAuth, t.user)
 	}
 	if !strings.Contains(ctype, "application/soap+xml") {
-		return "", fmt.Errorf("%w: HTTP %d without a SOAP body from %s", ErrTransient, status, t.url)
+		return nil, fmt.Errorf("%w: HTTP %d without a SOAP body from %s", ErrTransient, status, t.url)
 	}
 	if status != http.StatusOK {
-		return "", parseFault(status, b)
+		return nil, parseFault(status, b)
 	}
-	return string(b), nil
+	return b, nil
+}
+
+// maxBody is the most of a response body that is read; the client asks
+// for envelopes of 153,600 bytes.
+const maxBody = 16 << 20
+
+// readBody reads a response body, up to maxBody bytes, into one buffer of
+// the announced length where there is one: a Receive answer is about
+// 150 kB, which io.ReadAll would grow to in a dozen copies.
+func readBody(resp *http.Response) ([]byte, error) {
+	if n := resp.ContentLength; n > 0 && n <= maxBody {
+		b := make([]byte, n)
+		_, err := io.ReadFull(resp.Body, b)
+		return b, err
+	}
+	return io.ReadAll(io.LimitReader(resp.Body, maxBody))
 }
 
 func scheme(ntlm bool) string {

@@ -75,8 +75,20 @@ func whenUTC(o Object, k string) time.Time {
 	return when(o, k)
 }
 
-// enumTable maps an Exchange enum's numeric values to its names.
-type enumTable map[int64]string
+// enumTable is an Exchange enum: its numeric values' names, and each
+// name under itself, for the exact spelling most values arrive in.
+type enumTable struct {
+	names map[int64]string
+	exact map[string]string
+}
+
+func newEnumTable(names map[int64]string) enumTable {
+	t := enumTable{names: names, exact: make(map[string]string, len(names))}
+	for _, n := range names {
+		t.exact[n] = n
+	}
+	return t
+}
 
 // name returns the canonical name of an enum value as the worker sent it:
 // a name (any casing) or, when a value crossed the remote session as a
@@ -85,26 +97,29 @@ type enumTable map[int64]string
 func (t enumTable) name(v any) (string, bool) {
 	switch x := v.(type) {
 	case string:
-		for _, n := range t {
+		if n, ok := t.exact[x]; ok {
+			return n, true
+		}
+		for _, n := range t.names {
 			if strings.EqualFold(n, x) {
 				return n, true
 			}
 		}
 		if n, err := strconv.ParseInt(x, 10, 64); err == nil {
-			if name, ok := t[n]; ok {
+			if name, ok := t.names[n]; ok {
 				return name, true
 			}
 		}
 		return x, false
 	case json.Number:
 		if n, err := x.Int64(); err == nil {
-			if name, ok := t[n]; ok {
+			if name, ok := t.names[n]; ok {
 				return name, true
 			}
 		}
 		return x.String(), false
 	case float64:
-		if name, ok := t[int64(x)]; ok {
+		if name, ok := t.names[int64(x)]; ok {
 			return name, true
 		}
 	}
@@ -125,19 +140,19 @@ func enum(o Object, k string, t enumTable) string {
 // wrong name.
 var (
 	// DeviceAccessState [B6][C1].
-	enumAccessState = enumTable{0: "Unknown", 1: "Allowed", 2: "Blocked", 3: "Quarantined", 4: "DeviceDiscovery"}
+	enumAccessState = newEnumTable(map[int64]string{0: "Unknown", 1: "Allowed", 2: "Blocked", 3: "Quarantined", 4: "DeviceDiscovery"})
 	// DeviceAccessStateReason [C5].
-	enumAccessReason = enumTable{0: "Unknown", 1: "Global", 2: "Individual", 3: "DeviceRule", 4: "Upgrade", 5: "Policy",
+	enumAccessReason = newEnumTable(map[int64]string{0: "Unknown", 1: "Global", 2: "Individual", 3: "DeviceRule", 4: "Upgrade", 5: "Policy",
 		6: "UserAgentsChanges", 7: "RecentCommands", 8: "Watsons", 9: "OutOfBudgets", 10: "SyncCommands",
-		11: "EnableNotificationEmail", 12: "CommandFrequency", 51: "ExternallyManaged", 52: "ExternalCompliance", 53: "ExternalEnrollment"}
+		11: "EnableNotificationEmail", 12: "CommandFrequency", 51: "ExternallyManaged", 52: "ExternalCompliance", 53: "ExternalEnrollment"})
 	// DeviceAccessLevel (DefaultAccessLevel, rules' AccessLevel).
 	// UNCONFIRMED numbers: declaration order Allow, Block, Quarantine.
-	enumAccessLevel = enumTable{0: "Allow", 1: "Block", 2: "Quarantine"}
+	enumAccessLevel = newEnumTable(map[int64]string{0: "Allow", 1: "Block", 2: "Quarantine"})
 	// MobileClientType (ClientType). UNCONFIRMED numbers: EAS is the
 	// default and MOWA exists [C1][C2]; the order is assumed.
-	enumClientType = enumTable{0: "EAS", 1: "MOWA", 2: "RestApi", 3: "UniversalOutlook"}
+	enumClientType = newEnumTable(map[int64]string{0: "EAS", 1: "MOWA", 2: "RestApi", 3: "UniversalOutlook"})
 	// DevicePolicyApplicationStatus [C6].
-	enumPolicyStatus = enumTable{0: "Unknown", 1: "NotApplied", 2: "AppliedInFull", 3: "PartiallyApplied", 4: "ExternallyManaged"}
+	enumPolicyStatus = newEnumTable(map[int64]string{0: "Unknown", 1: "NotApplied", 2: "AppliedInFull", 3: "PartiallyApplied", 4: "ExternallyManaged"})
 	// DeviceRemoteWipeStatus [C8].
-	enumWipeStatus = enumTable{0: "DeviceOk", 1: "DeviceBlocked", 2: "DeviceWipePending", 3: "DeviceWipeSucceeded"}
+	enumWipeStatus = newEnumTable(map[int64]string{0: "DeviceOk", 1: "DeviceBlocked", 2: "DeviceWipePending", 3: "DeviceWipeSucceeded"})
 )

@@ -2,6 +2,7 @@ package exchange
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -36,8 +37,8 @@ type worker struct {
 	// cmd while startWorker may give up on the start; whoever comes second
 	// (boot finishing, or the start's deadline) decides who tears down.
 	mu     sync.Mutex
-	shell  *winrm.Shell
-	cmd    *winrm.Command
+	shell  *winrsShell
+	cmd    *winrsCommand
 	state  startState
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -112,17 +113,10 @@ func (t *tail) String() string {
 func startWorker(ctx context.Context, cfg transportConfig, t target, cs connectSettings, opTimeout time.Duration, roundTrips *atomic.Int64) (*worker, error) {
 	wctx, cancel := context.WithCancel(context.Background())
 	tr := newTransport(wctx, cfg, t, roundTrips)
-	ep := &winrm.Endpoint{Host: t.fqdn, Port: t.port, HTTPS: cfg.https}
 	params := winrm.NewParameters(isoSeconds(opTimeout), "en-US", 153600)
-	params.TransportDecorator = func() winrm.Transporter { return tr }
-	client, err := winrm.NewClientWithParameters(ep, cfg.user, cfg.pass, params)
-	if err != nil {
-		cancel()
-		return nil, fmt.Errorf("%w: winrm client: %w", ErrInvalid, err)
-	}
 	w := &worker{target: t, ctx: wctx, cancel: cancel, frames: make(chan frame, 16), gone: make(chan struct{}), stderr: &tail{}, started: time.Now()}
 	done := make(chan error, 1)
-	go func() { done <- w.start(client, cs) }()
+	go func() { done <- w.start(tr, params, cs) }()
 	select {
 	case err := <-done:
 		if err != nil {
@@ -146,8 +140,8 @@ func startWorker(ctx context.Context, cfg transportConfig, t target, cs connectS
 // finished after its start was abandoned, tears the worker down itself:
 // only boot knows whether a Create or Command is still on its way, so
 // only boot can delete a shell that was made after the deadline.
-func (w *worker) start(client *winrm.Client, cs connectSettings) error {
-	err := w.boot(client, cs)
+func (w *worker) start(tr *transport, params *winrm.Parameters, cs connectSettings) error {
+	err := w.boot(tr, params, cs)
 	w.mu.Lock()
 	if err == nil && w.state == starting {
 		w.state = running
@@ -178,14 +172,14 @@ func (w *worker) abandon() bool {
 }
 
 // parts returns the shell and command, as far as boot has made them.
-func (w *worker) parts() (*winrm.Shell, *winrm.Command) {
+func (w *worker) parts() (*winrsShell, *winrsCommand) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.shell, w.cmd
 }
 
-func (w *worker) boot(client *winrm.Client, cs connectSettings) error {
-	shell, err := client.CreateShell()
+func (w *worker) boot(tr *transport, params *winrm.Parameters, cs connectSettings) error {
+	shell, err := openShell(tr, params)
 	if err != nil {
 		return fmt.Errorf("create shell on %s: %w", w.target.fqdn, asKind(err))
 	}
@@ -195,7 +189,7 @@ func (w *worker) boot(client *winrm.Client, cs connectSettings) error {
 	if w.dead.Load() {
 		return fmt.Errorf("%w: start on %s abandoned", ErrWorkerDead, w.target.fqdn)
 	}
-	cmd, err := shell.ExecuteWithContext(w.ctx, CommandLine())
+	cmd, err := shell.start(w.ctx, CommandLine(), w.stderr)
 	if err != nil {
 		return fmt.Errorf("start worker on %s: %w", w.target.fqdn, asKind(err))
 	}
@@ -206,8 +200,7 @@ func (w *worker) boot(client *winrm.Client, cs connectSettings) error {
 	w.exited = make(chan struct{})
 	w.mu.Unlock()
 	go w.readFrames()
-	go func() { _, _ = io.Copy(w.stderr, cmd.Stderr) }()
-	if _, err := cmd.Stdin.Write(ScriptLine()); err != nil {
+	if err := cmd.write(ScriptLine()); err != nil {
 		return fmt.Errorf("%w: send worker script to %s: %w", ErrTransient, w.target.fqdn, err)
 	}
 	ready, err := w.next(context.Background(), 0)
@@ -264,32 +257,42 @@ func isoSeconds(d time.Duration) string {
 // never reach the end of its script, where it removes its Exchange session.
 func (w *worker) readFrames() {
 	defer close(w.exited)
-	sc := bufio.NewScanner(w.cmd.Stdout)
-	sc.Buffer(make([]byte, 64<<10), 64<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if strings.HasPrefix(line, FatalSentinel) {
-			w.die(fatalError(line))
-			continue
-		}
-		r, ok, err := DecodeFrame(line)
-		if !ok {
-			continue
-		}
+	err := scanFrames(w.cmd.stdout, func(line string) { w.die(fatalError(line)) }, func(f frame) {
 		select {
-		case w.frames <- frame{r: r, err: err}:
+		case w.frames <- f:
 		case <-w.gone:
 		}
-	}
-	err := sc.Err()
+	})
 	if err == nil {
-		w.cmd.Wait()
-		err = fmt.Errorf("worker process exited with code %d", w.cmd.ExitCode())
+		err = fmt.Errorf("worker process exited with code %d", w.cmd.wait())
 		if s := w.stderr.String(); s != "" {
 			err = fmt.Errorf("%w; stderr: %s", err, s)
 		}
 	}
 	w.die(fmt.Errorf("%w: %w", ErrWorkerDead, asKind(err)))
+}
+
+// scanFrames reads a worker's stdout until it ends and hands each frame to
+// emit, and the bootstrap's refusal (a FatalSentinel line) to fatal; other
+// lines are noise. It returns the failure that ended the output, nil for
+// its end.
+func scanFrames(stdout io.Reader, fatal func(line string), emit func(frame)) error {
+	sc := bufio.NewScanner(stdout)
+	sc.Buffer(make([]byte, 64<<10), 64<<20)
+	var dec frameDecoder
+	for sc.Scan() {
+		line := sc.Bytes()
+		if bytes.HasPrefix(line, []byte(FatalSentinel)) {
+			fatal(string(line))
+			continue
+		}
+		r, ok, err := dec.decode(line)
+		if !ok {
+			continue
+		}
+		emit(frame{r: r, err: err})
+	}
+	return sc.Err()
 }
 
 // die marks the worker dead with its first cause.
@@ -351,7 +354,7 @@ func (w *worker) call(ctx context.Context, req Request, onPage func([]Object) er
 	if err != nil {
 		return nil, Response{}, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
-	if _, err := w.cmd.Stdin.Write(line); err != nil {
+	if err := w.cmd.write(line); err != nil {
 		w.die(fmt.Errorf("%w: send: %w", ErrWorkerDead, err))
 		return nil, Response{}, w.cause()
 	}
@@ -419,7 +422,7 @@ func (w *worker) teardown() {
 	w.die(ErrWorkerDead)
 	shell, cmd := w.parts()
 	if cmd != nil {
-		_ = cmd.Stdin.Close()
+		_ = cmd.closeInput()
 		w.mu.Lock()
 		exited := w.exited
 		w.mu.Unlock()
@@ -434,7 +437,7 @@ func (w *worker) teardown() {
 	// lane, so it is not stuck behind the long poll.
 	if shell != nil {
 		done := make(chan struct{})
-		go func() { _ = shell.Close(); close(done) }()
+		go func() { _ = shell.close(); close(done) }()
 		select {
 		case <-done:
 		case <-time.After(15 * time.Second):
