@@ -88,11 +88,12 @@ type RunnerConfig struct {
 type Route struct {
 	name string
 	// bind resolves stream, filter and span template for the runner's org.
-	bind   func(org Org) (stream, filter, template string, err error)
-	decode func(m jetstream.Msg) (any, error)
-	handle func(ctx context.Context, r *Runner, in any) ([]Outbound, error)
-	err    error
-	serial bool
+	bind     func(org Org) (stream, filter, template string, err error)
+	decode   func(m jetstream.Msg) (any, error)
+	handle   func(ctx context.Context, r *Runner, in any) ([]Outbound, error)
+	err      error
+	serial   bool
+	prefetch int
 }
 
 // Serial makes the route handle one message at a time whatever the
@@ -101,6 +102,15 @@ type Route struct {
 // multiply the polling and contend for the lock it takes.
 func (r Route) Serial() Route {
 	r.serial = true
+	return r
+}
+
+// Prefetch sets how many messages each of the route's consume loops
+// buffers, in place of the runner's Prefetch: a route whose messages are
+// pages of a hundred partnerships (hundreds of kilobytes each) buffers a
+// couple, not a runner's worth of small events.
+func (r Route) Prefetch(n int) Route {
+	r.prefetch = n
 	return r
 }
 
@@ -304,9 +314,13 @@ func (r *Runner) Run(ctx context.Context) error {
 		if rt.serial {
 			n = 1
 		}
+		prefetch := r.cfg.Prefetch
+		if rt.prefetch > 0 {
+			prefetch = rt.prefetch
+		}
 		for i := 0; i < n; i++ {
 			cc, err := cons.Consume(func(m jetstream.Msg) { r.process(hctx, rt, m) },
-				jetstream.PullMaxMessages(r.cfg.Prefetch),
+				jetstream.PullMaxMessages(prefetch),
 				jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
 					if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
 						r.ready.Store(false)

@@ -80,6 +80,8 @@ type Evaluator struct {
 	decisions, staged, parts, status, applied, leases jetstream.KeyValue
 	// decisionsBulk reads a page's decision records at once.
 	decisionsBulk *bus.BulkReader
+	// decisionsStream is the decisions stream's handle, opened on first use.
+	decisionsStream atomic.Pointer[jetstream.Stream]
 
 	// instance names this replica in the leases it holds.
 	instance string
@@ -151,7 +153,8 @@ func (e *Evaluator) SetPublisher(p *bus.Publisher) { e.pub.Store(p) }
 func (e *Evaluator) Routes() []bus.Route {
 	return []bus.Route{
 		bus.Handle("device-matched", bus.DeviceMatched, e.Decide),
-		bus.Handle("device-confirmed", bus.DevicesConfirmed, e.DecideConfirmed),
+		// Pages are a hundred verdicts each: a few buffered suffice.
+		bus.Handle("device-confirmed", bus.DevicesConfirmed, e.DecideConfirmed).Prefetch(2),
 		// Its barrier polls until the pipeline has drained, and its
 		// judgement takes the guard lease: one at a time.
 		bus.Handle("sync-completed", bus.SyncCompleted, e.SyncCompleted).Serial(),
@@ -592,15 +595,22 @@ func (e *Evaluator) queued(ctx context.Context, deviceID, decisionID string) boo
 	if err != nil || decisionID == "" {
 		return false
 	}
-	s, err := e.js.Stream(ctx, bus.StreamDecisions)
-	if err != nil {
-		return false
+	s := e.decisionsStream.Load()
+	if s == nil {
+		// One stream info request, not one per question: a stream handle
+		// needs nothing of the info but the name.
+		got, err := e.js.Stream(ctx, bus.StreamDecisions)
+		if err != nil {
+			return false
+		}
+		e.decisionsStream.Store(&got)
+		s = &got
 	}
-	m, err := s.GetLastMsgForSubject(ctx, subject)
+	m, err := (*s).GetLastMsgForSubject(ctx, subject)
 	if err != nil || m.Header.Get(jetstream.MsgIDHeader) != "decided:"+decisionID {
 		return false // never published, or a newer message (another partnership of the id) since
 	}
-	c, err := s.Consumer(ctx, bus.DurableName("executor", "access-decided", e.org))
+	c, err := (*s).Consumer(ctx, bus.DurableName("executor", "access-decided", e.org))
 	if errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return true // no executor has bound yet: it will find the decision waiting
 	}

@@ -64,7 +64,8 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org) (*Matcher, er
 func (m *Matcher) Routes() []bus.Route {
 	return []bus.Route{
 		bus.Handle("eas-observed", bus.EASObserved, m.Observed),
-		bus.Handle("eas-confirmed", bus.EASConfirmed, m.Confirmed),
+		// Pages are a hundred partnerships each: a few buffered suffice.
+		bus.Handle("eas-confirmed", bus.EASConfirmed, m.Confirmed).Prefetch(2),
 		bus.Handle("mdm-changed", bus.MDMChanged, m.MDMChanged),
 	}
 }
