@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/synadia-io/orbit.go/jetstreamext"
@@ -43,8 +44,10 @@ func NewBulkReader(ctx context.Context, js jetstream.JetStream, kv jetstream.Key
 	return b, nil
 }
 
-// Read returns what the bucket holds under each key: a key absent from
-// the map does not exist and was never deleted. Keys may repeat.
+// Read returns what the bucket holds under each key, every key asked
+// for: one that does not exist has neither value nor revision. Keys may
+// repeat. Each read's At is when it was asked for (one time for all the
+// keys of one batched request, which the server answers at once).
 func (b *BulkReader) Read(ctx context.Context, keys []string) (map[string]Read, error) {
 	out := make(map[string]Read, len(keys))
 	if !b.direct {
@@ -56,9 +59,7 @@ func (b *BulkReader) Read(ctx context.Context, keys []string) (map[string]Read, 
 			if err != nil {
 				return nil, fmt.Errorf("read %s/%s: %w", b.kv.Bucket(), k, err)
 			}
-			if r.Exists || r.Revision != 0 {
-				out[k] = r
-			}
+			out[k] = r
 		}
 		return out, nil
 	}
@@ -69,6 +70,10 @@ func (b *BulkReader) Read(ctx context.Context, keys []string) (map[string]Read, 
 			return nil
 		}
 		defer func() { subjects = subjects[:0] }()
+		at := time.Now()
+		for _, subj := range subjects {
+			out[subj[len(b.prefix):]] = Read{At: at} // unless the server has it
+		}
 		msgs, err := jetstreamext.GetLastMsgsFor(ctx, b.js, b.stream, subjects, jetstreamext.GetLastMsgsBatchSize(len(subjects)))
 		if err != nil {
 			return fmt.Errorf("read %d keys of %s: %w", len(subjects), b.kv.Bucket(), err)
@@ -86,9 +91,9 @@ func (b *BulkReader) Read(ctx context.Context, keys []string) (map[string]Read, 
 			k := m.Subject[len(b.prefix):]
 			switch m.Header.Get(kvOperationHeader) {
 			case "DEL", "PURGE":
-				out[k] = Read{Revision: m.Sequence}
+				out[k] = Read{Revision: m.Sequence, At: at}
 			default:
-				out[k] = Read{Value: m.Data, Revision: m.Sequence, Exists: true}
+				out[k] = Read{Value: m.Data, Revision: m.Sequence, Exists: true, At: at}
 			}
 		}
 		return nil

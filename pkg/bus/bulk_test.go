@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -15,7 +16,8 @@ import (
 // A BulkReader reads what kv.Get reads, key for key, whether the bucket
 // answers a page of keys in one direct get or through its leader one by
 // one: values, revisions, deleted keys (with their markers' revisions)
-// and keys that never existed, over more keys than one request asks for.
+// and keys that never existed, over more keys than one request asks for,
+// each with the time it was asked for.
 func TestBulkReaderReadsWhatGetReads(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
@@ -76,13 +78,16 @@ func TestBulkReaderReadsWhatGetReads(t *testing.T) {
 					// Deleted: kv.Get says not found; a direct read also
 					// gives the delete marker's revision, which an update
 					// may name as easily as a create finds the key free.
-					if ok && (g.Exists || g.Revision == 0) {
-						t.Fatalf("%s: deleted key read as %+v", k, g)
+					if !ok || g.Exists || tc.direct && g.Revision == 0 {
+						t.Fatalf("%s: deleted key read as %+v (present %v)", k, g, ok)
 					}
 				default:
-					if ok {
-						t.Fatalf("%s: never written, read as %+v", k, g)
+					if !ok || g.Exists || g.Revision != 0 {
+						t.Fatalf("%s: never written, read as %+v (present %v)", k, g, ok)
 					}
+				}
+				if g.At.IsZero() || g.At.After(time.Now()) {
+					t.Fatalf("%s: read at %v", k, g.At)
 				}
 			}
 			if values != 200 {

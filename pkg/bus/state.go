@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
@@ -117,16 +118,23 @@ type Read struct {
 	Value    []byte
 	Revision uint64
 	Exists   bool
+	// At is when the read was asked for: the value is at least as new as
+	// the bucket was then. A verdict made from it is as of At, not of
+	// when it was made: a page's reads take a while, and a record written
+	// meanwhile must not make an earlier "no record" look newer than the
+	// verdict made from it.
+	At time.Time
 }
 
 // readKey reads one key as Modify needs it.
 func readKey(ctx context.Context, kv jetstream.KeyValue, key string) (Read, error) {
+	at := time.Now()
 	e, err := kv.Get(ctx, key)
 	switch {
 	case err == nil:
-		return Read{Value: e.Value(), Revision: e.Revision(), Exists: true}, nil
+		return Read{Value: e.Value(), Revision: e.Revision(), Exists: true, At: at}, nil
 	case errors.Is(err, jetstream.ErrKeyNotFound), errors.Is(err, jetstream.ErrKeyDeleted):
-		return Read{}, nil
+		return Read{At: at}, nil
 	default:
 		return Read{}, err
 	}

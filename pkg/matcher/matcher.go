@@ -182,7 +182,8 @@ func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed
 		return idx, nil
 	}
 	for j, i := range live {
-		v, err := m.verdict(ctx, obs[i], "eas", idxs[j], lookup)
+		// As of when its MDM record was read, not of now: see bus.Read.
+		v, err := m.verdict(ctx, obs[i], "eas", records[keys[i]].At, idxs[j], lookup)
 		if err != nil {
 			return nil, err
 		}
@@ -410,11 +411,15 @@ func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, tri
 	if err != nil {
 		return bus.Outbound{}, bus.Poison(err)
 	}
+	// The verdict is as of the read of the MDM side, stamped before it: a
+	// verdict stamped after a read that missed a record indexed meanwhile
+	// would look newer than the re-match that record set off.
+	at := m.now()
 	idx, _, err := bus.Load[ev.MDMIndex](ctx, m.devices, key)
 	if err != nil {
 		return bus.Outbound{}, err
 	}
-	out, err := m.verdict(ctx, obs, trigger, idx, func(ctx context.Context, key string) (*ev.MDMIndex, error) {
+	out, err := m.verdict(ctx, obs, trigger, at, idx, func(ctx context.Context, key string) (*ev.MDMIndex, error) {
 		idx, _, err := bus.Load[ev.MDMIndex](ctx, m.users, key)
 		return idx, err
 	})
@@ -432,11 +437,12 @@ func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, tri
 type usersIndex func(ctx context.Context, key string) (*ev.MDMIndex, error)
 
 // verdict joins one observation with idx, the device index entry of its
-// EAS id; users reads the users index when no record has the id.
-func (m *Matcher) verdict(ctx context.Context, obs *ev.EASPartnershipObserved, trigger string, idx *ev.MDMIndex, users usersIndex) (*ev.DeviceMatched, error) {
+// EAS id as read at at (the verdict's time); users reads the users index
+// when no record has the id.
+func (m *Matcher) verdict(ctx context.Context, obs *ev.EASPartnershipObserved, trigger string, at time.Time, idx *ev.MDMIndex, users usersIndex) (*ev.DeviceMatched, error) {
 	p := obs.GetPartnership()
 	mb := p.GetMailbox()
-	out := &ev.DeviceMatched{Org: string(m.org), Observed: obs, MatchedAt: timestamppb.New(m.now()), Trigger: trigger}
+	out := &ev.DeviceMatched{Org: string(m.org), Observed: obs, MatchedAt: timestamppb.New(at), Trigger: trigger}
 	var mine, others []*ev.MDMDevice
 	for _, d := range idx.GetById() {
 		if !strings.EqualFold(strings.TrimSpace(d.GetEasDeviceId()), p.GetDeviceId()) {
