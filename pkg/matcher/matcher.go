@@ -33,6 +33,9 @@ type Matcher struct {
 	// records a page at a time.
 	partsBulk, devicesBulk, usersBulk *bus.BulkReader
 	now                               func() time.Time
+	// afterMDMRead, when set (by tests), runs between a page's read of the
+	// MDM side and its verdicts.
+	afterMDMRead func()
 }
 
 // New opens the matcher's indexes.
@@ -148,6 +151,9 @@ func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed
 	records, err := m.devicesBulk.Read(ctx, devKeys)
 	if err != nil {
 		return nil, err
+	}
+	if m.afterMDMRead != nil {
+		m.afterMDMRead()
 	}
 	idxs := make([]*ev.MDMIndex, len(live))
 	var userKeys []string

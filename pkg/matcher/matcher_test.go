@@ -21,6 +21,7 @@ const org bus.Org = "contoso"
 
 type harness struct {
 	t     *testing.T
+	m     *matcher.Matcher
 	js    jetstream.JetStream
 	pub   *bus.Publisher
 	out   *natstest.Received[*ev.DeviceMatched]
@@ -44,7 +45,7 @@ func start(t *testing.T) *harness {
 		t.Fatal(err)
 	}
 	bustest.Run(t, r)
-	h := &harness{t: t, js: js}
+	h := &harness{t: t, js: js, m: m}
 	h.pub, _ = bus.NewPublisher(js, bus.Instrumentation{})
 	h.out = natstest.Receive[ev.DeviceMatched](t, js, bus.StreamMatch, bus.DeviceMatched.Filter(org))
 	return h
@@ -345,4 +346,62 @@ func TestConfirmedPageIsMatchedAsObservationsAre(t *testing.T) {
 		t.Fatalf("unseen partnership: %v", v)
 	}
 	h.revision("DevF") // stored: fails if not
+}
+
+// A page's verdict is as of its read of the MDM side: when a record is
+// indexed after that read, and its re-match is made before the page's
+// verdicts, the page's "no record" is the older of the two, so that the
+// evaluator keeps the re-match. Stamped when made, it looked newer, and an
+// enrolled phone was blocked again.
+func TestPageVerdictIsAsOfItsRead(t *testing.T) {
+	h := start(t)
+	pages := natstest.Receive[ev.DevicesMatched](t, h.js, bus.StreamMatch, bus.DevicesConfirmed.Filter(org))
+	p := &ev.EASPartnership{Mailbox: &ev.Mailbox{Identity: "alice@contoso.com", PrimarySmtpAddress: "alice@contoso.com", UserPrincipalName: "alice@contoso.com"},
+		DeviceId: "ApplRACE", Guid: "g1", DeviceAccessState: ev.DeviceAccessState_DEVICE_ACCESS_STATE_QUARANTINED}
+	t0 := time.Now().Add(-time.Minute)
+	h.observeAs(p, ev.ObservationChange_OBSERVATION_CHANGE_NEW, t0)
+	h.next(1)
+
+	var rematch *ev.DeviceMatched
+	done := make(chan error, 1)
+	matcher.SetAfterMDMRead(h.m, func() {
+		// The record is indexed and re-matched between the page's read
+		// and its verdicts.
+		subj, _ := bus.MDMChanged.Subject(org, "ApplRACE")
+		_, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subj, MsgID: "m-race", Message: &ev.MDMDeviceChanged{
+			Org: string(org), ObservedAt: timestamppb.Now(),
+			Device: &ev.MDMDevice{Source: "test", MdmDeviceId: "m-race", UserPrincipalName: "alice@contoso.com", EasDeviceId: "ApplRACE",
+				ComplianceState: ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT},
+		}})
+		for deadline := time.Now().Add(10 * time.Second); err == nil && rematch == nil; {
+			for _, v := range h.out.All() {
+				if v.GetTrigger() == "mdm" {
+					rematch = v
+				}
+			}
+			if time.Now().After(deadline) {
+				err = fmt.Errorf("no re-match within 10s")
+			}
+			time.Sleep(10 * time.Millisecond) // a handler waiting on another's output; not a test's sleep
+		}
+		done <- err
+	})
+	ref := &ev.SyncRef{SyncId: "quick-2", Kind: ev.SyncKind_SYNC_KIND_QUICK}
+	subj, _ := bus.EASConfirmed.Subject(org, ev.PageKey(ref, 1))
+	if _, err := h.pub.Publish(context.Background(), bus.Outbound{Subject: subj, MsgID: "race-page", Message: &ev.EASPartnershipsConfirmed{
+		Org: string(org), Sync: ref, ObservedAt: timestamppb.New(t0.Add(time.Second)), Partnerships: []*ev.EASPartnership{p}, Page: 1,
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	v := pages.AwaitLen(t, 10*time.Second, 1)[0].GetMatches()[0]
+	if v.GetMdm() != nil || rematch.GetMdm().GetMdmDeviceId() != "m-race" {
+		t.Fatalf("page verdict %v, re-match %v: want no record read by the page, the record by the re-match", v, rematch)
+	}
+	if !v.GetMatchedAt().AsTime().Before(rematch.GetMatchedAt().AsTime()) {
+		t.Fatalf("the page's verdict (no record, read before the record was indexed) is stamped %v, not before the re-match's %v",
+			v.GetMatchedAt().AsTime(), rematch.GetMatchedAt().AsTime())
+	}
 }
