@@ -44,12 +44,28 @@ func NewBulkReader(ctx context.Context, js jetstream.JetStream, kv jetstream.Key
 	return b, nil
 }
 
+// Reads is what a BulkReader read, by key.
+type Reads map[string]Read
+
+// Take returns the read of key for a ModifyRead the first time it is
+// asked for, and nil after: a page that holds a key twice (two
+// partnerships of one device id) reads it afresh the second time, as the
+// first may have written it.
+func (r Reads) Take(key string) *Read {
+	v, ok := r[key]
+	if !ok {
+		return nil
+	}
+	delete(r, key)
+	return &v
+}
+
 // Read returns what the bucket holds under each key, every key asked
 // for: one that does not exist has neither value nor revision. Keys may
 // repeat. Each read's At is when it was asked for (one time for all the
 // keys of one batched request, which the server answers at once).
-func (b *BulkReader) Read(ctx context.Context, keys []string) (map[string]Read, error) {
-	out := make(map[string]Read, len(keys))
+func (b *BulkReader) Read(ctx context.Context, keys []string) (Reads, error) {
+	out := make(Reads, len(keys))
 	if !b.direct {
 		for _, k := range keys {
 			if _, done := out[k]; done {

@@ -93,6 +93,14 @@ func TestBulkReaderReadsWhatGetReads(t *testing.T) {
 			if values != 200 {
 				t.Fatalf("%d values read, want the 200 standing", values)
 			}
+			// A key is taken for a ModifyRead once; the second time it is
+			// read afresh.
+			if r := got.Take(keys[1]); r == nil || !r.Exists {
+				t.Fatalf("first take of %s: %+v", keys[1], r)
+			}
+			if r := got.Take(keys[1]); r != nil {
+				t.Fatalf("second take of %s: %+v, want nil", keys[1], r)
+			}
 		})
 	}
 }

@@ -463,13 +463,8 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 				rep.add(func(n *ev.SyncCounts) { n.Failed += int64(len(obs)) })
 				return bus.MarkPublishFailure(fmt.Errorf("remember: %w", err))
 			}
-			used := make(map[string]bool, len(obs))
 			for _, o := range obs {
-				var read *bus.Read
-				if !used[o.key] {
-					r := known[o.key]
-					read, used[o.key] = &r, true
-				}
+				read := known.Take(o.key)
 				g.Go(func() error {
 					err := c.report(gctx, kind, id, start, o, read, rep, conf)
 					if err != nil && (errors.Is(err, context.Canceled) || bus.IsPublishFailure(err)) {

@@ -303,14 +303,8 @@ func (e *Evaluator) DecideConfirmed(ctx context.Context, in *ev.DevicesMatched) 
 		return nil, err
 	}
 	var outs []bus.Outbound
-	used := make(map[string]bool, len(keys))
 	for i, m := range in.GetMatches() {
-		var read *bus.Read
-		if !used[keys[i]] {
-			r := records[keys[i]]
-			read, used[keys[i]] = &r, true
-		}
-		o, err := e.decide(ctx, keys[i], m, read)
+		o, err := e.decide(ctx, keys[i], m, records.Take(keys[i]))
 		if err != nil {
 			return nil, err
 		}

@@ -122,16 +122,8 @@ func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed
 	out := &ev.DevicesMatched{Org: string(m.org), Sync: in.GetSync(), Page: in.GetPage()}
 	var live []int
 	journeys := make([]string, len(obs))
-	used := make(map[string]bool, len(obs))
 	for i, o := range obs {
-		var read *bus.Read
-		if !used[keys[i]] {
-			// Two partnerships of one device id share an entry: the
-			// second reads it afresh, as the first may have written it.
-			r := indexed[keys[i]]
-			read, used[keys[i]] = &r, true
-		}
-		journey, stale, err := m.index(ctx, keys[i], o, read)
+		journey, stale, err := m.index(ctx, keys[i], o, indexed.Take(keys[i]))
 		if err != nil {
 			return nil, err
 		}
@@ -172,7 +164,7 @@ func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed
 			userKeys = append(userKeys, ks...)
 		}
 	}
-	users := map[string]bus.Read{}
+	users := bus.Reads{}
 	if len(userKeys) > 0 {
 		if users, err = m.usersBulk.Read(ctx, userKeys); err != nil {
 			return nil, err
