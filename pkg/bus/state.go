@@ -71,10 +71,8 @@ func ModifyRead[T any, PT interface {
 			r = &got
 		}
 		rev, exists := r.Revision, r.Exists
-		if exists {
-			if err := proto.Unmarshal(r.Value, rec); err != nil {
-				return nil, fmt.Errorf("modify %s/%s: %w", kv.Bucket(), key, err)
-			}
+		if err := r.Into(rec); err != nil {
+			return nil, fmt.Errorf("modify %s/%s: %w", kv.Bucket(), key, err)
 		}
 		change, err := fn(rec, exists)
 		if err != nil {
@@ -126,14 +124,24 @@ type Read struct {
 	At time.Time
 }
 
-// readKey reads one key as Modify needs it.
+// Into decodes the value read into rec, and leaves rec as it is when the
+// key does not exist.
+func (r Read) Into(rec proto.Message) error {
+	if !r.Exists {
+		return nil
+	}
+	return proto.Unmarshal(r.Value, rec)
+}
+
+// readKey reads one key as Modify needs it. kv.Get reports a deleted key
+// as not found.
 func readKey(ctx context.Context, kv jetstream.KeyValue, key string) (Read, error) {
 	at := time.Now()
 	e, err := kv.Get(ctx, key)
 	switch {
 	case err == nil:
 		return Read{Value: e.Value(), Revision: e.Revision(), Exists: true, At: at}, nil
-	case errors.Is(err, jetstream.ErrKeyNotFound), errors.Is(err, jetstream.ErrKeyDeleted):
+	case errors.Is(err, jetstream.ErrKeyNotFound):
 		return Read{At: at}, nil
 	default:
 		return Read{}, err

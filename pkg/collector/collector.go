@@ -670,33 +670,36 @@ type confirmations struct {
 
 // add puts one partnership on the page, and sends the page if it is full.
 func (f *confirmations) add(ctx context.Context, ep *ev.EASPartnership) error {
-	f.mu.Lock()
-	f.page = append(f.page, ep)
-	if len(f.page) < confirmPage {
-		f.mu.Unlock()
-		return nil
+	if page, n := f.cut(ep, confirmPage); page != nil {
+		return f.send(ctx, page, n)
 	}
-	page := f.page
-	f.page = nil
-	f.n++
-	n := f.n
-	f.mu.Unlock()
-	return f.send(ctx, page, n)
+	return nil
 }
 
 // flush sends the last page, once every report is done.
 func (f *confirmations) flush(ctx context.Context) error {
+	if page, n := f.cut(nil, 1); page != nil {
+		return f.send(ctx, page, n)
+	}
+	return nil
+}
+
+// cut puts ep (if any) on the page and takes the page off, numbered, once
+// it holds at least least partnerships; the sending is the caller's, out
+// of the lock.
+func (f *confirmations) cut(ep *ev.EASPartnership, least int) ([]*ev.EASPartnership, uint32) {
 	f.mu.Lock()
+	defer f.mu.Unlock()
+	if ep != nil {
+		f.page = append(f.page, ep)
+	}
+	if len(f.page) < least {
+		return nil, 0
+	}
 	page := f.page
 	f.page = nil
-	if len(page) == 0 {
-		f.mu.Unlock()
-		return nil
-	}
 	f.n++
-	n := f.n
-	f.mu.Unlock()
-	return f.send(ctx, page, n)
+	return page, f.n
 }
 
 // confirm publishes one page of unchanged partnerships.

@@ -80,8 +80,8 @@ type Evaluator struct {
 	decisions, staged, parts, status, applied, leases jetstream.KeyValue
 	// decisionsBulk reads a page's decision records at once.
 	decisionsBulk *bus.BulkReader
-	// decisionsStream is the decisions stream's handle, opened on first use.
-	decisionsStream atomic.Pointer[jetstream.Stream]
+	// decisionsStream is the decisions stream, for the queued check.
+	decisionsStream jetstream.Stream
 
 	// instance names this replica in the leases it holds.
 	instance string
@@ -121,6 +121,9 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, l
 	var err error
 	if e.decisionsBulk, err = bus.NewBulkReader(ctx, js, e.decisions); err != nil {
 		return nil, fmt.Errorf("evaluator: %w", err)
+	}
+	if e.decisionsStream, err = js.Stream(ctx, bus.StreamDecisions); err != nil {
+		return nil, fmt.Errorf("evaluator: open %s: %w", bus.StreamDecisions, err)
 	}
 	if err := e.loadPolicy(true); err != nil {
 		return nil, err
@@ -274,12 +277,22 @@ const lostMargin = 2 * time.Minute
 
 // Decide evaluates one verdict of the matcher.
 func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Outbound, error) {
+	key, err := e.recordKey(in)
+	if err != nil {
+		return nil, err
+	}
+	return e.decide(ctx, key, in, nil)
+}
+
+// recordKey is the key of the decision record a verdict is judged against:
+// org, device id, partnership.
+func (e *Evaluator) recordKey(in *ev.DeviceMatched) (string, error) {
 	p := in.GetObserved().GetPartnership()
 	key, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
 	if err != nil {
-		return nil, bus.Poison(err)
+		return "", bus.Poison(err)
 	}
-	return e.decide(ctx, key, in, nil)
+	return key, nil
 }
 
 // DecideConfirmed evaluates the matcher's verdicts on a page of
@@ -291,10 +304,9 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 func (e *Evaluator) DecideConfirmed(ctx context.Context, in *ev.DevicesMatched) ([]bus.Outbound, error) {
 	keys := make([]string, len(in.GetMatches()))
 	for i, m := range in.GetMatches() {
-		p := m.GetObserved().GetPartnership()
-		k, err := bus.StateKey(e.org, p.GetDeviceId(), ev.PartnershipID(p))
+		k, err := e.recordKey(m)
 		if err != nil {
-			return nil, bus.Poison(fmt.Errorf("matches[%d]: %w", i, err))
+			return nil, fmt.Errorf("matches[%d]: %w", i, err)
 		}
 		keys[i] = k
 	}
@@ -589,22 +601,11 @@ func (e *Evaluator) queued(ctx context.Context, deviceID, decisionID string) boo
 	if err != nil || decisionID == "" {
 		return false
 	}
-	s := e.decisionsStream.Load()
-	if s == nil {
-		// One stream info request, not one per question: a stream handle
-		// needs nothing of the info but the name.
-		got, err := e.js.Stream(ctx, bus.StreamDecisions)
-		if err != nil {
-			return false
-		}
-		e.decisionsStream.Store(&got)
-		s = &got
-	}
-	m, err := (*s).GetLastMsgForSubject(ctx, subject)
+	m, err := e.decisionsStream.GetLastMsgForSubject(ctx, subject)
 	if err != nil || m.Header.Get(jetstream.MsgIDHeader) != "decided:"+decisionID {
 		return false // never published, or a newer message (another partnership of the id) since
 	}
-	c, err := (*s).Consumer(ctx, bus.DurableName("executor", "access-decided", e.org))
+	c, err := e.decisionsStream.Consumer(ctx, bus.DurableName("executor", "access-decided", e.org))
 	if errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return true // no executor has bound yet: it will find the decision waiting
 	}

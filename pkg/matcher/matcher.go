@@ -151,10 +151,8 @@ func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed
 	var userKeys []string
 	for j, i := range live {
 		idxs[j] = &ev.MDMIndex{}
-		if r, ok := records[keys[i]]; ok && r.Exists {
-			if err := proto.Unmarshal(r.Value, idxs[j]); err != nil {
-				return nil, fmt.Errorf("matcher: read %s: %w", keys[i], err)
-			}
+		if err := records[keys[i]].Into(idxs[j]); err != nil {
+			return nil, fmt.Errorf("matcher: read %s: %w", keys[i], err)
 		}
 		if len(idxs[j].GetById()) == 0 {
 			ks, err := m.userKeys(obs[i].GetPartnership().GetMailbox())
@@ -172,10 +170,8 @@ func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed
 	}
 	lookup := func(_ context.Context, key string) (*ev.MDMIndex, error) {
 		idx := &ev.MDMIndex{}
-		if r, ok := users[key]; ok && r.Exists {
-			if err := proto.Unmarshal(r.Value, idx); err != nil {
-				return nil, fmt.Errorf("matcher: read %s: %w", key, err)
-			}
+		if err := users[key].Into(idx); err != nil {
+			return nil, fmt.Errorf("matcher: read %s: %w", key, err)
 		}
 		return idx, nil
 	}
