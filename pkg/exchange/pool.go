@@ -37,9 +37,14 @@ type Pool struct {
 	failures int // consecutive failures on the current server
 	idle     []*worker
 	total    int // workers alive or starting
-	waiters  chan struct{}
-	closed   bool
-	probing  bool
+	// waiters and urgentWaiters wake requests waiting for a worker (see
+	// signal); urgent counts the urgent ones waiting, which a request
+	// that is not urgent lets go first.
+	waiters       chan struct{}
+	urgentWaiters chan struct{}
+	urgent        int
+	closed        bool
+	probing       bool
 
 	// With a shared session budget (WithSessionSlots), every session this
 	// process has open counts against a slot it holds: held is how many it
@@ -124,7 +129,7 @@ func NewPool(ctx context.Context, cfg Config, log *slog.Logger, opts ...PoolOpti
 	if log == nil {
 		log = slog.Default()
 	}
-	p := &Pool{opts: o, log: log.With("component", "exchange-pool"), servers: []target{o.primary}, waiters: make(chan struct{}, 1), stop: make(chan struct{}), served: map[*worker]time.Time{}}
+	p := &Pool{opts: o, log: log.With("component", "exchange-pool"), servers: []target{o.primary}, waiters: make(chan struct{}, 1), urgentWaiters: make(chan struct{}, 1), stop: make(chan struct{}), served: map[*worker]time.Time{}}
 	for _, opt := range opts {
 		opt(p)
 	}
@@ -171,7 +176,7 @@ func (p *Pool) spawn(ctx context.Context, t target) (*worker, error) {
 // Cmdlets returns the cmdlets the connected account may run, as the first
 // worker's session reported them.
 func (p *Pool) Cmdlets(ctx context.Context) ([]string, error) {
-	w, err := p.acquire(ctx)
+	w, err := p.acquire(ctx, false)
 	if err != nil {
 		return nil, err
 	}
@@ -339,16 +344,28 @@ func (p *Pool) shrink() {
 }
 
 // acquire returns an idle worker on the current server, starts one if
-// the pool has room, or waits for one to come back.
-func (p *Pool) acquire(ctx context.Context) (*worker, error) {
+// the pool has room, or waits for one to come back. A request that is not
+// urgent takes no idle worker while an urgent one waits for it.
+func (p *Pool) acquire(ctx context.Context, urgent bool) (*worker, error) {
+	// queued: this urgent request is counted in p.urgent, from its first
+	// wait until it has a worker or gives up, so that no other request
+	// takes the worker that wakes it before it has run. Guarded by p.mu.
+	queued := false
+	unqueue := func() {
+		if queued {
+			p.urgent--
+			queued = false
+		}
+	}
 	for {
 		p.mu.Lock()
 		if p.closed {
+			unqueue()
 			p.mu.Unlock()
 			return nil, fmt.Errorf("%w: pool closed", ErrTransient)
 		}
 		cur := p.servers[p.current]
-		for len(p.idle) > 0 {
+		for len(p.idle) > 0 && (urgent || p.urgent == 0) {
 			w := p.idle[len(p.idle)-1]
 			p.idle = p.idle[:len(p.idle)-1]
 			if w.dead.Load() || w.target != cur {
@@ -360,7 +377,14 @@ func (p *Pool) acquire(ctx context.Context) (*worker, error) {
 				p.mu.Lock()
 				continue
 			}
+			// A release wakes one waiter; pass the wake on while workers
+			// are left for the others.
+			unqueue()
+			more := len(p.idle) > 0 && p.waiting > 0
 			p.mu.Unlock()
+			if more {
+				p.signal()
+			}
 			return w, nil
 		}
 		burst := p.total >= p.opts.cfg.Workers && p.wantsBurst()
@@ -404,7 +428,9 @@ func (p *Pool) acquire(ctx context.Context) (*worker, error) {
 		}
 		if grow {
 			p.total++
+			unqueue()
 			p.mu.Unlock()
+			p.signal() // a worker that came back meanwhile is for the others
 			sctx, cancel := context.WithTimeout(ctx, p.opts.cfg.StartTimeout)
 			w, err := p.spawn(sctx, cur)
 			cancel()
@@ -422,20 +448,31 @@ func (p *Pool) acquire(ctx context.Context) (*worker, error) {
 			return w, nil
 		}
 		p.waiting++
+		wake := p.waiters
+		if urgent {
+			if !queued {
+				p.urgent++
+				queued = true
+			}
+			wake = p.urgentWaiters
+		}
 		p.mu.Unlock()
 		var err error
 		select {
-		case <-p.waiters:
+		case <-wake:
 		case <-poll:
 		case <-ctx.Done():
 			err = fmt.Errorf("%w: waiting for a worker: %w", ErrTransient, ctx.Err())
 		}
 		p.mu.Lock()
 		p.waiting--
-		p.mu.Unlock()
 		if err != nil {
+			unqueue()
+			p.mu.Unlock()
+			p.signal() // the workers it held back are for the others
 			return nil, err
 		}
+		p.mu.Unlock()
 	}
 }
 
@@ -548,7 +585,15 @@ func (p *Pool) watchSlots() {
 	}
 }
 
+// signal wakes a request waiting for a worker: an urgent one and one
+// that is not, each of which takes a worker if one is idle (the other
+// waits on while an urgent one does) and passes the wake on while more
+// are idle.
 func (p *Pool) signal() {
+	select {
+	case p.urgentWaiters <- struct{}{}:
+	default:
+	}
 	select {
 	case p.waiters <- struct{}{}:
 	default:
@@ -768,7 +813,7 @@ func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error)
 	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond), backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
 	var last error
 	for {
-		w, err := p.acquire(ctx)
+		w, err := p.acquire(ctx, req.Urgent)
 		if err == nil {
 			var r Response
 			began := time.Now()

@@ -2,8 +2,11 @@ package exchange_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -44,5 +47,64 @@ func eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 			t.Fatalf("timed out after %s waiting for %s", timeout, what)
 		}
 		<-tick.C
+	}
+}
+
+// A change a phone waits for does not queue behind a sync's reads: with
+// both sessions busy and four reads waiting, an urgent request takes the
+// next session that comes free. Without priority it would run last.
+func TestUrgentRequestGoesBeforeQueuedReads(t *testing.T) {
+	s := startSim(t, exchangesim.Config{Profile: exchangesim.Profile{CmdletRead: 60 * time.Millisecond, MaxShellsPerUser: 18}})
+	cfg := simConfig(t, s)
+	cfg.Workers = 2
+	p := newPool(t, cfg)
+	ctx := context.Background()
+	read := exchange.Call{Cmdlet: "Get-ActiveSyncOrganizationSettings"}
+	// Both sessions open before the race starts.
+	var warm sync.WaitGroup
+	for range 2 {
+		warm.Add(1)
+		go func() {
+			defer warm.Done()
+			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{read}}, nil); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	warm.Wait()
+	if p.Sessions() != 2 {
+		t.Fatalf("%d sessions open, want 2", p.Sessions())
+	}
+
+	var (
+		mu    sync.Mutex
+		order []string
+		wg    sync.WaitGroup
+	)
+	run := func(name string, urgent bool) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{read}, Urgent: urgent}, nil); err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
+			mu.Lock()
+			order = append(order, name)
+			mu.Unlock()
+		}()
+	}
+	for i := range 6 {
+		run(fmt.Sprintf("read%d", i), false)
+		// Each queues before the next, so that they queue in order.
+		eventually(t, 10*time.Second, "the read to start or queue", func() bool { return p.Waiting() >= max(0, i-1) })
+	}
+	eventually(t, 10*time.Second, "four reads to queue", func() bool { return p.Waiting() == 4 })
+	run("change", true)
+	wg.Wait()
+	at := slices.Index(order, "change")
+	// Two reads hold the sessions; the change takes the first that frees,
+	// beside the read that takes the second.
+	if at < 0 || at > 3 {
+		t.Fatalf("completion order %v: the change came %d of %d, want among the first four", order, at+1, len(order))
 	}
 }

@@ -134,6 +134,13 @@ type Request struct {
 	Password    string `json:"password,omitempty"`
 	SkipCACheck bool   `json:"skip_ca_check,omitempty"`
 	SkipCNCheck bool   `json:"skip_cn_check,omitempty"`
+	// Urgent marks a request that a change waits for (the reads and
+	// writes of ApplyAccess, an operator's removal): the pool gives the
+	// next free session to an urgent request before any other waiting
+	// one, so that a phone's allow waits for at most the request a
+	// session is busy with, not behind a sync's queue of reads. It is
+	// scheduling, not part of the frame.
+	Urgent bool `json:"-"`
 }
 
 // Call is one cmdlet with its parameters.

@@ -273,7 +273,7 @@ func (c *Client) DeepCheck(ctx context.Context, sample int) ([]ReadReport, error
 			calls[i] = pm.call(m)
 		}
 		var p problems
-		fatal := c.runBatches(ctx, calls, func(i int, res Result, err error) {
+		fatal := c.runBatches(ctx, calls, false, func(i int, res Result, err error) {
 			if err == nil && !res.OK {
 				err = ResultError(calls[i].Cmdlet, res.Errors)
 			}
