@@ -73,6 +73,9 @@ var peakRSSMB float64
 //     runs unmeasured (quick syncs are off); then one full sync is asked
 //     for and timed until the pipeline has settled: read and judge only,
 //     and the benchmark fails if anything is written to Exchange.
+//   - hops: steady against a simulator without latency (its `none`
+//     profile), so that Exchange is not what paces the pass: the hops'
+//     own throughput on the CPU they share with the simulator.
 //   - onboarding: no device is on any list, so every one needs an allow;
 //     timed from the start of easguard's first full sync until every
 //     device is allow-listed on the simulator.
@@ -85,7 +88,8 @@ var peakRSSMB float64
 // each hop (observed, matched: each hop's output over the time between its
 // first and last output of the pass; decided: the partnerships over the
 // time from the first match to the evaluator's status that it judged the
-// pass, since a judgement that changes nothing writes nothing); decisions_per_partnership,
+// pass, since a judgement that changes nothing writes nothing), and the
+// same of the hops shape (hops_steady_s, hops_listing_s, hops_partnerships_per_s_…); decisions_per_partnership,
 // the device.matched events the evaluator judged per partnership;
 // onboarding_s and onboarding_limit_ratio, onboarding's time over the
 // physical limit (one Set-CASMailbox per mailbox with devices × the
@@ -98,7 +102,7 @@ func BenchmarkReconcile100k(b *testing.B) {
 		b.StopTimer()
 		var steady, listing, e2e, observed, matched, decided, perPartnership, rss []float64
 		for range b.N {
-			r := reconcileSteady(b, n)
+			r := reconcileSteady(b, n, exchangesim.DefaultProfile())
 			steady, listing, e2e = append(steady, r.wall.Seconds()), append(listing, r.listing.Seconds()), append(e2e, r.perSecond)
 			observed, matched, decided = append(observed, r.observed), append(matched, r.matched), append(decided, r.decided)
 			perPartnership, rss = append(perPartnership, r.decisionsPerPartnership), append(rss, r.rssMB)
@@ -111,6 +115,23 @@ func BenchmarkReconcile100k(b *testing.B) {
 		b.ReportMetric(mean(decided), prefix+"partnerships_per_s_decided:partnerships/s")
 		b.ReportMetric(mean(perPartnership), prefix+"decisions_per_partnership:decisions")
 		b.ReportMetric(slices.Max(rss), prefix+"steady_rss_mb:MB")
+	})
+	b.Run("hops", func(b *testing.B) {
+		// The steady pass against a simulator without latency: Exchange
+		// answers as fast as the simulator can serialise, so what paces
+		// the pass is easguard's hops and the CPU they share with it.
+		b.StopTimer()
+		var wall, listing, observed, matched, decided []float64
+		for range b.N {
+			r := reconcileSteady(b, n, exchangesim.TestProfile())
+			wall, listing = append(wall, r.wall.Seconds()), append(listing, r.listing.Seconds())
+			observed, matched, decided = append(observed, r.observed), append(matched, r.matched), append(decided, r.decided)
+		}
+		b.ReportMetric(mean(wall), prefix+"hops_steady_s:s")
+		b.ReportMetric(mean(listing), prefix+"hops_listing_s:s")
+		b.ReportMetric(mean(observed), prefix+"hops_partnerships_per_s_observed:partnerships/s")
+		b.ReportMetric(mean(matched), prefix+"hops_partnerships_per_s_matched:partnerships/s")
+		b.ReportMetric(mean(decided), prefix+"hops_partnerships_per_s_decided:partnerships/s")
 	})
 	b.Run("onboarding", func(b *testing.B) {
 		b.StopTimer()
@@ -167,9 +188,9 @@ type steadyResult struct {
 	rssMB                      float64
 }
 
-func reconcileSteady(b *testing.B, n int) steadyResult {
+func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile) steadyResult {
 	b.Helper()
-	r := newReconcileRig(b, n, true)
+	r := newReconcileRig(b, n, true, profile)
 	var res steadyResult
 	res.listing = r.timeListing()
 	r.phase("bare listing")
@@ -258,7 +279,7 @@ type onboardingResult struct {
 
 func reconcileOnboarding(b *testing.B, n int) onboardingResult {
 	b.Helper()
-	r := newReconcileRig(b, n, false)
+	r := newReconcileRig(b, n, false, exchangesim.DefaultProfile())
 	pending := r.mailboxIDs()
 	if missing := r.notAllowListed(pending); len(missing) != len(pending) {
 		b.Fatalf("%d of %d mailboxes already allow-list their devices before onboarding", len(pending)-len(missing), len(pending))
@@ -326,13 +347,13 @@ type reconcileRig struct {
 // sets its default to quarantine, makes every mailbox's lists what the
 // shape needs (each device allow-listed, or no list entries at all), and
 // writes the inventory with every device compliant.
-func newReconcileRig(tb testing.TB, n int, allowListed bool) *reconcileRig {
+func newReconcileRig(tb testing.TB, n int, allowListed bool, profile exchangesim.Profile) *reconcileRig {
 	tb.Helper()
 	begun := time.Now()
 	easguardBinary(tb) // built before anything is timed
 	f := newFixture(tb, stackOptions{
 		seed:    &exchangesim.SeedSpec{Mailboxes: n / 2, Partnerships: n, Seed: 11, NoHostile: true},
-		profile: exchangesim.DefaultProfile(),
+		profile: profile,
 		policy:  reconcilePolicy,
 	})
 	r := &reconcileRig{tb: tb, f: f, byMailbox: map[string][]string{}, mark: begun}
