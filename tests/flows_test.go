@@ -253,6 +253,13 @@ func TestBlastRadiusGuardHoldsMassRevocation(t *testing.T) {
 	if err := json.Unmarshal(s.status()["guard"], &guard); err != nil || guard.State != "tripped" || !strings.Contains(guard.Detail, "3 of 4") {
 		t.Fatalf("guard status %+v %v", guard, err)
 	}
+	fams := s.scrape()
+	if n := metricValue(fams, "easguard_guard_held_total", map[string]string{"easguard_org": "contoso"}); n != 3 {
+		t.Errorf("easguard_guard_held_total = %v, want the 3 revocations held", n)
+	}
+	if n := metricValue(fams, "easguard_decisions_total", map[string]string{"easguard_org": "contoso", "easguard_action": "block", "easguard_rule": "noncompliant"}); n != 3 {
+		t.Errorf("easguard_decisions_total for noncompliant blocks = %v, want 3", n)
+	}
 	// The next passes find the same revocations: still held, no new alert.
 	s.requestSync("full")
 	s.waitSyncs("full", 2)

@@ -107,6 +107,63 @@ func seedFlow(t *testing.T, o stackOptions, enrol func(*stack, exchangesim.Phone
 		t.Fatalf("%d mails, want exactly one", n)
 	}
 	assertOneJourney(t, s, phone.DeviceID)
+	assertDomainMetrics(t, s, o.graph)
+}
+
+// assertDomainMetrics checks that /metrics tells the seed flow's story in
+// easguard's own terms: a block and an allow by their rules, the mail, a
+// successful full sync and the partnerships it read by state, and
+// Exchange's time for the Set-CASMailbox calls.
+func assertDomainMetrics(t *testing.T, s *stack, graph bool) {
+	t.Helper()
+	fams := s.scrape()
+	org := map[string]string{"easguard_org": "contoso"}
+	with := func(kv ...string) map[string]string {
+		m := map[string]string{"easguard_org": "contoso"}
+		for i := 0; i+1 < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return m
+	}
+	checks := []struct {
+		name    string
+		labels  map[string]string
+		atLeast float64
+	}{
+		{"easguard_decisions_total", with("easguard_action", "block", "easguard_rule", "unknown_device", "easguard_dry_run", "false"), 1},
+		{"easguard_decisions_total", with("easguard_action", "allow"), 1},
+		{"easguard_mails_total", with("easguard_outcome", "sent"), 1},
+		{"easguard_sync_duration_seconds", with("easguard_sync_kind", "full", "easguard_outcome", "success"), 1},
+		{"easguard_sync_last_success_seconds", with("easguard_sync_kind", "full"), 1.7e9},
+		{"easguard_exchange_request_duration_seconds", with("easguard_exchange_cmdlet", "Set-CASMailbox"), 2},
+	}
+	if graph {
+		checks = append(checks, struct {
+			name    string
+			labels  map[string]string
+			atLeast float64
+		}{"easguard_graph_requests_total", map[string]string{"easguard_outcome": "ok"}, 1})
+	}
+	for _, c := range checks {
+		if got := metricValue(fams, c.name, c.labels); got < c.atLeast {
+			t.Errorf("%s%v = %v, want at least %v (easguard metrics: %s)", c.name, c.labels, got, c.atLeast, metricNames(fams, "easguard_"))
+		}
+	}
+	// The partnerships by state are the first full sync's: before the
+	// phone appeared, every seeded partnership in one of the states.
+	total := 0.0
+	for _, st := range []string{"Allowed", "Blocked", "Quarantined", "DeviceDiscovery", "Unknown"} {
+		if _, ok := fams["easguard_partnerships"]; !ok {
+			break
+		}
+		total += metricValue(fams, "easguard_partnerships", with("easguard_exchange_state", st))
+	}
+	if all := metricValue(fams, "easguard_partnerships", org); total != all || metricNames(fams, "easguard_partnerships") == "" {
+		t.Errorf("easguard_partnerships by state sums to %v of %v", total, all)
+	}
+	if n := metricValue(fams, "easguard_dead_letters_total", org); n != 0 {
+		t.Errorf("%v dead letters in the seed flow", n)
+	}
 }
 
 // assertOneJourney checks that every step of the device's journey is in

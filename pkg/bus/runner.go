@@ -194,6 +194,9 @@ type Runner struct {
 
 	processed metric.Int64Counter
 	duration  metric.Float64Histogram
+	// deadLetters counts the messages this runner moved to the dead-letter
+	// subject: each one is something easguard gave up on.
+	deadLetters metric.Int64Counter
 }
 
 type boundRoute struct {
@@ -246,8 +249,13 @@ func NewRunner(js jetstream.JetStream, cfg RunnerConfig, routes ...Route) (*Runn
 	if err != nil {
 		return nil, fmt.Errorf("new runner %s: %w", cfg.Service, err)
 	}
+	deadLetters, err := m.Int64Counter("easguard.dead_letters", metric.WithUnit("{message}"),
+		metric.WithDescription("Messages moved to the dead-letter subject (easguard.<org>.dlq.<stage>), by organisation and stage: a poison message, or one that ran out of deliveries."))
+	if err != nil {
+		return nil, fmt.Errorf("new runner %s: %w", cfg.Service, err)
+	}
 	r := &Runner{
-		js: js, cfg: cfg, pub: pub,
+		js: js, cfg: cfg, pub: pub, deadLetters: deadLetters,
 		log:       cfg.Logger.With("worker", cfg.Service),
 		tracer:    cfg.tracer(),
 		processed: processed, duration: duration,
@@ -595,6 +603,9 @@ func (r *Runner) publishDeadLetter(ctx context.Context, d deadLetterInfo) error 
 	h.Set(HeaderDLQDeliveries, strconv.FormatUint(d.deliveries, 10))
 	h.Set(HeaderDLQConsumer, d.consumer)
 	id := "dlq:" + d.stream + ":" + strconv.FormatUint(d.streamSeq, 10) + ":" + d.consumer
-	_, err = r.pub.publish(ctx, subject, DeadLetter.Template(), id, d.data, h)
-	return err
+	if _, err = r.pub.publish(ctx, subject, DeadLetter.Template(), id, d.data, h); err != nil {
+		return err
+	}
+	r.deadLetters.Add(ctx, 1, metric.WithAttributes(attribute.String("easguard.org", string(d.org)), attribute.String("easguard.stage", d.stage)))
+	return nil
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/telemetry"
+	"github.com/easguard/easguard/pkg/telemetry/telemetrytest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
@@ -383,7 +384,8 @@ func TestPoisonGoesToDeadLetterAndLeavesTheSource(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t)
 			var calls atomic.Int32
-			runRunner(t, e.js, bus.RunnerConfig{Service: "matcher", Org: org, Topology: e.topo, Retry: fastRetry()},
+			metrics := telemetrytest.NewMetrics(t)
+			runRunner(t, e.js, bus.RunnerConfig{Service: "matcher", Org: org, Topology: e.topo, Retry: fastRetry(), Instrumentation: bus.Instrumentation{MeterProvider: metrics.Provider}},
 				bus.Handle("eas-observed", bus.EASObserved, func(ctx context.Context, in *ev.EASPartnershipObserved) ([]bus.Outbound, error) {
 					calls.Add(1)
 					return nil, bus.Poison(errors.New("mailbox is out of scope"))
@@ -418,6 +420,10 @@ func TestPoisonGoesToDeadLetterAndLeavesTheSource(t *testing.T) {
 			if n := calls.Load(); n > 1 {
 				t.Errorf("handler ran %d times for a poison message", n)
 			}
+			// Counted where an administrator alerts on it.
+			natstest.Eventually(t, 5*time.Second, "the dead letter counted", func() bool {
+				return metrics.Value(t, "easguard.dead_letters", map[string]string{"easguard.org": "contoso", "easguard.stage": "matcher"}) == 1
+			})
 		})
 	}
 }

@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/metric/noop"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -87,6 +88,9 @@ type Collector struct {
 
 	mu         sync.Mutex // one sync at a time
 	recipients map[string]exchange.Recipient
+
+	// metrics are the domain metrics (Instrument), nowhere by default.
+	metrics *instruments
 }
 
 // New opens the collector's state.
@@ -99,6 +103,9 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 	}
 	c := &Collector{org: org, cfg: cfg, ex: ex, pub: pub, server: server, log: log.With("worker", "collector"), now: time.Now, recipients: map[string]exchange.Recipient{}}
 	var err error
+	if c.metrics, err = newInstruments(noop.NewMeterProvider(), string(org)); err != nil {
+		return nil, err
+	}
 	if c.known, err = js.KeyValue(ctx, bus.BucketCollector); err != nil {
 		return nil, fmt.Errorf("collector: open %s: %w", bus.BucketCollector, err)
 	}
@@ -379,6 +386,10 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 	}
 	st := SyncStatus{SyncID: id, Kind: kind.Short(), RequestedBy: requestedBy, StartedAt: start, Counts: map[string]int64{}}
 	counts := &ev.SyncCounts{}
+	var states *stateCounts // a full sync's partnerships by access state
+	if kind == ev.SyncKind_SYNC_KIND_FULL {
+		states = &stateCounts{}
+	}
 	var settings []string
 	err := func() error {
 		if kind == ev.SyncKind_SYNC_KIND_FULL && c.cfg.EnforceSettings {
@@ -455,6 +466,9 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 				}
 				obs = append(obs, o)
 				keys = append(keys, o.key)
+				if states != nil {
+					states.add(p.AccessState)
+				}
 			}
 			// What the collector knows of the page, in one read: at
 			// 100,000 partnerships, a read each paced the pass.
@@ -519,6 +533,7 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 	if st.Success {
 		c.putStatus(ctx, "sync."+st.Kind+".ok", st)
 	}
+	c.metrics.synced(ctx, st.Kind, st.Success, st.FinishedAt.Sub(start), st.FinishedAt, states)
 	c.log.Info("sync finished", "sync_id", id, "kind", st.Kind, "success", st.Success, "observed", counts.Observed, "new", counts.New,
 		"changed", counts.Changed, "gone", counts.Gone, "duration", st.FinishedAt.Sub(start))
 	return done, err

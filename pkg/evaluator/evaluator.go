@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/metric/noop"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -95,6 +96,9 @@ type Evaluator struct {
 	view   *allowedView
 	life   context.Context
 
+	// metrics are the domain metrics (Instrument), nowhere by default.
+	metrics *instruments
+
 	pol        atomic.Pointer[policy.Policy]
 	polMu      sync.Mutex
 	polModTime time.Time
@@ -119,6 +123,9 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, l
 		*b.kv = kv
 	}
 	var err error
+	if e.metrics, err = newInstruments(noop.NewMeterProvider(), string(org)); err != nil {
+		return nil, err
+	}
 	if e.decisionsBulk, err = bus.NewBulkReader(ctx, js, e.decisions); err != nil {
 		return nil, fmt.Errorf("evaluator: %w", err)
 	}
@@ -358,9 +365,9 @@ func (e *Evaluator) decide(ctx context.Context, key string, in *ev.DeviceMatched
 		}
 	}
 	var outs []bus.Outbound
-	var stage *ev.AccessDecided
+	var stage, made *ev.AccessDecided
 	_, err = bus.ModifyRead(ctx, e.decisions, key, read, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
-		outs, stage = nil, nil
+		outs, stage, made = nil, nil, nil
 		var before *ev.DecisionRecord
 		if exists {
 			// The callback below assigns fields, never edits a nested
@@ -496,6 +503,7 @@ func (e *Evaluator) decide(ctx context.Context, key string, in *ev.DeviceMatched
 		rec.Desired, rec.DecisionId, rec.DecidedAt, rec.Rule, rec.PolicyVersion, rec.DryRun = d.Desired, d.DecisionId, d.DecidedAt, d.Rule, d.PolicyVersion, dry
 		rec.Notified = rec.GetNotified() || d.NotifyUser
 		rec.LastDecision = d
+		made = d
 		if drift {
 			a, err := e.alert(ev.AlertKind_ALERT_KIND_DRIFT, ev.AlertSeverity_ALERT_SEVERITY_WARNING, "drift:"+d.DecisionId,
 				fmt.Sprintf("%s of %s was changed on Exchange outside easguard; correcting it", p.GetDeviceId(), mailboxName(p.GetMailbox())),
@@ -523,6 +531,9 @@ func (e *Evaluator) decide(ctx context.Context, key string, in *ev.DeviceMatched
 	})
 	if err != nil {
 		return nil, err
+	}
+	if made != nil {
+		e.decided(ctx, made)
 	}
 	if stage != nil {
 		if err := e.stage(ctx, in, stage); err != nil {
@@ -951,14 +962,19 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 			if err != nil {
 				return bus.Poison(err)
 			}
+			held := false
 			if _, err := bus.Modify(ctx, e.decisions, dk, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
+				held = false
 				if exists && rec.GetDecisionId() == s.GetDecision().GetDecisionId() && rec.GetStaged() {
-					rec.Staged, rec.Held = false, true
+					rec.Staged, rec.Held, held = false, true, true
 					return bus.Write, nil
 				}
 				return bus.Keep, nil
 			}); err != nil {
 				return err
+			}
+			if held {
+				e.guardHeld(ctx, 1)
 			}
 		}
 		return e.dropStaged(ctx, keys)

@@ -71,6 +71,9 @@ type Pool struct {
 	served      map[*worker]time.Time
 	noSlotUntil time.Time
 
+	// metrics are the domain metrics (WithMetrics), nowhere by default.
+	metrics *instruments
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 }
@@ -130,6 +133,7 @@ func NewPool(ctx context.Context, cfg Config, log *slog.Logger, opts ...PoolOpti
 		log = slog.Default()
 	}
 	p := &Pool{opts: o, log: log.With("component", "exchange-pool"), servers: []target{o.primary}, waiters: make(chan struct{}, 1), urgentWaiters: make(chan struct{}, 1), stop: make(chan struct{}), served: map[*worker]time.Time{}}
+	p.metrics = noInstruments()
 	for _, opt := range opts {
 		opt(p)
 	}
@@ -819,6 +823,7 @@ func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error)
 			began := time.Now()
 			_, r, err = w.call(ctx, req, page)
 			took := time.Since(began)
+			p.metrics.record(ctx, req, took, r, err)
 			if delivered || err != nil {
 				took = 0 // a listing's pages or a failure say nothing of a request's time
 			}

@@ -2,6 +2,7 @@ package exchange_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/telemetry/telemetrytest"
 	"github.com/easguard/easguard/tests/exchangesim"
 )
 
@@ -106,5 +108,49 @@ func TestUrgentRequestGoesBeforeQueuedReads(t *testing.T) {
 	// beside the read that takes the second.
 	if at < 0 || at > 3 {
 		t.Fatalf("completion order %v: the change came %d of %d, want among the first four", order, at+1, len(order))
+	}
+}
+
+// The pool's metrics say how long Exchange took per cmdlet and which
+// cmdlets failed by class: an unknown mailbox is not_found, counted once.
+func TestPoolMetrics(t *testing.T) {
+	s := startSim(t, exchangesim.Config{})
+	if _, err := s.Org.AddMailbox(exchangesim.MailboxSpec{Alias: "alice"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Org.Sync(exchangesim.Phone{Mailbox: "alice", DeviceID: "PhoneAlice", DeviceType: "iPhone"}); err != nil {
+		t.Fatal(err)
+	}
+	metrics := telemetrytest.NewMetrics(t)
+	cfg := simConfig(t, s)
+	p, err := exchange.NewPool(context.Background(), cfg, quiet(), exchange.WithMetrics(metrics.Provider, "contoso"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close(context.Background()) })
+	c := exchange.NewClient(p, cfg)
+	ctx := context.Background()
+	res, err := c.ApplyAccess(ctx, []exchange.Change{{Mailbox: "alice", DeviceID: "PhoneAlice", Access: exchange.AccessAllow}})
+	if err != nil || res[0].Err != nil {
+		t.Fatalf("apply: %v %+v", err, res)
+	}
+	if _, err := c.CASMailbox(ctx, "nobody"); !errors.Is(err, exchange.ErrNotFound) {
+		t.Fatalf("CASMailbox(nobody) = %v, want not found", err)
+	}
+	org := "contoso"
+	for _, c := range []struct {
+		name string
+		want map[string]string
+		n    float64
+	}{
+		{"easguard.exchange.request.duration", map[string]string{"easguard.org": org, "easguard.exchange.cmdlet": "Set-CASMailbox"}, 1},
+		// The apply's read and the lookup.
+		{"easguard.exchange.request.duration", map[string]string{"easguard.org": org, "easguard.exchange.cmdlet": "Get-CASMailbox"}, 2},
+		{"easguard.exchange.errors", map[string]string{"easguard.org": org, "easguard.exchange.cmdlet": "Get-CASMailbox", "error.type": "not_found"}, 1},
+		{"easguard.exchange.errors", map[string]string{"easguard.org": org}, 1},
+	} {
+		if got := metrics.Value(t, c.name, c.want); got != c.n {
+			t.Errorf("%s%v = %v, want %v", c.name, c.want, got, c.n)
+		}
 	}
 }

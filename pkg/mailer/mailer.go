@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/metric/noop"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -113,6 +114,8 @@ type Mailer struct {
 	notified jetstream.KeyValue
 	log      *slog.Logger
 	now      func() time.Time
+	// metrics are the domain metrics (Instrument), nowhere by default.
+	metrics *instruments
 }
 
 // New prepares the mailer.
@@ -131,7 +134,11 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, s
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Mailer{org: org, cfg: cfg, tmpl: tmpl, sender: sender, notified: kv, log: log.With("worker", "mailer"), now: time.Now}, nil
+	in, err := newInstruments(noop.NewMeterProvider(), string(org))
+	if err != nil {
+		return nil, err
+	}
+	return &Mailer{org: org, cfg: cfg, tmpl: tmpl, sender: sender, notified: kv, log: log.With("worker", "mailer"), now: time.Now, metrics: in}, nil
 }
 
 // Routes returns the mailer's handler. It follows access.applied, not
@@ -231,6 +238,7 @@ func (m *Mailer) notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 	if resend != nil {
 		sent = *resend
 	} else if err := m.sender.Send(ctx, to, r, msgID); err != nil {
+		m.metrics.sent(ctx, err)
 		m.release(key, claim.rev)
 		switch {
 		case errors.Is(err, notify.ErrPermanent):
@@ -245,6 +253,7 @@ func (m *Mailer) notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 		}
 	}
 	if resend == nil {
+		m.metrics.sent(ctx, nil)
 		// The decision id lets a redelivery of this decision report the
 		// mail again instead of being dropped as "already told".
 		if _, err := m.notified.Update(ctx, key, record(sent, d.GetDecisionId(), false), claim.rev); err != nil {

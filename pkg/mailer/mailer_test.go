@@ -24,6 +24,7 @@ import (
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/notify"
+	"github.com/easguard/easguard/pkg/telemetry/telemetrytest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/smtpsim"
 )
@@ -74,6 +75,22 @@ type harness struct {
 
 	sent *natstest.Received[*ev.NotificationSent] // nil with noSentObserver
 	dead *natstest.Received[bustest.DeadLetter[*ev.AccessApplied]]
+	// metrics are what the mailers record.
+	metrics *telemetrytest.Metrics
+}
+
+// wantMails checks easguard.mails by outcome and error class.
+func (h *harness) wantMails(tb testing.TB, want map[[2]string]float64) {
+	tb.Helper()
+	for k, n := range want {
+		labels := map[string]string{"easguard.org": string(org), "easguard.outcome": k[0]}
+		if k[1] != "" {
+			labels["error.type"] = k[1]
+		}
+		if got := h.metrics.Value(tb, "easguard.mails", labels); got != n {
+			tb.Errorf("easguard.mails%v = %v, want %v", labels, got, n)
+		}
+	}
 }
 
 func start(tb testing.TB, o options) *harness {
@@ -104,10 +121,13 @@ func start(tb testing.TB, o options) *harness {
 	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
 		tb.Fatal(err)
 	}
-	h := &harness{js: js, relay: relay, clock: newClock(), cfg: cfg}
+	h := &harness{js: js, relay: relay, clock: newClock(), cfg: cfg, metrics: telemetrytest.NewMetrics(tb)}
 	for range max(1, o.replicas) {
 		m, err := mailer.New(ctx, js, org, cfg, sender, quiet())
 		if err != nil {
+			tb.Fatal(err)
+		}
+		if err := m.Instrument(h.metrics.Provider); err != nil {
 			tb.Fatal(err)
 		}
 		mailer.SetClock(m, h.clock.Now)
@@ -601,6 +621,7 @@ func TestSMTPFailures(t *testing.T) {
 		if dl := h.dead.All(); len(dl) != 0 {
 			t.Errorf("dead letters %v", dl)
 		}
+		h.wantMails(t, map[[2]string]float64{{"sent", ""}: 1, {"failed", "transient"}: 1})
 	})
 
 	permanent := []struct {
@@ -637,6 +658,7 @@ func TestSMTPFailures(t *testing.T) {
 			again := h.decision(p, ev.DesiredAccess_DESIRED_ACCESS_BLOCK, notify.ReasonNotEnrolled)
 			h.publish(t, again, "")
 			h.awaitSent(t, again)
+			h.wantMails(t, map[[2]string]float64{{"sent", ""}: 1, {"failed", "permanent"}: 1, {"failed", "transient"}: 0})
 		})
 	}
 }

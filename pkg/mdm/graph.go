@@ -20,6 +20,7 @@ import (
 
 	"github.com/AzureAD/microsoft-authentication-library-for-go/apps/confidential"
 	"github.com/cenkalti/backoff/v4"
+	"go.opentelemetry.io/otel/metric"
 
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
@@ -98,6 +99,9 @@ type GraphOptions struct {
 	MassRemovalShare float64
 	// Logger receives failures and progress; default slog.Default().
 	Logger *slog.Logger
+	// MeterProvider receives the source's request counts
+	// (easguard.graph.requests); nil: nowhere.
+	MeterProvider metric.MeterProvider
 	// Store keeps what the source last delivered and since when each
 	// missing device has been missing, beyond this process (default:
 	// memory only). With a store, a device deleted in Intune while
@@ -126,6 +130,7 @@ type GraphSource struct {
 	running atomic.Bool
 	now     func() time.Time
 	sleep   func(ctx context.Context, d time.Duration) error
+	metrics *graphInstruments
 }
 
 // NewGraphSource checks the options and prepares the identity client; it
@@ -168,6 +173,10 @@ func NewGraphSource(opts GraphOptions) (*GraphSource, error) {
 		opts.HTTPClient = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
 	}
 	g := &GraphSource{opts: opts, selects: slices.Clone(GraphSelect), client: opts.HTTPClient, now: time.Now, sleep: sleepCtx}
+	var err error
+	if g.metrics, err = newGraphInstruments(opts.MeterProvider, opts.Tenant); err != nil {
+		return nil, err
+	}
 	root, err := url.Parse(opts.GraphURL)
 	if err != nil {
 		return nil, fmt.Errorf("graph source: %w: %w", ErrConfig, err)
@@ -412,11 +421,16 @@ func (g *GraphSource) get(ctx context.Context, target string, v any) error {
 // errMalformed marks a body that is not the JSON Graph promises.
 var errMalformed = errors.New("malformed response")
 
-func (g *GraphSource) getOnce(ctx context.Context, target string, v any) error {
+func (g *GraphSource) getOnce(ctx context.Context, target string, v any) (err error) {
 	tok, err := g.token.AcquireTokenByCredential(ctx, []string{g.scope})
 	if err != nil {
 		return fmt.Errorf("token from %s for tenant %s: %w", g.opts.Authority, g.opts.Tenant, err)
 	}
+	defer func() {
+		if ctx.Err() == nil {
+			g.metrics.record(ctx, err)
+		}
+	}()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
 	if err != nil {
 		return err

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/easguard/easguard/pkg/telemetry/telemetrytest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/intunesim"
 )
@@ -124,10 +125,17 @@ func TestGraphWaitsRetryAfter(t *testing.T) {
 	if err := sim.Inject(intunesim.Fault{Kind: "throttle", RetryAfter: 3, AtPage: 2, Count: 1}); err != nil {
 		t.Fatal(err)
 	}
-	g := graphSource(t, sim, nil)
+	metrics := telemetrytest.NewMetrics(t)
+	g := graphSource(t, sim, func(o *GraphOptions) { o.MeterProvider = metrics.Provider })
 	devices, err := g.Read(t.Context())
 	if err != nil || len(devices) != 2500 {
 		t.Fatalf("read %d devices: %v", len(devices), err)
+	}
+	// Three pages read, one of them after a 429.
+	for outcome, want := range map[string]float64{"ok": 3, "throttled": 1, "failed": 0, "refused": 0} {
+		if got := metrics.Value(t, "easguard.graph.requests", map[string]string{"easguard.outcome": outcome, "easguard.graph.tenant": sim.Tenant()}); got != want {
+			t.Errorf("easguard.graph.requests %s = %v, want %v", outcome, got, want)
+		}
 	}
 	var throttled, retried time.Time
 	for _, r := range sim.Recorder.Records("graph") {

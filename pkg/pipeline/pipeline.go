@@ -21,6 +21,7 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/metric"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -112,7 +113,7 @@ func (m *MDMConfig) validateGraph() error {
 }
 
 // graphSource builds the Graph source the settings describe.
-func (m *MDMConfig) graphSource(log *slog.Logger, store mdm.InventoryStore) (*mdm.GraphSource, error) {
+func (m *MDMConfig) graphSource(log *slog.Logger, mp metric.MeterProvider, store mdm.InventoryStore) (*mdm.GraphSource, error) {
 	client, err := mdm.GraphHTTPClient(m.GraphProxy, m.GraphCABundle, 2*time.Minute)
 	if err != nil {
 		return nil, err
@@ -121,7 +122,7 @@ func (m *MDMConfig) graphSource(log *slog.Logger, store mdm.InventoryStore) (*md
 		Tenant: m.GraphTenant, ClientID: m.GraphClientID, ClientSecret: m.GraphClientSecret.Reveal(),
 		Authority: m.GraphAuthority, GraphURL: m.GraphURL, HTTPClient: client, PollInterval: m.GraphPollInterval,
 		FullResync: m.GraphFullResync, MissingAfter: m.GraphMissingAfter, PageSize: m.GraphPageSize,
-		MassRemovalShare: m.MassRemovalShare, Logger: log, Store: store,
+		MassRemovalShare: m.MassRemovalShare, Logger: log, MeterProvider: mp, Store: store,
 	}
 	if m.GraphCertificate != "" {
 		if opts.Certificate, err = os.ReadFile(m.GraphCertificate); err != nil {
@@ -219,7 +220,7 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 		if err != nil {
 			return err
 		}
-		pool, err = exchange.NewPool(ctx, *s.Exchange, svc.Log, exchange.WithSessionSlots(slots))
+		pool, err = exchange.NewPool(ctx, *s.Exchange, svc.Log, exchange.WithSessionSlots(slots), exchange.WithMetrics(svc.Tel.MeterProvider, string(org)))
 		if err != nil {
 			slots.Close()
 			return fmt.Errorf("exchange: %w", err)
@@ -244,6 +245,9 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 	if has(Evaluator) {
 		e, err := evaluator.New(ctx, svc.JS, org, *s.Evaluator, svc.Log)
 		if err != nil {
+			return err
+		}
+		if err := e.Instrument(svc.Tel.MeterProvider); err != nil {
 			return err
 		}
 		r, err := svc.AddRunner(svc.RunnerConfig(Evaluator, org), e.Routes()...)
@@ -280,6 +284,9 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 		}
 		m, err := mailer.New(ctx, svc.JS, org, *mc, sender, svc.Log)
 		if err != nil {
+			return err
+		}
+		if err := m.Instrument(svc.Tel.MeterProvider); err != nil {
 			return err
 		}
 		if _, err := svc.AddRunner(svc.RunnerConfig(Mailer, org), m.Routes()...); err != nil {
@@ -321,6 +328,9 @@ func sessionBudget(ctx context.Context, svc *service.Service, org bus.Org, total
 func startCollector(ctx context.Context, svc *service.Service, org bus.Org, cfg collector.Config, client *exchange.Client, pool *exchange.Pool) error {
 	c, err := collector.New(ctx, svc.JS, org, cfg, client, svc.Publisher(), pool.Current, svc.Log)
 	if err != nil {
+		return err
+	}
+	if err := c.Instrument(svc.Tel.MeterProvider); err != nil {
 		return err
 	}
 	kv, err := svc.JS.KeyValue(ctx, bus.BucketLeases)
@@ -460,7 +470,7 @@ func startMDM(ctx context.Context, svc *service.Service, org bus.Org, cfg MDMCon
 		}
 	}
 	if cfg.GraphTenant != "" {
-		src, err := cfg.graphSource(svc.Log, store)
+		src, err := cfg.graphSource(svc.Log, svc.Tel.MeterProvider, store)
 		if err != nil {
 			return err
 		}
