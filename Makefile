@@ -8,7 +8,7 @@ PROTOS  := $(wildcard proto/easguard/v1/*.proto)
 # Benchmarks that print `bench <name> <value> <unit>` lines.
 BENCH_PKGS ?= ./...
 
-.PHONY: all build test lint pscheck contract fuzz proto proto-check docs docs-check bench demo run clean
+.PHONY: all build test lint pscheck contract fuzz proto proto-check docs docs-check rules-check bench demo run clean
 
 all: lint build test
 
@@ -63,6 +63,13 @@ docs:
 		/<!-- config:begin -->/ { print; printf "%s", d; skip = 1; next } \
 		/<!-- config:end -->/ { skip = 0 } !skip' README.md > README.md.tmp
 	mv README.md.tmp README.md; rm -f .config-doc.tmp
+
+## rules-check: validate deploy/prometheus's alerting rules with Prometheus'
+## own promtool (the rules parse, and their unit tests pass); needs promtool
+## (Debian's prometheus package, which .ci/run installs)
+rules-check:
+	promtool check rules deploy/prometheus/easguard.rules.yml
+	cd deploy/prometheus && promtool test rules easguard.rules.test.yml
 
 ## docs-check: fail if README.md's configuration table is stale
 docs-check: docs
