@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"strings"
 	"time"
@@ -42,6 +43,10 @@ type Config struct {
 	Locale       string        `split_words:"true" default:"en" desc:"Language of the mails: en or de."`
 	TemplateDir  string        `split_words:"true" desc:"Directory with template overrides (<locale>/subject.txt.tmpl, body.txt.tmpl, body.html.tmpl)."`
 	Period       time.Duration `split_words:"true" default:"24h" desc:"A user gets at most one mail per device in this period."`
+	// Alerts go to the administrators (alerts.go).
+	AlertWebhookURL    string `split_words:"true" desc:"Where every alert is POSTed as JSON (a receiver, an Alertmanager-compatible tool, a Teams workflow); empty: no webhook."`
+	AlertWebhookFormat string `split_words:"true" default:"alertmanager" desc:"alertmanager (Alertmanager's webhook payload, version 4) or teams (a message with an Adaptive Card, for a Teams workflow's webhook)."`
+	AlertMailTo        string `split_words:"true" desc:"Administrators who get every alert by mail, comma-separated; empty: none."`
 }
 
 // Validate checks the settings.
@@ -74,7 +79,7 @@ func (c *Config) Validate() error {
 			return config.Invalid(&c.TemplateDir, "%v", err)
 		}
 	}
-	return nil
+	return c.validateAlerts()
 }
 
 // sendTimeout bounds one SMTP conversation, so a relay that stops
@@ -116,6 +121,8 @@ type Mailer struct {
 	now      func() time.Time
 	// metrics are the domain metrics (Instrument), nowhere by default.
 	metrics *instruments
+	// http posts alerts to the webhook.
+	http *http.Client
 }
 
 // New prepares the mailer.
@@ -138,13 +145,22 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, s
 	if err != nil {
 		return nil, err
 	}
-	return &Mailer{org: org, cfg: cfg, tmpl: tmpl, sender: sender, notified: kv, log: log.With("worker", "mailer"), now: time.Now, metrics: in}, nil
+	if cfg.AlertWebhookFormat == "" {
+		cfg.AlertWebhookFormat = FormatAlertmanager
+	}
+	return &Mailer{org: org, cfg: cfg, tmpl: tmpl, sender: sender, notified: kv, log: log.With("worker", "mailer"), now: time.Now, metrics: in,
+		http: &http.Client{Timeout: webhookTimeout}}, nil
 }
 
-// Routes returns the mailer's handler. It follows access.applied, not
+// Routes returns the mailer's handlers. It follows access.applied, not
 // access.decided: a user is told of a block only once Exchange holds it.
+// With a webhook or administrators to mail, it delivers every alert.
 func (m *Mailer) Routes() []bus.Route {
-	return []bus.Route{bus.Handle("access-applied", bus.AccessApplied, m.Applied)}
+	routes := []bus.Route{bus.Handle("access-applied", bus.AccessApplied, m.Applied)}
+	if m.cfg.AlertWebhookURL != "" || m.cfg.AlertMailTo != "" {
+		routes = append(routes, bus.Handle("alert-raised", bus.AlertRaised, m.Alert))
+	}
+	return routes
 }
 
 // Applied mails the user of a device whose block or quarantine the

@@ -61,6 +61,8 @@ type options struct {
 	// replicas is how many mailers share the consumer (default 1), each
 	// handling several messages at once.
 	replicas int
+	// alerts sets where alerts go (the Alert* settings).
+	alerts func(*mailer.Config)
 }
 
 // harness is one mailer on a real JetStream server, sending through the
@@ -106,7 +108,10 @@ func start(tb testing.TB, o options) *harness {
 	cfg := mailer.Config{
 		SmtpHost: relay.Host(), SmtpPort: relay.Port(), SmtpSecurity: "starttls", SmtpUser: svcUser, SmtpPassword: config.Secret(svcPassword),
 		SmtpCABundle: ca, From: "IT Service <it@contoso.com>", EnrolURL: enrolURL, Helpdesk: helpdesk, Company: "Contoso Ltd",
-		Locale: o.locale, Period: period,
+		Locale: o.locale, Period: period, AlertWebhookFormat: mailer.FormatAlertmanager,
+	}
+	if o.alerts != nil {
+		o.alerts(&cfg)
 	}
 	if err := cfg.Validate(); err != nil {
 		tb.Fatal(err)
@@ -816,6 +821,9 @@ func TestConfigValidate(t *testing.T) {
 		{"period under a minute", "EASGUARD_MAILER_PERIOD", "30s", func(c *mailer.Config) { c.Period = 30 * time.Second }},
 		{"template dir missing", "EASGUARD_MAILER_TEMPLATE_DIR", "/does/not/exist", func(c *mailer.Config) { c.TemplateDir = "/does/not/exist" }},
 		{"template that does not parse", "EASGUARD_MAILER_TEMPLATE_DIR", badTemplates, func(c *mailer.Config) { c.TemplateDir = badTemplates }},
+		{"alert webhook without scheme", "EASGUARD_MAILER_ALERT_WEBHOOK_URL", "hooks.contoso.com/easguard", func(c *mailer.Config) { c.AlertWebhookURL = "hooks.contoso.com/easguard" }},
+		{"alert format slack", "EASGUARD_MAILER_ALERT_WEBHOOK_FORMAT", "slack", func(c *mailer.Config) { c.AlertWebhookFormat = "slack" }},
+		{"alert mail to a bad address", "EASGUARD_MAILER_ALERT_MAIL_TO", "ops@contoso.com, not an address", func(c *mailer.Config) { c.AlertMailTo = "ops@contoso.com, not an address" }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
