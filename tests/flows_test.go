@@ -1,7 +1,9 @@
 package tests
 
 import (
+	"bytes"
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -9,9 +11,11 @@ import (
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
+	"github.com/easguard/easguard/tests/hooksim"
 	"github.com/easguard/easguard/tests/intunesim"
 )
 
@@ -225,7 +229,9 @@ func TestEmptyInventoryBlocksNothing(t *testing.T) {
 // allowed devices, the blast-radius guard applies none of it, alerts, and
 // status says why.
 func TestBlastRadiusGuardHoldsMassRevocation(t *testing.T) {
-	s := startStack(t, stackOptions{evaluate: func(c *evaluator.Config) { c.BlastRadius, c.BlastMinimum = 0.5, 3 }})
+	hook := hooksim.Start(t)
+	s := startStack(t, stackOptions{evaluate: func(c *evaluator.Config) { c.BlastRadius, c.BlastMinimum = 0.5, 3 },
+		mail: func(c *mailer.Config) { c.AlertWebhookURL, c.AlertMailTo = hook.URL, "it-ops@contoso.com" }})
 	s.waitFullSync()
 	var phones []exchangesim.Phone
 	var devices []managedDevice
@@ -242,6 +248,37 @@ func TestBlastRadiusGuardHoldsMassRevocation(t *testing.T) {
 	alert := waitEvent(t, s.events, "blast-radius alert", func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_BLAST_RADIUS })
 	if alert.GetDetail()["revocations"] != "3" || alert.GetDetail()["allowed"] != "4" {
 		t.Fatalf("alert %v", alert)
+	}
+	// The administrators hear of it: the webhook in Alertmanager's shape,
+	// and a mail.
+	pollEvery(t, 20*time.Second, 20*time.Millisecond, "the alert at the webhook and in the administrators' mailbox", func() bool {
+		mailed := false
+		for _, m := range s.smtp.Messages() {
+			mailed = mailed || slices.Contains(m.To, "it-ops@contoso.com") && strings.Contains(m.Subject, "CRITICAL")
+		}
+		return mailed && strings.Contains(string(bytes.Join(hook.Received(), nil)), "EasguardBlastRadius")
+	})
+	var posted struct {
+		Alerts []struct {
+			Labels      map[string]string
+			Annotations map[string]string
+			Fingerprint string
+		}
+	}
+	found := false
+	for _, body := range hook.Received() {
+		if err := json.Unmarshal(body, &posted); err != nil || len(posted.Alerts) != 1 {
+			t.Fatalf("webhook got %s: %v", body, err)
+		}
+		if a := posted.Alerts[0]; a.Labels["alertname"] == "EasguardBlastRadius" {
+			found = true
+			if a.Labels["easguard_org"] != "contoso" || a.Annotations["revocations"] != "3" || a.Fingerprint != alert.GetAlertId() {
+				t.Errorf("webhook alert %+v, raised %v", a, alert)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("the webhook got no EasguardBlastRadius in %d posts", len(hook.Received()))
 	}
 	s.settle()
 	for _, p := range phones {

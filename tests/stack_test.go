@@ -63,6 +63,7 @@ type stackOptions struct {
 	sim      func(*exchangesim.Config) // tweak the Exchange simulator (not with join)
 	exchange func(*exchange.Config)    // tweak easguard's Exchange settings
 	common   func(*config.Common)      // tweak the settings every worker shares
+	mail     func(*mailer.Config)      // tweak the mailer
 	natsURL  string                    // an external NATS (a cluster's URLs) instead of the embedded server
 	replicas int                       // EASGUARD_NATS_REPLICAS; 0: 1
 	org      string                    // the organisation; empty: testOrg
@@ -195,6 +196,9 @@ func startStack(t testing.TB, o stackOptions) *stack {
 			SmtpCABundle: f.smtpCA, From: "IT Service <it@contoso.com>", EnrolURL: enrolURL, Helpdesk: "helpdesk@contoso.com, +49 30 1234", Company: "Contoso", Locale: "en", Period: 24 * time.Hour},
 		MDM: &mcfg,
 	}
+	if o.mail != nil {
+		o.mail(s.sections.Mailer)
+	}
 	workers := o.workers
 	if workers == nil {
 		workers = pipeline.All
@@ -267,6 +271,7 @@ func (s *stack) processEnv(workers string) []string {
 		"EASGUARD_MAILER_SMTP_USER=" + m.SmtpUser, "EASGUARD_MAILER_SMTP_PASSWORD=" + m.SmtpPassword.Reveal(), "EASGUARD_MAILER_SMTP_CA_BUNDLE=" + m.SmtpCABundle,
 		"EASGUARD_MAILER_FROM=" + m.From, "EASGUARD_MAILER_ENROL_URL=" + m.EnrolURL, "EASGUARD_MAILER_HELPDESK=" + m.Helpdesk,
 		"EASGUARD_MAILER_COMPANY=" + m.Company, "EASGUARD_MAILER_LOCALE=" + m.Locale, "EASGUARD_MAILER_PERIOD=" + m.Period.String(),
+		"EASGUARD_MAILER_ALERT_WEBHOOK_URL=" + m.AlertWebhookURL, "EASGUARD_MAILER_ALERT_MAIL_TO=" + m.AlertMailTo,
 		"EASGUARD_MDM_FILE=" + s.inventory,
 	}, s.sim.Env(x.User, x.Password.Reveal(), x.CABundle)...)
 	return env

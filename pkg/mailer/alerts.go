@@ -3,6 +3,8 @@ package mailer
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -46,7 +48,7 @@ func (c *Config) validateAlerts() error {
 		}
 	}
 	switch c.AlertWebhookFormat {
-	case FormatAlertmanager, FormatTeams:
+	case "", FormatAlertmanager, FormatTeams: // "": alertmanager (a Config built in code)
 	default:
 		return config.Invalid(&c.AlertWebhookFormat, "use %s or %s, not %q", FormatAlertmanager, FormatTeams, c.AlertWebhookFormat)
 	}
@@ -105,7 +107,10 @@ func (m *Mailer) Alert(ctx context.Context, a *ev.Alert) ([]bus.Outbound, error)
 // once runs deliver unless the alert already reached target, and records
 // that it did.
 func (m *Mailer) once(ctx context.Context, a *ev.Alert, target string, deliver func() error) error {
-	key := string(m.org) + ".alert." + a.GetAlertId() + "." + target
+	// Alert ids are the raiser's (blast:mdm/1234, drift:…): hashed, any
+	// id makes a valid key.
+	sum := sha256.Sum256([]byte(a.GetAlertId()))
+	key := string(m.org) + ".alert." + hex.EncodeToString(sum[:12]) + "." + target
 	if _, err := m.notified.Get(ctx, key); err == nil {
 		return nil
 	} else if !errors.Is(err, jetstream.ErrKeyNotFound) {

@@ -3,11 +3,8 @@ package mailer_test
 import (
 	"context"
 	"encoding/json"
-	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,44 +15,8 @@ import (
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
+	"github.com/easguard/easguard/tests/hooksim"
 )
-
-// receiver is a webhook endpoint that records what it is sent, answering
-// with the statuses queued in fail first.
-type receiver struct {
-	mu     sync.Mutex
-	bodies [][]byte
-	fail   []int
-}
-
-func startReceiver(tb testing.TB, fail ...int) (*receiver, string) {
-	tb.Helper()
-	r := &receiver{fail: fail}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		body, _ := io.ReadAll(req.Body)
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		if req.Method != http.MethodPost || req.Header.Get("Content-Type") != "application/json" {
-			w.WriteHeader(http.StatusBadRequest)
-			return
-		}
-		if len(r.fail) > 0 {
-			code := r.fail[0]
-			r.fail = r.fail[1:]
-			w.WriteHeader(code)
-			return
-		}
-		r.bodies = append(r.bodies, body)
-	}))
-	tb.Cleanup(srv.Close)
-	return r, srv.URL + "/hooks/easguard"
-}
-
-func (r *receiver) received() [][]byte {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([][]byte(nil), r.bodies...)
-}
 
 func raise(tb testing.TB, h *harness, id string) *ev.Alert {
 	tb.Helper()
@@ -76,15 +37,15 @@ func raise(tb testing.TB, h *harness, id string) *ev.Alert {
 // webhook failed first and the alert was retried.
 func TestAlertsReachTheAdministrators(t *testing.T) {
 	t.Run("alertmanager, after a 503 and a 451", func(t *testing.T) {
-		rcv, url := startReceiver(t, http.StatusServiceUnavailable)
+		rcv := hooksim.Start(t, http.StatusServiceUnavailable)
 		h := start(t, options{alerts: func(c *mailer.Config) {
-			c.AlertWebhookURL, c.AlertMailTo = url, "ops@contoso.com, Security <sec@contoso.com>"
+			c.AlertWebhookURL, c.AlertMailTo = rcv.URL, "ops@contoso.com, Security <sec@contoso.com>"
 		}})
 		// The webhook fails the first try; the first mail the second, after
 		// the webhook took the alert.
 		h.relay.FailNext(1, 451, "Temporary local problem, try again")
 		a := raise(t, h, "a1b2c3")
-		natstest.Eventually(t, 20*time.Second, "the webhook to get the alert", func() bool { return len(rcv.received()) == 1 })
+		natstest.Eventually(t, 20*time.Second, "the webhook to get the alert", func() bool { return len(rcv.Received()) == 1 })
 		natstest.Eventually(t, 20*time.Second, "both administrators mailed", func() bool { return len(h.relay.Messages()) == 2 })
 		natstest.WaitDrained(t, h.js, 20*time.Second, bus.StreamAlerts)
 
@@ -99,11 +60,11 @@ func TestAlertsReachTheAdministrators(t *testing.T) {
 				Fingerprint string
 			}
 		}
-		if err := json.Unmarshal(rcv.received()[0], &msg); err != nil {
+		if err := json.Unmarshal(rcv.Received()[0], &msg); err != nil {
 			t.Fatal(err)
 		}
 		if msg.Version != "4" || msg.Status != "firing" || len(msg.Alerts) != 1 {
-			t.Fatalf("payload %s", rcv.received()[0])
+			t.Fatalf("payload %s", rcv.Received()[0])
 		}
 		got := msg.Alerts[0]
 		if got.Labels["alertname"] != "EasguardBlastRadius" || got.Labels["easguard_org"] != "contoso" || got.Labels["severity"] != "critical" ||
@@ -122,15 +83,15 @@ func TestAlertsReachTheAdministrators(t *testing.T) {
 			t.Errorf("mailed %v", to)
 		}
 		// Each retry delivered only what was missing: nothing twice.
-		if n := len(rcv.received()); n != 1 {
+		if n := len(rcv.Received()); n != 1 {
 			t.Errorf("webhook got %d posts", n)
 		}
 	})
 	t.Run("teams", func(t *testing.T) {
-		rcv, url := startReceiver(t)
-		h := start(t, options{alerts: func(c *mailer.Config) { c.AlertWebhookURL, c.AlertWebhookFormat = url, mailer.FormatTeams }})
-		raise(t, h, "d4e5f6")
-		natstest.Eventually(t, 20*time.Second, "the webhook to get the alert", func() bool { return len(rcv.received()) == 1 })
+		rcv := hooksim.Start(t)
+		h := start(t, options{alerts: func(c *mailer.Config) { c.AlertWebhookURL, c.AlertWebhookFormat = rcv.URL, mailer.FormatTeams }})
+		raise(t, h, "blast:mdm/5988550956") // as the guard names its alerts
+		natstest.Eventually(t, 20*time.Second, "the webhook to get the alert", func() bool { return len(rcv.Received()) == 1 })
 		var msg struct {
 			Type        string
 			Attachments []struct {
@@ -141,20 +102,20 @@ func TestAlertsReachTheAdministrators(t *testing.T) {
 				}
 			}
 		}
-		if err := json.Unmarshal(rcv.received()[0], &msg); err != nil {
+		if err := json.Unmarshal(rcv.Received()[0], &msg); err != nil {
 			t.Fatal(err)
 		}
 		if msg.Type != "message" || len(msg.Attachments) != 1 || msg.Attachments[0].ContentType != "application/vnd.microsoft.card.adaptive" ||
-			msg.Attachments[0].Content.Type != "AdaptiveCard" || !strings.Contains(string(rcv.received()[0]), "EasguardBlastRadius") {
-			t.Errorf("payload %s", rcv.received()[0])
+			msg.Attachments[0].Content.Type != "AdaptiveCard" || !strings.Contains(string(rcv.Received()[0]), "EasguardBlastRadius") {
+			t.Errorf("payload %s", rcv.Received()[0])
 		}
 		if n := len(h.relay.Messages()); n != 0 {
 			t.Errorf("%d mails with no administrator to mail", n)
 		}
 	})
 	t.Run("refused for good", func(t *testing.T) {
-		_, url := startReceiver(t, http.StatusNotFound)
-		h := start(t, options{alerts: func(c *mailer.Config) { c.AlertWebhookURL = url }})
+		rcv := hooksim.Start(t, http.StatusNotFound)
+		h := start(t, options{alerts: func(c *mailer.Config) { c.AlertWebhookURL = rcv.URL }})
 		dead := bustest.DeadLetters[ev.Alert](t, h.js, org, "mailer")
 		raise(t, h, "0a0b0c")
 		dl := dead.Await(t, 20*time.Second, "the refused alert dead-lettered", func(d bustest.DeadLetter[*ev.Alert]) bool {
