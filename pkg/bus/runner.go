@@ -25,6 +25,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/easguard/easguard/pkg/telemetry"
+	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
 // ErrNotReady is returned by Runner.Ready until every consumer is bound.
@@ -607,5 +608,40 @@ func (r *Runner) publishDeadLetter(ctx context.Context, d deadLetterInfo) error 
 		return err
 	}
 	r.deadLetters.Add(ctx, 1, metric.WithAttributes(attribute.String("easguard.org", string(d.org)), attribute.String("easguard.stage", d.stage)))
+	r.alertDeadLetter(ctx, d, id)
 	return nil
+}
+
+// deadLetterAlertEvery is how often one stage's dead letters are alerted:
+// a wave that dead-letters a thousand messages is one alert, not a
+// thousand mails to the administrators.
+const deadLetterAlertEvery = 15 * time.Minute
+
+// alertDeadLetter raises an alert for a dead letter, at most once per
+// stage every deadLetterAlertEvery. A dead-lettered alert raises none: its
+// delivery is what failed, and an alert about it would go the same way.
+func (r *Runner) alertDeadLetter(ctx context.Context, d deadLetterInfo, id string) {
+	if _, e, err := ParseSubject(d.subject); err == nil && e.name == AlertRaised.name {
+		return
+	}
+	status, err := r.js.KeyValue(ctx, BucketStatus)
+	if err == nil {
+		var due bool
+		if due, err = AlertDue(ctx, status, d.org, "dlq."+d.stage, deadLetterAlertEvery, time.Now()); err == nil && !due {
+			return
+		}
+	}
+	if err == nil {
+		var out Outbound
+		out, err = AlertOutbound(d.org, ev.AlertKind_ALERT_KIND_DEAD_LETTER, ev.AlertSeverity_ALERT_SEVERITY_WARNING, id,
+			fmt.Sprintf("the %s gave up on a message from %s: %s", d.stage, d.subject, truncate(d.reason, 300)),
+			map[string]string{"stage": d.stage, "subject": d.subject, "stream": d.stream, "stream_seq": strconv.FormatUint(d.streamSeq, 10),
+				"consumer": d.consumer, "deliveries": strconv.FormatUint(d.deliveries, 10), "reason": truncate(d.reason, 1024)}, time.Now())
+		if err == nil {
+			_, err = r.pub.Publish(ctx, out)
+		}
+	}
+	if err != nil {
+		r.log.WarnContext(ctx, "dead letter not alerted", "stage", d.stage, "subject", d.subject, "error", err)
+	}
 }

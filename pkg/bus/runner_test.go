@@ -391,6 +391,7 @@ func TestPoisonGoesToDeadLetterAndLeavesTheSource(t *testing.T) {
 					return nil, bus.Poison(errors.New("mailbox is out of scope"))
 				}))
 			dlq := collect(t, e.js, bus.StreamDLQ, bus.DeadLetter.Filter(org))
+			alerts := natstest.Receive[ev.Alert](t, e.js, bus.StreamAlerts, bus.AlertRaised.Filter(org))
 			subj, _ := bus.EASObserved.Subject(org, "dev1")
 			rawPublish(t, e.js, subj, tt.data, tt.header)
 
@@ -424,7 +425,57 @@ func TestPoisonGoesToDeadLetterAndLeavesTheSource(t *testing.T) {
 			natstest.Eventually(t, 5*time.Second, "the dead letter counted", func() bool {
 				return metrics.Value(t, "easguard.dead_letters", map[string]string{"easguard.org": "contoso", "easguard.stage": "matcher"}) == 1
 			})
+			// And alerted, with the reason.
+			a := alerts.Await(t, 10*time.Second, "the dead letter's alert", func(a *ev.Alert) bool { return true })
+			if a.GetKind() != ev.AlertKind_ALERT_KIND_DEAD_LETTER || a.GetDetail()["stage"] != "matcher" || !contains(a.GetDetail()["reason"], tt.reason) ||
+				a.GetDetail()["subject"] != subj {
+				t.Errorf("alert %v", a)
+			}
 		})
+	}
+}
+
+// A dead letter alerts the administrators once per stage and quarter of an
+// hour, not once per message; a dead-lettered alert raises none, since its
+// delivery is what failed.
+func TestDeadLettersAlertOncePerStageAndNeverForAlerts(t *testing.T) {
+	e := newEnv(t)
+	runRunner(t, e.js, bus.RunnerConfig{Service: "matcher", Org: org, Topology: e.topo, Retry: fastRetry()},
+		bus.Handle("eas-observed", bus.EASObserved, func(ctx context.Context, in *ev.EASPartnershipObserved) ([]bus.Outbound, error) {
+			return nil, bus.Poison(errors.New("refused"))
+		}))
+	runRunner(t, e.js, bus.RunnerConfig{Service: "mailer", Org: org, Topology: e.topo, Retry: fastRetry()},
+		bus.Handle("alert-raised", bus.AlertRaised, func(ctx context.Context, in *ev.Alert) ([]bus.Outbound, error) {
+			if in.GetKind() == ev.AlertKind_ALERT_KIND_DRIFT {
+				return nil, bus.Poison(errors.New("webhook answered 404"))
+			}
+			return nil, nil
+		}))
+	dlq := collect(t, e.js, bus.StreamDLQ, bus.DeadLetter.Filter(org))
+	alerts := natstest.Receive[ev.Alert](t, e.js, bus.StreamAlerts, bus.AlertRaised.Filter(org))
+	for _, dev := range []string{"dev1", "dev2", "dev3"} {
+		subj, _ := bus.EASObserved.Subject(org, dev)
+		data, _ := proto.Marshal(observed(dev))
+		rawPublish(t, e.js, subj, data, typed("easguard.v1.EASPartnershipObserved"))
+	}
+	drift, err := bus.AlertOutbound(org, ev.AlertKind_ALERT_KIND_DRIFT, ev.AlertSeverity_ALERT_SEVERITY_WARNING, "drift:1", "a manual edit", nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.pub.Publish(natstest.Context(t), drift); err != nil {
+		t.Fatal(err)
+	}
+	dlq.AwaitLen(t, 10*time.Second, 4)
+	natstest.Eventually(t, 10*time.Second, "the dead-letter alert", func() bool { return alerts.Len() >= 2 })
+	waitConsumerSettled(t, e.js, bus.StreamAlerts, "mailer-alert-raised-contoso")
+	var kinds []string
+	for _, a := range alerts.All() {
+		kinds = append(kinds, a.GetKind().String())
+	}
+	// The drift alert itself, and one dead-letter alert for the matcher's
+	// three dead letters; none for the mailer's dead-lettered drift alert.
+	if len(kinds) != 2 || kinds[0] == kinds[1] {
+		t.Fatalf("alerts %v", kinds)
 	}
 }
 

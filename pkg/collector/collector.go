@@ -534,9 +534,49 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 		c.putStatus(ctx, "sync."+st.Kind+".ok", st)
 	}
 	c.metrics.synced(ctx, st.Kind, st.Success, st.FinishedAt.Sub(start), st.FinishedAt, states)
+	if err != nil {
+		c.alertSyncFailed(ctx, st.Kind, id, err)
+	} else {
+		bus.AlertResolved(ctx, c.status, c.org, "sync."+st.Kind)
+	}
 	c.log.Info("sync finished", "sync_id", id, "kind", st.Kind, "success", st.Success, "observed", counts.Observed, "new", counts.New,
 		"changed", counts.Changed, "gone", counts.Gone, "duration", st.FinishedAt.Sub(start))
 	return done, err
+}
+
+// syncAlertEvery is how often syncs that go on failing are alerted again.
+const syncAlertEvery = time.Hour
+
+// alertSyncFailed raises an alert for a failed sync, as what the error
+// says when it is Exchange's (unreachable, the account's credentials or
+// role refused) or else as a failed sync: when syncs of the kind start
+// failing, and again each hour they go on failing, not at every attempt.
+func (c *Collector) alertSyncFailed(ctx context.Context, kind, id string, err error) {
+	ak, sev, what := ev.AlertKind_ALERT_KIND_SYNC_FAILED, ev.AlertSeverity_ALERT_SEVERITY_WARNING, "the "+kind+" sync failed"
+	switch {
+	case errors.Is(err, exchange.ErrAuth), errors.Is(err, exchange.ErrTLS):
+		ak, sev, what = ev.AlertKind_ALERT_KIND_EXCHANGE_AUTH, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, "Exchange refused easguard's credentials"
+	case errors.Is(err, exchange.ErrPermission):
+		ak, sev, what = ev.AlertKind_ALERT_KIND_EXCHANGE_PERMISSION, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, "easguard's account lacks a permission on Exchange"
+	case errors.Is(err, exchange.ErrUnreachable):
+		ak, what = ev.AlertKind_ALERT_KIND_EXCHANGE_UNREACHABLE, "Exchange is unreachable"
+	}
+	due, derr := bus.AlertDue(ctx, c.status, c.org, "sync."+kind, syncAlertEvery, c.now())
+	if derr != nil {
+		c.log.Warn("sync failure not alerted", "sync_id", id, "error", derr)
+		return
+	}
+	if !due {
+		return
+	}
+	out, oerr := bus.AlertOutbound(c.org, ak, sev, "sync-failed:"+id, fmt.Sprintf("%s (%s sync %s): %v", what, kind, id, err),
+		map[string]string{"sync_id": id, "kind": kind, "error": err.Error(), "cas_server": c.server()}, c.now())
+	if oerr == nil {
+		_, oerr = c.pub.Publish(ctx, out)
+	}
+	if oerr != nil {
+		c.log.Warn("sync failure not alerted", "sync_id", id, "error", oerr)
+	}
 }
 
 func (c *Collector) putStatus(ctx context.Context, name string, v any) {

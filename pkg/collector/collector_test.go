@@ -601,6 +601,7 @@ func TestExchangeUnreachable(t *testing.T) {
 	t.Parallel()
 	h := start(t, options{exchange: func(c *exchange.Config) { c.RequestTimeout, c.CASFailover = 3*time.Second, false }})
 	ctx := natstest.Context(t)
+	alerts := natstest.Receive[ev.Alert](t, h.js, bus.StreamAlerts, bus.AlertRaised.Filter(org))
 	h.sync(quick, "quick-ok")
 
 	cas := h.sim.Endpoints()[0]
@@ -636,12 +637,38 @@ func TestExchangeUnreachable(t *testing.T) {
 		}
 	}
 
+	// Each kind alerted when it started failing, as Exchange unreachable,
+	// and not again at the next failure within the hour.
+	if _, err := h.c.Sync(ctx, quick, "quick-down-again", "test"); err == nil {
+		t.Fatal("quick sync with Exchange down succeeded")
+	}
+	natstest.Eventually(t, 10*time.Second, "two alerts", func() bool { return alerts.Len() >= 2 })
+	for _, a := range alerts.All() {
+		if a.GetKind() != ev.AlertKind_ALERT_KIND_EXCHANGE_UNREACHABLE || !strings.Contains(a.GetSummary(), "Exchange is unreachable") ||
+			(a.GetDetail()["sync_id"] != "quick-down" && a.GetDetail()["sync_id"] != "full-down") {
+			t.Errorf("alert %v", a)
+		}
+	}
+
 	if err := cas.SetDown(false); err != nil {
 		t.Fatal(err)
 	}
 	h.sync(quick, "quick-back")
 	if st, _ := h.syncStatus("quick.ok"); st.SyncID != "quick-back" {
 		t.Fatalf("status quick.ok after Exchange came back: %+v", st)
+	}
+	// Resolved by the success: the next failure is alerted at once.
+	if err := cas.SetDown(true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.c.Sync(ctx, quick, "quick-down-later", "test"); err == nil {
+		t.Fatal("quick sync with Exchange down succeeded")
+	}
+	natstest.Eventually(t, 10*time.Second, "the alert of the new failure", func() bool {
+		return slices.ContainsFunc(alerts.All(), func(a *ev.Alert) bool { return a.GetDetail()["sync_id"] == "quick-down-later" })
+	})
+	if n := alerts.Len(); n != 3 {
+		t.Errorf("%d alerts, want 3: %v", n, alerts.All())
 	}
 }
 

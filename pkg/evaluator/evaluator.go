@@ -690,14 +690,7 @@ func mailboxName(mb *ev.Mailbox) string {
 
 // alert builds an alert output.
 func (e *Evaluator) alert(kind ev.AlertKind, sev ev.AlertSeverity, id, summary string, detail map[string]string) (bus.Outbound, error) {
-	tok := strings.ReplaceAll(strings.ToLower(strings.TrimPrefix(kind.String(), "ALERT_KIND_")), "_", "-")
-	subject, err := bus.AlertRaised.Subject(e.org, tok)
-	if err != nil {
-		return bus.Outbound{}, err
-	}
-	return bus.Outbound{Subject: subject, MsgID: "alert:" + id, Message: &ev.Alert{
-		Org: string(e.org), AlertId: id, Kind: kind, Severity: sev, Summary: summary, Detail: detail, RaisedAt: timestamppb.New(e.now()),
-	}}, nil
+	return bus.AlertOutbound(e.org, kind, sev, id, summary, detail, e.now())
 }
 
 // batchOf names the guard batch of a verdict: its sync pass, or the MDM

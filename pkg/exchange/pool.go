@@ -880,9 +880,11 @@ func deadlineError(ctx context.Context, err, last error) error {
 	}
 	switch {
 	case last != nil:
-		return fmt.Errorf("%w (last failure: %v)", cause, last)
+		// Wrapped, so that what kept failing can be told from the error
+		// (an alert says "unreachable", not just "timed out").
+		return fmt.Errorf("%w (last failure: %w)", cause, last)
 	case err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded):
-		return fmt.Errorf("%w (failure: %v)", cause, err)
+		return fmt.Errorf("%w (failure: %w)", cause, err)
 	}
 	return cause
 }

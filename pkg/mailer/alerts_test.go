@@ -126,3 +126,38 @@ func TestAlertsReachTheAdministrators(t *testing.T) {
 		}
 	})
 }
+
+// An SMTP server that refuses easguard's credentials holds every user mail
+// back (retried until an administrator fixes them): the administrators are
+// alerted once, and reminded each hour it goes on, not at every retry.
+func TestSMTPRefusingCredentialsIsAlertedOnce(t *testing.T) {
+	h := start(t, options{password: "not-the-password"})
+	alerts := natstest.Receive[ev.Alert](t, h.js, bus.StreamAlerts, bus.AlertRaised.Filter(org))
+	d := h.decision(phone(user("Erik Lang"), "ApplAUTHFAIL01", "Erik's iPhone"), ev.DesiredAccess_DESIRED_ACCESS_BLOCK, "not_enrolled")
+	h.publish(t, d, "")
+	natstest.Eventually(t, 20*time.Second, "three tries refused", func() bool { return h.redeliveries(t) >= 2 })
+	a := alerts.Await(t, 10*time.Second, "the alert", func(a *ev.Alert) bool { return true })
+	if a.GetKind() != ev.AlertKind_ALERT_KIND_NOTIFICATION_FAILED || a.GetSeverity() != ev.AlertSeverity_ALERT_SEVERITY_CRITICAL ||
+		a.GetDetail()["smtp_user"] == "" || strings.Contains(a.String(), "not-the-password") {
+		t.Errorf("alert %v", a)
+	}
+	// Ten minutes on, still refused: no second alert. An hour after the
+	// first, a reminder.
+	for _, step := range []struct {
+		advance time.Duration
+		want    int
+	}{{10 * time.Minute, 1}, {55 * time.Minute, 2}} {
+		h.clock.Advance(step.advance)
+		tries := h.redeliveries(t)
+		natstest.Eventually(t, 20*time.Second, "another try refused", func() bool { return h.redeliveries(t) >= tries+2 })
+		if step.want > 1 {
+			natstest.Eventually(t, 10*time.Second, "the reminder", func() bool { return alerts.Len() >= step.want })
+		}
+		if n := alerts.Len(); n != step.want {
+			t.Errorf("%s on: %d alerts for one refusing server, want %d", step.advance, n, step.want)
+		}
+	}
+	if n := len(h.relay.Messages()); n != 0 {
+		t.Errorf("%d mails through a server that refused the credentials", n)
+	}
+}

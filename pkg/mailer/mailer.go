@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -123,7 +124,16 @@ type Mailer struct {
 	metrics *instruments
 	// http posts alerts to the webhook.
 	http *http.Client
+	// status remembers when a failing SMTP server was last alerted, and
+	// pub raises the alert (SetPublisher).
+	status jetstream.KeyValue
+	pub    atomic.Pointer[bus.Publisher]
 }
+
+// SetPublisher gives the mailer the publisher it raises its own alerts
+// with (the SMTP server refusing its credentials), which no handler
+// output can carry: the handler that meets the refusal fails, to retry.
+func (m *Mailer) SetPublisher(p *bus.Publisher) { m.pub.Store(p) }
 
 // New prepares the mailer.
 func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, sender Sender, log *slog.Logger) (*Mailer, error) {
@@ -148,8 +158,12 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, s
 	if cfg.AlertWebhookFormat == "" {
 		cfg.AlertWebhookFormat = FormatAlertmanager
 	}
+	status, err := js.KeyValue(ctx, bus.BucketStatus)
+	if err != nil {
+		return nil, fmt.Errorf("mailer: open %s: %w", bus.BucketStatus, err)
+	}
 	return &Mailer{org: org, cfg: cfg, tmpl: tmpl, sender: sender, notified: kv, log: log.With("worker", "mailer"), now: time.Now, metrics: in,
-		http: &http.Client{Timeout: webhookTimeout}}, nil
+		http: &http.Client{Timeout: webhookTimeout}, status: status}, nil
 }
 
 // Routes returns the mailer's handlers. It follows access.applied, not
@@ -263,6 +277,7 @@ func (m *Mailer) notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 			// Retried like a transient failure, so the mail goes out once
 			// an admin fixes the credentials; said loudly meanwhile.
 			m.log.ErrorContext(ctx, "the SMTP server refused easguard's credentials; check the mailer's SMTP user and password", "error", err)
+			m.alertSMTPAuth(ctx, err)
 			return nil, fmt.Errorf("send to %s: %w", to, err)
 		default:
 			return nil, fmt.Errorf("send to %s: %w", to, err)
@@ -288,6 +303,38 @@ func (m *Mailer) notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 		Org: string(m.org), Recipient: to, Template: template + "/" + notifyReason(d), Locale: m.cfg.Locale, MessageId: msgID,
 		DeviceId: p.GetDeviceId(), Mailbox: mb, DecisionId: d.GetDecisionId(), SentAt: timestamppb.New(sent),
 	}}}, nil
+}
+
+// smtpAlertEvery is how often an SMTP server that goes on refusing
+// easguard's credentials is alerted again.
+const smtpAlertEvery = time.Hour
+
+// alertSMTPAuth raises NOTIFICATION_FAILED when the SMTP server refuses
+// easguard's credentials: every user mail waits (retried) until an
+// administrator fixes them. Once, and again each hour it goes on; a mail
+// refused for good is dead-lettered, which alerts by itself.
+func (m *Mailer) alertSMTPAuth(ctx context.Context, cause error) {
+	pub := m.pub.Load()
+	if pub == nil {
+		return
+	}
+	due, err := bus.AlertDue(ctx, m.status, m.org, "smtp.auth", smtpAlertEvery, m.now())
+	if err == nil && !due {
+		return
+	}
+	if err == nil {
+		var out bus.Outbound
+		now := m.now()
+		out, err = bus.AlertOutbound(m.org, ev.AlertKind_ALERT_KIND_NOTIFICATION_FAILED, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL,
+			fmt.Sprintf("smtp-auth:%d", now.Unix()), "the SMTP server refuses easguard's credentials: users of blocked phones are not told how to enrol",
+			map[string]string{"smtp_host": m.cfg.SmtpHost, "smtp_user": m.cfg.SmtpUser, "error": cause.Error()}, now)
+		if err == nil {
+			_, err = pub.Publish(ctx, out)
+		}
+	}
+	if err != nil {
+		m.log.WarnContext(ctx, "SMTP failure not alerted", "error", err)
+	}
 }
 
 // claimStale is how old another decision's unfinished claim on a device

@@ -1,6 +1,7 @@
 package mailer_test
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -63,6 +64,9 @@ type options struct {
 	replicas int
 	// alerts sets where alerts go (the Alert* settings).
 	alerts func(*mailer.Config)
+	// password, when set, is the one easguard logs on to the relay with
+	// (the relay knows svcPassword).
+	password string
 }
 
 // harness is one mailer on a real JetStream server, sending through the
@@ -106,7 +110,7 @@ func start(tb testing.TB, o options) *harness {
 		tb.Fatal(err)
 	}
 	cfg := mailer.Config{
-		SmtpHost: relay.Host(), SmtpPort: relay.Port(), SmtpSecurity: "starttls", SmtpUser: svcUser, SmtpPassword: config.Secret(svcPassword),
+		SmtpHost: relay.Host(), SmtpPort: relay.Port(), SmtpSecurity: "starttls", SmtpUser: svcUser, SmtpPassword: config.Secret(cmp.Or(o.password, svcPassword)),
 		SmtpCABundle: ca, From: "IT Service <it@contoso.com>", EnrolURL: enrolURL, Helpdesk: helpdesk, Company: "Contoso Ltd",
 		Locale: o.locale, Period: period, AlertWebhookFormat: mailer.FormatAlertmanager,
 	}
@@ -142,6 +146,7 @@ func start(tb testing.TB, o options) *harness {
 		if err != nil {
 			tb.Fatal(err)
 		}
+		m.SetPublisher(r.Publisher())
 		bustest.Run(tb, r)
 	}
 	h.consumer = bus.DefaultTopology().ConsumerConfig("mailer", "access-applied", bus.AccessApplied.Filter(org), org).Durable

@@ -289,9 +289,11 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 		if err := m.Instrument(svc.Tel.MeterProvider); err != nil {
 			return err
 		}
-		if _, err := svc.AddRunner(svc.RunnerConfig(Mailer, org), m.Routes()...); err != nil {
+		r, err := svc.AddRunner(svc.RunnerConfig(Mailer, org), m.Routes()...)
+		if err != nil {
 			return err
 		}
+		m.SetPublisher(r.Publisher())
 	}
 	if has(Collector) {
 		if err := startCollector(ctx, svc, org, *s.Collector, client, pool); err != nil {
@@ -425,17 +427,14 @@ func (b *busSink) ReadOK(ctx context.Context, devices int) {
 }
 
 func (b *busSink) Alert(ctx context.Context, kind ev.AlertKind, summary string, detail map[string]string) error {
-	tok := strings.ReplaceAll(strings.ToLower(strings.TrimPrefix(kind.String(), "ALERT_KIND_")), "_", "-")
-	subject, err := bus.AlertRaised.Subject(b.org, tok)
-	if err != nil {
-		return err
-	}
 	sum := sha256.Sum256([]byte(b.source + kind.String() + summary))
 	id := hex.EncodeToString(sum[:12])
 	b.status(ctx, map[string]any{"source": b.source, "state": "alert", "at": time.Now(), "alert": kind.String(), "summary": summary, "detail": detail})
-	_, err = b.svc.Publisher().Publish(ctx, bus.Outbound{Subject: subject, MsgID: "alert:" + id, Message: &ev.Alert{
-		Org: string(b.org), AlertId: id, Kind: kind, Severity: ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, Summary: summary, Detail: detail, RaisedAt: timestamppb.Now(),
-	}})
+	out, err := bus.AlertOutbound(b.org, kind, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, id, summary, detail, time.Now())
+	if err != nil {
+		return err
+	}
+	_, err = b.svc.Publisher().Publish(ctx, out)
 	return err
 }
 
