@@ -93,6 +93,10 @@ func TestBinaryRefusesBadConfigNamingTheVariable(t *testing.T) {
 		{"blast radius above one", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=evaluator", "EASGUARD_EVALUATOR_BLAST_RADIUS=1.5"}, "EASGUARD_EVALUATOR_BLAST_RADIUS"},
 		{"policy file missing", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=evaluator", "EASGUARD_EVALUATOR_POLICY_FILE=/nonexistent/policy.yaml"}, "EASGUARD_EVALUATOR_POLICY_FILE"},
 		{"ack wait too short", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_ACK_WAIT=10ms"}, "EASGUARD_ACK_WAIT"},
+		{"nats beyond loopback without a password", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_NATS_LISTEN=0.0.0.0:4222"}, "EASGUARD_NATS_LISTEN: \"0.0.0.0:4222\" accepts clients from other machines"},
+		{"nats on every interface without a password", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_NATS_LISTEN=:4222"}, "EASGUARD_NATS_LISTEN"},
+		{"nats password too short", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_NATS_LISTEN=0.0.0.0:4222", "EASGUARD_NATS_LISTEN_USER=easguard", "EASGUARD_NATS_LISTEN_PASSWORD=short"}, "EASGUARD_NATS_LISTEN_PASSWORD"},
+		{"nats monitor beyond loopback", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_NATS_MONITOR_LISTEN=0.0.0.0:8222"}, "EASGUARD_NATS_MONITOR_LISTEN"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -31,11 +32,31 @@ type Options struct {
 	ReadyTimeout time.Duration
 	// Logs enables the server's own log on stderr.
 	Logs bool
+	// Username and Password, when set, are what every client must log on
+	// with, the in-process ones included (Connect passes them): a listener
+	// beyond loopback needs them (IsLoopback).
+	Username, Password string
 }
 
 // Server is a running embedded NATS server.
 type Server struct {
-	ns *server.Server
+	ns         *server.Server
+	user, pass string
+}
+
+// IsLoopback reports whether a listen address (host:port) accepts
+// connections from this machine only: localhost, 127.0.0.0/8 or ::1. An
+// empty host listens on every interface.
+func IsLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // Start starts the server and waits until it accepts connections.
@@ -50,6 +71,11 @@ func Start(o Options) (*Server, error) {
 		NoSigs:     true,
 		NoLog:      !o.Logs,
 		DontListen: o.Listen == "",
+		Username:   o.Username,
+		Password:   o.Password,
+	}
+	if (o.Username == "") != (o.Password == "") {
+		return nil, errors.New("start embedded nats: give a user and a password, or neither")
 	}
 	var err error
 	if o.Listen != "" {
@@ -82,7 +108,7 @@ func Start(o Options) (*Server, error) {
 		ns.Shutdown()
 		return nil, fmt.Errorf("start embedded nats: JetStream did not start (store %s)", o.StoreDir)
 	}
-	return &Server{ns: ns}, nil
+	return &Server{ns: ns, user: o.Username, pass: o.Password}, nil
 }
 
 // listenAddr splits host:port for the server's options; port 0 asks the
@@ -105,6 +131,9 @@ func listenAddr(addr string) (string, int, error) {
 // Connect opens a client connection through an in-process pipe, no socket.
 func (s *Server) Connect(name string, opts ...nats.Option) (*nats.Conn, error) {
 	opts = append([]nats.Option{nats.Name(name), nats.InProcessServer(s.ns)}, opts...)
+	if s.user != "" {
+		opts = append(opts, nats.UserInfo(s.user, s.pass))
+	}
 	nc, err := nats.Connect("", opts...)
 	if err != nil {
 		return nil, fmt.Errorf("connect to embedded nats: %w", err)

@@ -38,16 +38,18 @@ import (
 // worker shares, those of the embedded NATS server, and each worker's.
 type Config struct {
 	config.Common
-	DataDir           string   `split_words:"true" default:"./data" desc:"Directory of the embedded NATS server's JetStream store; it survives restarts. Unused with EASGUARD_NATS_URL."`
-	NatsListen        string   `split_words:"true" desc:"Also accept NATS clients (the nats CLI, separate worker processes) on this host:port; embedded server only. Empty: in-process only."`
-	NatsMonitorListen string   `split_words:"true" desc:"Serve the embedded NATS server's monitoring endpoints (/varz, /jsz) on this host:port. Empty: off."`
-	Workers           []string `split_words:"true" default:"collector,matcher,evaluator,executor,mailer,mdm" desc:"Comma-separated workers this process runs: collector, matcher, evaluator, executor, mailer, mdm; none for the platform only."`
-	Exchange          exchange.Config
-	Collector         collector.Config
-	Evaluator         evaluator.Config
-	Executor          executor.Config
-	Mailer            mailer.Config
-	MDM               pipeline.MDMConfig
+	DataDir            string        `split_words:"true" default:"./data" desc:"Directory of the embedded NATS server's JetStream store; it survives restarts. Unused with EASGUARD_NATS_URL."`
+	NatsListen         string        `split_words:"true" desc:"Also accept NATS clients (the nats CLI, separate worker processes) on this host:port; embedded server only; beyond loopback only with EASGUARD_NATS_LISTEN_USER and its password. Empty: in-process only."`
+	NatsMonitorListen  string        `split_words:"true" desc:"Serve the embedded NATS server's monitoring endpoints (/varz, /jsz) on this host:port, loopback only (they have no authentication). Empty: off."`
+	NatsListenUser     string        `split_words:"true" desc:"User every NATS client of the embedded server must log on as (with EASGUARD_NATS_LISTEN_PASSWORD); required when EASGUARD_NATS_LISTEN is beyond loopback. Its clients connect with nats://user:password@host:port."`
+	NatsListenPassword config.Secret `split_words:"true" secret:"true" desc:"Password of EASGUARD_NATS_LISTEN_USER, at least 16 characters."`
+	Workers            []string      `split_words:"true" default:"collector,matcher,evaluator,executor,mailer,mdm" desc:"Comma-separated workers this process runs: collector, matcher, evaluator, executor, mailer, mdm; none for the platform only."`
+	Exchange           exchange.Config
+	Collector          collector.Config
+	Evaluator          evaluator.Config
+	Executor           executor.Config
+	Mailer             mailer.Config
+	MDM                pipeline.MDMConfig
 }
 
 func (c *Config) sections() pipeline.Sections {
@@ -77,6 +79,18 @@ func (c *Config) Validate() error {
 		if c.NatsURL != "" {
 			return config.Invalid(a, "only applies to the embedded server, but EASGUARD_NATS_URL is set")
 		}
+	}
+	if (c.NatsListenUser == "") != (c.NatsListenPassword == "") {
+		return config.Invalid(&c.NatsListenUser, "give the user and EASGUARD_NATS_LISTEN_PASSWORD, or neither")
+	}
+	if c.NatsListenUser != "" && len(c.NatsListenPassword.Reveal()) < 16 {
+		return config.Invalid(&c.NatsListenPassword, "must be at least 16 characters")
+	}
+	if c.NatsListen != "" && !natsembed.IsLoopback(c.NatsListen) && c.NatsListenUser == "" {
+		return config.Invalid(&c.NatsListen, "%q accepts clients from other machines, which could read and forge every event: set EASGUARD_NATS_LISTEN_USER and EASGUARD_NATS_LISTEN_PASSWORD, or listen on loopback (127.0.0.1:4222)", c.NatsListen)
+	}
+	if c.NatsMonitorListen != "" && !natsembed.IsLoopback(c.NatsMonitorListen) {
+		return config.Invalid(&c.NatsMonitorListen, "%q is beyond loopback, and NATS's monitoring endpoints have no authentication: listen on loopback (127.0.0.1:8222) and put an authenticating proxy in front if it must be reached", c.NatsMonitorListen)
 	}
 	if c.NatsURL == "" && c.DataDir == "" {
 		return config.Invalid(&c.DataDir, "must not be empty when the embedded server is used")
@@ -176,6 +190,7 @@ func serve(ctx context.Context, cfg Config, logs io.Writer) error {
 		Name: "easguard", Version: service.Version, Common: cfg.Common, LogOutput: logs,
 		Embedded: &natsembed.Options{
 			StoreDir: filepath.Join(cfg.DataDir, "nats"), Listen: cfg.NatsListen, MonitorListen: cfg.NatsMonitorListen,
+			Username: cfg.NatsListenUser, Password: cfg.NatsListenPassword.Reveal(),
 		},
 	})
 	if err != nil {
