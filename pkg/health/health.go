@@ -115,6 +115,31 @@ func Profiler() http.Handler {
 	return mux
 }
 
+// Limits of every HTTP listener easguard opens: a client that sends its
+// request slowly, or sends too much, is cut off instead of holding a
+// connection and memory.
+const (
+	// MaxRequestBody is the most a request body may hold on a listener
+	// whose handlers take no uploads (health, metrics, manual sync).
+	MaxRequestBody = 64 << 10
+	// MaxHeaderBytes bounds a request's header lines.
+	MaxHeaderBytes = 32 << 10
+)
+
+// NewHTTPServer is an http.Server for h with easguard's limits: headers
+// within 5 s and MaxHeaderBytes, the whole request within 30 s, idle
+// connections closed after 2 minutes, and, when maxBody is positive, a
+// body cut at maxBody (a handler that reads more gets an error and the
+// client 413). No write timeout: a profile (/debug/pprof/profile) streams
+// for as long as it was asked to.
+func NewHTTPServer(h http.Handler, maxBody int64) *http.Server {
+	if maxBody > 0 {
+		h = http.MaxBytesHandler(h, maxBody)
+	}
+	return &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
+		MaxHeaderBytes: MaxHeaderBytes}
+}
+
 // ListenHandler binds addr at once, so that a taken port fails the start,
 // and returns a function that serves h until its context ends.
 func ListenHandler(addr string, h http.Handler) (net.Addr, func(ctx context.Context) error, error) {
@@ -122,7 +147,7 @@ func ListenHandler(addr string, h http.Handler) (net.Addr, func(ctx context.Cont
 	if err != nil {
 		return nil, nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	srv := NewHTTPServer(h, MaxRequestBody)
 	serve := func(ctx context.Context) error {
 		errc := make(chan error, 1)
 		go func() { errc <- srv.Serve(ln) }()

@@ -32,6 +32,7 @@ import (
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/executor"
+	"github.com/easguard/easguard/pkg/health"
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/matcher"
 	"github.com/easguard/easguard/pkg/mdm"
@@ -500,7 +501,10 @@ func startMDM(ctx context.Context, svc *service.Service, org bus.Org, cfg MDMCon
 		sink := &busSink{svc: svc, org: org, source: src.Name(), kind: "webhook"}
 		mux := http.NewServeMux()
 		mux.Handle("POST /mdm/webhook", src)
-		srv := &http.Server{Addr: cfg.WebhookAddr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		// The source bounds the body itself (its limit is the MDM's
+		// batch size); the server bounds the rest.
+		srv := health.NewHTTPServer(mux, 0)
+		srv.Addr = cfg.WebhookAddr
 		svc.Go("mdm webhook", func(ctx context.Context) error {
 			errc := make(chan error, 1)
 			go func() { errc <- srv.ListenAndServe() }()
