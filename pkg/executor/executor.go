@@ -22,6 +22,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -99,7 +100,9 @@ type Executor struct {
 	// nonce is the random part of holder, which names its liveness lease.
 	nonce  string
 	leases jetstream.KeyValue
-	batch  *batcher
+	// pub raises alerts (SetPublisher).
+	pub   atomic.Pointer[bus.Publisher]
+	batch *batcher
 }
 
 // New opens the executor's state. server reports the CAS in use, for the
@@ -298,6 +301,9 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 		// released so that a newer decision need not wait for it; its
 		// watermark stays, so an older one still cannot overtake it.
 		x.release(ctx, key, d)
+		if exchange.IsFatal(res.Err) {
+			x.alertFatal(ctx, res.Err)
+		}
 		return nil, fmt.Errorf("apply %s for %s: %w", d.GetDesired(), p.GetDeviceId(), res.Err)
 	}
 	if err := x.complete(ctx, key, d, outcome, verdict); err != nil {
@@ -305,6 +311,47 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 	}
 	inv.Duration = durationpb.New(x.now().Sub(start))
 	return result(outcome, "", cmdlets)
+}
+
+// fatalAlertEvery is how often changes that Exchange goes on refusing for
+// want of credentials or permission are alerted again.
+const fatalAlertEvery = time.Hour
+
+// SetPublisher gives the executor the publisher it raises alerts with: a
+// change that fails for good is retried (the administrator may fix the
+// account meanwhile), so no handler output carries the alert.
+func (x *Executor) SetPublisher(p *bus.Publisher) { x.pub.Store(p) }
+
+// alertFatal raises EXCHANGE_AUTH or EXCHANGE_PERMISSION when Exchange
+// refuses a change for easguard's credentials or the account's role (the
+// collector's reads may still work: a role that lost Set-CASMailbox only
+// shows here), once, and again each hour it goes on.
+func (x *Executor) alertFatal(ctx context.Context, cause error) {
+	pub := x.pub.Load()
+	if pub == nil {
+		return
+	}
+	kind, what := ev.AlertKind_ALERT_KIND_EXCHANGE_PERMISSION, "permission"
+	if !errors.Is(cause, exchange.ErrPermission) {
+		kind, what = ev.AlertKind_ALERT_KIND_EXCHANGE_AUTH, "auth"
+	}
+	due, err := bus.AlertDue(ctx, x.status, x.org, "executor."+what, fatalAlertEvery, x.now())
+	if err == nil && !due {
+		return
+	}
+	if err == nil {
+		var out bus.Outbound
+		now := x.now()
+		out, err = bus.AlertOutbound(x.org, kind, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, fmt.Sprintf("executor-%s:%d", what, now.Unix()),
+			"Exchange refuses easguard's changes ("+what+"): decisions wait until the service account is fixed",
+			map[string]string{"error": cause.Error(), "cas_server": x.server(), "account": x.actor}, now)
+		if err == nil {
+			_, err = pub.Publish(ctx, out)
+		}
+	}
+	if err != nil {
+		x.log.WarnContext(ctx, "refused change not alerted", "error", err)
+	}
 }
 
 // The kinds of claim verdicts.

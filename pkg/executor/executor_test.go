@@ -158,6 +158,7 @@ func start(tb testing.TB, o options) *harness {
 	if err != nil {
 		tb.Fatal(err)
 	}
+	h.x.SetPublisher(r.Publisher())
 	h.consumer = bus.DefaultTopology().ConsumerConfig("executor", "access-decided", bus.AccessDecided.Filter(org), org).Durable
 	bustest.Run(tb, r)
 	h.pub, err = bus.NewPublisher(js, bus.Instrumentation{})
@@ -915,5 +916,36 @@ func TestSecondBatchInFlightUnlessItSharesAMailbox(t *testing.T) {
 	if sets["ApplSAME"].Time.Before(end(sets["ApplFIRST"])) {
 		t.Errorf("two Set-CASMailbox calls on %s at once: the second started %s before the first ended",
 			h.boxes[0].PrimarySMTP, end(sets["ApplFIRST"]).Sub(sets["ApplSAME"].Time))
+	}
+}
+
+// A role that lost Set-CASMailbox refuses every change while reads go on
+// working, so only the executor sees it: the administrators are alerted
+// once (the change is retried meanwhile), and the change goes through once
+// the role is back.
+func TestRefusedChangeIsAlerted(t *testing.T) {
+	h := start(t, options{})
+	alerts := natstest.Receive[ev.Alert](t, h.js, bus.StreamAlerts, bus.AlertRaised.Filter(org))
+	var readOnly []string
+	for _, c := range exchange.AllowedCmdlets {
+		if c != "Set-CASMailbox" {
+			readOnly = append(readOnly, c)
+		}
+	}
+	h.sim.Org.Grant(readOnly)
+	d := decision(h.phone(t, h.boxes[0], "ApplROLE0001"), ev.DesiredAccess_DESIRED_ACCESS_ALLOW, time.Now())
+	h.publish(t, d, "")
+	a := alerts.Await(t, 20*time.Second, "the alert", func(a *ev.Alert) bool { return true })
+	if a.GetKind() != ev.AlertKind_ALERT_KIND_EXCHANGE_PERMISSION || a.GetSeverity() != ev.AlertSeverity_ALERT_SEVERITY_CRITICAL ||
+		!strings.Contains(a.GetDetail()["error"], "Set-CASMailbox") {
+		t.Errorf("alert %v", a)
+	}
+	natstest.Eventually(t, 20*time.Second, "a retry refused too", func() bool { return natstest.Redeliveries(t, h.js, bus.StreamDecisions, h.consumer) >= 2 })
+	if n := alerts.Len(); n != 1 {
+		t.Errorf("%d alerts for one refusing role, want 1", n)
+	}
+	h.sim.Org.Grant(nil) // the role is back
+	if got := h.await(t, d); outcome(got) != ev.ApplyOutcome_APPLY_OUTCOME_APPLIED {
+		t.Fatalf("after the role came back: %s", outcome(got))
 	}
 }

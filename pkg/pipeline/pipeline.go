@@ -270,9 +270,11 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 		// Decisions wait together for their batch: many handlers at once,
 		// each with one message, so none outlives its AckWait in a buffer.
 		rc.Concurrency, rc.Prefetch = s.Executor.Parallel, 1
-		if _, err := svc.AddRunner(rc, x.Routes()...); err != nil {
+		r, err := svc.AddRunner(rc, x.Routes()...)
+		if err != nil {
 			return err
 		}
+		x.SetPublisher(r.Publisher())
 		// The liveness lease other replicas check before they wait for
 		// this one's claims.
 		svc.Go("executor liveness", x.Run)
