@@ -3,11 +3,13 @@ package tests
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
@@ -225,18 +227,16 @@ func TestEmptyInventoryBlocksNothing(t *testing.T) {
 	}
 }
 
-// When one pass would take mail from more than the set share of the
-// allowed devices, the blast-radius guard applies none of it, alerts, and
-// status says why.
-func TestBlastRadiusGuardHoldsMassRevocation(t *testing.T) {
-	hook := hooksim.Start(t)
-	s := startStack(t, stackOptions{evaluate: func(c *evaluator.Config) { c.BlastRadius, c.BlastMinimum = 0.5, 3 },
-		mail: func(c *mailer.Config) { c.AlertWebhookURL, c.AlertMailTo = hook.URL, "it-ops@contoso.com" }})
+// massRevocation allows four phones (ids prefix1…4; alice has two), then
+// makes the MDM say three of them are no longer compliant at once: 3 of 4,
+// over a guard of 50%.
+func (s *stack) massRevocation(prefix string) ([]exchangesim.Phone, []managedDevice) {
+	s.t.Helper()
 	s.waitFullSync()
 	var phones []exchangesim.Phone
 	var devices []managedDevice
 	for i, u := range []string{"alice", "bob", "carol", "alice"} {
-		p := iPhone(u+"@contoso.com", "ApplBLAST00000"+string(rune('1'+i)))
+		p := iPhone(u+"@contoso.com", prefix+string(rune('1'+i)))
 		phones = append(phones, p)
 		devices = append(devices, compliant("m-"+p.DeviceID, u+"@contoso.com", p.DeviceID))
 	}
@@ -245,6 +245,17 @@ func TestBlastRadiusGuardHoldsMassRevocation(t *testing.T) {
 		devices[i].ComplianceState = "noncompliant" // 3 of 4 at once: 75% > 50%
 	}
 	s.writeInventory(devices...)
+	return phones, devices
+}
+
+// When one pass would take mail from more than the set share of the
+// allowed devices, the blast-radius guard applies none of it, alerts, and
+// status says why.
+func TestBlastRadiusGuardHoldsMassRevocation(t *testing.T) {
+	hook := hooksim.Start(t)
+	s := startStack(t, stackOptions{evaluate: func(c *evaluator.Config) { c.BlastRadius, c.BlastMinimum = 0.5, 3 },
+		mail: func(c *mailer.Config) { c.AlertWebhookURL, c.AlertMailTo = hook.URL, "it-ops@contoso.com" }})
+	phones, devices := s.massRevocation("ApplBLAST00000")
 	alert := waitEvent(t, s.events, "blast-radius alert", func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_BLAST_RADIUS })
 	if alert.GetDetail()["revocations"] != "3" || alert.GetDetail()["allowed"] != "4" {
 		t.Fatalf("alert %v", alert)
@@ -440,5 +451,41 @@ func TestGraphOutageBlocksNothing(t *testing.T) {
 		if d := find(s.events, decidedFor(p.DeviceID, ev.DesiredAccess_DESIRED_ACCESS_BLOCK)); len(d) != 0 {
 			t.Fatalf("block decided for %s: %v", p.DeviceID, d[0])
 		}
+	}
+}
+
+// An administrator approves the mass revocation the guard holds: the same
+// revocations, judged again with the next pass, go through; another set
+// cannot be approved by a key that is not held.
+func TestApprovedMassRevocationGoesThrough(t *testing.T) {
+	s := startStack(t, stackOptions{evaluate: func(c *evaluator.Config) { c.BlastRadius, c.BlastMinimum = 0.5, 3 }})
+	phones, _ := s.massRevocation("ApplAPPROVE0")
+	waitEvent(t, s.events, "blast-radius alert", func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_BLAST_RADIUS })
+	s.settle()
+	var guard evaluator.GuardStatus
+	if err := json.Unmarshal(s.status()["guard"], &guard); err != nil || guard.State != "tripped" || guard.Key == "" {
+		t.Fatalf("guard %+v %v", guard, err)
+	}
+	status, err := s.svc.JS.KeyValue(t.Context(), bus.BucketStatus)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := evaluator.ApproveGuard(t.Context(), status, "contoso", "0123456789abcdef01234567", "alice@contoso.com", "", time.Now()); !errors.Is(err, evaluator.ErrNothingHeld) {
+		t.Fatalf("approving a set that is not held: %v", err)
+	}
+	if err := evaluator.ApproveGuard(t.Context(), status, "contoso", guard.Key, "alice@contoso.com", "the three phones were stolen", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	// Judged again with the next pass: released.
+	s.requestSync("full")
+	for _, p := range phones[:3] {
+		s.waitPhone(p, "Blocked", 30*time.Second)
+	}
+	s.settle()
+	if r := s.phoneSync(phones[3]); r.State != "Allowed" {
+		t.Fatalf("%s, still compliant, lost mail: %+v", phones[3].DeviceID, r)
+	}
+	if err := json.Unmarshal(s.status()["guard"], &guard); err != nil || guard.State != "approved" || !strings.Contains(guard.Detail, "alice@contoso.com") {
+		t.Fatalf("guard after the approval: %+v %v", guard, err)
 	}
 }

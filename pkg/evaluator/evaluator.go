@@ -827,7 +827,7 @@ func (e *Evaluator) waitDrained(ctx context.Context, service, route, stream stri
 
 // GuardStatus is what /status shows about the blast-radius guard.
 type GuardStatus struct {
-	State       string    `json:"state"` // ok or tripped
+	State       string    `json:"state"` // ok, tripped, or approved (a held set released by an administrator)
 	Batch       string    `json:"batch"`
 	Revocations int       `json:"revocations"`
 	Allowed     int       `json:"allowed"`
@@ -918,7 +918,17 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 		share = float64(len(staged)) / float64(allowed)
 	}
 	var outs []bus.Outbound
-	if len(staged) >= e.cfg.BlastMinimum && share > e.cfg.BlastRadius {
+	over := len(staged) >= e.cfg.BlastMinimum && share > e.cfg.BlastRadius
+	approved := GuardApproval{}
+	if over {
+		if a, ok := e.approval(ctx, guardKey(staged)); ok {
+			// An administrator approved exactly this set: it goes through.
+			approved, over = a, false
+			e.log.Warn("blast-radius guard: releasing an approved mass revocation", "batch", batch, "revocations", len(staged), "allowed", allowed,
+				"approved_by", a.By, "reason", a.Reason)
+		}
+	}
+	if over {
 		st := GuardStatus{State: "tripped", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share, Threshold: e.cfg.BlastRadius, At: e.now(),
 			Detail: fmt.Sprintf("%s would have taken mail away from %d of %d allowed devices (%.0f%%, limit %.0f%%); none of these revocations was applied. "+
 				"If this is intended, raise EASGUARD_EVALUATOR_BLAST_RADIUS until it has gone through.",
@@ -1017,9 +1027,18 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 			return err
 		}
 	}
-	if err := e.putStatus(ctx, "guard", GuardStatus{State: "ok", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share,
-		Threshold: e.cfg.BlastRadius, At: e.now(), Detail: fmt.Sprintf("%s: %d revocation(s) released", batch, len(release))}); err != nil {
+	st := GuardStatus{State: "ok", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share,
+		Threshold: e.cfg.BlastRadius, At: e.now(), Detail: fmt.Sprintf("%s: %d revocation(s) released", batch, len(release))}
+	if approved.Key != "" {
+		st.State, st.Key = "approved", approved.Key
+		st.Detail = fmt.Sprintf("%s: %d revocation(s) of %d allowed devices released, approved by %s", batch, len(release), allowed, approved.By)
+	}
+	if err := e.putStatus(ctx, "guard", st); err != nil {
 		return err
+	}
+	if approved.Key != "" {
+		// Used: the same set held again later needs a new approval.
+		_ = e.status.Delete(ctx, string(e.org)+".guard.approval")
 	}
 	return e.dropStaged(ctx, keys)
 }
