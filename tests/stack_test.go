@@ -260,6 +260,11 @@ func (s *stack) processEnv(workers string) []string {
 		"EASGUARD_ORG=" + s.org, "EASGUARD_NATS_URL=" + s.natsAddr, "EASGUARD_WORKERS=" + workers, "EASGUARD_LOG_LEVEL=info",
 		fmt.Sprint("EASGUARD_NATS_REPLICAS=", s.svc.Topology().Replicas),
 		"EASGUARD_LEASE_TTL=" + testLeaseTTL.String(), "EASGUARD_ACK_WAIT=" + testAckWait.String(), "EASGUARD_SHUTDOWN_TIMEOUT=10s",
+		// The stack's retention: with the default, the process's start
+		// would update every event stream the stack made, racing the
+		// consumers being created (a race inside nats-server's file
+		// store that -race reports in this test process).
+		"EASGUARD_RETENTION=" + s.common.Retention.String(),
 		fmt.Sprint("EASGUARD_EXCHANGE_WORKERS=", x.Workers), "EASGUARD_EXCHANGE_OPERATION_TIMEOUT=" + x.OperationTimeout.String(),
 		"EASGUARD_COLLECTOR_QUICK_INTERVAL=" + c.QuickInterval.String(), "EASGUARD_COLLECTOR_FULL_INTERVAL=" + c.FullInterval.String(),
 		"EASGUARD_COLLECTOR_QUICK_OVERLAP=" + c.QuickOverlap.String(), "EASGUARD_COLLECTOR_MDM_WAIT=" + c.MDMWait.String(),
