@@ -470,10 +470,10 @@ func TestApprovedMassRevocationGoesThrough(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := evaluator.ApproveGuard(t.Context(), status, "contoso", "0123456789abcdef01234567", "alice@contoso.com", "", time.Now()); !errors.Is(err, evaluator.ErrNothingHeld) {
+	if err := evaluator.ApproveGuard(t.Context(), status, s.svc.Publisher(), "contoso", "0123456789abcdef01234567", "alice@contoso.com", "192.0.2.7", "", time.Now()); !errors.Is(err, evaluator.ErrNothingHeld) {
 		t.Fatalf("approving a set that is not held: %v", err)
 	}
-	if err := evaluator.ApproveGuard(t.Context(), status, "contoso", guard.Key, "alice@contoso.com", "the three phones were stolen", time.Now()); err != nil {
+	if err := evaluator.ApproveGuard(t.Context(), status, s.svc.Publisher(), "contoso", guard.Key, "alice@contoso.com", "192.0.2.7", "the three phones were stolen", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	// Judged again with the next pass: released.
@@ -487,5 +487,17 @@ func TestApprovedMassRevocationGoesThrough(t *testing.T) {
 	}
 	if err := json.Unmarshal(s.status()["guard"], &guard); err != nil || guard.State != "approved" || !strings.Contains(guard.Detail, "alice@contoso.com") {
 		t.Fatalf("guard after the approval: %+v %v", guard, err)
+	}
+	// Both attempts are in the audit trail: who, from where, what, how it
+	// ended; and so is the sync asked for over HTTP.
+	audits := find(s.events, func(m *ev.AuditEvent) bool { return m.GetAction() == "guard-approve" })
+	if len(audits) != 2 || !strings.HasPrefix(audits[0].GetOutcome(), "refused") || audits[1].GetOutcome() != "approved" ||
+		audits[1].GetActor() != "alice@contoso.com" || audits[1].GetSource() != "192.0.2.7" || audits[1].GetTarget() != guard.Key ||
+		audits[1].GetDetail()["reason"] != "the three phones were stolen" {
+		t.Errorf("guard-approve audit %v", audits)
+	}
+	if syncs := find(s.events, func(m *ev.AuditEvent) bool { return m.GetAction() == "sync" && m.GetTarget() == "full" }); len(syncs) == 0 ||
+		!strings.HasPrefix(syncs[0].GetOutcome(), "requested manual-") {
+		t.Errorf("sync audit %v", syncs)
 	}
 }

@@ -130,10 +130,12 @@ var (
 	// consumer (stage) that gave up on them. The body is the original
 	// message, byte for byte; the reason travels in headers.
 	DeadLetter = Event{name: "dlq", keyed: true, stream: StreamDLQ}
+	// AuditRecorded carries AuditEvent, keyed by action.
+	AuditRecorded = Event{name: "audit", keyed: true, stream: StreamAudit, msgType: "easguard.v1.AuditEvent"}
 )
 
 // Events lists every subject family, for provisioning and documentation.
-var Events = []Event{EASObserved, EASConfirmed, MDMChanged, DeviceMatched, DevicesConfirmed, AccessDecided, AccessApplied, NotifySent, SyncRequested, SyncCompleted, SettingsDecided, AlertRaised, DeadLetter}
+var Events = []Event{EASObserved, EASConfirmed, MDMChanged, DeviceMatched, DevicesConfirmed, AccessDecided, AccessApplied, NotifySent, SyncRequested, SyncCompleted, SettingsDecided, AlertRaised, DeadLetter, AuditRecorded}
 
 // Name returns the family name, e.g. "eas.observed".
 func (e Event) Name() string { return e.name }

@@ -24,6 +24,7 @@ const (
 	StreamSettings     = "EASGUARD_SETTINGS"
 	StreamAlerts       = "EASGUARD_ALERTS"
 	StreamDLQ          = "EASGUARD_DLQ"
+	StreamAudit        = "EASGUARD_AUDIT"
 	// StreamAdvisories captures the server's max-deliveries advisories,
 	// which are fire-and-forget core messages, so that the dead-letter mover
 	// can process every one even if it was down when it was sent.
@@ -144,6 +145,10 @@ func DefaultTopology() Topology {
 	}
 }
 
+// AuditMaxAge is how long operator actions are kept at least: a year and
+// a month, so that a yearly review finds the whole year.
+const AuditMaxAge = 400 * 24 * time.Hour
+
 // StreamConfigs returns the configuration of every stream easguard uses.
 func (t Topology) StreamConfigs() []jetstream.StreamConfig {
 	facts := func(e Event, desc string) jetstream.StreamConfig {
@@ -164,6 +169,8 @@ func (t Topology) StreamConfigs() []jetstream.StreamConfig {
 	alerts.MaxAge = t.DeadLetterMaxAge
 	dlq := facts(DeadLetter, "messages a worker gave up on, with the reason in headers")
 	dlq.MaxAge = t.DeadLetterMaxAge
+	audit := facts(AuditRecorded, "operator actions: who did what, when, from where, and the outcome")
+	audit.MaxAge = max(t.FactsMaxAge, AuditMaxAge)
 	return []jetstream.StreamConfig{
 		facts(EASObserved, "ActiveSync partnerships as observed on Exchange"),
 		facts(MDMChanged, "device records changed in an MDM"),
@@ -176,6 +183,7 @@ func (t Topology) StreamConfigs() []jetstream.StreamConfig {
 		facts(SettingsDecided, "planned changes of the organisation settings"),
 		alerts,
 		dlq,
+		audit,
 		{
 			Name:        StreamAdvisories,
 			Description: "max-deliveries advisories for the dead-letter mover",

@@ -32,17 +32,31 @@ const approvalValid = 25 * time.Hour
 // the set of revocations named.
 var ErrNothingHeld = errors.New("the blast-radius guard holds no such set of revocations")
 
-// ApproveGuard approves, on behalf of by, the set of revocations the guard
-// holds under key (GuardStatus.Key, as /status shows it). The revocations
-// go through when their devices are next judged: with the next pass, or at
-// once after a sync the caller asks for.
-func ApproveGuard(ctx context.Context, status jetstream.KeyValue, org bus.Org, key, by, reason string, now time.Time) error {
-	e, err := status.Get(ctx, string(org)+".guard")
-	if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
-		return fmt.Errorf("approve guard: %w", err)
+// ApproveGuard approves, on behalf of by (from source: a client address),
+// the set of revocations the guard holds under key (GuardStatus.Key, as
+// /status shows it). The revocations go through when their devices are
+// next judged: with the next pass, or at once after a sync the caller asks
+// for. The approval, or its refusal, is audited (guard-approve) with pub.
+func ApproveGuard(ctx context.Context, status jetstream.KeyValue, pub *bus.Publisher, org bus.Org, key, by, source, reason string, now time.Time) (err error) {
+	defer func() {
+		outcome := "approved"
+		if err != nil {
+			outcome = "refused: " + err.Error()
+		}
+		a, aerr := bus.AuditOutbound(org, "guard-approve", by, source, key, outcome, map[string]string{"reason": reason}, now)
+		if aerr == nil {
+			_, aerr = pub.Publish(ctx, a)
+		}
+		if aerr != nil && err == nil {
+			err = fmt.Errorf("approve guard: audit: %w", aerr)
+		}
+	}()
+	e, gerr := status.Get(ctx, string(org)+".guard")
+	if gerr != nil && !errors.Is(gerr, jetstream.ErrKeyNotFound) {
+		return fmt.Errorf("approve guard: %w", gerr)
 	}
 	var st GuardStatus
-	if err != nil || json.Unmarshal(e.Value(), &st) != nil || st.State != "tripped" || st.Key != key {
+	if gerr != nil || json.Unmarshal(e.Value(), &st) != nil || st.State != "tripped" || st.Key != key {
 		return fmt.Errorf("approve guard %s: %w (it holds %q, state %q)", key, ErrNothingHeld, st.Key, st.State)
 	}
 	b, err := json.Marshal(GuardApproval{Key: key, By: by, Reason: reason, At: now.UTC()})

@@ -587,9 +587,21 @@ func syncHandler(svc *service.Service, org bus.Org) http.Handler {
 			return
 		}
 		id := fmt.Sprintf("manual-%d", time.Now().UnixNano())
-		if _, err := svc.Publisher().Publish(r.Context(), bus.Outbound{Subject: subject, MsgID: id, Message: &ev.SyncRequested{
+		_, err = svc.Publisher().Publish(r.Context(), bus.Outbound{Subject: subject, MsgID: id, Message: &ev.SyncRequested{
 			Org: string(org), SyncId: id, Kind: kind, RequestedBy: "http:" + r.RemoteAddr, RequestedAt: timestamppb.Now(), Reason: r.URL.Query().Get("reason"),
-		}}); err != nil {
+		}})
+		// Recorded whatever the outcome: who asked matters most when it
+		// did not happen.
+		outcome := "requested " + id
+		if err != nil {
+			outcome = "failed: " + err.Error()
+		}
+		if a, aerr := bus.AuditOutbound(org, "sync", "anonymous", r.RemoteAddr, kind.Short(), outcome, map[string]string{"reason": r.URL.Query().Get("reason")}, time.Now()); aerr == nil {
+			if _, aerr := svc.Publisher().Publish(r.Context(), a); aerr != nil {
+				svc.Log.Warn("manual sync not audited", "error", aerr)
+			}
+		}
+		if err != nil {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}

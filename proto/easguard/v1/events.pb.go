@@ -2898,6 +2898,123 @@ func (x *OrgSettingsDecided) GetDecidedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+// AuditEvent records one operator action: who did what, when, from where,
+// and how it ended. Kept at least a year.
+// Subject: easguard.<org>.audit.<action>.
+type AuditEvent struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Org     string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	AuditId string                 `protobuf:"bytes,2,opt,name=audit_id,json=auditId,proto3" json:"audit_id,omitempty"`
+	// action names what was done: sync, guard-approve, ...
+	Action string `protobuf:"bytes,3,opt,name=action,proto3" json:"action,omitempty"`
+	// actor is who did it: a signed-in user, a token's subject, or how an
+	// unauthenticated request reached easguard.
+	Actor string `protobuf:"bytes,4,opt,name=actor,proto3" json:"actor,omitempty"`
+	// source is where it came from: the client address, or the process.
+	Source string `protobuf:"bytes,5,opt,name=source,proto3" json:"source,omitempty"`
+	// target is what it was done to: a sync kind, a guard set, a device.
+	Target string `protobuf:"bytes,6,opt,name=target,proto3" json:"target,omitempty"`
+	// outcome is how it ended: done, refused and why, failed and why.
+	Outcome       string                 `protobuf:"bytes,7,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	Detail        map[string]string      `protobuf:"bytes,8,rep,name=detail,proto3" json:"detail,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	At            *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=at,proto3" json:"at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditEvent) Reset() {
+	*x = AuditEvent{}
+	mi := &file_easguard_v1_events_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditEvent) ProtoMessage() {}
+
+func (x *AuditEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_easguard_v1_events_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditEvent.ProtoReflect.Descriptor instead.
+func (*AuditEvent) Descriptor() ([]byte, []int) {
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *AuditEvent) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetAuditId() string {
+	if x != nil {
+		return x.AuditId
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetDetail() map[string]string {
+	if x != nil {
+		return x.Detail
+	}
+	return nil
+}
+
+func (x *AuditEvent) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
 // Alert tells operators something needs a human.
 // Subject: easguard.<org>.alert.<kind>.
 type Alert struct {
@@ -2915,7 +3032,7 @@ type Alert struct {
 
 func (x *Alert) Reset() {
 	*x = Alert{}
-	mi := &file_easguard_v1_events_proto_msgTypes[19]
+	mi := &file_easguard_v1_events_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2927,7 +3044,7 @@ func (x *Alert) String() string {
 func (*Alert) ProtoMessage() {}
 
 func (x *Alert) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[19]
+	mi := &file_easguard_v1_events_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2940,7 +3057,7 @@ func (x *Alert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Alert.ProtoReflect.Descriptor instead.
 func (*Alert) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{19}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Alert) GetOrg() string {
@@ -3204,7 +3321,21 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\x06reason\x18\t \x01(\tR\x06reason\x129\n" +
 	"\n" +
 	"decided_at\x18\n" +
-	" \x01(\v2\x1a.google.protobuf.TimestampR\tdecidedAt\"\xde\x02\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\tdecidedAt\"\xd5\x02\n" +
+	"\n" +
+	"AuditEvent\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x12\x19\n" +
+	"\baudit_id\x18\x02 \x01(\tR\aauditId\x12\x16\n" +
+	"\x06action\x18\x03 \x01(\tR\x06action\x12\x14\n" +
+	"\x05actor\x18\x04 \x01(\tR\x05actor\x12\x16\n" +
+	"\x06source\x18\x05 \x01(\tR\x06source\x12\x16\n" +
+	"\x06target\x18\x06 \x01(\tR\x06target\x12\x18\n" +
+	"\aoutcome\x18\a \x01(\tR\aoutcome\x12;\n" +
+	"\x06detail\x18\b \x03(\v2#.easguard.v1.AuditEvent.DetailEntryR\x06detail\x12*\n" +
+	"\x02at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x1a9\n" +
+	"\vDetailEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xde\x02\n" +
 	"\x05Alert\x12\x10\n" +
 	"\x03org\x18\x01 \x01(\tR\x03org\x12\x19\n" +
 	"\balert_id\x18\x02 \x01(\tR\aalertId\x12*\n" +
@@ -3338,7 +3469,7 @@ func file_easguard_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_easguard_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 13)
-var file_easguard_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_easguard_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_easguard_v1_events_proto_goTypes = []any{
 	(DeviceAccessState)(0),           // 0: easguard.v1.DeviceAccessState
 	(DeviceAccessStateReason)(0),     // 1: easguard.v1.DeviceAccessStateReason
@@ -3372,74 +3503,78 @@ var file_easguard_v1_events_proto_goTypes = []any{
 	(*SyncCounts)(nil),               // 29: easguard.v1.SyncCounts
 	(*SyncCompleted)(nil),            // 30: easguard.v1.SyncCompleted
 	(*OrgSettingsDecided)(nil),       // 31: easguard.v1.OrgSettingsDecided
-	(*Alert)(nil),                    // 32: easguard.v1.Alert
-	nil,                              // 33: easguard.v1.Alert.DetailEntry
-	(*timestamppb.Timestamp)(nil),    // 34: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 35: google.protobuf.Duration
+	(*AuditEvent)(nil),               // 32: easguard.v1.AuditEvent
+	(*Alert)(nil),                    // 33: easguard.v1.Alert
+	nil,                              // 34: easguard.v1.AuditEvent.DetailEntry
+	nil,                              // 35: easguard.v1.Alert.DetailEntry
+	(*timestamppb.Timestamp)(nil),    // 36: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 37: google.protobuf.Duration
 }
 var file_easguard_v1_events_proto_depIdxs = []int32{
 	13, // 0: easguard.v1.EASPartnership.mailbox:type_name -> easguard.v1.Mailbox
 	0,  // 1: easguard.v1.EASPartnership.device_access_state:type_name -> easguard.v1.DeviceAccessState
 	1,  // 2: easguard.v1.EASPartnership.device_access_state_reason:type_name -> easguard.v1.DeviceAccessStateReason
-	34, // 3: easguard.v1.EASPartnership.first_sync_time:type_name -> google.protobuf.Timestamp
-	34, // 4: easguard.v1.EASPartnership.last_success_sync:type_name -> google.protobuf.Timestamp
-	34, // 5: easguard.v1.EASPartnership.when_changed:type_name -> google.protobuf.Timestamp
+	36, // 3: easguard.v1.EASPartnership.first_sync_time:type_name -> google.protobuf.Timestamp
+	36, // 4: easguard.v1.EASPartnership.last_success_sync:type_name -> google.protobuf.Timestamp
+	36, // 5: easguard.v1.EASPartnership.when_changed:type_name -> google.protobuf.Timestamp
 	2,  // 6: easguard.v1.SyncRef.kind:type_name -> easguard.v1.SyncKind
 	14, // 7: easguard.v1.EASPartnershipObserved.partnership:type_name -> easguard.v1.EASPartnership
 	15, // 8: easguard.v1.EASPartnershipObserved.sync:type_name -> easguard.v1.SyncRef
-	34, // 9: easguard.v1.EASPartnershipObserved.observed_at:type_name -> google.protobuf.Timestamp
+	36, // 9: easguard.v1.EASPartnershipObserved.observed_at:type_name -> google.protobuf.Timestamp
 	3,  // 10: easguard.v1.EASPartnershipObserved.change:type_name -> easguard.v1.ObservationChange
 	15, // 11: easguard.v1.EASPartnershipsConfirmed.sync:type_name -> easguard.v1.SyncRef
-	34, // 12: easguard.v1.EASPartnershipsConfirmed.observed_at:type_name -> google.protobuf.Timestamp
+	36, // 12: easguard.v1.EASPartnershipsConfirmed.observed_at:type_name -> google.protobuf.Timestamp
 	14, // 13: easguard.v1.EASPartnershipsConfirmed.partnerships:type_name -> easguard.v1.EASPartnership
 	21, // 14: easguard.v1.DevicesMatched.matches:type_name -> easguard.v1.DeviceMatched
 	15, // 15: easguard.v1.DevicesMatched.sync:type_name -> easguard.v1.SyncRef
 	5,  // 16: easguard.v1.MDMDevice.enrollment_state:type_name -> easguard.v1.EnrollmentState
 	4,  // 17: easguard.v1.MDMDevice.compliance_state:type_name -> easguard.v1.ComplianceState
 	6,  // 18: easguard.v1.MDMDevice.platform:type_name -> easguard.v1.Platform
-	34, // 19: easguard.v1.MDMDevice.last_check_in:type_name -> google.protobuf.Timestamp
+	36, // 19: easguard.v1.MDMDevice.last_check_in:type_name -> google.protobuf.Timestamp
 	19, // 20: easguard.v1.MDMDeviceChanged.device:type_name -> easguard.v1.MDMDevice
-	34, // 21: easguard.v1.MDMDeviceChanged.observed_at:type_name -> google.protobuf.Timestamp
+	36, // 21: easguard.v1.MDMDeviceChanged.observed_at:type_name -> google.protobuf.Timestamp
 	16, // 22: easguard.v1.DeviceMatched.observed:type_name -> easguard.v1.EASPartnershipObserved
 	19, // 23: easguard.v1.DeviceMatched.mdm:type_name -> easguard.v1.MDMDevice
 	8,  // 24: easguard.v1.DeviceMatched.method:type_name -> easguard.v1.MatchMethod
 	9,  // 25: easguard.v1.DeviceMatched.no_match_reason:type_name -> easguard.v1.NoMatchReason
-	34, // 26: easguard.v1.DeviceMatched.matched_at:type_name -> google.protobuf.Timestamp
+	36, // 26: easguard.v1.DeviceMatched.matched_at:type_name -> google.protobuf.Timestamp
 	14, // 27: easguard.v1.AccessDecided.partnership:type_name -> easguard.v1.EASPartnership
 	7,  // 28: easguard.v1.AccessDecided.desired:type_name -> easguard.v1.DesiredAccess
 	0,  // 29: easguard.v1.AccessDecided.exchange_state:type_name -> easguard.v1.DeviceAccessState
 	1,  // 30: easguard.v1.AccessDecided.exchange_reason:type_name -> easguard.v1.DeviceAccessStateReason
 	19, // 31: easguard.v1.AccessDecided.mdm:type_name -> easguard.v1.MDMDevice
 	9,  // 32: easguard.v1.AccessDecided.no_match_reason:type_name -> easguard.v1.NoMatchReason
-	34, // 33: easguard.v1.AccessDecided.decided_at:type_name -> google.protobuf.Timestamp
+	36, // 33: easguard.v1.AccessDecided.decided_at:type_name -> google.protobuf.Timestamp
 	23, // 34: easguard.v1.CmdletInvocation.parameters:type_name -> easguard.v1.CmdletParameter
-	35, // 35: easguard.v1.CmdletInvocation.duration:type_name -> google.protobuf.Duration
+	37, // 35: easguard.v1.CmdletInvocation.duration:type_name -> google.protobuf.Duration
 	13, // 36: easguard.v1.AppliedItem.mailbox:type_name -> easguard.v1.Mailbox
 	7,  // 37: easguard.v1.AppliedItem.desired:type_name -> easguard.v1.DesiredAccess
 	10, // 38: easguard.v1.AppliedItem.outcome:type_name -> easguard.v1.ApplyOutcome
 	24, // 39: easguard.v1.AccessApplied.cmdlets:type_name -> easguard.v1.CmdletInvocation
 	25, // 40: easguard.v1.AccessApplied.items:type_name -> easguard.v1.AppliedItem
-	35, // 41: easguard.v1.AccessApplied.duration:type_name -> google.protobuf.Duration
-	34, // 42: easguard.v1.AccessApplied.applied_at:type_name -> google.protobuf.Timestamp
+	37, // 41: easguard.v1.AccessApplied.duration:type_name -> google.protobuf.Duration
+	36, // 42: easguard.v1.AccessApplied.applied_at:type_name -> google.protobuf.Timestamp
 	22, // 43: easguard.v1.AccessApplied.decision:type_name -> easguard.v1.AccessDecided
 	13, // 44: easguard.v1.NotificationSent.mailbox:type_name -> easguard.v1.Mailbox
-	34, // 45: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
+	36, // 45: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
 	2,  // 46: easguard.v1.SyncRequested.kind:type_name -> easguard.v1.SyncKind
-	34, // 47: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
+	36, // 47: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
 	2,  // 48: easguard.v1.SyncCompleted.kind:type_name -> easguard.v1.SyncKind
 	29, // 49: easguard.v1.SyncCompleted.counts:type_name -> easguard.v1.SyncCounts
-	34, // 50: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
-	34, // 51: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
-	34, // 52: easguard.v1.OrgSettingsDecided.decided_at:type_name -> google.protobuf.Timestamp
-	11, // 53: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
-	12, // 54: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
-	33, // 55: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
-	34, // 56: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
-	57, // [57:57] is the sub-list for method output_type
-	57, // [57:57] is the sub-list for method input_type
-	57, // [57:57] is the sub-list for extension type_name
-	57, // [57:57] is the sub-list for extension extendee
-	0,  // [0:57] is the sub-list for field type_name
+	36, // 50: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
+	36, // 51: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
+	36, // 52: easguard.v1.OrgSettingsDecided.decided_at:type_name -> google.protobuf.Timestamp
+	34, // 53: easguard.v1.AuditEvent.detail:type_name -> easguard.v1.AuditEvent.DetailEntry
+	36, // 54: easguard.v1.AuditEvent.at:type_name -> google.protobuf.Timestamp
+	11, // 55: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
+	12, // 56: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
+	35, // 57: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
+	36, // 58: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
+	59, // [59:59] is the sub-list for method output_type
+	59, // [59:59] is the sub-list for method input_type
+	59, // [59:59] is the sub-list for extension type_name
+	59, // [59:59] is the sub-list for extension extendee
+	0,  // [0:59] is the sub-list for field type_name
 }
 
 func init() { file_easguard_v1_events_proto_init() }
@@ -3453,7 +3588,7 @@ func file_easguard_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_easguard_v1_events_proto_rawDesc), len(file_easguard_v1_events_proto_rawDesc)),
 			NumEnums:      13,
-			NumMessages:   21,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
