@@ -277,6 +277,7 @@ func (s *stack) processEnv(workers string) []string {
 		"EASGUARD_MAILER_FROM=" + m.From, "EASGUARD_MAILER_ENROL_URL=" + m.EnrolURL, "EASGUARD_MAILER_HELPDESK=" + m.Helpdesk,
 		"EASGUARD_MAILER_COMPANY=" + m.Company, "EASGUARD_MAILER_LOCALE=" + m.Locale, "EASGUARD_MAILER_PERIOD=" + m.Period.String(),
 		"EASGUARD_MAILER_ALERT_WEBHOOK_URL=" + m.AlertWebhookURL, "EASGUARD_MAILER_ALERT_MAIL_TO=" + m.AlertMailTo,
+		"EASGUARD_MAILER_ALERT_WEBHOOK_AUTHORIZATION=" + m.AlertWebhookAuthorization.Reveal(),
 		"EASGUARD_MDM_FILE=" + s.inventory,
 	}, s.sim.Env(x.User, x.Password.Reveal(), x.CABundle)...)
 	return env

@@ -52,6 +52,12 @@ func (c *Config) validateAlerts() error {
 	default:
 		return config.Invalid(&c.AlertWebhookFormat, "use %s or %s, not %q", FormatAlertmanager, FormatTeams, c.AlertWebhookFormat)
 	}
+	if c.AlertWebhookAuthorization != "" && c.AlertWebhookURL == "" {
+		return config.Invalid(&c.AlertWebhookAuthorization, "is set, but EASGUARD_MAILER_ALERT_WEBHOOK_URL is not")
+	}
+	if strings.ContainsAny(c.AlertWebhookAuthorization.Reveal(), "\r\n") {
+		return config.Invalid(&c.AlertWebhookAuthorization, "must be one line")
+	}
 	if c.AlertMailTo != "" {
 		if _, err := mail.ParseAddressList(c.AlertMailTo); err != nil {
 			return config.Invalid(&c.AlertMailTo, "%v", err)
@@ -143,6 +149,9 @@ func (m *Mailer) postAlert(ctx context.Context, a *ev.Alert) error {
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", "easguard")
+	if auth := m.cfg.AlertWebhookAuthorization.Reveal(); auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
 	resp, err := m.http.Do(req)
 	if err != nil {
 		return fmt.Errorf("alert webhook: %w", err)

@@ -89,7 +89,9 @@ func TestAlertsReachTheAdministrators(t *testing.T) {
 	})
 	t.Run("teams", func(t *testing.T) {
 		rcv := hooksim.Start(t)
-		h := start(t, options{alerts: func(c *mailer.Config) { c.AlertWebhookURL, c.AlertWebhookFormat = rcv.URL, mailer.FormatTeams }})
+		h := start(t, options{alerts: func(c *mailer.Config) {
+			c.AlertWebhookURL, c.AlertWebhookFormat, c.AlertWebhookAuthorization = rcv.URL, mailer.FormatTeams, "Bearer hook-token-0123"
+		}})
 		raise(t, h, "blast:mdm/5988550956") // as the guard names its alerts
 		natstest.Eventually(t, 20*time.Second, "the webhook to get the alert", func() bool { return len(rcv.Received()) == 1 })
 		var msg struct {
@@ -111,6 +113,9 @@ func TestAlertsReachTheAdministrators(t *testing.T) {
 		}
 		if n := len(h.relay.Messages()); n != 0 {
 			t.Errorf("%d mails with no administrator to mail", n)
+		}
+		if a := rcv.Authorizations(); len(a) != 1 || a[0] != "Bearer hook-token-0123" {
+			t.Errorf("Authorization %q", a)
 		}
 	})
 	t.Run("refused for good", func(t *testing.T) {

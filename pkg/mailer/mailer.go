@@ -48,6 +48,8 @@ type Config struct {
 	AlertWebhookURL    string `split_words:"true" desc:"Where every alert is POSTed as JSON (a receiver, an Alertmanager-compatible tool, a Teams workflow); empty: no webhook."`
 	AlertWebhookFormat string `split_words:"true" default:"alertmanager" desc:"alertmanager (Alertmanager's webhook payload, version 4) or teams (a message with an Adaptive Card, for a Teams workflow's webhook)."`
 	AlertMailTo        string `split_words:"true" desc:"Administrators who get every alert by mail, comma-separated; empty: none."`
+	// AlertWebhookAuthorization is sent as the Authorization header.
+	AlertWebhookAuthorization config.Secret `split_words:"true" secret:"true" desc:"Authorization header of the alert webhook's requests, e.g. Bearer <token> for a receiver that wants one; empty: none."`
 }
 
 // Validate checks the settings.

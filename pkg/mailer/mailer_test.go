@@ -829,6 +829,7 @@ func TestConfigValidate(t *testing.T) {
 		{"alert webhook without scheme", "EASGUARD_MAILER_ALERT_WEBHOOK_URL", "hooks.contoso.com/easguard", func(c *mailer.Config) { c.AlertWebhookURL = "hooks.contoso.com/easguard" }},
 		{"alert format slack", "EASGUARD_MAILER_ALERT_WEBHOOK_FORMAT", "slack", func(c *mailer.Config) { c.AlertWebhookFormat = "slack" }},
 		{"alert mail to a bad address", "EASGUARD_MAILER_ALERT_MAIL_TO", "ops@contoso.com, not an address", func(c *mailer.Config) { c.AlertMailTo = "ops@contoso.com, not an address" }},
+		{"alert authorization without a webhook", "EASGUARD_MAILER_ALERT_WEBHOOK_AUTHORIZATION", "Bearer x", func(c *mailer.Config) { c.AlertWebhookAuthorization = "Bearer x" }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -19,6 +19,7 @@ type Receiver struct {
 
 	mu     sync.Mutex
 	bodies [][]byte
+	auth   []string
 	fail   []int
 }
 
@@ -48,6 +49,7 @@ func (r *Receiver) serve(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	r.bodies = append(r.bodies, body)
+	r.auth = append(r.auth, req.Header.Get("Authorization"))
 	w.WriteHeader(http.StatusOK)
 }
 
@@ -56,4 +58,11 @@ func (r *Receiver) Received() [][]byte {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return append([][]byte(nil), r.bodies...)
+}
+
+// Authorizations returns the Authorization header of each recorded request.
+func (r *Receiver) Authorizations() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.auth...)
 }
