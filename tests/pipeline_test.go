@@ -149,17 +149,22 @@ func assertDomainMetrics(t *testing.T, s *stack, graph bool) {
 			t.Errorf("%s%v = %v, want at least %v (easguard metrics: %s)", c.name, c.labels, got, c.atLeast, metricNames(fams, "easguard_"))
 		}
 	}
-	// The partnerships by state are the first full sync's: before the
-	// phone appeared, every seeded partnership in one of the states.
+	// The partnerships by state are the last full sync's: one asked for
+	// now finds the phone allowed, and each partnership it observed in
+	// exactly one state.
+	s.requestSync("full")
+	s.waitSyncs("full", 2)
+	fams = s.scrape()
+	full := find(s.events, func(m *ev.SyncCompleted) bool { return m.GetKind() == ev.SyncKind_SYNC_KIND_FULL && m.GetSuccess() })
 	total := 0.0
 	for _, st := range []string{"Allowed", "Blocked", "Quarantined", "DeviceDiscovery", "Unknown"} {
-		if _, ok := fams["easguard_partnerships"]; !ok {
-			break
-		}
 		total += metricValue(fams, "easguard_partnerships", with("easguard_exchange_state", st))
 	}
-	if all := metricValue(fams, "easguard_partnerships", org); total != all || metricNames(fams, "easguard_partnerships") == "" {
-		t.Errorf("easguard_partnerships by state sums to %v of %v", total, all)
+	if want := float64(full[len(full)-1].GetCounts().GetObserved()); total != want || want == 0 {
+		t.Errorf("easguard_partnerships by state sums to %v, want the %v partnerships the last full sync observed", total, want)
+	}
+	if n := metricValue(fams, "easguard_partnerships", with("easguard_exchange_state", "Allowed")); n != 1 {
+		t.Errorf("easguard_partnerships Allowed = %v, want the seed phone", n)
 	}
 	if n := metricValue(fams, "easguard_dead_letters_total", org); n != 0 {
 		t.Errorf("%v dead letters in the seed flow", n)

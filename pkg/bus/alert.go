@@ -70,3 +70,31 @@ func AlertDue(ctx context.Context, status jetstream.KeyValue, org Org, what stri
 func AlertResolved(ctx context.Context, status jetstream.KeyValue, org Org, what string) {
 	_ = status.Delete(ctx, string(org)+".alerted."+what)
 }
+
+// Alert is an alert to raise; AlertOutbound builds it on a subject.
+type Alert struct {
+	Kind     ev.AlertKind
+	Severity ev.AlertSeverity
+	// ID is the alert's id and, prefixed, its message id.
+	ID, Summary string
+	Detail      map[string]string
+}
+
+// RaiseDue raises a for a condition that goes on (syncs that keep failing,
+// an account Exchange keeps refusing, a stage that keeps dead-lettering):
+// at once when it starts, then at most once every every, across all
+// processes of the organisation (AlertDue under what in status).
+func RaiseDue(ctx context.Context, pub *Publisher, status jetstream.KeyValue, org Org, what string, every time.Duration, now time.Time, a Alert) error {
+	due, err := AlertDue(ctx, status, org, what, every, now)
+	if err != nil || !due {
+		return err
+	}
+	out, err := AlertOutbound(org, a.Kind, a.Severity, a.ID, a.Summary, a.Detail, now)
+	if err != nil {
+		return err
+	}
+	if _, err := pub.Publish(ctx, out); err != nil {
+		return fmt.Errorf("alert %s: %w", what, err)
+	}
+	return nil
+}

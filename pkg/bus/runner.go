@@ -198,6 +198,10 @@ type Runner struct {
 	// deadLetters counts the messages this runner moved to the dead-letter
 	// subject: each one is something easguard gave up on.
 	deadLetters metric.Int64Counter
+	// status is the status bucket, opened by the first dead letter
+	// (statusBucket). Guarded by statusMu.
+	statusMu sync.Mutex
+	status   jetstream.KeyValue
 }
 
 type boundRoute struct {
@@ -607,7 +611,7 @@ func (r *Runner) publishDeadLetter(ctx context.Context, d deadLetterInfo) error 
 	if _, err = r.pub.publish(ctx, subject, DeadLetter.Template(), id, d.data, h); err != nil {
 		return err
 	}
-	r.deadLetters.Add(ctx, 1, metric.WithAttributes(attribute.String("easguard.org", string(d.org)), attribute.String("easguard.stage", d.stage)))
+	r.deadLetters.Add(ctx, 1, metric.WithAttributes(telemetry.MetricOrgKey.String(string(d.org)), attribute.String("easguard.stage", d.stage)))
 	r.alertDeadLetter(ctx, d, id)
 	return nil
 }
@@ -624,24 +628,30 @@ func (r *Runner) alertDeadLetter(ctx context.Context, d deadLetterInfo, id strin
 	if _, e, err := ParseSubject(d.subject); err == nil && e.name == AlertRaised.name {
 		return
 	}
-	status, err := r.js.KeyValue(ctx, BucketStatus)
+	status, err := r.statusBucket(ctx)
 	if err == nil {
-		var due bool
-		if due, err = AlertDue(ctx, status, d.org, "dlq."+d.stage, deadLetterAlertEvery, time.Now()); err == nil && !due {
-			return
-		}
-	}
-	if err == nil {
-		var out Outbound
-		out, err = AlertOutbound(d.org, ev.AlertKind_ALERT_KIND_DEAD_LETTER, ev.AlertSeverity_ALERT_SEVERITY_WARNING, id,
-			fmt.Sprintf("the %s gave up on a message from %s: %s", d.stage, d.subject, truncate(d.reason, 300)),
-			map[string]string{"stage": d.stage, "subject": d.subject, "stream": d.stream, "stream_seq": strconv.FormatUint(d.streamSeq, 10),
-				"consumer": d.consumer, "deliveries": strconv.FormatUint(d.deliveries, 10), "reason": truncate(d.reason, 1024)}, time.Now())
-		if err == nil {
-			_, err = r.pub.Publish(ctx, out)
-		}
+		err = RaiseDue(ctx, r.pub, status, d.org, "dlq."+d.stage, deadLetterAlertEvery, time.Now(), Alert{Kind: ev.AlertKind_ALERT_KIND_DEAD_LETTER,
+			Severity: ev.AlertSeverity_ALERT_SEVERITY_WARNING, ID: id,
+			Summary: fmt.Sprintf("the %s gave up on a message from %s: %s", d.stage, d.subject, truncate(d.reason, 300)),
+			Detail: map[string]string{"stage": d.stage, "subject": d.subject, "stream": d.stream, "stream_seq": strconv.FormatUint(d.streamSeq, 10),
+				"consumer": d.consumer, "deliveries": strconv.FormatUint(d.deliveries, 10), "reason": truncate(d.reason, 1024)}})
 	}
 	if err != nil {
 		r.log.WarnContext(ctx, "dead letter not alerted", "stage", d.stage, "subject", d.subject, "error", err)
 	}
+}
+
+// statusBucket opens the status bucket once, for the dead-letter alerts'
+// throttle; a failed open is tried again with the next dead letter.
+func (r *Runner) statusBucket(ctx context.Context) (jetstream.KeyValue, error) {
+	r.statusMu.Lock()
+	defer r.statusMu.Unlock()
+	if r.status == nil {
+		kv, err := r.js.KeyValue(ctx, BucketStatus)
+		if err != nil {
+			return nil, err
+		}
+		r.status = kv
+	}
+	return r.status, nil
 }

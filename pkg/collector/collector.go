@@ -561,21 +561,9 @@ func (c *Collector) alertSyncFailed(ctx context.Context, kind, id string, err er
 	case errors.Is(err, exchange.ErrUnreachable):
 		ak, what = ev.AlertKind_ALERT_KIND_EXCHANGE_UNREACHABLE, "Exchange is unreachable"
 	}
-	due, derr := bus.AlertDue(ctx, c.status, c.org, "sync."+kind, syncAlertEvery, c.now())
-	if derr != nil {
-		c.log.Warn("sync failure not alerted", "sync_id", id, "error", derr)
-		return
-	}
-	if !due {
-		return
-	}
-	out, oerr := bus.AlertOutbound(c.org, ak, sev, "sync-failed:"+id, fmt.Sprintf("%s (%s sync %s): %v", what, kind, id, err),
-		map[string]string{"sync_id": id, "kind": kind, "error": err.Error(), "cas_server": c.server()}, c.now())
-	if oerr == nil {
-		_, oerr = c.pub.Publish(ctx, out)
-	}
-	if oerr != nil {
-		c.log.Warn("sync failure not alerted", "sync_id", id, "error", oerr)
+	if rerr := bus.RaiseDue(ctx, c.pub, c.status, c.org, "sync."+kind, syncAlertEvery, c.now(), bus.Alert{Kind: ak, Severity: sev, ID: "sync-failed:" + id,
+		Summary: fmt.Sprintf("%s (%s sync %s): %v", what, kind, id, err), Detail: map[string]string{"sync_id": id, "kind": kind, "error": err.Error(), "cas_server": c.server()}}); rerr != nil {
+		c.log.Warn("sync failure not alerted", "sync_id", id, "error", rerr)
 	}
 }
 

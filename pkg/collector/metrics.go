@@ -8,6 +8,8 @@ import (
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
+
+	"github.com/easguard/easguard/pkg/telemetry"
 )
 
 // meterScope names the collector's instruments.
@@ -48,7 +50,7 @@ func newInstruments(mp metric.MeterProvider, org string) (*instruments, error) {
 	if err != nil {
 		return nil, fmt.Errorf("collector metrics: %w", err)
 	}
-	return &instruments{org: attribute.String("easguard.org", org), duration: duration, lastSuccess: last, partnerships: parts}, nil
+	return &instruments{org: telemetry.MetricOrgKey.String(org), duration: duration, lastSuccess: last, partnerships: parts}, nil
 }
 
 // Instrument records the collector's domain metrics on mp; without it they

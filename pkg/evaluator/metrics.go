@@ -9,6 +9,8 @@ import (
 	"go.opentelemetry.io/otel/metric"
 
 	ev "github.com/easguard/easguard/proto/easguard/v1"
+
+	"github.com/easguard/easguard/pkg/telemetry"
 )
 
 // meterScope names the evaluator's instruments.
@@ -36,7 +38,7 @@ func newInstruments(mp metric.MeterProvider, org string) (*instruments, error) {
 	if err != nil {
 		return nil, fmt.Errorf("evaluator metrics: %w", err)
 	}
-	return &instruments{org: attribute.String("easguard.org", org), decisions: decisions, held: held}, nil
+	return &instruments{org: telemetry.MetricOrgKey.String(org), decisions: decisions, held: held}, nil
 }
 
 // Instrument records the evaluator's domain metrics on mp; without it they

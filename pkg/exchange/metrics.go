@@ -9,6 +9,8 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/metric/noop"
+
+	"github.com/easguard/easguard/pkg/telemetry"
 )
 
 // meterScope names the Exchange client's instruments.
@@ -37,7 +39,7 @@ func newInstruments(mp metric.MeterProvider, org string) (*instruments, error) {
 	if err != nil {
 		return nil, fmt.Errorf("exchange metrics: %w", err)
 	}
-	return &instruments{org: attribute.String("easguard.org", org), duration: duration, errors: errs}, nil
+	return &instruments{org: telemetry.MetricOrgKey.String(org), duration: duration, errors: errs}, nil
 }
 
 // WithMetrics records the pool's domain metrics on mp, labelled with the

@@ -335,20 +335,11 @@ func (x *Executor) alertFatal(ctx context.Context, cause error) {
 	if !errors.Is(cause, exchange.ErrPermission) {
 		kind, what = ev.AlertKind_ALERT_KIND_EXCHANGE_AUTH, "auth"
 	}
-	due, err := bus.AlertDue(ctx, x.status, x.org, "executor."+what, fatalAlertEvery, x.now())
-	if err == nil && !due {
-		return
-	}
-	if err == nil {
-		var out bus.Outbound
-		now := x.now()
-		out, err = bus.AlertOutbound(x.org, kind, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, fmt.Sprintf("executor-%s:%d", what, now.Unix()),
-			"Exchange refuses easguard's changes ("+what+"): decisions wait until the service account is fixed",
-			map[string]string{"error": cause.Error(), "cas_server": x.server(), "account": x.actor}, now)
-		if err == nil {
-			_, err = pub.Publish(ctx, out)
-		}
-	}
+	now := x.now()
+	err := bus.RaiseDue(ctx, pub, x.status, x.org, "executor."+what, fatalAlertEvery, now, bus.Alert{Kind: kind, Severity: ev.AlertSeverity_ALERT_SEVERITY_CRITICAL,
+		ID:      fmt.Sprintf("executor-%s:%d", what, now.Unix()),
+		Summary: "Exchange refuses easguard's changes (" + what + "): decisions wait until the service account is fixed",
+		Detail:  map[string]string{"error": cause.Error(), "cas_server": x.server(), "account": x.actor}})
 	if err != nil {
 		x.log.WarnContext(ctx, "refused change not alerted", "error", err)
 	}

@@ -320,20 +320,11 @@ func (m *Mailer) alertSMTPAuth(ctx context.Context, cause error) {
 	if pub == nil {
 		return
 	}
-	due, err := bus.AlertDue(ctx, m.status, m.org, "smtp.auth", smtpAlertEvery, m.now())
-	if err == nil && !due {
-		return
-	}
-	if err == nil {
-		var out bus.Outbound
-		now := m.now()
-		out, err = bus.AlertOutbound(m.org, ev.AlertKind_ALERT_KIND_NOTIFICATION_FAILED, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL,
-			fmt.Sprintf("smtp-auth:%d", now.Unix()), "the SMTP server refuses easguard's credentials: users of blocked phones are not told how to enrol",
-			map[string]string{"smtp_host": m.cfg.SmtpHost, "smtp_user": m.cfg.SmtpUser, "error": cause.Error()}, now)
-		if err == nil {
-			_, err = pub.Publish(ctx, out)
-		}
-	}
+	now := m.now()
+	err := bus.RaiseDue(ctx, pub, m.status, m.org, "smtp.auth", smtpAlertEvery, now, bus.Alert{Kind: ev.AlertKind_ALERT_KIND_NOTIFICATION_FAILED,
+		Severity: ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, ID: fmt.Sprintf("smtp-auth:%d", now.Unix()),
+		Summary: "the SMTP server refuses easguard's credentials: users of blocked phones are not told how to enrol",
+		Detail:  map[string]string{"smtp_host": m.cfg.SmtpHost, "smtp_user": m.cfg.SmtpUser, "error": cause.Error()}})
 	if err != nil {
 		m.log.WarnContext(ctx, "SMTP failure not alerted", "error", err)
 	}

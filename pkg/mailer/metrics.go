@@ -9,6 +9,8 @@ import (
 	"go.opentelemetry.io/otel/metric"
 
 	"github.com/easguard/easguard/pkg/notify"
+
+	"github.com/easguard/easguard/pkg/telemetry"
 )
 
 // meterScope names the mailer's instruments.
@@ -28,7 +30,7 @@ func newInstruments(mp metric.MeterProvider, org string) (*instruments, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mailer metrics: %w", err)
 	}
-	return &instruments{org: attribute.String("easguard.org", org), mails: mails}, nil
+	return &instruments{org: telemetry.MetricOrgKey.String(org), mails: mails}, nil
 }
 
 // Instrument records the mailer's domain metrics on mp; without it they

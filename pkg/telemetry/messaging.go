@@ -21,6 +21,11 @@ const (
 // SystemNATS is the messaging.system attribute of every easguard span.
 var SystemNATS = semconv.MessagingSystemKey.String("nats")
 
+// MetricOrgKey labels every domain metric with its Exchange organisation
+// (easguard_org in Prometheus), so one dashboard and one set of alert
+// rules serve every organisation on a cluster.
+const MetricOrgKey = attribute.Key("easguard.org")
+
 // PublishSpan describes a message about to be published.
 type PublishSpan struct {
 	Subject  string
