@@ -14,10 +14,10 @@ import (
 // ErrCorrupt is returned, wrapped with the key, for a record that does not
 // decode as its type: a reader must tell a broken record from an absent
 // one, which would otherwise look like "never happened".
-var ErrCorrupt = errors.New("status: corrupt record")
+var ErrCorrupt = errors.New("corrupt record")
 
 // ErrExists is returned by Create when the key already holds a record.
-var ErrExists = errors.New("status: record exists")
+var ErrExists = errors.New("record exists")
 
 // fullKey is a record's key in the bucket.
 func fullKey(org bus.Org, key string) string { return string(org) + "." + key }
