@@ -15,6 +15,7 @@ import (
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
 	"github.com/easguard/easguard/tests/hooksim"
@@ -132,7 +133,7 @@ scope:
 			t.Fatalf("after full sync %d bob's phone lost mail: %+v", i+1, r)
 		}
 		plan := s.fullSync()
-		if plan.State != evaluator.PlanLeftAlone || plan.From != "Allow" || !strings.Contains(plan.Detail, "pilot") {
+		if plan.State != status.PlanLeftAlone || plan.From != "Allow" || !strings.Contains(plan.Detail, "pilot") {
 			t.Fatalf("plan of the default for a pilot: %+v", plan)
 		}
 	}
@@ -180,7 +181,7 @@ dry_run: true
 	// The plan of the default says what a live run would do: tighten it
 	// from Allow to Quarantine, taking mail from the unknown phone.
 	plan := s.fullSync()
-	if plan.State != evaluator.PlanDryRun || plan.From != "Allow" || plan.To != "Quarantine" || plan.Revoked != 1 || plan.Allowed != 1 ||
+	if plan.State != status.PlanDryRun || plan.From != "Allow" || plan.To != "Quarantine" || plan.Revoked != 1 || plan.Allowed != 1 ||
 		len(plan.Sample) != 1 || !strings.Contains(plan.Sample[0], phone.DeviceID) ||
 		!strings.Contains(plan.Detail, "dry run: would change DefaultAccessLevel from Allow to Quarantine") || strings.Contains(plan.Detail, "guard would hold") {
 		t.Fatalf("status must say what the dry run would have changed: %+v", plan)
@@ -219,11 +220,8 @@ func TestEmptyInventoryBlocksNothing(t *testing.T) {
 			t.Fatalf("block decided for %s: %v", p.DeviceID, d[0])
 		}
 	}
-	var st struct {
-		State, Alert, Summary string
-	}
-	if err := json.Unmarshal(s.status()["mdm.file"], &st); err != nil || st.State != "alert" || st.Alert != "ALERT_KIND_MDM_INVENTORY_EMPTY" || !strings.Contains(st.Summary, "lists no devices") {
-		t.Fatalf("status of the MDM source: %+v %v", st, err)
+	if st, _ := statusOf[status.MDMSource](s, status.MDMSourceKey("file")); st.State != status.MDMAlert || st.Alert != "ALERT_KIND_MDM_INVENTORY_EMPTY" || !strings.Contains(st.Summary, "lists no devices") {
+		t.Fatalf("status of the MDM source: %+v", st)
 	}
 }
 
@@ -297,9 +295,8 @@ func TestBlastRadiusGuardHoldsMassRevocation(t *testing.T) {
 			t.Fatalf("%s lost mail although the guard tripped: %+v", p.DeviceID, r)
 		}
 	}
-	var guard struct{ State, Detail string }
-	if err := json.Unmarshal(s.status()["guard"], &guard); err != nil || guard.State != "tripped" || !strings.Contains(guard.Detail, "3 of 4") {
-		t.Fatalf("guard status %+v %v", guard, err)
+	if guard, _ := statusOf[status.Guard](s, status.GuardKey); guard.State != status.GuardTripped || !strings.Contains(guard.Detail, "3 of 4") {
+		t.Fatalf("guard status %+v", guard)
 	}
 	fams := s.scrape()
 	if n := metricValue(fams, "easguard_guard_held_total", map[string]string{"easguard_org": "contoso"}); n != 3 {
@@ -416,14 +413,17 @@ func TestGraphOutageBlocksNothing(t *testing.T) {
 			return n
 		}
 		natstest.Eventually(t, 60*time.Second, "failed Graph reads ("+fault.Kind+") and status saying so", func() bool {
-			var st struct{ State, Alert string }
-			return faulted() >= 3 && json.Unmarshal(s.status()["mdm.graph"], &st) == nil && st.State == "alert" && st.Alert == "ALERT_KIND_MDM_UNREACHABLE"
+			if faulted() < 3 {
+				return false
+			}
+			st, _ := statusOf[status.MDMSource](s, status.MDMSourceKey("graph"))
+			return st.State == status.MDMAlert && st.Alert == "ALERT_KIND_MDM_UNREACHABLE"
 		})
 		s.intune.ClearFaults()
 		// The next outage must be seen on its own: wait for a good read.
 		natstest.Eventually(t, 60*time.Second, "Graph read again", func() bool {
-			var st struct{ State string }
-			return json.Unmarshal(s.status()["mdm.graph"], &st) == nil && st.State == "ok"
+			st, _ := statusOf[status.MDMSource](s, status.MDMSourceKey("graph"))
+			return st.State == status.MDMOK
 		})
 	}
 	alert := waitEvent(t, s.events, "MDM unreachable alert", func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_MDM_UNREACHABLE })
@@ -432,12 +432,9 @@ func TestGraphOutageBlocksNothing(t *testing.T) {
 	}
 	// Graph is back: status says so, and the next complete read finds
 	// nothing changed.
-	var st struct {
-		State   string
-		Devices int
-	}
 	natstest.Eventually(t, 30*time.Second, "status of the Graph source back to ok", func() bool {
-		return json.Unmarshal(s.status()["mdm.graph"], &st) == nil && st.State == "ok" && st.Devices == 2
+		st, _ := statusOf[status.MDMSource](s, status.MDMSourceKey("graph"))
+		return st.State == status.MDMOK && st.Devices != nil && *st.Devices == 2
 	})
 	s.requestSync("full")
 	s.settle()
@@ -462,18 +459,18 @@ func TestApprovedMassRevocationGoesThrough(t *testing.T) {
 	phones, _ := s.massRevocation("ApplAPPROVE0")
 	waitEvent(t, s.events, "blast-radius alert", func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_BLAST_RADIUS })
 	s.settle()
-	var guard evaluator.GuardStatus
-	if err := json.Unmarshal(s.status()["guard"], &guard); err != nil || guard.State != "tripped" || guard.Key == "" {
-		t.Fatalf("guard %+v %v", guard, err)
+	guard, _ := statusOf[status.Guard](s, status.GuardKey)
+	if guard.State != status.GuardTripped || guard.Key == "" {
+		t.Fatalf("guard %+v", guard)
 	}
-	status, err := s.svc.JS.KeyValue(t.Context(), bus.BucketStatus)
+	kv, err := s.svc.JS.KeyValue(t.Context(), bus.BucketStatus)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := evaluator.ApproveGuard(t.Context(), status, s.svc.Publisher(), "contoso", "0123456789abcdef01234567", "alice@contoso.com", "192.0.2.7", "", time.Now()); !errors.Is(err, evaluator.ErrNothingHeld) {
+	if err := evaluator.ApproveGuard(t.Context(), kv, s.svc.Publisher(), "contoso", "0123456789abcdef01234567", "alice@contoso.com", "192.0.2.7", "", time.Now()); !errors.Is(err, evaluator.ErrNothingHeld) {
 		t.Fatalf("approving a set that is not held: %v", err)
 	}
-	if err := evaluator.ApproveGuard(t.Context(), status, s.svc.Publisher(), "contoso", guard.Key, "alice@contoso.com", "192.0.2.7", "the three phones were stolen", time.Now()); err != nil {
+	if err := evaluator.ApproveGuard(t.Context(), kv, s.svc.Publisher(), "contoso", guard.Key, "alice@contoso.com", "192.0.2.7", "the three phones were stolen", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	// Judged again with the next pass: released.
@@ -485,8 +482,8 @@ func TestApprovedMassRevocationGoesThrough(t *testing.T) {
 	if r := s.phoneSync(phones[3]); r.State != "Allowed" {
 		t.Fatalf("%s, still compliant, lost mail: %+v", phones[3].DeviceID, r)
 	}
-	if err := json.Unmarshal(s.status()["guard"], &guard); err != nil || guard.State != "approved" || !strings.Contains(guard.Detail, "alice@contoso.com") {
-		t.Fatalf("guard after the approval: %+v %v", guard, err)
+	if after, _ := statusOf[status.Guard](s, status.GuardKey); after.State != status.GuardApproved || !strings.Contains(after.Detail, "alice@contoso.com") {
+		t.Fatalf("guard after the approval: %+v", after)
 	}
 	// Both attempts are in the audit trail: who, from where, what, how it
 	// ended; and so is the sync asked for over HTTP.

@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"encoding/json"
 	"slices"
 	"strings"
 	"testing"
@@ -9,6 +8,7 @@ import (
 
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/pipeline"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
 	"github.com/easguard/easguard/tests/intunesim"
@@ -33,13 +33,6 @@ func (s *stack) startMDMProcess(t *testing.T) *process {
 	p := start(t, env...)
 	p.waitReady(t)
 	return p
-}
-
-// mdmStatus is the MDM source's status document (mdm.file, mdm.graph).
-type mdmStatus struct {
-	State   string `json:"state"`
-	Devices int    `json:"devices"`
-	Alert   string `json:"alert"`
 }
 
 // A device removed from the MDM while the MDM source is stopped: after the
@@ -77,11 +70,11 @@ func TestMDMRemovalWhileSourceStopped(t *testing.T) {
 			s := startStack(t, stackOptions{workers: others, graph: tt.graph})
 			alice, bob := iPhone("alice@contoso.com", "ApplRESTART0001"), iPhone("bob@contoso.com", "ApplRESTART0002")
 			bob.FriendlyName = "Bob's iPhone"
-			statusKey := "mdm.file"
+			statusKey := status.MDMSourceKey("file")
 			// ids maps the test's names of the MDM records to the MDM's ids.
 			ids := map[string]string{aliceMDM: aliceMDM, bobMDM: bobMDM}
 			if tt.graph {
-				statusKey = "mdm.graph"
+				statusKey = status.MDMSourceKey("graph")
 				for name, p := range map[string]exchangesim.Phone{aliceMDM: alice, bobMDM: bob} {
 					d, err := s.intune.Enrol(intunesim.Device{UserPrincipalName: p.Mailbox, EASDeviceID: p.DeviceID, EASActivated: true,
 						ComplianceState: "compliant", ManagementState: "managed", OperatingSystem: "iOS", OSVersion: "17.4"})
@@ -103,8 +96,8 @@ func TestMDMRemovalWhileSourceStopped(t *testing.T) {
 			}
 			// The source has read both devices and stored what it delivered.
 			natstest.Eventually(t, 30*time.Second, "the MDM source read both devices", func() bool {
-				var st mdmStatus
-				return json.Unmarshal(s.status()[statusKey], &st) == nil && st.State == "ok" && st.Devices == 2
+				st, _ := statusOf[status.MDMSource](s, statusKey)
+				return st.State == status.MDMOK && st.Devices != nil && *st.Devices == 2
 			})
 			source.stop(t)
 
@@ -129,8 +122,8 @@ func TestMDMRemovalWhileSourceStopped(t *testing.T) {
 					return m.GetKind() == ev.AlertKind_ALERT_KIND_MDM_INVENTORY_EMPTY
 				})
 				natstest.Eventually(t, 30*time.Second, "status saying so", func() bool {
-					var st mdmStatus
-					return json.Unmarshal(s.status()[statusKey], &st) == nil && st.State == "alert" && st.Alert == "ALERT_KIND_MDM_INVENTORY_EMPTY"
+					st, _ := statusOf[status.MDMSource](s, statusKey)
+					return st.State == status.MDMAlert && st.Alert == "ALERT_KIND_MDM_INVENTORY_EMPTY"
 				})
 			}
 			s.settle()

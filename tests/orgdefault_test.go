@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -9,10 +8,10 @@ import (
 	"time"
 
 	"github.com/easguard/easguard/pkg/collector"
-	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/executor"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/pipeline"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
 )
@@ -61,7 +60,7 @@ func (s *stack) cmdletOrder(deviceIDs ...string) (defaults []int, byDevice map[s
 func TestDefaultTightenedAfterAllowListing(t *testing.T) {
 	s := startStack(t, stackOptions{collect: fullSyncsOnly, executor: func(c *executor.Config) { c.Window = 3 * time.Second }})
 	s.waitFullSync()
-	if plan := s.waitDefaultPlan(); plan.State != evaluator.PlanReleased || plan.From != "Allow" || plan.To != "Quarantine" || plan.Revoked != 0 {
+	if plan := s.waitDefaultPlan(); plan.State != status.PlanReleased || plan.From != "Allow" || plan.To != "Quarantine" || plan.Revoked != 0 {
 		t.Fatalf("first full sync of an empty organisation: %+v", plan)
 	}
 	s.loosenDefault()
@@ -85,13 +84,12 @@ func TestDefaultTightenedAfterAllowListing(t *testing.T) {
 	}
 
 	plan := s.fullSync()
-	if plan.State != evaluator.PlanReleased || plan.From != "Allow" || plan.To != "Quarantine" || plan.Partnerships != 5 || plan.Revoked != 1 ||
+	if plan.State != status.PlanReleased || plan.From != "Allow" || plan.To != "Quarantine" || plan.Partnerships != 5 || plan.Revoked != 1 ||
 		len(plan.Sample) != 1 || !strings.Contains(plan.Sample[0], unknown.DeviceID) {
 		t.Fatalf("plan: %+v", plan)
 	}
-	var applied executor.DefaultApplied
-	if err := json.Unmarshal(s.status()["default.applied"], &applied); err != nil || applied.Outcome != executor.DefaultChanged || applied.DecisionID != plan.DecisionID {
-		t.Fatalf("executor's record of the change: %+v %v", applied, err)
+	if applied, _ := statusOf[status.DefaultApplied](s, status.DefaultAppliedKey); applied.Outcome != status.DefaultChanged || applied.DecisionID != plan.DecisionID {
+		t.Fatalf("executor's record of the change: %+v", applied)
 	}
 	ids := []string{unknown.DeviceID}
 	for _, p := range phones {
@@ -146,10 +144,10 @@ scope:
 				phones = append(phones, p)
 				s.phoneSync(p)
 			}
-			var plan evaluator.DefaultPlan
+			var plan status.DefaultPlan
 			for i := range 2 {
 				plan = s.fullSync()
-				if plan.State != evaluator.PlanHeld || plan.Explicit != tc.explicit || plan.Revoked != 6 || plan.Allowed != 6 || plan.Key == "" ||
+				if plan.State != status.PlanHeld || plan.Explicit != tc.explicit || plan.Revoked != 6 || plan.Allowed != 6 || plan.Key == "" ||
 					!strings.Contains(plan.Detail, "takes mail from 6 of the 6") {
 					t.Fatalf("full sync %d: plan %+v", i+1, plan)
 				}
@@ -179,18 +177,19 @@ func TestStaleDefaultPlanIsNotApplied(t *testing.T) {
 	s := startStack(t, stackOptions{collect: fullSyncsOnly, workers: []string{pipeline.Collector, pipeline.Matcher, pipeline.Evaluator, pipeline.Mailer, pipeline.MDM}})
 	// No executor yet: the plan is released, not applied.
 	natstest.Eventually(t, 30*time.Second, "the plan released", func() bool {
-		var plan evaluator.DefaultPlan
-		return json.Unmarshal(s.status()["default"], &plan) == nil && plan.State == evaluator.PlanReleased
+		plan, _ := statusOf[status.DefaultPlan](s, status.DefaultPlanKey)
+		return plan.State == status.PlanReleased
 	})
 	if err := s.sim.Org.SetDefaultAccessLevel("Block"); err != nil {
 		t.Fatal(err)
 	}
 	s.startWorker(t, "executor")
-	var applied executor.DefaultApplied
+	var applied status.DefaultApplied
 	natstest.Eventually(t, 60*time.Second, "the executor's verdict on the stale plan", func() bool {
-		return json.Unmarshal(s.status()["default.applied"], &applied) == nil && applied.DecisionID != ""
+		applied, _ = statusOf[status.DefaultApplied](s, status.DefaultAppliedKey)
+		return applied.DecisionID != ""
 	})
-	if applied.Outcome != executor.DefaultStale || applied.Found != "Block" {
+	if applied.Outcome != status.DefaultStale || applied.Found != "Block" {
 		t.Fatalf("stale plan: %+v", applied)
 	}
 	if level := s.sim.Org.DefaultAccessLevel(); level != "Block" {

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -23,8 +22,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/easguard/easguard/pkg/bus"
-	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
 )
@@ -639,10 +638,11 @@ func (r *reconcileRig) passJudged(syncID string) time.Time {
 	if err != nil {
 		r.tb.Fatal(err)
 	}
-	var st evaluator.PassJudgedStatus
+	var st status.PassJudged
 	pollEvery(r.tb, time.Minute, 50*time.Millisecond, "the evaluator's judged status of "+syncID, func() bool {
-		e, err := kv.Get(r.tb.Context(), testOrg+"."+evaluator.PassJudgedStatusKey("full"))
-		return err == nil && json.Unmarshal(e.Value(), &st) == nil && st.SyncID == syncID
+		var err error
+		st, _, err = status.Get[status.PassJudged](r.tb.Context(), kv, testOrg, status.PassJudgedKey("full"))
+		return err == nil && st.SyncID == syncID
 	})
 	return st.JudgedAt
 }

@@ -35,6 +35,7 @@ import (
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/pipeline"
 	"github.com/easguard/easguard/pkg/service"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
 	"github.com/easguard/easguard/tests/intunesim"
@@ -324,18 +325,41 @@ func (s *stack) status() map[string]json.RawMessage {
 	return out.Status
 }
 
+// statusOf reads the record /status shows under key (a pkg/status key) as
+// its type; false while /status has none.
+func statusOf[T any](s *stack, key string) (T, bool) {
+	s.t.Helper()
+	return statusIn[T](s.t, s.status(), key)
+}
+
+// statusIn decodes the record under key of a /status document read once,
+// for a check of several records as of one moment. A record that does not
+// decode fails the test: it is a break of the pkg/status contract.
+func statusIn[T any](tb testing.TB, doc map[string]json.RawMessage, key string) (T, bool) {
+	tb.Helper()
+	var v T
+	raw, ok := doc[key]
+	if !ok {
+		return v, false
+	}
+	if err := json.Unmarshal(raw, &v); err != nil {
+		tb.Fatalf("/status %s: %v", key, err)
+	}
+	return v, true
+}
+
 // waitFullSync waits for a successful full sync and for what easguard
 // does about the organisation's default after it: planned, and applied
 // when the plan released a change.
 func (s *stack) waitFullSync() {
 	s.t.Helper()
-	natstest.Eventually(s.t, 60*time.Second, "the first full sync", func() bool { _, ok := s.status()["sync.full.ok"]; return ok })
+	natstest.Eventually(s.t, 60*time.Second, "the first full sync", func() bool { _, ok := s.status()[status.SyncOKKey("full")]; return ok })
 	s.waitDefaultPlan()
 }
 
 // fullSync asks for a full sync, waits for it, and for the plan of the
 // organisation's default made from it; it returns the plan.
-func (s *stack) fullSync() evaluator.DefaultPlan {
+func (s *stack) fullSync() status.DefaultPlan {
 	s.t.Helper()
 	full := func(m *ev.SyncCompleted) bool { return m.GetKind() == ev.SyncKind_SYNC_KIND_FULL && m.GetSuccess() }
 	n := len(find(s.events, full))
@@ -344,8 +368,8 @@ func (s *stack) fullSync() evaluator.DefaultPlan {
 	done := find(s.events, full)
 	id := done[len(done)-1].GetSyncId()
 	natstest.Eventually(s.t, 30*time.Second, "status of full sync "+id, func() bool {
-		var st collector.SyncStatus
-		return json.Unmarshal(s.status()["sync.full.ok"], &st) == nil && st.SyncID == id
+		st, _ := statusOf[status.Sync](s, status.SyncOKKey("full"))
+		return st.SyncID == id
 	})
 	return s.waitDefaultPlan()
 }
@@ -353,27 +377,27 @@ func (s *stack) fullSync() evaluator.DefaultPlan {
 // waitDefaultPlan waits until the organisation's default is planned from
 // the latest successful full sync and, if the plan released a change,
 // the executor has applied it; it returns the plan.
-func (s *stack) waitDefaultPlan() evaluator.DefaultPlan {
+func (s *stack) waitDefaultPlan() status.DefaultPlan {
 	s.t.Helper()
-	var plan evaluator.DefaultPlan
+	var plan status.DefaultPlan
 	natstest.Eventually(s.t, 60*time.Second, "the organisation's default planned and applied", func() bool {
 		st := s.status()
-		var full collector.SyncStatus
-		if json.Unmarshal(st["sync.full.ok"], &full) != nil {
+		full, ok := statusIn[status.Sync](s.t, st, status.SyncOKKey("full"))
+		if !ok {
 			return false
 		}
 		if full.DefaultAccessLevel == "" {
 			return true // organisation settings left alone: nothing planned
 		}
-		if json.Unmarshal(st["default"], &plan) != nil || plan.SyncID != full.SyncID {
+		if plan, ok = statusIn[status.DefaultPlan](s.t, st, status.DefaultPlanKey); !ok || plan.SyncID != full.SyncID {
 			return false
 		}
 		switch plan.State {
-		case evaluator.PlanWaiting:
+		case status.PlanWaiting:
 			return false
-		case evaluator.PlanReleased:
-			var applied executor.DefaultApplied
-			return json.Unmarshal(st["default.applied"], &applied) == nil && applied.DecisionID == plan.DecisionID
+		case status.PlanReleased:
+			applied, _ := statusIn[status.DefaultApplied](s.t, st, status.DefaultAppliedKey)
+			return applied.DecisionID == plan.DecisionID
 		}
 		return true
 	})

@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -10,6 +9,7 @@ import (
 
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/pipeline"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
 )
@@ -60,9 +60,8 @@ func TestFirstFullSyncWaitsForTheMDMInventory(t *testing.T) {
 	// The collector is ready and has looked for the inventory a few times
 	// without starting the sync; nothing has been judged.
 	pollEvery(t, 30*time.Second, 20*time.Millisecond, "the first full sync waiting for the MDM inventory", func() bool {
-		var st collector.MDMWaitStatus
-		raw, ok := s.status()[collector.MDMWaitStatusKey]
-		return ok && json.Unmarshal(raw, &st) == nil && st.Waiting && st.Checks >= 3
+		st, ok := statusOf[status.MDMWait](s, status.MDMWaitKey)
+		return ok && st.Waiting && st.Checks >= 3
 	})
 	if got := find(s.events, func(*ev.DeviceMatched) bool { return true }); len(got) != 0 {
 		t.Fatalf("%d partnerships judged before the MDM inventory was read", len(got))

@@ -31,13 +31,20 @@ func AlertOutbound(org Org, kind ev.AlertKind, sev ev.AlertSeverity, id, summary
 	}}, nil
 }
 
+// AlertedKeyPrefix starts, after "<org>.", the status bucket's keys of
+// AlertDue's throttle: <org>.alerted.<what> holds when the condition what
+// was last alerted, as RFC 3339 text. It is exported so that the status
+// contract (pkg/status), which cannot be imported here, reads the same keys
+// this package writes.
+const AlertedKeyPrefix = "alerted."
+
 // AlertDue reports whether a condition that goes on (syncs that keep
 // failing, a mail server that keeps refusing) should be alerted again: not
 // within every of the last alert about it, which the status bucket
 // remembers under <org>.alerted.<what> for all replicas. It records the
 // alert it allows, so of several processes at once one is told yes.
 func AlertDue(ctx context.Context, status jetstream.KeyValue, org Org, what string, every time.Duration, now time.Time) (bool, error) {
-	key := string(org) + ".alerted." + what
+	key := string(org) + "." + AlertedKeyPrefix + what
 	stamp := []byte(now.UTC().Format(time.RFC3339Nano))
 	e, err := status.Get(ctx, key)
 	switch {
@@ -68,7 +75,7 @@ func AlertDue(ctx context.Context, status jetstream.KeyValue, org Org, what stri
 // AlertResolved forgets the last alert about what, so that the next time
 // the condition starts it is alerted at once.
 func AlertResolved(ctx context.Context, status jetstream.KeyValue, org Org, what string) {
-	_ = status.Delete(ctx, string(org)+".alerted."+what)
+	_ = status.Delete(ctx, string(org)+"."+AlertedKeyPrefix+what)
 }
 
 // Alert is an alert to raise; AlertOutbound builds it on a subject.

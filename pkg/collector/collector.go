@@ -15,7 +15,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -31,6 +30,7 @@ import (
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/config"
 	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
@@ -135,26 +135,6 @@ func (c *Collector) Route() bus.Route {
 	}).Serial()
 }
 
-// SyncStatus is what the status bucket records about a sync pass.
-type SyncStatus struct {
-	SyncID      string           `json:"sync_id"`
-	Kind        string           `json:"kind"`
-	RequestedBy string           `json:"requested_by"`
-	StartedAt   time.Time        `json:"started_at"`
-	FinishedAt  time.Time        `json:"finished_at"`
-	Success     bool             `json:"success"`
-	Counts      map[string]int64 `json:"counts"`
-	Errors      []string         `json:"errors,omitempty"`
-	Settings    []string         `json:"settings_enforced,omitempty"`
-	// SettingsNote says why settings were not enforced (a dry run, no
-	// policy known yet) and what a dry run would have changed.
-	SettingsNote string `json:"settings_note,omitempty"`
-	// DefaultAccessLevel is the organisation's as this full sync read it.
-	DefaultAccessLevel string            `json:"default_access_level,omitempty"`
-	Server             string            `json:"cas_server,omitempty"`
-	Extra              map[string]string `json:"extra,omitempty"`
-}
-
 // Schedule runs syncs on their intervals until ctx ends: a full sync when
 // the last successful one is older than FullInterval (so a new leader does
 // not wait a day), quick syncs in between. After any sync, failed or not,
@@ -204,8 +184,8 @@ func (c *Collector) waitForMDM(ctx context.Context) {
 	if c.cfg.MDMWait <= 0 {
 		return
 	}
-	st := MDMWaitStatus{Waiting: true, Since: c.now()}
-	c.putStatus(ctx, MDMWaitStatusKey, st)
+	st := status.MDMWait{Waiting: true, Since: c.now()}
+	putStatus(ctx, c, status.MDMWaitKey, st)
 	deadline := st.Since.Add(c.cfg.MDMWait)
 	t := time.NewTicker(250 * time.Millisecond)
 	defer t.Stop()
@@ -221,7 +201,7 @@ func (c *Collector) waitForMDM(ctx context.Context) {
 		done := st.InventoryRead && st.Indexed
 		if done || c.now().After(deadline) || ctx.Err() != nil {
 			st.Waiting, st.Until = false, c.now()
-			c.putStatus(ctx, MDMWaitStatusKey, st)
+			putStatus(ctx, c, status.MDMWaitKey, st)
 			if done {
 				c.log.Info("first full sync: the MDM inventory is read and indexed", "waited", st.Until.Sub(st.Since).Round(time.Millisecond))
 			} else if ctx.Err() == nil {
@@ -230,31 +210,12 @@ func (c *Collector) waitForMDM(ctx context.Context) {
 			}
 			return
 		}
-		c.putStatus(ctx, MDMWaitStatusKey, st)
+		putStatus(ctx, c, status.MDMWaitKey, st)
 		select {
 		case <-ctx.Done():
 		case <-t.C:
 		}
 	}
-}
-
-// MDMWaitStatusKey is where, under the org, the status bucket holds the
-// collector's MDMWaitStatus.
-const MDMWaitStatusKey = "sync.full.mdm_wait"
-
-// MDMWaitStatus is what the status bucket says about the first full sync's
-// wait for the MDM inventory (see Collector.waitForMDM).
-type MDMWaitStatus struct {
-	// Waiting is true while the first full sync waits.
-	Waiting bool      `json:"waiting"`
-	Since   time.Time `json:"since"`
-	Until   time.Time `json:"until,omitzero"`
-	// InventoryRead says an MDM inventory source delivered a complete
-	// read; Indexed that the matcher has handled every MDM change since.
-	InventoryRead bool `json:"inventory_read"`
-	Indexed       bool `json:"indexed"`
-	// Checks counts the looks at both so far.
-	Checks int `json:"checks"`
 }
 
 // inventoryDelivered reports whether an inventory source of this org has
@@ -295,14 +256,8 @@ const policyWait = 20 * time.Second
 func (c *Collector) policyDryRun(ctx context.Context) (dry, known bool) {
 	deadline := c.now().Add(policyWait)
 	for {
-		e, err := c.status.Get(ctx, string(c.org)+".policy")
-		if err == nil {
-			var st struct {
-				DryRun *bool `json:"dry_run"`
-			}
-			if json.Unmarshal(e.Value(), &st) == nil && st.DryRun != nil {
-				return *st.DryRun, true
-			}
+		if p, ok, err := status.Get[status.Policy](ctx, c.status, c.org, status.PolicyKey); err == nil && ok {
+			return p.DryRun, true
 		}
 		if c.now().After(deadline) {
 			return false, false
@@ -315,13 +270,16 @@ func (c *Collector) policyDryRun(ctx context.Context) (dry, known bool) {
 	}
 }
 
-func (c *Collector) lastSuccess(ctx context.Context, kind string) (SyncStatus, bool) {
-	var st SyncStatus
-	e, err := c.status.Get(ctx, string(c.org)+".sync."+kind+".ok")
-	if err != nil || json.Unmarshal(e.Value(), &st) != nil {
-		return st, false
+// lastSuccess reads the last successful sync of a kind. A record that
+// cannot be read counts as none: the schedule then runs that kind now,
+// which is what a missing record asks for anyway.
+func (c *Collector) lastSuccess(ctx context.Context, kind string) (status.Sync, bool) {
+	st, ok, err := status.Get[status.Sync](ctx, c.status, c.org, status.SyncOKKey(kind))
+	if err != nil {
+		c.log.Warn("last successful sync not read", "kind", kind, "error", err)
+		return status.Sync{}, false
 	}
-	return st, true
+	return st, ok
 }
 
 // fingerprint covers what the rest of easguard reacts to, so an unchanged
@@ -384,7 +342,7 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 	if id == "" {
 		id = fmt.Sprintf("%s-%d", kind.Short(), start.UnixNano())
 	}
-	st := SyncStatus{SyncID: id, Kind: kind.Short(), RequestedBy: requestedBy, StartedAt: start, Counts: map[string]int64{}}
+	st := status.Sync{SyncID: id, Kind: kind.Short(), RequestedBy: requestedBy, StartedAt: start, Counts: map[string]int64{}}
 	counts := &ev.SyncCounts{}
 	var states *stateCounts // a full sync's partnerships by access state
 	if kind == ev.SyncKind_SYNC_KIND_FULL {
@@ -529,9 +487,9 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 			return nil, fmt.Errorf("report sync %s: %w", id, perr)
 		}
 	}
-	c.putStatus(ctx, "sync."+st.Kind+".last", st)
+	putStatus(ctx, c, status.SyncLastKey(st.Kind), st)
 	if st.Success {
-		c.putStatus(ctx, "sync."+st.Kind+".ok", st)
+		putStatus(ctx, c, status.SyncOKKey(st.Kind), st)
 	}
 	c.metrics.synced(ctx, st.Kind, st.Success, st.FinishedAt.Sub(start), st.FinishedAt, states)
 	if err != nil {
@@ -567,13 +525,12 @@ func (c *Collector) alertSyncFailed(ctx context.Context, kind, id string, err er
 	}
 }
 
-func (c *Collector) putStatus(ctx context.Context, name string, v any) {
-	b, err := json.Marshal(v)
-	if err == nil {
-		_, err = c.status.Put(ctx, string(c.org)+"."+name, b)
-	}
-	if err != nil {
-		c.log.Warn("status not recorded", "name", name, "error", err)
+// putStatus records v under key in the status bucket. A record that
+// fails is logged, not returned: the status is what an administrator
+// reads, and the sync it describes went on regardless.
+func putStatus[T any](ctx context.Context, c *Collector, key string, v T) {
+	if err := status.Put(ctx, c.status, c.org, key, v); err != nil {
+		c.log.Warn("status not recorded", "key", key, "error", err)
 	}
 }
 

@@ -2,8 +2,6 @@ package collector_test
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -22,6 +20,7 @@ import (
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
 )
@@ -173,21 +172,15 @@ func (h *harness) observationsOf(id string, n int) []*ev.EASPartnershipObserved 
 	return got
 }
 
-// syncStatus reads <org>.sync.<kind>.<last|ok>.
-func (h *harness) syncStatus(name string) (collector.SyncStatus, bool) {
+// syncStatus reads the sync record under key (status.SyncLastKey,
+// status.SyncOKKey).
+func (h *harness) syncStatus(key string) (status.Sync, bool) {
 	h.t.Helper()
-	var st collector.SyncStatus
-	e, err := h.status.Get(context.Background(), string(org)+".sync."+name)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return st, false
-	}
+	st, ok, err := status.Get[status.Sync](context.Background(), h.status, org, key)
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	if err := json.Unmarshal(e.Value(), &st); err != nil {
-		h.t.Fatal(err)
-	}
-	return st, true
+	return st, ok
 }
 
 // partnerships lists what the simulated organisation holds.
@@ -266,7 +259,7 @@ func TestFullSyncReportsChanges(t *testing.T) {
 			t.Fatalf("first full sync: %v", o)
 		}
 	}
-	st, ok := h.syncStatus("full.ok")
+	st, ok := h.syncStatus(status.SyncOKKey("full"))
 	if !ok || st.SyncID != "full-1" || !st.Success || st.Counts["new"] != n || st.Kind != "full" || st.Server == "" {
 		t.Fatalf("status full.ok %+v", st)
 	}
@@ -382,7 +375,7 @@ func TestQuickSyncReportsOnlyNew(t *testing.T) {
 					t.Fatalf("quick sync: %v", o)
 				}
 			}
-			st, ok := h.syncStatus("quick.ok")
+			st, ok := h.syncStatus(status.SyncOKKey("quick"))
 			if !ok || st.SyncID != "quick-1" {
 				t.Fatalf("status quick.ok %+v", st)
 			}
@@ -476,7 +469,7 @@ func TestFullSyncEnforcesSettings(t *testing.T) {
 			if !slices.Equal(done.GetSettingsEnforced(), tc.enforced) {
 				t.Fatalf("settings_enforced %q, want %q", done.GetSettingsEnforced(), tc.enforced)
 			}
-			st, _ := h.syncStatus("full.last")
+			st, _ := h.syncStatus(status.SyncLastKey("full"))
 			if st.SyncID != "full-1" || st.SettingsNote != tc.note || !slices.Equal(st.Settings, tc.enforced) {
 				t.Fatalf("status: note %q settings %q, want note %q", st.SettingsNote, st.Settings, tc.note)
 			}
@@ -509,7 +502,7 @@ func TestFullSyncWithoutPolicyLeavesSettings(t *testing.T) {
 	if n := h.sim.Recorder.Count("cmdlet:Set-ActiveSyncOrganizationSettings"); n != 0 || len(done.GetSettingsEnforced()) != 0 {
 		t.Fatalf("settings changed without a policy status: %d calls, %q", n, done.GetSettingsEnforced())
 	}
-	st, _ := h.syncStatus("full.ok")
+	st, _ := h.syncStatus(status.SyncOKKey("full"))
 	if !strings.HasPrefix(st.SettingsNote, "organisation settings not enforced: no evaluator has published the policy yet") {
 		t.Fatalf("settings note %q", st.SettingsNote)
 	}
@@ -553,9 +546,9 @@ func TestManualSyncRequest(t *testing.T) {
 			t.Fatalf("%s: %v", tc.id, c)
 		}
 		// The status is recorded right after sync.completed is published.
-		var st collector.SyncStatus
+		var st status.Sync
 		natstest.Eventually(t, 5*time.Second, "status of "+tc.id, func() bool {
-			st, _ = h.syncStatus(tc.name + ".ok")
+			st, _ = h.syncStatus(status.SyncOKKey(tc.name))
 			return st.SyncID == tc.id
 		})
 		if st.RequestedBy != "console:alice" || !st.Success {
@@ -627,11 +620,11 @@ func TestExchangeUnreachable(t *testing.T) {
 		if c.GetSuccess() || len(c.GetErrors()) != 1 || !strings.Contains(c.GetErrors()[0], tc.error) {
 			t.Fatalf("%s: %v", tc.id, c)
 		}
-		last, _ := h.syncStatus(tc.name + ".last")
+		last, _ := h.syncStatus(status.SyncLastKey(tc.name))
 		if last.SyncID != tc.id || last.Success || len(last.Errors) != 1 {
 			t.Fatalf("%s: status last %+v", tc.id, last)
 		}
-		okSt, ok := h.syncStatus(tc.name + ".ok")
+		okSt, ok := h.syncStatus(status.SyncOKKey(tc.name))
 		if ok != (tc.ok != "") || okSt.SyncID != tc.ok {
 			t.Fatalf("%s: status ok %+v", tc.id, okSt)
 		}
@@ -654,7 +647,7 @@ func TestExchangeUnreachable(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.sync(quick, "quick-back")
-	if st, _ := h.syncStatus("quick.ok"); st.SyncID != "quick-back" {
+	if st, _ := h.syncStatus(status.SyncOKKey("quick")); st.SyncID != "quick-back" {
 		t.Fatalf("status quick.ok after Exchange came back: %+v", st)
 	}
 	// Resolved by the success: the next failure is alerted at once.

@@ -11,7 +11,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -32,6 +31,7 @@ import (
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/config"
 	"github.com/easguard/easguard/pkg/policy"
+	"github.com/easguard/easguard/pkg/status"
 	"github.com/easguard/easguard/pkg/telemetry"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
@@ -136,12 +136,9 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, l
 		return nil, err
 	}
 	// /status shows the guard from the start, not only once it acted.
-	initial, err := json.Marshal(GuardStatus{State: "ok", At: e.now(), Threshold: cfg.BlastRadius, Detail: "no revocation judged yet"})
-	if err != nil {
-		return nil, fmt.Errorf("evaluator: guard status: %w", err)
-	}
-	if _, err := e.status.Create(ctx, string(org)+".guard", initial); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
-		return nil, fmt.Errorf("evaluator: guard status: %w", err)
+	initial := status.Guard{State: status.GuardOK, At: e.now(), Threshold: cfg.BlastRadius, Detail: "no revocation judged yet"}
+	if err := status.Create(ctx, e.status, org, status.GuardKey, initial); err != nil && !errors.Is(err, status.ErrExists) {
+		return nil, fmt.Errorf("evaluator: %w", err)
 	}
 	return e, nil
 }
@@ -217,30 +214,16 @@ func (e *Evaluator) loadPolicy(force bool) error {
 	return nil
 }
 
-// PolicyStatus is what /status shows about the policy in force. The
-// collector reads it too: in a dry run it must not enforce the
-// organisation settings either.
-type PolicyStatus struct {
-	Version  string    `json:"version"`
-	File     string    `json:"file,omitempty"`
-	DryRun   bool      `json:"dry_run"`
-	LoadedAt time.Time `json:"loaded_at"`
-	// Warnings name the rules that trust values the phone reports about
-	// itself (policy.Policy.Warnings), so that an administrator sees them
-	// where the policy in force is shown, not only in a log.
-	Warnings []string `json:"warnings,omitempty"`
-}
-
 // publishPolicy records the policy in force in the status bucket.
 func (e *Evaluator) publishPolicy(p *policy.Policy) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	st := PolicyStatus{Version: p.Version(), File: e.cfg.PolicyFile, DryRun: p.DryRun || e.cfg.DryRun, LoadedAt: e.now()}
+	st := status.Policy{Version: p.Version(), File: e.cfg.PolicyFile, DryRun: p.DryRun || e.cfg.DryRun, LoadedAt: e.now()}
 	for _, w := range p.Warnings() {
 		st.Warnings = append(st.Warnings, w.String())
 		e.log.Warn("policy rule trusts a value the phone reports", "file", e.cfg.PolicyFile, "version", st.Version, "rule", w.Path, "warning", w.Message)
 	}
-	if err := e.putStatus(ctx, "policy", st); err != nil {
+	if err := putStatus(ctx, e, status.PolicyKey, st); err != nil {
 		e.log.Warn("policy status not recorded", "error", err)
 	}
 }
@@ -750,29 +733,9 @@ func (e *Evaluator) SyncCompleted(ctx context.Context, in *ev.SyncCompleted) ([]
 	if err != nil {
 		return nil, err
 	}
-	st := PassJudgedStatus{SyncID: in.GetSyncId(), Kind: in.GetKind().Short(),
+	st := status.PassJudged{SyncID: in.GetSyncId(), Kind: in.GetKind().Short(),
 		Observed: in.GetCounts().GetObserved(), FinishedAt: in.GetFinishedAt().AsTime(), JudgedAt: judged}
-	return nil, e.putStatus(ctx, PassJudgedStatusKey(st.Kind), st)
-}
-
-// PassJudgedStatusKey is where, under the org, the status bucket holds the
-// PassJudgedStatus of the last sync pass of a kind ("quick", "full").
-func PassJudgedStatusKey(kind string) string { return "sync." + kind + ".judged" }
-
-// PassJudgedStatus says when the evaluator had judged every partnership a
-// sync pass observed: the end of a pass as a user sees it, where the
-// collector's own status ends with the listing. A judgement that changes
-// nothing writes nothing, so this is also the only trace of how long the
-// judging of a pass took.
-type PassJudgedStatus struct {
-	SyncID string `json:"sync_id"`
-	Kind   string `json:"kind"`
-	// Observed is the partnerships the pass observed.
-	Observed   int64     `json:"observed"`
-	FinishedAt time.Time `json:"finished_at"`
-	// JudgedAt is when the pass's last observation had been matched and
-	// judged (within the barrier's 100 ms poll).
-	JudgedAt time.Time `json:"judged_at"`
+	return nil, putStatus(ctx, e, status.PassJudgedKey(st.Kind), st)
 }
 
 // DecisionOutbound is how a decision goes on the bus: under its device's
@@ -823,22 +786,6 @@ func (e *Evaluator) waitDrained(ctx context.Context, service, route, stream stri
 		case <-t.C:
 		}
 	}
-}
-
-// GuardStatus is what /status shows about the blast-radius guard.
-type GuardStatus struct {
-	State       string    `json:"state"` // ok, tripped, or approved (a held set released by an administrator)
-	Batch       string    `json:"batch"`
-	Revocations int       `json:"revocations"`
-	Allowed     int       `json:"allowed"`
-	Share       float64   `json:"share"`
-	Threshold   float64   `json:"threshold"`
-	At          time.Time `json:"at"`
-	Detail      string    `json:"detail"`
-	// Since is when the guard first refused this same set of revocations;
-	// Key names the set. The alert is raised once per set, not per pass.
-	Since time.Time `json:"since,omitempty"`
-	Key   string    `json:"key,omitempty"`
 }
 
 // guardKey names a set of staged revocations, whatever pass brought them.
@@ -919,7 +866,7 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 	}
 	var outs []bus.Outbound
 	over := len(staged) >= e.cfg.BlastMinimum && share > e.cfg.BlastRadius
-	approved := GuardApproval{}
+	approved := status.GuardApproval{}
 	if over {
 		if a, ok := e.approval(ctx, guardKey(staged)); ok {
 			// An administrator approved exactly this set: it goes through.
@@ -929,13 +876,14 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 		}
 	}
 	if over {
-		st := GuardStatus{State: "tripped", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share, Threshold: e.cfg.BlastRadius, At: e.now(),
+		st := status.Guard{State: status.GuardTripped, Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share, Threshold: e.cfg.BlastRadius, At: e.now(),
 			Detail: fmt.Sprintf("%s would have taken mail away from %d of %d allowed devices (%.0f%%, limit %.0f%%); none of these revocations was applied. "+
 				"If this is intended, raise EASGUARD_EVALUATOR_BLAST_RADIUS until it has gone through.",
 				batch, len(staged), allowed, 100*share, 100*e.cfg.BlastRadius),
 			Key: guardKey(staged), Since: e.now()}
-		var prev GuardStatus
-		if entry, err := e.status.Get(ctx, string(e.org)+".guard"); err == nil && json.Unmarshal(entry.Value(), &prev) == nil && prev.State == "tripped" && prev.Key == st.Key {
+		// A guard record that cannot be read counts as another set: the
+		// alert is raised again rather than never.
+		if prev, ok, _ := status.Get[status.Guard](ctx, e.status, e.org, status.GuardKey); ok && prev.State == status.GuardTripped && prev.Key == st.Key {
 			st.Since = prev.Since // the same revocations again: still holding, already alerted
 		} else {
 			e.log.Error("blast-radius guard tripped", "batch", batch, "revocations", len(staged), "allowed", allowed)
@@ -953,7 +901,7 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 				return err
 			}
 		}
-		if err := e.putStatus(ctx, "guard", st); err != nil {
+		if err := putStatus(ctx, e, status.GuardKey, st); err != nil {
 			return err
 		}
 		// Mark the refused decisions held: the devices keep their mail, and
@@ -1027,18 +975,20 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 			return err
 		}
 	}
-	st := GuardStatus{State: "ok", Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share,
+	st := status.Guard{State: status.GuardOK, Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share,
 		Threshold: e.cfg.BlastRadius, At: e.now(), Detail: fmt.Sprintf("%s: %d revocation(s) released", batch, len(release))}
 	if approved.Key != "" {
-		st.State, st.Key = "approved", approved.Key
+		st.State, st.Key = status.GuardApproved, approved.Key
 		st.Detail = fmt.Sprintf("%s: %d revocation(s) of %d allowed devices released, approved by %s", batch, len(release), allowed, approved.By)
 	}
-	if err := e.putStatus(ctx, "guard", st); err != nil {
+	if err := putStatus(ctx, e, status.GuardKey, st); err != nil {
 		return err
 	}
 	if approved.Key != "" {
 		// Used: the same set held again later needs a new approval.
-		_ = e.status.Delete(ctx, string(e.org)+".guard.approval")
+		if err := status.Delete(ctx, e.status, e.org, status.GuardApprovalKey); err != nil {
+			e.log.Warn("used guard approval not deleted; it expires on its own", "error", err)
+		}
 	}
 	return e.dropStaged(ctx, keys)
 }
@@ -1065,15 +1015,9 @@ func listKeys(ctx context.Context, kv jetstream.KeyValue, filter string) ([]stri
 	return keys, nil
 }
 
-func (e *Evaluator) putStatus(ctx context.Context, name string, v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	if _, err := e.status.Put(ctx, string(e.org)+"."+name, b); err != nil {
-		return fmt.Errorf("status %s: %w", name, err)
-	}
-	return nil
+// putStatus records v under key in the organisation's status.
+func putStatus[T any](ctx context.Context, e *Evaluator, key string, v T) error {
+	return status.Put(ctx, e.status, e.org, key, v)
 }
 
 // Run finalizes MDM windows once they are closed and the pipeline behind

@@ -2,8 +2,6 @@ package evaluator_test
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -23,6 +21,7 @@ import (
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/policy"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
@@ -250,26 +249,20 @@ func (h *harness) syncCompleted(id string) {
 	}
 }
 
-// statusOf reads a status key (<org>.<name>) into v; false if absent.
-func (h *harness) statusOf(name string, v any) bool {
+// statusOf reads the org's status record under key; false if absent.
+func statusOf[T any](h *harness, key string) (T, bool) {
 	h.t.Helper()
-	e, err := h.status.Get(context.Background(), string(org)+"."+name)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return false
-	}
+	v, ok, err := status.Get[T](context.Background(), h.status, org, key)
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	if err := json.Unmarshal(e.Value(), v); err != nil {
-		h.t.Fatalf("status %s: %v", name, err)
-	}
-	return true
+	return v, ok
 }
 
-func (h *harness) policyStatus() evaluator.PolicyStatus {
+func (h *harness) policyStatus() status.Policy {
 	h.t.Helper()
-	var st evaluator.PolicyStatus
-	if !h.statusOf("policy", &st) {
+	st, ok := statusOf[status.Policy](h, status.PolicyKey)
+	if !ok {
 		h.t.Fatal("no policy status")
 	}
 	return st
@@ -649,8 +642,8 @@ func TestPolicyReload(t *testing.T) {
 	writePolicy(t, path, "unknown_device: quarantine\ndefault_access_level: quarantine\nscope:\n  exclude: {mailboxes: [alice@contoso.com]}\n", time.Now().Add(time.Second))
 	v2 := versionOf(t, path)
 	poke("policy v2 loaded", func() bool {
-		var st evaluator.PolicyStatus
-		return h.statusOf("policy", &st) && st.Version == v2
+		st, ok := statusOf[status.Policy](h, status.PolicyKey)
+		return ok && st.Version == v2
 	})
 	bob := phone("bob@contoso.com", "ApplBOB1", stBlocked, rsIndividual)
 	if d := only(t, h.decide(matched(bob, how{})), "v2"); d.GetDesired() != wantQuar || d.GetPolicyVersion() != v2 {
@@ -825,11 +818,9 @@ func (h *harness) stagedCount(prefix string) int {
 }
 
 // guardStatus reads <org>.guard.
-func (h *harness) guardStatus() (evaluator.GuardStatus, bool) {
+func (h *harness) guardStatus() (status.Guard, bool) {
 	h.t.Helper()
-	var st evaluator.GuardStatus
-	ok := h.statusOf("guard", &st)
-	return st, ok
+	return statusOf[status.Guard](h, status.GuardKey)
 }
 
 // fleet makes n devices that have mail (allowed individually, compliant)
@@ -1089,9 +1080,11 @@ func TestSteadyJudgementWritesNothing(t *testing.T) {
 	}
 
 	h.syncCompleted("sync-4")
-	var st evaluator.PassJudgedStatus
+	var st status.PassJudged
 	natstest.Eventually(t, 10*time.Second, "the pass's judged status", func() bool {
-		return h.statusOf(evaluator.PassJudgedStatusKey("quick"), &st) && st.SyncID == "sync-4"
+		var ok bool
+		st, ok = statusOf[status.PassJudged](h, status.PassJudgedKey("quick"))
+		return ok && st.SyncID == "sync-4"
 	})
 	if st.JudgedAt.Before(st.FinishedAt) || st.Kind != "quick" {
 		t.Fatalf("judged status %+v", st)

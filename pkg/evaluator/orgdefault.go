@@ -4,79 +4,21 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
-// The states of the plan for the organisation's DefaultAccessLevel.
-const (
-	// PlanInPlace: Exchange already has the level the policy wants.
-	PlanInPlace = "in_place"
-	// PlanLeftAlone: the policy leaves the default as it is (a pilot
-	// scope that does not set default_access_level, or "unchanged").
-	PlanLeftAlone = "left_alone"
-	// PlanWaiting: the tightening waits until the devices the policy
-	// allows are on their allow lists.
-	PlanWaiting = "waiting"
-	// PlanHeld: the blast-radius guard refused the tightening.
-	PlanHeld = "held"
-	// PlanReleased: the change went to the executor.
-	PlanReleased = "released"
-	// PlanDryRun: a dry run; the plan says what the change would do.
-	PlanDryRun = "dry_run"
-)
-
-// DefaultPlan is what /status shows about the organisation's
-// DefaultAccessLevel (key <org>.default). Exchange gives the default to
-// every partnership that no list entry or device rule covers, at its next
-// sync, so tightening it is a mass revocation, planned from the level a
-// successful full sync read: the devices the policy allows are
-// allow-listed first, the partnerships it would still take mail from are
-// counted, and the blast-radius guard judges that count as it judges any
-// batch of revocations.
-type DefaultPlan struct {
-	State  string `json:"state"`
-	SyncID string `json:"sync_id"`
-	// From is what Exchange had at that sync; To what the policy wants
-	// ("" when it leaves the default alone).
-	From     string `json:"from"`
-	To       string `json:"to,omitempty"`
-	Explicit bool   `json:"explicit"`
-	// Partnerships the plan looked at; Revoked how many of them the change
-	// takes mail from; Pending the allow-list entries it waits for.
-	Partnerships int `json:"partnerships"`
-	Revoked      int `json:"revoked"`
-	Pending      int `json:"pending"`
-	// Allowed counts the partnerships with mail now: the guard's base.
-	Allowed   int     `json:"allowed"`
-	Share     float64 `json:"share"`
-	Threshold float64 `json:"threshold"`
-	// Sample names up to sampleSize of the revoked partnerships
-	// (mailbox/device id), so an administrator sees whose mail it is.
-	Sample        []string  `json:"sample,omitempty"`
-	DecisionID    string    `json:"decision_id,omitempty"`
-	PolicyVersion string    `json:"policy_version"`
-	DryRun        bool      `json:"dry_run"`
-	At            time.Time `json:"at"`
-	// Since and Key: when the guard first refused this same tightening,
-	// and what names it; the alert is raised once per Key.
-	Since  time.Time `json:"since,omitzero"`
-	Key    string    `json:"key,omitempty"`
-	Detail string    `json:"detail"`
-}
-
-// sampleSize bounds DefaultPlan.Sample.
+// sampleSize bounds status.DefaultPlan.Sample.
 const sampleSize = 20
 
 // tightens reports whether changing the default from one level to another
@@ -173,22 +115,22 @@ func (e *Evaluator) judgeDefault(ctx context.Context, syncID, from string, pub *
 	pol := e.policy()
 	to, explicit := pol.OrgDefault()
 	dry := pol.DryRun || e.cfg.DryRun
-	plan := DefaultPlan{SyncID: syncID, From: from, To: to, Explicit: explicit, Threshold: e.cfg.BlastRadius,
+	plan := status.DefaultPlan{SyncID: syncID, From: from, To: to, Explicit: explicit, Threshold: e.cfg.BlastRadius,
 		PolicyVersion: pol.Version(), DryRun: dry, At: e.now()}
 	switch {
 	case to == "":
-		plan.State = PlanLeftAlone
+		plan.State = status.PlanLeftAlone
 		plan.Detail = fmt.Sprintf("DefaultAccessLevel left at %s: ", from)
 		if explicit {
 			plan.Detail += "the policy says default_access_level: unchanged"
 		} else {
 			plan.Detail += "the policy's scope is a pilot, and a tighter default would take mail from every phone of the mailboxes it leaves out; set default_access_level to change it"
 		}
-		return e.putStatus(ctx, "default", plan)
+		return putStatus(ctx, e, status.DefaultPlanKey, plan)
 	case strings.EqualFold(to, from):
-		plan.State = PlanInPlace
+		plan.State = status.PlanInPlace
 		plan.Detail = "DefaultAccessLevel is " + from + ", as the policy wants"
-		return e.putStatus(ctx, "default", plan)
+		return putStatus(ctx, e, status.DefaultPlanKey, plan)
 	}
 	x := &exposure{}
 	if tightens(from, to) {
@@ -207,7 +149,7 @@ func (e *Evaluator) judgeDefault(ctx context.Context, syncID, from string, pub *
 	takes := fmt.Sprintf("takes mail from %d of the %d partnerships that have it (%.0f%%, limit %.0f%%)", plan.Revoked, plan.Allowed, 100*plan.Share, 100*e.cfg.BlastRadius)
 	switch {
 	case dry:
-		plan.State = PlanDryRun
+		plan.State = status.PlanDryRun
 		plan.Detail = "dry run: would change DefaultAccessLevel from " + from + " to " + to
 		if tightens(from, to) {
 			plan.Detail += fmt.Sprintf(" after allow-listing what the policy allows; it would take mail from %d of the %d partnerships that have it (%.0f%%, limit %.0f%%)",
@@ -216,9 +158,9 @@ func (e *Evaluator) judgeDefault(ctx context.Context, syncID, from string, pub *
 				plan.Detail += ", so the blast-radius guard would hold it"
 			}
 		}
-		return e.putStatus(ctx, "default", plan)
+		return putStatus(ctx, e, status.DefaultPlanKey, plan)
 	case len(x.pending) > 0:
-		plan.State = PlanWaiting
+		plan.State = status.PlanWaiting
 		plan.Detail = fmt.Sprintf("%s waits until %d device(s) the policy allows are on their allow lists; it then %s", change, len(x.pending), takes)
 		for dk, id := range x.pending {
 			pk, err := pendingKey(e.org, dk)
@@ -229,15 +171,16 @@ func (e *Evaluator) judgeDefault(ctx context.Context, syncID, from string, pub *
 				return fmt.Errorf("default plan: remember %s: %w", dk, err)
 			}
 		}
-		return e.putStatus(ctx, "default", plan)
+		return putStatus(ctx, e, status.DefaultPlanKey, plan)
 	case trips:
-		plan.State = PlanHeld
+		plan.State = status.PlanHeld
 		sum := sha256.Sum256([]byte(from + "|" + to + "|" + strings.Join(x.revokedKeys, "\n")))
 		plan.Key, plan.Since = hex.EncodeToString(sum[:12]), plan.At
 		plan.Detail = fmt.Sprintf("%s %s; it was not changed. If this is intended, raise EASGUARD_EVALUATOR_BLAST_RADIUS until a full sync has changed it, "+
 			"or allow-list the devices first.", change, takes)
-		var prev DefaultPlan
-		if entry, err := e.status.Get(ctx, string(e.org)+".default"); err == nil && json.Unmarshal(entry.Value(), &prev) == nil && prev.State == PlanHeld && prev.Key == plan.Key {
+		// A plan record that cannot be read counts as another
+		// tightening: the alert is raised again rather than never.
+		if prev, ok, _ := status.Get[status.DefaultPlan](ctx, e.status, e.org, status.DefaultPlanKey); ok && prev.State == status.PlanHeld && prev.Key == plan.Key {
 			plan.Since = prev.Since // the same tightening again: still holding, already alerted
 		} else {
 			e.log.Error("blast-radius guard held the organisation's default", "from", from, "to", to, "revoked", plan.Revoked, "allowed", plan.Allowed)
@@ -251,7 +194,7 @@ func (e *Evaluator) judgeDefault(ctx context.Context, syncID, from string, pub *
 				return err
 			}
 		}
-		return e.putStatus(ctx, "default", plan)
+		return putStatus(ctx, e, status.DefaultPlanKey, plan)
 	}
 	d := &ev.OrgSettingsDecided{Org: string(e.org), FromLevel: from, ToLevel: to, SyncId: syncID, PolicyVersion: plan.PolicyVersion,
 		Partnerships: int64(plan.Partnerships), Revoked: int64(plan.Revoked), DecidedAt: timestamppb.New(e.now())}
@@ -268,9 +211,9 @@ func (e *Evaluator) judgeDefault(ctx context.Context, syncID, from string, pub *
 	if _, err := pub.Publish(ctx, bus.Outbound{Subject: subject, Message: d, MsgID: "settings:" + d.GetDecisionId()}); err != nil {
 		return err
 	}
-	plan.State, plan.DecisionID, plan.Detail = PlanReleased, d.GetDecisionId(), d.GetReason()
+	plan.State, plan.DecisionID, plan.Detail = status.PlanReleased, d.GetDecisionId(), d.GetReason()
 	e.log.Info("organisation default released", "from", from, "to", to, "revoked", plan.Revoked, "allowed", plan.Allowed, "decision_id", d.GetDecisionId())
-	return e.putStatus(ctx, "default", plan)
+	return putStatus(ctx, e, status.DefaultPlanKey, plan)
 }
 
 // allowListed reports whether the executor applied the decision id (or
@@ -346,9 +289,11 @@ func (e *Evaluator) waitingDefault(ctx context.Context, pub *bus.Publisher) erro
 		if keys, err := listKeys(ctx, e.staged, string(e.org)+".default.>"); err != nil || len(keys) > 0 {
 			return err // a newer plan waits for its own entries
 		}
-		var plan DefaultPlan
-		entry, err := e.status.Get(ctx, string(e.org)+".default")
-		if err != nil || json.Unmarshal(entry.Value(), &plan) != nil || plan.State != PlanWaiting {
+		plan, ok, err := status.Get[status.DefaultPlan](ctx, e.status, e.org, status.DefaultPlanKey)
+		if err != nil {
+			return fmt.Errorf("default plan: %w", err)
+		}
+		if !ok || plan.State != status.PlanWaiting {
 			return nil // a newer plan took over
 		}
 		return e.judgeDefault(ctx, plan.SyncID, plan.From, pub)

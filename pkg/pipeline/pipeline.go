@@ -37,6 +37,7 @@ import (
 	"github.com/easguard/easguard/pkg/matcher"
 	"github.com/easguard/easguard/pkg/mdm"
 	"github.com/easguard/easguard/pkg/service"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
@@ -420,19 +421,20 @@ func (b *busSink) Changed(ctx context.Context, changes []mdm.Change) error {
 			return err
 		}
 	}
-	b.status(ctx, map[string]any{"source": b.source, "state": "ok", "at": time.Now(), "last_changes": len(changes)})
+	n := len(changes)
+	b.status(ctx, status.MDMSource{Source: b.source, State: status.MDMOK, At: time.Now(), LastChanges: &n})
 	return nil
 }
 
 // ReadOK records a complete read: the source works (again).
 func (b *busSink) ReadOK(ctx context.Context, devices int) {
-	b.status(ctx, map[string]any{"source": b.source, "state": "ok", "at": time.Now(), "devices": devices})
+	b.status(ctx, status.MDMSource{Source: b.source, State: status.MDMOK, At: time.Now(), Devices: &devices})
 }
 
 func (b *busSink) Alert(ctx context.Context, kind ev.AlertKind, summary string, detail map[string]string) error {
 	sum := sha256.Sum256([]byte(b.source + kind.String() + summary))
 	id := hex.EncodeToString(sum[:12])
-	b.status(ctx, map[string]any{"source": b.source, "state": "alert", "at": time.Now(), "alert": kind.String(), "summary": summary, "detail": detail})
+	b.status(ctx, status.MDMSource{Source: b.source, State: status.MDMAlert, At: time.Now(), Alert: kind.String(), Summary: summary, Detail: detail})
 	out, err := bus.AlertOutbound(b.org, kind, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, id, summary, detail, time.Now())
 	if err != nil {
 		return err
@@ -441,13 +443,15 @@ func (b *busSink) Alert(ctx context.Context, kind ev.AlertKind, summary string, 
 	return err
 }
 
-func (b *busSink) status(ctx context.Context, v map[string]any) {
+// status records what the source reported under its kind's key. A record
+// that fails is logged, not returned: the source's work went on, and
+// only what an administrator reads of it is missing.
+func (b *busSink) status(ctx context.Context, v status.MDMSource) {
 	kv, err := b.svc.JS.KeyValue(ctx, bus.BucketStatus)
-	if err != nil {
-		return
+	if err == nil {
+		err = status.Put(ctx, kv, b.org, status.MDMSourceKey(b.kind), v)
 	}
-	raw, _ := json.Marshal(v)
-	if _, err := kv.Put(ctx, string(b.org)+".mdm."+b.kind, raw); err != nil {
+	if err != nil {
 		b.svc.Log.Warn("MDM source status not recorded", "source", b.source, "error", err)
 	}
 }

@@ -25,7 +25,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -46,6 +45,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 
 	"github.com/easguard/easguard/pkg/bus"
+	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
@@ -92,7 +92,8 @@ type options struct {
 // graph tells whether the MDM is Intune (through Graph), not a file.
 func (o options) graph() bool { return o.intune != "" }
 
-// mdmKind is the MDM source's key in easguard's /status, after "mdm.".
+// mdmKind is the MDM source's kind, which names its status key
+// (status.MDMSourceKey).
 func (o options) mdmKind() string {
 	if o.graph() {
 		return "graph"
@@ -229,7 +230,7 @@ func (w *walker) waitStart(ctx context.Context) error {
 // then: with Intune, one for each device of the seeded organisation that
 // Intune knows, before the walk's phone exists.
 func (w *walker) waitMDM(ctx context.Context) error {
-	key := "mdm." + w.o.mdmKind()
+	key := status.MDMSourceKey(w.o.mdmKind())
 	var last error
 	for {
 		var st struct {
@@ -242,18 +243,11 @@ func (w *walker) waitMDM(ctx context.Context) error {
 		case code != http.StatusOK:
 			last = fmt.Errorf("GET /status: HTTP %d", code)
 		case st.Status[key] != nil:
-			var src struct {
-				Source  string    `json:"source"`
-				State   string    `json:"state"`
-				At      time.Time `json:"at"`
-				Devices *int      `json:"devices"`      // after a complete read
-				Changes *int      `json:"last_changes"` // after changes were published
-				Summary string    `json:"summary"`
-			}
+			var src status.MDMSource
 			if err := json.Unmarshal(st.Status[key], &src); err != nil {
 				return fmt.Errorf("/status %s: %w", key, err)
 			}
-			if src.State != "ok" {
+			if src.State != status.MDMOK {
 				return fmt.Errorf("/status %s: %s is %s: %s", key, src.Source, src.State, src.Summary)
 			}
 			held, err := w.mdmEvents(ctx)
@@ -264,8 +258,8 @@ func (w *walker) waitMDM(ctx context.Context) error {
 			switch {
 			case src.Devices != nil:
 				read = ", " + plural(*src.Devices, "device")
-			case src.Changes != nil:
-				read = ", " + plural(*src.Changes, "change")
+			case src.LastChanges != nil:
+				read = ", " + plural(*src.LastChanges, "change")
 			}
 			w.printf("done: /status %s: %s, %s at %s%s; easguard has published %s",
 				key, src.Source, src.State, src.At.Local().Format(time.TimeOnly), read, plural(held, "mdm.changed event"))
@@ -302,6 +296,7 @@ func (w *walker) mdmEvents(ctx context.Context) (int, error) {
 
 // waitFullSync waits until easguard's status shows a successful full sync.
 func (w *walker) waitFullSync(ctx context.Context) error {
+	key := status.SyncOKKey("full")
 	var last error
 	for {
 		var st struct {
@@ -313,24 +308,16 @@ func (w *walker) waitFullSync(ctx context.Context) error {
 			last = err
 		case code != http.StatusOK:
 			last = fmt.Errorf("GET /status: HTTP %d", code)
-		case st.Status["sync.full.ok"] != nil:
-			var full struct {
-				SyncID     string    `json:"sync_id"`
-				FinishedAt time.Time `json:"finished_at"`
-				Counts     struct {
-					Observed int `json:"observed"`
-				} `json:"counts"`
-				Enforced []string `json:"settings_enforced"`
-				CAS      string   `json:"cas_server"`
+		case st.Status[key] != nil:
+			var full status.Sync
+			if err := json.Unmarshal(st.Status[key], &full); err != nil {
+				return fmt.Errorf("/status %s: %w", key, err)
 			}
-			if err := json.Unmarshal(st.Status["sync.full.ok"], &full); err != nil {
-				return fmt.Errorf("/status sync.full.ok: %w", err)
-			}
-			w.printf("done: /status sync.full.ok: %s on %s finished %s, %d partnerships observed, settings enforced: %s",
-				full.SyncID, full.CAS, full.FinishedAt.Local().Format(time.TimeOnly), full.Counts.Observed, strings.Join(full.Enforced, ", "))
+			w.printf("done: /status %s: %s on %s finished %s, %d partnerships observed, settings enforced: %s",
+				key, full.SyncID, full.Server, full.FinishedAt.Local().Format(time.TimeOnly), full.Counts["observed"], strings.Join(full.Settings, ", "))
 			return nil
 		default:
-			last = errors.New("no sync.full.ok in /status yet")
+			last = fmt.Errorf("no %s in /status yet", key)
 		}
 		if err := pause(ctx, 250*time.Millisecond); err != nil {
 			return fmt.Errorf("no successful full sync within %s (%v): %w", w.o.fullSync, last, err)
