@@ -124,6 +124,15 @@ var (
 	// SettingsDecided carries OrgSettingsDecided: the evaluator's released
 	// plan to change the organisation's DefaultAccessLevel, for the executor.
 	SettingsDecided = Event{name: "settings.decided", stream: StreamSettings, msgType: "easguard.v1.OrgSettingsDecided"}
+	// DeviceCommanded carries DeviceCommand for a remove or a wipe, keyed
+	// by device id: an operator's command, consumed once by the executor.
+	DeviceCommanded = Event{name: "device.command", keyed: true, stream: StreamCommands, msgType: "easguard.v1.DeviceCommand"}
+	// RejudgeRequested carries DeviceCommand for a rejudge, keyed by
+	// device id: an operator's request, consumed once by the matcher, to
+	// match the device's partnerships again. A family of its own, because
+	// a work queue hands each message to one consumer only: the executor's
+	// and the matcher's filters must not overlap.
+	RejudgeRequested = Event{name: "device.rejudge", keyed: true, stream: StreamCommands, msgType: "easguard.v1.DeviceCommand"}
 	// AlertRaised carries Alert, keyed by alert kind.
 	AlertRaised = Event{name: "alert", keyed: true, stream: StreamAlerts, msgType: "easguard.v1.Alert"}
 	// DeadLetter carries messages a worker could not process, keyed by the
@@ -135,7 +144,7 @@ var (
 )
 
 // Events lists every subject family, for provisioning and documentation.
-var Events = []Event{EASObserved, EASConfirmed, MDMChanged, DeviceMatched, DevicesConfirmed, AccessDecided, AccessApplied, NotifySent, SyncRequested, SyncCompleted, SettingsDecided, AlertRaised, DeadLetter, AuditRecorded}
+var Events = []Event{EASObserved, EASConfirmed, MDMChanged, DeviceMatched, DevicesConfirmed, AccessDecided, AccessApplied, NotifySent, SyncRequested, SyncCompleted, SettingsDecided, DeviceCommanded, RejudgeRequested, AlertRaised, DeadLetter, AuditRecorded}
 
 // Name returns the family name, e.g. "eas.observed".
 func (e Event) Name() string { return e.name }

@@ -22,9 +22,12 @@ const (
 	StreamSyncRequests = "EASGUARD_SYNC_REQUESTS"
 	StreamSync         = "EASGUARD_SYNC"
 	StreamSettings     = "EASGUARD_SETTINGS"
-	StreamAlerts       = "EASGUARD_ALERTS"
-	StreamDLQ          = "EASGUARD_DLQ"
-	StreamAudit        = "EASGUARD_AUDIT"
+	// StreamCommands holds operators' device commands (remove, wipe,
+	// rejudge) until the executor or the matcher carries them out.
+	StreamCommands = "EASGUARD_COMMANDS"
+	StreamAlerts   = "EASGUARD_ALERTS"
+	StreamDLQ      = "EASGUARD_DLQ"
+	StreamAudit    = "EASGUARD_AUDIT"
 	// StreamAdvisories captures the server's max-deliveries advisories,
 	// which are fire-and-forget core messages, so that the dead-letter mover
 	// can process every one even if it was down when it was sent.
@@ -165,6 +168,8 @@ func (t Topology) StreamConfigs() []jetstream.StreamConfig {
 	}
 	syncReq := facts(SyncRequested, "sync commands for the collector, consumed once")
 	syncReq.Retention = jetstream.WorkQueuePolicy
+	commands := facts(DeviceCommanded, "operators' device commands for the executor and the matcher, consumed once")
+	commands.Retention = jetstream.WorkQueuePolicy
 	alerts := facts(AlertRaised, "alerts for operators")
 	alerts.MaxAge = t.DeadLetterMaxAge
 	dlq := facts(DeadLetter, "messages a worker gave up on, with the reason in headers")
@@ -181,6 +186,7 @@ func (t Topology) StreamConfigs() []jetstream.StreamConfig {
 		syncReq,
 		facts(SyncCompleted, "sync passes of the collector"),
 		facts(SettingsDecided, "planned changes of the organisation settings"),
+		commands,
 		alerts,
 		dlq,
 		audit,

@@ -42,6 +42,11 @@ type Config struct {
 	MaxBatch int           `split_words:"true" default:"500" desc:"A batch is sent at once when it holds this many decisions."`
 	Parallel int           `split_words:"true" default:"64" desc:"Decisions handled at once by this process (they wait together for their batch)."`
 	ClaimTTL time.Duration `split_words:"true" default:"2m" desc:"How long a replica's claim to send a decision to Exchange lasts. While it lasts, no other replica sends a change for the same device; a batch still unanswered after four fifths of it is given up (and retried), so a replica that died holds a device back at most this long."`
+	// AllowRemove and AllowWipe are off unless an organisation chose them:
+	// a removal or a wipe cannot be undone by easguard, and an operator's
+	// console must not be able to do either where nobody agreed to it.
+	AllowRemove bool `split_words:"true" default:"false" desc:"Carry out an operator's command to remove a device's ActiveSync partnership on Exchange (Remove-ActiveSyncDevice). Off: the command is refused and the refusal recorded in the audit trail."`
+	AllowWipe   bool `split_words:"true" default:"false" desc:"Carry out an operator's command to remote-wipe a device through Exchange (Clear-ActiveSyncDevice; the phone erases itself at its next sync). Off: the command is refused and the refusal recorded in the audit trail."`
 }
 
 // defaultClaimTTL is ClaimTTL's default, for a Config built in code.
@@ -76,10 +81,18 @@ type DefaultSetter interface {
 	SetDefaultAccessLevel(ctx context.Context, from, to string) (string, error)
 }
 
+// DeviceCommander is what the executor needs of Exchange for operators'
+// device commands (exchange.Client.RemovePartnership and WipePartnership).
+type DeviceCommander interface {
+	RemovePartnership(ctx context.Context, identity string) error
+	WipePartnership(ctx context.Context, identity string, notify []string) error
+}
+
 // Exchange is all the executor needs of Exchange (exchange.Client does it).
 type Exchange interface {
 	Applier
 	DefaultSetter
+	DeviceCommander
 }
 
 // Executor is the executor worker of one organisation.
@@ -89,6 +102,7 @@ type Executor struct {
 	applied jetstream.KeyValue
 	status  jetstream.KeyValue
 	setter  DefaultSetter
+	devices DeviceCommander
 	log     *slog.Logger
 	now     func() time.Time
 	server  func() string
@@ -135,7 +149,7 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 	if cfg.ClaimTTL == 0 {
 		cfg.ClaimTTL = defaultClaimTTL
 	}
-	x := &Executor{org: org, cfg: cfg, applied: kv, status: status, setter: ex, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor, holder: holder, nonce: hex.EncodeToString(nonce[:]), leases: leases}
+	x := &Executor{org: org, cfg: cfg, applied: kv, status: status, setter: ex, devices: ex, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor, holder: holder, nonce: hex.EncodeToString(nonce[:]), leases: leases}
 	x.batch = &batcher{apply: ex.ApplyAccess, claim: x.claim, window: cfg.Window, max: cfg.MaxBatch, claimTTL: cfg.ClaimTTL}
 	return x, nil
 }
@@ -170,7 +184,11 @@ func (x *Executor) alive(ctx context.Context, holder string) bool {
 
 // Routes returns the executor's handlers.
 func (x *Executor) Routes() []bus.Route {
-	return []bus.Route{bus.Handle("access-decided", bus.AccessDecided, x.Apply), bus.Handle("settings-decided", bus.SettingsDecided, x.ApplyDefault)}
+	return []bus.Route{
+		bus.Handle("access-decided", bus.AccessDecided, x.Apply),
+		bus.Handle("settings-decided", bus.SettingsDecided, x.ApplyDefault),
+		bus.Handle("device-command", bus.DeviceCommanded, x.Command),
+	}
 }
 
 func accessOf(d ev.DesiredAccess) (exchange.Access, error) {

@@ -59,6 +59,16 @@ func (a *recordingApplier) SetDefaultAccessLevel(ctx context.Context, from, to s
 	return a.client.SetDefaultAccessLevel(ctx, from, to)
 }
 
+// RemovePartnership removes a partnership on Exchange.
+func (a *recordingApplier) RemovePartnership(ctx context.Context, identity string) error {
+	return a.client.RemovePartnership(ctx, identity)
+}
+
+// WipePartnership asks Exchange to wipe a device.
+func (a *recordingApplier) WipePartnership(ctx context.Context, identity string, notify []string) error {
+	return a.client.WipePartnership(ctx, identity, notify)
+}
+
 // take returns the batches recorded since the last take.
 func (a *recordingApplier) take() [][]exchange.Change {
 	a.mu.Lock()
@@ -75,6 +85,8 @@ type options struct {
 	parallel       int // handlers at once; 16 when 0
 	mailboxes      int // seeded; 5 when 0
 	budget         int // the pool takes its sessions from a shared budget of this many (0: none)
+	allowRemove    bool
+	allowWipe      bool
 }
 
 // harness is one executor on a real JetStream server, applying decisions
@@ -142,7 +154,7 @@ func start(tb testing.TB, o options) *harness {
 	if o.parallel == 0 {
 		o.parallel = 16
 	}
-	xcfg := executor.Config{Window: o.window, MaxBatch: 500, Parallel: o.parallel, ClaimTTL: time.Minute}
+	xcfg := executor.Config{Window: o.window, MaxBatch: 500, Parallel: o.parallel, ClaimTTL: time.Minute, AllowRemove: o.allowRemove, AllowWipe: o.allowWipe}
 	if err := xcfg.Validate(); err != nil {
 		tb.Fatal(err)
 	}

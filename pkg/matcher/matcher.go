@@ -11,6 +11,9 @@ package matcher
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -70,6 +73,7 @@ func (m *Matcher) Routes() []bus.Route {
 		// Pages are a hundred partnerships each: a few buffered suffice.
 		bus.Handle("eas-confirmed", bus.EASConfirmed, m.Confirmed).Prefetch(2),
 		bus.Handle("mdm-changed", bus.MDMChanged, m.MDMChanged),
+		bus.Handle("device-rejudge", bus.RejudgeRequested, m.Rejudge),
 	}
 }
 
@@ -382,6 +386,68 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 		}
 	}
 	return outs, nil
+}
+
+// ErrNotRejudge is why a command other than a rejudge is dead-lettered
+// when it arrives on the matcher's subject: only a publisher that bypassed
+// bus.CommandOutbound puts it there.
+var ErrNotRejudge = errors.New("not a rejudge command")
+
+// RejudgeUnknown is the audit outcome of a rejudge of a device (or
+// partnership) the matcher has not indexed: nothing to judge.
+const RejudgeUnknown = "refused: unknown device"
+
+// Rejudge handles an operator's request to judge a device again: every
+// partnership of the device in the matcher's index (or only the one the
+// command names) is matched again with today's MDM records and goes to
+// the evaluator with trigger "operator", which judges it with today's
+// policy, as an MDM change would have it judged. The outcome is recorded
+// in the audit trail (device-rejudge). Nothing is read from Exchange: the
+// partnership is judged as last observed, which is what the operator saw.
+func (m *Matcher) Rejudge(ctx context.Context, c *ev.DeviceCommand) ([]bus.Outbound, error) {
+	if c.GetAction() != ev.CommandRejudge {
+		return nil, bus.Poison(fmt.Errorf("%w: action %q", ErrNotRejudge, c.GetAction()))
+	}
+	key, err := bus.StateKey(m.org, c.GetDeviceId())
+	if err != nil {
+		return nil, bus.Poison(err)
+	}
+	idx, _, err := bus.Load[ev.PartnershipIndex](ctx, m.parts, key)
+	if err != nil {
+		return nil, fmt.Errorf("matcher: rejudge %s: %w", c.GetDeviceId(), err)
+	}
+	want := c.GetPartnershipId()
+	ids := make([]string, 0, len(idx.GetById()))
+	for id := range idx.GetById() {
+		// The index is keyed by PartnershipID, which lower-cases a GUID;
+		// the console may name it as Exchange wrote it.
+		if want == "" || id == want || strings.EqualFold(id, want) {
+			ids = append(ids, id)
+		}
+	}
+	sort.Strings(ids)
+	var outs []bus.Outbound
+	for _, id := range ids {
+		out, err := m.match(ctx, idx.ById[id], "operator")
+		if err != nil {
+			return nil, err
+		}
+		// A message id of the command's, so a redelivered command does
+		// not have its partnerships judged twice.
+		sum := sha256.Sum256([]byte(id))
+		out.MsgID = "rejudge:" + c.GetCommandId() + ":" + hex.EncodeToString(sum[:8])
+		out.Parent = telemetry.ParseTraceparent(idx.GetTraceparentById()[id])
+		outs = append(outs, out)
+	}
+	outcome := fmt.Sprintf("done: %d partnerships", len(ids))
+	if len(ids) == 0 {
+		outcome = RejudgeUnknown
+	}
+	audit, err := bus.CommandAuditOutbound(m.org, bus.AuditDeviceRejudge, c, outcome, nil, m.now())
+	if err != nil {
+		return nil, bus.Poison(err)
+	}
+	return append(outs, audit), nil
 }
 
 // sameUser reports whether an MDM record belongs to the partnership's

@@ -3,7 +3,7 @@
 // Every message here travels on exactly one JetStream subject family (see
 // pkg/bus/subjects.go). Messages are facts about something that already
 // happened ("observed", "matched", "decided", "applied", "sent"), except
-// SyncRequested, which is a command. Fields are added, never renumbered; a
+// SyncRequested and DeviceCommand, which are commands. Fields are added, never renumbered; a
 // field that is no longer used is reserved.
 //
 // Exchange enumerations keep Exchange's names so that an administrator can
@@ -1721,7 +1721,8 @@ type DeviceMatched struct {
 	// detail explains the verdict in words for administrators.
 	Detail    string                 `protobuf:"bytes,6,opt,name=detail,proto3" json:"detail,omitempty"`
 	MatchedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=matched_at,json=matchedAt,proto3" json:"matched_at,omitempty"`
-	// trigger says which input caused this verdict: "eas" or "mdm".
+	// trigger says which input caused this verdict: "eas", "mdm", or
+	// "operator" (an operator asked for the device to be judged again).
 	Trigger       string `protobuf:"bytes,8,opt,name=trigger,proto3" json:"trigger,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2538,6 +2539,154 @@ func (x *SyncRequested) GetReason() string {
 	return ""
 }
 
+// DeviceCommand is an operator's command for one device, from the console
+// or the CLI. "remove" deletes the partnership on Exchange
+// (Remove-ActiveSyncDevice) and "wipe" asks Exchange to wipe the device at
+// its next sync (Clear-ActiveSyncDevice): both are carried out by the
+// executor, and only where the organisation enabled them. "rejudge" asks
+// the matcher to match the device's partnerships again, so the evaluator
+// judges them with today's MDM record and policy.
+// Subjects: easguard.<org>.device.command.<device> (remove, wipe) and
+// easguard.<org>.device.rejudge.<device> (rejudge).
+type DeviceCommand struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Org   string                 `protobuf:"bytes,1,opt,name=org,proto3" json:"org,omitempty"`
+	// command_id identifies the command: the same operator asking the same
+	// of the same partnership twice in a moment (a double click) is one
+	// command (see bus.CommandOutbound).
+	CommandId string `protobuf:"bytes,2,opt,name=command_id,json=commandId,proto3" json:"command_id,omitempty"`
+	// action is "remove", "wipe" or "rejudge".
+	Action string `protobuf:"bytes,3,opt,name=action,proto3" json:"action,omitempty"`
+	// device_id is the partnership's EAS device id, exactly as Exchange
+	// reported it.
+	DeviceId string `protobuf:"bytes,4,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	// partnership_id names the partnership as the decision record does
+	// (PartnershipID: its GUID, or the identity Exchange reported); remove and
+	// wipe hand it to Exchange as the cmdlet's -Identity. Empty for a
+	// rejudge of every partnership of the device.
+	PartnershipId string `protobuf:"bytes,5,opt,name=partnership_id,json=partnershipId,proto3" json:"partnership_id,omitempty"`
+	// mailbox is the identity of the partnership's mailbox, for the audit.
+	Mailbox string `protobuf:"bytes,6,opt,name=mailbox,proto3" json:"mailbox,omitempty"`
+	// requested_by is the operator (a signed-in user or a token's subject).
+	RequestedBy string `protobuf:"bytes,7,opt,name=requested_by,json=requestedBy,proto3" json:"requested_by,omitempty"`
+	// source is where the command came from: the client address.
+	Source      string                 `protobuf:"bytes,8,opt,name=source,proto3" json:"source,omitempty"`
+	Reason      string                 `protobuf:"bytes,9,opt,name=reason,proto3" json:"reason,omitempty"`
+	RequestedAt *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=requested_at,json=requestedAt,proto3" json:"requested_at,omitempty"`
+	// notify_addresses get Exchange's mail confirming a wipe
+	// (NotificationEmailAddresses); wipe only.
+	NotifyAddresses []string `protobuf:"bytes,11,rep,name=notify_addresses,json=notifyAddresses,proto3" json:"notify_addresses,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *DeviceCommand) Reset() {
+	*x = DeviceCommand{}
+	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceCommand) ProtoMessage() {}
+
+func (x *DeviceCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceCommand.ProtoReflect.Descriptor instead.
+func (*DeviceCommand) Descriptor() ([]byte, []int) {
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *DeviceCommand) GetOrg() string {
+	if x != nil {
+		return x.Org
+	}
+	return ""
+}
+
+func (x *DeviceCommand) GetCommandId() string {
+	if x != nil {
+		return x.CommandId
+	}
+	return ""
+}
+
+func (x *DeviceCommand) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *DeviceCommand) GetDeviceId() string {
+	if x != nil {
+		return x.DeviceId
+	}
+	return ""
+}
+
+func (x *DeviceCommand) GetPartnershipId() string {
+	if x != nil {
+		return x.PartnershipId
+	}
+	return ""
+}
+
+func (x *DeviceCommand) GetMailbox() string {
+	if x != nil {
+		return x.Mailbox
+	}
+	return ""
+}
+
+func (x *DeviceCommand) GetRequestedBy() string {
+	if x != nil {
+		return x.RequestedBy
+	}
+	return ""
+}
+
+func (x *DeviceCommand) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *DeviceCommand) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *DeviceCommand) GetRequestedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RequestedAt
+	}
+	return nil
+}
+
+func (x *DeviceCommand) GetNotifyAddresses() []string {
+	if x != nil {
+		return x.NotifyAddresses
+	}
+	return nil
+}
+
 // SyncCounts counts partnerships of one sync pass by outcome.
 type SyncCounts struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2554,7 +2703,7 @@ type SyncCounts struct {
 
 func (x *SyncCounts) Reset() {
 	*x = SyncCounts{}
-	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	mi := &file_easguard_v1_events_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2566,7 +2715,7 @@ func (x *SyncCounts) String() string {
 func (*SyncCounts) ProtoMessage() {}
 
 func (x *SyncCounts) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[16]
+	mi := &file_easguard_v1_events_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2579,7 +2728,7 @@ func (x *SyncCounts) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncCounts.ProtoReflect.Descriptor instead.
 func (*SyncCounts) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{16}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SyncCounts) GetObserved() int64 {
@@ -2658,7 +2807,7 @@ type SyncCompleted struct {
 
 func (x *SyncCompleted) Reset() {
 	*x = SyncCompleted{}
-	mi := &file_easguard_v1_events_proto_msgTypes[17]
+	mi := &file_easguard_v1_events_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2670,7 +2819,7 @@ func (x *SyncCompleted) String() string {
 func (*SyncCompleted) ProtoMessage() {}
 
 func (x *SyncCompleted) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[17]
+	mi := &file_easguard_v1_events_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2683,7 +2832,7 @@ func (x *SyncCompleted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncCompleted.ProtoReflect.Descriptor instead.
 func (*SyncCompleted) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{17}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SyncCompleted) GetOrg() string {
@@ -2800,7 +2949,7 @@ type OrgSettingsDecided struct {
 
 func (x *OrgSettingsDecided) Reset() {
 	*x = OrgSettingsDecided{}
-	mi := &file_easguard_v1_events_proto_msgTypes[18]
+	mi := &file_easguard_v1_events_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2812,7 +2961,7 @@ func (x *OrgSettingsDecided) String() string {
 func (*OrgSettingsDecided) ProtoMessage() {}
 
 func (x *OrgSettingsDecided) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[18]
+	mi := &file_easguard_v1_events_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2825,7 +2974,7 @@ func (x *OrgSettingsDecided) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrgSettingsDecided.ProtoReflect.Descriptor instead.
 func (*OrgSettingsDecided) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{18}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *OrgSettingsDecided) GetOrg() string {
@@ -2924,7 +3073,7 @@ type AuditEvent struct {
 
 func (x *AuditEvent) Reset() {
 	*x = AuditEvent{}
-	mi := &file_easguard_v1_events_proto_msgTypes[19]
+	mi := &file_easguard_v1_events_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2936,7 +3085,7 @@ func (x *AuditEvent) String() string {
 func (*AuditEvent) ProtoMessage() {}
 
 func (x *AuditEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[19]
+	mi := &file_easguard_v1_events_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2949,7 +3098,7 @@ func (x *AuditEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditEvent.ProtoReflect.Descriptor instead.
 func (*AuditEvent) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{19}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AuditEvent) GetOrg() string {
@@ -3032,7 +3181,7 @@ type Alert struct {
 
 func (x *Alert) Reset() {
 	*x = Alert{}
-	mi := &file_easguard_v1_events_proto_msgTypes[20]
+	mi := &file_easguard_v1_events_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3044,7 +3193,7 @@ func (x *Alert) String() string {
 func (*Alert) ProtoMessage() {}
 
 func (x *Alert) ProtoReflect() protoreflect.Message {
-	mi := &file_easguard_v1_events_proto_msgTypes[20]
+	mi := &file_easguard_v1_events_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3057,7 +3206,7 @@ func (x *Alert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Alert.ProtoReflect.Descriptor instead.
 func (*Alert) Descriptor() ([]byte, []int) {
-	return file_easguard_v1_events_proto_rawDescGZIP(), []int{20}
+	return file_easguard_v1_events_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Alert) GetOrg() string {
@@ -3280,7 +3429,21 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\x04kind\x18\x03 \x01(\x0e2\x15.easguard.v1.SyncKindR\x04kind\x12!\n" +
 	"\frequested_by\x18\x04 \x01(\tR\vrequestedBy\x12=\n" +
 	"\frequested_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\vrequestedAt\x12\x16\n" +
-	"\x06reason\x18\x06 \x01(\tR\x06reason\"\xbc\x01\n" +
+	"\x06reason\x18\x06 \x01(\tR\x06reason\"\xf3\x02\n" +
+	"\rDeviceCommand\x12\x10\n" +
+	"\x03org\x18\x01 \x01(\tR\x03org\x12\x1d\n" +
+	"\n" +
+	"command_id\x18\x02 \x01(\tR\tcommandId\x12\x16\n" +
+	"\x06action\x18\x03 \x01(\tR\x06action\x12\x1b\n" +
+	"\tdevice_id\x18\x04 \x01(\tR\bdeviceId\x12%\n" +
+	"\x0epartnership_id\x18\x05 \x01(\tR\rpartnershipId\x12\x18\n" +
+	"\amailbox\x18\x06 \x01(\tR\amailbox\x12!\n" +
+	"\frequested_by\x18\a \x01(\tR\vrequestedBy\x12\x16\n" +
+	"\x06source\x18\b \x01(\tR\x06source\x12\x16\n" +
+	"\x06reason\x18\t \x01(\tR\x06reason\x12=\n" +
+	"\frequested_at\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\vrequestedAt\x12)\n" +
+	"\x10notify_addresses\x18\v \x03(\tR\x0fnotifyAddresses\"\xbc\x01\n" +
 	"\n" +
 	"SyncCounts\x12\x1a\n" +
 	"\bobserved\x18\x01 \x01(\x03R\bobserved\x12\x10\n" +
@@ -3469,7 +3632,7 @@ func file_easguard_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_easguard_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 13)
-var file_easguard_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_easguard_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_easguard_v1_events_proto_goTypes = []any{
 	(DeviceAccessState)(0),           // 0: easguard.v1.DeviceAccessState
 	(DeviceAccessStateReason)(0),     // 1: easguard.v1.DeviceAccessStateReason
@@ -3500,81 +3663,83 @@ var file_easguard_v1_events_proto_goTypes = []any{
 	(*AccessApplied)(nil),            // 26: easguard.v1.AccessApplied
 	(*NotificationSent)(nil),         // 27: easguard.v1.NotificationSent
 	(*SyncRequested)(nil),            // 28: easguard.v1.SyncRequested
-	(*SyncCounts)(nil),               // 29: easguard.v1.SyncCounts
-	(*SyncCompleted)(nil),            // 30: easguard.v1.SyncCompleted
-	(*OrgSettingsDecided)(nil),       // 31: easguard.v1.OrgSettingsDecided
-	(*AuditEvent)(nil),               // 32: easguard.v1.AuditEvent
-	(*Alert)(nil),                    // 33: easguard.v1.Alert
-	nil,                              // 34: easguard.v1.AuditEvent.DetailEntry
-	nil,                              // 35: easguard.v1.Alert.DetailEntry
-	(*timestamppb.Timestamp)(nil),    // 36: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 37: google.protobuf.Duration
+	(*DeviceCommand)(nil),            // 29: easguard.v1.DeviceCommand
+	(*SyncCounts)(nil),               // 30: easguard.v1.SyncCounts
+	(*SyncCompleted)(nil),            // 31: easguard.v1.SyncCompleted
+	(*OrgSettingsDecided)(nil),       // 32: easguard.v1.OrgSettingsDecided
+	(*AuditEvent)(nil),               // 33: easguard.v1.AuditEvent
+	(*Alert)(nil),                    // 34: easguard.v1.Alert
+	nil,                              // 35: easguard.v1.AuditEvent.DetailEntry
+	nil,                              // 36: easguard.v1.Alert.DetailEntry
+	(*timestamppb.Timestamp)(nil),    // 37: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 38: google.protobuf.Duration
 }
 var file_easguard_v1_events_proto_depIdxs = []int32{
 	13, // 0: easguard.v1.EASPartnership.mailbox:type_name -> easguard.v1.Mailbox
 	0,  // 1: easguard.v1.EASPartnership.device_access_state:type_name -> easguard.v1.DeviceAccessState
 	1,  // 2: easguard.v1.EASPartnership.device_access_state_reason:type_name -> easguard.v1.DeviceAccessStateReason
-	36, // 3: easguard.v1.EASPartnership.first_sync_time:type_name -> google.protobuf.Timestamp
-	36, // 4: easguard.v1.EASPartnership.last_success_sync:type_name -> google.protobuf.Timestamp
-	36, // 5: easguard.v1.EASPartnership.when_changed:type_name -> google.protobuf.Timestamp
+	37, // 3: easguard.v1.EASPartnership.first_sync_time:type_name -> google.protobuf.Timestamp
+	37, // 4: easguard.v1.EASPartnership.last_success_sync:type_name -> google.protobuf.Timestamp
+	37, // 5: easguard.v1.EASPartnership.when_changed:type_name -> google.protobuf.Timestamp
 	2,  // 6: easguard.v1.SyncRef.kind:type_name -> easguard.v1.SyncKind
 	14, // 7: easguard.v1.EASPartnershipObserved.partnership:type_name -> easguard.v1.EASPartnership
 	15, // 8: easguard.v1.EASPartnershipObserved.sync:type_name -> easguard.v1.SyncRef
-	36, // 9: easguard.v1.EASPartnershipObserved.observed_at:type_name -> google.protobuf.Timestamp
+	37, // 9: easguard.v1.EASPartnershipObserved.observed_at:type_name -> google.protobuf.Timestamp
 	3,  // 10: easguard.v1.EASPartnershipObserved.change:type_name -> easguard.v1.ObservationChange
 	15, // 11: easguard.v1.EASPartnershipsConfirmed.sync:type_name -> easguard.v1.SyncRef
-	36, // 12: easguard.v1.EASPartnershipsConfirmed.observed_at:type_name -> google.protobuf.Timestamp
+	37, // 12: easguard.v1.EASPartnershipsConfirmed.observed_at:type_name -> google.protobuf.Timestamp
 	14, // 13: easguard.v1.EASPartnershipsConfirmed.partnerships:type_name -> easguard.v1.EASPartnership
 	21, // 14: easguard.v1.DevicesMatched.matches:type_name -> easguard.v1.DeviceMatched
 	15, // 15: easguard.v1.DevicesMatched.sync:type_name -> easguard.v1.SyncRef
 	5,  // 16: easguard.v1.MDMDevice.enrollment_state:type_name -> easguard.v1.EnrollmentState
 	4,  // 17: easguard.v1.MDMDevice.compliance_state:type_name -> easguard.v1.ComplianceState
 	6,  // 18: easguard.v1.MDMDevice.platform:type_name -> easguard.v1.Platform
-	36, // 19: easguard.v1.MDMDevice.last_check_in:type_name -> google.protobuf.Timestamp
+	37, // 19: easguard.v1.MDMDevice.last_check_in:type_name -> google.protobuf.Timestamp
 	19, // 20: easguard.v1.MDMDeviceChanged.device:type_name -> easguard.v1.MDMDevice
-	36, // 21: easguard.v1.MDMDeviceChanged.observed_at:type_name -> google.protobuf.Timestamp
+	37, // 21: easguard.v1.MDMDeviceChanged.observed_at:type_name -> google.protobuf.Timestamp
 	16, // 22: easguard.v1.DeviceMatched.observed:type_name -> easguard.v1.EASPartnershipObserved
 	19, // 23: easguard.v1.DeviceMatched.mdm:type_name -> easguard.v1.MDMDevice
 	8,  // 24: easguard.v1.DeviceMatched.method:type_name -> easguard.v1.MatchMethod
 	9,  // 25: easguard.v1.DeviceMatched.no_match_reason:type_name -> easguard.v1.NoMatchReason
-	36, // 26: easguard.v1.DeviceMatched.matched_at:type_name -> google.protobuf.Timestamp
+	37, // 26: easguard.v1.DeviceMatched.matched_at:type_name -> google.protobuf.Timestamp
 	14, // 27: easguard.v1.AccessDecided.partnership:type_name -> easguard.v1.EASPartnership
 	7,  // 28: easguard.v1.AccessDecided.desired:type_name -> easguard.v1.DesiredAccess
 	0,  // 29: easguard.v1.AccessDecided.exchange_state:type_name -> easguard.v1.DeviceAccessState
 	1,  // 30: easguard.v1.AccessDecided.exchange_reason:type_name -> easguard.v1.DeviceAccessStateReason
 	19, // 31: easguard.v1.AccessDecided.mdm:type_name -> easguard.v1.MDMDevice
 	9,  // 32: easguard.v1.AccessDecided.no_match_reason:type_name -> easguard.v1.NoMatchReason
-	36, // 33: easguard.v1.AccessDecided.decided_at:type_name -> google.protobuf.Timestamp
+	37, // 33: easguard.v1.AccessDecided.decided_at:type_name -> google.protobuf.Timestamp
 	23, // 34: easguard.v1.CmdletInvocation.parameters:type_name -> easguard.v1.CmdletParameter
-	37, // 35: easguard.v1.CmdletInvocation.duration:type_name -> google.protobuf.Duration
+	38, // 35: easguard.v1.CmdletInvocation.duration:type_name -> google.protobuf.Duration
 	13, // 36: easguard.v1.AppliedItem.mailbox:type_name -> easguard.v1.Mailbox
 	7,  // 37: easguard.v1.AppliedItem.desired:type_name -> easguard.v1.DesiredAccess
 	10, // 38: easguard.v1.AppliedItem.outcome:type_name -> easguard.v1.ApplyOutcome
 	24, // 39: easguard.v1.AccessApplied.cmdlets:type_name -> easguard.v1.CmdletInvocation
 	25, // 40: easguard.v1.AccessApplied.items:type_name -> easguard.v1.AppliedItem
-	37, // 41: easguard.v1.AccessApplied.duration:type_name -> google.protobuf.Duration
-	36, // 42: easguard.v1.AccessApplied.applied_at:type_name -> google.protobuf.Timestamp
+	38, // 41: easguard.v1.AccessApplied.duration:type_name -> google.protobuf.Duration
+	37, // 42: easguard.v1.AccessApplied.applied_at:type_name -> google.protobuf.Timestamp
 	22, // 43: easguard.v1.AccessApplied.decision:type_name -> easguard.v1.AccessDecided
 	13, // 44: easguard.v1.NotificationSent.mailbox:type_name -> easguard.v1.Mailbox
-	36, // 45: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
+	37, // 45: easguard.v1.NotificationSent.sent_at:type_name -> google.protobuf.Timestamp
 	2,  // 46: easguard.v1.SyncRequested.kind:type_name -> easguard.v1.SyncKind
-	36, // 47: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
-	2,  // 48: easguard.v1.SyncCompleted.kind:type_name -> easguard.v1.SyncKind
-	29, // 49: easguard.v1.SyncCompleted.counts:type_name -> easguard.v1.SyncCounts
-	36, // 50: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
-	36, // 51: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
-	36, // 52: easguard.v1.OrgSettingsDecided.decided_at:type_name -> google.protobuf.Timestamp
-	34, // 53: easguard.v1.AuditEvent.detail:type_name -> easguard.v1.AuditEvent.DetailEntry
-	36, // 54: easguard.v1.AuditEvent.at:type_name -> google.protobuf.Timestamp
-	11, // 55: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
-	12, // 56: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
-	35, // 57: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
-	36, // 58: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
-	59, // [59:59] is the sub-list for method output_type
-	59, // [59:59] is the sub-list for method input_type
-	59, // [59:59] is the sub-list for extension type_name
-	59, // [59:59] is the sub-list for extension extendee
-	0,  // [0:59] is the sub-list for field type_name
+	37, // 47: easguard.v1.SyncRequested.requested_at:type_name -> google.protobuf.Timestamp
+	37, // 48: easguard.v1.DeviceCommand.requested_at:type_name -> google.protobuf.Timestamp
+	2,  // 49: easguard.v1.SyncCompleted.kind:type_name -> easguard.v1.SyncKind
+	30, // 50: easguard.v1.SyncCompleted.counts:type_name -> easguard.v1.SyncCounts
+	37, // 51: easguard.v1.SyncCompleted.started_at:type_name -> google.protobuf.Timestamp
+	37, // 52: easguard.v1.SyncCompleted.finished_at:type_name -> google.protobuf.Timestamp
+	37, // 53: easguard.v1.OrgSettingsDecided.decided_at:type_name -> google.protobuf.Timestamp
+	35, // 54: easguard.v1.AuditEvent.detail:type_name -> easguard.v1.AuditEvent.DetailEntry
+	37, // 55: easguard.v1.AuditEvent.at:type_name -> google.protobuf.Timestamp
+	11, // 56: easguard.v1.Alert.kind:type_name -> easguard.v1.AlertKind
+	12, // 57: easguard.v1.Alert.severity:type_name -> easguard.v1.AlertSeverity
+	36, // 58: easguard.v1.Alert.detail:type_name -> easguard.v1.Alert.DetailEntry
+	37, // 59: easguard.v1.Alert.raised_at:type_name -> google.protobuf.Timestamp
+	60, // [60:60] is the sub-list for method output_type
+	60, // [60:60] is the sub-list for method input_type
+	60, // [60:60] is the sub-list for extension type_name
+	60, // [60:60] is the sub-list for extension extendee
+	0,  // [0:60] is the sub-list for field type_name
 }
 
 func init() { file_easguard_v1_events_proto_init() }
@@ -3588,7 +3753,7 @@ func file_easguard_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_easguard_v1_events_proto_rawDesc), len(file_easguard_v1_events_proto_rawDesc)),
 			NumEnums:      13,
-			NumMessages:   23,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

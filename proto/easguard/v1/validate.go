@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode"
 	"unicode/utf8"
 )
 
@@ -203,6 +204,50 @@ func (e *SyncRequested) Validate() error {
 	p.need(e.GetSyncId() != "", "sync_id is empty")
 	p.need(e.GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "kind is unspecified")
 	p.need(e.GetRequestedBy() != "", "requested_by is empty")
+	return p.err()
+}
+
+// The actions of a DeviceCommand.
+const (
+	// CommandRemove deletes the partnership on Exchange.
+	CommandRemove = "remove"
+	// CommandWipe asks Exchange to wipe the device at its next sync.
+	CommandWipe = "wipe"
+	// CommandRejudge has the device's partnerships matched and judged again.
+	CommandRejudge = "rejudge"
+)
+
+// maxNotifyAddresses bounds a wipe's notification addresses: Exchange mails
+// each one, and a command is typed by a person.
+const maxNotifyAddresses = 10
+
+// Validate checks an operator's command as the executor and the matcher
+// rely on it: a known action, a device id Exchange could have reported, a
+// partnership to hand to Exchange for a remove or a wipe, and who asked
+// and when, for the audit. A command that fails this can never be carried
+// out, and is dead-lettered with the reason.
+func (e *DeviceCommand) Validate() error {
+	var p problems
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetCommandId() != "", "command_id is empty")
+	action := e.GetAction()
+	p.need(action == CommandRemove || action == CommandWipe || action == CommandRejudge, "action %q is not remove, wipe or rejudge", action)
+	p.deviceID("device_id", e.GetDeviceId())
+	if id := e.GetPartnershipId(); id != "" || action != CommandRejudge {
+		p.need(strings.TrimSpace(id) != "", "partnership_id is empty")
+		p.need(utf8.ValidString(id), "partnership_id is not valid UTF-8")
+		p.need(!strings.ContainsFunc(id, unicode.IsControl), "partnership_id contains a control character")
+		p.need(len(id) <= 1024, "partnership_id is %d bytes long", len(id))
+	}
+	p.need(e.GetRequestedBy() != "", "requested_by is empty")
+	p.need(e.GetRequestedAt().IsValid(), "requested_at is missing")
+	p.need(action == CommandWipe || len(e.GetNotifyAddresses()) == 0, "notify_addresses are only for a wipe")
+	p.need(len(e.GetNotifyAddresses()) <= maxNotifyAddresses, "%d notify_addresses, at most %d", len(e.GetNotifyAddresses()), maxNotifyAddresses)
+	for i, a := range e.GetNotifyAddresses() {
+		at := strings.LastIndexByte(a, '@')
+		p.need(at > 0 && at < len(a)-1 && len(a) <= 320 && utf8.ValidString(a) && !strings.ContainsFunc(a, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }),
+			"notify_addresses[%d] %q is not a mail address", i, a)
+	}
 	return p.err()
 }
 
