@@ -8,7 +8,7 @@ PROTOS  := $(wildcard proto/easguard/v1/*.proto)
 # Benchmarks that print `bench <name> <value> <unit>` lines.
 BENCH_PKGS ?= ./...
 
-.PHONY: all build test lint pscheck contract fuzz proto proto-check docs docs-check rules-check bench demo run clean
+.PHONY: all build test browser-test lint pscheck contract fuzz proto proto-check docs docs-check rules-check bench demo run clean
 
 all: lint build test
 
@@ -26,11 +26,18 @@ test:
 		grep -E -- '^\s*--- FAIL|^panic:|^\s+[A-Za-z0-9_]+\.go:[0-9]+: ' $$log | cut -c1-300 | head -80; fi; \
 	rm -f $$log; exit $$rc
 
+## browser-test: the console in a real browser (Debian's chromium, driven by chromedp):
+## sign in through an OpenID provider, sync, a device's history, approve a held mass revocation,
+## a viewer refused; kept out of `make test`, which needs nothing but Go
+browser-test:
+	$(GO) test -race -count=1 -timeout 10m -tags browser -run 'TestConsoleInABrowser' ./tests/
+
 ## lint: gofmt and go vet
 lint:
 	@files=$$(gofmt -l $$(git ls-files '*.go'; git ls-files --others --exclude-standard '*.go')); \
 	if [ -n "$$files" ]; then echo "gofmt would change:"; echo "$$files"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags browser ./tests/
 
 ## pscheck: parse the shipped PowerShell scripts with tree-sitter-powershell (needs node and npm),
 ## and check worker.ps1's contract with the Go side (strict mode: no unguarded read of a field Go may omit)

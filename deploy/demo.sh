@@ -17,7 +17,8 @@
 # Settings (environment):
 #   DEMO_MDM                      graph (Intune through Graph, intunesim) or file (an inventory file)
 #   EASGUARD_DATA_DIR             ./data/demo; wiped at every start
-#   EASGUARD_HTTP_ADDR            127.0.0.1:9090 (/readyz, /metrics, /status, POST /sync)
+#   EASGUARD_HTTP_ADDR            127.0.0.1:9090 (/healthz, /readyz, /metrics)
+#   EASGUARD_CONSOLE_ADDR         127.0.0.1:8443 (the console and its API, behind sign-in)
 #   EASGUARD_NATS_LISTEN          127.0.0.1:4222
 #   EASGUARD_NATS_MONITOR_LISTEN  127.0.0.1:8222
 #   DEMO_INTUNESIM_ADDR           127.0.0.1:9443 (intunesim's Entra ID and Graph, HTTPS)
@@ -66,7 +67,7 @@ done
 # shell (a NATS URL, a policy, a dry run, …) would change what it shows.
 for v in $(compgen -v EASGUARD_); do
 	case $v in
-	EASGUARD_ORG | EASGUARD_DATA_DIR | EASGUARD_HTTP_ADDR | EASGUARD_NATS_LISTEN | EASGUARD_NATS_MONITOR_LISTEN | EASGUARD_LOG_LEVEL) ;;
+	EASGUARD_ORG | EASGUARD_DATA_DIR | EASGUARD_HTTP_ADDR | EASGUARD_CONSOLE_ADDR | EASGUARD_NATS_LISTEN | EASGUARD_NATS_MONITOR_LISTEN | EASGUARD_LOG_LEVEL) ;;
 	*)
 		echo "demo: ignoring $v of your shell" >&2
 		unset "$v"
@@ -75,6 +76,7 @@ for v in $(compgen -v EASGUARD_); do
 done
 export EASGUARD_ORG="${EASGUARD_ORG:-contoso}"
 export EASGUARD_HTTP_ADDR="${EASGUARD_HTTP_ADDR:-127.0.0.1:9090}"
+export EASGUARD_CONSOLE_ADDR="${EASGUARD_CONSOLE_ADDR:-127.0.0.1:8443}"
 export EASGUARD_NATS_LISTEN="${EASGUARD_NATS_LISTEN:-127.0.0.1:4222}"
 export EASGUARD_NATS_MONITOR_LISTEN="${EASGUARD_NATS_MONITOR_LISTEN:-127.0.0.1:8222}"
 DEMO_INTUNESIM_ADDR="${DEMO_INTUNESIM_ADDR:-127.0.0.1:9443}"
@@ -92,7 +94,7 @@ device=$(printf 'ApplDEMO%08X' "$(date +%s)")
 # in_use tells whether something already listens on host:port, over bash's
 # /dev/tcp.
 in_use() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
-addrs=(EASGUARD_HTTP_ADDR EASGUARD_NATS_LISTEN EASGUARD_NATS_MONITOR_LISTEN)
+addrs=(EASGUARD_HTTP_ADDR EASGUARD_CONSOLE_ADDR EASGUARD_NATS_LISTEN EASGUARD_NATS_MONITOR_LISTEN)
 [ "$mdm" = graph ] && addrs+=(DEMO_INTUNESIM_ADDR DEMO_INTUNESIM_ADMIN)
 for v in "${addrs[@]}"; do
 	if in_use "${!v}"; then
@@ -273,7 +275,8 @@ org: $EASGUARD_ORG
 # A pilot: easguard manages the demo users' phones and never touches anyone
 # else's. To widen it, add mailboxes, domains or groups to include (an empty
 # include means every mailbox), e.g.  include: {domains: [$domain]}
-# easguard re-reads this file when it changes; POST /sync?kind=full then
+# easguard re-reads this file when it changes; a full sync (the console, or
+# easguard sync full) then
 # judges every phone again.
 scope:
   include: {mailboxes: ["demo.*@$domain"]}
@@ -299,6 +302,20 @@ export EASGUARD_MAILER_ENROL_URL="https://portal.manage.microsoft.com/enrol?org=
 export EASGUARD_MAILER_HELPDESK="helpdesk@$domain, +49 30 1234"
 export EASGUARD_MAILER_COMPANY=Contoso
 
+# The console: a break-glass operator with a password made for this demo
+# (a lab's way in; production signs in with OpenID Connect, see the
+# README), and an API token for the CLI and the walk.
+console_password=$(head -c 15 /dev/urandom | base64 | tr '+/' '-_')
+printf '%s\n' "$console_password" | "$bin"/easguard hash-password >"$data/console-hash" || fail "could not hash the console password"
+printf 'admin device-admin %s\n' "$(cat "$data/console-hash")" >"$data/console-users"
+token_out=$("$bin"/easguard hash-password --token)
+console_token=$(sed -n 's/^token: //p' <<<"$token_out")
+printf 'demo device-admin %s\n' "$(sed -n 's/^tokens file: .* //p' <<<"$token_out")" >"$data/console-tokens"
+printf '%s\n' "$console_token" >"$data/console-token"
+chmod 600 "$data/console-users" "$data/console-tokens" "$data/console-token"
+export EASGUARD_CONSOLE_LOCAL_USERS_FILE=$data/console-users
+export EASGUARD_CONSOLE_TOKENS_FILE=$data/console-tokens
+
 "$bin"/easguard run 2>"$data/easguard.log" &
 pids+=($!) names+=(easguard)
 easguard_pid=${pids[-1]}
@@ -308,10 +325,10 @@ for _ in $(seq 1 300); do
 	sleep 0.1
 done
 ready || fail "easguard did not become ready within 30 s"
-echo "   easguard      http://$EASGUARD_HTTP_ADDR, NATS nats://$EASGUARD_NATS_LISTEN, quick sync every $quick"
+echo "   easguard      console http://$EASGUARD_CONSOLE_ADDR, health http://$EASGUARD_HTTP_ADDR, NATS nats://$EASGUARD_NATS_LISTEN, quick sync every $quick"
 echo
 
-walk=("$bin"/demowalk -org "$EASGUARD_ORG" -nats "nats://$EASGUARD_NATS_LISTEN" -easguard "http://$EASGUARD_HTTP_ADDR"
+walk=("$bin"/demowalk -org "$EASGUARD_ORG" -nats "nats://$EASGUARD_NATS_LISTEN" -easguard "http://$EASGUARD_CONSOLE_ADDR" -token "$console_token"
 	-exchange "$admin" -smtp "$mailapi" "${mdm_args[@]}" -enrol-url "$EASGUARD_MAILER_ENROL_URL"
 	-step-timeout "${DEMO_STEP_TIMEOUT:-60s}")
 "${walk[@]}" -mailbox "$mailbox@$domain" -device-id "$device" || fail "the walk failed (see above)"
@@ -347,12 +364,12 @@ TXT
 	scope_text=$(
 		cat <<TXT
                 a pilot: only demo.*@$domain is managed, though Intune knows most other phones.
-                With include: {domains: [$domain]} and POST /sync?kind=full, easguard allows
+                With include: {domains: [$domain]} and a full sync, easguard allows
                 the ~180 compliant ones at once (an allow takes mail from nobody), but blocking
                 the rest (84 of the 291 phones that get mail: not in Intune, non-compliant,
                 retired, no EAS id, or not iOS/Android) is more than the blast-radius guard's
-                10%: none of those blocks is applied, /status shows the guard tripped, and an
-                alert is raised. Widen in steps instead, e.g. mailboxes "a*@$domain" and
+                10%: none of those blocks is applied, the console shows the guard tripped (approve
+                or discard it there), and an alert is raised. Widen in steps instead, e.g. mailboxes "a*@$domain" and
                 "b*@$domain" first (16 blocks, 6%): a step under 10% goes through
 TXT
 	)
@@ -369,7 +386,7 @@ TXT
 	scope_text=$(
 		cat <<TXT
                 a pilot: only demo.*@$domain is managed. With include: {domains: [$domain]}
-                and POST /sync?kind=full, easguard would block the ~280 phones that get mail
+                and a full sync, easguard would block the ~280 phones that get mail
                 and that no MDM knows; its blast-radius guard refuses that (100% of the phones
                 with mail, limit 10%) and raises an alert instead
 TXT
@@ -381,8 +398,12 @@ cat <<TXT
 easguard is running for organisation "$EASGUARD_ORG" with every worker (pid $easguard_pid),
 next to the simulated $sims. Look around:
 
-  status        http://$EASGUARD_HTTP_ADDR/status    (last syncs, the guard, the policy, $mdm_status)
-  sync now      curl -X POST 'http://$EASGUARD_HTTP_ADDR/sync?kind=quick'   (or kind=full)
+  console       http://$EASGUARD_CONSOLE_ADDR/   sign in as admin, password $console_password
+                (the break-glass users file $data/console-users, role device-admin)
+                the overview (syncs, the guard, the policy, $mdm_status), every device
+                and its history, quick and full syncs, dead letters, a policy preview
+  CLI           export EASGUARD_URL=http://$EASGUARD_CONSOLE_ADDR EASGUARD_TOKEN_FILE=$data/console-token
+                $bin/easguard status ; $bin/easguard devices -q demo ; $bin/easguard sync full
   metrics       http://$EASGUARD_HTTP_ADDR/metrics
   NATS          nats://$EASGUARD_NATS_LISTEN   (nats sub 'easguard.$EASGUARD_ORG.>' shows every event)
   NATS monitor  http://$EASGUARD_NATS_MONITOR_LISTEN/jsz?streams=true
@@ -395,7 +416,8 @@ $mdm_text
 $scope_text
   walk again    another phone of another demo user, against this demo:
                 $bin/demowalk -mailbox demo.someone@$domain -exchange $admin -smtp $mailapi \\
-                  -nats nats://$EASGUARD_NATS_LISTEN -easguard http://$EASGUARD_HTTP_ADDR ${mdm_args[0]} $(printf %q "${mdm_args[1]}")
+                  -nats nats://$EASGUARD_NATS_LISTEN -easguard http://$EASGUARD_CONSOLE_ADDR -token \$(cat $data/console-token) \\
+                  ${mdm_args[0]} $(printf %q "${mdm_args[1]}")
   logs          $data/*.log   (easguard's: JSON, one line per event)
 
 Press Ctrl-C to stop.

@@ -79,7 +79,7 @@ func TestDemo(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			addrs := map[string]string{
-				"EASGUARD_HTTP_ADDR": freeAddr(t), "EASGUARD_NATS_LISTEN": freeAddr(t), "EASGUARD_NATS_MONITOR_LISTEN": freeAddr(t),
+				"EASGUARD_HTTP_ADDR": freeAddr(t), "EASGUARD_CONSOLE_ADDR": freeAddr(t), "EASGUARD_NATS_LISTEN": freeAddr(t), "EASGUARD_NATS_MONITOR_LISTEN": freeAddr(t),
 				"DEMO_INTUNESIM_ADDR": freeAddr(t), "DEMO_INTUNESIM_ADMIN": freeAddr(t),
 			}
 			data := filepath.Join(t.TempDir(), "demo")

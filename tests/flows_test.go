@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"testing"
@@ -15,6 +17,7 @@ import (
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/mailer"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	"github.com/easguard/easguard/pkg/pipeline"
 	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
@@ -497,4 +500,80 @@ func TestApprovedMassRevocationGoesThrough(t *testing.T) {
 		!strings.HasPrefix(syncs[0].GetOutcome(), "requested manual-") {
 		t.Errorf("sync audit %v", syncs)
 	}
+}
+
+// An administrator discards the mass revocation the guard holds: the
+// devices keep their mail, and later passes hold exactly that set again
+// without a new alert; the discard is in the audit trail.
+func TestDiscardedSetIsHeldWithoutAlert(t *testing.T) {
+	s := startStack(t, stackOptions{evaluate: func(c *evaluator.Config) { c.BlastRadius, c.BlastMinimum = 0.5, 3 }})
+	phones, _ := s.massRevocation("ApplDISCARD0")
+	blast := func(m *ev.Alert) bool { return m.GetKind() == ev.AlertKind_ALERT_KIND_BLAST_RADIUS }
+	waitEvent(t, s.events, "blast-radius alert", blast)
+	var guard status.Guard
+	pollEvery(t, 30*time.Second, 50*time.Millisecond, "the guard tripped", func() bool {
+		var ok bool
+		guard, ok = statusOf[status.Guard](s, status.GuardKey)
+		return ok && guard.State == status.GuardTripped
+	})
+	req, _ := http.NewRequest(http.MethodPost, s.consoleURL+"/api/v1/orgs/"+s.org+"/guard/discard",
+		strings.NewReader(url.Values{"key": {guard.Key}, "reason": {"the MDM export was cut short"}}.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Authorization", "Bearer "+operatorToken)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("discard: %d", resp.StatusCode)
+	}
+	// Two more passes over the same set: held, quietly.
+	for range 2 {
+		s.fullSync()
+	}
+	s.settle()
+	if g, _ := statusOf[status.Guard](s, status.GuardKey); g.State != status.GuardDiscarded || g.Key != guard.Key || !strings.Contains(g.Detail, "token:stack") {
+		t.Fatalf("guard after the discard and two passes: %+v", g)
+	}
+	if n := len(find(s.events, blast)); n != 1 {
+		t.Errorf("%d blast-radius alerts; the discarded set must not alert again", n)
+	}
+	for _, p := range phones {
+		if r := s.phoneSync(p); r.State != "Allowed" {
+			t.Errorf("%s lost mail after the discard: %+v", p.DeviceID, r)
+		}
+	}
+	if a := find(s.events, func(m *ev.AuditEvent) bool { return m.GetAction() == "guard-discard" }); len(a) != 1 || a[0].GetOutcome() != "discarded" || a[0].GetActor() != "token:stack" {
+		t.Errorf("guard-discard audit %v", a)
+	}
+}
+
+// A collector that stops is noticed: the evaluator's leaseholder raises
+// sync-overdue once no quick sync has ended for three quick intervals,
+// and clears it when a collector syncs again.
+func TestStoppedCollectorRaisesSyncOverdue(t *testing.T) {
+	noCollector := []string{pipeline.Matcher, pipeline.Evaluator, pipeline.Executor, pipeline.Mailer, pipeline.MDM}
+	s := startStack(t, stackOptions{workers: noCollector})
+	c := startStack(t, stackOptions{join: s, workers: []string{pipeline.Collector}})
+	s.waitFullSync()
+	overdue := func(m *ev.Alert) bool {
+		return m.GetKind() == ev.AlertKind_ALERT_KIND_SYNC_OVERDUE && m.GetDetail()["kind"] == "quick"
+	}
+	if n := len(find(s.events, overdue)); n != 0 {
+		t.Fatalf("sync-overdue while the collector runs: %v", find(s.events, overdue))
+	}
+	c.stop()
+	alert := waitEvent(t, s.events, "sync-overdue alert", overdue)
+	if !strings.Contains(alert.GetSummary(), "is the collector running?") {
+		t.Errorf("alert %v", alert)
+	}
+	if _, ok := statusOf[string](s, bus.AlertedKeyPrefix+"sync-overdue.quick"); !ok {
+		t.Fatal("the overdue sync is not recorded as alerted")
+	}
+	startStack(t, stackOptions{join: s, workers: []string{pipeline.Collector}})
+	pollEvery(t, 30*time.Second, 50*time.Millisecond, "the overdue alert cleared by a new collector's sync", func() bool {
+		_, ok := statusOf[string](s, bus.AlertedKeyPrefix+"sync-overdue.quick")
+		return !ok
+	})
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/exchange"
@@ -556,16 +557,22 @@ func (r *reconcileRig) alive() {
 	}
 }
 
-// requestFullSync asks the collector for a full sync.
+// requestFullSync asks the collector for a full sync on the bus, as the
+// console does for an operator.
 func (r *reconcileRig) requestFullSync() {
 	r.tb.Helper()
-	resp, err := http.Post(r.proc.http+"/sync?kind=full", "", nil)
+	pub, err := bus.NewPublisher(r.js, bus.Instrumentation{})
 	if err != nil {
 		r.tb.Fatal(err)
 	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		r.tb.Fatalf("POST /sync: %d", resp.StatusCode)
+	subject, err := bus.SyncRequested.Subject(testOrg, "")
+	if err != nil {
+		r.tb.Fatal(err)
+	}
+	id := fmt.Sprintf("bench-%d", time.Now().UnixNano())
+	if _, err := pub.Publish(context.Background(), bus.Outbound{Subject: subject, MsgID: id, Message: &ev.SyncRequested{
+		Org: testOrg, SyncId: id, Kind: ev.SyncKind_SYNC_KIND_FULL, RequestedBy: "benchmark", RequestedAt: timestamppb.Now()}}); err != nil {
+		r.tb.Fatal(err)
 	}
 }
 

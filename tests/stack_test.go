@@ -27,6 +27,7 @@ import (
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/console"
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/executor"
@@ -68,7 +69,16 @@ type stackOptions struct {
 	natsURL  string                    // an external NATS (a cluster's URLs) instead of the embedded server
 	replicas int                       // EASGUARD_NATS_REPLICAS; 0: 1
 	org      string                    // the organisation; empty: testOrg
+	console  func(*console.Config)     // tweak the console (sign-in for a browser)
 }
+
+// The API tokens of every stack's console, one per role, as its tokens
+// file lists them.
+const (
+	operatorToken    = "stack-operator-token-0123456789"
+	viewerToken      = "stack-viewer-token-0123456789"
+	deviceAdminToken = "stack-device-admin-token-0123456789"
+)
 
 // fixture is what a test's easguard talks to: the Exchange simulator, the
 // SMTP server, the MDM inventory file and the policy file.
@@ -92,10 +102,13 @@ type stack struct {
 	svc      *service.Service
 	sections pipeline.Sections
 	natsAddr string
-	spans    *tracetest.SpanRecorder
-	events   *eventLog
-	cancel   context.CancelFunc
-	done     chan error
+	// consoleURL is the stack's console and API; operatorToken an API
+	// token of its tokens file with the operator role.
+	consoleURL string
+	spans      *tracetest.SpanRecorder
+	events     *eventLog
+	cancel     context.CancelFunc
+	done       chan error
 }
 
 func newFixture(t testing.TB, o stackOptions) *fixture {
@@ -237,6 +250,25 @@ func startStack(t testing.TB, o stackOptions) *stack {
 		_ = svc.Run(ctx)
 		t.Fatal(err)
 	}
+	// The console, as an administrator reaches easguard: syncs and status
+	// go through its API with an operator's token.
+	tokens := filepath.Join(t.TempDir(), "console-tokens")
+	if err := os.WriteFile(tokens, []byte("stack operator "+console.HashToken(operatorToken)+"\nviewer viewer "+console.HashToken(viewerToken)+
+		"\nhelpdesk device-admin "+console.HashToken(deviceAdminToken)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ccfg := console.Config{Addr: "127.0.0.1:0", TokensFile: tokens, SessionTTL: time.Hour}
+	if o.console != nil {
+		o.console(&ccfg)
+	}
+	if err := ccfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if s.consoleURL, err = pipeline.StartConsole(ctx, svc, ccfg, s.org); err != nil {
+		cancel()
+		_ = svc.Run(ctx)
+		t.Fatal(err)
+	}
 	sub, err := svc.NC.Subscribe("easguard."+s.org+".>", s.events.add)
 	if err != nil {
 		t.Fatal(err)
@@ -311,11 +343,16 @@ func splitAddr(t testing.TB, addr string) (string, int) {
 // status reads the org's status document.
 func (s *stack) status() map[string]json.RawMessage {
 	s.t.Helper()
-	resp, err := http.Get("http://" + s.svc.HTTPAddr + "/status")
+	req, _ := http.NewRequest(http.MethodGet, s.consoleURL+"/api/v1/orgs/"+s.org+"/status", nil)
+	req.Header.Set("Authorization", "Bearer "+operatorToken)
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		s.t.Fatal(err)
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		s.t.Fatalf("GET status: %d", resp.StatusCode)
+	}
 	var out struct {
 		Status map[string]json.RawMessage `json:"status"`
 	}
@@ -404,17 +441,30 @@ func (s *stack) waitDefaultPlan() status.DefaultPlan {
 	return plan
 }
 
-// requestSync asks the collector for a sync through the HTTP endpoint.
+// requestSync asks the collector for a sync through the console's API, as
+// an operator would; while one of the kind the console asked for still
+// runs, it asks again until the console takes it.
 func (s *stack) requestSync(kind string) {
 	s.t.Helper()
-	resp, err := http.Post("http://"+s.svc.HTTPAddr+"/sync?kind="+kind, "", nil)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		s.t.Fatalf("POST /sync: %d", resp.StatusCode)
-	}
+	pollEvery(s.t, 60*time.Second, 50*time.Millisecond, "the console to take a "+kind+" sync", func() bool {
+		req, _ := http.NewRequest(http.MethodPost, s.consoleURL+"/api/v1/orgs/"+s.org+"/sync", strings.NewReader("kind="+kind))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		req.Header.Set("Authorization", "Bearer "+operatorToken)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		switch resp.StatusCode {
+		case http.StatusOK:
+			return true
+		case http.StatusConflict:
+			return false
+		}
+		s.t.Fatalf("POST sync: %d %s", resp.StatusCode, b)
+		return false
+	})
 }
 
 // managedDevice is one record of the MDM inventory file.

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -240,4 +242,43 @@ func (l *Lease) release() {
 		return
 	}
 	l.log.Info("lease released")
+}
+
+// LeaseHolder is who holds one duty of an organisation, for operators: the
+// console shows which replica is the active collector, MDM poller or
+// guard, and since when.
+type LeaseHolder struct {
+	Duty       string    `json:"duty"`
+	Holder     string    `json:"holder"`
+	AcquiredAt time.Time `json:"acquired_at"`
+	RenewedAt  time.Time `json:"renewed_at"`
+}
+
+// Holders lists the live leases of org, by duty.
+func Holders(ctx context.Context, kv jetstream.KeyValue, org Org) ([]LeaseHolder, error) {
+	l, err := kv.ListKeys(ctx)
+	if err != nil {
+		if errors.Is(err, jetstream.ErrNoKeysFound) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("list leases: %w", err)
+	}
+	var out []LeaseHolder
+	for k := range l.Keys() {
+		duty, ok := strings.CutSuffix(k, "."+string(org))
+		if !ok {
+			continue
+		}
+		e, err := kv.Get(ctx, k)
+		if err != nil {
+			continue // expired meanwhile
+		}
+		var rec leaseRecord
+		if json.Unmarshal(e.Value(), &rec) != nil {
+			continue
+		}
+		out = append(out, LeaseHolder{Duty: duty, Holder: rec.Holder, AcquiredAt: rec.AcquiredAt, RenewedAt: rec.RenewedAt})
+	}
+	slices.SortFunc(out, func(a, b LeaseHolder) int { return strings.Compare(a.Duty, b.Duty) })
+	return out, nil
 }

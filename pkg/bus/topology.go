@@ -62,7 +62,7 @@ const (
 	// BucketCollector: the collector's view of Exchange, for change and
 	// disappearance detection.
 	BucketCollector = "easguard_collector"
-	// BucketStatus: per-org status the console and /status read: last
+	// BucketStatus: per-org status the console reads (pkg/status): last
 	// syncs, guard state, MDM source health.
 	BucketStatus = "easguard_status"
 	// BucketMDMSources: what each inventory MDM source (file, Graph) last
@@ -75,6 +75,28 @@ const (
 // its own TTL, so a captured request is refused after a restart and by
 // every replica. Per-key TTLs need limit markers on the bucket.
 const BucketMDMReplay = "easguard_mdm_replay"
+
+// BucketConsoleSessions holds the console's sign-ins and the sign-ins in
+// progress (keyed by hashes, never by the secrets themselves), so every
+// console replica knows every session and a sign-out ends it everywhere.
+// Its TTL bounds every session, whatever the console's setting.
+const BucketConsoleSessions = "easguard_console_sessions"
+
+// consoleSessionTTL is the session bucket's TTL: no sign-in outlives it.
+const consoleSessionTTL = 24 * time.Hour
+
+// ConsoleSessionsBucketConfig returns the configuration of the console's
+// session bucket.
+func (t Topology) ConsoleSessionsBucketConfig() jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{
+		Bucket:      BucketConsoleSessions,
+		Description: "console sign-ins",
+		History:     1,
+		TTL:         consoleSessionTTL,
+		Storage:     jetstream.FileStorage,
+		Replicas:    t.Replicas,
+	}
+}
 
 // StateBuckets lists the state buckets Provision creates.
 var StateBuckets = []string{BucketPartnerships, BucketMDMDevices, BucketMDMUsers, BucketDecisions, BucketStaged, BucketApplied, BucketNotified, BucketCollector, BucketStatus, BucketMDMSources}
@@ -300,7 +322,7 @@ func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
 			return fmt.Errorf("provision stream %s: %w", cfg.Name, err)
 		}
 	}
-	buckets := []jetstream.KeyValueConfig{t.LeaseBucketConfig(), t.MDMReplayBucketConfig()}
+	buckets := []jetstream.KeyValueConfig{t.LeaseBucketConfig(), t.MDMReplayBucketConfig(), t.ConsoleSessionsBucketConfig()}
 	for _, b := range StateBuckets {
 		buckets = append(buckets, jetstream.KeyValueConfig{Bucket: b, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas})
 	}

@@ -140,6 +140,9 @@ func (c *Collector) Route() bus.Route {
 // not wait a day), quick syncs in between. After any sync, failed or not,
 // the next waits a quick interval, so a broken Exchange is not hammered.
 func (c *Collector) Schedule(ctx context.Context) error {
+	// What the evaluator's watchdog judges an overdue sync by: a collector
+	// that stopped cannot raise that alert itself.
+	putStatus(ctx, c, status.ScheduleKey, status.Schedule{QuickInterval: c.cfg.QuickInterval, FullInterval: c.cfg.FullInterval, StartedAt: c.now().UTC()})
 	for {
 		next := c.cfg.QuickInterval
 		lastFull, okFull := c.lastSuccess(ctx, "full")

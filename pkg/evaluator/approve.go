@@ -2,6 +2,7 @@ package evaluator
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -22,7 +23,7 @@ var ErrNothingHeld = errors.New("the blast-radius guard holds no such set of rev
 
 // ApproveGuard approves, on behalf of by (from source: a client address),
 // the set of revocations the guard holds under key (status.Guard.Key, as
-// /status shows it), recording a status.GuardApproval in kv, the status
+// the console shows it), recording a status.GuardApproval in kv, the status
 // bucket. The revocations go through when their devices are
 // next judged: with the next pass, or at once after a sync the caller asks
 // for. The approval, or its refusal, is audited (guard-approve) with pub.
@@ -67,4 +68,54 @@ func (e *Evaluator) approval(ctx context.Context, key string) (status.GuardAppro
 		return status.GuardApproval{}, false
 	}
 	return a, true
+}
+
+// DiscardGuard is an administrator's "no" to the set of revocations the
+// guard holds under key: the devices keep their mail, and the guard keeps
+// holding exactly this set without alerting again (a set that changes, one
+// device more or fewer, is a new set and alerts). An approval of the set
+// is withdrawn. The discard, or its refusal, is audited (guard-discard).
+func DiscardGuard(ctx context.Context, kv jetstream.KeyValue, pub *bus.Publisher, org bus.Org, key, by, source, reason string, now time.Time) (err error) {
+	defer func() {
+		outcome := "discarded"
+		if err != nil {
+			outcome = "refused: " + err.Error()
+		}
+		a, aerr := bus.AuditOutbound(org, "guard-discard", by, source, key, outcome, map[string]string{"reason": reason}, now)
+		if aerr == nil {
+			_, aerr = pub.Publish(ctx, a)
+		}
+		if aerr != nil && err == nil {
+			err = fmt.Errorf("discard guard: audit: %w", aerr)
+		}
+	}()
+	e, err := kv.Get(ctx, string(org)+"."+status.GuardKey)
+	if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+		return fmt.Errorf("discard guard: %w", err)
+	}
+	var st status.Guard
+	if e != nil {
+		if err := json.Unmarshal(e.Value(), &st); err != nil {
+			return fmt.Errorf("discard guard: %w: %v", status.ErrCorrupt, err)
+		}
+	}
+	if e == nil || st.State != status.GuardTripped || st.Key != key {
+		return fmt.Errorf("discard guard %s: %w (it holds %q, state %q)", key, ErrNothingHeld, st.Key, st.State)
+	}
+	st.State = status.GuardDiscarded
+	st.Detail = fmt.Sprintf("Discarded by %s at %s (%s): these devices keep their mail, and the guard holds this set without a new alert. It held: %s",
+		by, now.UTC().Format(time.RFC3339), reason, st.Detail)
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	// Only over the record read: a guard that tripped on another set
+	// meanwhile is not discarded by an answer about this one.
+	if _, err := kv.Update(ctx, string(org)+"."+status.GuardKey, b, e.Revision()); err != nil {
+		return fmt.Errorf("discard guard: the guard changed meanwhile, look again: %w", err)
+	}
+	if err := status.Delete(ctx, kv, org, status.GuardApprovalKey); err != nil {
+		return fmt.Errorf("discard guard: %w", err)
+	}
+	return nil
 }

@@ -135,7 +135,7 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, l
 	if err := e.loadPolicy(true); err != nil {
 		return nil, err
 	}
-	// /status shows the guard from the start, not only once it acted.
+	// The console shows the guard from the start, not only once it acted.
 	initial := status.Guard{State: status.GuardOK, At: e.now(), Threshold: cfg.BlastRadius, Detail: "no revocation judged yet"}
 	if err := status.Create(ctx, e.status, org, status.GuardKey, initial); err != nil && !errors.Is(err, status.ErrExists) {
 		return nil, fmt.Errorf("evaluator: %w", err)
@@ -878,14 +878,19 @@ func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus
 	if over {
 		st := status.Guard{State: status.GuardTripped, Batch: batch, Revocations: len(staged), Allowed: allowed, Share: share, Threshold: e.cfg.BlastRadius, At: e.now(),
 			Detail: fmt.Sprintf("%s would have taken mail away from %d of %d allowed devices (%.0f%%, limit %.0f%%); none of these revocations was applied. "+
-				"If this is intended, raise EASGUARD_EVALUATOR_BLAST_RADIUS until it has gone through.",
-				batch, len(staged), allowed, 100*share, 100*e.cfg.BlastRadius),
+				"If this is intended, approve it in the console (or easguard approve %s); if not, discard it.",
+				batch, len(staged), allowed, 100*share, 100*e.cfg.BlastRadius, guardKey(staged)),
 			Key: guardKey(staged), Since: e.now()}
 		// A guard record that cannot be read counts as another set: the
 		// alert is raised again rather than never.
-		if prev, ok, _ := status.Get[status.Guard](ctx, e.status, e.org, status.GuardKey); ok && prev.State == status.GuardTripped && prev.Key == st.Key {
+		prev, ok, _ := status.Get[status.Guard](ctx, e.status, e.org, status.GuardKey)
+		switch {
+		case ok && prev.State == status.GuardTripped && prev.Key == st.Key:
 			st.Since = prev.Since // the same revocations again: still holding, already alerted
-		} else {
+		case ok && prev.State == status.GuardDiscarded && prev.Key == st.Key:
+			// An administrator discarded exactly this set: held, quietly.
+			st.State, st.Since, st.Detail = status.GuardDiscarded, prev.Since, prev.Detail
+		default:
 			e.log.Error("blast-radius guard tripped", "batch", batch, "revocations", len(staged), "allowed", allowed)
 			a, err := e.alert(ev.AlertKind_ALERT_KIND_BLAST_RADIUS, ev.AlertSeverity_ALERT_SEVERITY_CRITICAL, "blast:"+batch, st.Detail,
 				map[string]string{"batch": batch, "revocations": strconv.Itoa(len(staged)), "allowed": strconv.Itoa(allowed), "threshold": fmt.Sprint(e.cfg.BlastRadius)})
@@ -1101,6 +1106,9 @@ func (e *Evaluator) tick(ctx context.Context) error {
 	pub := e.pub.Load()
 	if pub == nil {
 		return nil
+	}
+	if err := e.checkOverdue(ctx, pub); err != nil {
+		e.log.Warn("overdue syncs not checked", "error", err)
 	}
 	prefix, _ := bus.StateKey(e.org, "mdm")
 	keys, err := listKeys(ctx, e.staged, prefix+".>")

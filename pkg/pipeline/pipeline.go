@@ -10,7 +10,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -29,6 +28,7 @@ import (
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/console"
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/executor"
@@ -309,8 +309,6 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 			return err
 		}
 	}
-	svc.Health.Handle("GET /status", statusHandler(svc, org))
-	svc.Health.Handle("POST /sync", syncHandler(svc, org))
 	return nil
 }
 
@@ -547,74 +545,6 @@ func startSingleton(ctx context.Context, svc *service.Service, org bus.Org, duty
 	return nil
 }
 
-// statusHandler serves the org's status: last syncs, the guard, MDM sources.
-func statusHandler(svc *service.Service, org bus.Org) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		kv, err := svc.JS.KeyValue(r.Context(), bus.BucketStatus)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		out := map[string]json.RawMessage{}
-		l, err := kv.ListKeysFiltered(r.Context(), string(org)+".>")
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		for k := range l.Keys() {
-			e, err := kv.Get(r.Context(), k)
-			if err != nil {
-				continue
-			}
-			out[strings.TrimPrefix(k, string(org)+".")] = e.Value()
-		}
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(map[string]any{"org": org, "status": out})
-	})
-}
-
-// syncHandler asks the collector for a sync: POST /sync?kind=quick|full.
-func syncHandler(svc *service.Service, org bus.Org) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		kind := ev.SyncKind_SYNC_KIND_QUICK
-		switch r.URL.Query().Get("kind") {
-		case "", "quick":
-		case "full":
-			kind = ev.SyncKind_SYNC_KIND_FULL
-		default:
-			http.Error(w, "kind must be quick or full", http.StatusBadRequest)
-			return
-		}
-		subject, err := bus.SyncRequested.Subject(org, "")
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
-		id := fmt.Sprintf("manual-%d", time.Now().UnixNano())
-		_, err = svc.Publisher().Publish(r.Context(), bus.Outbound{Subject: subject, MsgID: id, Message: &ev.SyncRequested{
-			Org: string(org), SyncId: id, Kind: kind, RequestedBy: "http:" + r.RemoteAddr, RequestedAt: timestamppb.Now(), Reason: r.URL.Query().Get("reason"),
-		}})
-		// Recorded whatever the outcome: who asked matters most when it
-		// did not happen.
-		outcome := "requested " + id
-		if err != nil {
-			outcome = "failed: " + err.Error()
-		}
-		if a, aerr := bus.AuditOutbound(org, "sync", "anonymous", r.RemoteAddr, kind.Short(), outcome, map[string]string{"reason": r.URL.Query().Get("reason")}, time.Now()); aerr == nil {
-			if _, aerr := svc.Publisher().Publish(r.Context(), a); aerr != nil {
-				svc.Log.Warn("manual sync not audited", "error", aerr)
-			}
-		}
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusAccepted)
-		_ = json.NewEncoder(w).Encode(map[string]string{"sync_id": id})
-	})
-}
-
 // StartDeadLetterMover schedules the dead-letter mover on the service.
 // Every binary runs one, whatever its workers: a message that reaches
 // MaxDeliver while its worker crashed or hung is never settled by that
@@ -650,4 +580,23 @@ func cancelled() context.Context {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	return ctx
+}
+
+// StartConsole serves the console and its API (cfg.Addr) from this
+// process, for cfg's organisations (defaultOrg when it names none), and
+// returns the URL users reach it at. The console reads what the workers
+// keep in JetStream, so any process of the cluster can serve it.
+func StartConsole(ctx context.Context, svc *service.Service, cfg console.Config, defaultOrg string) (string, error) {
+	ln, err := console.Listen(cfg)
+	if err != nil {
+		return "", err
+	}
+	srv, err := console.New(ctx, cfg, defaultOrg, ln.Addr().String(), svc.JS, svc.Publisher(), svc.Log)
+	if err != nil {
+		ln.Close()
+		return "", err
+	}
+	svc.Go("console index", srv.Run)
+	svc.Go("console", func(ctx context.Context) error { return srv.Serve(ctx, ln) })
+	return srv.URL(), nil
 }

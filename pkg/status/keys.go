@@ -17,6 +17,8 @@ const (
 	DefaultPlanKey = "default"
 	// DefaultAppliedKey holds the executor's DefaultApplied.
 	DefaultAppliedKey = "default.applied"
+	// ScheduleKey holds the collector's Schedule.
+	ScheduleKey = "sync.schedule"
 )
 
 const (
@@ -25,7 +27,12 @@ const (
 	lastSuffix = ".last"
 	okSuffix   = ".ok"
 	judgedEnd  = ".judged"
+	requestEnd = ".requested"
 )
+
+// SyncRequestedKey is where the console records the last sync of a kind
+// it asked for (a SyncRequest).
+func SyncRequestedKey(kind string) string { return syncPrefix + kind + requestEnd }
 
 // SyncLastKey is where the last sync pass of a kind ("quick", "full") is
 // recorded, failed or not.

@@ -30,6 +30,10 @@ type Org struct {
 	MDM map[string]MDMSource `json:"mdm"`
 	// MDMWait is the first full sync's wait for the MDM inventory.
 	MDMWait *MDMWait `json:"mdm_wait,omitempty"`
+	// Schedule is the collector's schedule as it started it; Requested the
+	// last sync of each kind the console asked for.
+	Schedule  *Schedule              `json:"schedule,omitempty"`
+	Requested map[string]SyncRequest `json:"requested"`
 	// Policy is the policy in force; Default the plan for the
 	// organisation's DefaultAccessLevel, DefaultApplied its last change.
 	Policy         *Policy         `json:"policy,omitempty"`
@@ -54,7 +58,7 @@ type Org struct {
 // left out.
 func Read(ctx context.Context, kv jetstream.KeyValue, org bus.Org) (Org, error) {
 	o := Org{Last: map[string]Sync{}, OK: map[string]Sync{}, Judged: map[string]PassJudged{},
-		MDM: map[string]MDMSource{}, Alerts: map[string]time.Time{}}
+		MDM: map[string]MDMSource{}, Alerts: map[string]time.Time{}, Requested: map[string]SyncRequest{}}
 	prefix := string(org) + "."
 	l, err := kv.ListKeysFiltered(ctx, prefix+">")
 	if err != nil {
@@ -98,6 +102,8 @@ func (o *Org) add(key, rel string, b []byte) error {
 		return decodeInto(key, b, &o.Default)
 	case DefaultAppliedKey:
 		return decodeInto(key, b, &o.DefaultApplied)
+	case ScheduleKey:
+		return decodeInto(key, b, &o.Schedule)
 	}
 	if what, ok := strings.CutPrefix(rel, bus.AlertedKeyPrefix); ok {
 		at, err := time.Parse(time.RFC3339Nano, string(b))
@@ -118,6 +124,7 @@ func (o *Org) add(key, rel string, b []byte) error {
 			{lastSuffix, func(kind string) error { return decodeMap(key, b, o.Last, kind) }},
 			{okSuffix, func(kind string) error { return decodeMap(key, b, o.OK, kind) }},
 			{judgedEnd, func(kind string) error { return decodeMap(key, b, o.Judged, kind) }},
+			{requestEnd, func(kind string) error { return decodeMap(key, b, o.Requested, kind) }},
 		} {
 			if kind, ok := strings.CutSuffix(rest, s.suffix); ok && kind != "" && !strings.Contains(kind, ".") {
 				return s.add(kind)

@@ -246,3 +246,33 @@ type DefaultApplied struct {
 	At      time.Time `json:"at"`
 	Detail  string    `json:"detail"`
 }
+
+// Schedule is the collector's schedule, recorded when the active collector
+// starts it (ScheduleKey). It is how another worker knows when a sync is
+// overdue: a collector that stopped cannot say so itself.
+type Schedule struct {
+	QuickInterval time.Duration `json:"quick_interval"`
+	FullInterval  time.Duration `json:"full_interval"`
+	// Holder is the collector replica that started it, at StartedAt.
+	Holder    string    `json:"holder,omitempty"`
+	StartedAt time.Time `json:"started_at"`
+}
+
+// Overdue is how long after the last pass of a kind (or after the
+// schedule started, before any) the next one counts as overdue: three
+// quick intervals, or a full interval and a twelfth (26 hours of a daily
+// full sync), as the Prometheus rules say.
+func (s Schedule) Overdue(kind string) time.Duration {
+	if kind == "full" {
+		return s.FullInterval + s.FullInterval/12
+	}
+	return 3 * s.QuickInterval
+}
+
+// SyncRequest is the last sync of a kind the console asked for
+// (SyncRequestedKey): one of a kind is in flight at a time.
+type SyncRequest struct {
+	SyncID      string    `json:"sync_id"`
+	By          string    `json:"by"`
+	RequestedAt time.Time `json:"requested_at"`
+}

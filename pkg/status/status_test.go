@@ -98,6 +98,12 @@ func TestPutGetRoundTrip(t *testing.T) {
 		{"default applied", func(t *testing.T) {
 			roundTrip(t, kv, status.DefaultAppliedKey, status.DefaultApplied{DecisionID: "d", From: "Allow", To: "Block", Found: "Allow", Outcome: status.DefaultChanged, At: now})
 		}},
+		{"schedule", func(t *testing.T) {
+			roundTrip(t, kv, status.ScheduleKey, status.Schedule{QuickInterval: 5 * time.Minute, FullInterval: 24 * time.Hour, StartedAt: now})
+		}},
+		{"sync requested", func(t *testing.T) {
+			roundTrip(t, kv, status.SyncRequestedKey("full"), status.SyncRequest{SyncID: "manual-1", By: "alice", RequestedAt: now})
+		}},
 	} {
 		t.Run(tc.name, tc.run)
 	}
@@ -235,6 +241,8 @@ func TestRead(t *testing.T) {
 	pol := status.Policy{Version: "v1", LoadedAt: now}
 	plan := status.DefaultPlan{State: status.PlanInPlace, SyncID: "f1", From: "Allow", At: now}
 	applied := status.DefaultApplied{DecisionID: "d", Outcome: status.DefaultAlready, At: now}
+	sched := status.Schedule{QuickInterval: time.Minute, FullInterval: time.Hour, StartedAt: now}
+	asked := status.SyncRequest{SyncID: "manual-1", By: "alice", RequestedAt: now}
 	put(contoso, status.SyncLastKey("full"), full)
 	put(contoso, status.SyncOKKey("full"), full)
 	put(contoso, status.SyncLastKey("quick"), quick)
@@ -246,6 +254,8 @@ func TestRead(t *testing.T) {
 	put(contoso, status.PolicyKey, pol)
 	put(contoso, status.DefaultPlanKey, plan)
 	put(contoso, status.DefaultAppliedKey, applied)
+	put(contoso, status.ScheduleKey, sched)
+	put(contoso, status.SyncRequestedKey("full"), asked)
 	put(contoso, "console.note", map[string]string{"by": "a newer version"})
 	// The throttle of an alert, written as the workers write it.
 	due, err := bus.AlertDue(ctx, kv, contoso, "sync.quick", time.Hour, now)
@@ -272,6 +282,8 @@ func TestRead(t *testing.T) {
 		Policy:         &pol,
 		Default:        &plan,
 		DefaultApplied: &applied,
+		Schedule:       &sched,
+		Requested:      map[string]status.SyncRequest{"full": asked},
 		Alerts:         map[string]time.Time{"sync.quick": now},
 		Other:          map[string]json.RawMessage{"console.note": json.RawMessage(`{"by":"a newer version"}`)},
 	}
@@ -304,5 +316,16 @@ func TestBucketErrorsNameTheKey(t *testing.T) {
 	_, _, err = status.Get[status.Guard](ctx, kv, contoso, status.GuardKey)
 	if err == nil || !strings.Contains(err.Error(), "get contoso.guard") || !errors.Is(err, context.Canceled) {
 		t.Fatalf("get with a cancelled context: %v", err)
+	}
+}
+
+// Overdue follows the Prometheus rules: three quick intervals, a full
+// interval and a twelfth.
+func TestScheduleOverdue(t *testing.T) {
+	s := status.Schedule{QuickInterval: 5 * time.Minute, FullInterval: 24 * time.Hour}
+	for kind, want := range map[string]time.Duration{"quick": 15 * time.Minute, "full": 26 * time.Hour} {
+		if got := s.Overdue(kind); got != want {
+			t.Errorf("%s overdue after %s, want %s", kind, got, want)
+		}
 	}
 }

@@ -25,6 +25,7 @@ import (
 
 	"github.com/easguard/easguard/pkg/collector"
 	"github.com/easguard/easguard/pkg/config"
+	"github.com/easguard/easguard/pkg/console"
 	"github.com/easguard/easguard/pkg/evaluator"
 	"github.com/easguard/easguard/pkg/exchange"
 	"github.com/easguard/easguard/pkg/executor"
@@ -50,6 +51,7 @@ type Config struct {
 	Executor           executor.Config
 	Mailer             mailer.Config
 	MDM                pipeline.MDMConfig
+	Console            console.Config
 }
 
 func (c *Config) sections() pipeline.Sections {
@@ -92,6 +94,9 @@ func (c *Config) Validate() error {
 	if c.NatsMonitorListen != "" && !natsembed.IsLoopback(c.NatsMonitorListen) {
 		return config.Invalid(&c.NatsMonitorListen, "%q is beyond loopback, and NATS's monitoring endpoints have no authentication: listen on loopback (127.0.0.1:8222) and put an authenticating proxy in front if it must be reached", c.NatsMonitorListen)
 	}
+	if err := c.Console.Validate(); err != nil {
+		return err
+	}
 	if c.NatsURL == "" && c.DataDir == "" {
 		return config.Invalid(&c.DataDir, "must not be empty when the embedded server is used")
 	}
@@ -107,10 +112,14 @@ Usage:
     --deep                 also run every read easguard makes and check what comes
                            back (known enum values, parseable dates, ids, complete
                            listings); for a lab, before easguard runs for real
+  easguard status|sync|devices|device|approve|discard|rejudge|wipe|remove|audit
+                           the CLI, over a running easguard's console API (below)
+  easguard hash-password   hash a break-glass password (stdin) or make an API token
   easguard help            print this help
   easguard config-doc      print the environment variables as Markdown tables
   easguard version         print the version
 
+` + cliSummary + `
 Every setting is an environment variable. A secret can instead be put in a
 file named by the variable with _FILE appended.
 
@@ -130,6 +139,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if cmd == "check" {
 		return runCheck(args, stdout, stderr)
+	}
+	if cliCommands[cmd] {
+		return runCLI(cmd, args, stdout, stderr)
+	}
+	if cmd == "hash-password" {
+		return hashPassword(args, os.Stdin, stdout, stderr)
 	}
 	if len(args) > 0 {
 		fmt.Fprintf(stderr, "easguard %s: unexpected arguments %q\n", cmd, args)
@@ -204,8 +219,14 @@ func serve(ctx context.Context, cfg Config, logs io.Writer) error {
 	if err := pipeline.Start(ctx, svc, cfg.OrgName(), workers, cfg.sections()); err != nil {
 		return errors.Join(err, svc.Run(cancelled()))
 	}
+	consoleURL := "off"
+	if cfg.Console.Enabled() {
+		if consoleURL, err = pipeline.StartConsole(ctx, svc, cfg.Console, cfg.Org); err != nil {
+			return errors.Join(err, svc.Run(cancelled()))
+		}
+	}
 	svc.Log.Info("easguard started", "version", service.Version, "workers", workers,
-		"health", "http://"+svc.HTTPAddr+"/readyz", "status", "http://"+svc.HTTPAddr+"/status")
+		"health", "http://"+svc.HTTPAddr+"/readyz", "console", consoleURL)
 	return svc.Run(ctx)
 }
 

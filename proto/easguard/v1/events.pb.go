@@ -748,6 +748,10 @@ const (
 	AlertKind_ALERT_KIND_DRIFT                AlertKind = 8
 	AlertKind_ALERT_KIND_DEAD_LETTER          AlertKind = 9
 	AlertKind_ALERT_KIND_NOTIFICATION_FAILED  AlertKind = 10
+	// ALERT_KIND_SYNC_OVERDUE: no sync of a kind ended for longer than its
+	// schedule allows (the collector stopped, or hangs); raised by the
+	// evaluator's leaseholder, which reads the collector's schedule.
+	AlertKind_ALERT_KIND_SYNC_OVERDUE AlertKind = 11
 )
 
 // Enum value maps for AlertKind.
@@ -764,6 +768,7 @@ var (
 		8:  "ALERT_KIND_DRIFT",
 		9:  "ALERT_KIND_DEAD_LETTER",
 		10: "ALERT_KIND_NOTIFICATION_FAILED",
+		11: "ALERT_KIND_SYNC_OVERDUE",
 	}
 	AlertKind_value = map[string]int32{
 		"ALERT_KIND_UNSPECIFIED":          0,
@@ -777,6 +782,7 @@ var (
 		"ALERT_KIND_DRIFT":                8,
 		"ALERT_KIND_DEAD_LETTER":          9,
 		"ALERT_KIND_NOTIFICATION_FAILED":  10,
+		"ALERT_KIND_SYNC_OVERDUE":         11,
 	}
 )
 
@@ -3599,7 +3605,7 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\x15APPLY_OUTCOME_INVALID\x10\x04\x12\x18\n" +
 	"\x14APPLY_OUTCOME_FAILED\x10\x05\x12!\n" +
 	"\x1dAPPLY_OUTCOME_SKIPPED_DRY_RUN\x10\x06\x12\x1c\n" +
-	"\x18APPLY_OUTCOME_SUPERSEDED\x10\a*\xe1\x02\n" +
+	"\x18APPLY_OUTCOME_SUPERSEDED\x10\a*\xfe\x02\n" +
 	"\tAlertKind\x12\x1a\n" +
 	"\x16ALERT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17ALERT_KIND_BLAST_RADIUS\x10\x01\x12\"\n" +
@@ -3612,7 +3618,8 @@ const file_easguard_v1_events_proto_rawDesc = "" +
 	"\x10ALERT_KIND_DRIFT\x10\b\x12\x1a\n" +
 	"\x16ALERT_KIND_DEAD_LETTER\x10\t\x12\"\n" +
 	"\x1eALERT_KIND_NOTIFICATION_FAILED\x10\n" +
-	"*\x81\x01\n" +
+	"\x12\x1b\n" +
+	"\x17ALERT_KIND_SYNC_OVERDUE\x10\v*\x81\x01\n" +
 	"\rAlertSeverity\x12\x1e\n" +
 	"\x1aALERT_SEVERITY_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13ALERT_SEVERITY_INFO\x10\x01\x12\x1a\n" +

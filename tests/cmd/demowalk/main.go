@@ -53,7 +53,8 @@ func main() {
 	var o options
 	flag.StringVar(&o.org, "org", "contoso", "easguard organisation (the subject token)")
 	flag.StringVar(&o.natsURL, "nats", "nats://127.0.0.1:4222", "NATS server of easguard")
-	flag.StringVar(&o.easguard, "easguard", "http://127.0.0.1:9090", "easguard's HTTP address (/status)")
+	flag.StringVar(&o.easguard, "easguard", "http://127.0.0.1:8443", "easguard's console (its API's status of the organisation)")
+	flag.StringVar(&o.token, "token", os.Getenv("EASGUARD_TOKEN"), "an API token of the console (default $EASGUARD_TOKEN)")
 	flag.StringVar(&o.exchange, "exchange", "", "exchangesim's admin API URL (required)")
 	flag.StringVar(&o.smtp, "smtp", "", "smtpsim's HTTP API URL (required)")
 	flag.StringVar(&o.intune, "intune", "", "intunesim's admin API URL: the user enrols in Intune, which easguard reads through Graph")
@@ -84,6 +85,7 @@ func main() {
 // options are the command line.
 type options struct {
 	org, natsURL, easguard, exchange, smtp string
+	token                                  string
 	intune, inventory                      string // the MDM: intunesim's admin API, or the inventory file
 	mailbox, deviceID, enrolURL            string
 	step, fullSync                         time.Duration
@@ -236,19 +238,19 @@ func (w *walker) waitMDM(ctx context.Context) error {
 		var st struct {
 			Status map[string]json.RawMessage `json:"status"`
 		}
-		code, err := w.getJSON(ctx, w.o.easguard+"/status", &st)
+		code, err := w.getJSON(ctx, w.statusURL(), &st)
 		switch {
 		case err != nil:
 			last = err
 		case code != http.StatusOK:
-			last = fmt.Errorf("GET /status: HTTP %d", code)
+			last = fmt.Errorf("GET status: HTTP %d", code)
 		case st.Status[key] != nil:
 			var src status.MDMSource
 			if err := json.Unmarshal(st.Status[key], &src); err != nil {
-				return fmt.Errorf("/status %s: %w", key, err)
+				return fmt.Errorf("status %s: %w", key, err)
 			}
 			if src.State != status.MDMOK {
-				return fmt.Errorf("/status %s: %s is %s: %s", key, src.Source, src.State, src.Summary)
+				return fmt.Errorf("status %s: %s is %s: %s", key, src.Source, src.State, src.Summary)
 			}
 			held, err := w.mdmEvents(ctx)
 			if err != nil {
@@ -261,11 +263,11 @@ func (w *walker) waitMDM(ctx context.Context) error {
 			case src.LastChanges != nil:
 				read = ", " + plural(*src.LastChanges, "change")
 			}
-			w.printf("done: /status %s: %s, %s at %s%s; easguard has published %s",
+			w.printf("done: status %s: %s, %s at %s%s; easguard has published %s",
 				key, src.Source, src.State, src.At.Local().Format(time.TimeOnly), read, plural(held, "mdm.changed event"))
 			return nil
 		default:
-			last = fmt.Errorf("no %s in /status yet", key)
+			last = fmt.Errorf("no %s in the status yet", key)
 		}
 		if err := pause(ctx, 250*time.Millisecond); err != nil {
 			return fmt.Errorf("the MDM source has not read the MDM (%v): %w", last, err)
@@ -302,22 +304,22 @@ func (w *walker) waitFullSync(ctx context.Context) error {
 		var st struct {
 			Status map[string]json.RawMessage `json:"status"`
 		}
-		code, err := w.getJSON(ctx, w.o.easguard+"/status", &st)
+		code, err := w.getJSON(ctx, w.statusURL(), &st)
 		switch {
 		case err != nil:
 			last = err
 		case code != http.StatusOK:
-			last = fmt.Errorf("GET /status: HTTP %d", code)
+			last = fmt.Errorf("GET status: HTTP %d", code)
 		case st.Status[key] != nil:
 			var full status.Sync
 			if err := json.Unmarshal(st.Status[key], &full); err != nil {
-				return fmt.Errorf("/status %s: %w", key, err)
+				return fmt.Errorf("status %s: %w", key, err)
 			}
-			w.printf("done: /status %s: %s on %s finished %s, %d partnerships observed, settings enforced: %s",
+			w.printf("done: status %s: %s on %s finished %s, %d partnerships observed, settings enforced: %s",
 				key, full.SyncID, full.Server, full.FinishedAt.Local().Format(time.TimeOnly), full.Counts["observed"], strings.Join(full.Settings, ", "))
 			return nil
 		default:
-			last = fmt.Errorf("no %s in /status yet", key)
+			last = fmt.Errorf("no %s in the status yet", key)
 		}
 		if err := pause(ctx, 250*time.Millisecond); err != nil {
 			return fmt.Errorf("no successful full sync within %s (%v): %w", w.o.fullSync, last, err)
@@ -893,6 +895,11 @@ func (f *feed) next(ctx context.Context) (event, error) {
 	}
 }
 
+// statusURL is the console API's record of the organisation's status.
+func (w *walker) statusURL() string {
+	return strings.TrimRight(w.o.easguard, "/") + "/api/v1/orgs/" + url.PathEscape(w.o.org) + "/status"
+}
+
 func (w *walker) getJSON(ctx context.Context, u string, out any) (int, error) {
 	return w.do(ctx, http.MethodGet, u, nil, out)
 }
@@ -913,6 +920,9 @@ func (w *walker) do(ctx context.Context, method, u string, body io.Reader, out a
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	if strings.HasPrefix(u, w.o.easguard) {
+		req.Header.Set("Authorization", "Bearer "+w.o.token)
 	}
 	resp, err := w.client.Do(req)
 	if err != nil {
