@@ -8,7 +8,7 @@ PROTOS  := $(wildcard proto/easguard/v1/*.proto)
 # Benchmarks that print `bench <name> <value> <unit>` lines.
 BENCH_PKGS ?= ./...
 
-.PHONY: all build test browser-test lint pscheck contract fuzz proto proto-check docs docs-check rules-check bench demo run clean
+.PHONY: all build test browser-test lint pscheck contract fuzz proto proto-check docs docs-check rules-check helm-check helm-rules bench demo run clean
 
 all: lint build test
 
@@ -77,6 +77,17 @@ docs:
 rules-check:
 	promtool check rules deploy/prometheus/easguard.rules.yml
 	cd deploy/prometheus && promtool test rules easguard.rules.test.yml
+
+## helm-check: render deploy/helm/easguard with the Helm Go SDK for one and for two organisations
+## and decode every manifest strictly into the Kubernetes (and Prometheus Operator) API types;
+## its own Go module (deploy/helm/check), so that Helm and client-go stay out of the main go.mod
+helm-check:
+	cd deploy/helm/check && $(GO) test -count=1 ./...
+
+## helm-rules: copy deploy/prometheus/easguard.rules.yml into the chart (Helm reads only files
+## inside the chart); helm-check fails while the copy differs
+helm-rules:
+	cp deploy/prometheus/easguard.rules.yml deploy/helm/easguard/files/easguard.rules.yml
 
 ## docs-check: fail if README.md's configuration table is stale
 docs-check: docs
