@@ -25,6 +25,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -70,6 +71,7 @@ type manifests struct {
 	ingresses   map[string]*networkingv1.Ingress
 	monitors    map[string]*monitoringv1.ServiceMonitor
 	rules       map[string]*monitoringv1.PrometheusRule
+	pdbs        map[string]*policyv1.PodDisruptionBudget
 	raw         string
 }
 
@@ -112,6 +114,7 @@ func decode(t testing.TB, valuesYAML string) *manifests {
 		deployments: map[string]*appsv1.Deployment{}, services: map[string]*corev1.Service{},
 		configMaps: map[string]*corev1.ConfigMap{}, ingresses: map[string]*networkingv1.Ingress{},
 		monitors: map[string]*monitoringv1.ServiceMonitor{}, rules: map[string]*monitoringv1.PrometheusRule{},
+		pdbs: map[string]*policyv1.PodDisruptionBudget{},
 	}
 	names := make([]string, 0, len(files))
 	for n := range files {
@@ -156,6 +159,8 @@ func decode(t testing.TB, valuesYAML string) *manifests {
 				m.monitors[o.Name] = o
 			case *monitoringv1.PrometheusRule:
 				m.rules[o.Name] = o
+			case *policyv1.PodDisruptionBudget:
+				m.pdbs[o.Name] = o
 			case *corev1.Secret:
 				t.Errorf("the chart rendered a Secret %s: secrets must only be referenced", o.Name)
 			default:
@@ -376,6 +381,8 @@ const fabrikam = `
     workers:
       executor: {replicas: 3}
       matcher: {replicas: 1, resources: {requests: {cpu: 200m, memory: 128Mi}, limits: {memory: 512Mi}}}
+    extraVolumes: [{name: exchange-ca, configMap: {name: fabrikam-exchange-ca}}]
+    extraVolumeMounts: [{name: exchange-ca, mountPath: /etc/easguard/exchange-ca, readOnly: true}]
     policy: |
       scope:
         include: {domains: [fabrikam.net]}
@@ -491,6 +498,12 @@ env:
 					if !reflect.DeepEqual(files, wantFiles) {
 						t.Errorf("%s: secret files %v, want %v", name, files, wantFiles)
 					}
+					hasCA := slices.ContainsFunc(d.Spec.Template.Spec.Volumes, func(v corev1.Volume) bool {
+						return v.ConfigMap != nil && v.ConfigMap.Name == "fabrikam-exchange-ca"
+					})
+					if hasCA != (o.org == "fabrikam") || len(d.Spec.Template.Spec.Containers[0].VolumeMounts) != len(d.Spec.Template.Spec.Volumes) {
+						t.Errorf("%s: the org's extra volumes are not (only) where they belong", name)
+					}
 					if pf := env["EASGUARD_EVALUATOR_POLICY_FILE"]; (pf != "") != (o.policy && w == "evaluator") {
 						t.Errorf("%s: policy file %q", name, pf)
 					}
@@ -525,6 +538,7 @@ env:
 				t.Errorf("ServiceMonitors %v, want %v", got, sorted(tc.monitors))
 			}
 			checkMonitors(t, m)
+			checkPDBs(t, m)
 			checkRules(t, m)
 			for _, s := range []string{"password:", "stringData", "kind: Secret\n"} {
 				if strings.Contains(m.raw, s) {
@@ -582,6 +596,37 @@ func checkConsole(t testing.TB, m *manifests, orgs []want) {
 	b := ing.Spec.Rules[0].HTTP.Paths[0].Backend.Service
 	if b.Name != svc.Name || b.Port.Name != "http" || len(ing.Spec.TLS) != 1 {
 		t.Errorf("Ingress %+v does not lead to the console Service over TLS", ing.Spec)
+	}
+}
+
+// checkPDBs: a PodDisruptionBudget of one unavailable pod for every
+// Deployment of two replicas or more, selecting its pods and no others.
+func checkPDBs(t testing.TB, m *manifests) {
+	t.Helper()
+	for n, d := range m.deployments {
+		pdb, ok := m.pdbs[n]
+		if (*d.Spec.Replicas >= 2) != ok {
+			t.Errorf("%s: %d replicas, PodDisruptionBudget %v", n, *d.Spec.Replicas, ok)
+			continue
+		}
+		if !ok {
+			continue
+		}
+		if pdb.Spec.MaxUnavailable == nil || pdb.Spec.MaxUnavailable.IntValue() != 1 {
+			t.Errorf("PodDisruptionBudget %s: maxUnavailable %v", n, pdb.Spec.MaxUnavailable)
+		}
+		sel, err := metav1.LabelSelectorAsSelector(pdb.Spec.Selector)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for n2, d2 := range m.deployments {
+			if sel.Matches(labels.Set(d2.Spec.Template.Labels)) != (n2 == n) {
+				t.Errorf("PodDisruptionBudget %s selects %s: %v", n, n2, n2 == n)
+			}
+		}
+	}
+	if len(m.pdbs) > len(m.deployments) {
+		t.Errorf("PodDisruptionBudgets %v for Deployments %v", keys(m.pdbs), keys(m.deployments))
 	}
 }
 
@@ -730,10 +775,13 @@ func TestChartRefuses(t *testing.T) {
 		{"a secret as a shared value", "nats: {url: nats://n:4222}\nenv: {EASGUARD_NATS_PASSWORD: hunter2-do-not-render}\norgs:\n  - name: contoso", "EASGUARD_NATS_PASSWORD holds a secret"},
 		{"a variable the chart sets", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    env: {EASGUARD_ORG: other}", "EASGUARD_ORG is set by the chart"},
 		{"no NATS", "nats: {enabled: false}\norgs:\n  - name: contoso", "nats.url is required"},
-		{"a bad org name", "nats: {url: nats://n:4222}\norgs:\n  - name: Contoso.com", "must be lower-case"},
+		{"a bad org name", "nats: {url: nats://n:4222}\norgs:\n  - name: Contoso.com", "does not match pattern"},
 		{"an org twice", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n  - name: contoso", "listed twice"},
-		{"an unknown secret", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    secrets: {exchangePasword: {name: x, key: y}}", "unknown secret"},
-		{"a secret without a key", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    secrets: {exchangePassword: {name: x}}", "needs a name and a key"},
+		{"an unknown secret", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    secrets: {exchangePasword: {name: x, key: k}}", "unknown secret"},
+		{"a secret without a key", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    secrets: {exchangePassword: {name: x}}", "missing property 'key'"},
+		{"a misspelt setting", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    workers: {executor: {replica: 3}}", "additional properties 'replica' not allowed"},
+		{"an unknown worker", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    workers: {collecter: {replicas: 3}}", "additional properties 'collecter' not allowed"},
+		{"replicas as a string", "nats: {url: nats://n:4222}\nworkers: {mailer: {replicas: \"2\"}}", "want integer"},
 		{"the console without orgs", "nats: {url: nats://n:4222}\nconsole: {enabled: true}", "needs at least one organisation"},
 	}
 	for _, tc := range cases {

@@ -96,7 +96,9 @@ The pod template of one process. Arguments (a dict): root (the top
 context), org (the org's values, absent for the console), worker (a worker
 name or "console"), labels (extra pod labels), env (the merged user env),
 secrets (the merged secret references), resources, ports (extra
-container ports), extraEnv (env the caller sets: a list of name/value).
+container ports), extraEnv (env the caller sets: a list of name/value),
+policy (the policy ConfigMap's name, or empty), extraVolumes and
+extraVolumeMounts (lists).
 */}}
 {{- define "easguard.podTemplate" -}}
 {{- $root := .root -}}
@@ -202,6 +204,9 @@ spec:
           mountPath: /etc/easguard/policy
           readOnly: true
         {{- end }}
+        {{- with .extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: tmp
       emptyDir:
@@ -224,6 +229,9 @@ spec:
       configMap:
         name: {{ .policy }}
     {{- end }}
+    {{- with .extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- with $root.Values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -236,4 +244,24 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+{{/* A PodDisruptionBudget for a Deployment of two replicas or more. */}}
+{{- define "easguard.pdb" -}}
+{{- if and .root.Values.podDisruptionBudget.enabled (ge (int .replicas) 2) }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ .name }}
+  labels:
+    {{- include "easguard.labels" .root | nindent 4 }}
+    {{- toYaml .labels | nindent 4 }}
+spec:
+  maxUnavailable: 1
+  selector:
+    matchLabels:
+      {{- include "easguard.selectorLabels" .root | nindent 6 }}
+      {{- toYaml .labels | nindent 6 }}
+{{- end }}
 {{- end -}}
