@@ -776,6 +776,8 @@ func TestChartRefuses(t *testing.T) {
 		{"a variable the chart sets", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    env: {EASGUARD_ORG: other}", "EASGUARD_ORG is set by the chart"},
 		{"no NATS", "nats: {enabled: false}\norgs:\n  - name: contoso", "nats.url is required"},
 		{"a bad org name", "nats: {url: nats://n:4222}\norgs:\n  - name: Contoso.com", "does not match pattern"},
+		{"an org name too long", "nats: {url: nats://n:4222}\norgs:\n  - name: " + strings.Repeat("a", 41), "maxLength"},
+		{"names too long", "fullnameOverride: " + strings.Repeat("r", 20) + "\nnats: {url: nats://n:4222}\norgs:\n  - name: " + strings.Repeat("a", 40), "longer than Kubernetes' 63 characters"},
 		{"an org twice", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n  - name: contoso", "listed twice"},
 		{"an unknown secret", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    secrets: {exchangePasword: {name: x, key: k}}", "unknown secret"},
 		{"a secret without a key", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    secrets: {exchangePassword: {name: x}}", "missing property 'key'"},
