@@ -381,6 +381,7 @@ const fabrikam = `
     workers:
       executor: {replicas: 3}
       matcher: {replicas: 1, resources: {requests: {cpu: 200m, memory: 128Mi}, limits: {memory: 512Mi}}}
+    mdmWebhook: {enabled: true, port: 8444}
     extraVolumes: [{name: exchange-ca, configMap: {name: fabrikam-exchange-ca}}]
     extraVolumeMounts: [{name: exchange-ca, mountPath: /etc/easguard/exchange-ca, readOnly: true}]
     policy: |
@@ -504,6 +505,9 @@ env:
 					if hasCA != (o.org == "fabrikam") || len(d.Spec.Template.Spec.Containers[0].VolumeMounts) != len(d.Spec.Template.Spec.Volumes) {
 						t.Errorf("%s: the org's extra volumes are not (only) where they belong", name)
 					}
+					if wa := env["EASGUARD_MDM_WEBHOOK_ADDR"]; (wa != "") != (o.org == "fabrikam" && w == "mdm") || (wa != "" && wa != ":8444") {
+						t.Errorf("%s: EASGUARD_MDM_WEBHOOK_ADDR %q", name, wa)
+					}
 					if pf := env["EASGUARD_EVALUATOR_POLICY_FILE"]; (pf != "") != (o.policy && w == "evaluator") {
 						t.Errorf("%s: policy file %q", name, pf)
 					}
@@ -512,6 +516,19 @@ env:
 					cm, ok := m.configMaps["eg-easguard-"+o.org+"-policy"]
 					if !ok || !strings.Contains(cm.Data["policy.yaml"], "scope:") {
 						t.Errorf("%s: no policy ConfigMap", o.org)
+					}
+				}
+				if wh, ok := m.services["eg-easguard-"+o.org+"-mdm-webhook"]; ok != (o.org == "fabrikam") {
+					t.Errorf("%s: webhook Service %v", o.org, ok)
+				} else if ok {
+					sel := labels.SelectorFromSet(wh.Spec.Selector)
+					for n, d := range m.deployments {
+						if sel.Matches(labels.Set(d.Spec.Template.Labels)) != (n == "eg-easguard-fabrikam-mdm") {
+							t.Errorf("the webhook Service of %s selects %s: %v", o.org, n, n == "eg-easguard-fabrikam-mdm")
+						}
+					}
+					if wh.Spec.Ports[0].TargetPort.String() != "webhook" || !slices.ContainsFunc(m.deployments["eg-easguard-fabrikam-mdm"].Spec.Template.Spec.Containers[0].Ports, func(p corev1.ContainerPort) bool { return p.Name == "webhook" && p.ContainerPort == 8444 }) {
+						t.Errorf("the webhook Service does not reach the mdm container's port 8444")
 					}
 				}
 				svc, ok := m.services["eg-easguard-"+o.org+"-metrics"]
@@ -632,7 +649,7 @@ func checkPDBs(t testing.TB, m *manifests) {
 
 // checkMonitors: every ServiceMonitor selects at least one metrics Service,
 // each scraped on its port named metrics at /metrics, and every metrics
-// Service is scraped.
+// Service (one with a metrics port) is scraped.
 func checkMonitors(t testing.TB, m *manifests) {
 	t.Helper()
 	scraped := map[string]bool{}
@@ -661,8 +678,9 @@ func checkMonitors(t testing.TB, m *manifests) {
 			t.Errorf("ServiceMonitor %s selects no Service", n)
 		}
 	}
-	for sn := range m.services {
-		if !scraped[sn] {
+	for sn, svc := range m.services {
+		hasMetrics := slices.ContainsFunc(svc.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == "metrics" })
+		if hasMetrics && !scraped[sn] {
 			t.Errorf("Service %s is not scraped", sn)
 		}
 	}
