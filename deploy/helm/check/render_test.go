@@ -792,6 +792,7 @@ func TestChartRefuses(t *testing.T) {
 		{"a secret as a value", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    env: {EASGUARD_EXCHANGE_PASSWORD: hunter2-do-not-render}", "EASGUARD_EXCHANGE_PASSWORD holds a secret"},
 		{"a secret as a shared value", "nats: {url: nats://n:4222}\nenv: {EASGUARD_NATS_PASSWORD: hunter2-do-not-render}\norgs:\n  - name: contoso", "EASGUARD_NATS_PASSWORD holds a secret"},
 		{"a variable the chart sets", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\n    env: {EASGUARD_ORG: other}", "EASGUARD_ORG is set by the chart"},
+		{"the console's URL as a variable", "nats: {url: nats://n:4222}\norgs:\n  - name: contoso\nconsole: {enabled: true, env: {EASGUARD_CONSOLE_PUBLIC_URL: https://x}}", "EASGUARD_CONSOLE_PUBLIC_URL is set by the chart"},
 		{"no NATS", "nats: {enabled: false}\norgs:\n  - name: contoso", "nats.url is required"},
 		{"a bad org name", "nats: {url: nats://n:4222}\norgs:\n  - name: Contoso.com", "does not match pattern"},
 		{"an org name too long", "nats: {url: nats://n:4222}\norgs:\n  - name: " + strings.Repeat("a", 41), "maxLength"},
