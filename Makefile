@@ -8,14 +8,43 @@ PROTOS  := $(wildcard proto/easguard/v1/*.proto)
 # Benchmarks that print `bench <name> <value> <unit>` lines.
 BENCH_PKGS ?= ./...
 
-.PHONY: all build test browser-test lint pscheck contract fuzz proto proto-check docs docs-check rules-check helm-check helm-rules bench demo run clean
+.PHONY: all build tools images compose-up compose-demo compose-down compose-test test browser-test lint pscheck contract fuzz proto proto-check docs docs-check rules-check helm-check helm-rules bench demo run clean
 
 all: lint build test
 
-## build: every binary into bin/ (easguard, and the exchangesim simulator)
+## build: every binary into bin/ (easguard, and the exchangesim simulator), static (CGO_ENABLED=0)
 build:
 	@mkdir -p bin
-	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./services/... ./tests/cmd/...
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./services/... ./tests/cmd/...
+
+# The third-party servers of the container set: nats-server at the version
+# go.mod pins, Jaeger v2 and Mailpit from their own tool modules under
+# deploy/tools (kept out of go.mod, so the project's builds stay fast).
+NATS_VERSION    = $(shell $(GO) list -m -f '{{.Version}}' github.com/nats-io/nats-server/v2)
+JAEGER_VERSION  = $(shell cd deploy/tools/jaeger && $(GO) list -m -f '{{.Version}}' github.com/jaegertracing/jaeger)
+MAILPIT_VERSION = $(shell cd deploy/tools/mailpit && $(GO) list -m -f '{{.Version}}' github.com/axllent/mailpit)
+REVISION        = $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+SOURCE          = https://github.com/easguard/easguard
+TOOL_BUILD      = CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w
+
+## tools: nats-server, jaeger and mailpit into bin/tools/ (static)
+tools:
+	@mkdir -p bin/tools
+	$(TOOL_BUILD)" -o bin/tools/nats-server github.com/nats-io/nats-server/v2
+	cd deploy/tools/jaeger && $(TOOL_BUILD)" -o ../../../bin/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger
+	cd deploy/tools/mailpit && $(TOOL_BUILD) -X github.com/axllent/mailpit/config.Version=$(MAILPIT_VERSION)" \
+		-o ../../../bin/tools/mailpit github.com/axllent/mailpit
+
+## images: one image per role, FROM scratch (nothing is pulled), from the binaries of build and tools:
+## easguard/{easguard,exchangesim,intunesim,smtpsim,demowalk,nats-server,jaeger,mailpit}:latest
+images: build tools
+	@start=$$(date +%s); set -e; \
+	for b in easguard exchangesim intunesim smtpsim demowalk; do \
+		deploy/images/build.sh $$b bin/$$b "$(VERSION)" "$(REVISION)" "$(SOURCE)"; done; \
+	deploy/images/build.sh nats-server bin/tools/nats-server "$(NATS_VERSION)" "$(NATS_VERSION)" https://github.com/nats-io/nats-server; \
+	deploy/images/build.sh jaeger bin/tools/jaeger "$(JAEGER_VERSION)" "$(JAEGER_VERSION)" https://github.com/jaegertracing/jaeger; \
+	deploy/images/build.sh mailpit bin/tools/mailpit "$(MAILPIT_VERSION)" "$(MAILPIT_VERSION)" https://github.com/axllent/mailpit; \
+	echo "images: built in $$(( $$(date +%s) - start )) s"
 
 ## test: every test, with the race detector (real NATS servers start in-process);
 ## a failed run ends with the failed tests and their messages, since CI keeps only a log's tail
@@ -25,6 +54,30 @@ test:
 	if [ $$rc -ne 0 ]; then echo; echo "== what failed (from the log above):"; \
 		grep -E -- '^\s*--- FAIL|^panic:|^\s+[A-Za-z0-9_]+\.go:[0-9]+: ' $$log | cut -c1-300 | head -80; fi; \
 	rm -f $$log; exit $$rc
+
+# The compose command: Compose v2's `docker compose`, else v1's docker-compose.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+COMPOSE_FILE_ = deploy/compose/docker-compose.yml
+
+## compose-up: the container set of deploy/compose (both organisations, NATS cluster, console,
+## Jaeger, Mailpit) from make images, with secrets made by deploy/compose/secrets.sh
+compose-up: images
+	deploy/compose/secrets.sh
+	$(COMPOSE) -f $(COMPOSE_FILE_) -p easguard up -d
+	@echo "console http://127.0.0.1:8443 (token: deploy/compose/secrets/console-token), Jaeger http://127.0.0.1:16686, Mailpit http://127.0.0.1:8025"
+
+## compose-demo: compose-up, then each organisation's demo phone through the seed flow; prints where to look
+compose-demo: images
+	deploy/compose/demo.sh
+
+## compose-down: stop the container set and delete its volumes
+compose-down:
+	$(COMPOSE) -f $(COMPOSE_FILE_) -p easguard down -v --remove-orphans
+
+## compose-test: tests/compose_test.go (build tag compose) on a compose project of its own:
+## both organisations' demo phones through the seed flow, then down -v; needs Docker and make images
+compose-test: images
+	$(GO) test -count=1 -timeout 20m -tags compose -run 'TestCompose' -v ./tests/
 
 ## browser-test: the console in a real browser (Debian's chromium, driven by chromedp):
 ## sign in through an OpenID provider, sync, a device's history, approve a held mass revocation,
@@ -38,6 +91,7 @@ lint:
 	if [ -n "$$files" ]; then echo "gofmt would change:"; echo "$$files"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags browser ./tests/
+	$(GO) vet -tags compose ./tests/
 
 ## pscheck: parse the shipped PowerShell scripts with tree-sitter-powershell (needs node and npm),
 ## and check worker.ps1's contract with the Go side (strict mode: no unguarded read of a field Go may omit)

@@ -14,6 +14,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -53,6 +54,13 @@ type Config struct {
 	Certificate *tls.Certificate
 	// Host is the address endpoints listen on (default 127.0.0.1).
 	Host string
+	// Port, when not 0, is the first CAS's WS-Man port; the next CAS
+	// listens on Port+1 and so on. 0: free ports.
+	Port int
+	// PublicHost is the name clients reach the endpoints by (a
+	// container's name), when it is not Host: Env's name resolution and
+	// the self-signed certificate use it.
+	PublicHost string
 	// AdminAddr is the admin API's listen address; empty means no admin API.
 	AdminAddr string
 	Profile   Profile
@@ -204,8 +212,12 @@ func Start(cfg Config) (*Sim, error) {
 			s.tlsCert, s.CertPEM = cert, pemBytes
 		}
 	}
-	for _, n := range cfg.CAS {
-		ep := &Endpoint{Name: strings.ToUpper(n), FQDN: strings.ToLower(n) + "." + cfg.Domain, sim: s, addr: net.JoinHostPort(cfg.Host, "0")}
+	for i, n := range cfg.CAS {
+		port := 0
+		if cfg.Port != 0 {
+			port = cfg.Port + i
+		}
+		ep := &Endpoint{Name: strings.ToUpper(n), FQDN: strings.ToLower(n) + "." + cfg.Domain, sim: s, addr: net.JoinHostPort(cfg.Host, strconv.Itoa(port))}
 		if err := ep.up(); err != nil {
 			s.Close()
 			return nil, err
@@ -233,6 +245,9 @@ func selfSigned(cfg Config) (*tls.Certificate, []byte, error) {
 		return nil, nil, fmt.Errorf("exchangesim certificate: %w", err)
 	}
 	names := []string{"localhost"}
+	if cfg.PublicHost != "" {
+		names = append(names, cfg.PublicHost)
+	}
 	for _, n := range cfg.CAS {
 		names = append(names, strings.ToLower(n), strings.ToLower(n)+"."+cfg.Domain)
 	}

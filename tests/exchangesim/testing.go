@@ -2,6 +2,7 @@ package exchangesim
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -70,7 +71,12 @@ func (s *Sim) ExchangeConfig(tb testing.TB) exchange.Config {
 func (s *Sim) Env(user, password, caFile string) []string {
 	var resolve []string
 	for _, e := range s.Endpoints() {
-		resolve = append(resolve, e.FQDN+"="+e.Addr())
+		addr := e.Addr()
+		if s.cfg.PublicHost != "" {
+			_, port, _ := net.SplitHostPort(addr)
+			addr = net.JoinHostPort(s.cfg.PublicHost, port)
+		}
+		resolve = append(resolve, e.FQDN+"="+addr)
 	}
 	https := strings.HasPrefix(s.Endpoints()[0].URL(), "https")
 	port := "5985"

@@ -102,6 +102,10 @@ type Config struct {
 	Certificate *tls.Certificate
 	// AdminAddr is the plain-HTTP admin API's listen address; "" = none.
 	AdminAddr string
+	// PublicHost is the name clients reach Addr by (a container's name),
+	// when it is not Addr's host: the authority URL and the self-signed
+	// certificate use it. Empty: Addr's host.
+	PublicHost string
 
 	// Seed, when set, derives the devices from the organisation
 	// exchangesim builds for the same SeedSpec; Domain must then be the
@@ -243,13 +247,17 @@ func Start(cfg Config) (*Sim, error) {
 		s.CertPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: tlsCert.Certificate[0]})
 	} else {
 		host, _, _ := net.SplitHostPort(ln.Addr().String())
-		tlsCert, s.CertPEM, err = selfSigned("localhost", "127.0.0.1", "::1", host)
+		tlsCert, s.CertPEM, err = selfSigned("localhost", "127.0.0.1", "::1", host, cfg.PublicHost)
 		if err != nil {
 			ln.Close()
 			return nil, err
 		}
 	}
 	s.url = "https://" + ln.Addr().String()
+	if cfg.PublicHost != "" {
+		_, port, _ := net.SplitHostPort(ln.Addr().String())
+		s.url = "https://" + net.JoinHostPort(cfg.PublicHost, port)
+	}
 	if s.cfg.Resources == nil {
 		s.cfg.Resources = []string{s.url, "https://graph.microsoft.com", GraphAppID}
 		s.defaultResources = true

@@ -56,7 +56,8 @@ func main() {
 	flag.StringVar(&o.easguard, "easguard", "http://127.0.0.1:8443", "easguard's console (its API's status of the organisation)")
 	flag.StringVar(&o.token, "token", os.Getenv("EASGUARD_TOKEN"), "an API token of the console (default $EASGUARD_TOKEN)")
 	flag.StringVar(&o.exchange, "exchange", "", "exchangesim's admin API URL (required)")
-	flag.StringVar(&o.smtp, "smtp", "", "smtpsim's HTTP API URL (required)")
+	flag.StringVar(&o.smtp, "smtp", "", "smtpsim's HTTP API URL (or -mailpit)")
+	flag.StringVar(&o.mailpit, "mailpit", "", "Mailpit's URL (its API /api/v1), when easguard mails through Mailpit instead of smtpsim")
 	flag.StringVar(&o.intune, "intune", "", "intunesim's admin API URL: the user enrols in Intune, which easguard reads through Graph")
 	flag.StringVar(&o.inventory, "inventory", "", "the MDM inventory file easguard reads (EASGUARD_MDM_FILE), instead of -intune")
 	flag.StringVar(&o.mailbox, "mailbox", "demo.user@contoso.com", "the user's mailbox; created if it does not exist")
@@ -65,8 +66,8 @@ func main() {
 	flag.DurationVar(&o.step, "step-timeout", 60*time.Second, "deadline of each step")
 	flag.DurationVar(&o.fullSync, "full-sync-timeout", 2*time.Minute, "deadline of easguard's first full sync")
 	flag.Parse()
-	if o.exchange == "" || o.smtp == "" || (o.intune == "") == (o.inventory == "") || flag.NArg() > 0 {
-		fmt.Fprintln(os.Stderr, "demowalk: -exchange, -smtp and one of -intune and -inventory are required (deploy/demo.sh passes them)")
+	if o.exchange == "" || (o.smtp == "") == (o.mailpit == "") || (o.intune == "") == (o.inventory == "") || flag.NArg() > 0 {
+		fmt.Fprintln(os.Stderr, "demowalk: -exchange, one of -smtp and -mailpit, and one of -intune and -inventory are required (deploy/demo.sh passes them)")
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -85,6 +86,7 @@ func main() {
 // options are the command line.
 type options struct {
 	org, natsURL, easguard, exchange, smtp string
+	mailpit                                string // Mailpit's URL, instead of smtpsim's (smtp)
 	token                                  string
 	intune, inventory                      string // the MDM: intunesim's admin API, or the inventory file
 	mailbox, deviceID, enrolURL            string
@@ -384,6 +386,9 @@ func (w *walker) blockAndMail(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if w.o.mailpit != "" {
+		return w.mailpitMail(ctx, sent)
+	}
 	var got mail
 	for {
 		var mails []mail
@@ -417,6 +422,70 @@ func (w *walker) blockAndMail(ctx context.Context) error {
 	}
 	fmt.Fprintf(w.out, "          enrol:   %s\n", link)
 	fmt.Fprintf(w.out, "          read it: %s/messages/%d/html (or /text)\n", w.o.smtp, got.ID)
+	return nil
+}
+
+// mailpitMail finds the mail of notify.sent in Mailpit (its API: the latest
+// messages, then the one with the Message-ID) and checks its enrolment link.
+func (w *walker) mailpitMail(ctx context.Context, sent *ev.NotificationSent) error {
+	type address struct {
+		Address string `json:"Address"`
+	}
+	type message struct {
+		ID        string    `json:"ID"`
+		MessageID string    `json:"MessageID"`
+		From      *address  `json:"From"`
+		To        []address `json:"To"`
+		Subject   string    `json:"Subject"`
+		Text      string    `json:"Text"`
+	}
+	want := strings.Trim(sent.GetMessageId(), "<>")
+	var got message
+	for got.ID == "" {
+		var list struct {
+			Messages []message `json:"messages"`
+		}
+		code, err := w.getJSON(ctx, w.o.mailpit+"/api/v1/search?limit=50&query="+url.QueryEscape("message-id:"+want), &list)
+		if err == nil && code == http.StatusOK {
+			for _, m := range list.Messages {
+				if strings.Trim(m.MessageID, "<>") == want {
+					got = m
+				}
+			}
+		}
+		if got.ID != "" {
+			break
+		}
+		if err := pause(ctx, 200*time.Millisecond); err != nil {
+			return fmt.Errorf("mailpit has no mail with the Message-ID %s of notify.sent after %s: %w", sent.GetMessageId(), w.o.step, err)
+		}
+	}
+	if code, err := w.getJSON(ctx, w.o.mailpit+"/api/v1/message/"+url.PathEscape(got.ID), &got); err != nil || code != http.StatusOK {
+		return fmt.Errorf("mailpit message %s: HTTP %d: %v", got.ID, code, err)
+	}
+	var to []string
+	for _, a := range got.To {
+		to = append(to, a.Address)
+	}
+	from := ""
+	if got.From != nil {
+		from = got.From.Address
+	}
+	w.printf("mail in mailpit %s, to %s, from %s", got.ID, strings.Join(to, ", "), from)
+	fmt.Fprintf(w.out, "          subject: %s\n", got.Subject)
+	link := ""
+	for _, line := range strings.Split(got.Text, "\n") {
+		if line = strings.TrimSpace(line); (w.o.enrolURL != "" && strings.Contains(line, w.o.enrolURL)) ||
+			(w.o.enrolURL == "" && strings.Contains(line, "https://")) {
+			link = line
+			break
+		}
+	}
+	if link == "" {
+		return fmt.Errorf("the mail's text has no line with the enrolment link %q:\n%s", w.o.enrolURL, got.Text)
+	}
+	fmt.Fprintf(w.out, "          enrol:   %s\n", link)
+	fmt.Fprintf(w.out, "          read it: %s/view/%s\n", w.o.mailpit, got.ID)
 	return nil
 }
 

@@ -56,6 +56,8 @@ func run(args []string) int {
 	allowUnencrypted := fs.Bool("allow-unencrypted", false, "over HTTP accept unencrypted bodies (Basic, NTLM without sealing), like WinRM with AllowUnencrypted=true; by default only NTLM-sealed bodies are accepted")
 	user := fs.String("user", exchangesim.DefaultUser, "service account name")
 	host := fs.String("host", "127.0.0.1", "address the WS-Man endpoints listen on")
+	port := fs.Int("port", 0, "WS-Man port of the first CAS, the next CAS's is one more (0: free ports)")
+	publicHost := fs.String("public-host", "", "name clients reach the endpoints by (e.g. a container's name), for -env-out and the certificate")
 	admin := fs.String("admin", "127.0.0.1:0", "admin API listen address")
 	profile := fs.String("profile", "default", "latency profile: default (realistic), slow (a large organisation through a remote session) or none")
 	org := fs.String("org", "Contoso", "Exchange organisation name")
@@ -72,18 +74,26 @@ func run(args []string) int {
 	maxSessions := fs.Int("max-sessions", 18, "remote PowerShell sessions per user (PowerShellMaxConcurrency); -1: unlimited")
 	envOut := fs.String("env-out", "", "write the EASGUARD_EXCHANGE_* settings that reach this simulator to this file (mode 0600; it holds the password)")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "exchangesim runs a simulated Exchange organisation. The service account's password is taken from EXCHANGESIM_PASSWORD (default: the simulator's documented test password).")
+		fmt.Fprintln(fs.Output(), "exchangesim runs a simulated Exchange organisation. The service account's password is taken from EXCHANGESIM_PASSWORD or the file EXCHANGESIM_PASSWORD_FILE names (default: the simulator's documented test password).")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	password := os.Getenv("EXCHANGESIM_PASSWORD")
+	if f := os.Getenv("EXCHANGESIM_PASSWORD_FILE"); password == "" && f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "exchangesim: EXCHANGESIM_PASSWORD_FILE:", err)
+			return 2
+		}
+		password = strings.TrimRight(string(b), "\r\n")
+	}
 	if password == "" {
 		password = exchangesim.DefaultPassword
 	}
 	cfg := exchangesim.Config{
-		OrgName: *org, Domain: *domain, HTTPS: *https, Host: *host, AdminAddr: *admin, AllowUnencrypted: *allowUnencrypted,
+		OrgName: *org, Domain: *domain, HTTPS: *https, Host: *host, Port: *port, PublicHost: *publicHost, AdminAddr: *admin, AllowUnencrypted: *allowUnencrypted,
 		Accounts: map[string]string{*user: password}, MaxSessionsPerUser: *maxSessions,
 		WorkerHost: exchangesim.Host{Culture: *hostCulture, UTCOffset: *hostOffset, LanguageMode: *languageMode,
 			DeserializedEnums: *deserializedEnums, AltPropertyCase: *altCase, UnspecifiedDates: *unspecifiedDates},

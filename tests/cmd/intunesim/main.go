@@ -13,7 +13,7 @@
 //	 "admin":"http://127.0.0.1:q","tenant":…,"client_id":…,"devices":N,…,"start_seconds":…}
 //
 // then runs until SIGINT or SIGTERM (exit 0). The client secret is taken
-// from INTUNESIM_CLIENT_SECRET (default intunesim.DefaultClientSecret).
+// from INTUNESIM_CLIENT_SECRET or the file INTUNESIM_CLIENT_SECRET_FILE names (default intunesim.DefaultClientSecret).
 package main
 
 import (
@@ -60,6 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	addr := fs.String("addr", "127.0.0.1:0", "HTTPS listen address (authority and Graph)")
 	admin := fs.String("admin", "127.0.0.1:0", `admin API listen address ("" = no admin API)`)
+	publicHost := fs.String("public-host", "", "name clients reach -addr by (e.g. a container's name): the authority URL and the certificate use it")
 	tenant := fs.String("tenant", intunesim.DefaultTenant, "tenant (directory) id")
 	clientID := fs.String("client-id", intunesim.DefaultClientID, "application (client) id")
 	certIn := fs.String("client-cert-in", "", "PEM file with the application certificate(s) client assertions may be signed with")
@@ -81,7 +82,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	caOut := fs.String("cert-out", "", "write the server certificate (PEM) clients should trust to this file")
 	envOut := fs.String("env-out", "", "write the EASGUARD_MDM_GRAPH_* settings to this file (mode 0600; needs -cert-out)")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "intunesim runs a simulated Entra ID token service and Microsoft Graph (Intune managed devices). The client secret is taken from INTUNESIM_CLIENT_SECRET (default: the simulator's documented test secret).")
+		fmt.Fprintln(fs.Output(), "intunesim runs a simulated Entra ID token service and Microsoft Graph (Intune managed devices). The client secret is taken from INTUNESIM_CLIENT_SECRET or the file INTUNESIM_CLIENT_SECRET_FILE names (default: the simulator's documented test secret).")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -115,11 +116,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	secret := os.Getenv("INTUNESIM_CLIENT_SECRET")
+	if f := os.Getenv("INTUNESIM_CLIENT_SECRET_FILE"); secret == "" && f != "" {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return usage("INTUNESIM_CLIENT_SECRET_FILE: %v", err)
+		}
+		secret = strings.TrimRight(string(b), "\r\n")
+	}
 	if secret == "" {
 		secret = intunesim.DefaultClientSecret
 	}
 	cfg := intunesim.Config{
-		Tenant: *tenant, ClientID: *clientID, ClientSecret: secret, Addr: *addr, AdminAddr: *admin, Domain: *domain,
+		Tenant: *tenant, ClientID: *clientID, ClientSecret: secret, Addr: *addr, AdminAddr: *admin, PublicHost: *publicHost, Domain: *domain,
 		Extra: *extra, PageSize: *pageSize, MaxPageSize: *maxPageSize, TokenLifetime: *lifetime, StrictV1: *strictV1, EASIDCase: *easCase,
 	}
 	if *mailboxes > 0 {
