@@ -465,7 +465,7 @@ func (s *Server) preview(r *request) (any, error) {
 		}
 		if would != current {
 			if len(out.Changes) < previewList {
-				out.Changes = append(out.Changes, PreviewChange{DeviceID: p.GetDeviceId(), User: mailboxName(p.GetMailbox()), Now: current, Would: would, Rule: v.Rule, Reason: v.Reason})
+				out.Changes = append(out.Changes, PreviewChange{DeviceID: p.GetDeviceId(), User: ev.MailboxName(p.GetMailbox()), Now: current, Would: would, Rule: v.Rule, Reason: v.Reason})
 			} else {
 				out.More++
 			}

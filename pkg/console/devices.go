@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -43,6 +44,8 @@ type Device struct {
 	LastSync time.Time `json:"last_sync,omitzero"`
 
 	search string
+	// order sorts the list: user, then key, lower-cased once.
+	order string
 }
 
 // word turns a protobuf enum name into the word administrators know
@@ -97,6 +100,7 @@ func deviceFromRecord(key string, r *ev.DecisionRecord) Device {
 		d.MDMSource = mdm.GetSource()
 	}
 	d.search = strings.ToLower(strings.Join([]string{d.DeviceID, d.User, p.GetMailbox().GetPrimarySmtpAddress(), p.GetMailbox().GetDisplayName(), d.Model, d.Type}, "\x00"))
+	d.order = strings.ToLower(d.User) + "\x00" + key
 	return d
 }
 
@@ -115,15 +119,24 @@ func traceID(traceparent string) string {
 type deviceIndex struct {
 	org bus.Org
 
-	mu    sync.RWMutex
-	byKey map[string]Device
+	mu sync.RWMutex
+	// byKey holds every partnership's row; a row is replaced, never
+	// changed, so a pointer read under the lock stays good after it.
+	byKey map[string]*Device
+	// keyByPID finds a row by its partnership id, for the collector's news.
+	keyByPID map[string]string
 	// seen is Exchange's side as the collector last saw it, by
 	// partnership id: a decision record keeps the state it was judged
 	// in, the collector the state Exchange has now (after the block).
 	seen   map[string]seenState
-	sorted []Device // by user, then device id; nil when stale
+	sorted []*Device      // by user, then key; nil when stale
+	counts map[string]int // of sorted, by Exchange state
 	ready  bool
 	err    error
+}
+
+func newDeviceIndex(org bus.Org) *deviceIndex {
+	return &deviceIndex{org: org, byKey: map[string]*Device{}, keyByPID: map[string]string{}, seen: map[string]seenState{}}
 }
 
 // seenState is a partnership's state on Exchange at the last sync.
@@ -175,10 +188,15 @@ func (x *deviceIndex) applySeen(e jetstream.KeyValueEntry) {
 	if ls := p.GetLastSuccessSync(); ls != nil {
 		st.lastSync = ls.AsTime()
 	}
+	pid := ev.PartnershipID(p)
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	x.seen[ev.PartnershipID(p)] = st
-	x.sorted = nil
+	x.seen[pid] = st
+	if key, ok := x.keyByPID[pid]; ok {
+		d := x.current(*x.byKey[key])
+		x.byKey[key] = &d
+		x.sorted = nil
+	}
 }
 
 // current is a row with Exchange's state as last seen.
@@ -200,6 +218,9 @@ func (x *deviceIndex) apply(e jetstream.KeyValueEntry) {
 		return
 	}
 	if e.Operation() != jetstream.KeyValuePut {
+		if d, ok := x.byKey[e.Key()]; ok {
+			delete(x.keyByPID, d.PartnershipID)
+		}
 		delete(x.byKey, e.Key())
 		x.sorted = nil
 		return
@@ -208,7 +229,9 @@ func (x *deviceIndex) apply(e jetstream.KeyValueEntry) {
 	if err := proto.Unmarshal(e.Value(), &r); err != nil {
 		return
 	}
-	x.byKey[e.Key()] = deviceFromRecord(e.Key(), &r)
+	d := x.current(deviceFromRecord(e.Key(), &r))
+	x.byKey[e.Key()] = &d
+	x.keyByPID[d.PartnershipID] = e.Key()
 	x.sorted = nil
 }
 
@@ -239,41 +262,46 @@ type DevicePage struct {
 func (x *deviceIndex) query(q DeviceQuery) DevicePage {
 	x.mu.Lock()
 	if x.sorted == nil {
-		x.sorted = make([]Device, 0, len(x.byKey))
+		x.sorted = make([]*Device, 0, len(x.byKey))
+		x.counts = map[string]int{}
 		for _, d := range x.byKey {
-			x.sorted = append(x.sorted, x.current(d))
+			x.sorted = append(x.sorted, d)
+			x.counts[stateOrUnknown(d.ExchangeState)]++
 		}
-		slices.SortFunc(x.sorted, func(a, b Device) int {
-			if c := strings.Compare(strings.ToLower(a.User), strings.ToLower(b.User)); c != 0 {
-				return c
-			}
-			return strings.Compare(a.Key, b.Key)
-		})
+		slices.SortFunc(x.sorted, func(a, b *Device) int { return strings.Compare(a.order, b.order) })
 	}
-	all, ready := x.sorted, x.ready
+	all, ready, counts := x.sorted, x.ready, maps.Clone(x.counts)
 	x.mu.Unlock()
 
 	size := q.Size
 	if size <= 0 || size > 500 {
 		size = 50
 	}
+	page := max(q.Page, 1)
 	search, state := strings.ToLower(strings.TrimSpace(q.Search)), strings.ToLower(q.State)
-	out := DevicePage{Counts: map[string]int{}, Ready: ready}
-	first := max(q.Page, 1)*size - size
-	for _, d := range all {
-		out.Counts[stateOrUnknown(d.ExchangeState)]++
-		if search != "" && !strings.Contains(d.search, search) {
-			continue
+	out := DevicePage{Counts: counts, Ready: ready, Page: page}
+	first := page*size - size
+	if search == "" && state == "" {
+		// The whole list: the page is a slice of it.
+		out.Total = len(all)
+		for _, d := range all[min(first, len(all)):min(first+size, len(all))] {
+			out.Devices = append(out.Devices, *d)
 		}
-		if state != "" && !d.hasState(state) {
-			continue
+	} else {
+		for _, d := range all {
+			if search != "" && !strings.Contains(d.search, search) {
+				continue
+			}
+			if state != "" && !d.hasState(state) {
+				continue
+			}
+			if out.Total >= first && len(out.Devices) < size {
+				out.Devices = append(out.Devices, *d)
+			}
+			out.Total++
 		}
-		if out.Total >= first && len(out.Devices) < size {
-			out.Devices = append(out.Devices, d)
-		}
-		out.Total++
 	}
-	out.Page, out.Pages = max(q.Page, 1), (out.Total+size-1)/size
+	out.Pages = (out.Total + size - 1) / size
 	return out
 }
 
@@ -303,7 +331,7 @@ func (x *deviceIndex) byDevice(id string) []Device {
 	var out []Device
 	for _, d := range x.byKey {
 		if strings.EqualFold(d.DeviceID, id) {
-			out = append(out, x.current(d))
+			out = append(out, *d)
 		}
 	}
 	slices.SortFunc(out, func(a, b Device) int { return strings.Compare(a.Key, b.Key) })

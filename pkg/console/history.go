@@ -141,7 +141,7 @@ func describe(m storedMsg) Step {
 		p := e.GetPartnership()
 		s.Kind = "observed"
 		s.Summary = fmt.Sprintf("Exchange: %s partnership of %s, %s (%s)", strings.ToLower(word(e.GetChange().String(), "OBSERVATION_CHANGE_")),
-			mailboxName(p.GetMailbox()), stateOrUnknown(word(p.GetDeviceAccessState().String(), "DEVICE_ACCESS_STATE_")),
+			ev.MailboxName(p.GetMailbox()), stateOrUnknown(word(p.GetDeviceAccessState().String(), "DEVICE_ACCESS_STATE_")),
 			word(p.GetDeviceAccessStateReason().String(), "DEVICE_ACCESS_STATE_REASON_"))
 		s.Details = append(s.Details, fmt.Sprintf("%s %s, %s", p.GetDeviceType(), p.GetDeviceModel(), p.GetDeviceOs()),
 			fmt.Sprintf("sync %s (%s)", e.GetSync().GetSyncId(), e.GetSync().GetKind().Short()))
@@ -202,15 +202,6 @@ func describe(m storedMsg) Step {
 		s.Kind, s.Summary = "event", m.typ
 	}
 	return s
-}
-
-func mailboxName(mb *ev.Mailbox) string {
-	for _, s := range []string{mb.GetUserPrincipalName(), mb.GetPrimarySmtpAddress(), mb.GetDisplayName(), mb.GetIdentity()} {
-		if s != "" {
-			return s
-		}
-	}
-	return "?"
 }
 
 // cmdletLine writes a cmdlet as it was sent, in PowerShell's own words.

@@ -73,7 +73,7 @@ func New(ctx context.Context, cfg Config, defaultOrg string, bound string, js je
 			return nil, fmt.Errorf("console: %w", err)
 		}
 		s.orgs = append(s.orgs, org)
-		s.index[org] = &deviceIndex{org: org, byKey: map[string]Device{}, seen: map[string]seenState{}}
+		s.index[org] = newDeviceIndex(org)
 	}
 	var err error
 	if s.auth, err = newAuthenticator(cfg, s.public+"/auth/callback"); err != nil {

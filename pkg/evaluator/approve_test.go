@@ -1,6 +1,7 @@
 package evaluator_test
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
@@ -20,20 +21,7 @@ import (
 // every attempt, and tells a broken guard record from a set not held.
 func TestApproveGuard(t *testing.T) {
 	t.Parallel()
-	_, _, js := natstest.Start(t)
-	ctx := natstest.Context(t)
-	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, bus.BucketStatus)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, err := bus.NewPublisher(js, bus.Instrumentation{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	audits := natstest.Receive[ev.AuditEvent](t, js, bus.StreamAudit, bus.AuditRecorded.Filter(org))
+	ctx, kv, pub, audits := guardBench(t)
 	now := time.Date(2026, 3, 1, 10, 0, 0, 0, time.UTC)
 	for i, tc := range []struct {
 		name  string
@@ -93,20 +81,7 @@ func putGuard(kv jetstream.KeyValue, g status.Guard) func(t *testing.T) {
 // set quietly (see TestDiscardedSetIsHeldWithoutAlert in tests/).
 func TestDiscardGuard(t *testing.T) {
 	t.Parallel()
-	_, _, js := natstest.Start(t)
-	ctx := natstest.Context(t)
-	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, bus.BucketStatus)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, err := bus.NewPublisher(js, bus.Instrumentation{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	audits := natstest.Receive[ev.AuditEvent](t, js, bus.StreamAudit, bus.AuditRecorded.Filter(org))
+	ctx, kv, pub, audits := guardBench(t)
 	now := time.Date(2026, 3, 1, 10, 0, 0, 0, time.UTC)
 	for i, tc := range []struct {
 		name  string
@@ -148,4 +123,24 @@ func TestDiscardGuard(t *testing.T) {
 			}
 		})
 	}
+}
+
+// guardBench is a real JetStream server with easguard's streams and
+// buckets: the status bucket, a publisher, and the audit events published.
+func guardBench(t *testing.T) (context.Context, jetstream.KeyValue, *bus.Publisher, *natstest.Received[*ev.AuditEvent]) {
+	t.Helper()
+	_, _, js := natstest.Start(t)
+	ctx := natstest.Context(t)
+	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx, bus.BucketStatus)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := bus.NewPublisher(js, bus.Instrumentation{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ctx, kv, pub, natstest.Receive[ev.AuditEvent](t, js, bus.StreamAudit, bus.AuditRecorded.Filter(org))
 }

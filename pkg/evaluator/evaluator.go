@@ -71,12 +71,15 @@ func (c *Config) Validate() error {
 
 // Evaluator is the evaluator worker of one organisation.
 type Evaluator struct {
-	org bus.Org
-	cfg Config
-	js  jetstream.JetStream
-	pub atomic.Pointer[bus.Publisher]
-	log *slog.Logger
-	now func() time.Time
+	// overdueChecked is when the leaseholder's loop last looked for
+	// overdue syncs (checkOverdue); the loop's own.
+	overdueChecked time.Time
+	org            bus.Org
+	cfg            Config
+	js             jetstream.JetStream
+	pub            atomic.Pointer[bus.Publisher]
+	log            *slog.Logger
+	now            func() time.Time
 
 	decisions, staged, parts, status, applied, leases jetstream.KeyValue
 	// decisionsBulk reads a page's decision records at once.

@@ -20,25 +20,39 @@ const overdueAlertEvery = time.Hour
 // in the evaluator's leaseholder: the collector that stopped cannot say
 // so, and a failing sync (which ends, and alerts as failed) is not late.
 func (e *Evaluator) checkOverdue(ctx context.Context, pub *bus.Publisher) error {
+	now := e.now()
+	// Often enough for a quick interval of a second (tests), and a handful
+	// of reads: the loop also judges MDM windows.
+	if now.Sub(e.overdueChecked) < overdueCheckEvery {
+		return nil
+	}
+	e.overdueChecked = now
+	ctx, cancel := context.WithTimeout(ctx, overdueCheckEvery)
+	defer cancel()
 	sched, ok, err := status.Get[status.Schedule](ctx, e.status, e.org, status.ScheduleKey)
 	if err != nil || !ok {
 		return err
 	}
-	now := e.now()
-	st, err := status.Read(ctx, e.status, e.org)
-	if err != nil && len(st.Last) == 0 {
+	wait, _, err := status.Get[status.MDMWait](ctx, e.status, e.org, status.MDMWaitKey)
+	if err != nil {
 		return err
 	}
-	if st.MDMWait != nil && st.MDMWait.Waiting {
+	if wait.Waiting {
 		return nil // the first full sync waits for the MDM, within its bound
+	}
+	last := map[string]status.Sync{}
+	for _, k := range []string{"quick", "full"} {
+		if last[k], _, err = status.Get[status.Sync](ctx, e.status, e.org, status.SyncLastKey(k)); err != nil {
+			return err
+		}
 	}
 	for _, kind := range []string{"quick", "full"} {
 		since, what := sched.StartedAt, "the collector's schedule started"
 		// A full pass reads all a quick one would: either ends the wait
 		// for a quick one.
 		for _, k := range []string{kind, "full"} {
-			if last, ok := st.Last[k]; ok && last.FinishedAt.After(since) {
-				since, what = last.FinishedAt, "the last "+k+" sync ended"
+			if last[k].FinishedAt.After(since) {
+				since, what = last[k].FinishedAt, "the last "+k+" sync ended"
 			}
 		}
 		limit := sched.Overdue(kind)
@@ -59,6 +73,9 @@ func (e *Evaluator) checkOverdue(ctx context.Context, pub *bus.Publisher) error 
 	}
 	return nil
 }
+
+// overdueCheckEvery is how often the leaseholder looks for overdue syncs.
+const overdueCheckEvery = time.Second
 
 func interval(s status.Schedule, kind string) time.Duration {
 	if kind == "full" {

@@ -357,14 +357,7 @@ func addresses(m *ev.Mailbox) []string {
 }
 
 // mailboxName names a mailbox in reasons by the first form it has.
-func mailboxName(m *ev.Mailbox) string {
-	for _, s := range []string{m.GetPrimarySmtpAddress(), m.GetUserPrincipalName(), m.GetIdentity(), m.GetDisplayName()} {
-		if s != "" {
-			return s
-		}
-	}
-	return "(unnamed mailbox)"
-}
+func mailboxName(m *ev.Mailbox) string { return ev.MailboxName(m) }
 
 // deviceName names a partnership's device in reasons.
 func deviceName(e *ev.EASPartnership) string {

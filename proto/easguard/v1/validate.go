@@ -272,6 +272,18 @@ func (e *Alert) Validate() error {
 	return p.err()
 }
 
+// MailboxName names a mailbox for people (decision reasons, the console)
+// by the first form it has: its SMTP address, UPN, identity or display
+// name.
+func MailboxName(m *Mailbox) string {
+	for _, s := range []string{m.GetPrimarySmtpAddress(), m.GetUserPrincipalName(), m.GetIdentity(), m.GetDisplayName()} {
+		if s != "" {
+			return s
+		}
+	}
+	return "(unnamed mailbox)"
+}
+
 // PartnershipID names a partnership in easguard's state: its AD object
 // GUID, lower-cased, or the identity Exchange reported when there is no
 // GUID. One phone used with two mailboxes has one device id and two
