@@ -1,6 +1,8 @@
 package tests
 
 import (
+	"go.opentelemetry.io/otel/trace"
+
 	"strings"
 	"testing"
 	"time"
@@ -106,7 +108,8 @@ func seedFlow(t *testing.T, o stackOptions, enrol func(*stack, exchangesim.Phone
 	if n := len(s.smtp.Messages()); n != 1 {
 		t.Fatalf("%d mails, want exactly one", n)
 	}
-	assertOneJourney(t, s, phone.DeviceID)
+	journey := assertOneJourney(t, s, phone.DeviceID)
+	assertClientSpans(t, s, journey, o.graph)
 	assertDomainMetrics(t, s, o.graph)
 }
 
@@ -173,7 +176,7 @@ func assertDomainMetrics(t *testing.T, s *stack, graph bool) {
 
 // assertOneJourney checks that every step of the device's journey is in
 // one trace: the trace its first observation started.
-func assertOneJourney(t *testing.T, s *stack, deviceID string) {
+func assertOneJourney(t *testing.T, s *stack, deviceID string) string {
 	t.Helper()
 	families := []string{"eas.observed", "device.matched", "access.decided", "access.applied", "notify.sent"}
 	seen := map[string]int{}
@@ -221,4 +224,40 @@ func assertOneJourney(t *testing.T, s *stack, deviceID string) {
 		return journey != "" && seen["device.matched"] >= 2 && seen["access.decided"] >= 2 && seen["access.applied"] >= 2 && seen["notify.sent"] >= 1
 	})
 	t.Logf("journey trace %s: %v", journey, seen)
+	return journey
+}
+
+// assertClientSpans checks that the calls leaving easguard are client
+// spans: the mail to the phone's user, in the device's journey; the
+// cmdlets that changed access on Exchange, with the server that ran them
+// (a batch of several devices' decisions runs in the executor's batch, not
+// in one device's trace); and, with Graph, the reads of Intune.
+func assertClientSpans(t *testing.T, s *stack, journey string, graph bool) {
+	t.Helper()
+	var got []string
+	natstest.Eventually(t, 10*time.Second, "client spans of the calls that leave easguard", func() bool {
+		got = got[:0]
+		cmdlet, smtp, graphRead := false, false, false
+		for _, sp := range s.spans.Ended() {
+			if sp.SpanKind() != trace.SpanKindClient {
+				continue
+			}
+			attrs := map[string]string{}
+			for _, a := range sp.Attributes() {
+				attrs[string(a.Key)] = a.Value.Emit()
+			}
+			got = append(got, sp.Name()+" "+attrs["server.address"])
+			inJourney := sp.SpanContext().TraceID().String() == journey
+			switch {
+			case sp.Name() == "exchange Set-CASMailbox":
+				cmdlet = cmdlet || attrs["server.address"] != "" && attrs["easguard.exchange.cmdlet"] == "Set-CASMailbox"
+			case sp.Name() == "smtp send":
+				smtp = smtp || inJourney && attrs["server.address"] != "" && attrs["easguard.mail.message_id"] != ""
+			case strings.HasPrefix(sp.Name(), "GET graph"):
+				graphRead = graphRead || attrs["http.response.status_code"] == "200"
+			}
+		}
+		return cmdlet && smtp && (graphRead || !graph)
+	})
+	t.Logf("client spans: %d, e.g. %v", len(got), got[:min(len(got), 5)])
 }

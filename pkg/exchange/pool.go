@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Runner runs one request on some worker. The pool and the one-shot mode
@@ -73,6 +74,8 @@ type Pool struct {
 
 	// metrics are the domain metrics (WithMetrics), nowhere by default.
 	metrics *instruments
+	// tracer traces each request as a client span (WithTracing).
+	tracer trace.Tracer
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -134,6 +137,7 @@ func NewPool(ctx context.Context, cfg Config, log *slog.Logger, opts ...PoolOpti
 	}
 	p := &Pool{opts: o, log: log.With("component", "exchange-pool"), servers: []target{o.primary}, waiters: make(chan struct{}, 1), urgentWaiters: make(chan struct{}, 1), stop: make(chan struct{}), served: map[*worker]time.Time{}}
 	p.metrics = noInstruments()
+	p.tracer = noTracer
 	for _, opt := range opts {
 		opt(p)
 	}
@@ -821,7 +825,9 @@ func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error)
 		if err == nil {
 			var r Response
 			began := time.Now()
-			_, r, err = w.call(ctx, req, page)
+			sctx, span := p.startSpan(ctx, req, w.target.fqdn)
+			_, r, err = w.call(sctx, req, page)
+			endSpan(span, req, r, err)
 			took := time.Since(began)
 			p.metrics.record(ctx, req, took, r, err)
 			if delivered || err != nil {

@@ -20,7 +20,11 @@ import (
 
 	"github.com/AzureAD/microsoft-authentication-library-for-go/apps/confidential"
 	"github.com/cenkalti/backoff/v4"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
@@ -102,6 +106,9 @@ type GraphOptions struct {
 	// MeterProvider receives the source's request counts
 	// (easguard.graph.requests); nil: nowhere.
 	MeterProvider metric.MeterProvider
+	// TracerProvider traces every Graph request as a client span; nil:
+	// nowhere.
+	TracerProvider trace.TracerProvider
 	// Store keeps what the source last delivered and since when each
 	// missing device has been missing, beyond this process (default:
 	// memory only). With a store, a device deleted in Intune while
@@ -116,7 +123,8 @@ type GraphOptions struct {
 // that fails or stops midway publishes nothing and keeps the previous
 // view: an outage must never look like every device leaving management.
 type GraphSource struct {
-	opts GraphOptions
+	opts   GraphOptions
+	tracer trace.Tracer
 	// selects is the $select in use: GraphSelect, or without the
 	// properties this Graph refused (managementState is documented on
 	// beta; whether v1.0 serves it is unconfirmed).
@@ -174,6 +182,10 @@ func NewGraphSource(opts GraphOptions) (*GraphSource, error) {
 	}
 	g := &GraphSource{opts: opts, selects: slices.Clone(GraphSelect), client: opts.HTTPClient, now: time.Now, sleep: sleepCtx}
 	var err error
+	g.tracer = noop.NewTracerProvider().Tracer("")
+	if opts.TracerProvider != nil {
+		g.tracer = opts.TracerProvider.Tracer("github.com/easguard/easguard/pkg/mdm")
+	}
 	if g.metrics, err = newGraphInstruments(opts.MeterProvider, opts.Tenant); err != nil {
 		return nil, err
 	}
@@ -437,10 +449,20 @@ func (g *GraphSource) getOnce(ctx context.Context, target string, v any) (err er
 	}
 	req.Header.Set("Authorization", "Bearer "+tok.AccessToken)
 	req.Header.Set("Accept", "application/json")
-	resp, err := g.client.Do(req)
+	ctx, span := g.tracer.Start(ctx, "GET graph managedDevices", trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(
+		attribute.String("http.request.method", http.MethodGet), attribute.String("server.address", req.URL.Hostname()), attribute.String("url.path", req.URL.Path)))
+	defer func() {
+		if err != nil {
+			span.RecordError(err)
+			span.SetStatus(codes.Error, err.Error())
+		}
+		span.End()
+	}()
+	resp, err := g.client.Do(req.WithContext(ctx))
 	if err != nil {
 		return err
 	}
+	span.SetAttributes(attribute.Int("http.response.status_code", resp.StatusCode))
 	defer resp.Body.Close()
 	body := io.LimitReader(resp.Body, graphMaxPage)
 	if resp.StatusCode != http.StatusOK {

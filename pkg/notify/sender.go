@@ -14,6 +14,10 @@ import (
 	"time"
 
 	"github.com/wneessen/go-mail"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 )
 
 // Security modes for SMTPConfig.Security.
@@ -98,6 +102,7 @@ func (c SMTPConfig) security() string {
 // use; each Send uses its own connection, so one stuck send cannot hold up
 // another and a retried send starts clean.
 type Sender struct {
+	tracer   trace.Tracer
 	cfg      SMTPConfig
 	security string
 	from     *netmail.Address
@@ -111,7 +116,7 @@ func NewSender(cfg SMTPConfig) (*Sender, error) {
 	bad := func(format string, a ...any) error {
 		return fmt.Errorf("notify: %w: %s", ErrInvalidConfig, fmt.Sprintf(format, a...))
 	}
-	s := &Sender{cfg: cfg, security: cfg.security(), timeout: cfg.Timeout}
+	s := &Sender{tracer: noop.NewTracerProvider().Tracer(""), cfg: cfg, security: cfg.security(), timeout: cfg.Timeout}
 	if strings.TrimSpace(cfg.Host) == "" || strings.ContainsFunc(cfg.Host, isSpaceOrControl) {
 		return nil, bad("Host %q must be a host name or IP address", cfg.Host)
 	}
@@ -165,6 +170,24 @@ func NewSender(cfg SMTPConfig) (*Sender, error) {
 // and bounces to IT do not loop. ctx bounds the whole send: cancelling it
 // closes the connection.
 func (s *Sender) Send(ctx context.Context, to string, r Rendered, messageID string) error {
+	ctx, span := s.tracer.Start(ctx, "smtp send", trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(
+		attribute.String("server.address", s.cfg.Host), attribute.Int("server.port", s.cfg.Port), attribute.String("easguard.mail.message_id", messageID)))
+	err := s.send(ctx, to, r, messageID)
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
+	return err
+}
+
+// Trace has every send traced as a client span (the SMTP server, the
+// Message-ID), in the trace of the device journey the mail belongs to.
+func (s *Sender) Trace(tp trace.TracerProvider) {
+	s.tracer = tp.Tracer("github.com/easguard/easguard/pkg/notify")
+}
+
+func (s *Sender) send(ctx context.Context, to string, r Rendered, messageID string) error {
 	msg, err := s.message(to, r, messageID)
 	if err != nil {
 		return &sendError{kind: ErrPermanent, msg: fmt.Sprintf("notify: send to %q: %v: %v", to, ErrPermanent, err), cause: err}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -86,7 +87,7 @@ func (m *MDMConfig) validateGraph() error {
 }
 
 // graphSource builds the Graph source the settings describe.
-func (m *MDMConfig) graphSource(log *slog.Logger, mp metric.MeterProvider, store mdm.InventoryStore) (*mdm.GraphSource, error) {
+func (m *MDMConfig) graphSource(log *slog.Logger, mp metric.MeterProvider, tp trace.TracerProvider, store mdm.InventoryStore) (*mdm.GraphSource, error) {
 	client, err := mdm.GraphHTTPClient(m.GraphProxy, m.GraphCABundle, 2*time.Minute)
 	if err != nil {
 		return nil, err
@@ -95,7 +96,7 @@ func (m *MDMConfig) graphSource(log *slog.Logger, mp metric.MeterProvider, store
 		Tenant: m.GraphTenant, ClientID: m.GraphClientID, ClientSecret: m.GraphClientSecret.Reveal(),
 		Authority: m.GraphAuthority, GraphURL: m.GraphURL, HTTPClient: client, PollInterval: m.GraphPollInterval,
 		FullResync: m.GraphFullResync, MissingAfter: m.GraphMissingAfter, PageSize: m.GraphPageSize,
-		MassRemovalShare: m.MassRemovalShare, Logger: log, MeterProvider: mp, Store: store,
+		MassRemovalShare: m.MassRemovalShare, Logger: log, MeterProvider: mp, TracerProvider: tp, Store: store,
 	}
 	if m.GraphCertificate != "" {
 		if opts.Certificate, err = os.ReadFile(m.GraphCertificate); err != nil {
@@ -193,7 +194,7 @@ func startMDM(ctx context.Context, svc *service.Service, org bus.Org, cfg MDMCon
 		}
 	}
 	if cfg.GraphTenant != "" {
-		src, err := cfg.graphSource(svc.Log, svc.Tel.MeterProvider, store)
+		src, err := cfg.graphSource(svc.Log, svc.Tel.MeterProvider, svc.Tel.TracerProvider, store)
 		if err != nil {
 			return err
 		}

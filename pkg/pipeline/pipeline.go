@@ -127,7 +127,7 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 		if err != nil {
 			return err
 		}
-		pool, err = exchange.NewPool(ctx, *s.Exchange, svc.Log, exchange.WithSessionSlots(slots), exchange.WithMetrics(svc.Tel.MeterProvider, string(org)))
+		pool, err = exchange.NewPool(ctx, *s.Exchange, svc.Log, exchange.WithSessionSlots(slots), exchange.WithMetrics(svc.Tel.MeterProvider, string(org)), exchange.WithTracing(svc.Tel.TracerProvider))
 		if err != nil {
 			slots.Close()
 			return fmt.Errorf("exchange: %w", err)
@@ -191,6 +191,7 @@ func Start(ctx context.Context, svc *service.Service, org bus.Org, workers []str
 		if err != nil {
 			return fmt.Errorf("mailer: %w", err)
 		}
+		sender.Trace(svc.Tel.TracerProvider)
 		m, err := mailer.New(ctx, svc.JS, org, *mc, sender, svc.Log)
 		if err != nil {
 			return err
