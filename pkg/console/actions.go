@@ -146,11 +146,10 @@ func (s *Server) lastRequest(ctx context.Context, key string) (status.SyncReques
 // syncReported reports whether the collector reported the requested sync
 // (or any sync of the kind that started after it was asked for).
 func (s *Server) syncReported(ctx context.Context, org bus.Org, kind string, req status.SyncRequest) (bool, error) {
-	st, err := s.readStatus(ctx, org)
+	last, ok, err := status.Get[status.Sync](ctx, s.status, org, status.SyncLastKey(kind))
 	if err != nil {
 		return false, err
 	}
-	last, ok := st.Last[kind]
 	return ok && (last.SyncID == req.SyncID || last.StartedAt.After(req.RequestedAt)), nil
 }
 
@@ -208,37 +207,16 @@ type DeadLetter struct {
 }
 
 func (s *Server) deadLetters(r *request) (any, error) {
-	msgs, err := s.rawStream(r.Context(), bus.StreamDLQ, bus.DeadLetter.Filter(r.org), historyLimit)
+	msgs, err := readStream(r.Context(), s.js, bus.StreamDLQ, []string{bus.DeadLetter.Filter(r.org)}, historyLimit)
 	if err != nil {
 		return nil, err
 	}
 	out := []DeadLetter{}
 	for i := len(msgs) - 1; i >= 0; i-- {
 		m := msgs[i]
-		_, stage, _ := strings.Cut(strings.TrimPrefix(m.Subject, "easguard."+string(r.org)+"."), ".")
-		out = append(out, DeadLetter{Seq: m.Sequence, Stage: stage, Subject: m.Header.Get(bus.HeaderDLQSubject), Reason: m.Header.Get(bus.HeaderDLQReason),
-			Type: m.Header.Get(bus.HeaderType), Deliveries: m.Header.Get(bus.HeaderDLQDeliveries), At: m.Time})
-	}
-	return out, nil
-}
-
-// rawStream reads stored messages with their headers, newest last.
-func (s *Server) rawStream(ctx context.Context, stream, filter string, limit int) ([]*jetstream.RawStreamMsg, error) {
-	st, err := s.js.Stream(ctx, stream)
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", stream, err)
-	}
-	msgs, err := readStream(ctx, s.js, stream, []string{filter}, limit)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]*jetstream.RawStreamMsg, 0, len(msgs))
-	for _, m := range msgs {
-		raw, err := st.GetMsg(ctx, m.seq)
-		if err != nil {
-			continue // discarded meanwhile
-		}
-		out = append(out, raw)
+		_, stage, _ := strings.Cut(strings.TrimPrefix(m.subject, "easguard."+string(r.org)+"."), ".")
+		out = append(out, DeadLetter{Seq: m.seq, Stage: stage, Subject: m.header.Get(bus.HeaderDLQSubject), Reason: m.header.Get(bus.HeaderDLQReason),
+			Type: m.typ, Deliveries: m.header.Get(bus.HeaderDLQDeliveries), At: m.at})
 	}
 	return out, nil
 }

@@ -160,6 +160,29 @@ func (f *fixture) signIn(t testing.TB, c *http.Client, name string, groups ...st
 
 func (f *fixture) api(t testing.TB, method, path, role string, form url.Values, out any) int {
 	t.Helper()
+	code, b := f.call(t, method, path, role, form)
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			t.Fatalf("%s %s: %d %s: %v", method, path, code, b, err)
+		}
+	}
+	return code
+}
+
+// raw reads path of the API as it comes (an export); anything but 200
+// fails the test.
+func (f *fixture) raw(t testing.TB, path, role string) string {
+	t.Helper()
+	code, b := f.call(t, http.MethodGet, path, role, nil)
+	if code != http.StatusOK {
+		t.Fatalf("GET %s: %d %s", path, code, b)
+	}
+	return string(b)
+}
+
+// call sends one API request with role's token (none for "").
+func (f *fixture) call(t testing.TB, method, path, role string, form url.Values) (int, []byte) {
+	t.Helper()
 	var body io.Reader
 	if form != nil {
 		body = strings.NewReader(form.Encode())
@@ -177,10 +200,5 @@ func (f *fixture) api(t testing.TB, method, path, role string, form url.Values, 
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	if out != nil {
-		if err := json.Unmarshal(b, out); err != nil {
-			t.Fatalf("%s %s: %d %s: %v", method, path, resp.StatusCode, b, err)
-		}
-	}
-	return resp.StatusCode
+	return resp.StatusCode, b
 }

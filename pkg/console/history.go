@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -68,6 +69,7 @@ func history(ctx context.Context, js jetstream.JetStream, org bus.Org, deviceID 
 // storedMsg is a message read back from a stream.
 type storedMsg struct {
 	subject string
+	header  nats.Header
 	data    []byte
 	typ     string
 	trace   string
@@ -99,7 +101,7 @@ func readStream(ctx context.Context, js jetstream.JetStream, stream string, filt
 			if err != nil {
 				continue
 			}
-			out = append(out, storedMsg{subject: m.Subject(), data: m.Data(), typ: m.Headers().Get(bus.HeaderType),
+			out = append(out, storedMsg{subject: m.Subject(), header: m.Headers(), data: m.Data(), typ: m.Headers().Get(bus.HeaderType),
 				trace: m.Headers().Get("traceparent"), at: md.Timestamp, seq: md.Sequence.Stream})
 			if len(out) > limit {
 				out = out[1:]

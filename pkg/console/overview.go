@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -66,10 +67,10 @@ type RecentAlert struct {
 
 func (s *Server) readStatus(ctx context.Context, org bus.Org) (status.Org, error) {
 	st, err := status.Read(ctx, s.status, org)
-	if err != nil && len(st.Last) == 0 && st.Guard == nil {
+	// A corrupt record hides only itself (Read names it); the rest shows.
+	if err != nil && !errors.Is(err, status.ErrCorrupt) {
 		return st, fmt.Errorf("status of %s: %w", org, err)
 	}
-	// A corrupt record hides only itself; Read already says which.
 	return st, nil
 }
 

@@ -224,19 +224,9 @@ func (s *Server) page(pattern, tmpl string, need Role, h handler) {
 // (to the page the form named) with the outcome; under /api/v1 it answers
 // JSON.
 func (s *Server) action(path string, need Role, h handler) {
-	s.mux.Handle("POST "+path, s.refusing(need, s.wrap("", need, false, h)))
-	s.mux.Handle("POST /api/v1"+path, s.refusing(need, s.wrap("", need, true, h)))
+	s.mux.Handle("POST "+path, s.wrapAction(need, false, h))
+	s.mux.Handle("POST /api/v1"+path, s.wrapAction(need, true, h))
 }
-
-// refusing marks a handler as an operator action whose refusal for want
-// of a role is audited too: who tried matters most when it was refused.
-func (s *Server) refusing(need Role, h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), auditRefusals{}, true)))
-	})
-}
-
-type auditRefusals struct{}
 
 // auditName names the action of a request for the audit trail, and what
 // it was done to: /orgs/o/guard/approve is guard-approve, and
@@ -257,6 +247,16 @@ func auditName(r *request) (action, target string) {
 }
 
 func (s *Server) wrap(tmpl string, need Role, api bool, h handler) http.Handler {
+	return s.handle(tmpl, need, api, false, h)
+}
+
+// wrapAction is wrap for an operator action, whose refusal for want of a
+// role is audited too: who tried matters most when it was refused.
+func (s *Server) wrapAction(need Role, api bool, h handler) http.Handler {
+	return s.handle("", need, api, true, h)
+}
+
+func (s *Server) handle(tmpl string, need Role, api, audited bool, h handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, hr *http.Request) {
 		r := &request{Request: hr, api: api}
 		var ok bool
@@ -273,7 +273,7 @@ func (s *Server) wrap(tmpl string, need Role, api bool, h handler) http.Handler 
 		}
 		if r.who.Role < need {
 			err := fail(http.StatusForbidden, "%s (%s) may not do this: it needs the %s role", r.who.Name, r.who.Role, need)
-			if hr.Context().Value(auditRefusals{}) != nil && r.org != "" {
+			if audited && r.org != "" {
 				action, target := auditName(r)
 				if aerr := s.record(hr.Context(), r, action, target, "refused: "+err.Error(), nil); aerr != nil {
 					s.log.Warn("console: refusal not audited", "error", aerr)

@@ -29,17 +29,7 @@ var ErrNothingHeld = errors.New("the blast-radius guard holds no such set of rev
 // for. The approval, or its refusal, is audited (guard-approve) with pub.
 func ApproveGuard(ctx context.Context, kv jetstream.KeyValue, pub *bus.Publisher, org bus.Org, key, by, source, reason string, now time.Time) (err error) {
 	defer func() {
-		outcome := "approved"
-		if err != nil {
-			outcome = "refused: " + err.Error()
-		}
-		a, aerr := bus.AuditOutbound(org, "guard-approve", by, source, key, outcome, map[string]string{"reason": reason}, now)
-		if aerr == nil {
-			_, aerr = pub.Publish(ctx, a)
-		}
-		if aerr != nil && err == nil {
-			err = fmt.Errorf("approve guard: audit: %w", aerr)
-		}
+		err = auditGuard(ctx, pub, org, "guard-approve", "approved", by, source, key, reason, now, err)
 	}()
 	st, _, err := status.Get[status.Guard](ctx, kv, org, status.GuardKey)
 	if err != nil {
@@ -77,17 +67,7 @@ func (e *Evaluator) approval(ctx context.Context, key string) (status.GuardAppro
 // is withdrawn. The discard, or its refusal, is audited (guard-discard).
 func DiscardGuard(ctx context.Context, kv jetstream.KeyValue, pub *bus.Publisher, org bus.Org, key, by, source, reason string, now time.Time) (err error) {
 	defer func() {
-		outcome := "discarded"
-		if err != nil {
-			outcome = "refused: " + err.Error()
-		}
-		a, aerr := bus.AuditOutbound(org, "guard-discard", by, source, key, outcome, map[string]string{"reason": reason}, now)
-		if aerr == nil {
-			_, aerr = pub.Publish(ctx, a)
-		}
-		if aerr != nil && err == nil {
-			err = fmt.Errorf("discard guard: audit: %w", aerr)
-		}
+		err = auditGuard(ctx, pub, org, "guard-discard", "discarded", by, source, key, reason, now, err)
 	}()
 	e, err := kv.Get(ctx, string(org)+"."+status.GuardKey)
 	if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -118,4 +98,22 @@ func DiscardGuard(ctx context.Context, kv jetstream.KeyValue, pub *bus.Publisher
 		return fmt.Errorf("discard guard: %w", err)
 	}
 	return nil
+}
+
+// auditGuard records an administrator's answer to the guard (action) and
+// how it ended: done, or refused with err. It returns err, or the audit's
+// failure when the answer itself went through.
+func auditGuard(ctx context.Context, pub *bus.Publisher, org bus.Org, action, done, by, source, key, reason string, now time.Time, err error) error {
+	outcome := done
+	if err != nil {
+		outcome = "refused: " + err.Error()
+	}
+	a, aerr := bus.AuditOutbound(org, action, by, source, key, outcome, map[string]string{"reason": reason}, now)
+	if aerr == nil {
+		_, aerr = pub.Publish(ctx, a)
+	}
+	if aerr != nil && err == nil {
+		return fmt.Errorf("%s: audit: %w", action, aerr)
+	}
+	return err
 }

@@ -65,7 +65,7 @@ func (e *Evaluator) checkOverdue(ctx context.Context, pub *bus.Publisher) error 
 		if err := bus.RaiseDue(ctx, pub, e.status, e.org, key, overdueAlertEvery, now, bus.Alert{
 			Kind: ev.AlertKind_ALERT_KIND_SYNC_OVERDUE, Severity: ev.AlertSeverity_ALERT_SEVERITY_WARNING,
 			ID:      fmt.Sprintf("sync-overdue:%s:%s:%d", e.org, kind, since.UnixNano()),
-			Summary: fmt.Sprintf("no %s sync for %s (%s at %s; one is due every %s): is the collector running?", kind, late, what, since.UTC().Format(time.RFC3339), interval(sched, kind)),
+			Summary: fmt.Sprintf("no %s sync for %s (%s at %s; one is due every %s): is the collector running?", kind, late, what, since.UTC().Format(time.RFC3339), sched.Interval(kind)),
 			Detail:  map[string]string{"kind": kind, "since": since.UTC().Format(time.RFC3339), "limit": limit.String()},
 		}); err != nil {
 			return err
@@ -76,10 +76,3 @@ func (e *Evaluator) checkOverdue(ctx context.Context, pub *bus.Publisher) error 
 
 // overdueCheckEvery is how often the leaseholder looks for overdue syncs.
 const overdueCheckEvery = time.Second
-
-func interval(s status.Schedule, kind string) time.Duration {
-	if kind == "full" {
-		return s.FullInterval
-	}
-	return s.QuickInterval
-}

@@ -269,6 +269,14 @@ func (s Schedule) Overdue(kind string) time.Duration {
 	return 3 * s.QuickInterval
 }
 
+// Interval is how often a sync of kind ("quick", "full") is due.
+func (s Schedule) Interval(kind string) time.Duration {
+	if kind == "full" {
+		return s.FullInterval
+	}
+	return s.QuickInterval
+}
+
 // SyncRequest is the last sync of a kind the console asked for
 // (SyncRequestedKey): one of a kind is in flight at a time.
 type SyncRequest struct {

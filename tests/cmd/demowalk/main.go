@@ -409,20 +409,24 @@ func (w *walker) blockAndMail(ctx context.Context) error {
 	}
 	w.printf("mail in smtpsim #%d, to %s, from %s (TLS %v)", got.ID, strings.Join(got.To, ", "), got.From, got.TLS)
 	fmt.Fprintf(w.out, "          subject: %s\n", got.Subject)
-	link := ""
-	for _, line := range strings.Split(got.Text, "\n") {
-		if line = strings.TrimSpace(line); (w.o.enrolURL != "" && strings.Contains(line, w.o.enrolURL)) ||
-			(w.o.enrolURL == "" && strings.Contains(line, "https://")) {
-			link = line
-			break
-		}
+	if err := w.printEnrolLink(got.Text); err != nil {
+		return err
 	}
-	if link == "" {
-		return fmt.Errorf("the mail's text has no line with the enrolment link %q:\n%s", w.o.enrolURL, got.Text)
-	}
-	fmt.Fprintf(w.out, "          enrol:   %s\n", link)
 	fmt.Fprintf(w.out, "          read it: %s/messages/%d/html (or /text)\n", w.o.smtp, got.ID)
 	return nil
+}
+
+// printEnrolLink prints the line of a mail's text with the enrolment link
+// (EASGUARD_MAILER_ENROL_URL, or any https link without -enrol-url).
+func (w *walker) printEnrolLink(text string) error {
+	for _, line := range strings.Split(text, "\n") {
+		if line = strings.TrimSpace(line); (w.o.enrolURL != "" && strings.Contains(line, w.o.enrolURL)) ||
+			(w.o.enrolURL == "" && strings.Contains(line, "https://")) {
+			fmt.Fprintf(w.out, "          enrol:   %s\n", line)
+			return nil
+		}
+	}
+	return fmt.Errorf("the mail's text has no line with the enrolment link %q:\n%s", w.o.enrolURL, text)
 }
 
 // mailpitMail finds the mail of notify.sent in Mailpit (its API: the latest
@@ -473,18 +477,9 @@ func (w *walker) mailpitMail(ctx context.Context, sent *ev.NotificationSent) err
 	}
 	w.printf("mail in mailpit %s, to %s, from %s", got.ID, strings.Join(to, ", "), from)
 	fmt.Fprintf(w.out, "          subject: %s\n", got.Subject)
-	link := ""
-	for _, line := range strings.Split(got.Text, "\n") {
-		if line = strings.TrimSpace(line); (w.o.enrolURL != "" && strings.Contains(line, w.o.enrolURL)) ||
-			(w.o.enrolURL == "" && strings.Contains(line, "https://")) {
-			link = line
-			break
-		}
+	if err := w.printEnrolLink(got.Text); err != nil {
+		return err
 	}
-	if link == "" {
-		return fmt.Errorf("the mail's text has no line with the enrolment link %q:\n%s", w.o.enrolURL, got.Text)
-	}
-	fmt.Fprintf(w.out, "          enrol:   %s\n", link)
 	fmt.Fprintf(w.out, "          read it: %s/view/%s\n", w.o.mailpit, got.ID)
 	return nil
 }
