@@ -484,17 +484,19 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 	done := &ev.SyncCompleted{Org: string(c.org), SyncId: id, Kind: kind, RequestedBy: requestedBy, Counts: counts, Errors: st.Errors,
 		StartedAt: timestamppb.New(start), FinishedAt: timestamppb.New(st.FinishedAt), Success: st.Success, CasServer: st.Server, SettingsEnforced: settings,
 		DefaultAccessLevel: st.DefaultAccessLevel}
+	// The status and the metrics first: whoever acts on the report (the
+	// evaluator's barrier, the console, a test) finds them current.
+	putStatus(ctx, c, status.SyncLastKey(st.Kind), st)
+	if st.Success {
+		putStatus(ctx, c, status.SyncOKKey(st.Kind), st)
+	}
+	c.metrics.synced(ctx, st.Kind, st.Success, st.FinishedAt.Sub(start), st.FinishedAt, states)
 	subject, serr := bus.SyncCompleted.Subject(c.org, "")
 	if serr == nil {
 		if _, perr := c.pub.Publish(ctx, bus.Outbound{Subject: subject, Message: done, MsgID: "sync-completed:" + id}); perr != nil {
 			return nil, fmt.Errorf("report sync %s: %w", id, perr)
 		}
 	}
-	putStatus(ctx, c, status.SyncLastKey(st.Kind), st)
-	if st.Success {
-		putStatus(ctx, c, status.SyncOKKey(st.Kind), st)
-	}
-	c.metrics.synced(ctx, st.Kind, st.Success, st.FinishedAt.Sub(start), st.FinishedAt, states)
 	if err != nil {
 		c.alertSyncFailed(ctx, st.Kind, id, err)
 	} else {
