@@ -13,6 +13,8 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Client offers the typed operations the rest of easguard uses. It works
@@ -624,6 +626,12 @@ type Change struct {
 	Mailbox  string
 	DeviceID string
 	Access   Access
+	// Cause is the span of the decision that asks for the change (zero:
+	// none). Exchange's requests for it (the read of the mailbox's lists,
+	// the Set-CASMailbox) are then client spans in that device's trace, so
+	// one trace shows a phone's journey down to the server that changed
+	// it, although the change went out in a batch with others.
+	Cause trace.SpanContext
 }
 
 // ChangeResult is the outcome of one change: Err is nil when Exchange
@@ -740,8 +748,9 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 	// Read the lists of every mailbox touched.
 	reads := make([]Call, len(order))
 	for i, key := range order {
-		reads[i] = Call{Cmdlet: "Get-CASMailbox", Params: Params{"Identity": groups[key].mailbox},
-			Select: []string{"Identity", "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs"}}
+		g := groups[key]
+		reads[i] = Call{Cmdlet: "Get-CASMailbox", Params: Params{"Identity": g.mailbox},
+			Select: []string{"Identity", "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs"}, causes: causesOf(changes, g.ids, g.order)}
 	}
 	have := make([]Mailbox, len(order))
 	readErr := make([]error, len(order))
@@ -806,7 +815,11 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 		if len(blockAdd)+len(blockRemove) > 0 {
 			params["ActiveSyncBlockedDeviceIDs"] = MultiValued{Add: blockAdd, Remove: blockRemove}
 		}
-		items = append(items, item{call: Call{Cmdlet: "Set-CASMailbox", Params: params}, members: members})
+		var causes []trace.SpanContext
+		for _, m := range members {
+			causes = append(causes, changes[m].Cause)
+		}
+		items = append(items, item{call: Call{Cmdlet: "Set-CASMailbox", Params: params, causes: causes}, members: members})
 	}
 	if fatal != nil || len(items) == 0 {
 		return results, fatal
@@ -837,7 +850,7 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 	checks := make([]Call, len(refused))
 	for k, i := range refused {
 		checks[k] = Call{Cmdlet: "Get-CASMailbox", Params: Params{"Identity": items[i].call.Params["Identity"]},
-			Select: []string{"Identity", "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs"}}
+			Select: []string{"Identity", "ActiveSyncAllowedDeviceIDs", "ActiveSyncBlockedDeviceIDs"}, causes: items[i].call.causes}
 	}
 	fatal = c.runBatches(ctx, checks, true, func(k int, r Result, err error) {
 		if err != nil || !r.OK || len(r.Objects) != 1 {
@@ -852,6 +865,15 @@ func (c *Client) ApplyAccess(ctx context.Context, changes []Change) ([]ChangeRes
 		}
 	})
 	return results, fatal
+}
+
+// causesOf is the causes of a mailbox's changes, in the group's order.
+func causesOf(changes []Change, ids map[string]int, order []string) []trace.SpanContext {
+	out := make([]trace.SpanContext, 0, len(order))
+	for _, lid := range order {
+		out = append(out, changes[ids[lid]].Cause)
+	}
+	return out
 }
 
 // readBatch is the most calls of a batch that is not urgent: about 40 ms

@@ -19,6 +19,8 @@ import (
 	"fmt"
 	"strings"
 	"unicode/utf16"
+
+	"go.opentelemetry.io/otel/trace"
 )
 
 //go:embed worker.ps1
@@ -149,6 +151,10 @@ type Call struct {
 	Params Params `json:"params,omitempty"`
 	// Select, when set, limits the properties serialised per object.
 	Select []string `json:"select,omitempty"`
+	// causes are the spans of what asked for the call (Change.Cause): the
+	// request that carries it is traced in the first one's trace, linked
+	// to the others. Not part of the frame.
+	causes []trace.SpanContext
 }
 
 // Params maps parameter names to values: string, bool, integer, nil,

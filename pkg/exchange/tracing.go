@@ -2,6 +2,7 @@ package exchange
 
 import (
 	"context"
+	"slices"
 	"strings"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -20,13 +21,48 @@ func WithTracing(tp trace.TracerProvider) PoolOption {
 
 var noTracer = noop.NewTracerProvider().Tracer("")
 
-// startSpan starts the client span of one attempt of req on server.
+// startSpan starts the client span of one attempt of req on server. A
+// request whose calls carry causes (Change.Cause) is a child of the first
+// cause, linked to the others and to ctx's own span, so that a batch of
+// several devices' changes shows in each device's trace: as the request
+// itself in the first one's, as a link in the others'.
 func (p *Pool) startSpan(ctx context.Context, req Request, server string) (context.Context, trace.Span) {
 	cmdlet := requestCmdlet(req)
-	return p.tracer.Start(ctx, "exchange "+cmdlet, trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(
+	var opts []trace.SpanStartOption
+	if causes := requestCauses(req); len(causes) > 0 {
+		links := make([]trace.Link, 0, len(causes))
+		for _, c := range causes[1:] {
+			links = append(links, trace.Link{SpanContext: c})
+		}
+		if cur := trace.SpanContextFromContext(ctx); cur.IsValid() && !cur.Equal(causes[0]) {
+			links = append(links, trace.Link{SpanContext: cur})
+		}
+		ctx = trace.ContextWithSpanContext(ctx, causes[0])
+		opts = append(opts, trace.WithLinks(links...))
+	}
+	return p.tracer.Start(ctx, "exchange "+cmdlet, append(opts, trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(
 		attribute.String("easguard.exchange.cmdlet", cmdlet), attribute.String("easguard.exchange.op", req.Op),
 		attribute.Int("easguard.exchange.calls", max(len(req.Calls), 1)), attribute.String("server.address", server),
-		attribute.String("rpc.system", "winrm")))
+		attribute.String("rpc.system", "winrm")))...)
+}
+
+// requestCauses is the distinct valid causes of req's calls, in order.
+func requestCauses(req Request) []trace.SpanContext {
+	var out []trace.SpanContext
+	add := func(c Call) {
+		for _, sc := range c.causes {
+			if sc.IsValid() && !slices.ContainsFunc(out, sc.Equal) {
+				out = append(out, sc)
+			}
+		}
+	}
+	if req.Call != nil {
+		add(*req.Call)
+	}
+	for _, c := range req.Calls {
+		add(c)
+	}
+	return out
 }
 
 // endSpan ends an attempt's span with how it went: the request's failure,

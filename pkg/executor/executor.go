@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -269,7 +270,10 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 	var verdict claimVerdict
 	for {
 		var v claimVerdict
-		res, v, err = x.batch.submit(ctx, &submission{key: key, decision: d, change: exchange.Change{Mailbox: mailboxIdentity(p.GetMailbox()), DeviceID: p.GetDeviceId(), Access: acc}})
+		res, v, err = x.batch.submit(ctx, &submission{key: key, decision: d, change: exchange.Change{Mailbox: mailboxIdentity(p.GetMailbox()), DeviceID: p.GetDeviceId(), Access: acc,
+			// The batch runs in no handler's context: its requests to
+			// Exchange are traced in the device's journey through this.
+			Cause: trace.SpanContextFromContext(ctx)}})
 		if err != nil {
 			return nil, err
 		}

@@ -280,32 +280,55 @@ func (g *GraphSource) Run(ctx context.Context, sink Sink) error {
 	var lastResync time.Time
 	for {
 		start := g.now()
-		devices, err := g.Read(ctx)
-		switch {
-		case ctx.Err() != nil:
+		if stop := g.poll(ctx, rec, start, &lastResync); stop {
 			return nil
-		case err != nil:
-			rec.failed(ctx, err)
-		default:
-			inv, ierr := newInventory(devices)
-			if ierr != nil {
-				rec.failed(ctx, ierr)
-				break
-			}
-			resync := !lastResync.IsZero() && start.Sub(lastResync) >= g.opts.FullResync
-			if aerr := rec.apply(ctx, inv, resync); aerr != nil {
-				log.WarnContext(ctx, "mdm changes not delivered; offered again with the next poll", "error", aerr)
-				break
-			}
-			if resync || lastResync.IsZero() {
-				lastResync = start
-			}
-			log.InfoContext(ctx, "graph poll", "devices", len(devices), "duration", g.now().Sub(start), "resync", resync)
 		}
 		if err := g.sleep(ctx, g.opts.PollInterval); err != nil {
 			return nil
 		}
 	}
+}
+
+// poll reads Graph once and hands what changed to the reconciler, in a
+// trace of its own ("graph poll"): its Graph requests and the MDM records
+// it publishes share it, and a device's journey links to it when such a
+// record reaches the matcher (one read serves every device it lists, so it
+// is a link from each phone's trace, not a part of one). stop is true when
+// ctx ended.
+func (g *GraphSource) poll(ctx context.Context, rec *reconciler, start time.Time, lastResync *time.Time) (stop bool) {
+	log := logger(g.opts.Logger).With("source", g.Name())
+	ctx, span := g.tracer.Start(ctx, "graph poll", trace.WithAttributes(attribute.String("easguard.mdm.source", g.Name())))
+	defer span.End()
+	devices, err := g.Read(ctx)
+	switch {
+	case ctx.Err() != nil:
+		return true
+	case err != nil:
+		span.RecordError(err)
+		span.SetStatus(codes.Error, "graph read failed")
+		rec.failed(ctx, err)
+		return false
+	}
+	span.SetAttributes(attribute.Int("easguard.mdm.devices", len(devices)))
+	inv, err := newInventory(devices)
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, "graph listing refused")
+		rec.failed(ctx, err)
+		return false
+	}
+	resync := !lastResync.IsZero() && start.Sub(*lastResync) >= g.opts.FullResync
+	if err := rec.apply(ctx, inv, resync); err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, "mdm changes not delivered")
+		log.WarnContext(ctx, "mdm changes not delivered; offered again with the next poll", "error", err)
+		return false
+	}
+	if resync || lastResync.IsZero() {
+		*lastResync = start
+	}
+	log.InfoContext(ctx, "graph poll", "devices", len(devices), "duration", g.now().Sub(start), "resync", resync)
+	return false
 }
 
 // graphPage is one page of a Graph collection.
