@@ -27,10 +27,11 @@ REVISION        = $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 SOURCE          = https://github.com/easguard/easguard
 TOOL_BUILD      = CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w
 
-## tools: nats-server, jaeger and mailpit into bin/tools/ (static)
+## tools: nats-server, jaeger, mailpit and the images' health-check probe into bin/tools/ (static, stripped)
 tools:
 	@mkdir -p bin/tools
 	$(TOOL_BUILD)" -o bin/tools/nats-server github.com/nats-io/nats-server/v2
+	$(TOOL_BUILD)" -o bin/tools/probe ./services/probe
 	cd deploy/tools/jaeger && $(TOOL_BUILD)" -o ../../../bin/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger
 	cd deploy/tools/mailpit && $(TOOL_BUILD) -X github.com/axllent/mailpit/config.Version=$(MAILPIT_VERSION)" \
 		-o ../../../bin/tools/mailpit github.com/axllent/mailpit
@@ -38,7 +39,7 @@ tools:
 ## images: one image per role, FROM scratch (nothing is pulled), from the binaries of build and tools:
 ## easguard/{easguard,exchangesim,intunesim,smtpsim,demowalk,nats-server,jaeger,mailpit}:latest
 images: build tools
-	@start=$$(date +%s); set -e; \
+	@start=$$(date +%s); set -e; export PROBE=bin/tools/probe; \
 	for b in easguard exchangesim intunesim smtpsim demowalk; do \
 		deploy/images/build.sh $$b bin/$$b "$(VERSION)" "$(REVISION)" "$(SOURCE)"; done; \
 	deploy/images/build.sh nats-server bin/tools/nats-server "$(NATS_VERSION)" "$(NATS_VERSION)" https://github.com/nats-io/nats-server; \

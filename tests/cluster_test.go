@@ -110,7 +110,7 @@ func TestClusterWaveSurvivesNodeLossAndFullRestart(t *testing.T) {
 		}
 		return n
 	}
-	progress := startProgress(t, done)
+	progress := startProgress(t, 100*time.Millisecond, done)
 
 	// The wave: every 100 ms ten phones start syncing and, at the same
 	// moment, the MDM export is rewritten with their records, so that
@@ -355,8 +355,8 @@ func appliedPerDevice(t *testing.T, sim *exchangesim.Sim) map[string][]string {
 	return out
 }
 
-// progress samples how many devices are done, every 100 ms, so the test
-// can say how long the pipeline stalled after a fault.
+// progress samples how many devices are done (every interval given to
+// startProgress), so the test can say how long the pipeline stalled after a fault.
 type progress struct {
 	mu      sync.Mutex
 	samples []sample
@@ -369,11 +369,11 @@ type sample struct {
 	done int
 }
 
-func startProgress(t *testing.T, done func() int) *progress {
+func startProgress(t testing.TB, every time.Duration, done func() int) *progress {
 	p := &progress{quit: make(chan struct{}), stopped: make(chan struct{})}
 	go func() {
 		defer close(p.stopped)
-		tick := time.NewTicker(100 * time.Millisecond)
+		tick := time.NewTicker(every)
 		defer tick.Stop()
 		for {
 			n := done()

@@ -9,11 +9,14 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -61,6 +64,67 @@ func TestCompose(t *testing.T) {
 			c.waitTrace(t, out)
 		})
 	}
+
+	// One NATS container killed halfway through a wave of 100 new phones
+	// (the one that leads the most streams and buckets), started again
+	// once the wave is done on the other two.
+	t.Run("wave with a NATS node killed", func(t *testing.T) {
+		w := c.newWave(t, "contoso", "wave", 100)
+		var victim string
+		var killedAt time.Time
+		began := time.Now()
+		prog := w.run(t, 100*time.Millisecond, 5*time.Minute, func(i int) {
+			if i != len(w.devices)/2 {
+				return
+			}
+			victim = c.busiestNATS(t)
+			killedAt = time.Now()
+			c.run(t, time.Minute, "kill", victim)
+			t.Logf("killed %s %s into the wave, %d of %d devices done", victim, killedAt.Sub(began).Round(time.Millisecond), w.done(i), len(w.devices))
+		})
+		t.Logf("%s wave done in %s; after the kill the pipeline first moved after %s, and its longest stall was %s",
+			w.tag, time.Since(began).Round(time.Second), prog.stall(killedAt).Round(time.Millisecond), prog.longestStall(killedAt, time.Now()).Round(time.Millisecond))
+		w.check(t)
+		c.run(t, 2*time.Minute, "start", victim)
+		c.waitHealthy(t, victim, 3*time.Minute)
+	})
+
+	// Each worker container of fabrikam restarted in turn (stopped with
+	// its grace period, started, waited for until healthy) while a wave of
+	// new phones flows, one a second.
+	t.Run("rolling restarts", func(t *testing.T) {
+		w := c.newWave(t, "fabrikam", "roll", 100)
+		workers := []string{"fabrikam-collector", "fabrikam-mdm", "fabrikam-matcher", "fabrikam-evaluator",
+			"fabrikam-executor-1", "fabrikam-executor-2", "fabrikam-mailer"}
+		began := time.Now()
+		restarted := make(chan error, 1)
+		w.run(t, time.Second, 5*time.Minute, func(i int) {
+			if i != 5 {
+				return
+			}
+			go func() {
+				for _, svc := range workers {
+					at := time.Now()
+					if out, err := c.output(t, 2*time.Minute, "restart", "-t", "30", svc); err != nil {
+						restarted <- fmt.Errorf("%v\n%s", err, out)
+						return
+					}
+					if err := c.healthy(t, svc, 3*time.Minute); err != nil {
+						restarted <- err
+						return
+					}
+					t.Logf("restarted %s: healthy again after %s", svc, time.Since(at).Round(time.Millisecond))
+				}
+				restarted <- nil
+			}()
+		})
+		if err := <-restarted; err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("%s wave done in %s", w.tag, time.Since(began).Round(time.Second))
+		w.check(t)
+	})
+	c.waitAllRunning(t)
 }
 
 // composeProject is one compose project of deploy/compose/docker-compose.yml.
@@ -271,7 +335,8 @@ func (c *composeProject) waitReady(t testing.TB, service string, within time.Dur
 	})
 }
 
-// waitAllRunning fails unless every container of the project is running.
+// waitAllRunning fails unless every container of the project is running
+// and none has exited by itself (Docker's restart count is 0).
 func (c *composeProject) waitAllRunning(t testing.TB) {
 	t.Helper()
 	out, err := c.output(t, time.Minute, "ps", "-q")
@@ -288,8 +353,14 @@ func (c *composeProject) waitAllRunning(t testing.TB) {
 		t.Fatalf("docker inspect: %v\n%s", err, states)
 	}
 	for _, line := range strings.Split(strings.TrimSpace(string(states)), "\n") {
-		if f := strings.Fields(line); len(f) != 3 || f[1] != "running" {
+		f := strings.Fields(line)
+		switch {
+		case len(f) != 3 || f[1] != "running":
 			t.Errorf("container not running: %s", line)
+		case f[2] != "0":
+			// The test's own restarts and kills do not count: only the
+			// restart policy's, when a process exited by itself.
+			t.Errorf("container exited by itself and was restarted by Docker: %s", line)
 		}
 	}
 	t.Logf("%d containers (name, state, restarts):\n%s", len(ids), states)
@@ -319,55 +390,466 @@ func (c *composeProject) walk(t testing.TB, demowalk, org string) string {
 	return string(out)
 }
 
+// jaegerTrace is a trace as Jaeger's query API (/api/traces/<id>) gives it.
+type jaegerTrace struct {
+	Spans []struct {
+		TraceID       string `json:"traceID"`
+		SpanID        string `json:"spanID"`
+		OperationName string `json:"operationName"`
+		References    []struct {
+			RefType string `json:"refType"`
+			TraceID string `json:"traceID"`
+		} `json:"references"`
+		Tags []struct {
+			Key   string `json:"key"`
+			Value any    `json:"value"`
+		} `json:"tags"`
+		ProcessID string `json:"processID"`
+	} `json:"spans"`
+	Processes map[string]struct {
+		ServiceName string `json:"serviceName"`
+		Tags        []struct {
+			Key   string `json:"key"`
+			Value any    `json:"value"`
+		} `json:"tags"`
+	} `json:"processes"`
+}
+
+// fetchTrace reads one trace from Jaeger's query API.
+func (c *composeProject) fetchTrace(t testing.TB, id string) (*jaegerTrace, error) {
+	t.Helper()
+	u, err := c.tryURL(t, "jaeger", 16686)
+	if err != nil {
+		return nil, err
+	}
+	u += "/api/traces/" + id
+	code, body, err := get(u)
+	if err != nil || code != http.StatusOK {
+		return nil, fmt.Errorf("%s: %d %.200s %v", u, code, body, err)
+	}
+	var doc struct {
+		Data []jaegerTrace `json:"data"`
+	}
+	if err := json.Unmarshal(body, &doc); err != nil {
+		return nil, err
+	}
+	if len(doc.Data) == 0 || len(doc.Data[0].Spans) == 0 {
+		return nil, fmt.Errorf("%s: no spans yet", u)
+	}
+	return &doc.Data[0], nil
+}
+
+// tag is a span's tag as text.
+func tag(tags []struct {
+	Key   string `json:"key"`
+	Value any    `json:"value"`
+}, key string) string {
+	for _, tg := range tags {
+		if tg.Key == key {
+			return fmt.Sprint(tg.Value)
+		}
+	}
+	return ""
+}
+
 // waitTrace waits until Jaeger holds the trace of the phone's journey that
-// the walk printed, and logs which services' spans it has.
+// the walk printed, with spans of at least five containers (each process
+// has its service.instance.id) and the client spans of the calls that left
+// easguard for this phone: the Set-CASMailbox that changed its access, with
+// the Client Access server and the cmdlet, and the SMTP send of its mail.
+// The Graph read that found its Intune record is in the poll's trace, which
+// the journey links to (a Jaeger reference to another trace): one read
+// lists every device, so it belongs to no one phone's trace.
 func (c *composeProject) waitTrace(t testing.TB, walk string) {
 	t.Helper()
 	m := regexp.MustCompile(`journey is trace ([0-9a-f]{32})`).FindStringSubmatch(walk)
 	if m == nil {
 		t.Fatal("the walk printed no trace id")
 	}
-	u := c.url(t, "jaeger", 16686) + "/api/traces/" + m[1]
+	journey := m[1]
 	var spans int
 	services := map[string]int{}
-	poll(t, 2*time.Minute, "trace "+m[1]+" in Jaeger", func() error {
-		code, body, err := get(u)
-		if err != nil || code != http.StatusOK {
-			return fmt.Errorf("%s: %d %.200s %v", u, code, body, err)
-		}
-		var doc struct {
-			Data []struct {
-				Spans []struct {
-					ProcessID string `json:"processID"`
-				} `json:"spans"`
-				Processes map[string]struct {
-					ServiceName string `json:"serviceName"`
-					Tags        []struct {
-						Key   string `json:"key"`
-						Value any    `json:"value"`
-					} `json:"tags"`
-				} `json:"processes"`
-			} `json:"data"`
-		}
-		if err := json.Unmarshal(body, &doc); err != nil {
+	var clients []string
+	poll(t, 2*time.Minute, "trace "+journey+" in Jaeger with five containers and the client spans", func() error {
+		tr, err := c.fetchTrace(t, journey)
+		if err != nil {
 			return err
 		}
-		if len(doc.Data) == 0 || len(doc.Data[0].Spans) == 0 {
-			return fmt.Errorf("%s: no spans yet", u)
-		}
-		spans = len(doc.Data[0].Spans)
+		spans = len(tr.Spans)
 		clear(services)
-		for _, sp := range doc.Data[0].Spans {
-			p := doc.Data[0].Processes[sp.ProcessID]
-			name := p.ServiceName
-			for _, tag := range p.Tags {
-				if tag.Key == "service.instance.id" {
-					name += "@" + fmt.Sprint(tag.Value)
+		clients = clients[:0]
+		cmdlet, smtp := false, false
+		linked := map[string]bool{}
+		for _, sp := range tr.Spans {
+			p := tr.Processes[sp.ProcessID]
+			services[p.ServiceName+"@"+tag(p.Tags, "service.instance.id")]++
+			for _, r := range sp.References {
+				if r.TraceID != journey {
+					linked[r.TraceID] = true
 				}
 			}
-			services[name]++
+			if tag(sp.Tags, "span.kind") != "client" {
+				continue
+			}
+			clients = append(clients, sp.OperationName+" "+tag(sp.Tags, "server.address"))
+			switch sp.OperationName {
+			case "exchange Set-CASMailbox":
+				cmdlet = cmdlet || tag(sp.Tags, "server.address") != "" && tag(sp.Tags, "easguard.exchange.cmdlet") == "Set-CASMailbox"
+			case "smtp send":
+				smtp = smtp || tag(sp.Tags, "server.address") != ""
+			}
+		}
+		if len(services) < 5 {
+			return fmt.Errorf("spans of %d containers, want at least 5: %v", len(services), services)
+		}
+		if !cmdlet || !smtp {
+			return fmt.Errorf("client spans Set-CASMailbox %v, smtp send %v: %v", cmdlet, smtp, clients)
+		}
+		for id := range linked {
+			lt, err := c.fetchTrace(t, id)
+			if err != nil {
+				continue
+			}
+			for _, sp := range lt.Spans {
+				if strings.HasPrefix(sp.OperationName, "GET graph") && tag(sp.Tags, "span.kind") == "client" &&
+					tag(sp.Tags, "http.response.status_code") == "200" {
+					clients = append(clients, sp.OperationName+" (linked trace "+id+")")
+					return nil
+				}
+			}
+		}
+		return fmt.Errorf("no Graph read in the %d traces the journey links to", len(linked))
+	})
+	t.Logf("Jaeger has trace %s: %d spans from %d containers (service@instance: spans) %v; client spans %v",
+		journey, spans, len(services), services, clients)
+}
+
+// composeDevice is one phone of a wave: a new mailbox in the pilot's scope
+// and its phone, enrolled in Intune and compliant or never enrolled.
+type composeDevice struct {
+	mailbox, deviceID string
+	enrolled          bool
+}
+
+// composeWave is a wave of new phones of one organisation, sent through
+// the simulators' admin APIs as the phones and Intune would.
+type composeWave struct {
+	c                *composeProject
+	org, tag         string
+	exchange, intune string
+	devices          []composeDevice
+}
+
+// newWave makes n phones, nine in ten of them enrolled; tag keeps the
+// device ids and mailboxes of one wave apart from another's.
+func (c *composeProject) newWave(t testing.TB, org, tag string, n int) *composeWave {
+	t.Helper()
+	w := &composeWave{c: c, org: org, tag: tag, exchange: c.url(t, "exchange-"+org, 8080), intune: c.url(t, "intune-"+org, 9091)}
+	for i := range n {
+		w.devices = append(w.devices, composeDevice{
+			mailbox:  fmt.Sprintf("demo.%s%04d@%s.com", tag, i, org),
+			deviceID: fmt.Sprintf("Appl%s%04d", strings.ToUpper(tag), i),
+			enrolled: i%10 != 9,
+		})
+	}
+	return w
+}
+
+// post sends v as JSON and fails unless the answer has the status want.
+func post(u string, v any, want int) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	client := &http.Client{Timeout: 10 * time.Second}
+	resp, err := client.Post(u, "application/json", bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != want {
+		return fmt.Errorf("POST %s: %d %s", u, resp.StatusCode, body)
+	}
+	return nil
+}
+
+// send brings device i into being: its mailbox, its phone's first sync
+// (Exchange quarantines it) and, when enrolled, its Intune record, made
+// before or after the phone syncs by turns, so that partnerships and
+// records reach the matchers in either order.
+func (w *composeWave) send(i int) error {
+	d := w.devices[i]
+	alias, domain, _ := strings.Cut(d.mailbox, "@")
+	if err := post(w.exchange+"/api/mailboxes", map[string]string{"Alias": alias, "Domain": domain, "DisplayName": alias}, http.StatusCreated); err != nil {
+		return err
+	}
+	enrol := func() error {
+		return post(w.intune+"/api/devices", map[string]any{"userPrincipalName": d.mailbox, "emailAddress": d.mailbox,
+			"easDeviceId": d.deviceID, "easActivated": true, "complianceState": "compliant", "managementState": "managed",
+			"operatingSystem": "iOS", "osVersion": "17.4", "model": "iPhone 15", "manufacturer": "Apple"}, http.StatusCreated)
+	}
+	if d.enrolled && i%2 == 0 {
+		if err := enrol(); err != nil {
+			return err
+		}
+	}
+	if err := post(w.exchange+"/api/phones/sync", map[string]string{"mailbox": d.mailbox, "device_id": d.deviceID,
+		"device_type": "iPhone", "device_model": "iPhone15,2", "device_os": "iOS 17.4 21E219", "user_agent": "Apple-iPhone15C2/2104.219",
+		"friendly_name": "iPhone " + d.deviceID}, http.StatusOK); err != nil {
+		return err
+	}
+	if d.enrolled && i%2 == 1 {
+		return enrol()
+	}
+	return nil
+}
+
+// lists reads one mailbox's allowed and blocked device ids from Exchange.
+func (w *composeWave) lists(mailbox string) (allowed, blocked []string, err error) {
+	code, body, err := get(w.exchange + "/api/mailboxes/lists?mailbox=" + url.QueryEscape(mailbox))
+	if err != nil || code != http.StatusOK {
+		return nil, nil, fmt.Errorf("lists of %s: %d %s %v", mailbox, code, body, err)
+	}
+	var l struct{ Allowed, Blocked []string }
+	err = json.Unmarshal(body, &l)
+	return l.Allowed, l.Blocked, err
+}
+
+// done counts the devices of the first n that Exchange holds as the policy
+// says: enrolled and compliant on the allowed list only, unknown on the
+// blocked list only.
+func (w *composeWave) done(n int) int {
+	count := 0
+	for _, d := range w.devices[:n] {
+		allowed, blocked, err := w.lists(d.mailbox)
+		if err != nil {
+			continue
+		}
+		inA, inB := containsFold(allowed, d.deviceID), containsFold(blocked, d.deviceID)
+		if d.enrolled && inA && !inB || !d.enrolled && inB && !inA {
+			count++
+		}
+	}
+	return count
+}
+
+// check fails the test unless every device reached Exchange as the policy
+// says, exactly once: from the simulator's record of the Set-CASMailbox
+// calls it took, an enrolled phone got one allow (or one block, when its
+// partnership was judged before its record arrived, then one allow) and an
+// unknown phone one block; and Mailpit holds one mail for each unknown
+// phone's user and at most one for an enrolled one's. The simulator
+// records a cmdlet after its latency, and the mail follows the applied
+// block, so both are read until they hold or 30 seconds pass.
+func (w *composeWave) check(t testing.TB) {
+	t.Helper()
+	var problems []string
+	blockedFirst := 0
+	deadline := time.Now().Add(30 * time.Second)
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		problems, blockedFirst = w.problems(t)
+		if len(problems) == 0 || time.Now().After(deadline) {
+			break
+		}
+		<-tick.C
+	}
+	for _, p := range problems {
+		t.Error(p)
+	}
+	t.Logf("%s wave: %d devices, each applied once as the policy says (%d enrolled ones blocked before their record arrived, then allowed)",
+		w.tag, len(w.devices), blockedFirst)
+}
+
+// problems is what check finds wrong now.
+func (w *composeWave) problems(t testing.TB) (problems []string, blockedFirst int) {
+	t.Helper()
+	code, body, err := get(w.exchange + "/api/requests?kind=cmdlet")
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("the simulator's record: %d %v", code, err)
+	}
+	var rec struct {
+		Records []struct {
+			Cmdlet string          `json:"cmdlet"`
+			Params json.RawMessage `json:"params"`
+			OK     bool            `json:"ok"`
+		} `json:"records"`
+	}
+	if err := json.Unmarshal(body, &rec); err != nil {
+		t.Fatal(err)
+	}
+	applied := map[string][]string{}
+	for _, r := range rec.Records {
+		if r.Cmdlet != "Set-CASMailbox" || !r.OK {
+			continue
+		}
+		var params map[string]struct{ Add []string }
+		_ = json.Unmarshal(r.Params, &params) // Identity is no list: left empty
+		for key, effect := range map[string]string{"ActiveSyncAllowedDeviceIDs": "allow", "ActiveSyncBlockedDeviceIDs": "block"} {
+			for _, id := range params[key].Add {
+				applied[strings.ToLower(id)] = append(applied[strings.ToLower(id)], effect)
+			}
+		}
+	}
+	mails := w.c.mailsTo(t)
+	for _, d := range w.devices {
+		got := applied[strings.ToLower(d.deviceID)]
+		ok := d.enrolled && (slices.Equal(got, []string{"allow"}) || slices.Equal(got, []string{"block", "allow"})) ||
+			!d.enrolled && slices.Equal(got, []string{"block"})
+		if !ok {
+			problems = append(problems, fmt.Sprintf("%s (enrolled %v): Set-CASMailbox applied %v", d.deviceID, d.enrolled, got))
+		}
+		if len(got) == 2 {
+			blockedFirst++
+		}
+		if n := mails[strings.ToLower(d.mailbox)]; !d.enrolled && n != 1 || d.enrolled && n > 1 {
+			problems = append(problems, fmt.Sprintf("%s (enrolled %v): %d mails to %s", d.deviceID, d.enrolled, n, d.mailbox))
+		}
+	}
+	return problems, blockedFirst
+}
+
+// mailsTo counts Mailpit's messages by recipient (lower case).
+func (c *composeProject) mailsTo(t testing.TB) map[string]int {
+	t.Helper()
+	u := c.url(t, "mailpit", 8025) + "/api/v1/messages?limit=5000"
+	code, body, err := get(u)
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("%s: %d %v", u, code, err)
+	}
+	var list struct {
+		Total    int `json:"total"`
+		Messages []struct {
+			To []struct{ Address string } `json:"To"`
+		} `json:"messages"`
+	}
+	if err := json.Unmarshal(body, &list); err != nil {
+		t.Fatal(err)
+	}
+	if list.Total > len(list.Messages) {
+		t.Fatalf("Mailpit holds %d messages, read %d", list.Total, len(list.Messages))
+	}
+	out := map[string]int{}
+	for _, m := range list.Messages {
+		for _, to := range m.To {
+			out[strings.ToLower(to.Address)]++
+		}
+	}
+	return out
+}
+
+// run sends the wave, one phone every pace, calling during with each
+// device's index before it is sent (a fault at a chosen point), waits
+// within until every device is as the policy says, and returns the
+// progress sampled every second.
+func (w *composeWave) run(t testing.TB, pace, within time.Duration, during func(i int)) *progress {
+	t.Helper()
+	sent := 0
+	var mu sync.Mutex
+	prog := startProgress(t, time.Second, func() int {
+		mu.Lock()
+		n := sent
+		mu.Unlock()
+		return w.done(n)
+	})
+	tick := time.NewTicker(pace)
+	defer tick.Stop()
+	for i := range w.devices {
+		during(i)
+		if err := w.send(i); err != nil {
+			t.Fatalf("%s wave, device %d: %v", w.tag, i, err)
+		}
+		mu.Lock()
+		sent++
+		mu.Unlock()
+		<-tick.C
+	}
+	poll(t, within, fmt.Sprintf("every device of the %s wave as the policy says", w.tag), func() error {
+		if n := w.done(len(w.devices)); n != len(w.devices) {
+			return fmt.Errorf("%d of %d done", n, len(w.devices))
 		}
 		return nil
 	})
-	t.Logf("Jaeger has trace %s: %d spans, by service@instance (container-pid): %v", m[1], spans, services)
+	prog.stop()
+	return prog
+}
+
+// busiestNATS is the NATS node that leads the most of easguard's streams
+// and buckets: stopping it makes the most groups elect a new leader.
+func (c *composeProject) busiestNATS(t testing.TB) string {
+	t.Helper()
+	u := c.url(t, "nats-1", 8222) + "/jsz?accounts=true&streams=true"
+	code, body, err := get(u)
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("%s: %d %v", u, code, err)
+	}
+	var jsz struct {
+		Accounts []struct {
+			Streams []struct {
+				Name    string `json:"name"`
+				Cluster struct {
+					Leader string `json:"leader"`
+				} `json:"cluster"`
+			} `json:"stream_detail"`
+		} `json:"account_details"`
+	}
+	if err := json.Unmarshal(body, &jsz); err != nil {
+		t.Fatal(err)
+	}
+	led := map[string]int{}
+	for _, a := range jsz.Accounts {
+		for _, s := range a.Streams {
+			led[s.Cluster.Leader]++
+		}
+	}
+	best := "nats-1"
+	for _, n := range []string{"nats-2", "nats-3"} {
+		if led[n] > led[best] {
+			best = n
+		}
+	}
+	t.Logf("stream and bucket leaders: %v", led)
+	return best
+}
+
+// waitHealthy waits until the service's container reports healthy (its
+// compose health check: easguard's /readyz, NATS's /healthz).
+func (c *composeProject) waitHealthy(t testing.TB, service string, within time.Duration) {
+	t.Helper()
+	if err := c.healthy(t, service, within); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// healthy is waitHealthy for a goroutine: it returns what went wrong.
+func (c *composeProject) healthy(t testing.TB, service string, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	check := func() error {
+		out, err := c.output(t, time.Minute, "ps", "-q", service)
+		if err != nil || strings.TrimSpace(out) == "" {
+			return fmt.Errorf("%s: %v %s", service, err, out)
+		}
+		state, err := exec.Command("docker", "inspect", "-f", "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}", strings.TrimSpace(out)).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("docker inspect %s: %v %s", service, err, state)
+		}
+		if s := strings.TrimSpace(string(state)); s != "running healthy" {
+			return fmt.Errorf("%s is %s", service, s)
+		}
+		return nil
+	}
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		err := check()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s healthy: not within %s: %w", service, within, err)
+		}
+		<-tick.C
+	}
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # deploy/images/build.sh ROLE BINARY VERSION REVISION SOURCE
 # Builds the image easguard/ROLE:latest (and :VERSION) FROM scratch, with a
-# build context of only BINARY, the CA certificates and a passwd line.
+# build context of only BINARY, the probe (bin/tools/probe, or $PROBE: the
+# health-check command, since the image has no shell), the CA certificates
+# and a passwd line.
 set -euo pipefail
 role=$1 binary=$2 version=$3 revision=$4 source=$5
 here=$(cd "$(dirname "$0")" && pwd)
@@ -10,6 +12,9 @@ rm -rf "$ctx"
 mkdir -p "$ctx/rootfs/etc/ssl/certs" "$ctx/rootfs/usr/local/bin" "$ctx/data"
 name=$(basename "$binary")
 cp "$binary" "$ctx/rootfs/usr/local/bin/$name"
+probe=${PROBE:-bin/tools/probe}
+[ -x "$probe" ] || { echo "images: no probe at $probe (make tools)" >&2; exit 1; }
+cp "$probe" "$ctx/rootfs/usr/local/bin/probe"
 if [ "$(od -An -c -N4 "$binary" | tr -d ' ')" != '177ELF' ]; then
 	echo "images: $binary is not an ELF binary" >&2
 	exit 1

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"reflect"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -316,9 +318,16 @@ func (t Topology) ConsumerConfig(service, route, filter string, org Org) jetstre
 // is updated only when a setting easguard chooses differs: an update
 // rewrites the store's configuration, and the server has been seen racing
 // such a rewrite against a consumer another process creates at that moment.
+//
+// Each step is tried again until ctx ends: a cluster that has just formed
+// (every node started at once, as a container set starts) or that is
+// electing a leader answers "temporarily unavailable" or, when the meta
+// leader changes under a request, not at all. Each attempt therefore has
+// its own deadline (provisionAttempt), and only an error that no retry can
+// mend (a setting the server refuses) ends it early.
 func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
 	for _, cfg := range t.StreamConfigs() {
-		if err := provisionStream(ctx, js, cfg); err != nil {
+		if err := retryProvision(ctx, func(ctx context.Context) error { return provisionStream(ctx, js, cfg) }); err != nil {
 			return fmt.Errorf("provision stream %s: %w", cfg.Name, err)
 		}
 	}
@@ -327,11 +336,61 @@ func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
 		buckets = append(buckets, jetstream.KeyValueConfig{Bucket: b, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas})
 	}
 	for _, cfg := range buckets {
-		if err := provisionBucket(ctx, js, cfg); err != nil {
+		if err := retryProvision(ctx, func(ctx context.Context) error { return provisionBucket(ctx, js, cfg) }); err != nil {
 			return fmt.Errorf("provision bucket %s: %w", cfg.Bucket, err)
 		}
 	}
 	return nil
+}
+
+// provisionAttempt is how long one attempt of a provisioning step waits
+// for the JetStream API before it is made again: far longer than a healthy
+// cluster takes, and short enough that a request lost in a leader change
+// costs little of the start-up time. Tests shorten it.
+var provisionAttempt = 10 * time.Second
+
+// retryProvision runs op with a deadline of provisionAttempt per attempt,
+// with backoff, until it succeeds, fails for good, or ctx ends; then the
+// error says what the last attempt met.
+func retryProvision(ctx context.Context, op func(ctx context.Context) error) error {
+	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
+	var (
+		last     error
+		attempts int
+	)
+	err := backoff.Retry(func() error {
+		attempts++
+		actx, cancel := context.WithTimeout(ctx, provisionAttempt)
+		defer cancel()
+		err := op(actx)
+		switch {
+		case err == nil:
+			return nil
+		case !provisionRetryable(err):
+			return backoff.Permanent(err)
+		case ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded):
+			last = fmt.Errorf("no answer within %s", provisionAttempt)
+		default:
+			last = err
+		}
+		return err
+	}, b)
+	if err != nil && ctx.Err() != nil && last != nil {
+		return fmt.Errorf("%w after %d attempts; the last attempt: %w", ctx.Err(), attempts, last)
+	}
+	return err
+}
+
+// provisionRetryable tells a JetStream that cannot answer yet (no meta
+// leader, a lost request, a node not connected) from one that refuses the
+// setting: the server's API errors are final unless they say 503.
+func provisionRetryable(err error) bool {
+	var api *jetstream.APIError
+	if errors.As(err, &api) {
+		return api.Code == http.StatusServiceUnavailable
+	}
+	return true
 }
 
 // provisionStream creates a stream, or updates it when a setting cfg sets

@@ -154,6 +154,51 @@ func TestProvisionOnClusterAppliesReplicas(t *testing.T) {
 	})
 }
 
+// A worker that starts while its NATS cluster is still forming (a
+// container set starts every node and worker at once) or has lost its
+// quorum does not give up at the first unanswered request: Provision tries
+// each step again until the cluster can answer, and ends only when its
+// context does, saying what the last attempt met.
+func TestProvisionWaitsForAClusterStillForming(t *testing.T) {
+	bus.SetProvisionAttempt(t, 500*time.Millisecond)
+	c := natstest.StartCluster(t, 3)
+	c.Kill(1)
+	c.Kill(2) // node 0 alone: no meta leader, the JetStream API cannot answer
+	_, js := c.Connect(t, 0)
+	top := bus.DefaultTopology()
+	top.Replicas = 3
+
+	t.Run("gives up when its context ends, saying why", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(natstest.Context(t), 2*time.Second)
+		defer cancel()
+		err := bus.Provision(ctx, js, top)
+		if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "the last attempt") {
+			t.Fatalf("Provision without a quorum = %v, want the deadline and the last attempt's error", err)
+		}
+	})
+	t.Run("succeeds once the cluster forms", func(t *testing.T) {
+		done := make(chan error, 1)
+		go func() { done <- bus.Provision(natstest.Context(t), js, top) }()
+		c.Restart(1)
+		c.Restart(2)
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("Provision while the cluster formed: %v", err)
+			}
+		case <-time.After(time.Minute):
+			t.Fatal("Provision did not finish within a minute of the cluster forming")
+		}
+		s, err := js.Stream(natstest.Context(t), bus.StreamEAS)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r := s.CachedInfo().Config.Replicas; r != 3 {
+			t.Errorf("%s has %d replicas, want 3", bus.StreamEAS, r)
+		}
+	})
+}
+
 // A value put through one node is what a Get through another node's
 // connection returns right after, for every key: the workers' joins and
 // compare-and-set depend on it. The same loop against a bucket as nats.go

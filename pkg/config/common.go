@@ -35,7 +35,7 @@ type Common struct {
 	InstanceID   string `split_words:"true" desc:"Name of this replica in leases, logs and traces. Empty: hostname and process id."`
 
 	ShutdownTimeout time.Duration `split_words:"true" default:"30s" desc:"How long a stopping worker waits for messages in flight."`
-	BindTimeout     time.Duration `split_words:"true" default:"1m" desc:"How long a worker keeps trying to bind its consumers (a stream not there yet, a conflicting consumer) while /readyz says why, before the process exits non-zero with the reason."`
+	BindTimeout     time.Duration `split_words:"true" default:"1m" desc:"How long a worker keeps trying to provision the streams and buckets (a NATS cluster still forming) and to bind its consumers (a stream not there yet, a conflicting consumer) while /readyz says why, before the process exits non-zero with the reason."`
 }
 
 // Validate checks the common settings.

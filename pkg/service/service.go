@@ -142,10 +142,14 @@ func Start(ctx context.Context, o Options) (_ *Service, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
-	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	// A cluster that is still forming (every container started at once)
+	// may take a while to answer: provisioning tries again within the
+	// same budget as binding the consumers, then the process exits with
+	// the reason.
+	pctx, cancel := context.WithTimeout(ctx, max(o.Common.BindTimeout, 30*time.Second))
 	defer cancel()
 	if err := bus.Provision(pctx, s.JS, s.topology); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w (within EASGUARD_BIND_TIMEOUT)", err)
 	}
 
 	s.pub, err = bus.NewPublisher(s.JS, s.instrumentation())
