@@ -75,8 +75,9 @@ compose-demo: images
 compose-down:
 	$(COMPOSE) -f $(COMPOSE_FILE_) -p easguard down -v --remove-orphans
 
-## compose-test: tests/compose_test.go (build tag compose) on a compose project of its own:
-## both organisations' demo phones through the seed flow, then down -v; needs Docker and make images
+## compose-test: tests/compose_test.go (build tag compose) on a compose project of its own: both
+## organisations' demo phones through the seed flow and their traces in Jaeger, a wave with a NATS
+## node killed, a wave through rolling restarts of every worker, then down -v; needs Docker
 compose-test: images
 	$(GO) test -count=1 -timeout 20m -tags compose -run 'TestCompose' -v ./tests/
 
