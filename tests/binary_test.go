@@ -92,6 +92,8 @@ func TestBinaryRefusesBadConfigNamingTheVariable(t *testing.T) {
 		{"mdm without a source", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=mdm"}, "EASGUARD_MDM_FILE"},
 		{"blast radius above one", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=evaluator", "EASGUARD_EVALUATOR_BLAST_RADIUS=1.5"}, "EASGUARD_EVALUATOR_BLAST_RADIUS"},
 		{"policy file missing", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=evaluator", "EASGUARD_EVALUATOR_POLICY_FILE=/nonexistent/policy.yaml"}, "EASGUARD_EVALUATOR_POLICY_FILE"},
+		{"memory limit ratio above one", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_MEMORY_LIMIT_RATIO=1.5"}, "EASGUARD_MEMORY_LIMIT_RATIO: must be between 0 (off) and 1"},
+		{"memory limit ratio not a number", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_MEMORY_LIMIT_RATIO=most"}, "EASGUARD_MEMORY_LIMIT_RATIO"},
 		{"ack wait too short", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_ACK_WAIT=10ms"}, "EASGUARD_ACK_WAIT"},
 		{"nats beyond loopback without a password", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_NATS_LISTEN=0.0.0.0:4222"}, "EASGUARD_NATS_LISTEN: \"0.0.0.0:4222\" accepts clients from other machines"},
 		{"nats on every interface without a password", []string{"EASGUARD_ORG=contoso", "EASGUARD_WORKERS=none", "EASGUARD_NATS_LISTEN=:4222"}, "EASGUARD_NATS_LISTEN"},

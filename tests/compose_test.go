@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
 	"os"
@@ -41,6 +42,7 @@ func TestCompose(t *testing.T) {
 	c.waitReady(t, "console", 3*time.Minute)
 	c.waitAllRunning(t)
 	t.Logf("compose up and ready in %s", time.Since(up).Round(time.Second))
+	c.checkMemoryLimit(t, "contoso-matcher", 512<<20)
 
 	bin := t.TempDir()
 	build := exec.Command("go", "build", "-o", bin+string(filepath.Separator), "github.com/easguard/easguard/tests/cmd/demowalk")
@@ -84,6 +86,8 @@ func TestCompose(t *testing.T) {
 		})
 		t.Logf("%s wave done in %s; after the kill the pipeline first moved after %s, and its longest stall was %s",
 			w.tag, time.Since(began).Round(time.Second), prog.stall(killedAt).Round(time.Millisecond), prog.longestStall(killedAt, time.Now()).Round(time.Millisecond))
+		c.logWarnings(t, killedAt, "contoso-collector", "contoso-mdm", "contoso-matcher", "contoso-evaluator",
+			"contoso-executor-1", "contoso-executor-2", "contoso-mailer")
 		w.check(t)
 		c.run(t, 2*time.Minute, "start", victim)
 		c.waitHealthy(t, victim, 3*time.Minute)
@@ -852,4 +856,73 @@ func (c *composeProject) healthy(t testing.TB, service string, within time.Durat
 		}
 		<-tick.C
 	}
+}
+
+// checkMemoryLimit fails unless the service's easguard logged, at start,
+// the soft memory limit it took from its container's cgroup: 90% of the
+// compose file's mem_limit (EASGUARD_MEMORY_LIMIT_RATIO's default).
+func (c *composeProject) checkMemoryLimit(t testing.TB, service string, memLimit int64) {
+	t.Helper()
+	out, err := c.output(t, time.Minute, "logs", "--no-color", service)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	want := int64(float64(memLimit) * 0.9)
+	for _, line := range strings.Split(out, "\n") {
+		_, js, ok := strings.Cut(line, "| ")
+		if !ok || !strings.Contains(js, `"go memory limit"`) {
+			continue
+		}
+		var rec struct {
+			Limit int64 `json:"gomemlimit_bytes"`
+		}
+		if err := json.Unmarshal([]byte(js), &rec); err != nil {
+			t.Fatalf("%s's memory limit line %q: %v", service, js, err)
+		}
+		if rec.Limit != want {
+			t.Fatalf("%s set GOMEMLIMIT to %d bytes, want 90%% of its %d-byte cgroup limit, %d", service, rec.Limit, memLimit, want)
+		}
+		t.Logf("%s: GOMEMLIMIT %d bytes from its container's %d-byte limit", service, rec.Limit, memLimit)
+		return
+	}
+	t.Fatalf("%s logged no memory limit from its cgroup:\n%s", service, out)
+}
+
+// logWarnings logs what the services warned of since a moment, counted by
+// service, message and error, so that a stall after a fault can be read
+// from the test's output (CI keeps no container logs).
+func (c *composeProject) logWarnings(t testing.TB, since time.Time, services ...string) {
+	t.Helper()
+	out, err := c.output(t, time.Minute, append([]string{"logs", "--no-color"}, services...)...)
+	if err != nil {
+		t.Logf("logs: %v", err)
+		return
+	}
+	counts := map[string]int{}
+	for _, line := range strings.Split(out, "\n") {
+		prefix, js, ok := strings.Cut(line, "| ")
+		if !ok {
+			continue
+		}
+		var rec struct {
+			Time  time.Time `json:"time"`
+			Level string    `json:"level"`
+			Msg   string    `json:"msg"`
+			Error string    `json:"error"`
+		}
+		if json.Unmarshal([]byte(js), &rec) != nil || rec.Time.Before(since) || rec.Level != "WARN" && rec.Level != "ERROR" {
+			continue
+		}
+		counts[fmt.Sprintf("%s %s %s: %.160s", strings.TrimSpace(prefix), rec.Level, rec.Msg, rec.Error)]++
+	}
+	keys := slices.Sorted(maps.Keys(counts))
+	var b strings.Builder
+	for i, k := range keys {
+		if i == 40 {
+			fmt.Fprintf(&b, "\n  … and %d kinds more", len(keys)-i)
+			break
+		}
+		fmt.Fprintf(&b, "\n  %4d× %s", counts[k], k)
+	}
+	t.Logf("warnings and errors since %s (%d kinds):%s", since.Format(time.TimeOnly), len(keys), b.String())
 }

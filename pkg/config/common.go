@@ -34,8 +34,9 @@ type Common struct {
 	OtelEndpoint string `split_words:"true" desc:"OTLP/HTTP endpoint for traces and metrics, e.g. http://collector:4318. Empty: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no export."`
 	InstanceID   string `split_words:"true" desc:"Name of this replica in leases, logs and traces. Empty: hostname and process id."`
 
-	ShutdownTimeout time.Duration `split_words:"true" default:"30s" desc:"How long a stopping worker waits for messages in flight."`
-	BindTimeout     time.Duration `split_words:"true" default:"1m" desc:"How long a worker keeps trying to provision the streams and buckets (a NATS cluster still forming) and to bind its consumers (a stream not there yet, a conflicting consumer) while /readyz says why, before the process exits non-zero with the reason."`
+	ShutdownTimeout  time.Duration `split_words:"true" default:"30s" desc:"How long a stopping worker waits for messages in flight."`
+	MemoryLimitRatio float64       `split_words:"true" default:"0.9" desc:"Share of the container's memory limit (its cgroup's) that Go is given as its soft limit (GOMEMLIMIT), so that the garbage collector works harder instead of the kernel killing the process at the limit (a 100,000-partnership all-in-one ran at 1.05 GB instead of 1.8 GB with a 1 GiB limit, 27% slower). 0: off; no effect without a cgroup limit; a GOMEMLIMIT in the environment wins."`
+	BindTimeout      time.Duration `split_words:"true" default:"1m" desc:"How long a worker keeps trying to provision the streams and buckets (a NATS cluster still forming) and to bind its consumers (a stream not there yet, a conflicting consumer) while /readyz says why, before the process exits non-zero with the reason."`
 }
 
 // Validate checks the common settings.
@@ -100,6 +101,9 @@ func (c *Common) Validate() error {
 	}
 	if c.BindTimeout < 0 {
 		return Invalid(&c.BindTimeout, "must not be negative, got %s", c.BindTimeout)
+	}
+	if !(c.MemoryLimitRatio >= 0 && c.MemoryLimitRatio <= 1) { // also refuses NaN
+		return Invalid(&c.MemoryLimitRatio, "must be between 0 (off) and 1, got %v", c.MemoryLimitRatio)
 	}
 	return nil
 }

@@ -10,11 +10,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"sync"
 	"time"
 
+	"github.com/KimMachineGun/automemlimit/memlimit"
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -84,6 +86,7 @@ func Start(ctx context.Context, o Options) (_ *Service, err error) {
 	}
 	s := &Service{opts: o, topology: o.Common.Topology()}
 	s.Log = telemetry.NewLogger(out, level, o.Name).With("org", o.Common.Org)
+	setMemoryLimit(o.Common.MemoryLimitRatio, s.Log)
 	var undo []func()
 	defer func() {
 		if err != nil {
@@ -377,4 +380,25 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	s.Log.Info("stopped")
 	return runErr
+}
+
+// setMemoryLimit gives Go a soft memory limit of ratio of the container's
+// memory limit (automemlimit reads the cgroup, v1 or v2, as Prometheus
+// does with --auto-gomemlimit): without one, the heap may grow to twice
+// what is live before the collector runs, and the kernel kills a worker
+// that a tighter collection would have kept under its limit. A GOMEMLIMIT
+// or AUTOMEMLIMIT in the environment wins; no cgroup limit changes
+// nothing. Failing to read the cgroup is logged, not fatal: the process
+// runs as it would have without the setting.
+func setMemoryLimit(ratio float64, log *slog.Logger) {
+	if ratio == 0 {
+		return
+	}
+	limit, err := memlimit.Set(memlimit.WithRatio(ratio), memlimit.WithProvider(memlimit.FromCgroup))
+	switch {
+	case err != nil:
+		log.Warn("no memory limit set from the cgroup", "error", err)
+	case limit < math.MaxInt64:
+		log.Info("go memory limit", "gomemlimit_bytes", limit, "ratio", ratio)
+	}
 }
