@@ -396,6 +396,8 @@ func setMemoryLimit(ratio float64, log *slog.Logger) {
 	}
 	limit, err := memlimit.Set(memlimit.WithRatio(ratio), memlimit.WithProvider(memlimit.FromCgroup))
 	switch {
+	case errors.Is(err, memlimit.ErrNoCgroup) || errors.Is(err, memlimit.ErrCgroupsNotSupported):
+		log.Debug("no cgroup to take a memory limit from", "error", err)
 	case err != nil:
 		log.Warn("no memory limit set from the cgroup", "error", err)
 	case limit < math.MaxInt64:
