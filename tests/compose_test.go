@@ -888,6 +888,10 @@ func (c *composeProject) checkMemoryLimit(t testing.TB, service string, memLimit
 	t.Fatalf("%s logged no memory limit from its cgroup:\n%s", service, out)
 }
 
+// variablePart is what differs between two warnings of one kind: a
+// device id of a wave, a UUID, an encoded key, a number.
+var variablePart = regexp.MustCompile(`(?i)appl[a-z]*[0-9]+|[0-9a-f]{8}-[0-9a-f-]{27}|_[a-z0-9]{20,}|[0-9]+`)
+
 // logWarnings logs what the services warned of since a moment, counted by
 // service, message and error, so that a stall after a fault can be read
 // from the test's output (CI keeps no container logs).
@@ -913,7 +917,9 @@ func (c *composeProject) logWarnings(t testing.TB, since time.Time, services ...
 		if json.Unmarshal([]byte(js), &rec) != nil || rec.Time.Before(since) || rec.Level != "WARN" && rec.Level != "ERROR" {
 			continue
 		}
-		counts[fmt.Sprintf("%s %s %s: %.160s", strings.TrimSpace(prefix), rec.Level, rec.Msg, rec.Error)]++
+		// One kind per message, whatever device, key or id it names.
+		what := variablePart.ReplaceAllString(fmt.Sprintf("%s: %.160s", rec.Msg, rec.Error), "…")
+		counts[fmt.Sprintf("%s %s %s", strings.TrimSpace(prefix), rec.Level, what)]++
 	}
 	keys := slices.Sorted(maps.Keys(counts))
 	var b strings.Builder
