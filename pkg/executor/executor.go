@@ -25,6 +25,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
@@ -427,53 +428,90 @@ func verdictOf(rec *ev.AppliedRecord, d *ev.AccessDecided, holder string, now ti
 // liveness lease is gone.
 func (x *Executor) claim(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error) {
 	for attempt := 0; ; attempt++ {
-		rec := &ev.AppliedRecord{}
-		var rev uint64
-		e, err := x.applied.Get(ctx, key)
-		switch {
-		case err == nil:
-			if err := proto.Unmarshal(e.Value(), rec); err != nil {
-				return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
+		v, err := x.claimOnce(ctx, key, d, until)
+		if err == nil || attempt >= 50 || ctx.Err() != nil {
+			return v, err
+		}
+		if !errors.Is(err, errClaimRace) && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, nats.ErrTimeout) &&
+			!errors.Is(err, jetstream.ErrNoStreamResponse) && !errors.Is(err, nats.ErrNoResponders) {
+			return v, err
+		}
+		if !errors.Is(err, errClaimRace) {
+			// Unanswered: the bucket's stream is electing a leader, or
+			// has none yet. Ask again shortly.
+			t := time.NewTimer(min(time.Duration(attempt+1)*100*time.Millisecond, time.Second))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return v, err
+			case <-t.C:
 			}
-			rev = e.Revision()
-		case errors.Is(err, jetstream.ErrKeyNotFound):
-		case errors.Is(err, jetstream.ErrKeyDeleted):
-			rev = e.Revision() // Update needs the delete marker's revision
-		default:
-			return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
 		}
-		v := verdictOf(rec, d, x.holder, x.now())
-		if v.kind == claimBusy && !x.alive(ctx, rec.GetClaimHolder()) {
-			// Its holder died (or lost NATS for a lease TTL) while sending:
-			// the claim is taken over at once rather than after ClaimTTL.
-			// A holder cut off from NATS but not from Exchange may still
-			// have its one Set-CASMailbox in flight; that is the window
-			// this trades for a quick recovery from a crash.
-			v = claimVerdict{kind: claimClaimed}
-		}
-		if v.kind != claimClaimed {
-			return v, nil
-		}
-		rec.ClaimDecisionId, rec.ClaimDecidedAt = d.GetDecisionId(), d.GetDecidedAt()
-		rec.ClaimHolder, rec.ClaimUntil = x.holder, timestamppb.New(until)
-		b, err := proto.Marshal(rec)
-		if err != nil {
-			return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
-		}
-		if rev == 0 {
-			rev, err = x.applied.Create(ctx, key, b)
-		} else {
-			rev, err = x.applied.Update(ctx, key, b, rev)
-		}
-		if err == nil {
-			v.record, v.revision = rec, rev
-			return v, nil
-		}
-		if (errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch)) && attempt < 50 {
-			continue
-		}
-		return claimVerdict{}, fmt.Errorf("claim %s for %s: %w", key, d.GetDecisionId(), err)
 	}
+}
+
+// errClaimRace is a compare-and-set of a claim that another write beat:
+// the claim is judged again from the record as it is now.
+var errClaimRace = errors.New("claim raced another write")
+
+// claimAttempt bounds each read and write of one claim attempt. A request
+// lost while the applied bucket's stream elects a leader (a NATS node
+// died) is never answered; without its own deadline it would hold the
+// whole batch until the batch gives up, four fifths of ClaimTTL (96 s by
+// default), while the new leader answers within seconds.
+const claimAttempt = 5 * time.Second
+
+// claimOnce is one attempt of claim, each request with claimAttempt's
+// deadline.
+func (x *Executor) claimOnce(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error) {
+	ctx, cancel := context.WithTimeout(ctx, claimAttempt)
+	defer cancel()
+	rec := &ev.AppliedRecord{}
+	var rev uint64
+	e, err := x.applied.Get(ctx, key)
+	switch {
+	case err == nil:
+		if err := proto.Unmarshal(e.Value(), rec); err != nil {
+			return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
+		}
+		rev = e.Revision()
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+	case errors.Is(err, jetstream.ErrKeyDeleted):
+		rev = e.Revision() // Update needs the delete marker's revision
+	default:
+		return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
+	}
+	v := verdictOf(rec, d, x.holder, x.now())
+	if v.kind == claimBusy && !x.alive(ctx, rec.GetClaimHolder()) {
+		// Its holder died (or lost NATS for a lease TTL) while sending:
+		// the claim is taken over at once rather than after ClaimTTL.
+		// A holder cut off from NATS but not from Exchange may still
+		// have its one Set-CASMailbox in flight; that is the window
+		// this trades for a quick recovery from a crash.
+		v = claimVerdict{kind: claimClaimed}
+	}
+	if v.kind != claimClaimed {
+		return v, nil
+	}
+	rec.ClaimDecisionId, rec.ClaimDecidedAt = d.GetDecisionId(), d.GetDecidedAt()
+	rec.ClaimHolder, rec.ClaimUntil = x.holder, timestamppb.New(until)
+	b, err := proto.Marshal(rec)
+	if err != nil {
+		return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
+	}
+	if rev == 0 {
+		rev, err = x.applied.Create(ctx, key, b)
+	} else {
+		rev, err = x.applied.Update(ctx, key, b, rev)
+	}
+	if err == nil {
+		v.record, v.revision = rec, rev
+		return v, nil
+	}
+	if errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+		err = fmt.Errorf("%w: %w", errClaimRace, err)
+	}
+	return claimVerdict{}, fmt.Errorf("claim %s for %s: %w", key, d.GetDecisionId(), err)
 }
 
 // complete records decision d applied with outcome and releases its

@@ -87,6 +87,7 @@ type options struct {
 	budget         int // the pool takes its sessions from a shared budget of this many (0: none)
 	allowRemove    bool
 	allowWipe      bool
+	lostReads      int // the first reads of the applied bucket go unanswered
 }
 
 // harness is one executor on a real JetStream server, applying decisions
@@ -161,6 +162,9 @@ func start(tb testing.TB, o options) *harness {
 	h.x, err = executor.New(ctx, js, org, xcfg, h.applier, pool.Current, cfg.User, quiet())
 	if err != nil {
 		tb.Fatal(err)
+	}
+	if o.lostReads > 0 {
+		executor.LoseAppliedReads(h.x, o.lostReads)
 	}
 	runLiveness(tb, h.x)
 	// As pkg/pipeline runs it: many handlers at once, one message each.
@@ -960,4 +964,30 @@ func TestRefusedChangeIsAlerted(t *testing.T) {
 	if got := h.await(t, d); outcome(got) != ev.ApplyOutcome_APPLY_OUTCOME_APPLIED {
 		t.Fatalf("after the role came back: %s", outcome(got))
 	}
+}
+
+// A read of the applied bucket that is never answered (its request went
+// to a stream leader that died; the new leader answers the next one) costs
+// the claim one attempt's deadline, not the whole batch: with ClaimTTL a
+// minute the batch would wait 48 s before giving up. Seen for real in the
+// compose test as an 80 s stall after a NATS node was killed.
+func TestUnansweredClaimReadCostsOneAttempt(t *testing.T) {
+	h := start(t, options{lostReads: 1})
+	m := h.boxes[0]
+	p := h.phone(t, m, "ApplLOST0")
+	d := decision(p, ev.DesiredAccess_DESIRED_ACCESS_BLOCK, time.Now())
+	began := time.Now()
+	h.publish(t, d, "")
+	a := h.await(t, d)
+	if outcome(a) != ev.ApplyOutcome_APPLY_OUTCOME_APPLIED {
+		t.Fatalf("outcome %s (%q), want APPLIED", outcome(a), a.GetItems()[0].GetError())
+	}
+	took := time.Since(began)
+	if took > 15*time.Second {
+		t.Errorf("applied after %s, want one claim attempt's deadline and a little more", took)
+	}
+	if _, blocked := h.lists(t, m); !slices.Contains(blocked, "ApplLOST0") {
+		t.Errorf("blocked list %v lacks the phone", blocked)
+	}
+	t.Logf("applied %s after the decision, the first claim read unanswered", took.Round(time.Millisecond))
 }
