@@ -101,29 +101,39 @@ func TestCompose(t *testing.T) {
 		workers := []string{"fabrikam-collector", "fabrikam-mdm", "fabrikam-matcher", "fabrikam-evaluator",
 			"fabrikam-executor-1", "fabrikam-executor-2", "fabrikam-mailer"}
 		began := time.Now()
-		restarted := make(chan error, 1)
+		// The restarts run beside the wave; what they report comes back
+		// over the channel (a goroutine may not log once the test ended).
+		type report struct {
+			lines []string
+			err   error
+		}
+		restarted := make(chan report, 1)
 		w.run(t, time.Second, 5*time.Minute, func(i int) {
 			if i != 5 {
 				return
 			}
 			go func() {
+				var r report
+				defer func() { restarted <- r }()
 				for _, svc := range workers {
 					at := time.Now()
 					if out, err := c.output(t, 2*time.Minute, "restart", "-t", "30", svc); err != nil {
-						restarted <- fmt.Errorf("%v\n%s", err, out)
+						r.err = fmt.Errorf("%v\n%s", err, out)
 						return
 					}
-					if err := c.healthy(t, svc, 3*time.Minute); err != nil {
-						restarted <- err
+					if r.err = c.healthy(t, svc, 3*time.Minute); r.err != nil {
 						return
 					}
-					t.Logf("restarted %s: healthy again after %s", svc, time.Since(at).Round(time.Millisecond))
+					r.lines = append(r.lines, fmt.Sprintf("restarted %s: healthy again after %s", svc, time.Since(at).Round(time.Millisecond)))
 				}
-				restarted <- nil
 			}()
 		})
-		if err := <-restarted; err != nil {
-			t.Fatal(err)
+		r := <-restarted
+		for _, l := range r.lines {
+			t.Log(l)
+		}
+		if r.err != nil {
+			t.Fatal(r.err)
 		}
 		t.Logf("%s wave done in %s", w.tag, time.Since(began).Round(time.Second))
 		w.check(t)
