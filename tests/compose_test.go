@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -269,16 +270,25 @@ func (c *composeProject) tryURL(t testing.TB, service string, port int) (string,
 // test with try's last error.
 func poll(t testing.TB, within time.Duration, what string, try func() error) {
 	t.Helper()
+	if err := pollErr(within, 500*time.Millisecond, try); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+// pollErr calls try every interval until it succeeds or within passes,
+// and returns try's last error then; for a goroutine, which may not fail
+// the test itself.
+func pollErr(within, every time.Duration, try func() error) error {
 	deadline := time.Now().Add(within)
-	tick := time.NewTicker(500 * time.Millisecond)
+	tick := time.NewTicker(every)
 	defer tick.Stop()
 	for {
 		err := try()
 		if err == nil {
-			return
+			return nil
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s: %v", what, within, err)
+			return fmt.Errorf("not within %s: %w", within, err)
 		}
 		<-tick.C
 	}
@@ -414,18 +424,12 @@ type jaegerTrace struct {
 			RefType string `json:"refType"`
 			TraceID string `json:"traceID"`
 		} `json:"references"`
-		Tags []struct {
-			Key   string `json:"key"`
-			Value any    `json:"value"`
-		} `json:"tags"`
-		ProcessID string `json:"processID"`
+		Tags      jaegerTags `json:"tags"`
+		ProcessID string     `json:"processID"`
 	} `json:"spans"`
 	Processes map[string]struct {
-		ServiceName string `json:"serviceName"`
-		Tags        []struct {
-			Key   string `json:"key"`
-			Value any    `json:"value"`
-		} `json:"tags"`
+		ServiceName string     `json:"serviceName"`
+		Tags        jaegerTags `json:"tags"`
 	} `json:"processes"`
 }
 
@@ -453,11 +457,14 @@ func (c *composeProject) fetchTrace(t testing.TB, id string) (*jaegerTrace, erro
 	return &doc.Data[0], nil
 }
 
-// tag is a span's tag as text.
-func tag(tags []struct {
+// jaegerTags are a span's or a process's tags.
+type jaegerTags []struct {
 	Key   string `json:"key"`
 	Value any    `json:"value"`
-}, key string) string {
+}
+
+// get is the tag's value as text ("" when absent).
+func (tags jaegerTags) get(key string) string {
 	for _, tg := range tags {
 		if tg.Key == key {
 			return fmt.Sprint(tg.Value)
@@ -496,21 +503,21 @@ func (c *composeProject) waitTrace(t testing.TB, walk string) {
 		linked := map[string]bool{}
 		for _, sp := range tr.Spans {
 			p := tr.Processes[sp.ProcessID]
-			services[p.ServiceName+"@"+tag(p.Tags, "service.instance.id")]++
+			services[p.ServiceName+"@"+p.Tags.get("service.instance.id")]++
 			for _, r := range sp.References {
 				if r.TraceID != journey {
 					linked[r.TraceID] = true
 				}
 			}
-			if tag(sp.Tags, "span.kind") != "client" {
+			if sp.Tags.get("span.kind") != "client" {
 				continue
 			}
-			clients = append(clients, sp.OperationName+" "+tag(sp.Tags, "server.address"))
+			clients = append(clients, sp.OperationName+" "+sp.Tags.get("server.address"))
 			switch sp.OperationName {
 			case "exchange Set-CASMailbox":
-				cmdlet = cmdlet || tag(sp.Tags, "server.address") != "" && tag(sp.Tags, "easguard.exchange.cmdlet") == "Set-CASMailbox"
+				cmdlet = cmdlet || sp.Tags.get("server.address") != "" && sp.Tags.get("easguard.exchange.cmdlet") == "Set-CASMailbox"
 			case "smtp send":
-				smtp = smtp || tag(sp.Tags, "server.address") != ""
+				smtp = smtp || sp.Tags.get("server.address") != ""
 			}
 		}
 		if len(services) < 5 {
@@ -525,8 +532,8 @@ func (c *composeProject) waitTrace(t testing.TB, walk string) {
 				continue
 			}
 			for _, sp := range lt.Spans {
-				if strings.HasPrefix(sp.OperationName, "GET graph") && tag(sp.Tags, "span.kind") == "client" &&
-					tag(sp.Tags, "http.response.status_code") == "200" {
+				if strings.HasPrefix(sp.OperationName, "GET graph") && sp.Tags.get("span.kind") == "client" &&
+					sp.Tags.get("http.response.status_code") == "200" {
 					clients = append(clients, sp.OperationName+" (linked trace "+id+")")
 					return nil
 				}
@@ -660,16 +667,13 @@ func (w *composeWave) check(t testing.TB) {
 	t.Helper()
 	var problems []string
 	blockedFirst := 0
-	deadline := time.Now().Add(30 * time.Second)
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for {
+	_ = pollErr(30*time.Second, time.Second, func() error {
 		problems, blockedFirst = w.problems(t)
-		if len(problems) == 0 || time.Now().After(deadline) {
-			break
+		if len(problems) > 0 {
+			return errors.New("not yet")
 		}
-		<-tick.C
-	}
+		return nil
+	})
 	for _, p := range problems {
 		t.Error(p)
 	}
@@ -839,8 +843,7 @@ func (c *composeProject) waitHealthy(t testing.TB, service string, within time.D
 
 // healthy is waitHealthy for a goroutine: it returns what went wrong.
 func (c *composeProject) healthy(t testing.TB, service string, within time.Duration) error {
-	deadline := time.Now().Add(within)
-	check := func() error {
+	err := pollErr(within, 500*time.Millisecond, func() error {
 		out, err := c.output(t, time.Minute, "ps", "-q", service)
 		if err != nil || strings.TrimSpace(out) == "" {
 			return fmt.Errorf("%s: %v %s", service, err, out)
@@ -853,19 +856,11 @@ func (c *composeProject) healthy(t testing.TB, service string, within time.Durat
 			return fmt.Errorf("%s is %s", service, s)
 		}
 		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("%s healthy: %w", service, err)
 	}
-	tick := time.NewTicker(500 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := check()
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s healthy: not within %s: %w", service, within, err)
-		}
-		<-tick.C
-	}
+	return nil
 }
 
 // checkMemoryLimit fails unless the service's easguard logged, at start,

@@ -1,9 +1,14 @@
 package bus
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // ErrPoison marks a message that can never be processed: it does not decode,
@@ -63,3 +68,17 @@ func MarkPublishFailure(err error) error { return fmt.Errorf("%w: %w", errPublis
 
 // IsPublishFailure reports whether err is a failure to publish.
 func IsPublishFailure(err error) bool { return errors.Is(err, errPublish) }
+
+// Unanswered tells a request JetStream did not answer from one it refused:
+// a timeout (the request went to a stream leader that died, or a meta
+// leader not yet elected), no response from the stream, no responders, or
+// the API's "temporarily unavailable" (503). Asked again shortly, such a
+// request is usually answered by the new leader; a refusal is final.
+func Unanswered(err error) bool {
+	var api *jetstream.APIError
+	if errors.As(err, &api) {
+		return api.Code == http.StatusServiceUnavailable
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders)
+}

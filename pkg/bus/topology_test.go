@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -283,4 +284,29 @@ func TestBucketReadAfterWriteAcrossNodes(t *testing.T) {
 
 func isNotFound(err error) bool {
 	return errors.Is(err, jetstream.ErrKeyNotFound)
+}
+
+// Unanswered tells what a new leader will likely answer from what JetStream
+// refused: the claim and provisioning retries depend on it.
+func TestUnanswered(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"timeout", fmt.Errorf("get: %w", context.DeadlineExceeded), true},
+		{"nats timeout", nats.ErrTimeout, true},
+		{"no response from stream", fmt.Errorf("update: %w", jetstream.ErrNoStreamResponse), true},
+		{"no responders", nats.ErrNoResponders, true},
+		{"temporarily unavailable", &jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"}, true},
+		{"a refusal", &jetstream.APIError{Code: 400, ErrorCode: 10071, Description: "wrong last sequence"}, false},
+		{"key exists", jetstream.ErrKeyExists, false},
+		{"cancelled", context.Canceled, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := bus.Unanswered(tt.err); got != tt.want {
+				t.Errorf("Unanswered(%v) = %v, want %v", tt.err, got, tt.want)
+			}
+		})
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"slices"
 	"strconv"
@@ -342,13 +343,8 @@ func (s *Server) audit(r *request) (any, error) {
 		w := csv.NewWriter(&b)
 		_ = w.Write([]string{"at", "action", "actor", "source", "target", "outcome", "detail", "audit_id"})
 		for _, e := range entries {
-			keys := make([]string, 0, len(e.Detail))
-			for k := range e.Detail {
-				keys = append(keys, k)
-			}
-			slices.Sort(keys)
 			var d []string
-			for _, k := range keys {
+			for _, k := range slices.Sorted(maps.Keys(e.Detail)) {
 				d = append(d, k+"="+e.Detail[k])
 			}
 			_ = w.Write([]string{e.At.Format(time.RFC3339Nano), e.Action, e.Actor, csvSafe(e.Source), csvSafe(e.Target), csvSafe(e.Outcome), csvSafe(strings.Join(d, "; ")), e.ID})

@@ -29,6 +29,10 @@ var noTracer = noop.NewTracerProvider().Tracer("")
 func (p *Pool) startSpan(ctx context.Context, req Request, server string) (context.Context, trace.Span) {
 	cmdlet := requestCmdlet(req)
 	var opts []trace.SpanStartOption
+	if p.tracer == noTracer {
+		// Untraced: no causes to gather for every request.
+		return p.tracer.Start(ctx, "exchange "+cmdlet)
+	}
 	if causes := requestCauses(req); len(causes) > 0 {
 		links := make([]trace.Link, 0, len(causes))
 		for _, c := range causes[1:] {

@@ -25,7 +25,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
@@ -432,8 +431,7 @@ func (x *Executor) claim(ctx context.Context, key string, d *ev.AccessDecided, u
 		if err == nil || attempt >= 50 || ctx.Err() != nil {
 			return v, err
 		}
-		if !errors.Is(err, errClaimRace) && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, nats.ErrTimeout) &&
-			!errors.Is(err, jetstream.ErrNoStreamResponse) && !errors.Is(err, nats.ErrNoResponders) {
+		if !errors.Is(err, errClaimRace) && !bus.Unanswered(err) {
 			return v, err
 		}
 		if !errors.Is(err, errClaimRace) {
