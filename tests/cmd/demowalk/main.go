@@ -753,7 +753,9 @@ func (w *walker) await(ctx context.Context, wants ...*expectation) error {
 			continue
 		}
 		fmt.Fprintf(w.out, "%s %-15s %s\n", w.at(e.at), e.family, line)
-		if e.trace != "" && e.family != "alert" {
+		// Alerts have traces of their own ("alert.sync-overdue" and the
+		// like): one that came first is not the phone's journey.
+		if e.trace != "" && !strings.HasPrefix(e.family, "alert") {
 			if _, ok := w.traces[e.trace]; !ok {
 				w.order = append(w.order, e.trace)
 			}
