@@ -154,9 +154,11 @@ func (c *Cluster) start(nd *clusterNode) {
 		ns.ConfigureLogger()
 	}
 	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
+	// Generous: under -race, with every package's tests sharing two
+	// cores, a node that recovers a store has been seen to need over 10s.
+	if !ns.ReadyForConnections(30 * time.Second) {
 		ns.Shutdown()
-		c.tb.Fatalf("start NATS node %s: not accepting connections after 10s", nd.name)
+		c.tb.Fatalf("start NATS node %s: not accepting connections after 30s", nd.name)
 	}
 	c.mu.Lock()
 	nd.ns = ns
