@@ -12,3 +12,6 @@ func SetProvisionAttempt(tb testing.TB, d time.Duration) {
 	provisionAttempt = d
 	tb.Cleanup(func() { provisionAttempt = old })
 }
+
+// ProvisionRetryable exposes provisionRetryable to the table test.
+var ProvisionRetryable = provisionRetryable

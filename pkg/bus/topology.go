@@ -382,13 +382,22 @@ func retryProvision(ctx context.Context, op func(ctx context.Context) error) err
 	return err
 }
 
+// errCodeNoPeers is the server's JSClusterNoPeersErrF: "no suitable peers
+// for placement", which a forming cluster answers while the meta leader
+// knows the other nodes but they have not reported in yet ("peer
+// offline"). nats.go names no constant for it.
+const errCodeNoPeers jetstream.ErrorCode = 10005
+
 // provisionRetryable tells a JetStream that cannot answer yet (no meta
-// leader, a lost request, a node not connected) from one that refuses the
-// setting: the server's API errors are final unless they say 503.
+// leader, a lost request, a node not connected, peers not yet back for an
+// R3 placement) from one that refuses the setting: the server's API errors
+// are final unless they say 503 or no peers. A cluster that will never have
+// the peers (R3 asked of one node) thus costs the start-up budget, and the
+// error then names what the last attempt met.
 func provisionRetryable(err error) bool {
 	var api *jetstream.APIError
 	if errors.As(err, &api) {
-		return api.Code == http.StatusServiceUnavailable
+		return api.Code == http.StatusServiceUnavailable || api.ErrorCode == errCodeNoPeers
 	}
 	return true
 }

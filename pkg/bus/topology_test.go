@@ -310,3 +310,27 @@ func TestUnanswered(t *testing.T) {
 		})
 	}
 }
+
+// Provisioning waits out what a forming cluster answers and stops at a
+// refusal of the setting itself. CI once saw "no suitable peers for
+// placement, peer offline" while two nodes rejoined: the meta leader knew
+// them before they reported in.
+func TestProvisionRetryable(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"no answer", fmt.Errorf("stream info: %w", context.DeadlineExceeded), true},
+		{"temporarily unavailable", &jetstream.APIError{Code: 503, ErrorCode: 10008}, true},
+		{"peers offline", &jetstream.APIError{Code: 400, ErrorCode: 10005, Description: "no suitable peers for placement, peer offline"}, true},
+		{"a setting refused", &jetstream.APIError{Code: 400, ErrorCode: 10052, Description: "stream configuration for replicas is invalid"}, false},
+		{"name in use", jetstream.ErrStreamNameAlreadyInUse, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := bus.ProvisionRetryable(tt.err); got != tt.want {
+				t.Errorf("provisionRetryable(%v) = %v, want %v", tt.err, got, tt.want)
+			}
+		})
+	}
+}
