@@ -10,8 +10,15 @@
 // renewing it. A process takes a slot by creating its key, keeps it by
 // updating the key with the last revision well within the TTL, and gives
 // it back by deleting it. A crashed process's slots therefore return
-// within the TTL, and a process that cannot renew a slot (a partition, a
-// slow bus) counts it lost at once, before anyone else can take it.
+// within the TTL.
+//
+// A renewal that goes unanswered (the bucket's leader died and another is
+// being elected) is made again until the slot's own life ends: the key
+// lives at least a TTL from when the last acknowledged write was sent, so
+// the process keeps using the slot until a margin before that and counts
+// it lost then, before anyone else can take it. Losing a slot at the first
+// unanswered renewal would close Exchange sessions at every NATS leader
+// change, and the pool could not take them back until the keys expired.
 package budget
 
 import (
@@ -43,7 +50,7 @@ type Slots struct {
 	log    *slog.Logger
 
 	mu   sync.Mutex
-	held map[int]uint64 // slot → revision of our last write
+	held map[int]slot
 	lost chan struct{}
 
 	stop chan struct{}
@@ -73,12 +80,41 @@ func New(ctx context.Context, kv jetstream.KeyValue, duty string, org bus.Org, t
 	}
 	s := &Slots{
 		kv: kv, prefix: duty + "." + string(org) + ".", total: total, holder: holder, ttl: st.TTL(),
-		log: log.With("budget", duty, "total", total), held: map[int]uint64{}, lost: make(chan struct{}, total), stop: make(chan struct{}),
+		log: log.With("budget", duty, "total", total), held: map[int]slot{}, lost: make(chan struct{}, total), stop: make(chan struct{}),
 	}
 	s.wg.Add(1)
 	go s.renew()
 	return s, nil
 }
+
+// slot is one held slot: the revision of the last write of its key that
+// the bucket acknowledged, and when that write was sent. The bucket stamps
+// a write no earlier than it was sent, so the key lives at least the TTL
+// from sent.
+type slot struct {
+	rev  uint64
+	sent time.Time
+}
+
+// end is when a slot is counted lost if no renewal has been acknowledged
+// since sent: a margin of a sixth of the TTL before the key could expire,
+// for the time the pool takes to close the slot's session and for clocks
+// of the bucket's replicas that run ahead of its leader's.
+func (s *Slots) end(h slot) time.Time { return h.sent.Add(s.ttl - s.ttl/6) }
+
+// renewAfter is how long after its last acknowledged write a slot is
+// renewed: a third of the TTL, which leaves half of it (until end) for
+// renewals that go unanswered while the bucket elects a leader.
+func (s *Slots) renewAfter() time.Duration { return s.ttl / 3 }
+
+// attempt bounds one request to the bucket: a twelfth of the TTL (1s for
+// the default 12s), far beyond a healthy bucket's milliseconds. Without it
+// a request sent to a leader that died waits for the caller's deadline (an
+// executor batch's is minutes away), as the reply never comes; with it an
+// unanswered renewal is made again about every 1.5s (attempt and tick),
+// four times before the slot's end, so an election of up to ~9s (NATS's
+// longest election timeout) costs no slot.
+func (s *Slots) attempt() time.Duration { return s.ttl / 12 }
 
 // Total returns the size of the whole budget.
 func (s *Slots) Total() int { return s.total }
@@ -113,27 +149,26 @@ func (s *Slots) Acquire(ctx context.Context) (bool, error) {
 	if len(free) > 0 {
 		off = rand.IntN(len(free))
 	}
-	var errs []error
 	for j := range free {
 		i := free[(off+j)%len(free)]
-		rev, err := s.kv.Create(ctx, s.key(i), []byte(s.holder))
+		sent := time.Now()
+		actx, cancel := context.WithTimeout(ctx, s.attempt())
+		rev, err := s.kv.Create(actx, s.key(i), []byte(s.holder))
+		cancel()
 		switch {
 		case err == nil:
 			s.mu.Lock()
-			s.held[i] = rev
+			s.held[i] = slot{rev: rev, sent: sent}
 			s.mu.Unlock()
 			return true, nil
 		case errors.Is(err, jetstream.ErrKeyExists):
 			s.log.Debug("slot held elsewhere", "slot", i, "error", err)
 		default:
-			errs = append(errs, err)
+			// The bucket did not answer or refused: the other slots would
+			// fare no better, and the caller asks again later. A create
+			// that landed unanswered holds its slot until the key expires.
+			return false, fmt.Errorf("budget: acquire slot %d: %w", i, err)
 		}
-		if ctx.Err() != nil {
-			break
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
-		return false, fmt.Errorf("budget: acquire a slot: %w", err)
 	}
 	return false, nil
 }
@@ -142,9 +177,9 @@ func (s *Slots) Acquire(ctx context.Context) (bool, error) {
 func (s *Slots) Release() {
 	s.mu.Lock()
 	i, rev, ok := -1, uint64(0), false
-	for k, r := range s.held {
+	for k, h := range s.held {
 		if k > i {
-			i, rev, ok = k, r, true
+			i, rev, ok = k, h.rev, true
 		}
 	}
 	if ok {
@@ -161,12 +196,14 @@ func (s *Slots) Release() {
 	}
 }
 
-// renew updates every held key every third of the TTL. A refused or failed
-// update loses the slot at once: by the time it could be retried the key
-// may have expired and been taken by another process.
+// renew updates each held key a third of the TTL after its last
+// acknowledged write. A renewal that fails without a refusal (no answer, a
+// lost connection) is made again at the next tick until the slot's end; a
+// refusal (the key changed or vanished) loses the slot at once, unless the
+// key holds what one of this process's unanswered writes put there.
 func (s *Slots) renew() {
 	defer s.wg.Done()
-	t := time.NewTicker(s.ttl / 3)
+	t := time.NewTicker(max(s.ttl/24, 10*time.Millisecond))
 	defer t.Stop()
 	for {
 		select {
@@ -175,35 +212,84 @@ func (s *Slots) renew() {
 		case <-t.C:
 		}
 		s.mu.Lock()
-		held := make(map[int]uint64, len(s.held))
-		for i, r := range s.held {
-			held[i] = r
+		due := map[int]slot{}
+		for i, h := range s.held {
+			if time.Since(h.sent) >= s.renewAfter() {
+				due[i] = h
+			}
 		}
 		s.mu.Unlock()
-		for i, rev := range held {
-			ctx, cancel := context.WithTimeout(context.Background(), s.ttl/3)
-			nrev, err := s.kv.Update(ctx, s.key(i), []byte(s.holder), rev)
-			cancel()
-			s.mu.Lock()
-			if cur, still := s.held[i]; still && cur == rev {
-				if err == nil {
-					s.held[i] = nrev
-				} else {
-					delete(s.held, i)
-				}
-			} else {
-				err = nil // released meanwhile
-			}
-			s.mu.Unlock()
-			if err != nil {
-				s.log.Warn("session slot lost: could not renew it", "slot", i, "error", err)
-				select {
-				case s.lost <- struct{}{}:
-				default:
-				}
-			}
+		for i, h := range due {
+			s.renewSlot(i, h)
 		}
 	}
+}
+
+// renewSlot makes one renewal of slot i, last acknowledged as h.
+func (s *Slots) renewSlot(i int, h slot) {
+	next, keep, err := h, true, error(nil)
+	if left := time.Until(s.end(h)); left <= 0 {
+		keep, err = false, fmt.Errorf("no renewal acknowledged for %s", time.Since(h.sent).Round(time.Millisecond))
+	} else {
+		sent := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), min(s.attempt(), left))
+		var rev uint64
+		rev, err = s.kv.Update(ctx, s.key(i), []byte(s.holder), h.rev)
+		if err == nil {
+			next = slot{rev: rev, sent: sent}
+		} else if mine, ok := s.landed(ctx, i, err, h); ok {
+			next, err = mine, nil
+		} else if refused(err) {
+			keep = false
+		}
+		cancel()
+	}
+	s.mu.Lock()
+	cur, still := s.held[i]
+	if !still || cur != h {
+		s.mu.Unlock()
+		return // released meanwhile
+	}
+	if keep {
+		s.held[i] = next
+	} else {
+		delete(s.held, i)
+	}
+	s.mu.Unlock()
+	switch {
+	case !keep:
+		s.log.Warn("session slot lost: could not renew it", "slot", i, "error", err)
+		select {
+		case s.lost <- struct{}{}:
+		default:
+		}
+	case err != nil:
+		s.log.Info("session slot renewal unanswered; trying again", "slot", i, "until", s.end(h).Format(time.RFC3339Nano), "error", err)
+	}
+}
+
+// landed handles a renewal refused for a wrong last revision: when the key
+// still holds this process's name at a newer revision, an earlier renewal
+// landed though its reply was lost, and the slot is kept at that revision.
+// Its life still counts from h.sent, the last write known to have landed
+// early enough.
+func (s *Slots) landed(ctx context.Context, i int, err error, h slot) (slot, bool) {
+	var api *jetstream.APIError
+	if !errors.As(err, &api) || (api.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence && api.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+		return h, false
+	}
+	e, gerr := s.kv.Get(ctx, s.key(i))
+	if gerr != nil || string(e.Value()) != s.holder || e.Revision() <= h.rev {
+		return h, false
+	}
+	return slot{rev: e.Revision(), sent: h.sent}, true
+}
+
+// refused reports whether the bucket answered a renewal with a refusal,
+// which no retry mends, rather than not answering.
+func refused(err error) bool {
+	var api *jetstream.APIError
+	return errors.As(err, &api) && !bus.Unanswered(err)
 }
 
 // Close stops renewing and gives every held slot back.

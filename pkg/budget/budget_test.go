@@ -27,11 +27,15 @@ const (
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // server starts JetStream with easguard's buckets (a lease TTL of 2s).
-func server(tb testing.TB) *natsembed.Server {
+func server(tb testing.TB) *natsembed.Server { return serverWithTTL(tb, leaseTTL) }
+
+// serverWithTTL starts JetStream with easguard's buckets and the given
+// lease TTL.
+func serverWithTTL(tb testing.TB, ttl time.Duration) *natsembed.Server {
 	tb.Helper()
 	s, _, js := natstest.Start(tb)
 	topo := bus.DefaultTopology()
-	topo.LeaseTTL = leaseTTL
+	topo.LeaseTTL = ttl
 	if err := bus.Provision(natstest.Context(tb), js, topo); err != nil {
 		tb.Fatal(err)
 	}
