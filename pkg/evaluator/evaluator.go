@@ -350,170 +350,36 @@ func (e *Evaluator) decide(ctx context.Context, key string, in *ev.DeviceMatched
 			return nil, err
 		}
 	}
+	f := facts{
+		key: key, org: e.org, in: in, verdict: v, applied: applied,
+		dryRun: pol.DryRun || e.cfg.DryRun, notify: pol.Notify, policyVersion: pol.Version(),
+		replicationGrace: e.cfg.ReplicationGrace, now: now, traceparent: telemetry.Traceparent(ctx),
+		queued: func(deviceID, decisionID string) bool { return e.queued(ctx, deviceID, decisionID) },
+	}
 	var outs []bus.Outbound
 	var stage, made *ev.AccessDecided
 	_, err = bus.ModifyRead(ctx, e.decisions, key, read, func(rec *ev.DecisionRecord, exists bool) (bus.Change, error) {
-		outs, stage, made = nil, nil, nil
-		var before *ev.DecisionRecord
-		if exists {
-			// The callback below assigns fields, never edits a nested
-			// message in place: a shallow copy keeps the record as read.
-			before = shallowCopy(rec)
-		}
-		if exists && proto.Equal(rec.GetLastMatched(), in) {
-			// Redelivered after it was judged (the worker died before
-			// acknowledging): offer the same decision again. Its message
-			// id makes a copy that did go out a duplicate the stream drops.
-			if d := rec.GetLastDecision(); d != nil && d.GetDecisionId() == rec.GetDecisionId() && !rec.GetHeld() {
-				if rec.GetStaged() {
-					stage = d
-				} else if out, err := DecisionOutbound(e.org, d); err == nil {
-					outs = append(outs, out)
-				}
-			}
-			return bus.Keep, nil
-		}
-		if exists && rec.GetLastMatched().GetMatchedAt().AsTime().After(in.GetMatchedAt().AsTime()) {
-			return bus.Keep, nil // a newer verdict was already judged
-		}
-		if !v.InScope {
-			// Out of scope: never touched. Forget what was decided before.
-			if exists {
-				return bus.Remove, nil
-			}
-			return bus.Keep, nil
-		}
-		dry := pol.DryRun || e.cfg.DryRun
-		same := exists && rec.GetDesired() == v.Desired && rec.GetDryRun() == dry
-		emit, drift, reoffer := false, false, false
-		observed := obs.GetObservedAt().AsTime()
-		// Exchange did what was decided once: it applied the decision
-		// (Set-CASMailbox re-stamps the devices at once), found its lists
-		// already as decided, or an earlier observation showed it agreeing.
-		appliedOK := applied.GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_APPLIED || applied.GetOutcome() == ev.ApplyOutcome_APPLY_OUTCOME_ALREADY_IN_STATE
-		agreed := exists && (rec.GetConfirmedAt().IsValid() && observed.After(rec.GetConfirmedAt().AsTime()) ||
-			applied.GetDecisionId() != "" && applied.GetDecisionId() == rec.GetDecisionId() &&
-				appliedOK && observed.After(applied.GetAppliedAt().AsTime()))
-		stale := exists && e.replicationStale(rec, applied, observed, p)
-		switch {
-		case !ok && same && rec.GetStaged():
-			// Waiting for the guard; nothing new to say.
-		case !ok && same && rec.GetHeld():
-			// Refused by the guard before: judged again with this pass.
-			emit = true
-		case !ok && same && !rec.GetDryRun() && stale:
-			// Read from a domain controller that has not seen easguard's
-			// own change yet: neither drift nor a reason to apply again.
+		j := judge(f, rec, exists)
+		outs, stage, made = nil, j.stage, j.made
+		if j.stale {
 			e.log.Debug("observation predates replication of the applied change", "device_id", p.GetDeviceId(), "decision_id", rec.GetDecisionId(),
-				"observed_at", observed, "applied_at", applied.GetAppliedAt().AsTime())
-		case !ok && same && !rec.GetDryRun() && agreed:
-			// Exchange agreed, and was changed back since: a manual edit.
-			emit, drift = true, true
-		case !ok && same && !rec.GetDryRun() && observed.After(rec.GetDecidedAt().AsTime().Add(lostMargin)) &&
-			!e.queued(ctx, p.GetDeviceId(), rec.GetDecisionId()):
-			// Decided long ago and never applied, and not waiting for
-			// the executor either: decide again.
-			emit = true
-		case !ok && same && !rec.GetDryRun():
-			// The decision is in flight, or it was recorded by a worker
-			// that died before publishing it, and this newer verdict
-			// overtook the redelivery that would have offered it again.
-			// Offer it again: its message id makes the stream drop the
-			// copy of one that did go out.
-			reoffer = true
-		case !ok && same:
-			// A dry run already recorded it.
-		case !ok:
-			emit = true
-		case v.Notify && pol.Notify && !rec.GetNotified() && p.GetDeviceAccessState() != ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED:
-			// Exchange holds the device back as decided, but its user has
-			// not been told how to enrol yet: a new partnership the default
-			// quarantined, or one the default reached since it was judged.
-			emit = true
+				"observed_at", obs.GetObservedAt().AsTime(), "applied_at", applied.GetAppliedAt().AsTime())
 		}
-		switch {
-		case ok && (!rec.GetConfirmedAt().IsValid() || observed.After(rec.GetConfirmedAt().AsTime())):
-			rec.ConfirmedAt = obs.GetObservedAt()
-		case emit:
-			rec.ConfirmedAt = nil // a new decision, not applied yet
-		}
-		rec.LastMatched = in
-		if tp := telemetry.Traceparent(ctx); tp != "" {
-			rec.Traceparent = tp
-		}
-		rec.RecheckAt = nil
-		if !v.RecheckAt.IsZero() {
-			rec.RecheckAt = timestamppb.New(v.RecheckAt)
-		}
-		if !emit {
-			if d := rec.GetLastDecision(); reoffer && d != nil && d.GetDecisionId() == rec.GetDecisionId() {
-				out, err := DecisionOutbound(e.org, d)
-				if err != nil {
-					return bus.Keep, bus.Poison(err)
-				}
-				outs = append(outs, out)
-			}
-			if ok || !same {
-				rec.Held = false
-			}
-			if !same {
-				rec.Desired, rec.Rule, rec.PolicyVersion, rec.DryRun = v.Desired, v.Rule, pol.Version(), dry
-				if !exists {
-					rec.DecidedAt = timestamppb.New(now)
-				}
-			}
-			if unchangedRecord(before, rec, in) {
-				return bus.Keep, nil
-			}
-			return bus.Write, nil
-		}
-		d := &ev.AccessDecided{
-			Org: string(e.org), Partnership: p, Desired: v.Desired, Rule: v.Rule, Reason: v.Reason,
-			ExchangeState: p.GetDeviceAccessState(), ExchangeReason: p.GetDeviceAccessStateReason(), DryRun: dry,
-			NotifyUser:    v.Notify && pol.Notify && v.Desired != ev.DesiredAccess_DESIRED_ACCESS_ALLOW,
-			PolicyVersion: pol.Version(), Mdm: in.GetMdm(), NoMatchReason: in.GetNoMatchReason(),
-			DecidedAt: timestamppb.New(decidedAfter(rec, exists, e.now())), SyncId: obs.GetSync().GetSyncId(),
-		}
-		if d.NotifyUser {
-			d.NotifyReason = v.NotifyReason
-		}
-		if drift {
-			d.Reason = fmt.Sprintf("drift: Exchange has %s/%s although easguard decided %s; %s", shortState(p.GetDeviceAccessState()), shortReason(p.GetDeviceAccessStateReason()), shortDesired(v.Desired), v.Reason)
-		}
-		d.DecisionId = decisionID(key, d)
-		// The device has mail now if Exchange said so when last seen, or
-		// if easguard allowed it since (the observation may predate that).
-		hadMail := p.GetDeviceAccessState() == ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED || exists && rec.GetHeld() ||
-			exists && rec.GetDesired() == ev.DesiredAccess_DESIRED_ACCESS_ALLOW && !rec.GetDryRun() && !rec.GetStaged()
-		rec.Held = false
-		rec.Desired, rec.DecisionId, rec.DecidedAt, rec.Rule, rec.PolicyVersion, rec.DryRun = d.Desired, d.DecisionId, d.DecidedAt, d.Rule, d.PolicyVersion, dry
-		rec.Notified = rec.GetNotified() || d.NotifyUser
-		rec.LastDecision = d
-		made = d
-		if drift {
-			a, err := e.alert(ev.AlertKind_ALERT_KIND_DRIFT, ev.AlertSeverity_ALERT_SEVERITY_WARNING, "drift:"+d.DecisionId,
-				fmt.Sprintf("%s of %s was changed on Exchange outside easguard; correcting it", p.GetDeviceId(), mailboxName(p.GetMailbox())),
-				map[string]string{"device_id": p.GetDeviceId(), "mailbox": mailboxName(p.GetMailbox()), "exchange_state": shortState(p.GetDeviceAccessState()),
-					"exchange_reason": shortReason(p.GetDeviceAccessStateReason()), "desired": shortDesired(v.Desired), "decision_id": d.DecisionId})
+		if j.drift {
+			a, err := e.driftAlert(j.made)
 			if err != nil {
 				return bus.Keep, err
 			}
 			outs = append(outs, a)
 		}
-		revocation := (v.Desired == ev.DesiredAccess_DESIRED_ACCESS_BLOCK || v.Desired == ev.DesiredAccess_DESIRED_ACCESS_QUARANTINE) && hadMail
-		if revocation && !dry {
-			// Taking mail away waits for the blast-radius guard.
-			rec.Staged = true
-			stage = d
-			return bus.Write, nil
+		if j.publish != nil {
+			out, err := DecisionOutbound(e.org, j.publish)
+			if err != nil {
+				return bus.Keep, bus.Poison(err)
+			}
+			outs = append(outs, out)
 		}
-		rec.Staged = false
-		out, err := DecisionOutbound(e.org, d)
-		if err != nil {
-			return bus.Keep, bus.Poison(err)
-		}
-		outs = append(outs, out)
-		return bus.Write, nil
+		return j.change, nil
 	})
 	if err != nil {
 		return nil, err
@@ -616,37 +482,6 @@ func (e *Evaluator) queued(ctx context.Context, deviceID, decisionID string) boo
 	return info.AckFloor.Stream < m.Sequence
 }
 
-// replicationStale reports whether an observation may predate Active
-// Directory's replication of easguard's own applied change: Exchange
-// applied the decision (Set-CASMailbox re-stamps the partnership on the
-// domain controller of the CAS that ran it), the observation was read
-// less than ReplicationGrace after that, and the partnership it shows was
-// last changed no later than the apply. Another CAS reads through its own
-// domain controller, which shows the object as it was until replication
-// brings the change (seconds within a site, up to the site link's
-// schedule between sites), so such a reading says nothing about whether
-// the change held. A partnership changed after the apply (an
-// administrator's edit, a re-evaluation on the device's next request) is
-// never stale: that is drift, whatever the grace.
-//
-// WhenChanged comes from the domain controller's clock and has a
-// resolution of one second, the applied time from easguard's: a change
-// within the same second as the apply, or a clock skew larger than the
-// time between an earlier change and the apply, is taken as stale, and
-// the next observation after the grace shows it. A missing WhenChanged
-// cannot tell, and is taken as stale within the grace.
-func (e *Evaluator) replicationStale(rec *ev.DecisionRecord, applied *ev.AppliedRecord, observed time.Time, p *ev.EASPartnership) bool {
-	if e.cfg.ReplicationGrace <= 0 || applied.GetDecisionId() == "" || applied.GetDecisionId() != rec.GetDecisionId() ||
-		applied.GetOutcome() != ev.ApplyOutcome_APPLY_OUTCOME_APPLIED {
-		return false
-	}
-	at := applied.GetAppliedAt().AsTime()
-	if !observed.After(at) || !observed.Before(at.Add(e.cfg.ReplicationGrace)) {
-		return false
-	}
-	return !p.GetWhenChanged().IsValid() || !p.GetWhenChanged().AsTime().After(at)
-}
-
 // decisionID is stable for the same partnership, verdict time and outcome,
 // so a redelivered verdict produces the same decision (and the same
 // message id, which the stream drops as a duplicate).
@@ -677,6 +512,16 @@ func mailboxName(mb *ev.Mailbox) string {
 // alert builds an alert output.
 func (e *Evaluator) alert(kind ev.AlertKind, sev ev.AlertSeverity, id, summary string, detail map[string]string) (bus.Outbound, error) {
 	return bus.AlertOutbound(e.org, kind, sev, id, summary, detail, e.now())
+}
+
+// driftAlert builds the alert of decision d, made because Exchange was
+// changed back by hand after it agreed.
+func (e *Evaluator) driftAlert(d *ev.AccessDecided) (bus.Outbound, error) {
+	p := d.GetPartnership()
+	return e.alert(ev.AlertKind_ALERT_KIND_DRIFT, ev.AlertSeverity_ALERT_SEVERITY_WARNING, "drift:"+d.GetDecisionId(),
+		fmt.Sprintf("%s of %s was changed on Exchange outside easguard; correcting it", p.GetDeviceId(), mailboxName(p.GetMailbox())),
+		map[string]string{"device_id": p.GetDeviceId(), "mailbox": mailboxName(p.GetMailbox()), "exchange_state": shortState(p.GetDeviceAccessState()),
+			"exchange_reason": shortReason(p.GetDeviceAccessStateReason()), "desired": shortDesired(d.GetDesired()), "decision_id": d.GetDecisionId()})
 }
 
 // batchOf names the guard batch of a verdict: its sync pass, or the MDM

@@ -38,8 +38,7 @@ func TestReplicationStale(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			e := &Evaluator{cfg: Config{ReplicationGrace: tt.grace}}
-			if got := e.replicationStale(rec, tt.applied, tt.observed, tt.p); got != tt.want {
+			if got := replicationStale(tt.grace, rec, tt.applied, tt.observed, tt.p); got != tt.want {
 				t.Fatalf("stale = %v, want %v", got, tt.want)
 			}
 		})
