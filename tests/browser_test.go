@@ -5,6 +5,7 @@ package tests
 import (
 	"context"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -115,9 +116,19 @@ func TestConsoleInABrowser(t *testing.T) {
 	})
 
 	// The demo phone, found by its id, and its history.
-	run(op, "find the phone", chromedp.Click(chromedp.CSS("#devices-link")), chromedp.WaitVisible(chromedp.CSS("#q")),
-		chromedp.SendKeys(chromedp.CSS("#q"), demo.DeviceID), chromedp.Click(chromedp.CSS("#search")),
-		chromedp.WaitVisible(chromedp.CSS(`a[href$="/devices/`+demo.DeviceID+`"]`)),
+	run(op, "search for the phone", chromedp.Click(chromedp.CSS("#devices-link")), chromedp.WaitVisible(chromedp.CSS("#q")),
+		chromedp.SendKeys(chromedp.CSS("#q"), demo.DeviceID), chromedp.Click(chromedp.CSS("#search")))
+	// The unfiltered list shows the phone's link too: wait for the
+	// results page, or the click below may find the link on the list the
+	// search is replacing ("Could not find node with given id").
+	natstest.Eventually(t, 30*time.Second, "the search's results page", func() bool {
+		tctx, cancel := context.WithTimeout(op, 5*time.Second)
+		defer cancel()
+		v, err := chromedp.Run(tctx, chromedp.Evaluate[string](`new URLSearchParams(location.search).get("q") === `+strconv.Quote(demo.DeviceID)+
+			` && document.readyState === "complete" ? "results" : ""`))
+		return err == nil && v == "results"
+	})
+	run(op, "open the phone", chromedp.WaitVisible(chromedp.CSS(`a[href$="/devices/`+demo.DeviceID+`"]`)),
 		chromedp.Click(chromedp.CSS(`a[href$="/devices/`+demo.DeviceID+`"]`)), chromedp.WaitVisible(chromedp.CSS("#history")))
 	history := text(op, "#history")
 	for _, want := range []string{"Exchange: new partnership of alice@contoso.com", "No match", "Decided Block", "Applied on", "Set-CASMailbox"} {
