@@ -413,14 +413,22 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 		rep := &reporter{counts: counts}
 		g, gctx := errgroup.WithContext(ctx)
 		g.SetLimit(reportConcurrency)
+		// Each page's read of what the collector knows runs beside the
+		// listing, pageDepth pages at a time: made in the listing's
+		// callback, its round trip held up the reading of Exchange's
+		// output (every part's: the callback runs one part at a time), and
+		// a full sync of 100,000 partnerships took 21.6 s where the bare
+		// listing takes 12.2 s. A failed read stops the listing (pctx).
+		pg, pctx := errgroup.WithContext(gctx)
+		pg.SetLimit(pageDepth)
 		conf := &confirmations{send: func(ctx context.Context, page []*ev.EASPartnership, n uint32) error {
 			return c.confirm(ctx, id, kind, start, page, n)
 		}}
-		lerr := c.ex.ListPartnerships(gctx, opt, func(ps []exchange.Partnership) error {
+		lerr := c.ex.ListPartnerships(pctx, opt, func(ps []exchange.Partnership) error {
 			obs := make([]observation, 0, len(ps))
 			keys := make([]string, 0, len(ps))
 			for _, p := range ps {
-				o, err := c.prepare(gctx, p, seen)
+				o, err := c.prepare(pctx, p, seen)
 				if err != nil {
 					rep.failed(c.log, p, err)
 					continue
@@ -431,34 +439,16 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 					states.add(p.AccessState)
 				}
 			}
-			// What the collector knows of the page, in one read: at
-			// 100,000 partnerships, a read each paced the pass.
-			known, err := c.knownBulk.Read(gctx, keys)
-			if err != nil {
-				rep.add(func(n *ev.SyncCounts) { n.Failed += int64(len(obs)) })
-				return bus.MarkPublishFailure(fmt.Errorf("remember: %w", err))
-			}
-			for _, o := range obs {
-				read := known.Take(o.key)
-				g.Go(func() error {
-					err := c.report(gctx, kind, id, start, o, read, rep, conf)
-					if err != nil && (errors.Is(err, context.Canceled) || bus.IsPublishFailure(err)) {
-						rep.add(func(n *ev.SyncCounts) { n.Failed++ })
-						return err
-					}
-					if err != nil {
-						rep.failed(c.log, o.src, err)
-					}
-					return nil
-				})
-				if gctx.Err() != nil {
-					return gctx.Err()
-				}
-			}
-			return nil
+			pg.Go(func() error { return c.reportPage(gctx, pctx, g, obs, keys, kind, id, start, rep, conf) })
+			return pctx.Err()
 		})
+		// Pages first: they are what hands reports to g.
+		perr := pg.Wait()
 		if err := g.Wait(); err != nil {
 			return fmt.Errorf("list partnerships: %w", err)
+		}
+		if perr != nil {
+			return fmt.Errorf("list partnerships: %w", perr)
 		}
 		if err := conf.flush(ctx); err != nil {
 			return fmt.Errorf("list partnerships: %w", err)
@@ -561,6 +551,43 @@ const lastSeenResolution = 12 * time.Hour
 
 // reportConcurrency is how many partnerships a pass reports at once.
 const reportConcurrency = 16
+
+// pageDepth is how many pages of a listing have their known records read,
+// and their reports handed out, while the listing goes on: enough to keep
+// every part of a partitioned listing reading, few enough that a pass
+// holds only a few pages beyond those being reported.
+const pageDepth = 4
+
+// reportPage reads what the collector knows of one page of a listing, in
+// one batched read (at 100,000 partnerships, a read each paced the pass),
+// and hands each partnership's report to g. A failed read fails the pass,
+// as a failed report does (see report). lctx is the listing's context,
+// which ends when g's does or another page fails.
+func (c *Collector) reportPage(gctx, lctx context.Context, g *errgroup.Group, obs []observation, keys []string, kind ev.SyncKind, id string, start time.Time, rep *reporter, conf *confirmations) error {
+	known, err := c.knownBulk.Read(lctx, keys)
+	if err != nil {
+		rep.add(func(n *ev.SyncCounts) { n.Failed += int64(len(obs)) })
+		return bus.MarkPublishFailure(fmt.Errorf("remember: %w", err))
+	}
+	for _, o := range obs {
+		read := known.Take(o.key)
+		g.Go(func() error {
+			err := c.report(gctx, kind, id, start, o, read, rep, conf)
+			if err != nil && (errors.Is(err, context.Canceled) || bus.IsPublishFailure(err)) {
+				rep.add(func(n *ev.SyncCounts) { n.Failed++ })
+				return err
+			}
+			if err != nil {
+				rep.failed(c.log, o.src, err)
+			}
+			return nil
+		})
+		if err := lctx.Err(); err != nil {
+			return err // the pass failed: the rest of the page is not reported
+		}
+	}
+	return nil
+}
 
 // reporter gathers a pass's counts from the reports running at once.
 type reporter struct {

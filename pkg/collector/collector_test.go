@@ -695,3 +695,35 @@ func allowedByDefault(t testing.TB, parts []exchangesim.Partnership) exchangesim
 	t.Fatal("no phone allowed by the org default in the seeded organisation")
 	return exchangesim.Partnership{}
 }
+
+// A full sync whose record of what it knows cannot be read (here the
+// bucket is gone; in production, NATS lost its quorum) fails as a whole:
+// it returns, says so in its report, and reports nothing gone, although
+// the pages of the listing are read beside it, several at a time.
+func TestFullSyncFailsWhenItsRecordCannotBeRead(t *testing.T) {
+	t.Parallel()
+	h := start(t, options{})
+	h.client.PageSize = 4 // many pages, several of them in flight
+	h.sync(full, "full-1")
+	ctx, cancel := context.WithTimeout(natstest.Context(t), time.Minute)
+	defer cancel()
+	if err := h.js.DeleteKeyValue(ctx, bus.BucketCollector); err != nil {
+		t.Fatal(err)
+	}
+	done, err := h.c.Sync(ctx, full, "full-2", "test")
+	if err == nil || !strings.Contains(err.Error(), "remember") {
+		t.Fatalf("full sync without its record = %v, want a failure to remember", err)
+	}
+	if ctx.Err() != nil {
+		t.Fatal("the failed sync took its whole deadline")
+	}
+	got := h.completedOf("full-2")
+	if !proto.Equal(got, done) || got.GetSuccess() || got.GetCounts().GetGone() != 0 || got.GetCounts().GetFailed() == 0 {
+		t.Fatalf("report of the failed sync: %v", got)
+	}
+	for _, o := range h.observed.All() {
+		if o.GetSync().GetSyncId() == "full-2" && o.GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_GONE {
+			t.Fatalf("the failed sync reported %s gone", o.GetPartnership().GetDeviceId())
+		}
+	}
+}
