@@ -75,7 +75,10 @@ func judge(f facts, rec *ev.DecisionRecord, exists bool) judgement {
 	in, v := f.in, f.verdict
 	obs := in.GetObserved()
 	p := obs.GetPartnership()
-	if exists && proto.Equal(rec.GetLastMatched(), in) {
+	// A redelivery carries the very verdict judged: its matched_at first,
+	// which tells apart in one comparison what proto.Equal would only
+	// find different after comparing the partnership and MDM record.
+	if exists && rec.GetLastMatched().GetMatchedAt().AsTime().Equal(in.GetMatchedAt().AsTime()) && proto.Equal(rec.GetLastMatched(), in) {
 		// Redelivered after it was judged (the worker died before
 		// acknowledging): offer the same decision again. Its message id
 		// makes a copy that did go out a duplicate the stream drops.
