@@ -2,8 +2,6 @@ package budget_test
 
 import (
 	"context"
-	"errors"
-	"sync"
 	"testing"
 	"time"
 
@@ -14,121 +12,9 @@ import (
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 )
 
-// fault is what happens to a request to the bucket.
-type fault int
-
-const (
-	answered fault = iota
-	// unanswered: the request never reaches a leader (it died, another is
-	// being elected) and waits for its deadline, as nats.go does.
-	unanswered
-	// replyLost: the write is stored but its reply is lost, then the
-	// request ends as unanswered ones do.
-	replyLost
-)
-
-// faultyKV is the real lease bucket with replies lost on demand: what a
-// client sees while the bucket's leader is replaced.
-type faultyKV struct {
-	jetstream.KeyValue
-
-	mu       sync.Mutex
-	fault    fault
-	creates  int
-	updates  []update
-	lastSent time.Time // when the last acknowledged write was sent
-}
-
-type update struct {
-	fault fault
-	err   error
-}
-
-func (f *faultyKV) set(x fault) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.fault = x
-}
-
-func (f *faultyKV) current() fault {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.fault
-}
-
-// count returns how many updates met fault x (and, with refused, were
-// refused by the bucket).
-func (f *faultyKV) count(x fault, refused bool) int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	n := 0
-	for _, u := range f.updates {
-		var api *jetstream.APIError
-		if u.fault == x && refused == errors.As(u.err, &api) {
-			n++
-		}
-	}
-	return n
-}
-
-func (f *faultyKV) since() time.Duration {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return time.Since(f.lastSent)
-}
-
-func (f *faultyKV) Create(ctx context.Context, key string, value []byte, opts ...jetstream.KVCreateOpt) (uint64, error) {
-	f.mu.Lock()
-	f.creates++
-	f.mu.Unlock()
-	if f.current() == unanswered {
-		<-ctx.Done()
-		return 0, ctx.Err()
-	}
-	sent := time.Now()
-	rev, err := f.KeyValue.Create(ctx, key, value, opts...)
-	if err == nil {
-		f.mu.Lock()
-		f.lastSent = sent
-		f.mu.Unlock()
-	}
-	return rev, err
-}
-
-func (f *faultyKV) Update(ctx context.Context, key string, value []byte, last uint64) (uint64, error) {
-	x := f.current()
-	var (
-		rev uint64
-		err error
-	)
-	sent := time.Now()
-	switch x {
-	case unanswered:
-		<-ctx.Done()
-		err = ctx.Err()
-	case replyLost:
-		if _, err = f.KeyValue.Update(ctx, key, value, last); err == nil {
-			f.mu.Lock()
-			f.lastSent = sent
-			f.mu.Unlock()
-			err = context.DeadlineExceeded
-		}
-	default:
-		if rev, err = f.KeyValue.Update(ctx, key, value, last); err == nil {
-			f.mu.Lock()
-			f.lastSent = sent
-			f.mu.Unlock()
-		}
-	}
-	f.mu.Lock()
-	f.updates = append(f.updates, update{fault: x, err: err})
-	f.mu.Unlock()
-	return rev, err
-}
-
 // oneSlot starts a process holding the one slot of a budget of one,
-// through a faultyKV, and returns it with the bucket's key TTL.
-func oneSlot(t *testing.T, lease time.Duration) (*budget.Slots, *faultyKV, jetstream.KeyValue, time.Duration) {
+// through a natstest.FaultyKV, and returns it with the bucket's key TTL.
+func oneSlot(t *testing.T, lease time.Duration) (*budget.Slots, *natstest.FaultyKV, jetstream.KeyValue, time.Duration) {
 	t.Helper()
 	s := serverWithTTL(t, lease)
 	_, js := natstest.Connect(t, s)
@@ -140,7 +26,7 @@ func oneSlot(t *testing.T, lease time.Duration) (*budget.Slots, *faultyKV, jetst
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &faultyKV{KeyValue: kv}
+	f := natstest.NewFaultyKV(kv)
 	slots, err := budget.New(natstest.Context(t), f, duty, org, 1, "a", quiet())
 	if err != nil {
 		t.Fatal(err)
@@ -178,22 +64,22 @@ func TestRenewal(t *testing.T) {
 		// room for an answer after two unanswered attempts on a busy
 		// machine.
 		slots, f, _, _ := oneSlot(t, 6*time.Second)
-		f.set(unanswered)
-		natstest.Eventually(t, 10*time.Second, "two unanswered renewals", func() bool { return f.count(unanswered, false) >= 2 })
+		f.Set(natstest.Unanswered)
+		natstest.Eventually(t, 10*time.Second, "two unanswered renewals", func() bool { return f.Count(natstest.Unanswered, false) >= 2 })
 		noneLost(t, slots)
-		f.set(answered)
-		natstest.Eventually(t, 10*time.Second, "a renewal answered again", func() bool { return f.count(answered, false) >= 1 })
+		f.Set(natstest.Answered)
+		natstest.Eventually(t, 10*time.Second, "a renewal answered again", func() bool { return f.Count(natstest.Answered, false) >= 1 })
 		noneLost(t, slots)
 	})
 	t.Run("a slot none of whose renewals is answered is lost before its key can expire", func(t *testing.T) {
 		slots, f, _, ttl := oneSlot(t, leaseTTL)
-		f.set(unanswered)
+		f.Set(natstest.Unanswered)
 		select {
 		case <-slots.Lost():
 		case <-time.After(10 * ttl):
 			t.Fatalf("the slot was not lost within %s of unanswered renewals", 10*ttl)
 		}
-		since := f.since()
+		since := f.SinceStored()
 		t.Logf("lost %s after the last acknowledged write was sent (key TTL %s)", since.Round(time.Millisecond), ttl)
 		if since >= ttl {
 			t.Errorf("lost %s after the last acknowledged write, when its key (TTL %s) may have expired and been taken", since, ttl)
@@ -204,11 +90,11 @@ func TestRenewal(t *testing.T) {
 	})
 	t.Run("a renewal whose reply was lost keeps the slot at the revision it wrote", func(t *testing.T) {
 		slots, f, _, _ := oneSlot(t, leaseTTL)
-		f.set(replyLost)
-		natstest.Eventually(t, 10*time.Second, "a renewal stored without its reply", func() bool { return f.count(replyLost, false) >= 1 })
-		f.set(answered)
+		f.Set(natstest.ReplyLost)
+		natstest.Eventually(t, 10*time.Second, "a renewal stored without its reply", func() bool { return f.Count(natstest.ReplyLost, false) >= 1 })
+		f.Set(natstest.Answered)
 		natstest.Eventually(t, 10*time.Second, "a renewal answered after the refused one", func() bool {
-			return f.count(answered, true) >= 1 && f.count(answered, false) >= 1
+			return f.Count(natstest.Answered, true) >= 1 && f.Count(natstest.Answered, false) >= 1
 		})
 		noneLost(t, slots)
 	})
@@ -230,7 +116,7 @@ func TestRenewal(t *testing.T) {
 	t.Run("an unanswered acquire returns well before the caller's deadline", func(t *testing.T) {
 		slots, f, _, ttl := oneSlot(t, leaseTTL)
 		slots.Release()
-		f.set(unanswered)
+		f.Set(natstest.Unanswered)
 		ctx, cancel := context.WithTimeout(natstest.Context(t), time.Minute)
 		defer cancel()
 		start := time.Now()

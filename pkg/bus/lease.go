@@ -22,8 +22,10 @@ var ErrLeaseTTL = errors.New("lease bucket has no TTL")
 // Lease elects one holder per duty and org among replicas: the active
 // collector, the org-settings enforcer. It follows the renewable-lease
 // pattern: Create the key in a bucket whose TTL is the lease TTL, Update it
-// with the last revision every TTL/3, and count the lease as lost when an
-// update is refused or when no update has succeeded for most of a TTL. The
+// with the last revision every TTL/3 (an unanswered update again every
+// TTL/8, each with its own short deadline), and count the lease as lost
+// when an update is refused by another holder's write or when no update
+// has succeeded for most of a TTL. The
 // holder gives up before the key can expire on the server, so two holders
 // never overlap; a standby watches the key and takes over as soon as it
 // expires.
@@ -37,6 +39,9 @@ type Lease struct {
 	held atomic.Bool
 	mu   sync.Mutex
 	rev  uint64
+	// sent is when the write that made rev was sent: the key lives at
+	// least the TTL from then.
+	sent time.Time
 }
 
 // leaseRecord is the value of a lease key: who holds it, for operators.
@@ -151,7 +156,7 @@ func (l *Lease) acquire(ctx context.Context) (bool, error) {
 		return false, fmt.Errorf("lease %s: create: %w", l.key, err)
 	}
 	l.mu.Lock()
-	l.rev = rev
+	l.rev, l.sent = rev, now
 	l.mu.Unlock()
 	l.held.Store(true)
 	l.log.Info("lease acquired", "ttl", l.ttl)
@@ -159,7 +164,16 @@ func (l *Lease) acquire(ctx context.Context) (bool, error) {
 }
 
 // lead runs the duty while renewing; it returns true when Run should stop
-// (ctx cancelled or lead returned on its own) and false when the lease was lost.
+// (ctx cancelled or lead returned on its own) and false when the lease was
+// lost.
+//
+// A renewal that goes unanswered (the bucket's leader died and another is
+// being elected) is made again about every TTL/8 until the deadline, each
+// attempt with its own short deadline: one request waiting for the
+// deadline itself would lose the lease to an election that ends seconds
+// after the request was sent. A renewal refused for a wrong revision keeps
+// the lease when the key holds this holder's record at a newer revision:
+// an earlier renewal landed though its reply was lost.
 func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop bool) {
 	lctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
@@ -167,13 +181,14 @@ func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop 
 		defer close(done)
 		lead(lctx)
 	}()
-	acquiredAt := time.Now()
-	lastOK := acquiredAt
+	l.mu.Lock()
+	acquiredAt, lastOK := l.sent, l.sent
+	l.mu.Unlock()
 	// Give up a little before the server could expire the key: the key
 	// lives TTL after the server stored our last update, which is after we
 	// sent it, so a standby can only get it after we stopped leading.
 	deadline := func() time.Time { return lastOK.Add(l.ttl - l.ttl/5) }
-	renew := time.NewTicker(l.ttl / 3)
+	renew := time.NewTimer(l.ttl / 3)
 	defer renew.Stop()
 	expire := time.NewTimer(time.Until(deadline()))
 	defer expire.Stop()
@@ -192,19 +207,31 @@ func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop 
 		case <-renew.C:
 		}
 		sent := time.Now()
-		rctx, rcancel := context.WithDeadline(ctx, deadline())
+		attemptEnd := deadline()
+		if a := sent.Add(leaseAttempt(l.ttl)); a.Before(attemptEnd) {
+			attemptEnd = a
+		}
+		rctx, rcancel := context.WithDeadline(ctx, attemptEnd)
 		val, _ := json.Marshal(leaseRecord{Holder: l.holder, AcquiredAt: acquiredAt, RenewedAt: sent})
+		adopted := false
 		l.mu.Lock()
 		rev, err := l.kv.Update(rctx, l.key, val, l.rev)
 		if err == nil {
-			l.rev = rev
+			l.rev, l.sent = rev, sent
+		} else if errors.Is(err, jetstream.ErrKeyRevisionMismatch) && l.landedLocked(rctx) {
+			err, adopted = nil, true
 		}
 		l.mu.Unlock()
 		rcancel()
 		switch {
+		case adopted:
+			// lastOK stays (when the landed write was sent is unknown);
+			// renew from the adopted revision at once.
+			renew.Reset(l.ttl / 8)
 		case err == nil:
 			lastOK = sent
 			expire.Reset(time.Until(deadline()))
+			renew.Reset(l.ttl / 3)
 		case errors.Is(err, jetstream.ErrKeyRevisionMismatch), errors.Is(err, jetstream.ErrKeyNotFound):
 			l.lost(cancel, done, "the key changed under us: "+err.Error())
 			return false
@@ -215,8 +242,28 @@ func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop 
 			return false
 		default:
 			l.log.Warn("lease renewal failed; retrying", "error", err)
+			renew.Reset(l.ttl / 8)
 		}
 	}
+}
+
+// leaseAttempt bounds one renewal: a twelfth of the key TTL (1s for the
+// default 12s), far beyond a healthy bucket's milliseconds.
+func leaseAttempt(ttl time.Duration) time.Duration { return ttl / 12 }
+
+// landedLocked reports whether the key holds this holder's record at a
+// revision newer than l.rev, and if so adopts it. Call with l.mu held.
+func (l *Lease) landedLocked(ctx context.Context) bool {
+	e, err := l.kv.Get(ctx, l.key)
+	if err != nil || e.Revision() <= l.rev {
+		return false
+	}
+	var rec leaseRecord
+	if json.Unmarshal(e.Value(), &rec) != nil || rec.Holder != l.holder {
+		return false
+	}
+	l.rev = e.Revision()
+	return true
 }
 
 func (l *Lease) lost(cancel context.CancelFunc, done <-chan struct{}, why string) {

@@ -142,3 +142,69 @@ func TestLeaseNeedsBucketTTL(t *testing.T) {
 		t.Fatalf("err = %v, want ErrBadOrg", err)
 	}
 }
+
+// A holder keeps its lease through renewals that go unanswered while the
+// bucket elects a leader, and through one that landed without its reply;
+// it gives the lease up before its key could expire when none is
+// answered. Before, a renewal waited for the lease's deadline itself, so
+// an election that ended seconds later still lost the lease (seen after a
+// NATS node was killed under the compose set), and a lost reply made the
+// next renewal's wrong revision look like another holder's key.
+func TestLeaseRenewal(t *testing.T) {
+	// holding starts one contender through a FaultyKV on a lease TTL of
+	// lease, and waits until it holds.
+	holding := func(t *testing.T, lease time.Duration) (*contender, *natstest.FaultyKV) {
+		t.Helper()
+		_, _, js := natstest.Start(t)
+		topo := fastTopology()
+		topo.LeaseTTL = lease
+		if err := bus.Provision(natstest.Context(t), js, topo); err != nil {
+			t.Fatal(err)
+		}
+		kv, err := js.KeyValue(natstest.Context(t), bus.BucketLeases)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := natstest.NewFaultyKV(kv)
+		c := startContender(t, f, "replica-a")
+		natstest.Eventually(t, 5*time.Second, "a holds", func() bool { return c.lease.Held() })
+		return c, f
+	}
+	stillLeading := func(t *testing.T, c *contender) {
+		t.Helper()
+		if !c.lease.Held() || c.leads.Load() != 1 {
+			t.Fatalf("held %v after leading %d times, want held and led once", c.lease.Held(), c.leads.Load())
+		}
+	}
+	t.Run("unanswered renewals within the lease's life keep it", func(t *testing.T) {
+		// A key TTL of 4.8s: renewed 1.6s after a write, unanswered
+		// attempts of 0.4s every 0.6s, given up at 3.84s.
+		c, f := holding(t, 6*time.Second)
+		f.Set(natstest.Unanswered)
+		natstest.Eventually(t, 10*time.Second, "two unanswered renewals", func() bool { return f.Count(natstest.Unanswered, false) >= 2 })
+		stillLeading(t, c)
+		f.Set(natstest.Answered)
+		natstest.Eventually(t, 10*time.Second, "a renewal answered again", func() bool { return f.Count(natstest.Answered, false) >= 1 })
+		stillLeading(t, c)
+	})
+	t.Run("a renewal whose reply was lost keeps the lease", func(t *testing.T) {
+		c, f := holding(t, 6*time.Second)
+		f.Set(natstest.ReplyLost)
+		natstest.Eventually(t, 10*time.Second, "a renewal stored without its reply", func() bool { return f.Count(natstest.ReplyLost, false) >= 1 })
+		f.Set(natstest.Answered)
+		natstest.Eventually(t, 10*time.Second, "renewals answered after the refused one", func() bool {
+			return f.Count(natstest.Answered, true) >= 1 && f.Count(natstest.Answered, false) >= 1
+		})
+		stillLeading(t, c)
+	})
+	t.Run("a holder none of whose renewals is answered gives the lease up before its key can expire", func(t *testing.T) {
+		c, f := holding(t, 2*time.Second)
+		f.Set(natstest.Unanswered)
+		natstest.Eventually(t, 10*time.Second, "the lease given up", func() bool { return !c.lease.Held() })
+		since := f.SinceStored()
+		t.Logf("given up %s after the last stored write was sent (key TTL %s)", since.Round(time.Millisecond), c.lease.KeyTTL())
+		if since >= c.lease.KeyTTL() {
+			t.Errorf("given up %s after the last stored write, when its key (TTL %s) may have expired and been taken", since, c.lease.KeyTTL())
+		}
+	})
+}

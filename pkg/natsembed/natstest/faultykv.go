@@ -1,0 +1,122 @@
+package natstest
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Fault is what happens to a write sent through a FaultyKV.
+type Fault int
+
+const (
+	// Answered: the write goes to the bucket as it is.
+	Answered Fault = iota
+	// Unanswered: the write never reaches a leader (it died, another is
+	// being elected) and waits for its deadline, as nats.go does.
+	Unanswered
+	// ReplyLost: the write is stored but its reply is lost; the request
+	// then ends as an unanswered one does.
+	ReplyLost
+)
+
+// FaultyKV is a real bucket whose writes (Create and Update) go
+// unanswered, or lose their replies, on demand: what a client of a
+// replicated bucket sees while its leader is replaced. Reads pass through.
+// It stands in for the loss of a reply, never for the bucket.
+type FaultyKV struct {
+	jetstream.KeyValue
+
+	mu       sync.Mutex
+	fault    Fault
+	writes   []Write
+	lastSent time.Time
+}
+
+// Write is one write made through a FaultyKV: the fault it met and what
+// the caller got.
+type Write struct {
+	Fault Fault
+	Err   error
+}
+
+// NewFaultyKV wraps kv, answering every write until Set says otherwise.
+func NewFaultyKV(kv jetstream.KeyValue) *FaultyKV { return &FaultyKV{KeyValue: kv} }
+
+// Set makes the following writes meet x.
+func (f *FaultyKV) Set(x Fault) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.fault = x
+}
+
+func (f *FaultyKV) current() Fault {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.fault
+}
+
+// Count returns how many writes met x and were (refused true) or were not
+// (refused false) refused by the bucket with an API error.
+func (f *FaultyKV) Count(x Fault, refused bool) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, w := range f.writes {
+		var api *jetstream.APIError
+		if w.Fault == x && refused == errors.As(w.Err, &api) {
+			n++
+		}
+	}
+	return n
+}
+
+// SinceStored returns how long ago the last write the bucket stored was
+// sent: its key lives at least the bucket's TTL from then.
+func (f *FaultyKV) SinceStored() time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return time.Since(f.lastSent)
+}
+
+// write runs one write under the current fault.
+func (f *FaultyKV) write(ctx context.Context, do func(ctx context.Context) (uint64, error)) (uint64, error) {
+	x := f.current()
+	sent := time.Now()
+	var (
+		rev uint64
+		err error
+	)
+	switch x {
+	case Unanswered:
+		<-ctx.Done()
+		err = ctx.Err()
+	default:
+		rev, err = do(ctx)
+		if err == nil {
+			f.mu.Lock()
+			f.lastSent = sent
+			f.mu.Unlock()
+			if x == ReplyLost {
+				rev, err = 0, context.DeadlineExceeded
+			}
+		}
+	}
+	f.mu.Lock()
+	f.writes = append(f.writes, Write{Fault: x, Err: err})
+	f.mu.Unlock()
+	return rev, err
+}
+
+// Create creates key under the current fault.
+func (f *FaultyKV) Create(ctx context.Context, key string, value []byte, opts ...jetstream.KVCreateOpt) (uint64, error) {
+	return f.write(ctx, func(ctx context.Context) (uint64, error) { return f.KeyValue.Create(ctx, key, value, opts...) })
+}
+
+// Update updates key under the current fault.
+func (f *FaultyKV) Update(ctx context.Context, key string, value []byte, last uint64) (uint64, error) {
+	return f.write(ctx, func(ctx context.Context) (uint64, error) { return f.KeyValue.Update(ctx, key, value, last) })
+}
