@@ -50,7 +50,7 @@ type Slots struct {
 	log    *slog.Logger
 
 	mu   sync.Mutex
-	held map[int]slot
+	held map[int]bus.Hold
 	lost chan struct{}
 
 	stop chan struct{}
@@ -80,27 +80,18 @@ func New(ctx context.Context, kv jetstream.KeyValue, duty string, org bus.Org, t
 	}
 	s := &Slots{
 		kv: kv, prefix: duty + "." + string(org) + ".", total: total, holder: holder, ttl: st.TTL(),
-		log: log.With("budget", duty, "total", total), held: map[int]slot{}, lost: make(chan struct{}, total), stop: make(chan struct{}),
+		log: log.With("budget", duty, "total", total), held: map[int]bus.Hold{}, lost: make(chan struct{}, total), stop: make(chan struct{}),
 	}
 	s.wg.Add(1)
 	go s.renew()
 	return s, nil
 }
 
-// slot is one held slot: the revision of the last write of its key that
-// the bucket acknowledged, and when that write was sent. The bucket stamps
-// a write no earlier than it was sent, so the key lives at least the TTL
-// from sent.
-type slot struct {
-	rev  uint64
-	sent time.Time
-}
-
 // end is when a slot is counted lost if no renewal has been acknowledged
 // since sent: a margin of a sixth of the TTL before the key could expire,
 // for the time the pool takes to close the slot's session and for clocks
 // of the bucket's replicas that run ahead of its leader's.
-func (s *Slots) end(h slot) time.Time { return h.sent.Add(s.ttl - s.ttl/6) }
+func (s *Slots) end(h bus.Hold) time.Time { return h.Sent.Add(s.ttl - s.ttl/6) }
 
 // renewAfter is how long after its last acknowledged write a slot is
 // renewed: a third of the TTL, which leaves half of it (until end) for
@@ -158,7 +149,7 @@ func (s *Slots) Acquire(ctx context.Context) (bool, error) {
 		switch {
 		case err == nil:
 			s.mu.Lock()
-			s.held[i] = slot{rev: rev, sent: sent}
+			s.held[i] = bus.Hold{Rev: rev, Sent: sent}
 			s.mu.Unlock()
 			return true, nil
 		case errors.Is(err, jetstream.ErrKeyExists):
@@ -179,7 +170,7 @@ func (s *Slots) Release() {
 	i, rev, ok := -1, uint64(0), false
 	for k, h := range s.held {
 		if k > i {
-			i, rev, ok = k, h.rev, true
+			i, rev, ok = k, h.Rev, true
 		}
 	}
 	if ok {
@@ -212,9 +203,9 @@ func (s *Slots) renew() {
 		case <-t.C:
 		}
 		s.mu.Lock()
-		due := map[int]slot{}
+		due := map[int]bus.Hold{}
 		for i, h := range s.held {
-			if time.Since(h.sent) >= s.renewAfter() {
+			if time.Since(h.Sent) >= s.renewAfter() {
 				due[i] = h
 			}
 		}
@@ -226,23 +217,14 @@ func (s *Slots) renew() {
 }
 
 // renewSlot makes one renewal of slot i, last acknowledged as h.
-func (s *Slots) renewSlot(i int, h slot) {
+func (s *Slots) renewSlot(i int, h bus.Hold) {
 	next, keep, err := h, true, error(nil)
 	if left := time.Until(s.end(h)); left <= 0 {
-		keep, err = false, fmt.Errorf("no renewal acknowledged for %s", time.Since(h.sent).Round(time.Millisecond))
+		keep, err = false, fmt.Errorf("no renewal acknowledged for %s", time.Since(h.Sent).Round(time.Millisecond))
 	} else {
-		sent := time.Now()
-		ctx, cancel := context.WithTimeout(context.Background(), min(s.attempt(), left))
-		var rev uint64
-		rev, err = s.kv.Update(ctx, s.key(i), []byte(s.holder), h.rev)
-		if err == nil {
-			next = slot{rev: rev, sent: sent}
-		} else if mine, ok := s.landed(ctx, i, err, h); ok {
-			next, err = mine, nil
-		} else if refused(err) {
-			keep = false
-		}
-		cancel()
+		next, err = bus.RenewHold(context.Background(), s.kv, s.key(i), []byte(s.holder), h, min(s.attempt(), left),
+			func(v []byte) bool { return string(v) == s.holder })
+		keep = !errors.Is(err, bus.ErrHoldLost)
 	}
 	s.mu.Lock()
 	cur, still := s.held[i]
@@ -266,30 +248,6 @@ func (s *Slots) renewSlot(i int, h slot) {
 	case err != nil:
 		s.log.Info("session slot renewal unanswered; trying again", "slot", i, "until", s.end(h).Format(time.RFC3339Nano), "error", err)
 	}
-}
-
-// landed handles a renewal refused for a wrong last revision: when the key
-// still holds this process's name at a newer revision, an earlier renewal
-// landed though its reply was lost, and the slot is kept at that revision.
-// Its life still counts from h.sent, the last write known to have landed
-// early enough.
-func (s *Slots) landed(ctx context.Context, i int, err error, h slot) (slot, bool) {
-	var api *jetstream.APIError
-	if !errors.As(err, &api) || (api.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence && api.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
-		return h, false
-	}
-	e, gerr := s.kv.Get(ctx, s.key(i))
-	if gerr != nil || string(e.Value()) != s.holder || e.Revision() <= h.rev {
-		return h, false
-	}
-	return slot{rev: e.Revision(), sent: h.sent}, true
-}
-
-// refused reports whether the bucket answered a renewal with a refusal,
-// which no retry mends, rather than not answering.
-func refused(err error) bool {
-	var api *jetstream.APIError
-	return errors.As(err, &api) && !bus.Unanswered(err)
 }
 
 // Close stops renewing and gives every held slot back.

@@ -38,10 +38,7 @@ type Lease struct {
 
 	held atomic.Bool
 	mu   sync.Mutex
-	rev  uint64
-	// sent is when the write that made rev was sent: the key lives at
-	// least the TTL from then.
-	sent time.Time
+	hold Hold
 }
 
 // leaseRecord is the value of a lease key: who holds it, for operators.
@@ -156,7 +153,7 @@ func (l *Lease) acquire(ctx context.Context) (bool, error) {
 		return false, fmt.Errorf("lease %s: create: %w", l.key, err)
 	}
 	l.mu.Lock()
-	l.rev, l.sent = rev, now
+	l.hold = Hold{Rev: rev, Sent: now}
 	l.mu.Unlock()
 	l.held.Store(true)
 	l.log.Info("lease acquired", "ttl", l.ttl)
@@ -169,11 +166,7 @@ func (l *Lease) acquire(ctx context.Context) (bool, error) {
 //
 // A renewal that goes unanswered (the bucket's leader died and another is
 // being elected) is made again about every TTL/8 until the deadline, each
-// attempt with its own short deadline: one request waiting for the
-// deadline itself would lose the lease to an election that ends seconds
-// after the request was sent. A renewal refused for a wrong revision keeps
-// the lease when the key holds this holder's record at a newer revision:
-// an earlier renewal landed though its reply was lost.
+// attempt with its own short deadline (RenewHold).
 func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop bool) {
 	lctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
@@ -182,16 +175,24 @@ func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop 
 		lead(lctx)
 	}()
 	l.mu.Lock()
-	acquiredAt, lastOK := l.sent, l.sent
+	hold := l.hold
 	l.mu.Unlock()
+	acquiredAt := hold.Sent
 	// Give up a little before the server could expire the key: the key
 	// lives TTL after the server stored our last update, which is after we
 	// sent it, so a standby can only get it after we stopped leading.
-	deadline := func() time.Time { return lastOK.Add(l.ttl - l.ttl/5) }
-	renew := time.NewTimer(l.ttl / 3)
+	deadline := func() time.Time { return hold.Sent.Add(l.ttl - l.ttl/5) }
+	// Renew a third of the TTL after the last stored write, and every
+	// TTL/8 while that is overdue (a renewal unanswered, or one adopted).
+	next := func() time.Duration { return max(l.ttl/8, time.Until(hold.Sent.Add(l.ttl/3))) }
+	renew := time.NewTimer(next())
 	defer renew.Stop()
 	expire := time.NewTimer(time.Until(deadline()))
 	defer expire.Stop()
+	mine := func(v []byte) bool {
+		var rec leaseRecord
+		return json.Unmarshal(v, &rec) == nil && rec.Holder == l.holder
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -206,33 +207,16 @@ func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop 
 			return false
 		case <-renew.C:
 		}
-		sent := time.Now()
-		attemptEnd := deadline()
-		if a := sent.Add(leaseAttempt(l.ttl)); a.Before(attemptEnd) {
-			attemptEnd = a
-		}
-		rctx, rcancel := context.WithDeadline(ctx, attemptEnd)
-		val, _ := json.Marshal(leaseRecord{Holder: l.holder, AcquiredAt: acquiredAt, RenewedAt: sent})
-		adopted := false
+		val, _ := json.Marshal(leaseRecord{Holder: l.holder, AcquiredAt: acquiredAt, RenewedAt: time.Now()})
+		var err error
+		hold, err = RenewHold(ctx, l.kv, l.key, val, hold, min(l.ttl/12, time.Until(deadline())), mine)
 		l.mu.Lock()
-		rev, err := l.kv.Update(rctx, l.key, val, l.rev)
-		if err == nil {
-			l.rev, l.sent = rev, sent
-		} else if errors.Is(err, jetstream.ErrKeyRevisionMismatch) && l.landedLocked(rctx) {
-			err, adopted = nil, true
-		}
+		l.hold = hold
 		l.mu.Unlock()
-		rcancel()
 		switch {
-		case adopted:
-			// lastOK stays (when the landed write was sent is unknown);
-			// renew from the adopted revision at once.
-			renew.Reset(l.ttl / 8)
 		case err == nil:
-			lastOK = sent
 			expire.Reset(time.Until(deadline()))
-			renew.Reset(l.ttl / 3)
-		case errors.Is(err, jetstream.ErrKeyRevisionMismatch), errors.Is(err, jetstream.ErrKeyNotFound):
+		case errors.Is(err, ErrHoldLost):
 			l.lost(cancel, done, "the key changed under us: "+err.Error())
 			return false
 		case ctx.Err() != nil:
@@ -242,28 +226,9 @@ func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop 
 			return false
 		default:
 			l.log.Warn("lease renewal failed; retrying", "error", err)
-			renew.Reset(l.ttl / 8)
 		}
+		renew.Reset(next())
 	}
-}
-
-// leaseAttempt bounds one renewal: a twelfth of the key TTL (1s for the
-// default 12s), far beyond a healthy bucket's milliseconds.
-func leaseAttempt(ttl time.Duration) time.Duration { return ttl / 12 }
-
-// landedLocked reports whether the key holds this holder's record at a
-// revision newer than l.rev, and if so adopts it. Call with l.mu held.
-func (l *Lease) landedLocked(ctx context.Context) bool {
-	e, err := l.kv.Get(ctx, l.key)
-	if err != nil || e.Revision() <= l.rev {
-		return false
-	}
-	var rec leaseRecord
-	if json.Unmarshal(e.Value(), &rec) != nil || rec.Holder != l.holder {
-		return false
-	}
-	l.rev = e.Revision()
-	return true
 }
 
 func (l *Lease) lost(cancel context.CancelFunc, done <-chan struct{}, why string) {
@@ -282,7 +247,7 @@ func (l *Lease) release() {
 	ctx, cancel := context.WithTimeout(context.Background(), l.ttl/3)
 	defer cancel()
 	l.mu.Lock()
-	rev := l.rev
+	rev := l.hold.Rev
 	l.mu.Unlock()
 	if err := l.kv.Delete(ctx, l.key, jetstream.LastRevision(rev)); err != nil {
 		l.log.Warn("lease release failed; it expires on its own", "error", err)

@@ -424,6 +424,35 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 		conf := &confirmations{send: func(ctx context.Context, page []*ev.EASPartnership, n uint32) error {
 			return c.confirm(ctx, id, kind, start, page, n)
 		}}
+		// reportPage reads what the collector knows of one page of the
+		// listing in one batched read (at 100,000 partnerships, a read each
+		// paced the pass) and hands each partnership's report to g. A
+		// failed read fails the pass, as a failed report does (see report).
+		reportPage := func(obs []observation, keys []string) error {
+			known, err := c.knownBulk.Read(pctx, keys)
+			if err != nil {
+				rep.add(func(n *ev.SyncCounts) { n.Failed += int64(len(obs)) })
+				return bus.MarkPublishFailure(fmt.Errorf("remember: %w", err))
+			}
+			for _, o := range obs {
+				read := known.Take(o.key)
+				g.Go(func() error {
+					err := c.report(gctx, kind, id, start, o, read, rep, conf)
+					if err != nil && (errors.Is(err, context.Canceled) || bus.IsPublishFailure(err)) {
+						rep.add(func(n *ev.SyncCounts) { n.Failed++ })
+						return err
+					}
+					if err != nil {
+						rep.failed(c.log, o.src, err)
+					}
+					return nil
+				})
+				if err := pctx.Err(); err != nil {
+					return err // the pass failed: the rest of the page is not reported
+				}
+			}
+			return nil
+		}
 		lerr := c.ex.ListPartnerships(pctx, opt, func(ps []exchange.Partnership) error {
 			obs := make([]observation, 0, len(ps))
 			keys := make([]string, 0, len(ps))
@@ -439,7 +468,7 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 					states.add(p.AccessState)
 				}
 			}
-			pg.Go(func() error { return c.reportPage(gctx, pctx, g, obs, keys, kind, id, start, rep, conf) })
+			pg.Go(func() error { return reportPage(obs, keys) })
 			return pctx.Err()
 		})
 		// Pages first: they are what hands reports to g.
@@ -557,37 +586,6 @@ const reportConcurrency = 16
 // every part of a partitioned listing reading, few enough that a pass
 // holds only a few pages beyond those being reported.
 const pageDepth = 4
-
-// reportPage reads what the collector knows of one page of a listing, in
-// one batched read (at 100,000 partnerships, a read each paced the pass),
-// and hands each partnership's report to g. A failed read fails the pass,
-// as a failed report does (see report). lctx is the listing's context,
-// which ends when g's does or another page fails.
-func (c *Collector) reportPage(gctx, lctx context.Context, g *errgroup.Group, obs []observation, keys []string, kind ev.SyncKind, id string, start time.Time, rep *reporter, conf *confirmations) error {
-	known, err := c.knownBulk.Read(lctx, keys)
-	if err != nil {
-		rep.add(func(n *ev.SyncCounts) { n.Failed += int64(len(obs)) })
-		return bus.MarkPublishFailure(fmt.Errorf("remember: %w", err))
-	}
-	for _, o := range obs {
-		read := known.Take(o.key)
-		g.Go(func() error {
-			err := c.report(gctx, kind, id, start, o, read, rep, conf)
-			if err != nil && (errors.Is(err, context.Canceled) || bus.IsPublishFailure(err)) {
-				rep.add(func(n *ev.SyncCounts) { n.Failed++ })
-				return err
-			}
-			if err != nil {
-				rep.failed(c.log, o.src, err)
-			}
-			return nil
-		})
-		if err := lctx.Err(); err != nil {
-			return err // the pass failed: the rest of the page is not reported
-		}
-	}
-	return nil
-}
 
 // reporter gathers a pass's counts from the reports running at once.
 type reporter struct {

@@ -164,7 +164,11 @@ func start(tb testing.TB, o options) *harness {
 		tb.Fatal(err)
 	}
 	if o.lostReads > 0 {
-		executor.LoseAppliedReads(h.x, o.lostReads)
+		executor.WrapApplied(h.x, func(kv jetstream.KeyValue) jetstream.KeyValue {
+			f := natstest.NewFaultyKV(kv)
+			f.UnanswerReads(o.lostReads)
+			return f
+		})
 	}
 	runLiveness(tb, h.x)
 	// As pkg/pipeline runs it: many handlers at once, one message each.

@@ -24,16 +24,18 @@ const (
 )
 
 // FaultyKV is a real bucket whose writes (Create and Update) go
-// unanswered, or lose their replies, on demand: what a client of a
-// replicated bucket sees while its leader is replaced. Reads pass through.
-// It stands in for the loss of a reply, never for the bucket.
+// unanswered, or lose their replies, on demand, and whose next reads (Get)
+// may go unanswered: what a client of a replicated bucket sees while its
+// leader is replaced. It stands in for the loss of a reply, never for the
+// bucket.
 type FaultyKV struct {
 	jetstream.KeyValue
 
-	mu       sync.Mutex
-	fault    Fault
-	writes   []Write
-	lastSent time.Time
+	mu        sync.Mutex
+	fault     Fault
+	writes    []Write
+	lastSent  time.Time
+	lostReads int
 }
 
 // Write is one write made through a FaultyKV: the fault it met and what
@@ -57,6 +59,29 @@ func (f *FaultyKV) current() Fault {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.fault
+}
+
+// UnanswerReads makes the next n reads (Get) go unanswered; later ones
+// are the bucket's.
+func (f *FaultyKV) UnanswerReads(n int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.lostReads = n
+}
+
+// Get reads key, unless the read is one UnanswerReads said to lose.
+func (f *FaultyKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry, error) {
+	f.mu.Lock()
+	lose := f.lostReads > 0
+	if lose {
+		f.lostReads--
+	}
+	f.mu.Unlock()
+	if lose {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	return f.KeyValue.Get(ctx, key)
 }
 
 // Count returns how many writes met x and were (refused true) or were not
