@@ -24,6 +24,7 @@ import (
 
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/pipeline"
 	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
@@ -56,8 +57,9 @@ notify: true
 default_access_level: quarantine
 `
 
-// peakRSSMB is the largest easguard peak RSS seen by the shapes run so far
-// in this process, so that the last shape can report the maximum over both.
+// peakRSSMB is the largest all-in-one easguard peak RSS seen by the shapes
+// run so far in this process, so that the last shape can report the
+// maximum over them.
 var peakRSSMB float64
 
 // BenchmarkReconcile100k measures a full reconcile of a large organisation:
@@ -76,6 +78,10 @@ var peakRSSMB float64
 //   - hops: steady against a simulator without latency (its `none`
 //     profile), so that Exchange is not what paces the pass: the hops'
 //     own throughput on the CPU they share with the simulator.
+//   - split: steady with easguard deployed as its containers are
+//     (deploy/compose): an easguard process per worker, all on one NATS
+//     server that is a process of its own, so that each worker's peak RSS
+//     is its own.
 //   - onboarding: no device is on any list, so every one needs an allow;
 //     timed from the start of easguard's first full sync until every
 //     device is allow-listed on the simulator.
@@ -93,8 +99,11 @@ var peakRSSMB float64
 // the device.matched events the evaluator judged per partnership;
 // onboarding_s and onboarding_limit_ratio, onboarding's time over the
 // physical limit (one Set-CASMailbox per mailbox with devices × the
-// profile's write latency ÷ the sessions); and the peak RSS of the easguard
-// process of each shape and the largest of them (rss_mb_max).
+// profile's write latency ÷ the sessions); the peak RSS of the easguard
+// process of each all-in-one shape and the largest of them (rss_mb_max);
+// and of the split shape, its pass (split_steady_s), the largest worker
+// process's peak RSS (worker_rss_mb_max) and the NATS server's
+// (split_nats_rss_mb).
 func BenchmarkReconcile100k(b *testing.B) {
 	n := benchPartnerships(b)
 	prefix := "reconcile_" + sizeLabel(n) + "_"
@@ -102,7 +111,7 @@ func BenchmarkReconcile100k(b *testing.B) {
 		b.StopTimer()
 		var steady, listing, e2e, observed, matched, decided, perPartnership, rss []float64
 		for range b.N {
-			r := reconcileSteady(b, n, exchangesim.DefaultProfile())
+			r := reconcileSteady(b, n, exchangesim.DefaultProfile(), false)
 			steady, listing, e2e = append(steady, r.wall.Seconds()), append(listing, r.listing.Seconds()), append(e2e, r.perSecond)
 			observed, matched, decided = append(observed, r.observed), append(matched, r.matched), append(decided, r.decided)
 			perPartnership, rss = append(perPartnership, r.decisionsPerPartnership), append(rss, r.rssMB)
@@ -123,7 +132,7 @@ func BenchmarkReconcile100k(b *testing.B) {
 		b.StopTimer()
 		var wall, listing, observed, matched, decided []float64
 		for range b.N {
-			r := reconcileSteady(b, n, exchangesim.TestProfile())
+			r := reconcileSteady(b, n, exchangesim.TestProfile(), false)
 			wall, listing = append(wall, r.wall.Seconds()), append(listing, r.listing.Seconds())
 			observed, matched, decided = append(observed, r.observed), append(matched, r.matched), append(decided, r.decided)
 		}
@@ -132,6 +141,26 @@ func BenchmarkReconcile100k(b *testing.B) {
 		b.ReportMetric(mean(observed), prefix+"hops_partnerships_per_s_observed:partnerships/s")
 		b.ReportMetric(mean(matched), prefix+"hops_partnerships_per_s_matched:partnerships/s")
 		b.ReportMetric(mean(decided), prefix+"hops_partnerships_per_s_decided:partnerships/s")
+	})
+	b.Run("split", func(b *testing.B) {
+		// The steady pass with easguard deployed as its containers are
+		// (deploy/compose): a process per worker on a NATS server of its
+		// own. What it measures is each worker process's peak RSS, the
+		// server's apart.
+		b.StopTimer()
+		var wall, rss, server []float64
+		for range b.N {
+			r := reconcileSteady(b, n, exchangesim.DefaultProfile(), true)
+			wall, rss, server = append(wall, r.wall.Seconds()), append(rss, r.rssMB), append(server, r.rssByProcess["nats"])
+			var each []string
+			for _, name := range slices.Sorted(maps.Keys(r.rssByProcess)) {
+				each = append(each, fmt.Sprintf("%s %.0f MB", name, r.rssByProcess[name]))
+			}
+			b.Logf("split, peak RSS of each process: %s", strings.Join(each, ", "))
+		}
+		b.ReportMetric(mean(wall), prefix+"split_steady_s:s")
+		b.ReportMetric(slices.Max(rss), prefix+"worker_rss_mb_max:MB")
+		b.ReportMetric(slices.Max(server), prefix+"split_nats_rss_mb:MB")
 	})
 	b.Run("onboarding", func(b *testing.B) {
 		b.StopTimer()
@@ -185,10 +214,11 @@ type steadyResult struct {
 	perSecond                  float64 // partnerships ÷ wall
 	observed, matched, decided float64 // partnerships/s through each hop
 	decisionsPerPartnership    float64
-	rssMB                      float64
+	rssMB                      float64            // the all-in-one's, or the largest worker's
+	rssByProcess               map[string]float64 // each process's
 }
 
-func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile) steadyResult {
+func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile, split bool) steadyResult {
 	b.Helper()
 	r := newReconcileRig(b, n, true, profile)
 	var res steadyResult
@@ -196,7 +226,11 @@ func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile) steadyRes
 	r.phase("bare listing")
 	// No quick sync (one every 5 minutes by default) falls into the
 	// measured pass: it is the full sync's alone.
-	r.start("EASGUARD_COLLECTOR_QUICK_INTERVAL=24h")
+	if split {
+		r.startSplit("EASGUARD_COLLECTOR_QUICK_INTERVAL=24h")
+	} else {
+		r.start("EASGUARD_COLLECTOR_QUICK_INTERVAL=24h")
+	}
 	r.phase("easguard started")
 	// Unmeasured: the first full sync (every partnership new to easguard).
 	for _, sync := range r.waitSyncs(0, 30*time.Minute, ev.SyncKind_SYNC_KIND_FULL) {
@@ -258,7 +292,10 @@ func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile) steadyRes
 	}
 	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].items) / parts
 	res.rssMB = r.peakRSSMB()
-	peakRSSMB = max(peakRSSMB, res.rssMB)
+	res.rssByProcess = r.peakRSSByProcess()
+	if !split {
+		peakRSSMB = max(peakRSSMB, res.rssMB)
+	}
 
 	collectorPass := done.GetFinishedAt().AsTime().Sub(done.GetStartedAt().AsTime())
 	b.Logf("steady, %d partnerships on %d mailboxes: reconcile %.1fs (asked at 0; the collector's pass %.1fs→%.1fs, %.1fs; last event %.1fs), bare listing %.1fs",
@@ -336,7 +373,8 @@ type reconcileRig struct {
 	parts     []exchangesim.Partnership // those a full sync lists (ActiveSync, no probes)
 	byMailbox map[string][]string       // primary SMTP address → its device ids
 	natsAddr  string
-	proc      *process
+	proc      *process // the all-in-one, or in the split shape the NATS host
+	workers   []worker // the split shape's worker processes
 	started   time.Time
 	js        jetstream.JetStream
 	mark      time.Time // end of the last phase noted
@@ -512,17 +550,84 @@ func (r *reconcileRig) timeListing() time.Duration {
 
 // start runs `easguard run` with every worker around its embedded NATS
 // server, which also listens on loopback so that the benchmark can read
-// the streams. Settings are the binary's defaults but for the
-// environment's (Exchange, SMTP, the inventory, the policy) and extra
-// NAME=value settings.
+// the streams; its settings are env's.
 func (r *reconcileRig) start(extra ...string) {
+	tb := r.tb
+	tb.Helper()
+	r.natsAddr = freeAddr(tb)
+	r.started = time.Now()
+	r.proc = start(tb, r.env(append([]string{"EASGUARD_NATS_LISTEN=" + r.natsAddr}, extra...)...)...)
+	r.proc.waitReady(tb)
+	r.connect()
+}
+
+// splitWorkers are the worker processes of the split shape, one each, in
+// the order they start: the collector last, so that its first full sync
+// finds every consumer bound.
+var splitWorkers = []string{pipeline.MDM, pipeline.Matcher, pipeline.Evaluator, pipeline.Executor, pipeline.Mailer, pipeline.Collector}
+
+// startSplit runs easguard as a deployment does (deploy/compose): a
+// process per worker, each with its own EASGUARD_WORKERS, all on one NATS
+// server, here an easguard process with no worker but its embedded
+// server, so that the server's peak RSS is measured apart from the
+// workers'.
+func (r *reconcileRig) startSplit(extra ...string) {
+	tb := r.tb
+	tb.Helper()
+	r.natsAddr = freeAddr(tb)
+	r.started = time.Now()
+	r.proc = start(tb, r.env(append([]string{"EASGUARD_NATS_LISTEN=" + r.natsAddr, "EASGUARD_WORKERS=none"}, extra...)...)...)
+	r.proc.waitReady(tb)
+	for _, w := range splitWorkers {
+		p := start(tb, r.env(append([]string{"EASGUARD_NATS_URL=nats://" + r.natsAddr, "EASGUARD_WORKERS=" + w}, extra...)...)...)
+		p.waitReady(tb)
+		r.workers = append(r.workers, worker{name: w, proc: p})
+	}
+	r.connect()
+}
+
+// worker is one worker process of the split shape.
+type worker struct {
+	name string
+	proc *process
+}
+
+// processes lists every easguard process of the rig by name: "easguard"
+// (the all-in-one) or "nats" (the split shape's server) and the workers.
+func (r *reconcileRig) processes() []worker {
+	name := "easguard"
+	if len(r.workers) > 0 {
+		name = "nats"
+	}
+	return append([]worker{{name: name, proc: r.proc}}, r.workers...)
+}
+
+// connect connects the benchmark to the easguard NATS server.
+func (r *reconcileRig) connect() {
+	tb := r.tb
+	tb.Helper()
+	nc, err := nats.Connect("nats://"+r.natsAddr, nats.MaxReconnects(-1))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(nc.Close)
+	var jerr error
+	if r.js, jerr = jetstream.New(nc); jerr != nil {
+		tb.Fatal(jerr)
+	}
+}
+
+// env is the environment of an easguard process of the rig: the binary's
+// defaults but for the environment's (Exchange, SMTP, the inventory, the
+// policy) and extra NAME=value settings; EASGUARD_BENCH_ENV's come last
+// and win.
+func (r *reconcileRig) env(extra ...string) []string {
 	tb := r.tb
 	tb.Helper()
 	f := r.f
 	host, port := splitAddr(tb, f.smtp.Addr())
-	r.natsAddr = freeAddr(tb)
 	env := append([]string{
-		"EASGUARD_ORG=" + testOrg, "EASGUARD_NATS_LISTEN=" + r.natsAddr, "EASGUARD_LOG_LEVEL=warn",
+		"EASGUARD_ORG=" + testOrg, "EASGUARD_LOG_LEVEL=warn",
 		fmt.Sprint("EASGUARD_EXCHANGE_WORKERS=", benchSessions),
 		// The simulator caps a Receive long-poll at 2 s (exchangesim.StartTest).
 		"EASGUARD_EXCHANGE_OPERATION_TIMEOUT=2s",
@@ -534,26 +639,17 @@ func (r *reconcileRig) start(extra ...string) {
 	}, f.sim.Env(exchangesim.DefaultUser, exchangesim.DefaultPassword, "")...)
 	env = append(env, extra...)
 	// Settings to compare (EASGUARD_CONCURRENCY=1, say) come last and win.
-	env = append(env, strings.Fields(os.Getenv(benchEnvEnv))...)
-	r.started = time.Now()
-	r.proc = start(tb, env...)
-	r.proc.waitReady(tb)
-	nc, err := nats.Connect("nats://"+r.natsAddr, nats.MaxReconnects(-1))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(nc.Close)
-	if r.js, err = jetstream.New(nc); err != nil {
-		tb.Fatal(err)
-	}
+	return append(env, strings.Fields(os.Getenv(benchEnvEnv))...)
 }
 
 // alive fails the benchmark if the easguard process has exited.
 func (r *reconcileRig) alive() {
-	select {
-	case <-r.proc.exited:
-		r.tb.Fatalf("easguard exited: %v\n%s", r.proc.err, r.proc.stderr.String())
-	default:
+	for _, w := range r.processes() {
+		select {
+		case <-w.proc.exited:
+			r.tb.Fatalf("easguard (%s) exited: %v\n%s", w.name, w.proc.err, w.proc.stderr.String())
+		default:
+		}
 	}
 }
 
@@ -813,15 +909,34 @@ func (r *reconcileRig) logPass(shape string, t0 time.Time, p passStats) {
 // and time spent handling them per consumer since it started, which say
 // where the time went.
 func (r *reconcileRig) logMetrics(shape string) {
-	resp, err := http.Get(r.proc.http + "/metrics")
-	if err != nil {
-		r.tb.Logf("%s: /metrics: %v", shape, err)
-		return
-	}
-	defer resp.Body.Close()
 	type handled struct{ n, seconds float64 }
 	by := map[string]*handled{}
-	sc := bufio.NewScanner(resp.Body)
+	for _, w := range r.processes() {
+		resp, err := http.Get(w.proc.http + "/metrics")
+		if err != nil {
+			r.tb.Logf("%s: /metrics of %s: %v", shape, w.name, err)
+			continue
+		}
+		r.readHandled(resp.Body, func(group string, n, seconds float64) {
+			if by[group] == nil {
+				by[group] = &handled{}
+			}
+			by[group].n += n
+			by[group].seconds += seconds
+		})
+		resp.Body.Close()
+	}
+	var parts []string
+	for _, g := range slices.Sorted(maps.Keys(by)) {
+		parts = append(parts, fmt.Sprintf("%s %.0f in %.1fs", strings.TrimSuffix(g, "-"+testOrg), by[g].n, by[g].seconds))
+	}
+	r.tb.Logf("%s, handled by easguard since it started (messages in handler time): %s", shape, strings.Join(parts, "; "))
+}
+
+// readHandled reads, from a /metrics page, each consumer group's messages
+// handled and seconds spent handling them.
+func (r *reconcileRig) readHandled(body io.Reader, add func(group string, n, seconds float64)) {
+	sc := bufio.NewScanner(body)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
@@ -834,66 +949,80 @@ func (r *reconcileRig) logMetrics(shape string) {
 		if err != nil {
 			continue
 		}
-		if by[group] == nil {
-			by[group] = &handled{}
-		}
 		switch {
 		case strings.HasPrefix(line, "messaging_client_consumed_messages_total"):
-			by[group].n += v
+			add(group, v, 0)
 		case strings.HasPrefix(line, "messaging_process_duration_seconds_sum"):
-			by[group].seconds += v
+			add(group, 0, v)
 		}
 	}
-	var parts []string
-	for _, g := range slices.Sorted(maps.Keys(by)) {
-		parts = append(parts, fmt.Sprintf("%s %.0f in %.1fs", strings.TrimSuffix(g, "-"+testOrg), by[g].n, by[g].seconds))
-	}
-	r.tb.Logf("%s, handled by easguard since it started (messages in handler time): %s", shape, strings.Join(parts, "; "))
 }
 
-// peakRSSMB reads the easguard process's peak resident set (VmHWM).
-// cpuSeconds is the CPU time the easguard process has used so far (user
-// and system, from /proc): over a pass, it says what the pass cost
+// cpuSeconds is the CPU time the easguard processes have used so far
+// (user and system, from /proc): over a pass, it says what the pass cost
 // whatever else shares the machine, which wall time does not.
 func (r *reconcileRig) cpuSeconds() float64 {
 	r.tb.Helper()
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(r.proc.cmd.Process.Pid), "stat"))
-	if err != nil {
-		r.tb.Fatalf("CPU time of easguard: %v", err)
-	}
-	// The fields after the command name, which is in parentheses and may
-	// hold spaces: state is the first, utime the 12th and stime the 13th.
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-	if len(f) < 13 {
-		r.tb.Fatalf("CPU time of easguard: short stat %q", b)
-	}
-	ticks := 0
-	for _, v := range f[11:13] {
-		n, err := strconv.Atoi(v)
+	total := 0.0
+	for _, w := range r.processes() {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(w.proc.cmd.Process.Pid), "stat"))
 		if err != nil {
-			r.tb.Fatalf("CPU time of easguard: %q: %v", v, err)
+			r.tb.Fatalf("CPU time of easguard (%s): %v", w.name, err)
 		}
-		ticks += n
+		// The fields after the command name, which is in parentheses and may
+		// hold spaces: state is the first, utime the 12th and stime the 13th.
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		if len(f) < 13 {
+			r.tb.Fatalf("CPU time of easguard (%s): short stat %q", w.name, b)
+		}
+		for _, v := range f[11:13] {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				r.tb.Fatalf("CPU time of easguard (%s): %q: %v", w.name, v, err)
+			}
+			total += float64(n) / 100 // USER_HZ, 100 on Linux
+		}
 	}
-	return float64(ticks) / 100 // USER_HZ, 100 on Linux
+	return total
 }
 
+// peakRSSMB reads the peak resident set (VmHWM) of the rig's easguard
+// process, or in the split shape the largest of its worker processes'.
 func (r *reconcileRig) peakRSSMB() float64 {
 	r.tb.Helper()
-	path := filepath.Join("/proc", strconv.Itoa(r.proc.cmd.Process.Pid), "status")
-	b, err := os.ReadFile(path)
-	if err != nil {
-		r.tb.Fatalf("peak RSS of easguard: %v", err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			if err != nil {
-				r.tb.Fatalf("peak RSS of easguard: %q: %v", line, err)
-			}
-			return float64(kb) / 1024
+	peak := 0.0
+	for name, mb := range r.peakRSSByProcess() {
+		if name != "nats" {
+			peak = max(peak, mb)
 		}
 	}
-	r.tb.Fatalf("peak RSS of easguard: no VmHWM in %s", path)
-	return 0
+	return peak
+}
+
+// peakRSSByProcess reads the peak resident set (VmHWM) of each easguard
+// process of the rig, by name (see processes).
+func (r *reconcileRig) peakRSSByProcess() map[string]float64 {
+	r.tb.Helper()
+	out := map[string]float64{}
+	for _, w := range r.processes() {
+		path := filepath.Join("/proc", strconv.Itoa(w.proc.cmd.Process.Pid), "status")
+		b, err := os.ReadFile(path)
+		if err != nil {
+			r.tb.Fatalf("peak RSS of easguard (%s): %v", w.name, err)
+		}
+		found := false
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+				kb, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+				if err != nil {
+					r.tb.Fatalf("peak RSS of easguard (%s): %q: %v", w.name, line, err)
+				}
+				out[w.name], found = float64(kb)/1024, true
+			}
+		}
+		if !found {
+			r.tb.Fatalf("peak RSS of easguard (%s): no VmHWM in %s", w.name, path)
+		}
+	}
+	return out
 }

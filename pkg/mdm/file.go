@@ -3,7 +3,6 @@ package mdm
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -292,11 +291,7 @@ func (fr *fileRun) load() (*inventory, error) {
 		return nil, fmt.Errorf("read inventory: %w", err)
 	}
 	fr.last = info
-	data, err := io.ReadAll(fh)
-	if err != nil {
-		return nil, fmt.Errorf("read inventory %s: %w", fr.path, err)
-	}
-	inv, err := parseInventory(fr.source, fr.format, data)
+	inv, err := parseInventory(fr.source, fr.format, fh)
 	if err != nil {
 		return nil, fmt.Errorf("read inventory %s: %w", fr.path, err)
 	}

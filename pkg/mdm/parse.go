@@ -1,6 +1,7 @@
 package mdm
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/csv"
 	"encoding/json"
@@ -30,19 +31,26 @@ const (
 // utf8BOM is what Windows tools put in front of UTF-8 exports.
 var utf8BOM = []byte{0xEF, 0xBB, 0xBF}
 
-// parseInventory reads a whole inventory in format (json or csv) and
-// normalises every record. Any bad record fails the whole read: a partial
-// inventory would look like devices disappearing.
-func parseInventory(source, format string, data []byte) (*inventory, error) {
+// parseInventory reads a whole inventory in format (json or csv) from r
+// and normalises every record. Any bad record fails the whole read: a
+// partial inventory would look like devices disappearing. The file is
+// streamed, a record at a time: an organisation's inventory of 100,000
+// devices is never held as bytes, as decoded JSON and as records at once.
+func parseInventory(source, format string, r io.Reader) (*inventory, error) {
 	var (
 		devices []*ev.MDMDevice
 		err     error
 	)
+	br := bufio.NewReader(r)
+	// Windows tools put a byte order mark in front of UTF-8 exports.
+	if head, _ := br.Peek(len(utf8BOM)); bytes.Equal(head, utf8BOM) {
+		_, _ = br.Discard(len(utf8BOM))
+	}
 	switch format {
 	case FormatJSON:
-		devices, err = parseJSON(source, data)
+		devices, err = parseJSON(source, br)
 	case FormatCSV:
-		devices, err = parseCSV(source, data)
+		devices, err = parseCSV(source, br)
 	default:
 		return nil, fmt.Errorf("parse inventory: %w: unknown format %q", ErrConfig, format)
 	}
@@ -53,44 +61,94 @@ func parseInventory(source, format string, data []byte) (*inventory, error) {
 }
 
 // parseJSON accepts an array of managedDevice objects or Graph's
-// {"value": [...]} envelope, and nothing after it.
-func parseJSON(source string, data []byte) ([]*ev.MDMDevice, error) {
-	data = bytes.TrimPrefix(data, utf8BOM)
-	trimmed := bytes.TrimLeft(data, " \t\r\n")
-	if len(trimmed) == 0 {
+// {"value": [...]} envelope, and nothing after it. The array is decoded an
+// element at a time, each normalised as it comes.
+func parseJSON(source string, r io.Reader) ([]*ev.MDMDevice, error) {
+	bad := func(err error) error {
+		return fmt.Errorf("parse JSON inventory: %w: %w", ErrInvalidInventory, err)
+	}
+	dec := json.NewDecoder(r)
+	tok, err := dec.Token()
+	if errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("parse JSON inventory: %w: the file is empty", ErrInvalidInventory)
 	}
-	dec := json.NewDecoder(bytes.NewReader(trimmed))
-	var records []ManagedDevice
-	switch trimmed[0] {
-	case '[':
-		if err := dec.Decode(&records); err != nil {
-			return nil, fmt.Errorf("parse JSON inventory: %w: %w", ErrInvalidInventory, err)
+	if err != nil {
+		// Not JSON at all: an HTML error page, a half-written file.
+		return nil, fmt.Errorf("parse JSON inventory: %w: expected an array or an object with \"value\": %w", ErrInvalidInventory, err)
+	}
+	var devices []*ev.MDMDevice
+	switch tok {
+	case json.Delim('['):
+		if devices, err = parseJSONArray(source, dec); err != nil {
+			return nil, err
 		}
-	case '{':
-		var env struct {
-			Value *[]ManagedDevice `json:"value"`
+	case json.Delim('{'):
+		found := false
+		for dec.More() {
+			key, err := dec.Token()
+			if err != nil {
+				return nil, bad(err)
+			}
+			if key != "value" || found {
+				// OData annotations (@odata.context, a next link) and
+				// anything else beside the devices; a second "value"
+				// is skipped as encoding/json would keep only the last.
+				var skip json.RawMessage
+				if err := dec.Decode(&skip); err != nil {
+					return nil, bad(err)
+				}
+				if key == "value" && !bytes.Equal(skip, []byte("null")) {
+					return nil, fmt.Errorf("parse JSON inventory: %w: two \"value\" arrays", ErrInvalidInventory)
+				}
+				continue
+			}
+			tok, err := dec.Token()
+			if err != nil {
+				return nil, bad(err)
+			}
+			if tok != json.Delim('[') {
+				if tok == nil {
+					continue // "value": null is no array
+				}
+				return nil, fmt.Errorf("parse JSON inventory: %w: \"value\" is not an array", ErrInvalidInventory)
+			}
+			if devices, err = parseJSONArray(source, dec); err != nil {
+				return nil, err
+			}
+			found = true
 		}
-		if err := dec.Decode(&env); err != nil {
-			return nil, fmt.Errorf("parse JSON inventory: %w: %w", ErrInvalidInventory, err)
+		if _, err := dec.Token(); err != nil { // the closing brace
+			return nil, bad(err)
 		}
-		if env.Value == nil {
+		if !found {
 			return nil, fmt.Errorf("parse JSON inventory: %w: object without a \"value\" array", ErrInvalidInventory)
 		}
-		records = *env.Value
 	default:
 		return nil, fmt.Errorf("parse JSON inventory: %w: expected an array or an object with \"value\"", ErrInvalidInventory)
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("parse JSON inventory: %w: data after the inventory", ErrInvalidInventory)
 	}
-	devices := make([]*ev.MDMDevice, 0, len(records))
-	for i, m := range records {
+	return devices, nil
+}
+
+// parseJSONArray decodes the elements of an array whose opening bracket
+// dec has read, and its closing one.
+func parseJSONArray(source string, dec *json.Decoder) ([]*ev.MDMDevice, error) {
+	devices := []*ev.MDMDevice{}
+	for i := 0; dec.More(); i++ {
+		var m ManagedDevice
+		if err := dec.Decode(&m); err != nil {
+			return nil, fmt.Errorf("parse JSON inventory: %w: device %d: %w", ErrInvalidInventory, i, err)
+		}
 		d, err := Normalize(source, m)
 		if err != nil {
 			return nil, fmt.Errorf("parse JSON inventory: device %d: %w", i, err)
 		}
 		devices = append(devices, d)
+	}
+	if _, err := dec.Token(); err != nil { // the closing bracket
+		return nil, fmt.Errorf("parse JSON inventory: %w: %w", ErrInvalidInventory, err)
 	}
 	return devices, nil
 }
@@ -112,8 +170,8 @@ var csvColumns = func() map[string]int {
 // unknown columns ignored; id required) and one device per row. Every row
 // must have as many cells as the header, which also catches most truncated
 // files.
-func parseCSV(source string, data []byte) ([]*ev.MDMDevice, error) {
-	r := csv.NewReader(bytes.NewReader(bytes.TrimPrefix(data, utf8BOM)))
+func parseCSV(source string, in io.Reader) ([]*ev.MDMDevice, error) {
+	r := csv.NewReader(in)
 	r.ReuseRecord = true
 	header, err := r.Read()
 	if errors.Is(err, io.EOF) {

@@ -24,7 +24,16 @@ func TestParseInventory(t *testing.T) {
 		{name: "Graph envelope with OData annotations", format: FormatJSON,
 			data:    bom + `{"@odata.context":"https://graph.microsoft.com/v1.0/$metadata#deviceManagement/managedDevices","value":[{"id":"a","imei":"1","complianceState":"compliant"}]}`,
 			wantIDs: []string{"a"}},
+		{name: "Graph envelope with a next link after the devices", format: FormatJSON,
+			data:    `{"value":[{"id":"a"},{"id":"b"}],"@odata.nextLink":{"note":["not","a","string"]}}`,
+			wantIDs: []string{"a", "b"}},
 		{name: "empty array", format: FormatJSON, data: " [ ] \n", wantIDs: []string{}},
+		{name: "BOM then whitespace only", format: FormatJSON, data: bom + " \r\n", wantIs: ErrInvalidInventory, wantIn: "empty"},
+		{name: "value null", format: FormatJSON, data: `{"value":null}`, wantIs: ErrInvalidInventory, wantIn: `"value"`},
+		{name: "value not an array", format: FormatJSON, data: `{"value":{"id":"a"}}`, wantIs: ErrInvalidInventory, wantIn: "not an array"},
+		{name: "two value arrays", format: FormatJSON, data: `{"value":[{"id":"a"}],"value":[{"id":"b"}]}`, wantIs: ErrInvalidInventory, wantIn: "two"},
+		{name: "truncated envelope", format: FormatJSON, data: `{"value":[{"id":"a"}]`, wantIs: ErrInvalidInventory},
+		{name: "device of the wrong type", format: FormatJSON, data: `[{"id":"a"},{"id":7}]`, wantIs: ErrInvalidInventory, wantIn: "device 1"},
 		{name: "empty value", format: FormatJSON, data: `{"value":[]}`, wantIDs: []string{}},
 		{name: "empty file", format: FormatJSON, data: " \n", wantIs: ErrInvalidInventory, wantIn: "empty"},
 		{name: "truncated JSON", format: FormatJSON, data: `[{"id":"a"},{"id":"b"`, wantIs: ErrInvalidInventory},
@@ -46,7 +55,7 @@ func TestParseInventory(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			inv, err := parseInventory("file:x", tt.format, []byte(tt.data))
+			inv, err := parseInventory("file:x", tt.format, strings.NewReader(tt.data))
 			if tt.wantIs != nil {
 				if err == nil {
 					t.Fatalf("parsed %v, want an error", inv.order)
@@ -72,7 +81,7 @@ func TestParseInventory(t *testing.T) {
 func TestParseCSVFields(t *testing.T) {
 	data := "id,userPrincipalName,easDeviceId,easActivated,complianceState,managementState,operatingSystem,retired\n" +
 		`"x,1",Jane@Contoso.com," ApplE1 ",yes,inGracePeriod,managed,AndroidForWork,1` + "\n"
-	inv, err := parseInventory("file:x", FormatCSV, []byte(data))
+	inv, err := parseInventory("file:x", FormatCSV, strings.NewReader(data))
 	if err != nil {
 		t.Fatal(err)
 	}
