@@ -436,9 +436,9 @@ func TestRecordedButUnpublishedDecisionIsOfferedAgain(t *testing.T) {
 	if !ok {
 		t.Fatal("no decision record")
 	}
-	lost := proto.Clone(rec.GetLastDecision()).(*ev.AccessDecided)
+	lost := proto.Clone(evaluator.WholeLastDecision(rec)).(*ev.AccessDecided)
 	lost.DecisionId = "lost-" + first.GetDecisionId()
-	rec.LastDecision, rec.DecisionId = lost, lost.GetDecisionId()
+	rec.LastDecision, rec.DecisionId, rec.LastDecisionSharesMatched = lost, lost.GetDecisionId(), false
 	if err := bus.Put(ctx, h.decisions, d.key(t), rec); err != nil {
 		t.Fatal(err)
 	}

@@ -80,3 +80,7 @@ func (e *Evaluator) dropView(v *allowedView) {
 // SetClock replaces the evaluator's clock, for tests of what it does with
 // a clock reading that is behind another replica's.
 func (e *Evaluator) SetClock(now func() time.Time) { e.now = now }
+
+// WholeLastDecision is a decision record's last decision as it was made,
+// for tests that read records the evaluator stored (compacted).
+func WholeLastDecision(rec *ev.DecisionRecord) *ev.AccessDecided { return wholeLastDecision(rec) }

@@ -70,8 +70,59 @@ type judgement struct {
 // decision record (rec as read, exists false when there is none). It
 // decides only where Exchange disagrees with the policy, never twice for
 // the same verdict, and never over a newer verdict already judged. It
-// reads nothing but f.queued, and writes nothing but rec.
+// reads nothing but f.queued, and writes nothing but rec, which it leaves
+// as it is to be stored (its last decision compacted: see
+// compactLastDecision); the decisions it returns are whole.
 func judge(f facts, rec *ev.DecisionRecord, exists bool) judgement {
+	expandLastDecision(rec)
+	j := weigh(f, rec, exists)
+	if j.change == bus.Write {
+		compactLastDecision(rec)
+	}
+	return j
+}
+
+// expandLastDecision gives rec's last decision back the partnership and
+// MDM record compactLastDecision left out of it: its verdict's.
+func expandLastDecision(rec *ev.DecisionRecord) {
+	if rec.GetLastDecisionSharesMatched() {
+		rec.LastDecision, rec.LastDecisionSharesMatched = wholeLastDecision(rec), false
+	}
+}
+
+// wholeLastDecision is rec's last decision as it was made, whether or not
+// it is stored compacted; rec is not changed.
+func wholeLastDecision(rec *ev.DecisionRecord) *ev.AccessDecided {
+	if !rec.GetLastDecisionSharesMatched() || rec.GetLastDecision() == nil {
+		return rec.GetLastDecision()
+	}
+	d := shallowCopy(rec.GetLastDecision())
+	d.Partnership, d.Mdm = rec.GetLastMatched().GetObserved().GetPartnership(), rec.GetLastMatched().GetMdm()
+	return d
+}
+
+// compactLastDecision leaves the partnership and MDM record out of rec's
+// last decision when they are those of the verdict rec keeps, as they are
+// for a decision made from it and stay while the partnership and its MDM
+// record do not change: stored once, not twice, they halve what a full
+// sync reads per partnership. The decision itself is not changed: a copy
+// takes its place in rec.
+func compactLastDecision(rec *ev.DecisionRecord) {
+	d, m := rec.GetLastDecision(), rec.GetLastMatched()
+	if d == nil || m == nil || rec.GetLastDecisionSharesMatched() {
+		return
+	}
+	p := m.GetObserved().GetPartnership()
+	if !(d.GetPartnership() == p || proto.Equal(d.GetPartnership(), p)) || !(d.GetMdm() == m.GetMdm() || proto.Equal(d.GetMdm(), m.GetMdm())) {
+		return
+	}
+	c := shallowCopy(d)
+	c.Partnership, c.Mdm = nil, nil
+	rec.LastDecision, rec.LastDecisionSharesMatched = c, true
+}
+
+// weigh is judge on a record whose last decision is whole.
+func weigh(f facts, rec *ev.DecisionRecord, exists bool) judgement {
 	in, v := f.in, f.verdict
 	obs := in.GetObserved()
 	p := obs.GetPartnership()

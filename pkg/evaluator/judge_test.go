@@ -200,7 +200,7 @@ func TestJudge(t *testing.T) {
 			if made := tt.publish == "new" || tt.stage == "new"; (j.made != nil) != made {
 				t.Errorf("made %v, want a new decision: %v", j.made, made)
 			}
-			if j.made != nil && (rec.GetDecisionId() != j.made.GetDecisionId() || rec.GetLastDecision() != j.made || j.made.GetDecisionId() == "d0") {
+			if j.made != nil && (rec.GetDecisionId() != j.made.GetDecisionId() || !proto.Equal(wholeLastDecision(rec), j.made) || j.made.GetDecisionId() == "d0") {
 				t.Errorf("record %v does not hold the new decision %v", rec, j.made)
 			}
 			if j.made != nil && !j.made.GetDecidedAt().AsTime().After(old.GetDecidedAt().AsTime()) && old.GetDecidedAt() != nil {
@@ -217,4 +217,80 @@ func TestJudge(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A decision record keeps its last decision without the partnership and
+// MDM record its verdict already holds, and judge reads it back whole:
+// through a real marshal and unmarshal, a redelivered verdict offers the
+// decision exactly as it was made, and a later verdict that saw the
+// partnership changed keeps the decision as made, with its own copy.
+func TestDecisionRecordStoresItsDecisionOnce(t *testing.T) {
+	t0 := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
+	verdict := func(deviceOS string, at time.Time) *ev.DeviceMatched {
+		return &ev.DeviceMatched{Org: "contoso", MatchedAt: timestamppb.New(at), Trigger: "eas",
+			Mdm: &ev.MDMDevice{MdmDeviceId: "m1", EasDeviceId: "dev1", ComplianceState: ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT},
+			Observed: &ev.EASPartnershipObserved{Org: "contoso", ObservedAt: timestamppb.New(at), Sync: &ev.SyncRef{SyncId: "s1"},
+				Partnership: &ev.EASPartnership{DeviceId: "dev1", Guid: "g1", DeviceOs: deviceOS, Mailbox: &ev.Mailbox{PrimarySmtpAddress: "ann@contoso.com"},
+					DeviceAccessState: ev.DeviceAccessState_DEVICE_ACCESS_STATE_QUARANTINED, DeviceAccessStateReason: ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_GLOBAL}}}
+	}
+	allowIt := policy.Verdict{InScope: true, Desired: ev.DesiredAccess_DESIRED_ACCESS_ALLOW, Rule: "compliant", Reason: "enrolled and compliant"}
+	judgeAt := func(in *ev.DeviceMatched, rec *ev.DecisionRecord, exists bool) judgement {
+		return judge(facts{key: "contoso.dev1.g1", org: "contoso", in: in, verdict: allowIt, applied: &ev.AppliedRecord{}, notify: true,
+			policyVersion: "v1", now: in.GetMatchedAt().AsTime().Add(time.Second), queued: func(string, string) bool { return true }}, rec, exists)
+	}
+	// stored is rec as the bucket gives it back.
+	stored := func(t *testing.T, rec *ev.DecisionRecord) (*ev.DecisionRecord, int) {
+		t.Helper()
+		b, err := proto.Marshal(rec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		back := &ev.DecisionRecord{}
+		if err := proto.Unmarshal(b, back); err != nil {
+			t.Fatal(err)
+		}
+		return back, len(b)
+	}
+
+	first := verdict("iOS 17.4", t0)
+	rec := &ev.DecisionRecord{}
+	made := judgeAt(first, rec, false).made
+	if made == nil || made.GetPartnership().GetDeviceOs() != "iOS 17.4" || made.GetMdm().GetMdmDeviceId() != "m1" {
+		t.Fatalf("made %v, want an allow with its partnership and MDM record", made)
+	}
+	kept, size := stored(t, rec)
+	if !kept.GetLastDecisionSharesMatched() || kept.GetLastDecision().GetPartnership() != nil || kept.GetLastDecision().GetMdm() != nil {
+		t.Fatalf("stored %v: want the decision without the verdict's partnership and MDM record", kept.GetLastDecision())
+	}
+	whole := proto.Clone(rec).(*ev.DecisionRecord)
+	whole.LastDecision, whole.LastDecisionSharesMatched = made, false
+	if _, wholeSize := stored(t, whole); wholeSize-size < proto.Size(made.GetPartnership())+proto.Size(made.GetMdm()) {
+		t.Errorf("stored %d bytes, %d with the decision whole: want the partnership and MDM record saved", size, wholeSize)
+	}
+
+	t.Run("redelivered verdict offers the decision as made", func(t *testing.T) {
+		rec, _ := stored(t, kept)
+		j := judgeAt(proto.Clone(first).(*ev.DeviceMatched), rec, true)
+		if !proto.Equal(j.publish, made) {
+			t.Fatalf("offered %v, want %v", j.publish, made)
+		}
+	})
+	t.Run("a changed partnership keeps the decision as made", func(t *testing.T) {
+		rec, _ := stored(t, kept)
+		later := verdict("iOS 18.1", t0.Add(time.Minute))
+		// Exchange still quarantines it: the allow is in flight (queued),
+		// so no new decision; the record takes the newer verdict.
+		j := judgeAt(later, rec, true)
+		if j.made != nil || j.change != bus.Write {
+			t.Fatalf("judgement %+v, want the record written without a new decision", j)
+		}
+		back, _ := stored(t, rec)
+		if back.GetLastDecisionSharesMatched() || !proto.Equal(wholeLastDecision(back), made) {
+			t.Fatalf("stored decision %v (shares %v), want %v whole", back.GetLastDecision(), back.GetLastDecisionSharesMatched(), made)
+		}
+		j = judgeAt(proto.Clone(later).(*ev.DeviceMatched), back, true)
+		if !proto.Equal(j.publish, made) {
+			t.Fatalf("redelivery offered %v, want %v", j.publish, made)
+		}
+	})
 }

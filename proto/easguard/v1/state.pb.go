@@ -169,9 +169,16 @@ type DecisionRecord struct {
 	Held bool `protobuf:"varint,13,opt,name=held,proto3" json:"held,omitempty"`
 	// last_decision is the decision last made, so that a verdict redelivered
 	// after a crash publishes it again instead of losing it.
-	LastDecision  *AccessDecided `protobuf:"bytes,14,opt,name=last_decision,json=lastDecision,proto3" json:"last_decision,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LastDecision *AccessDecided `protobuf:"bytes,14,opt,name=last_decision,json=lastDecision,proto3" json:"last_decision,omitempty"`
+	// last_decision_shares_matched: last_decision is stored without its
+	// partnership and MDM record, because they are last_matched's
+	// (observed.partnership and mdm). Most decisions are made from the
+	// verdict the record keeps, and a full sync reads every record: stored
+	// twice, they were the larger part of each. Only the evaluator reads
+	// last_decision whole, and it fills them back (pkg/evaluator judge).
+	LastDecisionSharesMatched bool `protobuf:"varint,15,opt,name=last_decision_shares_matched,json=lastDecisionSharesMatched,proto3" json:"last_decision_shares_matched,omitempty"`
+	unknownFields             protoimpl.UnknownFields
+	sizeCache                 protoimpl.SizeCache
 }
 
 func (x *DecisionRecord) Reset() {
@@ -300,6 +307,13 @@ func (x *DecisionRecord) GetLastDecision() *AccessDecided {
 		return x.LastDecision
 	}
 	return nil
+}
+
+func (x *DecisionRecord) GetLastDecisionSharesMatched() bool {
+	if x != nil {
+		return x.LastDecisionSharesMatched
+	}
+	return false
 }
 
 // AppliedRecord is the executor's memory of one partnership.
@@ -584,7 +598,7 @@ const file_easguard_v1_state_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\v2\x16.easguard.v1.MDMDeviceR\x05value:\x028\x01\x1a]\n" +
 	"\x13ObservedAtByIdEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x120\n" +
-	"\x05value\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x05value:\x028\x01\"\xda\x04\n" +
+	"\x05value\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x05value:\x028\x01\"\x9b\x05\n" +
 	"\x0eDecisionRecord\x124\n" +
 	"\adesired\x18\x01 \x01(\x0e2\x1a.easguard.v1.DesiredAccessR\adesired\x12\x1f\n" +
 	"\vdecision_id\x18\x02 \x01(\tR\n" +
@@ -603,7 +617,8 @@ const file_easguard_v1_state_proto_rawDesc = "" +
 	"\vtraceparent\x18\v \x01(\tR\vtraceparent\x12=\n" +
 	"\fconfirmed_at\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\vconfirmedAt\x12\x12\n" +
 	"\x04held\x18\r \x01(\bR\x04held\x12?\n" +
-	"\rlast_decision\x18\x0e \x01(\v2\x1a.easguard.v1.AccessDecidedR\flastDecision\"\xe3\x03\n" +
+	"\rlast_decision\x18\x0e \x01(\v2\x1a.easguard.v1.AccessDecidedR\flastDecision\x12?\n" +
+	"\x1clast_decision_shares_matched\x18\x0f \x01(\bR\x19lastDecisionSharesMatched\"\xe3\x03\n" +
 	"\rAppliedRecord\x12\x1f\n" +
 	"\vdecision_id\x18\x01 \x01(\tR\n" +
 	"decisionId\x129\n" +
