@@ -37,8 +37,10 @@ type Lease struct {
 	log    *slog.Logger
 
 	held atomic.Bool
-	mu   sync.Mutex
-	hold Hold
+	// tenures counts the acquisitions so far (Tenure).
+	tenures atomic.Uint64
+	mu      sync.Mutex
+	hold    Hold
 }
 
 // leaseRecord is the value of a lease key: who holds it, for operators.
@@ -74,6 +76,20 @@ func NewLease(ctx context.Context, kv jetstream.KeyValue, duty string, org Org, 
 
 // Held reports whether this replica holds the lease now.
 func (l *Lease) Held() bool { return l.held.Load() }
+
+// Tenure reports whether this replica holds the lease now and which of
+// its tenures this is (1 for the first acquisition, 2 after it was lost
+// and taken again, and so on). A holder that acts later on something it
+// claimed under the lease checks first that the tenure is still the one it
+// claimed under: while the lease was lost, another replica may have taken
+// its claims over, even if the lease is held again now.
+func (l *Lease) Tenure() (n uint64, held bool) {
+	// held first: a tenure is counted before it is marked held, so a loss
+	// and a new acquisition between the two loads read as the new tenure,
+	// never as the old one held.
+	held = l.held.Load()
+	return l.tenures.Load(), held
+}
 
 // KeyTTL returns how long the lease key lives after its last renewal.
 func (l *Lease) KeyTTL() time.Duration { return l.ttl }
@@ -155,6 +171,7 @@ func (l *Lease) acquire(ctx context.Context) (bool, error) {
 	l.mu.Lock()
 	l.hold = Hold{Rev: rev, Sent: now}
 	l.mu.Unlock()
+	l.tenures.Add(1)
 	l.held.Store(true)
 	l.log.Info("lease acquired", "ttl", l.ttl)
 	return true, nil

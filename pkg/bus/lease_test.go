@@ -199,12 +199,25 @@ func TestLeaseRenewal(t *testing.T) {
 	})
 	t.Run("a holder none of whose renewals is answered gives the lease up before its key can expire", func(t *testing.T) {
 		c, f := holding(t, 2*time.Second)
+		if n, held := c.lease.Tenure(); n != 1 || !held {
+			t.Fatalf("tenure %d held %v, want the first, held", n, held)
+		}
 		f.Set(natstest.Unanswered)
 		natstest.Eventually(t, 10*time.Second, "the lease given up", func() bool { return !c.lease.Held() })
 		since := f.SinceStored()
 		t.Logf("given up %s after the last stored write was sent (key TTL %s)", since.Round(time.Millisecond), c.lease.KeyTTL())
 		if since >= c.lease.KeyTTL() {
 			t.Errorf("given up %s after the last stored write, when its key (TTL %s) may have expired and been taken", since, c.lease.KeyTTL())
+		}
+		if n, held := c.lease.Tenure(); n != 1 || held {
+			t.Errorf("tenure %d held %v after the loss, want the first, not held", n, held)
+		}
+		// Taken again once the bucket answers: a new tenure, which tells
+		// whoever claimed something under the first that it was lost.
+		f.Set(natstest.Answered)
+		natstest.Eventually(t, 10*time.Second, "the lease taken again", func() bool { return c.lease.Held() })
+		if n, _ := c.lease.Tenure(); n != 2 {
+			t.Errorf("tenure %d after taking the lease again, want 2", n)
 		}
 	})
 }

@@ -118,6 +118,8 @@ type Executor struct {
 	// pub raises alerts (SetPublisher).
 	pub   atomic.Pointer[bus.Publisher]
 	batch *batcher
+	// liveness is the lease Run keeps; nil until Run starts.
+	liveness atomic.Pointer[bus.Lease]
 }
 
 // New opens the executor's state. server reports the CAS in use, for the
@@ -151,7 +153,7 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 		cfg.ClaimTTL = defaultClaimTTL
 	}
 	x := &Executor{org: org, cfg: cfg, applied: kv, status: status, setter: ex, devices: ex, log: log.With("worker", "executor"), now: time.Now, server: server, actor: actor, holder: holder, nonce: hex.EncodeToString(nonce[:]), leases: leases}
-	x.batch = &batcher{apply: ex.ApplyAccess, claim: x.claim, window: cfg.Window, max: cfg.MaxBatch, claimTTL: cfg.ClaimTTL}
+	x.batch = &batcher{apply: ex.ApplyAccess, claim: x.claim, tenure: x.tenure, window: cfg.Window, max: cfg.MaxBatch, claimTTL: cfg.ClaimTTL}
 	return x, nil
 }
 
@@ -165,7 +167,20 @@ func (x *Executor) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("executor: %w", err)
 	}
+	x.liveness.Store(lease)
 	return lease.Run(ctx, func(lctx context.Context) { <-lctx.Done() })
+}
+
+// tenure is the liveness lease's tenure (bus.Lease.Tenure), by which a
+// batch is fenced: its changes are sent only under the tenure its claims
+// were made in. Before Run starts there is no lease to fence by (an
+// executor used without Run, as some tests do), and every batch may go.
+func (x *Executor) tenure() (uint64, bool) {
+	l := x.liveness.Load()
+	if l == nil {
+		return 0, true
+	}
+	return l.Tenure()
 }
 
 // livenessDuty names the liveness lease of the instance with this nonce.
@@ -483,9 +498,11 @@ func (x *Executor) claimOnce(ctx context.Context, key string, d *ev.AccessDecide
 	if v.kind == claimBusy && !x.alive(ctx, rec.GetClaimHolder()) {
 		// Its holder died (or lost NATS for a lease TTL) while sending:
 		// the claim is taken over at once rather than after ClaimTTL.
-		// A holder cut off from NATS but not from Exchange may still
-		// have its one Set-CASMailbox in flight; that is the window
-		// this trades for a quick recovery from a crash.
+		// A holder that lost its lease sends nothing it claimed before
+		// (batcher.run checks its tenure just before sending), but one
+		// cut off from NATS with its Set-CASMailbox already on the way
+		// may still have it in flight; that is the window this trades
+		// for a quick recovery from a crash.
 		v = claimVerdict{kind: claimClaimed}
 	}
 	if v.kind != claimClaimed {
@@ -623,8 +640,11 @@ func invocation(d *ev.AccessDecided) *ev.CmdletInvocation {
 // takes the claim over. Of several decisions for one partnership in a
 // batch only the newest is claimed and sent.
 type batcher struct {
-	apply  func(ctx context.Context, changes []exchange.Change) ([]exchange.ChangeResult, error)
-	claim  func(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error)
+	apply func(ctx context.Context, changes []exchange.Change) ([]exchange.ChangeResult, error)
+	claim func(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error)
+	// tenure reports the instance's liveness lease (Executor.tenure); nil:
+	// no fencing.
+	tenure func() (uint64, bool)
 	window time.Duration
 	max    int
 	// claimTTL is how long a claim lasts; the batch gives up on Exchange
@@ -641,6 +661,40 @@ type batcher struct {
 	inflight int
 	held     map[string]int
 	due      bool
+}
+
+// errFenced is the result of a change not sent because the executor lost
+// its liveness lease after claiming it (batcher.run).
+var errFenced = errors.New("executor: liveness lease lost after the claim; not sent, to be claimed again")
+
+// tenurePoll is how often a batch looks again for the liveness lease it
+// waits for.
+const tenurePoll = 20 * time.Millisecond
+
+// awaitTenure waits until the instance holds its liveness lease, and
+// returns the tenure.
+func (b *batcher) awaitTenure(ctx context.Context) (uint64, error) {
+	for {
+		n, held := b.fence()
+		if held {
+			return n, nil
+		}
+		t := time.NewTimer(tenurePoll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return 0, fmt.Errorf("executor: waiting for the liveness lease: %w", ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// fence is tenure, or a lease always held when there is none to fence by.
+func (b *batcher) fence() (uint64, bool) {
+	if b.tenure == nil {
+		return 0, true
+	}
+	return b.tenure()
 }
 
 // batchesInFlight is how many batches one executor sends at once: a
@@ -782,6 +836,16 @@ func (b *batcher) run(batch []*submission) {
 	until := time.Now().Add(b.claimTTL)
 	ctx, cancel := context.WithDeadline(context.Background(), until.Add(-b.claimTTL/5))
 	defer cancel()
+	// Claims are made only while this instance holds its liveness lease:
+	// without it, the other replicas take them for a dead instance's.
+	tenure, err := b.awaitTenure(ctx)
+	if err != nil {
+		for _, s := range batch {
+			s.err = err
+			close(s.done)
+		}
+		return
+	}
 
 	// The newest decision per partnership; the others are superseded.
 	newest := map[string]*submission{}
@@ -840,6 +904,18 @@ func (b *batcher) run(batch []*submission) {
 	sort.SliceStable(send, func(i, j int) bool {
 		return older(send[i].decision.GetDecidedAt(), send[i].decision.GetDecisionId(), send[j].decision.GetDecidedAt(), send[j].decision.GetDecisionId())
 	})
+	if n, held := b.fence(); !held || n != tenure {
+		// The lease was lost after the claims were made (NATS out of
+		// reach for most of its TTL, say), so another replica may have
+		// taken them over and be sending the same changes: send nothing.
+		// Each handler releases its claim and is delivered again, to
+		// claim afresh under the tenure of then.
+		for _, s := range send {
+			s.result = exchange.ChangeResult{Change: s.change, Err: errFenced}
+			finish(s)
+		}
+		return
+	}
 	changes := make([]exchange.Change, len(send))
 	for i, s := range send {
 		changes[i] = s.change
