@@ -83,7 +83,7 @@ func timeToAllow(b *testing.B, source string, every time.Duration) []time.Durati
 		}, // the defaults
 	}
 	if source == "webhook" {
-		hook = freeAddr(b)
+		hook = natstest.FreeAddr(b)
 		o.mdm = func(c *pipeline.MDMConfig) { c.WebhookAddr, c.WebhookSecret = hook, config.Secret(webhookSecret) }
 	}
 	s := startStack(b, o)

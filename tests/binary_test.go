@@ -4,13 +4,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -167,48 +164,6 @@ type process struct {
 	exited chan struct{} // closed when the process has exited; err is then set
 	err    error
 	http   string
-}
-
-// freeAddr returns a loopback address nothing listens on now, for a
-// process the test starts to listen on.
-//
-// It is picked below the kernel's ephemeral range (ip_local_port_range):
-// the kernel gives ports from that range to every outgoing connection and
-// every ":0" listener, so a port checked free there can be taken by one of
-// the many connections the parallel tests open before the process binds
-// it (TestDemo once failed so: "bind: address already in use").
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	low := ephemeralLow()
-	for range 200 {
-		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 10000+rand.IntN(low-10000)))
-		if err != nil {
-			continue // in use: another test's
-		}
-		addr := ln.Addr().String()
-		ln.Close()
-		return addr
-	}
-	t.Fatalf("no free port between 10000 and %d", low)
-	return ""
-}
-
-// ephemeralLow is the lowest port the kernel hands out on its own
-// (Linux's ip_local_port_range; IANA's 49152 elsewhere).
-func ephemeralLow() int {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return 49152
-	}
-	f := strings.Fields(string(b))
-	if len(f) == 0 {
-		return 49152
-	}
-	low, err := strconv.Atoi(f[0])
-	if err != nil || low <= 11000 {
-		return 49152
-	}
-	return low
 }
 
 // start runs the all-in-one binary with env (see startBinary).

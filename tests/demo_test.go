@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/easguard/easguard/pkg/natsembed/natstest"
 )
 
 // The demo works, with either MDM: deploy/demo.sh --check starts the
@@ -79,8 +81,8 @@ func TestDemo(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			addrs := map[string]string{
-				"EASGUARD_HTTP_ADDR": freeAddr(t), "EASGUARD_CONSOLE_ADDR": freeAddr(t), "EASGUARD_NATS_LISTEN": freeAddr(t), "EASGUARD_NATS_MONITOR_LISTEN": freeAddr(t),
-				"DEMO_INTUNESIM_ADDR": freeAddr(t), "DEMO_INTUNESIM_ADMIN": freeAddr(t),
+				"EASGUARD_HTTP_ADDR": natstest.FreeAddr(t), "EASGUARD_CONSOLE_ADDR": natstest.FreeAddr(t), "EASGUARD_NATS_LISTEN": natstest.FreeAddr(t), "EASGUARD_NATS_MONITOR_LISTEN": natstest.FreeAddr(t),
+				"DEMO_INTUNESIM_ADDR": natstest.FreeAddr(t), "DEMO_INTUNESIM_ADMIN": natstest.FreeAddr(t),
 			}
 			data := filepath.Join(t.TempDir(), "demo")
 			// Only these variables: none of the developer's EASGUARD_ or DEMO_ settings.

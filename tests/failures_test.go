@@ -57,7 +57,7 @@ func workerBinary(t *testing.T, name string) string {
 // test failed.
 func startBinary(t testing.TB, bin string, env ...string) *process {
 	t.Helper()
-	addr := freeAddr(t)
+	addr := natstest.FreeAddr(t)
 	cmd := exec.Command(bin, "run")
 	cmd.Env = baseEnv(append([]string{"EASGUARD_HTTP_ADDR=" + addr, "EASGUARD_DATA_DIR=" + t.TempDir()}, env...)...)
 	p := &process{cmd: cmd, stderr: &simcmd.LockedBuffer{}, exited: make(chan struct{}), http: "http://" + addr}

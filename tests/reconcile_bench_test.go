@@ -24,6 +24,7 @@ import (
 
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/pipeline"
 	"github.com/easguard/easguard/pkg/status"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
@@ -554,7 +555,7 @@ func (r *reconcileRig) timeListing() time.Duration {
 func (r *reconcileRig) start(extra ...string) {
 	tb := r.tb
 	tb.Helper()
-	r.natsAddr = freeAddr(tb)
+	r.natsAddr = natstest.FreeAddr(tb)
 	r.started = time.Now()
 	r.proc = start(tb, r.env(append([]string{"EASGUARD_NATS_LISTEN=" + r.natsAddr}, extra...)...)...)
 	r.proc.waitReady(tb)
@@ -574,7 +575,7 @@ var splitWorkers = []string{pipeline.MDM, pipeline.Matcher, pipeline.Evaluator, 
 func (r *reconcileRig) startSplit(extra ...string) {
 	tb := r.tb
 	tb.Helper()
-	r.natsAddr = freeAddr(tb)
+	r.natsAddr = natstest.FreeAddr(tb)
 	r.started = time.Now()
 	r.proc = start(tb, r.env(append([]string{"EASGUARD_NATS_LISTEN=" + r.natsAddr, "EASGUARD_WORKERS=none"}, extra...)...)...)
 	r.proc.waitReady(tb)

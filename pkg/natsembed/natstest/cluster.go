@@ -2,6 +2,7 @@ package natstest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -61,7 +62,7 @@ func StartCluster(tb testing.TB, n int) *Cluster {
 		tb.Fatalf("start cluster: %d nodes", n)
 	}
 	c := &Cluster{tb: tb}
-	ports := freePorts(tb, 2*n)
+	ports := FreePorts(tb, 2*n)
 	for i := range n {
 		c.nodes = append(c.nodes, &clusterNode{
 			name: fmt.Sprintf("n%d", i+1), clientPort: ports[2*i], routePort: ports[2*i+1], storeDir: tb.TempDir(),
@@ -143,12 +144,12 @@ func (c *Cluster) options(nd *clusterNode) *server.Options {
 	}
 }
 
-// start starts node nd; it must be down.
-func (c *Cluster) start(nd *clusterNode) {
-	c.tb.Helper()
+// start starts node nd; it must be down. It may run on a goroutine of its
+// own, so it reports its failure instead of failing the test.
+func (c *Cluster) start(nd *clusterNode) error {
 	ns, err := server.NewServer(c.options(nd))
 	if err != nil {
-		c.tb.Fatalf("start NATS node %s: %v", nd.name, err)
+		return fmt.Errorf("start NATS node %s: %w", nd.name, err)
 	}
 	if os.Getenv("EASGUARD_TEST_NATS_LOG") != "" {
 		ns.ConfigureLogger()
@@ -158,11 +159,12 @@ func (c *Cluster) start(nd *clusterNode) {
 	// cores, a node that recovers a store has been seen to need over 10s.
 	if !ns.ReadyForConnections(30 * time.Second) {
 		ns.Shutdown()
-		c.tb.Fatalf("start NATS node %s: not accepting connections after 30s", nd.name)
+		return fmt.Errorf("start NATS node %s: not accepting connections after 30s (client port %d, route port %d)", nd.name, nd.clientPort, nd.routePort)
 	}
 	c.mu.Lock()
 	nd.ns = ns
 	c.mu.Unlock()
+	return nil
 }
 
 // stop shuts node nd down and waits for it; a node that is down stays so.
@@ -203,7 +205,9 @@ func (c *Cluster) Restart(i int) {
 			c.tb.Fatalf("restart NATS node %s: %v", nd.name, err)
 		}
 	}
-	c.start(nd)
+	if err := c.start(nd); err != nil {
+		c.tb.Fatalf("restart: %v", err)
+	}
 	c.WaitReady(c.tb, time.Minute)
 }
 
@@ -230,14 +234,18 @@ func (c *Cluster) StartAll() {
 		}
 	}
 	var wg sync.WaitGroup
+	errs := make([]error, len(c.nodes))
 	for i, nd := range c.nodes {
 		if c.Server(i) != nil {
 			continue
 		}
 		wg.Add(1)
-		go func() { defer wg.Done(); c.start(nd) }()
+		go func() { defer wg.Done(); errs[i] = c.start(nd) }()
 	}
 	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		c.tb.Fatalf("start cluster: %v", err)
+	}
 	c.WaitReady(c.tb, time.Minute)
 }
 
@@ -326,29 +334,6 @@ func (c *Cluster) Connect(tb testing.TB, i int) (*nats.Conn, jetstream.JetStream
 		tb.Fatalf("jetstream on node %s: %v", c.nodes[i].name, err)
 	}
 	return nc, js
-}
-
-// freePorts picks n distinct free loopback ports. They are closed again
-// before the servers bind them, so another process could take one in
-// between; on a test machine that is rare enough.
-func freePorts(tb testing.TB, n int) []int {
-	tb.Helper()
-	var lns []net.Listener
-	defer func() {
-		for _, ln := range lns {
-			ln.Close()
-		}
-	}()
-	ports := make([]int, n)
-	for i := range ports {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			tb.Fatalf("free port: %v", err)
-		}
-		lns = append(lns, ln)
-		ports[i] = ln.Addr().(*net.TCPAddr).Port
-	}
-	return ports
 }
 
 // blackhole is an address that refuses connections: port 1 on loopback
