@@ -292,8 +292,8 @@ func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile, split boo
 		res.decided = parts / judged.Sub(first).Seconds()
 	}
 	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].items) / parts
-	res.rssMB = r.peakRSSMB()
 	res.rssByProcess = r.peakRSSByProcess()
+	res.rssMB = largestEasguard(res.rssByProcess)
 	if !split {
 		peakRSSMB = max(peakRSSMB, res.rssMB)
 	}
@@ -357,7 +357,7 @@ func reconcileOnboarding(b *testing.B, n int) onboardingResult {
 	limit := time.Duration(len(r.byMailbox)) * profile.CmdletWrite / benchSessions
 	res.limitRatio = res.wall.Seconds() / limit.Seconds()
 	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].items) / float64(len(r.parts))
-	res.rssMB = r.peakRSSMB()
+	res.rssMB = largestEasguard(r.peakRSSByProcess())
 	peakRSSMB = max(peakRSSMB, res.rssMB)
 	b.Logf("onboarding, %d partnerships on %d mailboxes: every device allow-listed %.1fs after the first full sync began (its pass: %.1fs; easguard started %.1fs before it); limit %.1fs (%d mailboxes × %s ÷ %d sessions); %d Set-CASMailbox calls",
 		len(r.parts), len(r.byMailbox), res.wall.Seconds(), first.GetFinishedAt().AsTime().Sub(t0).Seconds(), t0.Sub(r.started).Seconds(),
@@ -612,9 +612,8 @@ func (r *reconcileRig) connect() {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(nc.Close)
-	var jerr error
-	if r.js, jerr = jetstream.New(nc); jerr != nil {
-		tb.Fatal(jerr)
+	if r.js, err = jetstream.New(nc); err != nil {
+		tb.Fatal(err)
 	}
 }
 
@@ -987,12 +986,11 @@ func (r *reconcileRig) cpuSeconds() float64 {
 	return total
 }
 
-// peakRSSMB reads the peak resident set (VmHWM) of the rig's easguard
-// process, or in the split shape the largest of its worker processes'.
-func (r *reconcileRig) peakRSSMB() float64 {
-	r.tb.Helper()
+// largestEasguard is the largest peak RSS of peakRSSByProcess's but the
+// split shape's NATS server: the all-in-one's, or the largest worker's.
+func largestEasguard(byProcess map[string]float64) float64 {
 	peak := 0.0
-	for name, mb := range r.peakRSSByProcess() {
+	for name, mb := range byProcess {
 		if name != "nats" {
 			peak = max(peak, mb)
 		}

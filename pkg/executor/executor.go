@@ -642,8 +642,7 @@ func invocation(d *ev.AccessDecided) *ev.CmdletInvocation {
 type batcher struct {
 	apply func(ctx context.Context, changes []exchange.Change) ([]exchange.ChangeResult, error)
 	claim func(ctx context.Context, key string, d *ev.AccessDecided, until time.Time) (claimVerdict, error)
-	// tenure reports the instance's liveness lease (Executor.tenure); nil:
-	// no fencing.
+	// tenure reports the instance's liveness lease (Executor.tenure).
 	tenure func() (uint64, bool)
 	window time.Duration
 	max    int
@@ -675,7 +674,7 @@ const tenurePoll = 20 * time.Millisecond
 // returns the tenure.
 func (b *batcher) awaitTenure(ctx context.Context) (uint64, error) {
 	for {
-		n, held := b.fence()
+		n, held := b.tenure()
 		if held {
 			return n, nil
 		}
@@ -687,14 +686,6 @@ func (b *batcher) awaitTenure(ctx context.Context) (uint64, error) {
 		case <-t.C:
 		}
 	}
-}
-
-// fence is tenure, or a lease always held when there is none to fence by.
-func (b *batcher) fence() (uint64, bool) {
-	if b.tenure == nil {
-		return 0, true
-	}
-	return b.tenure()
 }
 
 // batchesInFlight is how many batches one executor sends at once: a
@@ -904,7 +895,7 @@ func (b *batcher) run(batch []*submission) {
 	sort.SliceStable(send, func(i, j int) bool {
 		return older(send[i].decision.GetDecidedAt(), send[i].decision.GetDecisionId(), send[j].decision.GetDecidedAt(), send[j].decision.GetDecisionId())
 	})
-	if n, held := b.fence(); !held || n != tenure {
+	if n, held := b.tenure(); !held || n != tenure {
 		// The lease was lost after the claims were made (NATS out of
 		// reach for most of its TTL, say), so another replica may have
 		// taken them over and be sending the same changes: send nothing.

@@ -64,9 +64,6 @@ func parseInventory(source, format string, r io.Reader) (*inventory, error) {
 // {"value": [...]} envelope, and nothing after it. The array is decoded an
 // element at a time, each normalised as it comes.
 func parseJSON(source string, r io.Reader) ([]*ev.MDMDevice, error) {
-	bad := func(err error) error {
-		return fmt.Errorf("parse JSON inventory: %w: %w", ErrInvalidInventory, err)
-	}
 	dec := json.NewDecoder(r)
 	tok, err := dec.Token()
 	if errors.Is(err, io.EOF) {
@@ -83,45 +80,8 @@ func parseJSON(source string, r io.Reader) ([]*ev.MDMDevice, error) {
 			return nil, err
 		}
 	case json.Delim('{'):
-		found := false
-		for dec.More() {
-			key, err := dec.Token()
-			if err != nil {
-				return nil, bad(err)
-			}
-			if key != "value" || found {
-				// OData annotations (@odata.context, a next link) and
-				// anything else beside the devices; a second "value"
-				// is skipped as encoding/json would keep only the last.
-				var skip json.RawMessage
-				if err := dec.Decode(&skip); err != nil {
-					return nil, bad(err)
-				}
-				if key == "value" && !bytes.Equal(skip, []byte("null")) {
-					return nil, fmt.Errorf("parse JSON inventory: %w: two \"value\" arrays", ErrInvalidInventory)
-				}
-				continue
-			}
-			tok, err := dec.Token()
-			if err != nil {
-				return nil, bad(err)
-			}
-			if tok != json.Delim('[') {
-				if tok == nil {
-					continue // "value": null is no array
-				}
-				return nil, fmt.Errorf("parse JSON inventory: %w: \"value\" is not an array", ErrInvalidInventory)
-			}
-			if devices, err = parseJSONArray(source, dec); err != nil {
-				return nil, err
-			}
-			found = true
-		}
-		if _, err := dec.Token(); err != nil { // the closing brace
-			return nil, bad(err)
-		}
-		if !found {
-			return nil, fmt.Errorf("parse JSON inventory: %w: object without a \"value\" array", ErrInvalidInventory)
+		if devices, err = parseJSONEnvelope(source, dec); err != nil {
+			return nil, err
 		}
 	default:
 		return nil, fmt.Errorf("parse JSON inventory: %w: expected an array or an object with \"value\"", ErrInvalidInventory)
@@ -132,8 +92,54 @@ func parseJSON(source string, r io.Reader) ([]*ev.MDMDevice, error) {
 	return devices, nil
 }
 
+// parseJSONEnvelope decodes Graph's {"value": [...]} envelope, whose
+// opening brace dec has read, and its closing one. Other keys (OData
+// annotations such as @odata.context or a next link) are skipped wherever
+// they stand; "value": null is no array.
+func parseJSONEnvelope(source string, dec *json.Decoder) ([]*ev.MDMDevice, error) {
+	bad := func(err error) error {
+		return fmt.Errorf("parse JSON inventory: %w: %w", ErrInvalidInventory, err)
+	}
+	var devices []*ev.MDMDevice // nil until a "value" array (even an empty one) is read
+	for dec.More() {
+		key, err := dec.Token()
+		if err != nil {
+			return nil, bad(err)
+		}
+		if key != "value" {
+			var skip json.RawMessage
+			if err := dec.Decode(&skip); err != nil {
+				return nil, bad(err)
+			}
+			continue
+		}
+		tok, err := dec.Token()
+		switch {
+		case err != nil:
+			return nil, bad(err)
+		case tok == nil:
+			continue
+		case tok != json.Delim('['):
+			return nil, fmt.Errorf("parse JSON inventory: %w: \"value\" is not an array", ErrInvalidInventory)
+		case devices != nil:
+			return nil, fmt.Errorf("parse JSON inventory: %w: two \"value\" arrays", ErrInvalidInventory)
+		}
+		if devices, err = parseJSONArray(source, dec); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return nil, bad(err)
+	}
+	if devices == nil {
+		return nil, fmt.Errorf("parse JSON inventory: %w: object without a \"value\" array", ErrInvalidInventory)
+	}
+	return devices, nil
+}
+
 // parseJSONArray decodes the elements of an array whose opening bracket
-// dec has read, and its closing one.
+// dec has read, and its closing one; an empty array gives an empty slice,
+// never nil.
 func parseJSONArray(source string, dec *json.Decoder) ([]*ev.MDMDevice, error) {
 	devices := []*ev.MDMDevice{}
 	for i := 0; dec.More(); i++ {

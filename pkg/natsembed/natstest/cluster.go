@@ -355,7 +355,7 @@ type relay struct {
 }
 
 func startRelay(target string) (*relay, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := listenLow() // Up listens on it again, after connections came and went
 	if err != nil {
 		return nil, err
 	}

@@ -28,7 +28,6 @@ func FreeAddr(tb testing.TB) string {
 // below the kernel's ephemeral range (see FreeAddr).
 func FreePorts(tb testing.TB, n int) []int {
 	tb.Helper()
-	low := ephemeralLow()
 	var lns []net.Listener
 	defer func() {
 		for _, ln := range lns {
@@ -36,18 +35,31 @@ func FreePorts(tb testing.TB, n int) []int {
 		}
 	}()
 	ports := make([]int, 0, n)
-	for try := 0; len(ports) < n; try++ {
-		if try == 200*n {
-			tb.Fatalf("no %d free ports between 10000 and %d", n, low)
-		}
-		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 10000+rand.IntN(low-10000)))
+	for range n {
+		ln, err := listenLow()
 		if err != nil {
-			continue // in use: another test's
+			tb.Fatal(err)
 		}
 		lns = append(lns, ln) // held until all are picked: no port twice
 		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
 	}
 	return ports
+}
+
+// listenLow listens on a loopback port below the kernel's ephemeral range
+// (see FreeAddr), so that a listener closed and opened again on the same
+// port (a relay cut and restored) does not find it taken by an outgoing
+// connection.
+func listenLow() (net.Listener, error) {
+	low := ephemeralLow()
+	for range 200 {
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 10000+rand.IntN(low-10000)))
+		if err == nil {
+			return ln, nil
+		}
+		// in use: another test's
+	}
+	return nil, fmt.Errorf("no free port between 10000 and %d", low)
 }
 
 // ephemeralLow is the lowest port the kernel hands out on its own
