@@ -273,6 +273,46 @@ func TestFileSourceFailedReadPublishesNothing(t *testing.T) {
 	}
 }
 
+// A poll of an export that has not changed is reported as a good read
+// but neither parsed nor compared again; a change, a failure and the
+// return to the delivered content are each still seen by the poll.
+func TestFileSourceSkipsAnUnchangedInventory(t *testing.T) {
+	good := jsonArray(t, devices(3))
+	path, sink, logs := startFile(t, "inventory.json", good, FileOptions{PollInterval: 20 * time.Millisecond})
+	sink.waitCalls(t, 1)
+	waitFor(t, "three polls of the unchanged file", func() bool { return logs.count(unchangedMsg) >= 3 })
+	if n := sink.readOKCount(); n < 4 {
+		t.Errorf("%d good reads reported after the first read and three unchanged polls, want at least 4", n)
+	}
+
+	// A change is parsed and delivered.
+	ds := devices(3)
+	ds[1].ComplianceState = "noncompliant"
+	changed := jsonArray(t, ds)
+	writeInPlace(t, path, changed)
+	if got := changeIDs(sink.waitCalls(t, 2)); !slices.Equal(got, []string{ds[1].ID}) {
+		t.Errorf("after the edit, published %v, want only %s", got, ds[1].ID)
+	}
+	skipped := logs.count(unchangedMsg)
+	waitFor(t, "a poll of the edited file", func() bool { return logs.count(unchangedMsg) > skipped })
+
+	// A broken file alerts; the delivered content back is a good read
+	// without a parse; the same breakage then alerts again.
+	garbage := []byte("<html>503 Service Unavailable</html>")
+	replaceFile(t, path, garbage)
+	sink.waitAlerts(t, 1)
+	replaceFile(t, path, changed)
+	skipped, oks := logs.count(unchangedMsg), sink.readOKCount()
+	waitFor(t, "the delivered content read again", func() bool {
+		return logs.count(unchangedMsg) > skipped && sink.readOKCount() > oks
+	})
+	replaceFile(t, path, garbage)
+	sink.waitAlerts(t, 2)
+	if n := len(sink.calls()); n != 2 {
+		t.Errorf("%d Changed calls, want 2 (the first read and the edit): %+v", n, sink.calls())
+	}
+}
+
 func TestFileSourceMissingAtStart(t *testing.T) {
 	path, sink, _ := startFile(t, "later.csv", nil, FileOptions{})
 	a := sink.waitAlerts(t, 1)
@@ -481,4 +521,47 @@ func TestFileSourceRunErrors(t *testing.T) {
 			t.Errorf("second Run = %v, want ErrAlreadyRunning", err)
 		}
 	})
+}
+
+// BenchmarkFilePollUnchanged100k measures one poll of an export of
+// 100,000 devices that has not changed since it was delivered: "parsed"
+// as every poll did before the content's hash was kept (parse, normalise,
+// compare with what was delivered), "hashed" as a poll does now. Each
+// sub-benchmark delivers the file once before the timer starts.
+func BenchmarkFilePollUnchanged100k(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "inventory.json")
+	writeInPlace(b, path, jsonArray(b, devices(100_000)))
+	for _, tc := range []struct {
+		name  string
+		parse bool
+	}{{"parsed", true}, {"hashed", false}} {
+		b.Run(tc.name, func(b *testing.B) {
+			ctx := context.Background()
+			log := slog.New(slog.DiscardHandler)
+			sink := &recordingSink{}
+			fr := &fileRun{path: path, source: "file:" + path, format: FormatJSON, log: log,
+				rec: newReconciler("file", "file:"+path, 0, sink, log)}
+			if fr.read(ctx) || len(sink.calls()) != 1 {
+				b.Fatalf("first read: %d deliveries, want 1", len(sink.calls()))
+			}
+			oks := sink.readOKCount()
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				if tc.parse {
+					fr.applied = [32]byte{}
+				}
+				if fr.read(ctx) {
+					b.Fatal("an unchanged read asked to be retried")
+				}
+			}
+			b.StopTimer()
+			if n := len(sink.calls()); n != 1 {
+				b.Fatalf("%d deliveries of an unchanged file, want the first only", n)
+			}
+			if got := sink.readOKCount() - oks; got != b.N {
+				b.Fatalf("%d good reads reported for %d polls", got, b.N)
+			}
+		})
+	}
 }

@@ -50,7 +50,21 @@ type recordingSink struct {
 	attempts    int
 	changed     [][]Change // successful calls only
 	alerts      []alertCall
+	readOKs     int
 	failChanged func(attempt int, changes []Change) error
+}
+
+// ReadOK counts the complete reads the source reports (ReadReporter).
+func (s *recordingSink) ReadOK(context.Context, int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.readOKs++
+}
+
+func (s *recordingSink) readOKCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.readOKs
 }
 
 var errSinkDown = errors.New("sink down")

@@ -85,6 +85,11 @@ type reconciler struct {
 	// marked says this run has told the store that a complete read was
 	// delivered (ReadMarker), which it does once.
 	marked bool
+	// lastRead is how many records the last applied read listed, and
+	// lastWithheld whether its removals were withheld: what repeat
+	// reports again.
+	lastRead     int
+	lastWithheld bool
 }
 
 func newReconciler(what, source string, massShare float64, sink Sink, log *slog.Logger) *reconciler {
@@ -282,12 +287,33 @@ func (r *reconciler) apply(ctx context.Context, next *inventory, resync bool) er
 		}
 		r.marked = true
 	}
-	if rr, ok := r.sink.(ReadReporter); ok && !withhold {
-		// A read whose removals were withheld is not "ok": its alert
-		// stands until a plausible read.
-		rr.ReadOK(ctx, len(next.order))
-	}
+	r.lastRead, r.lastWithheld = len(next.order), withhold
+	r.reportRead(ctx)
 	return nil
+}
+
+// reportRead tells the sink of the last applied read. A read whose
+// removals were withheld is not "ok": its alert stands until a plausible
+// read.
+func (r *reconciler) reportRead(ctx context.Context) {
+	if rr, ok := r.sink.(ReadReporter); ok && !r.lastWithheld {
+		rr.ReadOK(ctx, r.lastRead)
+	}
+}
+
+// repeat reports a read identical to the one last applied without
+// comparing it again, and says whether it could: applying it again would
+// deliver nothing, store nothing and alert nothing new, unless records
+// are waiting out missingAfter (time, not the read, moves them on) or the
+// store must be loaded again after a failed save. The caller must know
+// the read is identical and that the last apply succeeded.
+func (r *reconciler) repeat(ctx context.Context) bool {
+	if len(r.missingSince) > 0 || r.store != nil && !r.loaded {
+		return false
+	}
+	r.failureAlert = "" // a read works again, as in apply
+	r.reportRead(ctx)
+	return true
 }
 
 // judgeRemovals decides whether the removals of a read are implausible and,

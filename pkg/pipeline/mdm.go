@@ -28,7 +28,7 @@ import (
 
 // MDMConfig configures the MDM sources.
 type MDMConfig struct {
-	File             string        `split_words:"true" desc:"MDM inventory file (JSON: an array or Graph's {\"value\":[…]} of managedDevice objects; CSV with managedDevice field names as header), re-read when it changes."`
+	File             string        `split_words:"true" desc:"MDM inventory file (JSON: an array or Graph's {\"value\":[…]} of managedDevice objects; CSV with managedDevice field names as header), re-read when it changes (file events, and a poll every 30 s for shares without them: a poll of unchanged content hashes the file and parses nothing)."`
 	FileFormat       string        `split_words:"true" default:"auto" desc:"Format of the inventory file: auto (by extension), json or csv."`
 	MassRemovalShare float64       `split_words:"true" default:"0.5" desc:"An inventory read that would remove more than this share of the known devices removes none and raises an alert (an MDM export that came out empty must not block everyone)."`
 	WebhookAddr      string        `split_words:"true" desc:"Listen address of the MDM webhook (POST /mdm/webhook, HMAC-signed); empty: no webhook."`
