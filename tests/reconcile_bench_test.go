@@ -79,6 +79,10 @@ var peakRSSMB float64
 //   - hops: steady against a simulator without latency (its `none`
 //     profile), so that Exchange is not what paces the pass: the hops'
 //     own throughput on the CPU they share with the simulator.
+//   - hops_only: the matcher and the evaluator with no Exchange at all: a
+//     steady pass's pages of confirmations (as the collector published
+//     them) published to them again at once, so that neither the listing
+//     nor the simulator shares the cores; what the hops alone keep up.
 //   - split: steady with easguard deployed as its containers are
 //     (deploy/compose): an easguard process per worker, all on one NATS
 //     server that is a process of its own, so that each worker's peak RSS
@@ -96,7 +100,10 @@ var peakRSSMB float64
 // first and last output of the pass; decided: the partnerships over the
 // time from the first match to the evaluator's status that it judged the
 // pass, since a judgement that changes nothing writes nothing), and the
-// same of the hops shape (hops_steady_s, hops_listing_s, hops_partnerships_per_s_…); decisions_per_partnership,
+// same of the hops shape (hops_steady_s, hops_listing_s, hops_partnerships_per_s_…);
+// hops_only_partnerships_per_s_matched and _decided (from the first page
+// published to the matcher's last verdicts, and to the evaluator's
+// consumer drained) and hops_only_cpu_us_per_partnership; decisions_per_partnership,
 // the device.matched events the evaluator judged per partnership;
 // onboarding_s and onboarding_limit_ratio, onboarding's time over the
 // physical limit (one Set-CASMailbox per mailbox with devices × the
@@ -142,6 +149,20 @@ func BenchmarkReconcile100k(b *testing.B) {
 		b.ReportMetric(mean(observed), prefix+"hops_partnerships_per_s_observed:partnerships/s")
 		b.ReportMetric(mean(matched), prefix+"hops_partnerships_per_s_matched:partnerships/s")
 		b.ReportMetric(mean(decided), prefix+"hops_partnerships_per_s_decided:partnerships/s")
+	})
+	b.Run("hops_only", func(b *testing.B) {
+		// The matcher and the evaluator alone: a steady pass's pages of
+		// confirmations published to them at once, with no Exchange
+		// listing and no simulator sharing the cores.
+		b.StopTimer()
+		var matched, decided, cpu []float64
+		for range b.N {
+			r := reconcileHopsOnly(b, n)
+			matched, decided, cpu = append(matched, r.matched), append(decided, r.decided), append(cpu, r.cpuMicros)
+		}
+		b.ReportMetric(mean(matched), prefix+"hops_only_partnerships_per_s_matched:partnerships/s")
+		b.ReportMetric(mean(decided), prefix+"hops_only_partnerships_per_s_decided:partnerships/s")
+		b.ReportMetric(mean(cpu), prefix+"hops_only_cpu_us_per_partnership:µs")
 	})
 	b.Run("split", func(b *testing.B) {
 		// The steady pass with easguard deployed as its containers are
@@ -304,6 +325,112 @@ func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile, split boo
 		collectorPass.Seconds(), end.Sub(t0).Seconds(), res.listing.Seconds())
 	b.Logf("steady: easguard used %.1f s of CPU in the pass, %.0f µs a partnership", cpu, cpu*1e6/float64(len(r.parts)))
 	r.logAll("steady", t0, pass)
+	return res
+}
+
+// hopsOnlyResult is one measured hops-only pass.
+type hopsOnlyResult struct {
+	matched, decided float64 // partnerships/s
+	cpuMicros        float64 // easguard's CPU per partnership
+}
+
+// reconcileHopsOnly measures the matcher and the evaluator without
+// Exchange: after the first full sync and a second one (steady, so that
+// the collector publishes its partnerships as pages of confirmations,
+// unmeasured), it publishes that second pass's pages again under a new
+// sync id, all at once, and times the hops until the evaluator has judged
+// every partnership: matched over the time from the first page published
+// to the matcher's last verdicts, decided to the evaluator's consumer
+// drained (polled every 50 ms).
+func reconcileHopsOnly(b *testing.B, n int) hopsOnlyResult {
+	b.Helper()
+	r := newReconcileRig(b, n, true, exchangesim.TestProfile())
+	r.start("EASGUARD_COLLECTOR_QUICK_INTERVAL=24h")
+	for _, sync := range r.waitSyncs(0, 30*time.Minute, ev.SyncKind_SYNC_KIND_FULL) {
+		if !sync.GetSuccess() {
+			b.Fatalf("first full sync failed: %v", sync.GetErrors())
+		}
+	}
+	r.waitIdle(30 * time.Minute)
+	primed := r.snapshot()
+	r.requestFullSync()
+	r.waitSyncs(primed.seq[bus.StreamSync], 30*time.Minute, ev.SyncKind_SYNC_KIND_FULL)
+	r.waitIdle(30 * time.Minute)
+	r.phase("two full syncs, unmeasured")
+
+	// The second pass's pages, under a sync id of their own.
+	ref := &ev.SyncRef{SyncId: fmt.Sprintf("hops-%d", time.Now().UnixNano()), Kind: ev.SyncKind_SYNC_KIND_FULL}
+	var pages []bus.Outbound
+	parts := 0
+	for seq, last := primed.seq[bus.StreamEAS]+1, r.lastSeq(bus.StreamEAS); seq <= last; seq++ {
+		m := r.message(bus.StreamEAS, seq, nil)
+		if !strings.Contains(m.Subject, ".eas.confirmed.") {
+			continue
+		}
+		var page ev.EASPartnershipsConfirmed
+		if err := proto.Unmarshal(m.Data, &page); err != nil {
+			b.Fatalf("page %d of %s: %v", seq, bus.StreamEAS, err)
+		}
+		page.Sync = ref
+		subject, err := bus.EASConfirmed.Subject(testOrg, ev.PageKey(ref, page.GetPage()))
+		if err != nil {
+			b.Fatal(err)
+		}
+		pages = append(pages, bus.Outbound{Subject: subject, MsgID: "eas-confirmed:" + ev.PageKey(ref, page.GetPage()), Message: &page})
+		parts += len(page.GetPartnerships())
+	}
+	if parts != len(r.parts) {
+		b.Fatalf("the steady pass confirmed %d partnerships in %d pages, Exchange has %d: not a steady pass", parts, len(pages), len(r.parts))
+	}
+	pub, err := bus.NewPublisher(r.js, bus.Instrumentation{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := b.Context()
+	c, err := r.js.Consumer(ctx, bus.StreamMatch, bus.DurableName("evaluator", "device-confirmed", testOrg))
+	if err != nil {
+		b.Fatalf("the evaluator's consumer of confirmed pages: %v", err)
+	}
+	before := r.snapshot()
+	cpu0 := r.cpuSeconds()
+	b.StartTimer()
+	t0 := time.Now()
+	for _, o := range pages {
+		if _, err := pub.Publish(ctx, o); err != nil {
+			b.Fatalf("publish %s: %v", o.Subject, err)
+		}
+	}
+	published := time.Since(t0)
+	var drained time.Time
+	pollEvery(b, 30*time.Minute, 50*time.Millisecond, "the evaluator to judge every page", func() bool {
+		info, err := c.Info(ctx)
+		if err != nil {
+			b.Fatalf("the evaluator's consumer: %v", err)
+		}
+		if info.Delivered.Stream < r.lastSeq(bus.StreamMatch) || r.lastSeq(bus.StreamMatch)-before.seq[bus.StreamMatch] < uint64(len(pages)) ||
+			info.NumPending > 0 || info.NumAckPending > 0 {
+			return false
+		}
+		drained = time.Now()
+		return true
+	})
+	b.StopTimer()
+	cpu := r.cpuSeconds() - cpu0
+	pass := r.since(before)
+	if d := pass[bus.StreamDecisions].n; d != 0 {
+		b.Errorf("%d decisions published for pages of partnerships already as the policy says", d)
+	}
+	if got := pass[bus.StreamMatch].items; got != uint64(parts) {
+		b.Errorf("the matcher published verdicts on %d partnerships, the pages held %d", got, parts)
+	}
+	res := hopsOnlyResult{
+		matched:   float64(parts) / pass[bus.StreamMatch].last.Sub(t0).Seconds(),
+		decided:   float64(parts) / drained.Sub(t0).Seconds(),
+		cpuMicros: cpu * 1e6 / float64(parts),
+	}
+	b.Logf("hops only, %d partnerships in %d pages: published %.1fs, matched %.1fs, judged %.1fs after the first page; easguard used %.1f s of CPU, %.0f µs a partnership",
+		parts, len(pages), published.Seconds(), pass[bus.StreamMatch].last.Sub(t0).Seconds(), drained.Sub(t0).Seconds(), cpu, res.cpuMicros)
+	r.logAll("hops only", t0, pass)
 	return res
 }
 
