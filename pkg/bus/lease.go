@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -111,14 +112,35 @@ func (l *Lease) Holder(ctx context.Context) (string, error) {
 	return rec.Holder, nil
 }
 
+// leaseWatchTimeout bounds Run's attempts to set up its watch, as
+// EASGUARD_BIND_TIMEOUT's default bounds binding consumers.
+var leaseWatchTimeout = time.Minute
+
 // Run campaigns for the lease until ctx is cancelled. Each time it is
 // acquired, lead runs with a context that is cancelled the moment the lease
 // is lost; Run waits for lead to return before campaigning again. On exit
 // Run releases the lease so a standby takes over at once. If lead returns
 // on its own, Run releases the lease and returns.
+//
+// Setting up the watch is retried for up to leaseWatchTimeout: a cluster
+// that has just formed (every container started at once) may not answer
+// for its bucket yet, and that must not stop the process; one that
+// still does not answer then does, with the reason.
 func (l *Lease) Run(ctx context.Context, lead func(ctx context.Context)) error {
-	w, err := l.kv.Watch(ctx, l.key, jetstream.UpdatesOnly())
+	var w jetstream.KeyWatcher
+	bo := backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(leaseWatchTimeout))
+	err := backoff.RetryNotify(func() error {
+		var err error
+		w, err = l.kv.Watch(ctx, l.key, jetstream.UpdatesOnly())
+		return err
+	}, backoff.WithContext(bo, ctx), func(err error, d time.Duration) {
+		l.log.Warn("lease watch not set up; retrying", "error", err, "retry_in", d)
+	})
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return fmt.Errorf("lease %s: watch: %w", l.key, err)
 	}
 	defer func() { _ = w.Stop() }()

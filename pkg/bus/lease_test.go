@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -125,6 +126,45 @@ func TestLeaseReleasedOnStop(t *testing.T) {
 	// A released lease is taken at once, not after the TTL.
 	if took := time.Since(start); took > a.lease.KeyTTL()/2 {
 		t.Errorf("takeover after release took %s", took)
+	}
+}
+
+// watchFails is a lease bucket whose first watches fail, as those of a
+// cluster still forming do (every container started at once).
+type watchFails struct {
+	jetstream.KeyValue
+	left atomic.Int32
+}
+
+func (w *watchFails) Watch(ctx context.Context, key string, opts ...jetstream.WatchOpt) (jetstream.KeyWatcher, error) {
+	if w.left.Add(-1) >= 0 {
+		return nil, nats.ErrNoResponders
+	}
+	return w.KeyValue.Watch(ctx, key, opts...)
+}
+
+// A bucket that does not answer at first delays the campaign; it does not
+// end it (which would stop the process).
+func TestLeaseRunOutlastsABucketNotAnsweringYet(t *testing.T) {
+	_, _, js := natstest.Start(t)
+	if err := bus.Provision(natstest.Context(t), js, fastTopology()); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(natstest.Context(t), bus.BucketLeases)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slow := &watchFails{KeyValue: kv}
+	slow.left.Store(3)
+	c := startContender(t, slow, "replica-a")
+	natstest.Eventually(t, 10*time.Second, "the lease held once the bucket answers", func() bool { return c.lease.Held() })
+	select {
+	case <-c.done:
+		t.Fatal("Run returned")
+	default:
+	}
+	if n := slow.left.Load(); n >= 0 {
+		t.Fatalf("%d failing watches left, want all three tried", n+1)
 	}
 }
 
