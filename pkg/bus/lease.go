@@ -228,10 +228,6 @@ func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop 
 	defer renew.Stop()
 	expire := time.NewTimer(time.Until(deadline()))
 	defer expire.Stop()
-	mine := func(v []byte) bool {
-		var rec leaseRecord
-		return json.Unmarshal(v, &rec) == nil && rec.Holder == l.holder
-	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -248,7 +244,7 @@ func (l *Lease) lead(ctx context.Context, lead func(ctx context.Context)) (stop 
 		}
 		val, _ := json.Marshal(leaseRecord{Holder: l.holder, AcquiredAt: acquiredAt, RenewedAt: time.Now()})
 		var err error
-		hold, err = RenewHold(ctx, l.kv, l.key, val, hold, min(l.ttl/12, time.Until(deadline())), mine)
+		hold, err = RenewHold(ctx, l.kv, l.key, val, hold, min(l.ttl/12, time.Until(deadline())), l.ours)
 		l.mu.Lock()
 		l.hold = hold
 		l.mu.Unlock()
@@ -288,11 +284,26 @@ func (l *Lease) release() {
 	l.mu.Lock()
 	rev := l.hold.Rev
 	l.mu.Unlock()
-	if err := l.kv.Delete(ctx, l.key, jetstream.LastRevision(rev)); err != nil {
+	err := l.kv.Delete(ctx, l.key, jetstream.LastRevision(rev))
+	if err != nil {
+		// A renewal this shutdown cancelled may have been stored all the
+		// same, under a revision this holder never learnt: if the key is
+		// still ours, it is released at the revision it has.
+		if e, gerr := l.kv.Get(ctx, l.key); gerr == nil && e.Revision() != rev && l.ours(e.Value()) {
+			err = l.kv.Delete(ctx, l.key, jetstream.LastRevision(e.Revision()))
+		}
+	}
+	if err != nil {
 		l.log.Warn("lease release failed; it expires on its own", "error", err)
 		return
 	}
 	l.log.Info("lease released")
+}
+
+// ours reports whether a lease record names this holder.
+func (l *Lease) ours(v []byte) bool {
+	var rec leaseRecord
+	return json.Unmarshal(v, &rec) == nil && rec.Holder == l.holder
 }
 
 // LeaseHolder is who holds one duty of an organisation, for operators: the

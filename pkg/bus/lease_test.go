@@ -168,6 +168,43 @@ func TestLeaseRunOutlastsABucketNotAnsweringYet(t *testing.T) {
 	}
 }
 
+// A renewal that the holder's shutdown cancelled may have been stored all
+// the same, under a revision the holder never learnt: the lease is still
+// released at once, not left to expire.
+func TestLeaseReleasedAfterARenewalItNeverHeardOf(t *testing.T) {
+	_, _, js := natstest.Start(t)
+	ctx := natstest.Context(t)
+	if err := bus.Provision(ctx, js, fastTopology()); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx, bus.BucketLeases)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := startContender(t, kv, "replica-a")
+	natstest.Eventually(t, 5*time.Second, "a holds", func() bool { return a.lease.Held() })
+	b := startContender(t, kv, "replica-b")
+	keys, err := kv.Keys(ctx)
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("lease keys %v (%v), want a's one", keys, err)
+	}
+	e, err := kv.Get(ctx, keys[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	// a's renewal, stored; its reply never reached a.
+	if _, err := kv.Update(ctx, keys[0], e.Value(), e.Revision()); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	a.cancel()
+	<-a.done
+	natstest.Eventually(t, 5*time.Second, "b takes over", func() bool { return b.lease.Held() })
+	if took := time.Since(start); took > a.lease.KeyTTL()/2 {
+		t.Errorf("takeover after release took %s: the lease expired instead of being released", took)
+	}
+}
+
 func TestLeaseNeedsBucketTTL(t *testing.T) {
 	_, _, js := natstest.Start(t)
 	ctx := natstest.Context(t)
