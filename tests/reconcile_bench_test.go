@@ -407,7 +407,8 @@ func reconcileHopsOnly(b *testing.B, n int) hopsOnlyResult {
 		if err != nil {
 			b.Fatalf("the evaluator's consumer: %v", err)
 		}
-		if info.Delivered.Stream < r.lastSeq(bus.StreamMatch) || r.lastSeq(bus.StreamMatch)-before.seq[bus.StreamMatch] < uint64(len(pages)) ||
+		last := r.lastSeq(bus.StreamMatch)
+		if info.Delivered.Stream < last || last-before.seq[bus.StreamMatch] < uint64(len(pages)) ||
 			info.NumPending > 0 || info.NumAckPending > 0 {
 			return false
 		}
