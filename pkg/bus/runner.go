@@ -98,9 +98,12 @@ type Route struct {
 }
 
 // Serial makes the route handle one message at a time whatever the
-// runner's Concurrency: for a handler that waits on the bus (a barrier
+// runner's Concurrency, and across every replica (its consumer's
+// MaxAckPending is 1): for a handler that waits on the bus (a barrier
 // that polls until the pipeline has drained), several at once would only
-// multiply the polling and contend for the lock it takes.
+// multiply the polling and contend for the lock it takes, and a message
+// buffered behind one that takes minutes would use up its deliveries
+// waiting.
 func (r Route) Serial() Route {
 	r.serial = true
 	return r
@@ -278,9 +281,16 @@ func NewRunner(js jetstream.JetStream, cfg RunnerConfig, routes ...Route) (*Runn
 		if err != nil {
 			return nil, fmt.Errorf("new runner %s: %w", cfg.Service, err)
 		}
+		consumer := cfg.Topology.ConsumerConfig(cfg.Service, rt.name, filter, cfg.Org)
+		if rt.serial {
+			// The server hands out the next message only when the one in
+			// hand is settled, so nothing waits in a buffer, unheartbeated,
+			// behind a handler that takes minutes: such a message would be
+			// redelivered every AckWait until MaxDeliver dead-lettered it.
+			consumer.MaxAckPending = 1
+		}
 		r.routes = append(r.routes, &boundRoute{
-			Route: rt, stream: stream, filter: filter, template: template,
-			consumer: cfg.Topology.ConsumerConfig(cfg.Service, rt.name, filter, cfg.Org),
+			Route: rt, stream: stream, filter: filter, template: template, consumer: consumer,
 		})
 	}
 	if len(r.routes) == 0 {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -806,5 +807,68 @@ func TestHandlerPanicIsRetriedNotFatal(t *testing.T) {
 	out.AwaitLen(t, 10*time.Second, 1)
 	if calls.Load() != 2 {
 		t.Fatalf("calls = %d, want 2", calls.Load())
+	}
+}
+
+// Messages queued behind a serial route's slow handler are not redelivered
+// while they wait, in this replica's buffer or another's: a barrier that
+// waits minutes for the pipeline to drain must not spend the deliveries
+// of the sync reports behind it (the cluster test dead-lettered one that
+// way). Across two replicas the route handles one message at a time.
+func TestSerialRouteQueueIsNotRedelivered(t *testing.T) {
+	e := newEnv(t)
+	var mu sync.Mutex
+	delivered := map[string][]uint64{}
+	running, most := 0, 0
+	release := make(chan struct{})
+	route := bus.Handle("eas-observed", bus.EASObserved, func(ctx context.Context, in *ev.EASPartnershipObserved) ([]bus.Outbound, error) {
+		id := in.GetPartnership().GetDeviceId()
+		mu.Lock()
+		running++
+		most = max(most, running)
+		delivered[id] = append(delivered[id], bus.Delivery(ctx))
+		mu.Unlock()
+		<-release
+		mu.Lock()
+		running--
+		mu.Unlock()
+		return nil, nil
+	}).Serial()
+	t.Cleanup(func() {
+		if t.Failed() {
+			mu.Lock()
+			defer mu.Unlock()
+			t.Logf("deliveries by device %v; at most %d handlers at once", delivered, most)
+		}
+	})
+	for range 2 {
+		runRunner(t, e.js, bus.RunnerConfig{Service: "evaluator", Org: org, Topology: e.topo, Concurrency: 4}, route)
+	}
+	for _, id := range []string{"dev1", "dev2", "dev3"} {
+		publishObserved(t, e, id, "m-"+id)
+	}
+	handled := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(delivered)
+	}
+	natstest.Eventually(t, 5*time.Second, "first delivery", func() bool { return handled() >= 1 })
+	// Hold the first one for more deliveries' worth of AckWaits than the
+	// consumer allows, then let everything through.
+	start := time.Now()
+	natstest.Eventually(t, 20*time.Second, "MaxDeliver ack waits", func() bool {
+		return time.Since(start) > time.Duration(e.topo.Consumer.MaxDeliver+1)*e.topo.Consumer.AckWait
+	})
+	close(release)
+	natstest.Eventually(t, 10*time.Second, "all three handled", func() bool { return handled() == 3 })
+	mu.Lock()
+	defer mu.Unlock()
+	for _, id := range []string{"dev1", "dev2", "dev3"} {
+		if got := delivered[id]; !slices.Equal(got, []uint64{1}) {
+			t.Errorf("%s: deliveries %v, want [1]", id, got)
+		}
+	}
+	if most != 1 {
+		t.Errorf("%d handlers at once across the replicas, want 1", most)
 	}
 }
