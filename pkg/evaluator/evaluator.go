@@ -102,7 +102,7 @@ type Evaluator struct {
 	// metrics are the domain metrics (Instrument), nowhere by default.
 	metrics *instruments
 
-	pol        atomic.Pointer[policy.Policy]
+	pol        atomic.Pointer[inForce]
 	polMu      sync.Mutex
 	polModTime time.Time
 	polChecked time.Time
@@ -178,7 +178,7 @@ func (e *Evaluator) loadPolicy(force bool) error {
 	if e.cfg.PolicyFile == "" {
 		if e.pol.Load() == nil {
 			p := policy.Default(string(e.org))
-			e.pol.Store(p)
+			e.pol.Store(&inForce{Policy: p, version: p.Version()})
 			e.publishPolicy(p)
 		}
 		return nil
@@ -210,8 +210,9 @@ func (e *Evaluator) loadPolicy(force bool) error {
 		return nil
 	}
 	e.polModTime = st.ModTime()
-	if old := e.pol.Swap(p); old == nil || old.Version() != p.Version() {
-		e.log.Info("policy loaded", "file", e.cfg.PolicyFile, "version", p.Version())
+	now := &inForce{Policy: p, version: p.Version()}
+	if old := e.pol.Swap(now); old == nil || old.version != now.version {
+		e.log.Info("policy loaded", "file", e.cfg.PolicyFile, "version", now.version)
 		e.publishPolicy(p)
 	}
 	return nil
@@ -231,7 +232,17 @@ func (e *Evaluator) publishPolicy(p *policy.Policy) {
 	}
 }
 
-func (e *Evaluator) policy() *policy.Policy {
+// inForce is the policy the evaluator judges by, with its version worked
+// out once when it is loaded: Version canonicalises and hashes the whole
+// policy, and a full sync asks for it with every partnership (1.6% of the
+// bytes a steady pass's hops allocated, in a profile of
+// BenchmarkReconcile100k/hops_only).
+type inForce struct {
+	*policy.Policy
+	version string
+}
+
+func (e *Evaluator) policy() *inForce {
 	_ = e.loadPolicy(false)
 	return e.pol.Load()
 }
@@ -274,7 +285,7 @@ func (e *Evaluator) Decide(ctx context.Context, in *ev.DeviceMatched) ([]bus.Out
 	if err != nil {
 		return nil, err
 	}
-	return e.decide(ctx, key, in, nil)
+	return e.decide(ctx, key, in, nil, telemetry.Traceparent(ctx))
 }
 
 // recordKey is the key of the decision record a verdict is judged against:
@@ -308,10 +319,17 @@ func (e *Evaluator) DecideConfirmed(ctx context.Context, in *ev.DevicesMatched) 
 		return nil, err
 	}
 	var outs []bus.Outbound
+	// Worked out once a page, and each partnership's journey only for
+	// what it decided: a steady pass decides nothing, and the two took 1.6%
+	// of what its hops allocated.
+	tp := telemetry.Traceparent(ctx)
 	for i, m := range in.GetMatches() {
-		o, err := e.decide(ctx, keys[i], m, records.Take(keys[i]))
+		o, err := e.decide(ctx, keys[i], m, records.Take(keys[i]), tp)
 		if err != nil {
 			return nil, err
+		}
+		if len(o) == 0 {
+			continue
 		}
 		if j := telemetry.ParseTraceparent(in.Journey(i)); j.IsValid() {
 			for k := range o {
@@ -326,8 +344,9 @@ func (e *Evaluator) DecideConfirmed(ctx context.Context, in *ev.DevicesMatched) 
 }
 
 // decide judges one verdict against the decision record under key; read
-// is the record as read with its page, nil to read it here.
-func (e *Evaluator) decide(ctx context.Context, key string, in *ev.DeviceMatched, read *bus.Read) ([]bus.Outbound, error) {
+// is the record as read with its page, nil to read it here; traceparent
+// is ctx's, which a record it writes keeps.
+func (e *Evaluator) decide(ctx context.Context, key string, in *ev.DeviceMatched, read *bus.Read, traceparent string) ([]bus.Outbound, error) {
 	obs := in.GetObserved()
 	p := obs.GetPartnership()
 	var err error
@@ -352,8 +371,8 @@ func (e *Evaluator) decide(ctx context.Context, key string, in *ev.DeviceMatched
 	}
 	f := facts{
 		key: key, org: e.org, in: in, verdict: v, applied: applied,
-		dryRun: pol.DryRun || e.cfg.DryRun, notify: pol.Notify, policyVersion: pol.Version(),
-		replicationGrace: e.cfg.ReplicationGrace, now: now, traceparent: telemetry.Traceparent(ctx),
+		dryRun: pol.DryRun || e.cfg.DryRun, notify: pol.Notify, policyVersion: pol.version,
+		replicationGrace: e.cfg.ReplicationGrace, now: now, traceparent: traceparent,
 		queued: func(deviceID, decisionID string) bool { return e.queued(ctx, deviceID, decisionID) },
 	}
 	var outs []bus.Outbound

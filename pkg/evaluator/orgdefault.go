@@ -116,7 +116,7 @@ func (e *Evaluator) judgeDefault(ctx context.Context, syncID, from string, pub *
 	to, explicit := pol.OrgDefault()
 	dry := pol.DryRun || e.cfg.DryRun
 	plan := status.DefaultPlan{SyncID: syncID, From: from, To: to, Explicit: explicit, Threshold: e.cfg.BlastRadius,
-		PolicyVersion: pol.Version(), DryRun: dry, At: e.now()}
+		PolicyVersion: pol.version, DryRun: dry, At: e.now()}
 	switch {
 	case to == "":
 		plan.State = status.PlanLeftAlone
