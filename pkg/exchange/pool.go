@@ -184,7 +184,7 @@ func (p *Pool) spawn(ctx context.Context, t target) (*worker, error) {
 // Cmdlets returns the cmdlets the connected account may run, as the first
 // worker's session reported them.
 func (p *Pool) Cmdlets(ctx context.Context) ([]string, error) {
-	w, err := p.acquire(ctx, false)
+	w, err := p.acquire(ctx, Request{Op: "cmdlets"})
 	if err != nil {
 		return nil, err
 	}
@@ -353,8 +353,10 @@ func (p *Pool) shrink() {
 
 // acquire returns an idle worker on the current server, starts one if
 // the pool has room, or waits for one to come back. A request that is not
-// urgent takes no idle worker while an urgent one waits for it.
-func (p *Pool) acquire(ctx context.Context, urgent bool) (*worker, error) {
+// urgent takes no idle worker while an urgent one waits for it, and a
+// batch of reads leaves one idle (kept).
+func (p *Pool) acquire(ctx context.Context, req Request) (*worker, error) {
+	urgent := req.Urgent
 	// queued: this urgent request is counted in p.urgent, from its first
 	// wait until it has a worker or gives up, so that no other request
 	// takes the worker that wakes it before it has run. Guarded by p.mu.
@@ -373,7 +375,7 @@ func (p *Pool) acquire(ctx context.Context, urgent bool) (*worker, error) {
 			return nil, fmt.Errorf("%w: pool closed", ErrTransient)
 		}
 		cur := p.servers[p.current]
-		for len(p.idle) > 0 && (urgent || p.urgent == 0) {
+		for len(p.idle) > p.kept(req) && (urgent || p.urgent == 0) {
 			w := p.idle[len(p.idle)-1]
 			p.idle = p.idle[:len(p.idle)-1]
 			if w.dead.Load() || w.target != cur {
@@ -591,6 +593,27 @@ func (p *Pool) watchSlots() {
 			go p.closeOutside(w)
 		}
 	}
+}
+
+// kept is how many idle workers a request leaves to others: a batch that
+// no change waits for (a sync's reads of mailboxes) leaves one whenever
+// the pool has two or more, so that a change someone waits for finds a
+// session free at once instead of waiting for a batch to end. The reads
+// of quick syncs, a few cmdlets a batch on every session in step, made
+// an allow wait up to a batch's 60 ms: 91 ms at the 99th percentile of
+// BenchmarkTimeToAllow/webhook_idle against Set-CASMailbox's 40, 60 ms
+// with the session kept. Such batches run on one session fewer; a backlog
+// of them opens more (wantsBurst), as it would have anyway. A listing
+// (invoke) keeps nothing back: it holds its session until it ends, and a
+// full listing's parts are as many as the sessions, so one kept back
+// would slow it by a part in four where Exchange's pace bounds it
+// (BenchmarkFullListing with the slow profile); a change during a full
+// listing still waits for a part to end. Guarded by p.mu.
+func (p *Pool) kept(req Request) int {
+	if req.Urgent || req.Op != "batch" || p.total < 2 {
+		return 0
+	}
+	return 1
 }
 
 // signal wakes a request waiting for a worker: an urgent one and one
@@ -821,7 +844,7 @@ func (p *Pool) Do(ctx context.Context, req Request, onPage func([]Object) error)
 	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond), backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
 	var last error
 	for {
-		w, err := p.acquire(ctx, req.Urgent)
+		w, err := p.acquire(ctx, req)
 		if err == nil {
 			var r Response
 			began := time.Now()

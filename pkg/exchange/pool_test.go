@@ -111,6 +111,122 @@ func TestUrgentRequestGoesBeforeQueuedReads(t *testing.T) {
 	}
 }
 
+// Reads leave a session free for a change someone waits for: with three
+// sessions open and three reads issued, two run and one waits, and a
+// change issued after them runs at once, ending before the read that
+// waits. Without the reserve all three reads would run and the change
+// would end after every one of them.
+func TestReadsLeaveASessionForChanges(t *testing.T) {
+	s := startSim(t, exchangesim.Config{Profile: exchangesim.Profile{CmdletRead: 200 * time.Millisecond, MaxShellsPerUser: 18}})
+	cfg := simConfig(t, s)
+	cfg.Workers = 3
+	p := newPool(t, cfg)
+	ctx := context.Background()
+	read := exchange.Call{Cmdlet: "Get-ActiveSyncOrganizationSettings"}
+	var warm sync.WaitGroup
+	for range 3 {
+		warm.Add(1)
+		go func() {
+			defer warm.Done()
+			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{read}, Urgent: true}, nil); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	warm.Wait()
+	if p.Sessions() != 3 {
+		t.Fatalf("%d sessions open, want 3", p.Sessions())
+	}
+	var (
+		mu    sync.Mutex
+		order []string
+		wg    sync.WaitGroup
+	)
+	run := func(name string, urgent bool) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{read}, Urgent: urgent}, nil); err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
+			mu.Lock()
+			order = append(order, name)
+			mu.Unlock()
+		}()
+	}
+	for i := range 3 {
+		run(fmt.Sprintf("read%d", i), false)
+	}
+	eventually(t, 10*time.Second, "one read to wait", func() bool { return p.Waiting() == 1 })
+	run("change", true)
+	wg.Wait()
+	if p.Sessions() != 3 {
+		t.Fatalf("%d sessions open, want 3 (no session opened for the change)", p.Sessions())
+	}
+	if at := slices.Index(order, "change"); at < 0 || at == len(order)-1 {
+		t.Fatalf("completion order %v: the change waited for a read", order)
+	}
+}
+
+// A listing keeps nothing back: three listings on three sessions all run
+// at once (each has delivered a page before any has ended), as a full
+// sync's parts do, one per session.
+func TestListingsTakeEverySession(t *testing.T) {
+	s := startSim(t, exchangesim.Config{Profile: exchangesim.Profile{PerObject: 40 * time.Millisecond, MaxShellsPerUser: 18},
+		Seed: &exchangesim.SeedSpec{Mailboxes: 4, Partnerships: 8, Seed: 3, NoHostile: true}})
+	cfg := simConfig(t, s)
+	cfg.Workers = 3
+	p := newPool(t, cfg)
+	ctx := context.Background()
+	var warm sync.WaitGroup
+	for range 3 {
+		warm.Add(1)
+		go func() {
+			defer warm.Done()
+			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{{Cmdlet: "Get-ActiveSyncOrganizationSettings"}}, Urgent: true}, nil); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	warm.Wait()
+	var (
+		mu              sync.Mutex
+		paged, finished int
+		pagedFirst      = -1
+		wg              sync.WaitGroup
+	)
+	for range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			first := true
+			_, err := p.Do(ctx, exchange.Request{Op: "invoke", Call: &exchange.Call{Cmdlet: "Get-MobileDevice", Params: exchange.Params{"ResultSize": "Unlimited"}}, Page: 1},
+				func([]exchange.Object) error {
+					mu.Lock()
+					defer mu.Unlock()
+					if first {
+						first = false
+						paged++
+						if paged == 3 && pagedFirst < 0 {
+							pagedFirst = finished
+						}
+					}
+					return nil
+				})
+			if err != nil {
+				t.Error(err)
+			}
+			mu.Lock()
+			finished++
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if pagedFirst != 0 {
+		t.Fatalf("all three listings had a page only after %d of them ended (-1: never); want all three at once", pagedFirst)
+	}
+}
+
 // The pool's metrics say how long Exchange took per cmdlet and which
 // cmdlets failed by class: an unknown mailbox is not_found, counted once.
 func TestPoolMetrics(t *testing.T) {
