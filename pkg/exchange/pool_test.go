@@ -52,57 +52,84 @@ func eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 	}
 }
 
-// A change a phone waits for does not queue behind a sync's reads: with
-// both sessions busy and four reads waiting, an urgent request takes the
-// next session that comes free. Without priority it would run last.
-func TestUrgentRequestGoesBeforeQueuedReads(t *testing.T) {
-	s := startSim(t, exchangesim.Config{Profile: exchangesim.Profile{CmdletRead: 60 * time.Millisecond, MaxShellsPerUser: 18}})
+// read is a batch of one read, urgent or not.
+func read(urgent bool) exchange.Request {
+	return exchange.Request{Op: "batch", Calls: []exchange.Call{{Cmdlet: "Get-ActiveSyncOrganizationSettings"}}, Urgent: urgent}
+}
+
+// racePool is a pool of n sessions, all open, on a simulator whose reads
+// take readTime: the start of a race between requests.
+func racePool(t testing.TB, readTime time.Duration, n int) *exchange.Pool {
+	t.Helper()
+	s := startSim(t, exchangesim.Config{Profile: exchangesim.Profile{CmdletRead: readTime, MaxShellsPerUser: 18}})
 	cfg := simConfig(t, s)
-	cfg.Workers = 2
+	cfg.Workers = n
 	p := newPool(t, cfg)
-	ctx := context.Background()
-	read := exchange.Call{Cmdlet: "Get-ActiveSyncOrganizationSettings"}
-	// Both sessions open before the race starts.
-	var warm sync.WaitGroup
-	for range 2 {
-		warm.Add(1)
+	openSessions(t, p, n)
+	return p
+}
+
+// openSessions opens n sessions before a test's race starts: n urgent
+// requests at once, none of which waits for another's session.
+func openSessions(t testing.TB, p *exchange.Pool, n int) {
+	t.Helper()
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
 		go func() {
-			defer warm.Done()
-			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{read}}, nil); err != nil {
+			defer wg.Done()
+			if _, err := p.Do(context.Background(), read(true), nil); err != nil {
 				t.Error(err)
 			}
 		}()
 	}
-	warm.Wait()
-	if p.Sessions() != 2 {
-		t.Fatalf("%d sessions open, want 2", p.Sessions())
+	wg.Wait()
+	if p.Sessions() != n {
+		t.Fatalf("%d sessions open, want %d", p.Sessions(), n)
 	}
+}
 
-	var (
-		mu    sync.Mutex
-		order []string
-		wg    sync.WaitGroup
-	)
-	run := func(name string, urgent bool) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{read}, Urgent: urgent}, nil); err != nil {
-				t.Errorf("%s: %v", name, err)
-			}
-			mu.Lock()
-			order = append(order, name)
-			mu.Unlock()
-		}()
-	}
+// completions runs requests in the background and records the order in
+// which they end.
+type completions struct {
+	mu    sync.Mutex
+	order []string
+	wg    sync.WaitGroup
+}
+
+func (c *completions) run(t testing.TB, p *exchange.Pool, name string, req exchange.Request) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		if _, err := p.Do(context.Background(), req, nil); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+		c.mu.Lock()
+		c.order = append(c.order, name)
+		c.mu.Unlock()
+	}()
+}
+
+// wait returns the order once every request has ended.
+func (c *completions) wait() []string {
+	c.wg.Wait()
+	return c.order
+}
+
+// A change a phone waits for does not queue behind a sync's reads: with
+// both sessions busy and four reads waiting, an urgent request takes the
+// next session that comes free. Without priority it would run last.
+func TestUrgentRequestGoesBeforeQueuedReads(t *testing.T) {
+	p := racePool(t, 60*time.Millisecond, 2)
+	var c completions
 	for i := range 6 {
-		run(fmt.Sprintf("read%d", i), false)
+		c.run(t, p, fmt.Sprintf("read%d", i), read(false))
 		// Each queues before the next, so that they queue in order.
 		eventually(t, 10*time.Second, "the read to start or queue", func() bool { return p.Waiting() >= max(0, i-1) })
 	}
 	eventually(t, 10*time.Second, "four reads to queue", func() bool { return p.Waiting() == 4 })
-	run("change", true)
-	wg.Wait()
+	c.run(t, p, "change", read(true))
+	order := c.wait()
 	at := slices.Index(order, "change")
 	// Two reads hold the sessions; the change takes the first that frees,
 	// beside the read that takes the second.
@@ -117,49 +144,14 @@ func TestUrgentRequestGoesBeforeQueuedReads(t *testing.T) {
 // waits. Without the reserve all three reads would run and the change
 // would end after every one of them.
 func TestReadsLeaveASessionForChanges(t *testing.T) {
-	s := startSim(t, exchangesim.Config{Profile: exchangesim.Profile{CmdletRead: 200 * time.Millisecond, MaxShellsPerUser: 18}})
-	cfg := simConfig(t, s)
-	cfg.Workers = 3
-	p := newPool(t, cfg)
-	ctx := context.Background()
-	read := exchange.Call{Cmdlet: "Get-ActiveSyncOrganizationSettings"}
-	var warm sync.WaitGroup
-	for range 3 {
-		warm.Add(1)
-		go func() {
-			defer warm.Done()
-			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{read}, Urgent: true}, nil); err != nil {
-				t.Error(err)
-			}
-		}()
-	}
-	warm.Wait()
-	if p.Sessions() != 3 {
-		t.Fatalf("%d sessions open, want 3", p.Sessions())
-	}
-	var (
-		mu    sync.Mutex
-		order []string
-		wg    sync.WaitGroup
-	)
-	run := func(name string, urgent bool) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{read}, Urgent: urgent}, nil); err != nil {
-				t.Errorf("%s: %v", name, err)
-			}
-			mu.Lock()
-			order = append(order, name)
-			mu.Unlock()
-		}()
-	}
+	p := racePool(t, 200*time.Millisecond, 3)
+	var c completions
 	for i := range 3 {
-		run(fmt.Sprintf("read%d", i), false)
+		c.run(t, p, fmt.Sprintf("read%d", i), read(false))
 	}
 	eventually(t, 10*time.Second, "one read to wait", func() bool { return p.Waiting() == 1 })
-	run("change", true)
-	wg.Wait()
+	c.run(t, p, "change", read(true))
+	order := c.wait()
 	if p.Sessions() != 3 {
 		t.Fatalf("%d sessions open, want 3 (no session opened for the change)", p.Sessions())
 	}
@@ -177,18 +169,8 @@ func TestListingsTakeEverySession(t *testing.T) {
 	cfg := simConfig(t, s)
 	cfg.Workers = 3
 	p := newPool(t, cfg)
+	openSessions(t, p, 3)
 	ctx := context.Background()
-	var warm sync.WaitGroup
-	for range 3 {
-		warm.Add(1)
-		go func() {
-			defer warm.Done()
-			if _, err := p.Do(ctx, exchange.Request{Op: "batch", Calls: []exchange.Call{{Cmdlet: "Get-ActiveSyncOrganizationSettings"}}, Urgent: true}, nil); err != nil {
-				t.Error(err)
-			}
-		}()
-	}
-	warm.Wait()
 	var (
 		mu              sync.Mutex
 		paged, finished int
