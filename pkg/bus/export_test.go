@@ -15,3 +15,6 @@ func SetProvisionAttempt(tb testing.TB, d time.Duration) {
 
 // ProvisionRetryable exposes provisionRetryable to the table test.
 var ProvisionRetryable = provisionRetryable
+
+// WaitVisible exposes waitVisible to its test.
+var WaitVisible = waitVisible

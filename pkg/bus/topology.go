@@ -335,9 +335,38 @@ func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
 	for _, b := range StateBuckets {
 		buckets = append(buckets, jetstream.KeyValueConfig{Bucket: b, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas})
 	}
+	names := make([]string, 0, len(t.StreamConfigs())+len(buckets))
+	for _, cfg := range t.StreamConfigs() {
+		names = append(names, cfg.Name)
+	}
 	for _, cfg := range buckets {
 		if err := retryProvision(ctx, func(ctx context.Context) error { return provisionBucket(ctx, js, cfg) }); err != nil {
 			return fmt.Errorf("provision bucket %s: %w", cfg.Bucket, err)
+		}
+		names = append(names, BucketStreamConfig(cfg).Name)
+	}
+	return waitVisible(ctx, js, names)
+}
+
+// waitVisible waits until every stream named is found. A cluster that has
+// just formed may elect a meta leader that has not yet applied a stream
+// created a moment before, and answers "not found" for it meanwhile; the
+// workers open their buckets right after provisioning and stop at "bucket
+// not found" (a compose start-up's mailer did, "open easguard_notified",
+// and Docker restarted it). Each stream is asked for until it is found or
+// ctx ends; a refusal other than "not found" ends it at once.
+func waitVisible(ctx context.Context, js jetstream.JetStream, names []string) error {
+	for _, name := range names {
+		err := retryProvision(ctx, func(ctx context.Context) error {
+			_, err := js.Stream(ctx, name)
+			if errors.Is(err, jetstream.ErrStreamNotFound) {
+				// Not the API error itself: retryProvision gives up on those.
+				return fmt.Errorf("not found yet after it was provisioned (%s)", err.Error())
+			}
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("provision: stream %s: %w", name, err)
 		}
 	}
 	return nil

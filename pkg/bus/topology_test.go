@@ -334,3 +334,42 @@ func TestProvisionRetryable(t *testing.T) {
 		})
 	}
 }
+
+// Provision returns only once every stream it made is found: a stream that
+// is not found yet (a new meta leader that has not applied its creation)
+// is asked for again until it is, and one that never is ends the wait
+// with its name when the start-up budget runs out.
+func TestProvisionWaitsUntilStreamsAreFound(t *testing.T) {
+	_, _, js := natstest.Start(t)
+	ctx := natstest.Context(t)
+	t.Run("found once created", func(t *testing.T) {
+		done := make(chan error, 1)
+		go func() { done <- bus.WaitVisible(ctx, js, []string{"LATE"}) }()
+		start := time.Now()
+		natstest.Eventually(t, 10*time.Second, "three retries' time", func() bool { return time.Since(start) > time.Second })
+		select {
+		case err := <-done:
+			t.Fatalf("returned %v before the stream existed", err)
+		default:
+		}
+		if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "LATE", Subjects: []string{"late.>"}}); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("after the stream was created: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("still waiting 10s after the stream was created")
+		}
+	})
+	t.Run("never created", func(t *testing.T) {
+		short, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		err := bus.WaitVisible(short, js, []string{"NEVER"})
+		if err == nil || !strings.Contains(err.Error(), "stream NEVER") || !strings.Contains(err.Error(), "not found yet") {
+			t.Fatalf("err = %v, want one naming stream NEVER, not found yet", err)
+		}
+	})
+}
