@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -39,6 +38,21 @@ func startContender(t *testing.T, kv jetstream.KeyValue, name string) *contender
 	}()
 	t.Cleanup(func() { cancel(); <-c.done })
 	return c
+}
+
+// leaseBucket is the lease bucket of a server of its own, provisioned
+// with topo.
+func leaseBucket(t testing.TB, topo bus.Topology) jetstream.KeyValue {
+	t.Helper()
+	_, _, js := natstest.Start(t)
+	if err := bus.Provision(natstest.Context(t), js, topo); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(natstest.Context(t), bus.BucketLeases)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv
 }
 
 func TestLeaseOneHolderAndTakeoverWithinTTL(t *testing.T) {
@@ -111,11 +125,7 @@ func TestLeaseOneHolderAndTakeoverWithinTTL(t *testing.T) {
 }
 
 func TestLeaseReleasedOnStop(t *testing.T) {
-	_, _, js := natstest.Start(t)
-	if err := bus.Provision(natstest.Context(t), js, fastTopology()); err != nil {
-		t.Fatal(err)
-	}
-	kv, _ := js.KeyValue(natstest.Context(t), bus.BucketLeases)
+	kv := leaseBucket(t, fastTopology())
 	a := startContender(t, kv, "replica-a")
 	natstest.Eventually(t, 5*time.Second, "a holds", func() bool { return a.lease.Held() })
 	b := startContender(t, kv, "replica-b")
@@ -135,33 +145,11 @@ func stopAndTakeOver(t *testing.T, a, b *contender) {
 	}
 }
 
-// watchFails is a lease bucket whose first watches fail, as those of a
-// cluster still forming do (every container started at once).
-type watchFails struct {
-	jetstream.KeyValue
-	left atomic.Int32
-}
-
-func (w *watchFails) Watch(ctx context.Context, key string, opts ...jetstream.WatchOpt) (jetstream.KeyWatcher, error) {
-	if w.left.Add(-1) >= 0 {
-		return nil, nats.ErrNoResponders
-	}
-	return w.KeyValue.Watch(ctx, key, opts...)
-}
-
 // A bucket that does not answer at first delays the campaign; it does not
 // end it (which would stop the process).
 func TestLeaseRunOutlastsABucketNotAnsweringYet(t *testing.T) {
-	_, _, js := natstest.Start(t)
-	if err := bus.Provision(natstest.Context(t), js, fastTopology()); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(natstest.Context(t), bus.BucketLeases)
-	if err != nil {
-		t.Fatal(err)
-	}
-	slow := &watchFails{KeyValue: kv}
-	slow.left.Store(3)
+	slow := natstest.NewFaultyKV(leaseBucket(t, fastTopology()))
+	slow.RefuseWatches(3)
 	c := startContender(t, slow, "replica-a")
 	natstest.Eventually(t, 10*time.Second, "the lease held once the bucket answers", func() bool { return c.lease.Held() })
 	select {
@@ -169,8 +157,8 @@ func TestLeaseRunOutlastsABucketNotAnsweringYet(t *testing.T) {
 		t.Fatal("Run returned")
 	default:
 	}
-	if n := slow.left.Load(); n >= 0 {
-		t.Fatalf("%d failing watches left, want all three tried", n+1)
+	if n := slow.WatchesRefused(); n != 0 {
+		t.Fatalf("%d failing watches left, want all three tried", n)
 	}
 }
 
@@ -178,15 +166,8 @@ func TestLeaseRunOutlastsABucketNotAnsweringYet(t *testing.T) {
 // the same, under a revision the holder never learnt: the lease is still
 // released at once, not left to expire.
 func TestLeaseReleasedAfterARenewalItNeverHeardOf(t *testing.T) {
-	_, _, js := natstest.Start(t)
 	ctx := natstest.Context(t)
-	if err := bus.Provision(ctx, js, fastTopology()); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, bus.BucketLeases)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := leaseBucket(t, fastTopology())
 	a := startContender(t, kv, "replica-a")
 	natstest.Eventually(t, 5*time.Second, "a holds", func() bool { return a.lease.Held() })
 	b := startContender(t, kv, "replica-b")
@@ -232,17 +213,9 @@ func TestLeaseRenewal(t *testing.T) {
 	// lease, and waits until it holds.
 	holding := func(t *testing.T, lease time.Duration) (*contender, *natstest.FaultyKV) {
 		t.Helper()
-		_, _, js := natstest.Start(t)
 		topo := fastTopology()
 		topo.LeaseTTL = lease
-		if err := bus.Provision(natstest.Context(t), js, topo); err != nil {
-			t.Fatal(err)
-		}
-		kv, err := js.KeyValue(natstest.Context(t), bus.BucketLeases)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f := natstest.NewFaultyKV(kv)
+		f := natstest.NewFaultyKV(leaseBucket(t, topo))
 		c := startContender(t, f, "replica-a")
 		natstest.Eventually(t, 5*time.Second, "a holds", func() bool { return c.lease.Held() })
 		return c, f

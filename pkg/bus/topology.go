@@ -326,18 +326,16 @@ func (t Topology) ConsumerConfig(service, route, filter string, org Org) jetstre
 // its own deadline (provisionAttempt), and only an error that no retry can
 // mend (a setting the server refuses) ends it early.
 func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
+	var names []string // every stream made, to wait for (waitVisible)
 	for _, cfg := range t.StreamConfigs() {
 		if err := retryProvision(ctx, func(ctx context.Context) error { return provisionStream(ctx, js, cfg) }); err != nil {
 			return fmt.Errorf("provision stream %s: %w", cfg.Name, err)
 		}
+		names = append(names, cfg.Name)
 	}
 	buckets := []jetstream.KeyValueConfig{t.LeaseBucketConfig(), t.MDMReplayBucketConfig(), t.ConsoleSessionsBucketConfig()}
 	for _, b := range StateBuckets {
 		buckets = append(buckets, jetstream.KeyValueConfig{Bucket: b, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas})
-	}
-	names := make([]string, 0, len(t.StreamConfigs())+len(buckets))
-	for _, cfg := range t.StreamConfigs() {
-		names = append(names, cfg.Name)
 	}
 	for _, cfg := range buckets {
 		if err := retryProvision(ctx, func(ctx context.Context) error { return provisionBucket(ctx, js, cfg) }); err != nil {
@@ -353,8 +351,11 @@ func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
 // created a moment before, and answers "not found" for it meanwhile; the
 // workers open their buckets right after provisioning and stop at "bucket
 // not found" (a compose start-up's mailer did, "open easguard_notified",
-// and Docker restarted it). Each stream is asked for until it is found or
-// ctx ends; a refusal other than "not found" ends it at once.
+// and Docker restarted it). It runs after the last stream is made, and
+// asks again for those found while provisioning, since the meta leader
+// may change during the later creations: one request a stream at each
+// start. Each is asked for until it is found or ctx ends; a refusal other
+// than "not found" ends it at once.
 func waitVisible(ctx context.Context, js jetstream.JetStream, names []string) error {
 	for _, name := range names {
 		err := retryProvision(ctx, func(ctx context.Context) error {

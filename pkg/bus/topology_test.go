@@ -335,11 +335,13 @@ func TestProvisionRetryable(t *testing.T) {
 	}
 }
 
-// Provision returns only once every stream it made is found: a stream that
-// is not found yet (a new meta leader that has not applied its creation)
-// is asked for again until it is, and one that never is ends the wait
-// with its name when the start-up budget runs out.
-func TestProvisionWaitsUntilStreamsAreFound(t *testing.T) {
+// The wait Provision ends with: a stream that is not found yet (a new
+// meta leader that has not applied its creation) is asked for again until
+// it is, and one that never is ends the wait with its name when the
+// start-up budget runs out. Only a forming cluster makes a stream
+// Provision has just made unfound, so the wait is driven here with a
+// stream made later, not through Provision.
+func TestWaitVisibleAsksUntilAStreamIsFound(t *testing.T) {
 	_, _, js := natstest.Start(t)
 	ctx := natstest.Context(t)
 	t.Run("found once created", func(t *testing.T) {

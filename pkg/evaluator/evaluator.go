@@ -210,9 +210,9 @@ func (e *Evaluator) loadPolicy(force bool) error {
 		return nil
 	}
 	e.polModTime = st.ModTime()
-	now := &inForce{Policy: p, version: p.Version()}
-	if old := e.pol.Swap(now); old == nil || old.version != now.version {
-		e.log.Info("policy loaded", "file", e.cfg.PolicyFile, "version", now.version)
+	loaded := &inForce{Policy: p, version: p.Version()}
+	if old := e.pol.Swap(loaded); old == nil || old.version != loaded.version {
+		e.log.Info("policy loaded", "file", e.cfg.PolicyFile, "version", loaded.version)
 		e.publishPolicy(p)
 	}
 	return nil
@@ -463,9 +463,8 @@ func unchangedRecord(before, after *ev.DecisionRecord, in *ev.DeviceMatched) boo
 // (sameEncoding), not through protoreflect, whose walk took about 5% of the
 // matcher's and evaluator's CPU in a steady pass (a profile of
 // BenchmarkReconcile100k/hops_only). TestSameVerdictInputMatchesReflection
-// holds it to the
-// reflective comparison field by field, so a field added to either message
-// is compared without a change here, or fails that test.
+// holds it to the reflective comparison field by field, so a field added
+// to either message is compared without a change here, or fails that test.
 func sameVerdictInput(a, b *ev.DeviceMatched) bool {
 	if a == nil || b == nil {
 		return false

@@ -184,7 +184,7 @@ func (p *Pool) spawn(ctx context.Context, t target) (*worker, error) {
 // Cmdlets returns the cmdlets the connected account may run, as the first
 // worker's session reported them.
 func (p *Pool) Cmdlets(ctx context.Context) ([]string, error) {
-	w, err := p.acquire(ctx, Request{Op: "cmdlets"})
+	w, err := p.acquire(ctx, Request{}) // not urgent, not a batch
 	if err != nil {
 		return nil, err
 	}

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -24,10 +25,11 @@ const (
 )
 
 // FaultyKV is a real bucket whose writes (Create and Update) go
-// unanswered, or lose their replies, on demand, and whose next reads (Get)
-// may go unanswered: what a client of a replicated bucket sees while its
-// leader is replaced. It stands in for the loss of a reply, never for the
-// bucket.
+// unanswered, or lose their replies, on demand, whose next reads (Get)
+// may go unanswered, and whose next watches may find no responders: what
+// a client of a replicated bucket sees while its leader is replaced, or
+// while its cluster is still forming. It stands in for the loss of a
+// reply, never for the bucket.
 type FaultyKV struct {
 	jetstream.KeyValue
 
@@ -36,6 +38,7 @@ type FaultyKV struct {
 	writes    []Write
 	lastSent  time.Time
 	lostReads int
+	refused   int
 }
 
 // Write is one write made through a FaultyKV: the fault it met and what
@@ -71,17 +74,47 @@ func (f *FaultyKV) UnanswerReads(n int) {
 
 // Get reads key, unless the read is one UnanswerReads said to lose.
 func (f *FaultyKV) Get(ctx context.Context, key string) (jetstream.KeyValueEntry, error) {
-	f.mu.Lock()
-	lose := f.lostReads > 0
-	if lose {
-		f.lostReads--
-	}
-	f.mu.Unlock()
-	if lose {
+	if f.take(&f.lostReads) {
 		<-ctx.Done()
 		return nil, ctx.Err()
 	}
 	return f.KeyValue.Get(ctx, key)
+}
+
+// RefuseWatches makes the next n watches fail with no responders, as a
+// bucket of a cluster still forming answers; later ones are the bucket's.
+func (f *FaultyKV) RefuseWatches(n int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.refused = n
+}
+
+// WatchesRefused returns how many of the watches RefuseWatches asked for
+// are still to be refused.
+func (f *FaultyKV) WatchesRefused() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.refused
+}
+
+// Watch watches key, unless the watch is one RefuseWatches said to refuse.
+func (f *FaultyKV) Watch(ctx context.Context, key string, opts ...jetstream.WatchOpt) (jetstream.KeyWatcher, error) {
+	if f.take(&f.refused) {
+		return nil, nats.ErrNoResponders
+	}
+	return f.KeyValue.Watch(ctx, key, opts...)
+}
+
+// take uses up one of the faults a counter (lostReads, refused) has left,
+// and reports whether there was one.
+func (f *FaultyKV) take(left *int) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if *left == 0 {
+		return false
+	}
+	*left--
+	return true
 }
 
 // Count returns how many writes met x and were (refused true) or were not
