@@ -11,9 +11,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -105,7 +107,9 @@ var peakRSSMB float64
 // published to the matcher's last verdicts, and to the evaluator's
 // consumer drained) and hops_only_cpu_us_per_partnership; decisions_per_partnership,
 // the device.matched events the evaluator judged per partnership;
-// onboarding_s and onboarding_limit_ratio, onboarding's time over the
+// steady_cpu_busy_pct, the share of the machine's cores that easguard and
+// the simulator (this test process) used in the steady pass: near 100, the
+// pass waited for the CPU they share, not for Exchange; onboarding_s and onboarding_limit_ratio, onboarding's time over the
 // physical limit (one Set-CASMailbox per mailbox with devices × the
 // profile's write latency ÷ the sessions); the peak RSS of the easguard
 // process of each all-in-one shape and the largest of them (rss_mb_max);
@@ -117,10 +121,11 @@ func BenchmarkReconcile100k(b *testing.B) {
 	prefix := "reconcile_" + sizeLabel(n) + "_"
 	b.Run("steady", func(b *testing.B) {
 		b.StopTimer()
-		var steady, listing, e2e, observed, matched, decided, perPartnership, rss []float64
+		var steady, listing, e2e, observed, matched, decided, perPartnership, rss, busy []float64
 		for range b.N {
 			r := reconcileSteady(b, n, exchangesim.DefaultProfile(), false)
 			steady, listing, e2e = append(steady, r.wall.Seconds()), append(listing, r.listing.Seconds()), append(e2e, r.perSecond)
+			busy = append(busy, r.cpuBusy)
 			observed, matched, decided = append(observed, r.observed), append(matched, r.matched), append(decided, r.decided)
 			perPartnership, rss = append(perPartnership, r.decisionsPerPartnership), append(rss, r.rssMB)
 		}
@@ -132,6 +137,7 @@ func BenchmarkReconcile100k(b *testing.B) {
 		b.ReportMetric(mean(decided), prefix+"partnerships_per_s_decided:partnerships/s")
 		b.ReportMetric(mean(perPartnership), prefix+"decisions_per_partnership:decisions")
 		b.ReportMetric(slices.Max(rss), prefix+"steady_rss_mb:MB")
+		b.ReportMetric(mean(busy), prefix+"steady_cpu_busy_pct:%")
 	})
 	b.Run("hops", func(b *testing.B) {
 		// The steady pass against a simulator without latency: Exchange
@@ -236,6 +242,7 @@ type steadyResult struct {
 	perSecond                  float64 // partnerships ÷ wall
 	observed, matched, decided float64 // partnerships/s through each hop
 	decisionsPerPartnership    float64
+	cpuBusy                    float64            // share of the cores easguard and the simulator used, in %
 	rssMB                      float64            // the all-in-one's, or the largest worker's
 	rssByProcess               map[string]float64 // each process's
 }
@@ -269,7 +276,7 @@ func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile, split boo
 
 	before := r.snapshot()
 	writes := r.f.sim.Recorder.Count("cmdlet:Set-CASMailbox")
-	cpu0 := r.cpuSeconds()
+	cpu0, sim0 := r.cpuSeconds(), testCPUSeconds(b)
 	b.StartTimer()
 	t0 := time.Now()
 	r.requestFullSync()
@@ -277,7 +284,7 @@ func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile, split boo
 	r.waitIdle(30 * time.Minute)
 	b.StopTimer()
 	r.phase("measured full sync settled")
-	cpu := r.cpuSeconds() - cpu0
+	cpu, sim := r.cpuSeconds()-cpu0, testCPUSeconds(b)-sim0
 	pass := r.since(before)
 
 	if !done.GetSuccess() {
@@ -324,6 +331,12 @@ func reconcileSteady(b *testing.B, n int, profile exchangesim.Profile, split boo
 		len(r.parts), len(r.byMailbox), res.wall.Seconds(), done.GetStartedAt().AsTime().Sub(t0).Seconds(), done.GetFinishedAt().AsTime().Sub(t0).Seconds(),
 		collectorPass.Seconds(), end.Sub(t0).Seconds(), res.listing.Seconds())
 	b.Logf("steady: easguard used %.1f s of CPU in the pass, %.0f µs a partnership", cpu, cpu*1e6/float64(len(r.parts)))
+	// The cores are shared with the simulator: what the pass left of them
+	// says whether it waited for Exchange or for the CPU.
+	cores := res.wall.Seconds() * float64(runtime.NumCPU())
+	res.cpuBusy = 100 * (cpu + sim) / cores
+	b.Logf("steady: the simulator (this test process) used %.1f s of CPU in the pass; with easguard's, %.1f s of the %d cores' %.1f s (%.0f%%)",
+		sim, cpu+sim, runtime.NumCPU(), cores, res.cpuBusy)
 	r.logAll("steady", t0, pass)
 	return res
 }
@@ -660,7 +673,7 @@ func (r *reconcileRig) timeListing() time.Duration {
 	if err := c.ListRecipients(ctx, func([]exchange.Recipient) error { return nil }); err != nil {
 		tb.Fatal(err)
 	}
-	start := time.Now()
+	start, cpu0 := time.Now(), testCPUSeconds(tb)
 	mailboxes, parts := 0, 0
 	if err := c.ListRecipients(ctx, func(rs []exchange.Recipient) error { mailboxes += len(rs); return nil }); err != nil {
 		tb.Fatal(err)
@@ -669,11 +682,12 @@ func (r *reconcileRig) timeListing() time.Duration {
 	if err := c.ListPartnerships(ctx, exchange.ListOptions{}, func(ps []exchange.Partnership) error { parts += len(ps); return nil }); err != nil {
 		tb.Fatal(err)
 	}
-	took := time.Since(start)
+	took, cpu := time.Since(start), testCPUSeconds(tb)-cpu0
 	if parts != len(r.parts) {
 		tb.Fatalf("the bare listing read %d partnerships, Exchange has %d", parts, len(r.parts))
 	}
-	tb.Logf("bare listing over %d sessions: %d mailboxes in %.1fs, %d partnerships in %.1fs", benchSessions, mailboxes, recipients.Seconds(), parts, (took - recipients).Seconds())
+	tb.Logf("bare listing over %d sessions: %d mailboxes in %.1fs, %d partnerships in %.1fs; the simulator and the bare client used %.1f s of CPU, %.0f%% of the %d cores' %.1f s",
+		benchSessions, mailboxes, recipients.Seconds(), parts, (took - recipients).Seconds(), cpu, 100*cpu/(took.Seconds()*float64(runtime.NumCPU())), runtime.NumCPU(), took.Seconds()*float64(runtime.NumCPU()))
 	return took
 }
 
@@ -1112,6 +1126,18 @@ func (r *reconcileRig) cpuSeconds() float64 {
 		}
 	}
 	return total
+}
+
+// testCPUSeconds is the CPU time this test process has used so far (user
+// and system): the simulator's, with the rig's polling and, during the bare
+// listing, the bare client's.
+func testCPUSeconds(tb testing.TB) float64 {
+	tb.Helper()
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatalf("CPU time of the test process: %v", err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 // largestEasguard is the largest peak RSS of peakRSSByProcess's but the
