@@ -188,11 +188,13 @@ func (l *sealedLane) exchange(ctx context.Context, body []byte) (int, string, []
 		return 0, "", nil, transportError(err)
 	}
 	defer resp.Body.Close()
-	raw, err := readBody(resp)
+	raw, err := readBodyInto(resp, sealedBody())
 	if err != nil {
+		releaseSealedBody(raw)
 		return 0, "", nil, fmt.Errorf("%w: read response: %w", ErrTransient, err)
 	}
 	if resp.StatusCode == http.StatusUnauthorized {
+		releaseSealedBody(raw)
 		return resp.StatusCode, "", nil, nil
 	}
 	ctype := resp.Header.Get("Content-Type")
@@ -206,9 +208,11 @@ func (l *sealedLane) exchange(ctx context.Context, body []byte) (int, string, []
 	}
 	signature, sealed, length, err := unframeSealed(raw)
 	if err != nil {
+		releaseSealedBody(raw)
 		return 0, "", nil, fmt.Errorf("%w: sealed answer from %s: %w", ErrTransient, l.url, err)
 	}
 	plain, err := l.sec.Unwrap(sealed, signature)
+	releaseSealedBody(raw) // Unwrap made plain a copy of its own
 	if err != nil {
 		return 0, "", nil, fmt.Errorf("%w: the answer from %s failed the NTLM signature check: %w", ErrTransient, l.url, err)
 	}

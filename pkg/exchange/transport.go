@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -208,12 +209,48 @@ const maxBody = 16 << 20
 // the announced length where there is one: a Receive answer is about
 // 150 kB, which io.ReadAll would grow to in a dozen copies.
 func readBody(resp *http.Response) ([]byte, error) {
+	return readBodyInto(resp, nil)
+}
+
+// readBodyInto is readBody into buf when it is large enough.
+func readBodyInto(resp *http.Response, buf []byte) ([]byte, error) {
 	if n := resp.ContentLength; n > 0 && n <= maxBody {
-		b := make([]byte, n)
+		b := buf[:0]
+		if int64(cap(b)) < n {
+			b = make([]byte, n)
+		}
+		b = b[:n]
 		_, err := io.ReadFull(resp.Body, b)
 		return b, err
 	}
 	return io.ReadAll(io.LimitReader(resp.Body, maxBody))
+}
+
+// sealedBodies holds the buffers a sealed lane reads its answers into: a
+// sealed answer is unsealed into a buffer of its own (ntlmssp's Unwrap
+// copies it), after which the sealed one is garbage, and a listing reads
+// hundreds of answers of about 150 kB each.
+var sealedBodies sync.Pool
+
+// maxPooledBody is the largest buffer sealedBodies keeps: a larger answer
+// is rare and would pin its size in the pool.
+const maxPooledBody = 1 << 20
+
+// sealedBody returns a buffer for a sealed answer.
+func sealedBody() []byte {
+	if b, ok := sealedBodies.Get().(*[]byte); ok {
+		return *b
+	}
+	return nil
+}
+
+// releaseSealedBody gives a sealed answer's buffer back once nothing refers to it.
+func releaseSealedBody(b []byte) {
+	if cap(b) == 0 || cap(b) > maxPooledBody {
+		return
+	}
+	b = b[:0]
+	sealedBodies.Put(&b)
 }
 
 func scheme(ntlm bool) string {

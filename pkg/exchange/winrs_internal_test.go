@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -101,7 +102,9 @@ func decodeFrameAsBefore(line string) (Response, error) {
 }
 
 // A frame decodes to the Response encoding/json makes of it, and a frame
-// that is not one fails with encoding/json's error.
+// that is not one fails with encoding/json's error. One decoder reads
+// every frame, as one worker's are read, so what a frame leaves behind
+// (trailing text, an error) must not reach the next.
 func TestFrameDecoderMatchesJSON(t *testing.T) {
 	frames := []string{
 		`{"id":3,"page":1,"objects":[{"DeviceId":"a\"b$(x)","n":12345678901234567890,"f":1.5,"l":["x",null,{"k":true}],"o":{"p":null}},null,{}]}`,
@@ -120,7 +123,7 @@ func TestFrameDecoderMatchesJSON(t *testing.T) {
 		`not json`,
 	}
 	var d frameDecoder
-	for _, js := range append(frames, bad...) {
+	for _, js := range slices.Concat(frames, bad, frames) {
 		line := FrameSentinel + b64(js) + "\r\n"
 		want, wantErr := decodeFrameAsBefore(line)
 		got, ok, err := d.decode([]byte(line))
@@ -139,6 +142,36 @@ func TestFrameDecoderMatchesJSON(t *testing.T) {
 	}
 	if _, _, err := d.decode([]byte(FrameSentinel + "!!")); !errors.Is(err, ErrBadFrame) {
 		t.Fatalf("bad base64: %v", err)
+	}
+}
+
+// The decoder the frames share reads each frame's value whatever the frame
+// before left: trailing text, a truncated value, a syntax error or a value
+// that is not a Response. (decode would still answer right through its
+// second decoding, so this asks decodeWire itself.)
+func TestFrameDecoderRecoversBetweenFrames(t *testing.T) {
+	good := `{"id":7,"page":2,"objects":[{"DeviceId":"d1"}]}`
+	for _, before := range []string{
+		good + " trailing",
+		good + "\n {\"id\":8}",
+		`{"id":3,"objects":[{}]`,
+		`not json`,
+		`{"id":"x"}`,
+		good + "  \r\n",
+		`{"id":1,"objects":[{"big":"` + strings.Repeat("x", maxFrameBuffer) + `"}]}`,
+	} {
+		var d frameDecoder
+		var w wireResponse
+		_ = d.decodeWire([]byte(before), &w)
+		for i := range 2 {
+			w = wireResponse{}
+			if err := d.decodeWire([]byte(good), &w); err != nil {
+				t.Fatalf("after %.40q, frame %d: %v", before, i+1, err)
+			}
+			if w.ID != 7 || len(w.Objects) != 1 {
+				t.Fatalf("after %.40q, frame %d: decoded %+v", before, i+1, w)
+			}
+		}
 	}
 }
 
