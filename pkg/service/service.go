@@ -351,7 +351,7 @@ func (s *Service) Run(ctx context.Context) error {
 			}
 		}()
 	}
-	s.Log.Info("running", "http", "http://"+s.HTTPAddr, "tasks", len(tasks))
+	s.Log.Info("running", "http", "http://"+s.HTTPAddr, "tasks", len(tasks), "gc", GarbageCollector())
 	<-ctx.Done()
 	s.Log.Info("stopping")
 	wg.Wait()
