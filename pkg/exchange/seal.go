@@ -212,7 +212,9 @@ func (l *sealedLane) exchange(ctx context.Context, body []byte) (int, string, []
 		return 0, "", nil, fmt.Errorf("%w: sealed answer from %s: %w", ErrTransient, l.url, err)
 	}
 	plain, err := l.sec.Unwrap(sealed, signature)
-	releaseSealedBody(raw) // Unwrap made plain a copy of its own
+	if !overlaps(plain, raw) {
+		releaseSealedBody(raw) // ntlmssp's Unwrap unseals into a copy of its own
+	}
 	if err != nil {
 		return 0, "", nil, fmt.Errorf("%w: the answer from %s failed the NTLM signature check: %w", ErrTransient, l.url, err)
 	}

@@ -92,3 +92,31 @@ func TestSealedAnswerIsChecked(t *testing.T) {
 		t.Fatalf("on a new connection: %q, %v", got, err)
 	}
 }
+
+// A sealed answer's buffer goes back to the pool only when the plaintext
+// does not share it: overlaps must see any shared byte, and only those.
+func TestOverlaps(t *testing.T) {
+	buf := make([]byte, 16, 32)
+	other := make([]byte, 16)
+	for _, tc := range []struct {
+		name string
+		a, b []byte
+		want bool
+	}{
+		{"the same slice", buf, buf, true},
+		{"a part of it", buf[4:8], buf, true},
+		{"its spare capacity", buf[16:20], buf[:4], true},
+		{"another buffer", other, buf, false},
+		{"an empty one", nil, buf, false},
+		{"next to each other", buf[0:4:4], buf[4:8], false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := overlaps(tc.a, tc.b); got != tc.want {
+				t.Fatalf("overlaps = %v, want %v", got, tc.want)
+			}
+			if got := overlaps(tc.b, tc.a); got != tc.want {
+				t.Fatalf("overlaps, turned round = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/Azure/go-ntlmssp"
 	"github.com/masterzen/winrm"
@@ -242,6 +243,17 @@ func sealedBody() []byte {
 		return *b
 	}
 	return nil
+}
+
+// overlaps reports whether a and b share memory: a sealed answer's buffer
+// goes back to the pool only when the plaintext is not in it, so that an
+// ntlmssp that unsealed in place would cost the pool, not the answer.
+func overlaps(a, b []byte) bool {
+	if cap(a) == 0 || cap(b) == 0 {
+		return false
+	}
+	a0, b0 := uintptr(unsafe.Pointer(unsafe.SliceData(a))), uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+	return a0 < b0+uintptr(cap(b)) && b0 < a0+uintptr(cap(a))
 }
 
 // releaseSealedBody gives a sealed answer's buffer back once nothing refers to it.
