@@ -189,12 +189,18 @@ func (l *sealedLane) exchange(ctx context.Context, body []byte) (int, string, []
 	}
 	defer resp.Body.Close()
 	raw, err := readBodyInto(resp, sealedBody())
+	// raw goes back to the pool on the way out, unless the answer is raw
+	// itself (unsealed) or shares its memory.
+	var answer []byte
+	defer func() {
+		if !overlaps(answer, raw) {
+			releaseSealedBody(raw)
+		}
+	}()
 	if err != nil {
-		releaseSealedBody(raw)
 		return 0, "", nil, fmt.Errorf("%w: read response: %w", ErrTransient, err)
 	}
 	if resp.StatusCode == http.StatusUnauthorized {
-		releaseSealedBody(raw)
 		return resp.StatusCode, "", nil, nil
 	}
 	ctype := resp.Header.Get("Content-Type")
@@ -204,17 +210,15 @@ func (l *sealedLane) exchange(ctx context.Context, body []byte) (int, string, []
 		}
 		// An error the server could not or did not seal (e.g. a refused
 		// message); callers see its status.
+		answer = raw
 		return resp.StatusCode, ctype, raw, nil
 	}
 	signature, sealed, length, err := unframeSealed(raw)
 	if err != nil {
-		releaseSealedBody(raw)
 		return 0, "", nil, fmt.Errorf("%w: sealed answer from %s: %w", ErrTransient, l.url, err)
 	}
-	plain, err := l.sec.Unwrap(sealed, signature)
-	if !overlaps(plain, raw) {
-		releaseSealedBody(raw) // ntlmssp's Unwrap unseals into a copy of its own
-	}
+	plain, err := l.sec.Unwrap(sealed, signature) // unsealed into a copy of its own
+	answer = plain
 	if err != nil {
 		return 0, "", nil, fmt.Errorf("%w: the answer from %s failed the NTLM signature check: %w", ErrTransient, l.url, err)
 	}
