@@ -124,7 +124,7 @@ func BenchmarkReconcile100k(b *testing.B) {
 	prefix := "reconcile_" + sizeLabel(n) + "_"
 	b.Run("steady", func(b *testing.B) {
 		b.StopTimer()
-		var steady, listing, e2e, observed, matched, decided, perPartnership, rss, busy []float64
+		var steady, listing, e2e, observed, matched, decided, perPartnership, rss, passRSS, busy []float64
 		rig := startSteady(b, n, exchangesim.DefaultProfile(), false)
 		for range b.N {
 			r := rig.steadyPass(b)
@@ -132,6 +132,7 @@ func BenchmarkReconcile100k(b *testing.B) {
 			busy = append(busy, r.cpuBusy)
 			observed, matched, decided = append(observed, r.observed), append(matched, r.matched), append(decided, r.decided)
 			perPartnership, rss = append(perPartnership, r.decisionsPerPartnership), append(rss, r.rssMB)
+			passRSS = append(passRSS, r.passRSSMB)
 		}
 		b.ReportMetric(mean(steady), prefix+"steady_s:s")
 		b.ReportMetric(mean(listing), prefix+"listing_s:s")
@@ -141,6 +142,7 @@ func BenchmarkReconcile100k(b *testing.B) {
 		b.ReportMetric(mean(decided), prefix+"partnerships_per_s_decided:partnerships/s")
 		b.ReportMetric(mean(perPartnership), prefix+"decisions_per_partnership:decisions")
 		b.ReportMetric(slices.Max(rss), prefix+"steady_rss_mb:MB")
+		b.ReportMetric(slices.Max(passRSS), prefix+"steady_pass_rss_mb:MB")
 		b.ReportMetric(mean(busy), prefix+"steady_cpu_busy_pct:%")
 	})
 	b.Run("hops", func(b *testing.B) {
@@ -249,8 +251,10 @@ type steadyResult struct {
 	observed, matched, decided float64 // partnerships/s through each hop
 	decisionsPerPartnership    float64
 	cpuBusy                    float64            // share of the cores easguard and the simulator used, in %
-	rssMB                      float64            // the all-in-one's, or the largest worker's
-	rssByProcess               map[string]float64 // each process's
+	rssMB                      float64            // the all-in-one's, or the largest worker's, since it started
+	rssByProcess               map[string]float64 // each process's, since it started
+	passRSSMB                  float64            // the all-in-one's, or the largest worker's, in the pass alone
+	startRSSMB                 float64            // the same before the pass: the first full sync's, or an earlier pass's
 }
 
 // steadyRig is an organisation as the policy says, with easguard running
@@ -303,6 +307,11 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	split := r.split
 	before := r.snapshot()
 	writes := r.f.sim.Recorder.Count("cmdlet:Set-CASMailbox")
+	// The peak before the pass (the first full sync's, or an earlier
+	// pass's) is kept apart from the pass's own: the kernel's peak is
+	// reset, so what it says afterwards is the pass's.
+	res.startRSSMB = largestEasguard(r.peakRSSByProcess())
+	r.resetPeakRSS()
 	cpu0, sim0 := r.cpuSeconds(), testCPUSeconds(b)
 	b.StartTimer()
 	t0 := time.Now()
@@ -347,7 +356,12 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 		res.decided = parts / judged.Sub(first).Seconds()
 	}
 	res.decisionsPerPartnership = float64(pass[bus.StreamMatch].items) / parts
-	res.rssByProcess = r.peakRSSByProcess()
+	passRSS := r.peakRSSByProcess()
+	res.passRSSMB = largestEasguard(passRSS)
+	res.rssByProcess = map[string]float64{}
+	for name, mb := range passRSS {
+		res.rssByProcess[name] = max(mb, r.startRSS[name])
+	}
 	res.rssMB = largestEasguard(res.rssByProcess)
 	if !split {
 		peakRSSMB = max(peakRSSMB, res.rssMB)
@@ -357,7 +371,7 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	b.Logf("steady, %d partnerships on %d mailboxes: reconcile %.1fs (asked at 0; the collector's pass %.1fs→%.1fs, %.1fs; last event %.1fs), bare listing %.1fs",
 		len(r.parts), len(r.byMailbox), res.wall.Seconds(), done.GetStartedAt().AsTime().Sub(t0).Seconds(), done.GetFinishedAt().AsTime().Sub(t0).Seconds(),
 		collectorPass.Seconds(), end.Sub(t0).Seconds(), res.listing.Seconds())
-	b.Logf("steady: easguard used %.1f s of CPU in the pass, %.0f µs a partnership", cpu, cpu*1e6/float64(len(r.parts)))
+	b.Logf("steady: easguard used %.1f s of CPU in the pass, %.0f µs a partnership; peak RSS %.0f MB in the pass, %.0f MB before it", cpu, cpu*1e6/float64(len(r.parts)), res.passRSSMB, res.startRSSMB)
 	// The cores are shared with the simulator: what the pass left of them
 	// says whether it waited for Exchange or for the CPU.
 	cores := res.wall.Seconds() * float64(runtime.NumCPU())
@@ -548,6 +562,7 @@ type reconcileRig struct {
 	js        jetstream.JetStream
 	mark      time.Time // end of the last phase noted
 	phases    []string
+	startRSS  map[string]float64 // each process's peak RSS before the last resetPeakRSS, in MB
 }
 
 // newReconcileRig seeds the organisation (n partnerships on n/2 mailboxes),
@@ -624,7 +639,37 @@ func (r *reconcileRig) logAll(shape string, t0 time.Time, pass passStats) {
 	r.tb.Helper()
 	r.logPhases(shape)
 	r.logPass(shape, t0, pass)
+	r.logStores(shape)
 	r.logMetrics(shape)
+}
+
+// logStores logs, on one line, what each stream and bucket holds after
+// the pass: messages, distinct subjects and bytes, and the bytes a
+// partnership costs it. The embedded server's memory follows these: an
+// index entry per subject, and the blocks a pass reads or writes cached.
+func (r *reconcileRig) logStores(shape string) {
+	r.tb.Helper()
+	var parts []string
+	var total uint64
+	names := r.js.StreamNames(r.tb.Context())
+	for name := range names.Name() {
+		info, err := r.stream(name).Info(r.tb.Context())
+		if err != nil {
+			r.tb.Fatalf("stream %s: %v", name, err)
+		}
+		st := info.State
+		if st.Msgs == 0 {
+			continue
+		}
+		total += st.Bytes
+		parts = append(parts, fmt.Sprintf("%s %d msgs %d subjects %.1f MB (%.0f B a partnership)",
+			name, st.Msgs, st.NumSubjects, float64(st.Bytes)/1e6, float64(st.Bytes)/float64(len(r.parts))))
+	}
+	if err := names.Err(); err != nil {
+		r.tb.Fatalf("stream names: %v", err)
+	}
+	slices.Sort(parts)
+	r.tb.Logf("%s, stored after the pass: %.1f MB, %.0f B a partnership; %s", shape, float64(total)/1e6, float64(total)/float64(len(r.parts)), strings.Join(parts, "; "))
 }
 
 func (r *reconcileRig) logPhases(shape string) {
@@ -1181,6 +1226,26 @@ func largestEasguard(byProcess map[string]float64) float64 {
 
 // peakRSSByProcess reads the peak resident set (VmHWM) of each easguard
 // process of the rig, by name (see processes).
+// resetPeakRSS resets each easguard process's peak RSS (VmHWM) to its RSS
+// now, remembering the peaks so far in startRSS, so that the next
+// peakRSSByProcess says what the pass in between needed: the lifetime
+// peak is the first full sync's, when every partnership is new.
+func (r *reconcileRig) resetPeakRSS() {
+	r.tb.Helper()
+	peaks := r.peakRSSByProcess()
+	if r.startRSS == nil {
+		r.startRSS = map[string]float64{}
+	}
+	for _, w := range r.processes() {
+		r.startRSS[w.name] = max(r.startRSS[w.name], peaks[w.name])
+		path := filepath.Join("/proc", strconv.Itoa(w.proc.cmd.Process.Pid), "clear_refs")
+		// 5 resets the peak resident set size (proc(5)).
+		if err := os.WriteFile(path, []byte("5"), 0); err != nil {
+			r.tb.Fatalf("reset the peak RSS of easguard (%s): %v", w.name, err)
+		}
+	}
+}
+
 func (r *reconcileRig) peakRSSByProcess() map[string]float64 {
 	r.tb.Helper()
 	out := map[string]float64{}
