@@ -4,6 +4,7 @@ import (
 	"context"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -67,4 +68,87 @@ func hop(b *testing.B, e *env, done *atomic.Int64) {
 	natstest.Eventually(b, 5*time.Minute, "all handled", func() bool { return done.Load() >= int64(b.N) })
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+}
+
+// BenchmarkBulkRead measures what a full sync pays for each record it
+// reads in a page's batched read (BulkReader, a multi-subject direct get
+// of 128 keys), the embedded server's share included: its CPU and the
+// bytes allocated per key. Records written by compare-and-set (cas, as
+// every worker writes its state) keep the Nats-Expected-Last-Subject-
+// Sequence header, which sends the server down its slow path of six
+// header rebuilds per answer and gives the client a header map to parse;
+// the same records written without a condition (put) are the baseline,
+// in the same run.
+func BenchmarkBulkRead(b *testing.B) {
+	const keys, page = 25_600, 128
+	value := make([]byte, 1100) // a decision record's size at 100,000 partnerships
+	for i := range value {
+		value[i] = byte('a' + i%26)
+	}
+	for _, shape := range []string{"cas", "put"} {
+		b.Run(shape, func(b *testing.B) {
+			// Connected as the workers are (bus.SyncQueueLen): each batch
+			// is a synchronous subscription, whose default buffer alone
+			// would be 512 kB a batch.
+			s := natstest.Server(b)
+			nc, err := s.Connect(b.Name(), bus.SyncQueueLen())
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(nc.Close)
+			js, err := jetstream.New(nc)
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx := natstest.Context(b)
+			if err := bus.Provision(ctx, js, fastTopology()); err != nil {
+				b.Fatal(err)
+			}
+			kv, err := js.KeyValue(ctx, bus.BucketDecisions)
+			if err != nil {
+				b.Fatal(err)
+			}
+			names := make([]string, keys)
+			for i := range names {
+				names[i] = string(org) + ".dev" + strconv.Itoa(i) + ".p"
+				if shape == "cas" {
+					_, err = kv.Create(ctx, names[i], value)
+				} else {
+					_, err = kv.Put(ctx, names[i], value)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+			r, err := bus.NewBulkReader(ctx, js, kv)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			cpu0 := processCPU(b)
+			for i := range b.N {
+				from := (i * page) % keys
+				got, err := r.Read(ctx, names[from:from+page])
+				if err != nil {
+					b.Fatal(err)
+				}
+				if len(got) != page {
+					b.Fatalf("read %d of %d keys", len(got), page)
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(processCPU(b)-cpu0)/1e3/float64(b.N*page), "cpu_µs/key")
+		})
+	}
+}
+
+// processCPU is the CPU time this process (the embedded server's included) has used.
+func processCPU(tb testing.TB) time.Duration {
+	tb.Helper()
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
