@@ -15,7 +15,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -29,6 +28,7 @@ import (
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
 	"github.com/easguard/easguard/pkg/pipeline"
 	"github.com/easguard/easguard/pkg/status"
+	"github.com/easguard/easguard/pkg/telemetry/telemetrytest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 	"github.com/easguard/easguard/tests/exchangesim"
 )
@@ -312,7 +312,7 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	// reset, so what it says afterwards is the pass's.
 	res.startRSSMB = largestEasguard(r.peakRSSByProcess())
 	r.resetPeakRSS()
-	cpu0, sim0 := r.cpuSeconds(), testCPUSeconds(b)
+	cpu0, sim0 := r.cpuSeconds(), telemetrytest.ProcessCPU(b).Seconds()
 	b.StartTimer()
 	t0 := time.Now()
 	r.requestFullSync()
@@ -320,7 +320,7 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	r.waitIdle(30 * time.Minute)
 	b.StopTimer()
 	r.phase("measured full sync settled")
-	cpu, sim := r.cpuSeconds()-cpu0, testCPUSeconds(b)-sim0
+	cpu, sim := r.cpuSeconds()-cpu0, telemetrytest.ProcessCPU(b).Seconds()-sim0
 	pass := r.since(before)
 
 	if !done.GetSuccess() {
@@ -745,7 +745,7 @@ func (r *reconcileRig) timeListing() time.Duration {
 	if err := c.ListRecipients(ctx, func([]exchange.Recipient) error { return nil }); err != nil {
 		tb.Fatal(err)
 	}
-	start, cpu0 := time.Now(), testCPUSeconds(tb)
+	start, cpu0 := time.Now(), telemetrytest.ProcessCPU(tb).Seconds()
 	mailboxes, parts := 0, 0
 	if err := c.ListRecipients(ctx, func(rs []exchange.Recipient) error { mailboxes += len(rs); return nil }); err != nil {
 		tb.Fatal(err)
@@ -754,7 +754,7 @@ func (r *reconcileRig) timeListing() time.Duration {
 	if err := c.ListPartnerships(ctx, exchange.ListOptions{}, func(ps []exchange.Partnership) error { parts += len(ps); return nil }); err != nil {
 		tb.Fatal(err)
 	}
-	took, cpu := time.Since(start), testCPUSeconds(tb)-cpu0
+	took, cpu := time.Since(start), telemetrytest.ProcessCPU(tb).Seconds()-cpu0
 	if parts != len(r.parts) {
 		tb.Fatalf("the bare listing read %d partnerships, Exchange has %d", parts, len(r.parts))
 	}
@@ -1198,18 +1198,6 @@ func (r *reconcileRig) cpuSeconds() float64 {
 		}
 	}
 	return total
-}
-
-// testCPUSeconds is the CPU time this test process has used so far (user
-// and system): the simulator's, with the rig's polling and, during the bare
-// listing, the bare client's.
-func testCPUSeconds(tb testing.TB) float64 {
-	tb.Helper()
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		tb.Fatalf("CPU time of the test process: %v", err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 // largestEasguard is the largest peak RSS of peakRSSByProcess's but the

@@ -4,7 +4,6 @@ import (
 	"context"
 	"strconv"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -13,6 +12,7 @@ import (
 
 	"github.com/easguard/easguard/pkg/bus"
 	"github.com/easguard/easguard/pkg/natsembed/natstest"
+	"github.com/easguard/easguard/pkg/telemetry/telemetrytest"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
@@ -126,7 +126,7 @@ func BenchmarkBulkRead(b *testing.B) {
 			}
 			b.ReportAllocs()
 			b.ResetTimer()
-			cpu0 := processCPU(b)
+			cpu0 := telemetrytest.ProcessCPU(b)
 			for i := range b.N {
 				from := (i * page) % keys
 				got, err := r.Read(ctx, names[from:from+page])
@@ -138,17 +138,7 @@ func BenchmarkBulkRead(b *testing.B) {
 				}
 			}
 			b.StopTimer()
-			b.ReportMetric(float64(processCPU(b)-cpu0)/1e3/float64(b.N*page), "cpu_µs/key")
+			b.ReportMetric(float64(telemetrytest.ProcessCPU(b)-cpu0)/1e3/float64(b.N*page), "cpu_µs/key")
 		})
 	}
-}
-
-// processCPU is the CPU time this process (the embedded server's included) has used.
-func processCPU(tb testing.TB) time.Duration {
-	tb.Helper()
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		tb.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -6,9 +6,10 @@ import (
 	"fmt"
 	"io"
 	"runtime"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/easguard/easguard/pkg/telemetry/telemetrytest"
 )
 
 // decodeBenchPartnerships is how many partnerships one run of
@@ -163,25 +164,15 @@ func BenchmarkListingDecode(b *testing.B) {
 	b.ReportAllocs()
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	cpu := processCPU(b)
+	cpu := telemetrytest.ProcessCPU(b)
 	for b.Loop() {
 		decodeListing(b, bodies)
 	}
-	cpu = processCPU(b) - cpu
+	cpu = telemetrytest.ProcessCPU(b) - cpu
 	runtime.ReadMemStats(&after)
 	n := float64(b.N) * decodeBenchPartnerships
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/n, "listing_decode_ns_per_partnership:ns")
 	b.ReportMetric(float64(cpu.Nanoseconds())/n, "listing_decode_cpu_ns_per_partnership:ns")
 	b.ReportMetric(float64(after.Mallocs-before.Mallocs)/n, "listing_decode_allocs_per_partnership:allocs")
 	b.ReportMetric(float64(after.TotalAlloc-before.TotalAlloc)/n, "listing_decode_bytes_per_partnership:B")
-}
-
-// processCPU is the user and system CPU time this process has used.
-func processCPU(tb testing.TB) time.Duration {
-	tb.Helper()
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		tb.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

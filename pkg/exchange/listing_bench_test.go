@@ -6,11 +6,11 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/easguard/easguard/pkg/exchange"
+	"github.com/easguard/easguard/pkg/telemetry/telemetrytest"
 	"github.com/easguard/easguard/tests/exchangesim"
 )
 
@@ -84,7 +84,7 @@ func BenchmarkFullListing(b *testing.B) {
 		}
 
 		timed := func(what string, list func() (int, error)) (time.Duration, int) {
-			cpu0 := cpuTime(b)
+			cpu0 := telemetrytest.ProcessCPU(b)
 			b.StartTimer()
 			start := time.Now()
 			got, err := list()
@@ -94,7 +94,7 @@ func BenchmarkFullListing(b *testing.B) {
 				b.Fatalf("%s: %v", what, err)
 			}
 			// The simulator runs in this process: its CPU and easguard's.
-			cpu := cpuTime(b) - cpu0
+			cpu := telemetrytest.ProcessCPU(b) - cpu0
 			b.Logf("%s: %d objects in %.1fs, %.1f CPU-s in this process (%.0f µs an object)", what, got, took.Seconds(), cpu.Seconds(),
 				float64(cpu.Microseconds())/float64(max(1, got)))
 			return took, got
@@ -150,14 +150,4 @@ func BenchmarkFullListing(b *testing.B) {
 		b.ReportMetric(rSerial.Seconds(), prefix+"recipients_serial_s:s")
 		b.ReportMetric(rParted.Seconds(), prefix+"recipients_partitioned_s:s")
 	}
-}
-
-// cpuTime is the user and system CPU time this process has used.
-func cpuTime(tb testing.TB) time.Duration {
-	tb.Helper()
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		tb.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

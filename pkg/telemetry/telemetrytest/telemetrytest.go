@@ -1,6 +1,7 @@
 // Package telemetrytest reads what code under test records on its meters,
 // through the OpenTelemetry SDK's manual reader: a test checks a metric
-// as a scrape would see it, not a counter reached into.
+// as a scrape would see it, not a counter reached into. Benchmarks read
+// the process's own CPU time here too (ProcessCPU).
 package telemetrytest
 
 import (
