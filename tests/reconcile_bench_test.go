@@ -312,8 +312,7 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	// The peak before the pass (the first full sync's, or an earlier
 	// pass's) is kept apart from the pass's own: the kernel's peak is
 	// reset, so what it says afterwards is the pass's.
-	res.startRSSMB = largestEasguard(r.peakRSSByProcess())
-	r.resetPeakRSS()
+	res.startRSSMB = largestEasguard(r.resetPeakRSS())
 	cpu0, sim0 := r.cpuSeconds(), telemetrytest.ProcessCPU(b).Seconds()
 	b.StartTimer()
 	t0 := time.Now()
@@ -373,12 +372,12 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	b.Logf("steady, %d partnerships on %d mailboxes: reconcile %.1fs (asked at 0; the collector's pass %.1fs→%.1fs, %.1fs; last event %.1fs), bare listing %.1fs",
 		len(r.parts), len(r.byMailbox), res.wall.Seconds(), done.GetStartedAt().AsTime().Sub(t0).Seconds(), done.GetFinishedAt().AsTime().Sub(t0).Seconds(),
 		collectorPass.Seconds(), end.Sub(t0).Seconds(), res.listing.Seconds())
-	b.Logf("steady: easguard used %.1f s of CPU in the pass, %.0f µs a partnership; peak RSS %.0f MB in the pass, %.0f MB before it", cpu, cpu*1e6/float64(len(r.parts)), res.passRSSMB, res.startRSSMB)
+	res.cpuMicros = cpu * 1e6 / float64(len(r.parts))
+	b.Logf("steady: easguard used %.1f s of CPU in the pass, %.0f µs a partnership; peak RSS %.0f MB in the pass, %.0f MB before it", cpu, res.cpuMicros, res.passRSSMB, res.startRSSMB)
 	// The cores are shared with the simulator: what the pass left of them
 	// says whether it waited for Exchange or for the CPU.
 	cores := res.wall.Seconds() * float64(runtime.NumCPU())
 	res.cpuBusy = 100 * (cpu + sim) / cores
-	res.cpuMicros = cpu * 1e6 / float64(len(r.parts))
 	b.Logf("steady: the simulator (this test process) used %.1f s of CPU in the pass; with easguard's, %.1f s of the %d cores' %.1f s (%.0f%%)",
 		sim, cpu+sim, runtime.NumCPU(), cores, res.cpuBusy)
 	r.logAll("steady", t0, pass)
@@ -654,13 +653,9 @@ func (r *reconcileRig) logStores(shape string) {
 	r.tb.Helper()
 	var parts []string
 	var total uint64
-	names := r.js.StreamNames(r.tb.Context())
-	for name := range names.Name() {
-		info, err := r.stream(name).Info(r.tb.Context())
-		if err != nil {
-			r.tb.Fatalf("stream %s: %v", name, err)
-		}
-		st := info.State
+	infos := r.js.ListStreams(r.tb.Context())
+	for info := range infos.Info() {
+		name, st := info.Config.Name, info.State
 		if st.Msgs == 0 {
 			continue
 		}
@@ -668,8 +663,8 @@ func (r *reconcileRig) logStores(shape string) {
 		parts = append(parts, fmt.Sprintf("%s %d msgs %d subjects %.1f MB (%.0f B a partnership)",
 			name, st.Msgs, st.NumSubjects, float64(st.Bytes)/1e6, float64(st.Bytes)/float64(len(r.parts))))
 	}
-	if err := names.Err(); err != nil {
-		r.tb.Fatalf("stream names: %v", err)
+	if err := infos.Err(); err != nil {
+		r.tb.Fatalf("list streams: %v", err)
 	}
 	slices.Sort(parts)
 	r.tb.Logf("%s, stored after the pass: %.1f MB, %.0f B a partnership; %s", shape, float64(total)/1e6, float64(total)/float64(len(r.parts)), strings.Join(parts, "; "))
@@ -1215,13 +1210,12 @@ func largestEasguard(byProcess map[string]float64) float64 {
 	return peak
 }
 
-// peakRSSByProcess reads the peak resident set (VmHWM) of each easguard
-// process of the rig, by name (see processes).
 // resetPeakRSS resets each easguard process's peak RSS (VmHWM) to its RSS
-// now, remembering the peaks so far in startRSS, so that the next
-// peakRSSByProcess says what the pass in between needed: the lifetime
-// peak is the first full sync's, when every partnership is new.
-func (r *reconcileRig) resetPeakRSS() {
+// now and returns the peaks it had (since the start, or the last reset),
+// keeping each process's largest in startRSS: the next peakRSSByProcess
+// then says what the pass in between needed, apart from the first full
+// sync and from earlier passes.
+func (r *reconcileRig) resetPeakRSS() map[string]float64 {
 	r.tb.Helper()
 	peaks := r.peakRSSByProcess()
 	if r.startRSS == nil {
@@ -1235,8 +1229,11 @@ func (r *reconcileRig) resetPeakRSS() {
 			r.tb.Fatalf("reset the peak RSS of easguard (%s): %v", w.name, err)
 		}
 	}
+	return peaks
 }
 
+// peakRSSByProcess reads the peak resident set (VmHWM) of each easguard
+// process of the rig, by name (see processes).
 func (r *reconcileRig) peakRSSByProcess() map[string]float64 {
 	r.tb.Helper()
 	out := map[string]float64{}

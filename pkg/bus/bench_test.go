@@ -90,16 +90,7 @@ func BenchmarkBulkRead(b *testing.B) {
 			// Connected as the workers are (bus.SyncQueueLen): each batch
 			// is a synchronous subscription, whose default buffer alone
 			// would be 512 kB a batch.
-			s := natstest.Server(b)
-			nc, err := s.Connect(b.Name(), bus.SyncQueueLen())
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(nc.Close)
-			js, err := jetstream.New(nc)
-			if err != nil {
-				b.Fatal(err)
-			}
+			_, js := natstest.Connect(b, natstest.Server(b), bus.SyncQueueLen())
 			ctx := natstest.Context(b)
 			if err := bus.Provision(ctx, js, fastTopology()); err != nil {
 				b.Fatal(err)

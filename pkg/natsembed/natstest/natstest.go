@@ -26,10 +26,13 @@ func Server(tb testing.TB) *natsembed.Server {
 	return s
 }
 
-// Connect opens an in-process connection that is closed when the test ends.
-func Connect(tb testing.TB, s *natsembed.Server) (*nats.Conn, jetstream.JetStream) {
+// Connect opens an in-process connection that is closed when the test
+// ends; opts are added to it, as a worker's own connection options are
+// (bus.SyncQueueLen, say), for a test or benchmark that must see what a
+// worker's connection does.
+func Connect(tb testing.TB, s *natsembed.Server, opts ...nats.Option) (*nats.Conn, jetstream.JetStream) {
 	tb.Helper()
-	nc, err := s.Connect(tb.Name())
+	nc, err := s.Connect(tb.Name(), opts...)
 	if err != nil {
 		tb.Fatalf("connect: %v", err)
 	}
