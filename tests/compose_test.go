@@ -674,11 +674,49 @@ func (w *composeWave) check(t testing.TB) {
 		}
 		return nil
 	})
-	for _, p := range problems {
-		t.Error(p)
+	if len(problems) > 0 {
+		for _, p := range problems {
+			t.Error(p)
+		}
+		w.lateOrLost(t, problems)
+		return
 	}
 	t.Logf("%s wave: %d devices, each applied once as the policy says (%d enrolled ones blocked before their record arrived, then allowed)",
 		w.tag, len(w.devices), blockedFirst)
+}
+
+// lateOrLost follows the problems check failed on for two more minutes
+// and logs which of them went away, and when: a mail that comes late
+// (a redelivery's backoff after a NATS election) and one that never comes
+// are different faults. The test has failed already; this only says which.
+func (w *composeWave) lateOrLost(t testing.TB, failed []string) {
+	t.Helper()
+	device := func(p string) string { id, _, _ := strings.Cut(p, " "); return id }
+	open := map[string]bool{}
+	for _, p := range failed {
+		open[device(p)] = true
+	}
+	start := time.Now()
+	_ = pollErr(2*time.Minute, time.Second, func() error {
+		now, _ := w.problems(t)
+		still := map[string]bool{}
+		for _, p := range now {
+			still[device(p)] = true
+		}
+		for id := range open {
+			if !still[id] {
+				t.Logf("%s: as the policy says %s after check gave up (late, not lost)", id, time.Since(start).Round(time.Second))
+				delete(open, id)
+			}
+		}
+		if len(open) > 0 {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	for id := range open {
+		t.Logf("%s: still not as the policy says two minutes after check gave up (lost)", id)
+	}
 }
 
 // problems is what check finds wrong now.
