@@ -160,6 +160,19 @@ func weigh(f facts, rec *ev.DecisionRecord, exists bool) judgement {
 		before = shallowCopy(rec)
 	}
 	ok := satisfied(v.Desired, p.GetDeviceAccessState(), p.GetDeviceAccessStateReason())
+	if exists && rec.GetDecisionId() != "" && rec.GetDesired() != v.Desired && !rec.GetDryRun() && !rec.GetHeld() {
+		// The verdict turned against a decision that may still reach
+		// Exchange: waiting for the guard, in flight, or applied after
+		// this observation was read (an MDM change re-matches the
+		// partnership as last indexed, from before the block it now
+		// reverses). Exchange seen as the verdict wants proves nothing:
+		// the older decision would be released by the guard, or applied
+		// over it, or already was, and the observation that shows it
+		// could be taken for replication lag for ReplicationGrace.
+		// Deciding again supersedes it; if Exchange did agree, the
+		// executor finds it so and sends nothing.
+		ok = false
+	}
 	applied := f.applied
 	same := exists && rec.GetDesired() == v.Desired && rec.GetDryRun() == f.dryRun
 	emit, drift, reoffer, waitReplication := false, false, false, false

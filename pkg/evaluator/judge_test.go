@@ -136,6 +136,33 @@ func TestJudge(t *testing.T) {
 		{name: "waiting for the guard: nothing new",
 			rec: record(block, t0, func(r *ev.DecisionRecord) { r.Staged = true }), in: verdict(allowed, global, t0.Add(time.Hour), t0.Add(time.Hour)),
 			v: blockIt, change: bus.Write},
+		{name: "blocked, then compliant again, seen as before the block: allowed again, not taken for already allowed",
+			rec: record(block, t0, nil), in: verdict(allowed, individual, t0.Add(-30*time.Second), t0.Add(time.Hour)), v: allowIt,
+			change: bus.Write, publish: "new",
+			check: func(t *testing.T, rec *ev.DecisionRecord) {
+				if rec.GetDesired() != allow || rec.GetDecisionId() == "d0" || rec.GetConfirmedAt().IsValid() {
+					t.Errorf("record %v: want a new allow, not confirmed", rec)
+				}
+			}},
+		{name: "a revocation waiting for the guard, and the device compliant again: allowed, so the guard has nothing to release",
+			rec: record(block, t0, func(r *ev.DecisionRecord) { r.Staged = true }), in: verdict(allowed, individual, t0.Add(time.Hour), t0.Add(time.Hour)),
+			v: allowIt, change: bus.Write, publish: "new",
+			check: func(t *testing.T, rec *ev.DecisionRecord) {
+				if rec.GetStaged() || rec.GetDecisionId() == "d0" {
+					t.Errorf("record %v still stages the revocation", rec)
+				}
+			}},
+		{name: "a revocation the guard refused, and the device compliant again: nothing to undo",
+			rec: record(block, t0, func(r *ev.DecisionRecord) { r.Held = true }), in: verdict(allowed, individual, t0.Add(time.Hour), t0.Add(time.Hour)),
+			v: allowIt, change: bus.Write,
+			check: func(t *testing.T, rec *ev.DecisionRecord) {
+				if rec.GetHeld() || rec.GetDesired() != allow {
+					t.Errorf("record %v", rec)
+				}
+			}},
+		{name: "a dry-run block, and the device compliant again: nothing was sent, nothing to undo",
+			rec: record(block, t0, func(r *ev.DecisionRecord) { r.DryRun = true }), in: verdict(allowed, individual, t0.Add(-30*time.Second), t0.Add(time.Hour)),
+			v: allowIt, dryRun: true, change: bus.Write},
 		{name: "blocked as decided, its user never told: told now",
 			rec: record(block, t0, func(r *ev.DecisionRecord) { r.ConfirmedAt = timestamppb.New(t0) }),
 			in:  verdict(blocked, individual, t0.Add(time.Hour), t0.Add(time.Hour)), v: blockIt, change: bus.Write, publish: "new",
