@@ -82,3 +82,40 @@ func Unanswered(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
 		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders)
 }
+
+// unansweredPatience is how long AskAgain goes on asking a stream that
+// does not answer before it returns the error: a stream whose leader died
+// elects another within seconds (a NATS node killed, a rolling restart),
+// and asking again gets the request through within a second of the new
+// leader. Returned at once, the error would go to the runner, whose
+// redelivery delay grows with each failed delivery (16–32 s by the fifth)
+// and which dead-letters the message when its deliveries run out, though
+// an election is not the message's fault. The runner's heartbeat keeps
+// the message from being redelivered meanwhile (AckWait is 30 s).
+const unansweredPatience = 10 * time.Second
+
+// AskAgain calls ask until it returns nil or an error that is not
+// Unanswered, ctx ends, or unansweredPatience has passed, waiting 100 ms
+// after the first refusal and up to a second between later ones; it
+// returns ask's last error. ask must be safe to repeat: a request that
+// was carried out although its answer was lost is made again (a publish
+// with its message id, a compare-and-set that then finds its own
+// revision).
+func AskAgain(ctx context.Context, ask func() error) error {
+	deadline := time.Now().Add(unansweredPatience)
+	wait := 100 * time.Millisecond
+	for {
+		err := ask()
+		if err == nil || !Unanswered(err) || ctx.Err() != nil || time.Now().Add(wait).After(deadline) {
+			return err
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		wait = min(2*wait, time.Second)
+	}
+}

@@ -114,6 +114,62 @@ func TestPublishDuplicateStoredOnce(t *testing.T) {
 	}
 }
 
+// A stream that does not answer yet (no leader: one is being elected, or
+// the stream is still being created) is asked again, and the event goes
+// out once it answers; past the caller's deadline the publish gives up
+// with the error.
+func TestPublishAsksAgainUntilTheStreamAnswers(t *testing.T) {
+	s, _, js := natstest.Start(t)
+	ctx := natstest.Context(t)
+	// The publisher's own connection: its count of messages sent is the
+	// count of publish attempts.
+	nc, pjs := natstest.Connect(t, s)
+	pub, err := bus.NewPublisher(pjs, bus.Instrumentation{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	subj, _ := bus.EASObserved.Subject(org, "dev1")
+	out := bus.Outbound{Subject: subj, Message: observed("dev1"), MsgID: "sync-1/alice/dev1"}
+
+	t.Run("gives up at the caller's deadline", func(t *testing.T) {
+		short, cancel := context.WithTimeout(ctx, 700*time.Millisecond)
+		defer cancel()
+		if ack, err := pub.Publish(short, out); err == nil || !bus.Unanswered(err) {
+			t.Fatalf("publish with no stream: %+v, %v; want an unanswered error", ack, err)
+		}
+	})
+
+	type result struct {
+		ack *jetstream.PubAck
+		err error
+	}
+	done := make(chan result, 1)
+	before := nc.Stats().OutMsgs
+	go func() {
+		ack, err := pub.Publish(ctx, out)
+		done <- result{ack, err}
+	}()
+	// nats.go asks three times over half a second on its own; more than
+	// that is the publisher asking again.
+	natstest.Eventually(t, 5*time.Second, "five unanswered attempts", func() bool { return nc.Stats().OutMsgs >= before+5 })
+	select {
+	case r := <-done:
+		t.Fatalf("publish returned before the stream existed: %+v, %v", r.ack, r.err)
+	default:
+	}
+	if err := bus.Provision(ctx, js, fastTopology()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		if r.err != nil || r.ack.Stream != bus.StreamEAS || r.ack.Duplicate {
+			t.Fatalf("publish once the stream answers: %+v, %v", r.ack, r.err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("publish still waiting 15 s after the stream was created")
+	}
+}
+
 func TestPublishRefusesMistakes(t *testing.T) {
 	e := newEnv(t)
 	ctx := natstest.Context(t)

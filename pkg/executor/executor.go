@@ -343,7 +343,10 @@ func (x *Executor) Apply(ctx context.Context, d *ev.AccessDecided) ([]bus.Outbou
 		}
 		return nil, fmt.Errorf("apply %s for %s: %w", d.GetDesired(), p.GetDeviceId(), res.Err)
 	}
-	if err := x.complete(ctx, key, d, outcome, verdict); err != nil {
+	// Exchange has the change: recording it waits out a leader election
+	// of the applied bucket's stream rather than failing the delivery,
+	// which would send the change again after the runner's backoff.
+	if err := bus.AskAgain(ctx, func() error { return x.complete(ctx, key, d, outcome, verdict) }); err != nil {
 		return nil, err
 	}
 	inv.Duration = durationpb.New(x.now().Sub(start))
