@@ -37,7 +37,10 @@ func decidedFor(id string, desired ev.DesiredAccess) func(*ev.AccessDecided) boo
 }
 
 // allowedPhones enrols phones as compliant, lets them sync, and waits until
-// easguard has allowed each of them.
+// easguard has allowed each of them, seen Exchange confirm it, and gone
+// idle: a test that changes the MDM next starts from a settled pipeline,
+// not one whose confirming observation is still on its way (it would
+// judge the device once more and count twice what the test counts once).
 func (s *stack) allowedPhones(devices []managedDevice, phones ...exchangesim.Phone) {
 	s.t.Helper()
 	s.writeInventory(devices...)
@@ -51,6 +54,13 @@ func (s *stack) allowedPhones(devices []managedDevice, phones ...exchangesim.Pho
 	for _, p := range phones {
 		s.waitPhone(p, "Allowed", 30*time.Second)
 	}
+	for _, p := range phones {
+		id := p.DeviceID
+		waitEvent(s.t, s.events, "easguard seeing "+id+" allowed", func(m *ev.EASPartnershipObserved) bool {
+			return strings.EqualFold(m.GetPartnership().GetDeviceId(), id) && m.GetPartnership().GetDeviceAccessState() == ev.DeviceAccessState_DEVICE_ACCESS_STATE_ALLOWED
+		})
+	}
+	s.settle()
 }
 
 // A phone that was allowed loses mail when the MDM reports it

@@ -56,10 +56,12 @@ type worker struct {
 	cmd    *winrm.Command
 	frames chan exchange.Response
 	stderr *strings.Builder
-	mu     sync.Mutex
-	nextID int64
-	ready  exchange.Response
-	cancel context.CancelFunc
+	// stdoutErr is why the output ended, if it ended on an error.
+	stdoutErr error
+	mu        sync.Mutex
+	nextID    int64
+	ready     exchange.Response
+	cancel    context.CancelFunc
 }
 
 func newClient(t testing.TB, s *exchangesim.Sim, ep *exchangesim.Endpoint, c conn) *winrm.Client {
@@ -124,6 +126,7 @@ func startWorkerClient(t testing.TB, client *winrm.Client) (*worker, error) {
 		return nil, fmt.Errorf("execute: %w", err)
 	}
 	w := &worker{t: t, shell: shell, cmd: cmd, frames: make(chan exchange.Response, 64), stderr: &strings.Builder{}, cancel: cancel}
+	stderrDone := make(chan struct{})
 	go func() {
 		sc := bufio.NewScanner(cmd.Stdout)
 		sc.Buffer(make([]byte, 1<<20), 64<<20)
@@ -137,9 +140,13 @@ func startWorkerClient(t testing.TB, client *winrm.Client) (*worker, error) {
 				w.frames <- r
 			}
 		}
+		w.mu.Lock()
+		w.stdoutErr = sc.Err()
+		w.mu.Unlock()
 		close(w.frames)
 	}()
 	go func() {
+		defer close(stderrDone)
 		b, _ := io.ReadAll(cmd.Stderr)
 		w.mu.Lock()
 		w.stderr.Write(b)
@@ -151,8 +158,23 @@ func startWorkerClient(t testing.TB, client *winrm.Client) (*worker, error) {
 	}
 	select {
 	case r, ok := <-w.frames:
-		if !ok || r.Op != "ready" {
-			return nil, fmt.Errorf("no ready frame (got %+v, open %v)", r, ok)
+		if !ok {
+			// The output ended: say why (the transport's error, or the
+			// worker's exit and what it wrote to stderr).
+			ended := make(chan struct{})
+			go func() { cmd.Wait(); <-stderrDone; close(ended) }()
+			select {
+			case <-ended:
+			case <-time.After(5 * time.Second):
+				return nil, fmt.Errorf("no ready frame: output ended, the command still running 5s later")
+			}
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			return nil, fmt.Errorf("no ready frame: output ended (read error %v, exit code %d, command error %v, stderr %q)",
+				w.stdoutErr, cmd.ExitCode(), cmd.Error(), w.stderr.String())
+		}
+		if r.Op != "ready" {
+			return nil, fmt.Errorf("no ready frame (got %+v)", r)
 		}
 		w.ready = r
 	case <-time.After(20 * time.Second):
