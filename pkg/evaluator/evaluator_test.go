@@ -747,6 +747,55 @@ func TestRedeliveryReoffersTheDecision(t *testing.T) {
 // After a decision was applied, an observation taken later that shows
 // Exchange disagreeing is a manual edit: the decision is made again as
 // drift, with one alert. An observation from before the apply is not.
+// A phone blocked for non-compliance gets its mail back as soon as the
+// MDM says it is compliant again, even when that change is matched
+// against the partnership as the collector last read it, before the
+// block: that reading shows the phone allowed, which it no longer is.
+// Before, the evaluator took it for agreement and decided nothing, and
+// the collector's next reading (blocked, within the replication grace of
+// the block) for replication lag: the phone stayed blocked for 15 minutes.
+func TestCompliantAgainBeforeTheBlockWasSeen(t *testing.T) {
+	h := start(t, evaluator.Config{ReplicationGrace: 15 * time.Minute})
+	ctx := natstest.Context(t)
+	d := phone("alice@contoso.com", "ApplALICE1", stQuarantined, rsGlobal)
+	allow := only(t, h.decide(matched(d, how{mdm: compliant(d), observed: time.Now().Add(-2 * time.Minute)})), "compliant")
+	applied := func(dec *ev.AccessDecided) {
+		t.Helper()
+		if err := bus.Put(ctx, h.applied, d.key(t), &ev.AppliedRecord{DecisionId: dec.GetDecisionId(), DecidedAt: dec.GetDecidedAt(),
+			Desired: dec.GetDesired(), AppliedAt: timestamppb.New(time.Now()), Outcome: ev.ApplyOutcome_APPLY_OUTCOME_APPLIED}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	applied(allow)
+	// The collector reads it allowed: the partnership as the matcher
+	// indexes it from now on.
+	d.state, d.reason = stAllowed, rsIndividual
+	seen := time.Now()
+	none(t, h.decide(matched(d, how{mdm: compliant(d), observed: seen})), "allowed as decided")
+
+	// Non-compliant: blocked (a single revocation, under the guard's
+	// minimum, released with its MDM window).
+	h.publish(matched(d, how{mdm: noncompliant(d), trigger: "mdm", observed: seen}))
+	var block *ev.AccessDecided
+	natstest.Eventually(t, 10*time.Second, "the block", func() bool {
+		h.catchUp()
+		for _, dec := range h.newDecisions() {
+			if dec.GetDesired() == wantBlock {
+				block = dec
+			}
+		}
+		return block != nil
+	})
+	applied(block)
+
+	// Compliant again, matched against the same reading from before the
+	// block: allowed again at once.
+	again := only(t, h.decide(matched(d, how{mdm: compliant(d), trigger: "mdm", observed: seen})), "compliant again")
+	if again.GetDesired() != wantAllow || again.GetDecisionId() == allow.GetDecisionId() {
+		t.Fatalf("compliant again: %v", again)
+	}
+}
+
 func TestDrift(t *testing.T) {
 	cases := []struct {
 		name      string
