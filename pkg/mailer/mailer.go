@@ -244,8 +244,17 @@ func (m *Mailer) notify(ctx context.Context, d *ev.AccessDecided) ([]bus.Outboun
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
-	claim, err := m.claim(ctx, key, d.GetDecisionId())
-	if err != nil {
+	// A claim the bucket's stream did not answer (a leader election) is
+	// asked again rather than backed off: the user's mail would wait for
+	// the runner's growing delay. Asking again is safe: a claim that was
+	// stored although its answer was lost is read back as this
+	// decision's own unfinished claim, and taken again.
+	var claim claimed
+	if err := bus.AskAgain(ctx, func() error {
+		var err error
+		claim, err = m.claim(ctx, key, d.GetDecisionId())
+		return err
+	}); err != nil {
 		return nil, err
 	}
 	if claim.told {
