@@ -140,7 +140,16 @@ func (p *Publisher) publish(ctx context.Context, subject, template, msgID string
 	defer span.End()
 	telemetry.Inject(ctx, p.prop, h)
 	start := time.Now()
-	ack, err := p.askUntilAnswered(ctx, &nats.Msg{Subject: subject, Data: data, Header: h}, msgID)
+	// Asked again while the stream does not answer: the message id makes
+	// the stream keep one copy of an attempt that was stored although its
+	// acknowledgement was lost (the PubAck then says Duplicate).
+	m := &nats.Msg{Subject: subject, Data: data, Header: h}
+	var ack *jetstream.PubAck
+	err := AskAgain(ctx, func() error {
+		var err error
+		ack, err = p.js.PublishMsg(ctx, m, jetstream.WithMsgID(msgID))
+		return err
+	})
 	attrs := metric.WithAttributes(telemetry.SystemNATS, semconv.MessagingDestinationTemplate(template), semconv.MessagingOperationName("publish"), attribute.Bool("error", err != nil))
 	p.duration.Record(ctx, time.Since(start).Seconds(), attrs)
 	if err != nil {
@@ -152,18 +161,4 @@ func (p *Publisher) publish(ctx context.Context, subject, template, msgID string
 	p.sent.Add(ctx, 1, attrs)
 	span.SetAttributes(telemetry.StreamKey.String(ack.Stream), telemetry.StreamSequenceKey.Int64(int64(ack.Sequence)), attribute.Bool("messaging.nats.duplicate", ack.Duplicate))
 	return ack, nil
-}
-
-// askUntilAnswered publishes m, asking again while the stream does not
-// answer (AskAgain). The message id makes the stream keep one copy of an
-// attempt that was stored although its acknowledgement was lost; the
-// PubAck then says Duplicate.
-func (p *Publisher) askUntilAnswered(ctx context.Context, m *nats.Msg, msgID string) (*jetstream.PubAck, error) {
-	var ack *jetstream.PubAck
-	err := AskAgain(ctx, func() error {
-		var err error
-		ack, err = p.js.PublishMsg(ctx, m, jetstream.WithMsgID(msgID))
-		return err
-	})
-	return ack, err
 }

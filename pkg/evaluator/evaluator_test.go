@@ -744,9 +744,6 @@ func TestRedeliveryReoffersTheDecision(t *testing.T) {
 	none(t, h.newDecisions(), "a copy of an already published decision")
 }
 
-// After a decision was applied, an observation taken later that shows
-// Exchange disagreeing is a manual edit: the decision is made again as
-// drift, with one alert. An observation from before the apply is not.
 // A phone blocked for non-compliance gets its mail back as soon as the
 // MDM says it is compliant again, even when that change is matched
 // against the partnership as the collector last read it, before the
@@ -776,16 +773,9 @@ func TestCompliantAgainBeforeTheBlockWasSeen(t *testing.T) {
 	// Non-compliant: blocked (a single revocation, under the guard's
 	// minimum, released with its MDM window).
 	h.publish(matched(d, how{mdm: noncompliant(d), trigger: "mdm", observed: seen}))
-	var block *ev.AccessDecided
-	natstest.Eventually(t, 10*time.Second, "the block", func() bool {
-		h.catchUp()
-		for _, dec := range h.newDecisions() {
-			if dec.GetDesired() == wantBlock {
-				block = dec
-			}
-		}
-		return block != nil
-	})
+	block := h.decided.Await(t, 10*time.Second, "the block", func(dec *ev.AccessDecided) bool { return dec.GetDesired() == wantBlock })
+	h.catchUp()
+	h.newDecisions() // the block taken: the next decide returns only its own
 	applied(block)
 
 	// Compliant again, matched against the same reading from before the
@@ -796,6 +786,9 @@ func TestCompliantAgainBeforeTheBlockWasSeen(t *testing.T) {
 	}
 }
 
+// After a decision was applied, an observation taken later that shows
+// Exchange disagreeing is a manual edit: the decision is made again as
+// drift, with one alert. An observation from before the apply is not.
 func TestDrift(t *testing.T) {
 	cases := []struct {
 		name      string

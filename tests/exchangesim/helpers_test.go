@@ -56,12 +56,10 @@ type worker struct {
 	cmd    *winrm.Command
 	frames chan exchange.Response
 	stderr *strings.Builder
-	// stdoutErr is why the output ended, if it ended on an error.
-	stdoutErr error
-	mu        sync.Mutex
-	nextID    int64
-	ready     exchange.Response
-	cancel    context.CancelFunc
+	mu     sync.Mutex
+	nextID int64
+	ready  exchange.Response
+	cancel context.CancelFunc
 }
 
 func newClient(t testing.TB, s *exchangesim.Sim, ep *exchangesim.Endpoint, c conn) *winrm.Client {
@@ -143,6 +141,9 @@ func startWorkerClient(t testing.TB, client *winrm.Client) (*worker, error) {
 	}
 	w := &worker{t: t, shell: shell, cmd: cmd, frames: make(chan exchange.Response, 64), stderr: &strings.Builder{}, cancel: cancel}
 	stderrDone := make(chan struct{})
+	// readErr is why the output ended, if on an error; written before the
+	// frames close, so read safely once they have.
+	var readErr error
 	go func() {
 		sc := bufio.NewScanner(cmd.Stdout)
 		sc.Buffer(make([]byte, 1<<20), 64<<20)
@@ -156,9 +157,7 @@ func startWorkerClient(t testing.TB, client *winrm.Client) (*worker, error) {
 				w.frames <- r
 			}
 		}
-		w.mu.Lock()
-		w.stdoutErr = sc.Err()
-		w.mu.Unlock()
+		readErr = sc.Err()
 		close(w.frames)
 	}()
 	go func() {
@@ -187,7 +186,7 @@ func startWorkerClient(t testing.TB, client *winrm.Client) (*worker, error) {
 			w.mu.Lock()
 			defer w.mu.Unlock()
 			return nil, fmt.Errorf("no ready frame: output ended (read error %v, exit code %d, command error %v, stderr %q)",
-				w.stdoutErr, cmd.ExitCode(), cmd.Error(), w.stderr.String())
+				readErr, cmd.ExitCode(), cmd.Error(), w.stderr.String())
 		}
 		if r.Op != "ready" {
 			return nil, fmt.Errorf("no ready frame (got %+v)", r)
