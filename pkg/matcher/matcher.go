@@ -264,25 +264,42 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 	// The record's last report is replaced in one compare-and-set with the
 	// check that this report is not older, so that two reports of one
 	// record handled at once (two replicas, or two handlers of one) leave
-	// the newer one, whichever finishes first.
+	// the newer one, whichever finishes first. The report it replaced is
+	// kept with it, and a removal leaves a tombstone: this step may run
+	// again after its write was stored (its acknowledgement lost, or a
+	// later step failed and the message came back), and must then know
+	// what the first run knew, not take its own report for the previous.
 	var prev *ev.MDMDevice
 	newer := false
 	if _, err := bus.Modify(ctx, m.users, byIDKey, func(last *ev.MDMIndex, exists bool) (bus.Change, error) {
 		prev, newer = nil, false
-		if seen := last.GetObservedAtById()[mdmID]; seen.IsValid() && in.GetObservedAt().IsValid() && seen.AsTime().After(in.GetObservedAt().AsTime()) {
+		seen := last.GetObservedAtById()[mdmID]
+		if seen.IsValid() && in.GetObservedAt().IsValid() && seen.AsTime().After(in.GetObservedAt().AsTime()) {
 			newer = true
 			return bus.Keep, nil
 		}
-		if p := last.GetById()[mdmID]; p != nil {
-			prev = proto.Clone(p).(*ev.MDMDevice)
+		if sameReport(last, mdmID, in) {
+			prev = last.GetPreviousById()[mdmID]
+			return bus.Keep, nil // this report, indexed before: run again
 		}
+		known := last.GetById()[mdmID] // live, or a tombstone
+		if known != nil && !last.GetRemovedById()[mdmID] {
+			prev = proto.Clone(known).(*ev.MDMDevice)
+		}
+		stored := d
 		if in.GetRemoved() {
-			return bus.Remove, nil
+			stored = withIdentity(d, known)
 		}
 		last.Reset()
-		last.ById = map[string]*ev.MDMDevice{mdmID: d}
+		last.ById = map[string]*ev.MDMDevice{mdmID: stored}
 		if in.GetObservedAt().IsValid() {
 			last.ObservedAtById = map[string]*timestamppb.Timestamp{mdmID: in.GetObservedAt()}
+		}
+		if prev != nil {
+			last.PreviousById = map[string]*ev.MDMDevice{mdmID: prev}
+		}
+		if in.GetRemoved() {
+			last.RemovedById = map[string]bool{mdmID: true}
 		}
 		return bus.Write, nil
 	}); err != nil {
@@ -291,16 +308,8 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 	if newer {
 		return nil, nil // a newer report of this record was already indexed
 	}
-	if prev != nil && in.GetRemoved() {
-		if d.GetEasDeviceId() == "" || d.GetUserPrincipalName() == "" {
-			d = proto.Clone(d).(*ev.MDMDevice)
-			if d.EasDeviceId == "" {
-				d.EasDeviceId = prev.GetEasDeviceId()
-			}
-			if d.UserPrincipalName == "" {
-				d.UserPrincipalName = prev.GetUserPrincipalName()
-			}
-		}
+	if in.GetRemoved() {
+		d = withIdentity(d, prev)
 	}
 	if prev != nil && in.GetPreviousEasDeviceId() == "" && !strings.EqualFold(prev.GetEasDeviceId(), d.GetEasDeviceId()) {
 		// The id moved without the source saying so: treat it as moved.
@@ -386,6 +395,41 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 		}
 	}
 	return outs, nil
+}
+
+// sameReport reports whether last, the matcher's memory of record mdmID,
+// already holds the report in: the same time of observation and the same
+// kind (a removal, or the same record). It is then this step run again,
+// or the source repeating itself.
+func sameReport(last *ev.MDMIndex, mdmID string, in *ev.MDMDeviceChanged) bool {
+	stored := last.GetById()[mdmID]
+	if stored == nil || last.GetRemovedById()[mdmID] != in.GetRemoved() {
+		return false
+	}
+	seen, at := last.GetObservedAtById()[mdmID], in.GetObservedAt()
+	if seen.IsValid() != at.IsValid() || seen.IsValid() && !seen.AsTime().Equal(at.AsTime()) {
+		return false
+	}
+	// A removal is stored with the identity its record had (withIdentity),
+	// which the removal itself may not name.
+	return in.GetRemoved() || proto.Equal(stored, in.GetDevice())
+}
+
+// withIdentity returns a removal's record with the EAS id and user of the
+// record as last reported filled in where the removal leaves them out (a
+// webhook names only the MDM id): the indexes are keyed by those.
+func withIdentity(d, prev *ev.MDMDevice) *ev.MDMDevice {
+	if prev == nil || d.GetEasDeviceId() != "" && d.GetUserPrincipalName() != "" {
+		return d
+	}
+	d = proto.Clone(d).(*ev.MDMDevice)
+	if d.EasDeviceId == "" {
+		d.EasDeviceId = prev.GetEasDeviceId()
+	}
+	if d.UserPrincipalName == "" {
+		d.UserPrincipalName = prev.GetUserPrincipalName()
+	}
+	return d
 }
 
 // ErrNotRejudge is why a command other than a rejudge is dead-lettered

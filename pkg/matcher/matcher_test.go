@@ -191,6 +191,68 @@ func TestMDMChangeRematches(t *testing.T) {
 	}
 }
 
+// The step that indexes an MDM change may run again after its memory of
+// the record was written: its acknowledgement was lost, or a later write
+// failed and the message came back. The second run must match again what
+// the first did (its outputs were lost with it), not take its own report
+// for the one before: an id that moved without the source saying so, and a
+// removal that names only the MDM id, still reach the partnerships of the
+// id the record had. And a report older than a removal, processed late,
+// does not bring the record back.
+func TestMDMChangeRunAgainMatchesWhatTheFirstRunDid(t *testing.T) {
+	tests := []struct {
+		name   string
+		change *ev.MDMDeviceChanged
+	}{
+		{"id moved unannounced", &ev.MDMDeviceChanged{Device: &ev.MDMDevice{MdmDeviceId: "m1", UserPrincipalName: "alice@contoso.com", EasDeviceId: "ApplNEW"}}},
+		{"removal naming only the MDM id", &ev.MDMDeviceChanged{Device: &ev.MDMDevice{MdmDeviceId: "m1"}, Removed: true}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := start(t)
+			ctx := natstest.Context(t)
+			h.observe("alice@contoso.com", "alice@contoso.com", "ApplOLD", "g1")
+			h.next(1)
+			h.mdm(&ev.MDMDevice{MdmDeviceId: "m1", UserPrincipalName: "alice@contoso.com", EasDeviceId: "ApplOLD",
+				ComplianceState: ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT}, false, "")
+			if v := h.next(1)[0]; v.GetMdm().GetMdmDeviceId() != "m1" {
+				t.Fatalf("before the change: %v", v)
+			}
+			in := proto.Clone(tc.change).(*ev.MDMDeviceChanged)
+			in.Org, in.ObservedAt = string(org), timestamppb.Now()
+			in.Device.Source = "test"
+			for run := 1; run <= 2; run++ {
+				outs, err := h.m.MDMChanged(ctx, in)
+				if err != nil {
+					t.Fatalf("run %d: %v", run, err)
+				}
+				var lost []string
+				for _, o := range outs {
+					v := o.Message.(*ev.DeviceMatched)
+					if v.GetObserved().GetPartnership().GetDeviceId() == "ApplOLD" && v.GetMdm() == nil {
+						lost = append(lost, v.GetDetail())
+					}
+				}
+				if len(lost) != 1 {
+					t.Fatalf("run %d: %d outputs, %d re-matches of ApplOLD's partnership without the record (%q), want 1",
+						run, len(outs), len(lost), lost)
+				}
+			}
+			// A report of the record from before the change, processed
+			// only now, changes nothing.
+			old := &ev.MDMDeviceChanged{Org: string(org), ObservedAt: timestamppb.New(in.GetObservedAt().AsTime().Add(-time.Minute)),
+				Device: &ev.MDMDevice{MdmDeviceId: "m1", UserPrincipalName: "alice@contoso.com", EasDeviceId: "ApplOLD", Source: "test"}}
+			if outs, err := h.m.MDMChanged(ctx, old); err != nil || len(outs) != 0 {
+				t.Fatalf("older report processed late: %d outputs, %v; want none", len(outs), err)
+			}
+			h.observe("alice@contoso.com", "alice@contoso.com", "ApplOLD", "g1")
+			if v := h.next(1)[0]; v.GetMdm() != nil {
+				t.Fatalf("after the older report: ApplOLD matched again: %v", v)
+			}
+		})
+	}
+}
+
 // An MDM record that names no user is not joined to any mailbox by the
 // phone-reported EAS id alone: every partnership with that id gets
 // RECORD_WITHOUT_USER, carrying the record for the policy to judge, and a

@@ -93,8 +93,21 @@ type MDMIndex struct {
 	// observed_at_by_id is when the source reported each record, so that a
 	// report processed late (another replica, a retry) never undoes a newer one.
 	ObservedAtById map[string]*timestamppb.Timestamp `protobuf:"bytes,2,rep,name=observed_at_by_id,json=observedAtById,proto3" json:"observed_at_by_id,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// previous_by_id is kept only in the matcher's memory of one record's
+	// last report (its mdm-id key): the report that one replaced. The step
+	// that indexes a report may run again after its memory was written (a
+	// lost acknowledgement, a later write that failed); it then finds its
+	// own report as the last one and learns from here where the record was
+	// before, so an EAS id that moved is still seen to move.
+	PreviousById map[string]*MDMDevice `protobuf:"bytes,3,rep,name=previous_by_id,json=previousById,proto3" json:"previous_by_id,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// removed_by_id marks, in that same memory, a record the source removed:
+	// the memory is kept as a tombstone holding the record's last EAS id and
+	// user, so that a removal run again (which may name only the MDM id)
+	// still knows which partnerships to match again, and a report older
+	// than the removal, processed late, does not bring the record back.
+	RemovedById   map[string]bool `protobuf:"bytes,4,rep,name=removed_by_id,json=removedById,proto3" json:"removed_by_id,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *MDMIndex) Reset() {
@@ -137,6 +150,20 @@ func (x *MDMIndex) GetById() map[string]*MDMDevice {
 func (x *MDMIndex) GetObservedAtById() map[string]*timestamppb.Timestamp {
 	if x != nil {
 		return x.ObservedAtById
+	}
+	return nil
+}
+
+func (x *MDMIndex) GetPreviousById() map[string]*MDMDevice {
+	if x != nil {
+		return x.PreviousById
+	}
+	return nil
+}
+
+func (x *MDMIndex) GetRemovedById() map[string]bool {
+	if x != nil {
+		return x.RemovedById
 	}
 	return nil
 }
@@ -589,16 +616,24 @@ const file_easguard_v1_state_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\v2#.easguard.v1.EASPartnershipObservedR\x05value:\x028\x01\x1aB\n" +
 	"\x14TraceparentByIdEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc6\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfa\x04\n" +
 	"\bMDMIndex\x124\n" +
 	"\x05by_id\x18\x01 \x03(\v2\x1f.easguard.v1.MDMIndex.ByIdEntryR\x04byId\x12T\n" +
-	"\x11observed_at_by_id\x18\x02 \x03(\v2).easguard.v1.MDMIndex.ObservedAtByIdEntryR\x0eobservedAtById\x1aO\n" +
+	"\x11observed_at_by_id\x18\x02 \x03(\v2).easguard.v1.MDMIndex.ObservedAtByIdEntryR\x0eobservedAtById\x12M\n" +
+	"\x0eprevious_by_id\x18\x03 \x03(\v2'.easguard.v1.MDMIndex.PreviousByIdEntryR\fpreviousById\x12J\n" +
+	"\rremoved_by_id\x18\x04 \x03(\v2&.easguard.v1.MDMIndex.RemovedByIdEntryR\vremovedById\x1aO\n" +
 	"\tByIdEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12,\n" +
 	"\x05value\x18\x02 \x01(\v2\x16.easguard.v1.MDMDeviceR\x05value:\x028\x01\x1a]\n" +
 	"\x13ObservedAtByIdEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x120\n" +
-	"\x05value\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x05value:\x028\x01\"\x9b\x05\n" +
+	"\x05value\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x05value:\x028\x01\x1aW\n" +
+	"\x11PreviousByIdEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12,\n" +
+	"\x05value\x18\x02 \x01(\v2\x16.easguard.v1.MDMDeviceR\x05value:\x028\x01\x1a>\n" +
+	"\x10RemovedByIdEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\bR\x05value:\x028\x01\"\x9b\x05\n" +
 	"\x0eDecisionRecord\x124\n" +
 	"\adesired\x18\x01 \x01(\x0e2\x1a.easguard.v1.DesiredAccessR\adesired\x12\x1f\n" +
 	"\vdecision_id\x18\x02 \x01(\tR\n" +
@@ -657,7 +692,7 @@ func file_easguard_v1_state_proto_rawDescGZIP() []byte {
 	return file_easguard_v1_state_proto_rawDescData
 }
 
-var file_easguard_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_easguard_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_easguard_v1_state_proto_goTypes = []any{
 	(*PartnershipIndex)(nil),       // 0: easguard.v1.PartnershipIndex
 	(*MDMIndex)(nil),               // 1: easguard.v1.MDMIndex
@@ -669,43 +704,48 @@ var file_easguard_v1_state_proto_goTypes = []any{
 	nil,                            // 7: easguard.v1.PartnershipIndex.TraceparentByIdEntry
 	nil,                            // 8: easguard.v1.MDMIndex.ByIdEntry
 	nil,                            // 9: easguard.v1.MDMIndex.ObservedAtByIdEntry
-	(DesiredAccess)(0),             // 10: easguard.v1.DesiredAccess
-	(*timestamppb.Timestamp)(nil),  // 11: google.protobuf.Timestamp
-	(*DeviceMatched)(nil),          // 12: easguard.v1.DeviceMatched
-	(*AccessDecided)(nil),          // 13: easguard.v1.AccessDecided
-	(ApplyOutcome)(0),              // 14: easguard.v1.ApplyOutcome
-	(*EASPartnership)(nil),         // 15: easguard.v1.EASPartnership
-	(*EASPartnershipObserved)(nil), // 16: easguard.v1.EASPartnershipObserved
-	(*MDMDevice)(nil),              // 17: easguard.v1.MDMDevice
+	nil,                            // 10: easguard.v1.MDMIndex.PreviousByIdEntry
+	nil,                            // 11: easguard.v1.MDMIndex.RemovedByIdEntry
+	(DesiredAccess)(0),             // 12: easguard.v1.DesiredAccess
+	(*timestamppb.Timestamp)(nil),  // 13: google.protobuf.Timestamp
+	(*DeviceMatched)(nil),          // 14: easguard.v1.DeviceMatched
+	(*AccessDecided)(nil),          // 15: easguard.v1.AccessDecided
+	(ApplyOutcome)(0),              // 16: easguard.v1.ApplyOutcome
+	(*EASPartnership)(nil),         // 17: easguard.v1.EASPartnership
+	(*EASPartnershipObserved)(nil), // 18: easguard.v1.EASPartnershipObserved
+	(*MDMDevice)(nil),              // 19: easguard.v1.MDMDevice
 }
 var file_easguard_v1_state_proto_depIdxs = []int32{
 	6,  // 0: easguard.v1.PartnershipIndex.by_id:type_name -> easguard.v1.PartnershipIndex.ByIdEntry
 	7,  // 1: easguard.v1.PartnershipIndex.traceparent_by_id:type_name -> easguard.v1.PartnershipIndex.TraceparentByIdEntry
 	8,  // 2: easguard.v1.MDMIndex.by_id:type_name -> easguard.v1.MDMIndex.ByIdEntry
 	9,  // 3: easguard.v1.MDMIndex.observed_at_by_id:type_name -> easguard.v1.MDMIndex.ObservedAtByIdEntry
-	10, // 4: easguard.v1.DecisionRecord.desired:type_name -> easguard.v1.DesiredAccess
-	11, // 5: easguard.v1.DecisionRecord.decided_at:type_name -> google.protobuf.Timestamp
-	12, // 6: easguard.v1.DecisionRecord.last_matched:type_name -> easguard.v1.DeviceMatched
-	11, // 7: easguard.v1.DecisionRecord.recheck_at:type_name -> google.protobuf.Timestamp
-	11, // 8: easguard.v1.DecisionRecord.confirmed_at:type_name -> google.protobuf.Timestamp
-	13, // 9: easguard.v1.DecisionRecord.last_decision:type_name -> easguard.v1.AccessDecided
-	11, // 10: easguard.v1.AppliedRecord.decided_at:type_name -> google.protobuf.Timestamp
-	10, // 11: easguard.v1.AppliedRecord.desired:type_name -> easguard.v1.DesiredAccess
-	11, // 12: easguard.v1.AppliedRecord.applied_at:type_name -> google.protobuf.Timestamp
-	14, // 13: easguard.v1.AppliedRecord.outcome:type_name -> easguard.v1.ApplyOutcome
-	11, // 14: easguard.v1.AppliedRecord.claim_decided_at:type_name -> google.protobuf.Timestamp
-	11, // 15: easguard.v1.AppliedRecord.claim_until:type_name -> google.protobuf.Timestamp
-	11, // 16: easguard.v1.CollectorRecord.last_seen:type_name -> google.protobuf.Timestamp
-	15, // 17: easguard.v1.CollectorRecord.partnership:type_name -> easguard.v1.EASPartnership
-	13, // 18: easguard.v1.StagedDecision.decision:type_name -> easguard.v1.AccessDecided
-	16, // 19: easguard.v1.PartnershipIndex.ByIdEntry.value:type_name -> easguard.v1.EASPartnershipObserved
-	17, // 20: easguard.v1.MDMIndex.ByIdEntry.value:type_name -> easguard.v1.MDMDevice
-	11, // 21: easguard.v1.MDMIndex.ObservedAtByIdEntry.value:type_name -> google.protobuf.Timestamp
-	22, // [22:22] is the sub-list for method output_type
-	22, // [22:22] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	10, // 4: easguard.v1.MDMIndex.previous_by_id:type_name -> easguard.v1.MDMIndex.PreviousByIdEntry
+	11, // 5: easguard.v1.MDMIndex.removed_by_id:type_name -> easguard.v1.MDMIndex.RemovedByIdEntry
+	12, // 6: easguard.v1.DecisionRecord.desired:type_name -> easguard.v1.DesiredAccess
+	13, // 7: easguard.v1.DecisionRecord.decided_at:type_name -> google.protobuf.Timestamp
+	14, // 8: easguard.v1.DecisionRecord.last_matched:type_name -> easguard.v1.DeviceMatched
+	13, // 9: easguard.v1.DecisionRecord.recheck_at:type_name -> google.protobuf.Timestamp
+	13, // 10: easguard.v1.DecisionRecord.confirmed_at:type_name -> google.protobuf.Timestamp
+	15, // 11: easguard.v1.DecisionRecord.last_decision:type_name -> easguard.v1.AccessDecided
+	13, // 12: easguard.v1.AppliedRecord.decided_at:type_name -> google.protobuf.Timestamp
+	12, // 13: easguard.v1.AppliedRecord.desired:type_name -> easguard.v1.DesiredAccess
+	13, // 14: easguard.v1.AppliedRecord.applied_at:type_name -> google.protobuf.Timestamp
+	16, // 15: easguard.v1.AppliedRecord.outcome:type_name -> easguard.v1.ApplyOutcome
+	13, // 16: easguard.v1.AppliedRecord.claim_decided_at:type_name -> google.protobuf.Timestamp
+	13, // 17: easguard.v1.AppliedRecord.claim_until:type_name -> google.protobuf.Timestamp
+	13, // 18: easguard.v1.CollectorRecord.last_seen:type_name -> google.protobuf.Timestamp
+	17, // 19: easguard.v1.CollectorRecord.partnership:type_name -> easguard.v1.EASPartnership
+	15, // 20: easguard.v1.StagedDecision.decision:type_name -> easguard.v1.AccessDecided
+	18, // 21: easguard.v1.PartnershipIndex.ByIdEntry.value:type_name -> easguard.v1.EASPartnershipObserved
+	19, // 22: easguard.v1.MDMIndex.ByIdEntry.value:type_name -> easguard.v1.MDMDevice
+	13, // 23: easguard.v1.MDMIndex.ObservedAtByIdEntry.value:type_name -> google.protobuf.Timestamp
+	19, // 24: easguard.v1.MDMIndex.PreviousByIdEntry.value:type_name -> easguard.v1.MDMDevice
+	25, // [25:25] is the sub-list for method output_type
+	25, // [25:25] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_easguard_v1_state_proto_init() }
@@ -720,7 +760,7 @@ func file_easguard_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_easguard_v1_state_proto_rawDesc), len(file_easguard_v1_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
