@@ -89,8 +89,57 @@ type Collector struct {
 	mu         sync.Mutex // one sync at a time
 	recipients map[string]exchange.Recipient
 
+	// memo is what this collector last read or wrote of each partnership
+	// in its bucket (its fingerprint and when it was last stamped seen),
+	// so that a full sync of an organisation where nothing changed does
+	// not read back, page after page, what it itself wrote: 100,000
+	// partnerships were 100,000 batched reads a pass, each a message the
+	// server builds with headers and the client parses. It is sound only
+	// because the collector is the bucket's one writer: a leased
+	// singleton. Another replica writes while it holds the lease, so the
+	// memo is forgotten at the start of every lease term (Forget), and a
+	// key is dropped from it whenever its write may have failed.
+	memoMu sync.Mutex
+	memo   map[string]memo
+
 	// metrics are the domain metrics (Instrument), nowhere by default.
 	metrics *instruments
+}
+
+// memo is what the collector knows a partnership's record holds.
+type memo struct {
+	fingerprint string
+	lastSeen    time.Time
+}
+
+// Forget drops what the collector remembers of its bucket: the next pass
+// reads every partnership's record again. The caller calls it whenever
+// this replica takes the collector's lease, since another replica may
+// have written the bucket while it held it.
+func (c *Collector) Forget() {
+	c.memoMu.Lock()
+	defer c.memoMu.Unlock()
+	c.memo = map[string]memo{}
+}
+
+// recall reports whether the collector knows key's record to hold o as it
+// is, stamped seen recently enough: reporting it needs no read.
+func (c *Collector) recall(key, fp string) bool {
+	c.memoMu.Lock()
+	defer c.memoMu.Unlock()
+	m, ok := c.memo[key]
+	return ok && m.fingerprint == fp && !m.lastSeen.IsZero() && c.now().Sub(m.lastSeen) < lastSeenResolution
+}
+
+// note records in the memo what key's record holds; rec nil forgets it.
+func (c *Collector) note(key string, rec *ev.CollectorRecord) {
+	c.memoMu.Lock()
+	defer c.memoMu.Unlock()
+	if rec == nil || !rec.GetLastSeen().IsValid() {
+		delete(c.memo, key)
+		return
+	}
+	c.memo[key] = memo{fingerprint: rec.GetFingerprint(), lastSeen: rec.GetLastSeen().AsTime()}
 }
 
 // New opens the collector's state.
@@ -101,7 +150,8 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org, cfg Config, e
 	if server == nil {
 		server = func() string { return "" }
 	}
-	c := &Collector{org: org, cfg: cfg, ex: ex, pub: pub, server: server, log: log.With("worker", "collector"), now: time.Now, recipients: map[string]exchange.Recipient{}}
+	c := &Collector{org: org, cfg: cfg, ex: ex, pub: pub, server: server, log: log.With("worker", "collector"), now: time.Now,
+		recipients: map[string]exchange.Recipient{}, memo: map[string]memo{}}
 	var err error
 	if c.metrics, err = newInstruments(noop.NewMeterProvider(), string(org)); err != nil {
 		return nil, err
@@ -429,10 +479,20 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 		// paced the pass) and hands each partnership's report to g. A
 		// failed read fails the pass, as a failed report does (see report).
 		reportPage := func(obs []observation, keys []string) error {
-			known, err := c.knownBulk.Read(pctx, keys)
-			if err != nil {
-				rep.add(func(n *ev.SyncCounts) { n.Failed += int64(len(obs)) })
-				return bus.MarkPublishFailure(fmt.Errorf("remember: %w", err))
+			// Only what the collector does not know already is read.
+			unknown := keys[:0]
+			for i := range obs {
+				if obs[i].known = c.recall(obs[i].key, obs[i].fp); !obs[i].known {
+					unknown = append(unknown, obs[i].key)
+				}
+			}
+			known := bus.Reads{}
+			if len(unknown) > 0 {
+				var err error
+				if known, err = c.knownBulk.Read(pctx, unknown); err != nil {
+					rep.add(func(n *ev.SyncCounts) { n.Failed += int64(len(obs)) })
+					return bus.MarkPublishFailure(fmt.Errorf("remember: %w", err))
+				}
 			}
 			for _, o := range obs {
 				read := known.Take(o.key)
@@ -612,6 +672,11 @@ type observation struct {
 	ep  *ev.EASPartnership
 	key string
 	src exchange.Partnership
+	// fp is ep's fingerprint; known, that the collector's memo says its
+	// record holds it already (recall), so it is reported unchanged
+	// without a read.
+	fp    string
+	known bool
 }
 
 // prepare marks a partnership seen by this pass (even if reporting it
@@ -632,37 +697,21 @@ func (c *Collector) prepare(ctx context.Context, p exchange.Partnership, seen ma
 	if err != nil {
 		return observation{}, fmt.Errorf("mailbox of %s: %w", p.Identity, err)
 	}
-	return observation{ep: toEvent(p, r), key: key, src: p}, nil
+	ep := toEvent(p, r)
+	return observation{ep: ep, key: key, src: p, fp: fingerprint(ep)}, nil
 }
 
 // report remembers one partnership and reports it: an unchanged one in a
 // page of confirmations, any other alone. read is what the collector
 // knew of it as read with its page (nil: read it here).
 func (c *Collector) report(ctx context.Context, kind ev.SyncKind, syncID string, at time.Time, o observation, read *bus.Read, rep *reporter, conf *confirmations) error {
-	ep, key := o.ep, o.key
-	fp := fingerprint(ep)
-	change := ev.ObservationChange_OBSERVATION_CHANGE_NEW
-	if _, err := bus.ModifyRead(ctx, c.known, key, read, func(rec *ev.CollectorRecord, exists bool) (bus.Change, error) {
-		switch {
-		case !exists:
-			change = ev.ObservationChange_OBSERVATION_CHANGE_NEW
-		case rec.GetFingerprint() == fp:
-			change = ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED
-			if rec.GetLastSeen().IsValid() && c.now().Sub(rec.GetLastSeen().AsTime()) < lastSeenResolution {
-				return bus.Keep, nil // nothing to remember that is not there
-			}
-		default:
-			change = ev.ObservationChange_OBSERVATION_CHANGE_CHANGED
+	ep, key, fp := o.ep, o.key, o.fp
+	change := ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED
+	if !o.known {
+		var err error
+		if change, err = c.record(ctx, key, ep, fp, syncID, read); err != nil {
+			return err
 		}
-		rec.Fingerprint, rec.DeviceId, rec.LastSeen, rec.LastSyncId, rec.Partnership = fp, ep.GetDeviceId(), timestamppb.New(c.now()), syncID, ep
-		return bus.Write, nil
-	}); err != nil {
-		// The bus, not this partnership, failed (a NATS leader election,
-		// say): like a failed publish it fails the pass, so that the
-		// next quick sync reads back from the last successful one. Skipped
-		// as a bad partnership, it would not be read again until the next
-		// full sync: a phone lost for hours.
-		return bus.MarkPublishFailure(fmt.Errorf("remember %s: %w", key, err))
 	}
 	rep.add(func(n *ev.SyncCounts) {
 		n.Observed++
@@ -681,6 +730,41 @@ func (c *Collector) report(ctx context.Context, kind ev.SyncKind, syncID string,
 		return conf.add(ctx, ep)
 	}
 	return c.publish(ctx, syncID, kind, at, ep, change)
+}
+
+// record stores a partnership in what the collector knows, unless it is
+// there as it is, and says how it changed since last reported. read is
+// the record as read with its page (nil: read it here).
+func (c *Collector) record(ctx context.Context, key string, ep *ev.EASPartnership, fp, syncID string, read *bus.Read) (ev.ObservationChange, error) {
+	change := ev.ObservationChange_OBSERVATION_CHANGE_NEW
+	rec, err := bus.ModifyRead(ctx, c.known, key, read, func(rec *ev.CollectorRecord, exists bool) (bus.Change, error) {
+		switch {
+		case !exists:
+			change = ev.ObservationChange_OBSERVATION_CHANGE_NEW
+		case rec.GetFingerprint() == fp:
+			change = ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED
+			if rec.GetLastSeen().IsValid() && c.now().Sub(rec.GetLastSeen().AsTime()) < lastSeenResolution {
+				return bus.Keep, nil // nothing to remember that is not there
+			}
+		default:
+			change = ev.ObservationChange_OBSERVATION_CHANGE_CHANGED
+		}
+		rec.Fingerprint, rec.DeviceId, rec.LastSeen, rec.LastSyncId, rec.Partnership = fp, ep.GetDeviceId(), timestamppb.New(c.now()), syncID, ep
+		return bus.Write, nil
+	})
+	if err != nil {
+		// A write whose answer was lost may have been stored: the memo
+		// must not vouch for either outcome.
+		c.note(key, nil)
+		// The bus, not this partnership, failed (a NATS leader election,
+		// say): like a failed publish it fails the pass, so that the
+		// next quick sync reads back from the last successful one. Skipped
+		// as a bad partnership, it would not be read again until the next
+		// full sync: a phone lost for hours.
+		return change, bus.MarkPublishFailure(fmt.Errorf("remember %s: %w", key, err))
+	}
+	c.note(key, rec)
+	return change, nil
 }
 
 // confirmPage is how many unchanged partnerships one confirmation carries:
@@ -792,6 +876,7 @@ func (c *Collector) reportGone(ctx context.Context, syncID string, at time.Time,
 		if err := c.publish(ctx, syncID, ev.SyncKind_SYNC_KIND_FULL, at, p, ev.ObservationChange_OBSERVATION_CHANGE_GONE); err != nil {
 			return err
 		}
+		c.note(k, nil)
 		if err := c.known.Delete(ctx, k); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
 			return fmt.Errorf("forget %s: %w", k, err)
 		}

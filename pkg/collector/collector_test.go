@@ -6,9 +6,11 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -705,6 +707,9 @@ func TestFullSyncFailsWhenItsRecordCannotBeRead(t *testing.T) {
 	h := start(t, options{})
 	h.client.PageSize = 4 // many pages, several of them in flight
 	h.sync(full, "full-1")
+	// What the collector remembers would spare it the reads: it forgets
+	// it as it does when it takes the lease.
+	h.c.Forget()
 	ctx, cancel := context.WithTimeout(natstest.Context(t), time.Minute)
 	defer cancel()
 	if err := h.js.DeleteKeyValue(ctx, bus.BucketCollector); err != nil {
@@ -725,5 +730,99 @@ func TestFullSyncFailsWhenItsRecordCannotBeRead(t *testing.T) {
 		if o.GetSync().GetSyncId() == "full-2" && o.GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_GONE {
 			t.Fatalf("the failed sync reported %s gone", o.GetPartnership().GetDeviceId())
 		}
+	}
+}
+
+// reads counts the batched and single reads of what the collector knows
+// (direct gets on its bucket's stream), as the server receives them.
+func reads(tb testing.TB, js jetstream.JetStream) func() int {
+	tb.Helper()
+	var mu sync.Mutex
+	n := 0
+	subject := "$JS.API.DIRECT.GET.KV_" + bus.BucketCollector
+	for _, subj := range []string{subject, subject + ".>"} {
+		sub, err := js.Conn().Subscribe(subj, func(*nats.Msg) {
+			mu.Lock()
+			defer mu.Unlock()
+			n++
+		})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { _ = sub.Unsubscribe() })
+	}
+	if err := js.Conn().Flush(); err != nil {
+		tb.Fatal(err)
+	}
+	return func() int {
+		tb.Helper()
+		// Every request the collector made before this is at the server,
+		// and so at the subscription, once a round trip after it is.
+		if err := js.Conn().Flush(); err != nil {
+			tb.Fatal(err)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		return n
+	}
+}
+
+// The collector remembers what it wrote, so that a full sync of an
+// organisation where nothing changed reads nothing back. That memory is
+// sound only while no one else writes the bucket: a replica that takes
+// the lease forgets it (Forget), because the replica that held the lease
+// meanwhile may have written. Here the other replica saw a phone blocked;
+// the block is lifted again, which puts the phone back exactly as this
+// collector last saw it, and yet it changed since the bucket's record.
+func TestCollectorRemembersWhatItWroteUntilItForgets(t *testing.T) {
+	t.Parallel()
+	h := start(t, options{})
+	ctx := natstest.Context(t)
+	n := int64(len(h.visible()))
+	count := reads(t, h.js)
+	h.sync(full, "full-1")
+
+	before := count()
+	second := h.sync(full, "full-2")
+	if got := count() - before; got != 0 || second.GetCounts().GetUnchanged() != n {
+		t.Fatalf("second full sync of an unchanged organisation: %d reads of what the collector knows (want 0), counts %v", got, second.GetCounts())
+	}
+
+	// Another replica holds the lease for a while.
+	other, err := collector.New(ctx, h.js, org, testConfig(collector.Config{}), h.client, h.pub, nil, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := allowedByDefault(t, h.visible())
+	for _, a := range []exchange.Access{exchange.AccessBlock, exchange.AccessUnlist} {
+		if a == exchange.AccessUnlist {
+			done, err := other.Sync(ctx, full, "full-other", "test")
+			if err != nil || done.GetCounts().GetChanged() != 1 {
+				t.Fatalf("the other replica's full sync after the block: %v, %v", done.GetCounts(), err)
+			}
+		}
+		res, err := h.client.ApplyAccess(ctx, []exchange.Change{{Mailbox: victim.PrimarySMTP, DeviceID: victim.DeviceID, Access: a}})
+		if err != nil || len(res) != 1 || res[0].Err != nil {
+			t.Fatalf("%s %s: %v %v", a, victim.DeviceID, res, err)
+		}
+	}
+	// Unlisted, the phone is judged again at its next sync: allowed by
+	// the organisation's default, as before the block.
+	if res, err := h.sim.Org.Sync(exchangesim.Phone{Mailbox: victim.PrimarySMTP, DeviceID: victim.DeviceID, DeviceType: victim.DeviceType}); err != nil ||
+		res.State != victim.State || res.Reason != victim.Reason {
+		t.Fatalf("the phone's sync after the block was lifted: %+v, %v; want %s/%s", res, err, victim.State, victim.Reason)
+	}
+
+	h.c.Forget() // it takes the lease back
+	before = count()
+	third := h.sync(full, "full-3")
+	checkCounts(t, "full sync after the lease came back", third.GetCounts(), &ev.SyncCounts{Observed: n, Changed: 1, Unchanged: n - 1, Mailboxes: second.GetCounts().GetMailboxes()})
+	if got := count() - before; got == 0 {
+		t.Fatal("the full sync after Forget read nothing of what the collector knows")
+	}
+	changed := byChange(h.observationsOf("full-3", int(n)))[ev.ObservationChange_OBSERVATION_CHANGE_CHANGED]
+	if len(changed) != 1 || changed[0].GetPartnership().GetDeviceId() != victim.DeviceID ||
+		changed[0].GetPartnership().GetDeviceAccessStateReason() != ev.DeviceAccessStateReason_DEVICE_ACCESS_STATE_REASON_GLOBAL {
+		t.Fatalf("changed after the block was lifted: %v", changed)
 	}
 }

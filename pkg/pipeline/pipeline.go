@@ -271,6 +271,9 @@ func startCollector(ctx context.Context, svc *service.Service, org bus.Org, cfg 
 		ctx, cancel := context.WithCancelCause(ctx)
 		defer cancel(nil)
 		err := lease.Run(ctx, func(lctx context.Context) {
+			// Another replica may have held the lease, and written what
+			// the collector knows, since this one last did.
+			c.Forget()
 			lctx, stop := context.WithCancel(lctx)
 			defer stop()
 			done := make(chan struct{})
