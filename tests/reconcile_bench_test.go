@@ -112,7 +112,10 @@ var peakRSSMB float64
 // the device.matched events the evaluator judged per partnership;
 // steady_cpu_busy_pct, the share of the machine's cores that easguard and
 // the simulator (this test process) used in the steady pass: near 100, the
-// pass waited for the CPU they share, not for Exchange; onboarding_s and onboarding_limit_ratio, onboarding's time over the
+// pass waited for the CPU they share, not for Exchange;
+// steady_alloc_kb_per_partnership and steady_allocs_per_partnership, what
+// the all-in-one allocated in the pass (its profiler's heap statistics),
+// which the machine's speed does not move where CPU time does; onboarding_s and onboarding_limit_ratio, onboarding's time over the
 // physical limit (one Set-CASMailbox per mailbox with devices × the
 // profile's write latency ÷ the sessions); the peak RSS of the easguard
 // process of each all-in-one shape and the largest of them (rss_mb_max);
@@ -124,7 +127,7 @@ func BenchmarkReconcile100k(b *testing.B) {
 	prefix := "reconcile_" + sizeLabel(n) + "_"
 	b.Run("steady", func(b *testing.B) {
 		b.StopTimer()
-		var steady, listing, e2e, observed, matched, decided, perPartnership, rss, passRSS, busy, cpu []float64
+		var steady, listing, e2e, observed, matched, decided, perPartnership, rss, passRSS, busy, cpu, allocKB, allocObjects []float64
 		rig := startSteady(b, n, exchangesim.DefaultProfile(), false)
 		for range b.N {
 			r := rig.steadyPass(b)
@@ -133,6 +136,7 @@ func BenchmarkReconcile100k(b *testing.B) {
 			observed, matched, decided = append(observed, r.observed), append(matched, r.matched), append(decided, r.decided)
 			perPartnership, rss = append(perPartnership, r.decisionsPerPartnership), append(rss, r.rssMB)
 			passRSS = append(passRSS, r.passRSSMB)
+			allocKB, allocObjects = append(allocKB, r.allocKB), append(allocObjects, r.allocObjects)
 		}
 		b.ReportMetric(mean(steady), prefix+"steady_s:s")
 		b.ReportMetric(mean(listing), prefix+"listing_s:s")
@@ -145,6 +149,8 @@ func BenchmarkReconcile100k(b *testing.B) {
 		b.ReportMetric(slices.Max(passRSS), prefix+"steady_pass_rss_mb:MB")
 		b.ReportMetric(mean(busy), prefix+"steady_cpu_busy_pct:%")
 		b.ReportMetric(mean(cpu), prefix+"steady_cpu_us_per_partnership:µs")
+		b.ReportMetric(mean(allocKB), prefix+"steady_alloc_kb_per_partnership:kB")
+		b.ReportMetric(mean(allocObjects), prefix+"steady_allocs_per_partnership:objects")
 	})
 	b.Run("hops", func(b *testing.B) {
 		// The steady pass against a simulator without latency: Exchange
@@ -257,6 +263,10 @@ type steadyResult struct {
 	rssByProcess               map[string]float64 // each process's, since it started
 	passRSSMB                  float64            // the all-in-one's, or the largest worker's, in the pass alone
 	startRSSMB                 float64            // the same before the pass: the first full sync's, or an earlier pass's
+	// allocKB and allocObjects are what the all-in-one allocated in the
+	// pass per partnership: the garbage collector's work, and a figure
+	// that, unlike CPU time, does not move with the machine's speed.
+	allocKB, allocObjects float64
 }
 
 // steadyRig is an organisation as the policy says, with easguard running
@@ -313,6 +323,7 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	// pass's) is kept apart from the pass's own: the kernel's peak is
 	// reset, so what it says afterwards is the pass's.
 	res.startRSSMB = largestEasguard(r.resetPeakRSS())
+	alloc0, objects0, _ := r.allocated()
 	cpu0, sim0 := r.cpuSeconds(), telemetrytest.ProcessCPU(b).Seconds()
 	b.StartTimer()
 	t0 := time.Now()
@@ -322,6 +333,10 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	b.StopTimer()
 	r.phase("measured full sync settled")
 	cpu, sim := r.cpuSeconds()-cpu0, telemetrytest.ProcessCPU(b).Seconds()-sim0
+	if alloc1, objects1, ok := r.allocated(); ok {
+		res.allocKB = (alloc1 - alloc0) / 1024 / float64(len(r.parts))
+		res.allocObjects = (objects1 - objects0) / float64(len(r.parts))
+	}
 	pass := r.since(before)
 
 	if !done.GetSuccess() {
@@ -374,6 +389,9 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 		collectorPass.Seconds(), end.Sub(t0).Seconds(), res.listing.Seconds())
 	res.cpuMicros = cpu * 1e6 / float64(len(r.parts))
 	b.Logf("steady: easguard used %.1f s of CPU in the pass, %.0f µs a partnership; peak RSS %.0f MB in the pass, %.0f MB before it", cpu, res.cpuMicros, res.passRSSMB, res.startRSSMB)
+	if !split {
+		b.Logf("steady: easguard allocated %.1f kB in %.0f objects a partnership in the pass", res.allocKB, res.allocObjects)
+	}
 	// The cores are shared with the simulator: what the pass left of them
 	// says whether it waited for Exchange or for the CPU.
 	cores := res.wall.Seconds() * float64(runtime.NumCPU())
@@ -558,6 +576,9 @@ type reconcileRig struct {
 	parts     []exchangesim.Partnership // those a full sync lists (ActiveSync, no probes)
 	byMailbox map[string][]string       // primary SMTP address → its device ids
 	natsAddr  string
+	// debugAddr is the all-in-one's profiler, whose heap statistics say
+	// what a pass allocated ("" in the split shape).
+	debugAddr string
 	proc      *process // the all-in-one, or in the split shape the NATS host
 	workers   []worker // the split shape's worker processes
 	started   time.Time
@@ -769,9 +790,55 @@ func (r *reconcileRig) start(extra ...string) {
 	tb.Helper()
 	r.natsAddr = natstest.FreeAddr(tb)
 	r.started = time.Now()
-	r.proc = start(tb, r.env(append([]string{"EASGUARD_NATS_LISTEN=" + r.natsAddr}, extra...)...)...)
+	env := r.env(append([]string{"EASGUARD_NATS_LISTEN=" + r.natsAddr, "EASGUARD_DEBUG_ADDR=" + natstest.FreeAddr(tb)}, extra...)...)
+	for _, kv := range env { // EASGUARD_BENCH_ENV's, if it names one, wins
+		if v, ok := strings.CutPrefix(kv, "EASGUARD_DEBUG_ADDR="); ok {
+			r.debugAddr = v
+		}
+	}
+	r.proc = start(tb, env...)
 	r.proc.waitReady(tb)
 	r.connect()
+}
+
+// allocated returns how many bytes and objects the all-in-one has
+// allocated since it started (runtime.MemStats' TotalAlloc and Mallocs,
+// which its profiler's heap page prints): unlike its CPU time, a figure
+// the machine's speed that day does not move. ok is false in the split
+// shape.
+func (r *reconcileRig) allocated() (bytes, objects float64, ok bool) {
+	r.tb.Helper()
+	if r.debugAddr == "" {
+		return 0, 0, false
+	}
+	resp, err := http.Get("http://" + r.debugAddr + "/debug/pprof/allocs?debug=1")
+	if err != nil {
+		r.tb.Fatalf("easguard's heap statistics: %v", err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 0, 64*1024), 4*1024*1024)
+	seen := 0
+	for sc.Scan() {
+		name, value, found := strings.Cut(strings.TrimPrefix(sc.Text(), "# "), " = ")
+		if !found || name != "TotalAlloc" && name != "Mallocs" {
+			continue
+		}
+		n, err := strconv.ParseFloat(value, 64)
+		if err != nil {
+			r.tb.Fatalf("easguard's heap statistics: %s = %q: %v", name, value, err)
+		}
+		if name == "TotalAlloc" {
+			bytes = n
+		} else {
+			objects = n
+		}
+		seen++
+	}
+	if err := sc.Err(); err != nil || seen != 2 {
+		r.tb.Fatalf("easguard's heap statistics: %d of TotalAlloc and Mallocs found (%v)", seen, err)
+	}
+	return bytes, objects, true
 }
 
 // splitWorkers are the worker processes of the split shape, one each, in

@@ -115,15 +115,20 @@ type memo struct {
 // Forget drops what the collector remembers of its bucket: the next pass
 // reads every partnership's record again. The caller calls it whenever
 // this replica takes the collector's lease, since another replica may
-// have written the bucket while it held it.
+// have written the bucket while it held it. It waits for a pass still
+// running (of a lease term that ended), which would otherwise remember
+// its own writes into the new term.
 func (c *Collector) Forget() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.memoMu.Lock()
 	defer c.memoMu.Unlock()
 	c.memo = map[string]memo{}
 }
 
-// recall reports whether the collector knows key's record to hold o as it
-// is, stamped seen recently enough: reporting it needs no read.
+// recall reports whether the collector knows key's record to hold the
+// partnership with fingerprint fp, stamped seen recently enough:
+// reporting it needs no read.
 func (c *Collector) recall(key, fp string) bool {
 	c.memoMu.Lock()
 	defer c.memoMu.Unlock()
@@ -480,7 +485,7 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 		// failed read fails the pass, as a failed report does (see report).
 		reportPage := func(obs []observation, keys []string) error {
 			// Only what the collector does not know already is read.
-			unknown := keys[:0]
+			unknown := make([]string, 0, len(keys))
 			for i := range obs {
 				if obs[i].known = c.recall(obs[i].key, obs[i].fp); !obs[i].known {
 					unknown = append(unknown, obs[i].key)
