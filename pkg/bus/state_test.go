@@ -16,7 +16,7 @@ func TestModifyIsSafeUnderConcurrency(t *testing.T) {
 	if err := bus.Provision(ctx, js, fastTopology()); err != nil {
 		t.Fatal(err)
 	}
-	kv, err := js.KeyValue(ctx, bus.BucketMDMDevices)
+	kv, err := js.KeyValue(ctx, bus.BucketMDMUsers)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -43,14 +43,13 @@ const BucketLeases = "easguard_leases"
 // State buckets. Workers join and remember through them; every key starts
 // with the org (see StateKey), so one bucket serves every organisation.
 const (
-	// BucketPartnerships: the matcher's index of observed partnerships,
-	// <org>.<device>.<partnership guid> → EASPartnershipObserved.
+	// BucketPartnerships: the matcher's record of each EAS device id,
+	// <org>.<device> → PartnershipIndex: the partnerships observed with
+	// the id and the MDM records that name it, the two sides of its join.
 	BucketPartnerships = "easguard_partnerships"
-	// BucketMDMDevices: the matcher's index of MDM records by EAS id,
-	// <org>.<device>.<mdm id> → MDMDevice.
-	BucketMDMDevices = "easguard_mdm_devices"
 	// BucketMDMUsers: MDM records without an EAS id, by user,
-	// <org>.<user>.<mdm id> → MDMDevice; they explain a non-match.
+	// <org>.<user> → MDMIndex, which explain a non-match; and each MDM
+	// record's last report, <org>.mdm-id.<mdm id> → MDMIndex.
 	BucketMDMUsers = "easguard_mdm_users"
 	// BucketDecisions: the evaluator's last decision per partnership.
 	BucketDecisions = "easguard_decisions"
@@ -100,8 +99,14 @@ func (t Topology) ConsoleSessionsBucketConfig() jetstream.KeyValueConfig {
 	}
 }
 
+// BucketMDMDevicesLegacy is where an earlier easguard kept the matcher's
+// MDM records by EAS id, apart from the partnerships. It is no longer
+// provisioned: the matcher folds what it finds there into
+// BucketPartnerships when it starts, and deletes it when it is empty.
+const BucketMDMDevicesLegacy = "easguard_mdm_devices"
+
 // StateBuckets lists the state buckets Provision creates.
-var StateBuckets = []string{BucketPartnerships, BucketMDMDevices, BucketMDMUsers, BucketDecisions, BucketStaged, BucketApplied, BucketNotified, BucketCollector, BucketStatus, BucketMDMSources}
+var StateBuckets = []string{BucketPartnerships, BucketMDMUsers, BucketDecisions, BucketStaged, BucketApplied, BucketNotified, BucketCollector, BucketStatus, BucketMDMSources}
 
 // StateKey builds a state key: the org, then each part as a subject-safe
 // token (KeyToken), so a hostile device id or user name cannot escape its

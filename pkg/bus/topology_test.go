@@ -271,7 +271,7 @@ func TestBucketReadAfterWriteAcrossNodes(t *testing.T) {
 		}
 		return n
 	}
-	if n := stale(bus.BucketMDMDevices); n != 0 {
+	if n := stale(bus.BucketMDMUsers); n != 0 {
 		t.Fatalf("%d of %d reads through another node missed the write just acknowledged", n, rounds)
 	}
 	// The control: with direct gets a follower answers, and misses a write

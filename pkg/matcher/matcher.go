@@ -1,12 +1,15 @@
 // Package matcher joins ActiveSync partnerships with MDM records. It keeps
-// both indexes in JetStream KV, joins on the EAS device id (compared
-// case-insensitively, as Exchange compares device ids), records how a
-// match was made or exactly why there is none, and when an MDM record
-// changes re-matches every partnership with that id.
+// both sides of the join in one JetStream KV record per EAS device id
+// (compared case-insensitively, as Exchange compares device ids): the
+// partnerships with that id and the MDM records that name it. It records
+// how a match was made or exactly why there is none, and when an MDM
+// record changes re-matches every partnership with that id.
 //
-// Both handlers write their own side of the join before reading the
-// other, so a partnership and an MDM record that arrive at the same moment
-// on two replicas are matched by at least one of them.
+// Each handler changes its side of a device's record with a
+// compare-and-set and matches from the record as it wrote (or read) it, so
+// a partnership and an MDM record that arrive at the same moment on two
+// replicas are ordered by that one record: the second to write sees the
+// first, and matches with it.
 package matcher
 
 import (
@@ -15,6 +18,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -30,24 +35,28 @@ import (
 
 // Matcher is the matcher worker of one organisation.
 type Matcher struct {
-	org                   bus.Org
-	parts, devices, users jetstream.KeyValue
-	// Pages of confirmed partnerships read their index entries and MDM
-	// records a page at a time.
-	partsBulk, devicesBulk, usersBulk *bus.BulkReader
-	now                               func() time.Time
-	// afterMDMRead, when set (by tests), runs between a page's read of the
-	// MDM side and its verdicts.
+	org bus.Org
+	// parts holds a record per EAS device id (its partnerships and MDM
+	// records); users, the MDM records without an EAS id by user, and
+	// each MDM record's last report (under mdm-id).
+	parts, users jetstream.KeyValue
+	// Pages of confirmed partnerships read their device records and
+	// users a page at a time.
+	partsBulk, usersBulk *bus.BulkReader
+	now                  func() time.Time
+	// afterMDMRead, when set (by tests), runs between a page's read of its
+	// device records (the MDM side with them) and its verdicts.
 	afterMDMRead func()
 }
 
-// New opens the matcher's indexes.
+// New opens the matcher's indexes, folding in the MDM index an earlier
+// easguard kept in a bucket of its own.
 func New(ctx context.Context, js jetstream.JetStream, org bus.Org) (*Matcher, error) {
 	m := &Matcher{org: org, now: time.Now}
 	for _, b := range []struct {
 		name string
 		kv   *jetstream.KeyValue
-	}{{bus.BucketPartnerships, &m.parts}, {bus.BucketMDMDevices, &m.devices}, {bus.BucketMDMUsers, &m.users}} {
+	}{{bus.BucketPartnerships, &m.parts}, {bus.BucketMDMUsers, &m.users}} {
 		kv, err := js.KeyValue(ctx, b.name)
 		if err != nil {
 			return nil, fmt.Errorf("matcher: open %s: %w", b.name, err)
@@ -58,10 +67,13 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org) (*Matcher, er
 	for _, b := range []struct {
 		kv jetstream.KeyValue
 		r  **bus.BulkReader
-	}{{m.parts, &m.partsBulk}, {m.devices, &m.devicesBulk}, {m.users, &m.usersBulk}} {
+	}{{m.parts, &m.partsBulk}, {m.users, &m.usersBulk}} {
 		if *b.r, err = bus.NewBulkReader(ctx, js, b.kv); err != nil {
 			return nil, fmt.Errorf("matcher: %w", err)
 		}
+	}
+	if err := m.migrate(ctx, js); err != nil {
+		return nil, err
 	}
 	return m, nil
 }
@@ -93,11 +105,15 @@ func (m *Matcher) Observed(ctx context.Context, in *ev.EASPartnershipObserved) (
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
-	journey, stale, err := m.index(ctx, key, in, nil)
+	// The verdict is as of the record's read, stamped before it: a
+	// verdict stamped after a read that missed an MDM record written
+	// meanwhile would look newer than the re-match that record set off.
+	at := m.now()
+	journey, stale, rec, err := m.index(ctx, key, in, nil)
 	if err != nil || stale {
 		return nil, err
 	}
-	out, err := m.match(ctx, in, "eas")
+	out, err := m.match(ctx, in, "eas", at, rec)
 	if err != nil {
 		return nil, err
 	}
@@ -123,48 +139,45 @@ func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed
 	if err != nil {
 		return nil, err
 	}
-	out := &ev.DevicesMatched{Org: string(m.org), Sync: in.GetSync(), Page: in.GetPage()}
-	var live []int
-	journeys := make([]string, len(obs))
-	for i, o := range obs {
-		journey, stale, err := m.index(ctx, keys[i], o, indexed.Take(keys[i]))
-		if err != nil {
-			return nil, err
-		}
-		if !stale {
-			live = append(live, i)
-			journeys[i] = journey
-		}
-	}
-	if len(live) == 0 {
-		return nil, nil
-	}
-	// The MDM side is read after this side is written, as Observed does.
-	devKeys := make([]string, len(live))
-	for j, i := range live {
-		devKeys[j] = keys[i]
-	}
-	records, err := m.devicesBulk.Read(ctx, devKeys)
-	if err != nil {
-		return nil, err
-	}
 	if m.afterMDMRead != nil {
 		m.afterMDMRead()
 	}
-	idxs := make([]*ev.MDMIndex, len(live))
+	out := &ev.DevicesMatched{Org: string(m.org), Sync: in.GetSync(), Page: in.GetPage()}
+	type live struct {
+		i       int
+		journey string
+		at      time.Time
+		rec     *ev.PartnershipIndex
+	}
+	var lives []live
 	var userKeys []string
-	for j, i := range live {
-		idxs[j] = &ev.MDMIndex{}
-		if err := records[keys[i]].Into(idxs[j]); err != nil {
-			return nil, fmt.Errorf("matcher: read %s: %w", keys[i], err)
+	for i, o := range obs {
+		// As of when its record was read, not of now: see bus.Read. A key
+		// the page holds twice is read again (Take), as the first may
+		// have written it.
+		read := indexed.Take(keys[i])
+		at := m.now()
+		if read != nil {
+			at = read.At
 		}
-		if len(idxs[j].GetById()) == 0 {
-			ks, err := m.userKeys(obs[i].GetPartnership().GetMailbox())
+		journey, stale, rec, err := m.index(ctx, keys[i], o, read)
+		if err != nil {
+			return nil, err
+		}
+		if stale {
+			continue
+		}
+		lives = append(lives, live{i: i, journey: journey, at: at, rec: rec})
+		if len(rec.GetMdmById()) == 0 {
+			ks, err := m.userKeys(o.GetPartnership().GetMailbox())
 			if err != nil {
 				return nil, err
 			}
 			userKeys = append(userKeys, ks...)
 		}
+	}
+	if len(lives) == 0 {
+		return nil, nil
 	}
 	users := bus.Reads{}
 	if len(userKeys) > 0 {
@@ -179,14 +192,13 @@ func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed
 		}
 		return idx, nil
 	}
-	for j, i := range live {
-		// As of when its MDM record was read, not of now: see bus.Read.
-		v, err := m.verdict(ctx, obs[i], "eas", records[keys[i]].At, idxs[j], lookup)
+	for _, l := range lives {
+		v, err := m.verdict(ctx, obs[l.i], "eas", l.at, l.rec, lookup)
 		if err != nil {
 			return nil, err
 		}
 		out.Matches = append(out.Matches, v)
-		out.Journeys = append(out.Journeys, journeys[i])
+		out.Journeys = append(out.Journeys, l.journey)
 	}
 	subject, err := bus.DevicesConfirmed.Subject(m.org, ev.PageKey(in.GetSync(), in.GetPage()))
 	if err != nil {
@@ -195,13 +207,14 @@ func (m *Matcher) Confirmed(ctx context.Context, in *ev.EASPartnershipsConfirmed
 	return []bus.Outbound{{Subject: subject, Message: out}}, nil
 }
 
-// index stores an observation in the partnership index unless a newer one
+// index stores an observation in its device's record unless a newer one
 // is there (stale) or it is there already; journey is the trace its
-// partnership was first seen in (a traceparent, "" before this one). read
-// is the entry as read with its page, nil to read it here.
-func (m *Matcher) index(ctx context.Context, key string, in *ev.EASPartnershipObserved, read *bus.Read) (journey string, stale bool, err error) {
+// partnership was first seen in (a traceparent, "" before this one), and
+// rec the record as written or read, MDM records and all. read is the
+// record as read with its page, nil to read it here.
+func (m *Matcher) index(ctx context.Context, key string, in *ev.EASPartnershipObserved, read *bus.Read) (journey string, stale bool, rec *ev.PartnershipIndex, err error) {
 	id := ev.PartnershipID(in.GetPartnership())
-	_, err = bus.ModifyRead(ctx, m.parts, key, read, func(idx *ev.PartnershipIndex, _ bool) (bus.Change, error) {
+	rec, err = bus.ModifyRead(ctx, m.parts, key, read, func(idx *ev.PartnershipIndex, _ bool) (bus.Change, error) {
 		stale = false
 		journey = idx.GetTraceparentById()[id]
 		prev := idx.GetById()[id]
@@ -214,7 +227,7 @@ func (m *Matcher) index(ctx context.Context, key string, in *ev.EASPartnershipOb
 				return bus.Keep, nil
 			}
 			delete(idx.ById, id)
-			if len(idx.ById) == 0 {
+			if len(idx.ById) == 0 && len(idx.MdmById) == 0 {
 				return bus.Remove, nil
 			}
 			return bus.Write, nil
@@ -246,7 +259,7 @@ func (m *Matcher) index(ctx context.Context, key string, in *ev.EASPartnershipOb
 		}
 		return bus.Write, nil
 	})
-	return journey, stale, err
+	return journey, stale, rec, err
 }
 
 // MDMChanged handles a changed MDM record: update the indexes, then
@@ -317,13 +330,63 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 		in.PreviousEasDeviceId = prev.GetEasDeviceId()
 	}
 	easID := strings.TrimSpace(d.GetEasDeviceId())
-	affected := map[string]string{} // state key → a device id for re-matching
-	setIndex := func(kv jetstream.KeyValue, part string, present bool) error {
+	// Each device record the change touches, as written: its partnerships
+	// are matched again with its MDM records, as of just before the write.
+	type touched struct {
+		at  time.Time
+		rec *ev.PartnershipIndex
+	}
+	affected := map[string]touched{}
+	setDevice := func(part string, present bool) error {
 		key, err := bus.StateKey(m.org, part)
 		if err != nil {
 			return bus.Poison(err)
 		}
-		_, err = bus.Modify(ctx, kv, key, func(idx *ev.MDMIndex, _ bool) (bus.Change, error) {
+		at := m.now()
+		rec, err := bus.Modify(ctx, m.parts, key, func(idx *ev.PartnershipIndex, _ bool) (bus.Change, error) {
+			_, had := idx.GetMdmById()[mdmID]
+			if !present {
+				if !had {
+					return bus.Keep, nil
+				}
+				delete(idx.MdmById, mdmID)
+				if len(idx.MdmById) == 0 && len(idx.ById) == 0 {
+					return bus.Remove, nil
+				}
+				return bus.Write, nil
+			}
+			if had && proto.Equal(idx.MdmById[mdmID], d) {
+				return bus.Keep, nil
+			}
+			if idx.MdmById == nil {
+				idx.MdmById = map[string]*ev.MDMDevice{}
+			}
+			idx.MdmById[mdmID] = d
+			return bus.Write, nil
+		})
+		if err != nil {
+			return fmt.Errorf("matcher: index %s: %w", mdmID, err)
+		}
+		affected[key] = touched{at: at, rec: rec}
+		return nil
+	}
+	if prev := strings.TrimSpace(in.GetPreviousEasDeviceId()); prev != "" && !strings.EqualFold(prev, easID) {
+		if err := setDevice(prev, false); err != nil {
+			return nil, err
+		}
+	}
+	if easID != "" {
+		if err := setDevice(easID, !in.GetRemoved()); err != nil {
+			return nil, err
+		}
+	}
+	if upn := strings.ToLower(d.GetUserPrincipalName()); upn != "" {
+		key, err := bus.StateKey(m.org, upn)
+		if err != nil {
+			return nil, bus.Poison(err)
+		}
+		present := easID == "" && !in.GetRemoved()
+		if _, err := bus.Modify(ctx, m.users, key, func(idx *ev.MDMIndex, _ bool) (bus.Change, error) {
 			_, had := idx.GetById()[mdmID]
 			if !present {
 				if !had {
@@ -343,54 +406,21 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 			}
 			idx.ById[mdmID] = d
 			return bus.Write, nil
-		})
-		if kv == m.devices {
-			affected[key] = part
-		}
-		return err
-	}
-	if prev := strings.TrimSpace(in.GetPreviousEasDeviceId()); prev != "" && !strings.EqualFold(prev, easID) {
-		if err := setIndex(m.devices, prev, false); err != nil {
-			return nil, err
-		}
-	}
-	if easID != "" {
-		if err := setIndex(m.devices, easID, !in.GetRemoved()); err != nil {
-			return nil, err
-		}
-	}
-	if upn := strings.ToLower(d.GetUserPrincipalName()); upn != "" {
-		if err := setIndex(m.users, upn, easID == "" && !in.GetRemoved()); err != nil {
-			return nil, err
+		}); err != nil {
+			return nil, fmt.Errorf("matcher: index %s: %w", mdmID, err)
 		}
 	}
 	var outs []bus.Outbound
-	keys := make([]string, 0, len(affected))
-	for k := range affected {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, key := range keys {
-		idx, ok, err := bus.Load[ev.PartnershipIndex](ctx, m.parts, key)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			continue
-		}
-		ids := make([]string, 0, len(idx.GetById()))
-		for id := range idx.GetById() {
-			ids = append(ids, id)
-		}
-		sort.Strings(ids)
-		for _, id := range ids {
-			out, err := m.match(ctx, idx.ById[id], "mdm")
+	for _, key := range slices.Sorted(maps.Keys(affected)) {
+		t := affected[key]
+		for _, id := range slices.Sorted(maps.Keys(t.rec.GetById())) {
+			out, err := m.match(ctx, t.rec.ById[id], "mdm", t.at, t.rec)
 			if err != nil {
 				return nil, err
 			}
 			// The re-match belongs to the device's journey; the MDM
 			// change that set it off becomes a link.
-			out.Parent = telemetry.ParseTraceparent(idx.GetTraceparentById()[id])
+			out.Parent = telemetry.ParseTraceparent(t.rec.GetTraceparentById()[id])
 			outs = append(outs, out)
 		}
 	}
@@ -456,6 +486,7 @@ func (m *Matcher) Rejudge(ctx context.Context, c *ev.DeviceCommand) ([]bus.Outbo
 	if err != nil {
 		return nil, bus.Poison(err)
 	}
+	at := m.now()
 	idx, _, err := bus.Load[ev.PartnershipIndex](ctx, m.parts, key)
 	if err != nil {
 		return nil, fmt.Errorf("matcher: rejudge %s: %w", c.GetDeviceId(), err)
@@ -472,7 +503,7 @@ func (m *Matcher) Rejudge(ctx context.Context, c *ev.DeviceCommand) ([]bus.Outbo
 	sort.Strings(ids)
 	var outs []bus.Outbound
 	for _, id := range ids {
-		out, err := m.match(ctx, idx.ById[id], "operator")
+		out, err := m.match(ctx, idx.ById[id], "operator", at, idx)
 		if err != nil {
 			return nil, err
 		}
@@ -508,22 +539,11 @@ func sameUser(d *ev.MDMDevice, mb *ev.Mailbox) bool {
 	return false
 }
 
-// match joins one observation with the MDM index.
-func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, trigger string) (bus.Outbound, error) {
+// match joins one observation with the MDM records of rec, its device's
+// record as read at at (the verdict's time).
+func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, trigger string, at time.Time, rec *ev.PartnershipIndex) (bus.Outbound, error) {
 	p := obs.GetPartnership()
-	key, err := bus.StateKey(m.org, p.GetDeviceId())
-	if err != nil {
-		return bus.Outbound{}, bus.Poison(err)
-	}
-	// The verdict is as of the read of the MDM side, stamped before it: a
-	// verdict stamped after a read that missed a record indexed meanwhile
-	// would look newer than the re-match that record set off.
-	at := m.now()
-	idx, _, err := bus.Load[ev.MDMIndex](ctx, m.devices, key)
-	if err != nil {
-		return bus.Outbound{}, err
-	}
-	out, err := m.verdict(ctx, obs, trigger, at, idx, func(ctx context.Context, key string) (*ev.MDMIndex, error) {
+	out, err := m.verdict(ctx, obs, trigger, at, rec, func(ctx context.Context, key string) (*ev.MDMIndex, error) {
 		idx, _, err := bus.Load[ev.MDMIndex](ctx, m.users, key)
 		return idx, err
 	})
@@ -540,15 +560,15 @@ func (m *Matcher) match(ctx context.Context, obs *ev.EASPartnershipObserved, tri
 // usersIndex reads the users index under one key.
 type usersIndex func(ctx context.Context, key string) (*ev.MDMIndex, error)
 
-// verdict joins one observation with idx, the device index entry of its
-// EAS id as read at at (the verdict's time); users reads the users index
-// when no record has the id.
-func (m *Matcher) verdict(ctx context.Context, obs *ev.EASPartnershipObserved, trigger string, at time.Time, idx *ev.MDMIndex, users usersIndex) (*ev.DeviceMatched, error) {
+// verdict joins one observation with the MDM records of rec, the record
+// of its EAS id as read at at (the verdict's time); users reads the users
+// index when no record has the id.
+func (m *Matcher) verdict(ctx context.Context, obs *ev.EASPartnershipObserved, trigger string, at time.Time, rec *ev.PartnershipIndex, users usersIndex) (*ev.DeviceMatched, error) {
 	p := obs.GetPartnership()
 	mb := p.GetMailbox()
 	out := &ev.DeviceMatched{Org: string(m.org), Observed: obs, MatchedAt: timestamppb.New(at), Trigger: trigger}
 	var mine, others []*ev.MDMDevice
-	for _, d := range idx.GetById() {
+	for _, d := range rec.GetMdmById() {
 		if !strings.EqualFold(strings.TrimSpace(d.GetEasDeviceId()), p.GetDeviceId()) {
 			continue
 		}

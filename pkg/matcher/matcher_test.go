@@ -2,6 +2,7 @@ package matcher_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -31,10 +32,20 @@ type harness struct {
 
 func start(t *testing.T) *harness {
 	t.Helper()
+	return startAfter(t, nil)
+}
+
+// startAfter starts the matcher after prepare has put on the bus what an
+// earlier easguard left there.
+func startAfter(t *testing.T, prepare func(ctx context.Context, js jetstream.JetStream)) *harness {
+	t.Helper()
 	_, _, js := natstest.Start(t)
 	ctx := natstest.Context(t)
 	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
 		t.Fatal(err)
+	}
+	if prepare != nil {
+		prepare(ctx, js)
 	}
 	m, err := matcher.New(ctx, js, org)
 	if err != nil {
@@ -465,5 +476,93 @@ func TestPageVerdictIsAsOfItsRead(t *testing.T) {
 	if !v.GetMatchedAt().AsTime().Before(rematch.GetMatchedAt().AsTime()) {
 		t.Fatalf("the page's verdict (no record, read before the record was indexed) is stamped %v, not before the re-match's %v",
 			v.GetMatchedAt().AsTime(), rematch.GetMatchedAt().AsTime())
+	}
+}
+
+// An earlier easguard kept the MDM records by EAS id in a bucket of their
+// own. The matcher folds them into the device records when it starts, so
+// that an upgrade does not find every enrolled phone unknown (an MDM
+// source reports a record again only when it changes), and deletes the
+// bucket; a record whose last report the matcher remembers as removed, or
+// as moved to another EAS id, is not brought back.
+func TestMDMIndexOfAnEarlierVersionIsFoldedIn(t *testing.T) {
+	alice := &ev.MDMDevice{Source: "test", MdmDeviceId: "m-alice", UserPrincipalName: "alice@contoso.com", EasDeviceId: "ApplALICE",
+		ComplianceState: ev.ComplianceState_COMPLIANCE_STATE_COMPLIANT}
+	bob := &ev.MDMDevice{Source: "test", MdmDeviceId: "m-bob", UserPrincipalName: "bob@contoso.com", EasDeviceId: "ApplBOB"}
+	carol := &ev.MDMDevice{Source: "test", MdmDeviceId: "m-carol", UserPrincipalName: "carol@contoso.com", EasDeviceId: "ApplCAROL"}
+	other := "fabrikam.applother"
+	h := startAfter(t, func(ctx context.Context, js jetstream.JetStream) {
+		old, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bus.BucketMDMDevicesLegacy, History: 1, Storage: jetstream.FileStorage})
+		if err != nil {
+			t.Fatal(err)
+		}
+		users, err := js.KeyValue(ctx, bus.BucketMDMUsers)
+		if err != nil {
+			t.Fatal(err)
+		}
+		put := func(kv jetstream.KeyValue, key string, v proto.Message) {
+			b, err := proto.Marshal(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := kv.Put(ctx, key, b); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, d := range []*ev.MDMDevice{alice, bob, carol} {
+			key, _ := bus.StateKey(org, d.GetEasDeviceId())
+			put(old, key, &ev.MDMIndex{ById: map[string]*ev.MDMDevice{d.GetMdmDeviceId(): d}})
+		}
+		// Another organisation's entry stays for its own matcher.
+		put(old, other, &ev.MDMIndex{ById: map[string]*ev.MDMDevice{"m-other": {MdmDeviceId: "m-other", EasDeviceId: "ApplOTHER"}}})
+		// What the matcher remembers of the records' last reports: alice's
+		// as indexed, bob's removed since, carol's moved to another id;
+		// each as this version would have handled it after the old index
+		// was written.
+		memory := func(d *ev.MDMDevice, removed bool) {
+			key, _ := bus.StateKey(org, "mdm-id", d.GetMdmDeviceId())
+			rec := &ev.MDMIndex{ById: map[string]*ev.MDMDevice{d.GetMdmDeviceId(): d}}
+			if removed {
+				rec.RemovedById = map[string]bool{d.GetMdmDeviceId(): true}
+			}
+			put(users, key, rec)
+		}
+		memory(alice, false)
+		memory(bob, true)
+		moved := proto.Clone(carol).(*ev.MDMDevice)
+		moved.EasDeviceId = "ApplCAROLNEW"
+		memory(moved, false)
+	})
+	for _, tc := range []struct {
+		mailbox, device string
+		want            string
+	}{{"alice@contoso.com", "ApplALICE", "m-alice"}, {"bob@contoso.com", "ApplBOB", ""}, {"carol@contoso.com", "ApplCAROL", ""}} {
+		h.observe(tc.mailbox, tc.mailbox, tc.device, "g-"+tc.device)
+		if v := h.next(1)[0]; v.GetMdm().GetMdmDeviceId() != tc.want {
+			t.Errorf("%s after the upgrade: matched %q (%s), want %q", tc.device, v.GetMdm().GetMdmDeviceId(), v.GetDetail(), tc.want)
+		}
+	}
+	ctx := natstest.Context(t)
+	old, err := h.js.KeyValue(ctx, bus.BucketMDMDevicesLegacy)
+	if err != nil {
+		t.Fatalf("the old bucket, which another organisation still has an entry in: %v", err)
+	}
+	keys, err := old.ListKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	for k := range keys.Keys() {
+		left = append(left, k)
+	}
+	if len(left) != 1 || left[0] != other {
+		t.Fatalf("left in the old bucket: %q, want only %s", left, other)
+	}
+	// That organisation's matcher folds its entry in, and the bucket goes.
+	if _, err := matcher.New(ctx, h.js, "fabrikam"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.js.KeyValue(ctx, bus.BucketMDMDevicesLegacy); !errors.Is(err, jetstream.ErrBucketNotFound) {
+		t.Fatalf("the old bucket after every organisation's matcher started: %v, want it deleted", err)
 	}
 }

@@ -28,8 +28,9 @@ const (
 )
 
 // PartnershipIndex holds every partnership with one EAS device id, keyed
-// by the partnership's id (its AD object GUID). One phone used with two
-// mailboxes has two partnerships with the same device id.
+// by the partnership's id (its AD object GUID), and every MDM record with
+// that EAS id. One phone used with two mailboxes has two partnerships with
+// the same device id.
 type PartnershipIndex struct {
 	state protoimpl.MessageState             `protogen:"open.v1"`
 	ById  map[string]*EASPartnershipObserved `protobuf:"bytes,1,rep,name=by_id,json=byId,proto3" json:"by_id,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
@@ -37,8 +38,15 @@ type PartnershipIndex struct {
 	// the partnership since it was first seen: every later step of the
 	// device's journey joins it.
 	TraceparentById map[string]string `protobuf:"bytes,2,rep,name=traceparent_by_id,json=traceparentById,proto3" json:"traceparent_by_id,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// mdm_by_id holds the MDM records whose EAS id is this key's device id,
+	// by MDM device id: the other side of the matcher's join, kept in the
+	// same record as the partnerships, so that matching a partnership is
+	// one read, and a partnership and an MDM record that arrive at once are
+	// ordered by one compare-and-set. (Before, a bucket of its own,
+	// easguard_mdm_devices, which the matcher folds in when it starts.)
+	MdmById       map[string]*MDMDevice `protobuf:"bytes,3,rep,name=mdm_by_id,json=mdmById,proto3" json:"mdm_by_id,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PartnershipIndex) Reset() {
@@ -81,6 +89,13 @@ func (x *PartnershipIndex) GetById() map[string]*EASPartnershipObserved {
 func (x *PartnershipIndex) GetTraceparentById() map[string]string {
 	if x != nil {
 		return x.TraceparentById
+	}
+	return nil
+}
+
+func (x *PartnershipIndex) GetMdmById() map[string]*MDMDevice {
+	if x != nil {
+		return x.MdmById
 	}
 	return nil
 }
@@ -607,16 +622,20 @@ var File_easguard_v1_state_proto protoreflect.FileDescriptor
 
 const file_easguard_v1_state_proto_rawDesc = "" +
 	"\n" +
-	"\x17easguard/v1/state.proto\x12\veasguard.v1\x1a\x18easguard/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x02\n" +
+	"\x17easguard/v1/state.proto\x12\veasguard.v1\x1a\x18easguard/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xee\x03\n" +
 	"\x10PartnershipIndex\x12<\n" +
 	"\x05by_id\x18\x01 \x03(\v2'.easguard.v1.PartnershipIndex.ByIdEntryR\x04byId\x12^\n" +
-	"\x11traceparent_by_id\x18\x02 \x03(\v22.easguard.v1.PartnershipIndex.TraceparentByIdEntryR\x0ftraceparentById\x1a\\\n" +
+	"\x11traceparent_by_id\x18\x02 \x03(\v22.easguard.v1.PartnershipIndex.TraceparentByIdEntryR\x0ftraceparentById\x12F\n" +
+	"\tmdm_by_id\x18\x03 \x03(\v2*.easguard.v1.PartnershipIndex.MdmByIdEntryR\amdmById\x1a\\\n" +
 	"\tByIdEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x129\n" +
 	"\x05value\x18\x02 \x01(\v2#.easguard.v1.EASPartnershipObservedR\x05value:\x028\x01\x1aB\n" +
 	"\x14TraceparentByIdEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfa\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aR\n" +
+	"\fMdmByIdEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12,\n" +
+	"\x05value\x18\x02 \x01(\v2\x16.easguard.v1.MDMDeviceR\x05value:\x028\x01\"\xfa\x04\n" +
 	"\bMDMIndex\x124\n" +
 	"\x05by_id\x18\x01 \x03(\v2\x1f.easguard.v1.MDMIndex.ByIdEntryR\x04byId\x12T\n" +
 	"\x11observed_at_by_id\x18\x02 \x03(\v2).easguard.v1.MDMIndex.ObservedAtByIdEntryR\x0eobservedAtById\x12M\n" +
@@ -692,7 +711,7 @@ func file_easguard_v1_state_proto_rawDescGZIP() []byte {
 	return file_easguard_v1_state_proto_rawDescData
 }
 
-var file_easguard_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_easguard_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_easguard_v1_state_proto_goTypes = []any{
 	(*PartnershipIndex)(nil),       // 0: easguard.v1.PartnershipIndex
 	(*MDMIndex)(nil),               // 1: easguard.v1.MDMIndex
@@ -702,50 +721,53 @@ var file_easguard_v1_state_proto_goTypes = []any{
 	(*StagedDecision)(nil),         // 5: easguard.v1.StagedDecision
 	nil,                            // 6: easguard.v1.PartnershipIndex.ByIdEntry
 	nil,                            // 7: easguard.v1.PartnershipIndex.TraceparentByIdEntry
-	nil,                            // 8: easguard.v1.MDMIndex.ByIdEntry
-	nil,                            // 9: easguard.v1.MDMIndex.ObservedAtByIdEntry
-	nil,                            // 10: easguard.v1.MDMIndex.PreviousByIdEntry
-	nil,                            // 11: easguard.v1.MDMIndex.RemovedByIdEntry
-	(DesiredAccess)(0),             // 12: easguard.v1.DesiredAccess
-	(*timestamppb.Timestamp)(nil),  // 13: google.protobuf.Timestamp
-	(*DeviceMatched)(nil),          // 14: easguard.v1.DeviceMatched
-	(*AccessDecided)(nil),          // 15: easguard.v1.AccessDecided
-	(ApplyOutcome)(0),              // 16: easguard.v1.ApplyOutcome
-	(*EASPartnership)(nil),         // 17: easguard.v1.EASPartnership
-	(*EASPartnershipObserved)(nil), // 18: easguard.v1.EASPartnershipObserved
-	(*MDMDevice)(nil),              // 19: easguard.v1.MDMDevice
+	nil,                            // 8: easguard.v1.PartnershipIndex.MdmByIdEntry
+	nil,                            // 9: easguard.v1.MDMIndex.ByIdEntry
+	nil,                            // 10: easguard.v1.MDMIndex.ObservedAtByIdEntry
+	nil,                            // 11: easguard.v1.MDMIndex.PreviousByIdEntry
+	nil,                            // 12: easguard.v1.MDMIndex.RemovedByIdEntry
+	(DesiredAccess)(0),             // 13: easguard.v1.DesiredAccess
+	(*timestamppb.Timestamp)(nil),  // 14: google.protobuf.Timestamp
+	(*DeviceMatched)(nil),          // 15: easguard.v1.DeviceMatched
+	(*AccessDecided)(nil),          // 16: easguard.v1.AccessDecided
+	(ApplyOutcome)(0),              // 17: easguard.v1.ApplyOutcome
+	(*EASPartnership)(nil),         // 18: easguard.v1.EASPartnership
+	(*EASPartnershipObserved)(nil), // 19: easguard.v1.EASPartnershipObserved
+	(*MDMDevice)(nil),              // 20: easguard.v1.MDMDevice
 }
 var file_easguard_v1_state_proto_depIdxs = []int32{
 	6,  // 0: easguard.v1.PartnershipIndex.by_id:type_name -> easguard.v1.PartnershipIndex.ByIdEntry
 	7,  // 1: easguard.v1.PartnershipIndex.traceparent_by_id:type_name -> easguard.v1.PartnershipIndex.TraceparentByIdEntry
-	8,  // 2: easguard.v1.MDMIndex.by_id:type_name -> easguard.v1.MDMIndex.ByIdEntry
-	9,  // 3: easguard.v1.MDMIndex.observed_at_by_id:type_name -> easguard.v1.MDMIndex.ObservedAtByIdEntry
-	10, // 4: easguard.v1.MDMIndex.previous_by_id:type_name -> easguard.v1.MDMIndex.PreviousByIdEntry
-	11, // 5: easguard.v1.MDMIndex.removed_by_id:type_name -> easguard.v1.MDMIndex.RemovedByIdEntry
-	12, // 6: easguard.v1.DecisionRecord.desired:type_name -> easguard.v1.DesiredAccess
-	13, // 7: easguard.v1.DecisionRecord.decided_at:type_name -> google.protobuf.Timestamp
-	14, // 8: easguard.v1.DecisionRecord.last_matched:type_name -> easguard.v1.DeviceMatched
-	13, // 9: easguard.v1.DecisionRecord.recheck_at:type_name -> google.protobuf.Timestamp
-	13, // 10: easguard.v1.DecisionRecord.confirmed_at:type_name -> google.protobuf.Timestamp
-	15, // 11: easguard.v1.DecisionRecord.last_decision:type_name -> easguard.v1.AccessDecided
-	13, // 12: easguard.v1.AppliedRecord.decided_at:type_name -> google.protobuf.Timestamp
-	12, // 13: easguard.v1.AppliedRecord.desired:type_name -> easguard.v1.DesiredAccess
-	13, // 14: easguard.v1.AppliedRecord.applied_at:type_name -> google.protobuf.Timestamp
-	16, // 15: easguard.v1.AppliedRecord.outcome:type_name -> easguard.v1.ApplyOutcome
-	13, // 16: easguard.v1.AppliedRecord.claim_decided_at:type_name -> google.protobuf.Timestamp
-	13, // 17: easguard.v1.AppliedRecord.claim_until:type_name -> google.protobuf.Timestamp
-	13, // 18: easguard.v1.CollectorRecord.last_seen:type_name -> google.protobuf.Timestamp
-	17, // 19: easguard.v1.CollectorRecord.partnership:type_name -> easguard.v1.EASPartnership
-	15, // 20: easguard.v1.StagedDecision.decision:type_name -> easguard.v1.AccessDecided
-	18, // 21: easguard.v1.PartnershipIndex.ByIdEntry.value:type_name -> easguard.v1.EASPartnershipObserved
-	19, // 22: easguard.v1.MDMIndex.ByIdEntry.value:type_name -> easguard.v1.MDMDevice
-	13, // 23: easguard.v1.MDMIndex.ObservedAtByIdEntry.value:type_name -> google.protobuf.Timestamp
-	19, // 24: easguard.v1.MDMIndex.PreviousByIdEntry.value:type_name -> easguard.v1.MDMDevice
-	25, // [25:25] is the sub-list for method output_type
-	25, // [25:25] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	8,  // 2: easguard.v1.PartnershipIndex.mdm_by_id:type_name -> easguard.v1.PartnershipIndex.MdmByIdEntry
+	9,  // 3: easguard.v1.MDMIndex.by_id:type_name -> easguard.v1.MDMIndex.ByIdEntry
+	10, // 4: easguard.v1.MDMIndex.observed_at_by_id:type_name -> easguard.v1.MDMIndex.ObservedAtByIdEntry
+	11, // 5: easguard.v1.MDMIndex.previous_by_id:type_name -> easguard.v1.MDMIndex.PreviousByIdEntry
+	12, // 6: easguard.v1.MDMIndex.removed_by_id:type_name -> easguard.v1.MDMIndex.RemovedByIdEntry
+	13, // 7: easguard.v1.DecisionRecord.desired:type_name -> easguard.v1.DesiredAccess
+	14, // 8: easguard.v1.DecisionRecord.decided_at:type_name -> google.protobuf.Timestamp
+	15, // 9: easguard.v1.DecisionRecord.last_matched:type_name -> easguard.v1.DeviceMatched
+	14, // 10: easguard.v1.DecisionRecord.recheck_at:type_name -> google.protobuf.Timestamp
+	14, // 11: easguard.v1.DecisionRecord.confirmed_at:type_name -> google.protobuf.Timestamp
+	16, // 12: easguard.v1.DecisionRecord.last_decision:type_name -> easguard.v1.AccessDecided
+	14, // 13: easguard.v1.AppliedRecord.decided_at:type_name -> google.protobuf.Timestamp
+	13, // 14: easguard.v1.AppliedRecord.desired:type_name -> easguard.v1.DesiredAccess
+	14, // 15: easguard.v1.AppliedRecord.applied_at:type_name -> google.protobuf.Timestamp
+	17, // 16: easguard.v1.AppliedRecord.outcome:type_name -> easguard.v1.ApplyOutcome
+	14, // 17: easguard.v1.AppliedRecord.claim_decided_at:type_name -> google.protobuf.Timestamp
+	14, // 18: easguard.v1.AppliedRecord.claim_until:type_name -> google.protobuf.Timestamp
+	14, // 19: easguard.v1.CollectorRecord.last_seen:type_name -> google.protobuf.Timestamp
+	18, // 20: easguard.v1.CollectorRecord.partnership:type_name -> easguard.v1.EASPartnership
+	16, // 21: easguard.v1.StagedDecision.decision:type_name -> easguard.v1.AccessDecided
+	19, // 22: easguard.v1.PartnershipIndex.ByIdEntry.value:type_name -> easguard.v1.EASPartnershipObserved
+	20, // 23: easguard.v1.PartnershipIndex.MdmByIdEntry.value:type_name -> easguard.v1.MDMDevice
+	20, // 24: easguard.v1.MDMIndex.ByIdEntry.value:type_name -> easguard.v1.MDMDevice
+	14, // 25: easguard.v1.MDMIndex.ObservedAtByIdEntry.value:type_name -> google.protobuf.Timestamp
+	20, // 26: easguard.v1.MDMIndex.PreviousByIdEntry.value:type_name -> easguard.v1.MDMDevice
+	27, // [27:27] is the sub-list for method output_type
+	27, // [27:27] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_easguard_v1_state_proto_init() }
@@ -760,7 +782,7 @@ func file_easguard_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_easguard_v1_state_proto_rawDesc), len(file_easguard_v1_state_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
