@@ -344,24 +344,12 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 		}
 		at := m.now()
 		rec, err := bus.Modify(ctx, m.parts, key, func(idx *ev.PartnershipIndex, _ bool) (bus.Change, error) {
-			_, had := idx.GetMdmById()[mdmID]
-			if !present {
-				if !had {
-					return bus.Keep, nil
-				}
-				delete(idx.MdmById, mdmID)
-				if len(idx.MdmById) == 0 && len(idx.ById) == 0 {
-					return bus.Remove, nil
-				}
-				return bus.Write, nil
-			}
-			if had && proto.Equal(idx.MdmById[mdmID], d) {
+			switch {
+			case !place(&idx.MdmById, mdmID, d, present):
 				return bus.Keep, nil
+			case len(idx.MdmById) == 0 && len(idx.ById) == 0:
+				return bus.Remove, nil
 			}
-			if idx.MdmById == nil {
-				idx.MdmById = map[string]*ev.MDMDevice{}
-			}
-			idx.MdmById[mdmID] = d
 			return bus.Write, nil
 		})
 		if err != nil {
@@ -387,24 +375,12 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 		}
 		present := easID == "" && !in.GetRemoved()
 		if _, err := bus.Modify(ctx, m.users, key, func(idx *ev.MDMIndex, _ bool) (bus.Change, error) {
-			_, had := idx.GetById()[mdmID]
-			if !present {
-				if !had {
-					return bus.Keep, nil
-				}
-				delete(idx.ById, mdmID)
-				if len(idx.ById) == 0 {
-					return bus.Remove, nil
-				}
-				return bus.Write, nil
-			}
-			if had && proto.Equal(idx.ById[mdmID], d) {
+			switch {
+			case !place(&idx.ById, mdmID, d, present):
 				return bus.Keep, nil
+			case len(idx.ById) == 0:
+				return bus.Remove, nil
 			}
-			if idx.ById == nil {
-				idx.ById = map[string]*ev.MDMDevice{}
-			}
-			idx.ById[mdmID] = d
 			return bus.Write, nil
 		}); err != nil {
 			return nil, fmt.Errorf("matcher: index %s: %w", mdmID, err)
@@ -425,6 +401,24 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 		}
 	}
 	return outs, nil
+}
+
+// place puts MDM record d under mdmID in records (present) or takes
+// whatever is there out, and reports whether that changed records.
+func place(records *map[string]*ev.MDMDevice, mdmID string, d *ev.MDMDevice, present bool) bool {
+	had, ok := (*records)[mdmID]
+	switch {
+	case !present && !ok, present && ok && proto.Equal(had, d):
+		return false
+	case !present:
+		delete(*records, mdmID)
+	default:
+		if *records == nil {
+			*records = map[string]*ev.MDMDevice{}
+		}
+		(*records)[mdmID] = d
+	}
+	return true
 }
 
 // sameReport reports whether last, the matcher's memory of record mdmID,

@@ -106,13 +106,9 @@ func (m *Matcher) fold(ctx context.Context, key, id string, d *ev.MDMDevice) err
 		return err
 	}
 	if _, err := bus.Modify(ctx, m.parts, key, func(rec *ev.PartnershipIndex, _ bool) (bus.Change, error) {
-		if _, has := rec.GetMdmById()[id]; has {
+		if _, has := rec.GetMdmById()[id]; has || !place(&rec.MdmById, id, r, true) {
 			return bus.Keep, nil // indexed since by this version
 		}
-		if rec.MdmById == nil {
-			rec.MdmById = map[string]*ev.MDMDevice{}
-		}
-		rec.MdmById[id] = r
 		return bus.Write, nil
 	}); err != nil {
 		return err
@@ -123,11 +119,10 @@ func (m *Matcher) fold(ctx context.Context, key, id string, d *ev.MDMDevice) err
 	// Removed or moved while it was folded in: the report's own step may
 	// have found nothing to take out.
 	_, err = bus.Modify(ctx, m.parts, key, func(rec *ev.PartnershipIndex, _ bool) (bus.Change, error) {
-		if got := rec.GetMdmById()[id]; got == nil || !proto.Equal(got, r) {
+		switch got := rec.GetMdmById()[id]; {
+		case got == nil || !proto.Equal(got, r) || !place(&rec.MdmById, id, nil, false):
 			return bus.Keep, nil
-		}
-		delete(rec.MdmById, id)
-		if len(rec.MdmById) == 0 && len(rec.ById) == 0 {
+		case len(rec.MdmById) == 0 && len(rec.ById) == 0:
 			return bus.Remove, nil
 		}
 		return bus.Write, nil
