@@ -159,3 +159,20 @@ func Put(ctx context.Context, kv jetstream.KeyValue, key string, rec proto.Messa
 	}
 	return nil
 }
+
+// ListKeys lists the keys of a bucket under filter (a subject filter on
+// the keys, such as "<org>.>"); a bucket with none under it lists none.
+func ListKeys(ctx context.Context, kv jetstream.KeyValue, filter string) ([]string, error) {
+	l, err := kv.ListKeysFiltered(ctx, filter)
+	if errors.Is(err, jetstream.ErrNoKeysFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list %s %s: %w", kv.Bucket(), filter, err)
+	}
+	var keys []string
+	for k := range l.Keys() {
+		keys = append(keys, k)
+	}
+	return keys, nil
+}

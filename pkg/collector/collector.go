@@ -133,7 +133,14 @@ func (c *Collector) recall(key, fp string) bool {
 	c.memoMu.Lock()
 	defer c.memoMu.Unlock()
 	m, ok := c.memo[key]
-	return ok && m.fingerprint == fp && !m.lastSeen.IsZero() && c.now().Sub(m.lastSeen) < lastSeenResolution
+	return ok && m.fingerprint == fp && c.seenLately(m.lastSeen)
+}
+
+// seenLately reports whether a record stamped seen at lastSeen needs no
+// new stamp yet (lastSeenResolution): with the same fingerprint, it holds
+// all there is to remember.
+func (c *Collector) seenLately(lastSeen time.Time) bool {
+	return !lastSeen.IsZero() && c.now().Sub(lastSeen) < lastSeenResolution
 }
 
 // note records in the memo what key's record holds; rec nil forgets it.
@@ -483,9 +490,9 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 		// listing in one batched read (at 100,000 partnerships, a read each
 		// paced the pass) and hands each partnership's report to g. A
 		// failed read fails the pass, as a failed report does (see report).
-		reportPage := func(obs []observation, keys []string) error {
+		reportPage := func(obs []observation) error {
 			// Only what the collector does not know already is read.
-			unknown := make([]string, 0, len(keys))
+			unknown := make([]string, 0, len(obs))
 			for i := range obs {
 				if obs[i].known = c.recall(obs[i].key, obs[i].fp); !obs[i].known {
 					unknown = append(unknown, obs[i].key)
@@ -520,7 +527,6 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 		}
 		lerr := c.ex.ListPartnerships(pctx, opt, func(ps []exchange.Partnership) error {
 			obs := make([]observation, 0, len(ps))
-			keys := make([]string, 0, len(ps))
 			for _, p := range ps {
 				o, err := c.prepare(pctx, p, seen)
 				if err != nil {
@@ -528,12 +534,11 @@ func (c *Collector) Sync(ctx context.Context, kind ev.SyncKind, id, requestedBy 
 					continue
 				}
 				obs = append(obs, o)
-				keys = append(keys, o.key)
 				if states != nil {
 					states.add(p.AccessState)
 				}
 			}
-			pg.Go(func() error { return reportPage(obs, keys) })
+			pg.Go(func() error { return reportPage(obs) })
 			return pctx.Err()
 		})
 		// Pages first: they are what hands reports to g.
@@ -748,7 +753,7 @@ func (c *Collector) record(ctx context.Context, key string, ep *ev.EASPartnershi
 			change = ev.ObservationChange_OBSERVATION_CHANGE_NEW
 		case rec.GetFingerprint() == fp:
 			change = ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED
-			if rec.GetLastSeen().IsValid() && c.now().Sub(rec.GetLastSeen().AsTime()) < lastSeenResolution {
+			if rec.GetLastSeen().IsValid() && c.seenLately(rec.GetLastSeen().AsTime()) {
 				return bus.Keep, nil // nothing to remember that is not there
 			}
 		default:
@@ -861,13 +866,9 @@ func (c *Collector) publish(ctx context.Context, syncID string, kind ev.SyncKind
 // reportGone reports the partnerships a full sync no longer saw: those
 // the collector knows whose key the pass did not mark seen.
 func (c *Collector) reportGone(ctx context.Context, syncID string, at time.Time, seen map[string]bool, counts *ev.SyncCounts) error {
-	l, err := c.known.ListKeysFiltered(ctx, string(c.org)+".>")
+	keys, err := bus.ListKeys(ctx, c.known, string(c.org)+".>")
 	if err != nil {
 		return fmt.Errorf("list known partnerships: %w", err)
-	}
-	var keys []string
-	for k := range l.Keys() {
-		keys = append(keys, k)
 	}
 	for _, k := range keys {
 		if seen[k] {

@@ -683,7 +683,7 @@ func guardKey(staged []*ev.StagedDecision) string {
 // re-offers the batch; the decisions' message ids make a second release a
 // duplicate.
 func (e *Evaluator) finalize(ctx context.Context, batch, prefix string, pub *bus.Publisher) error {
-	keys, err := listKeys(ctx, e.staged, prefix+".>")
+	keys, err := bus.ListKeys(ctx, e.staged, prefix+".>")
 	if err != nil {
 		return err
 	}
@@ -884,18 +884,6 @@ func (e *Evaluator) dropStaged(ctx context.Context, keys []string) error {
 	return nil
 }
 
-func listKeys(ctx context.Context, kv jetstream.KeyValue, filter string) ([]string, error) {
-	l, err := kv.ListKeysFiltered(ctx, filter)
-	if err != nil {
-		return nil, fmt.Errorf("list %s %s: %w", kv.Bucket(), filter, err)
-	}
-	var keys []string
-	for k := range l.Keys() {
-		keys = append(keys, k)
-	}
-	return keys, nil
-}
-
 // putStatus records v under key in the organisation's status.
 func putStatus[T any](ctx context.Context, e *Evaluator, key string, v T) error {
 	return status.Put(ctx, e.status, e.org, key, v)
@@ -987,7 +975,7 @@ func (e *Evaluator) tick(ctx context.Context) error {
 		e.log.Warn("overdue syncs not checked", "error", err)
 	}
 	prefix, _ := bus.StateKey(e.org, "mdm")
-	keys, err := listKeys(ctx, e.staged, prefix+".>")
+	keys, err := bus.ListKeys(ctx, e.staged, prefix+".>")
 	if err != nil {
 		return err
 	}
@@ -1035,7 +1023,7 @@ func (e *Evaluator) tick(ctx context.Context) error {
 // verdict they were based on and the current time.
 func (e *Evaluator) rechecks(ctx context.Context, pub *bus.Publisher) error {
 	prefix, _ := bus.StateKey(e.org, "recheck")
-	keys, err := listKeys(ctx, e.staged, prefix+".>")
+	keys, err := bus.ListKeys(ctx, e.staged, prefix+".>")
 	if err != nil {
 		return err
 	}

@@ -23,7 +23,7 @@ func (e *Evaluator) GuardCounts(ctx context.Context) (view, recount int, err err
 // view: every key of the decisions and partnership buckets read at each
 // guard decision. Tests and the benchmark hold the view to it.
 func (e *Evaluator) recountAllowed(ctx context.Context) (int, error) {
-	keys, err := listKeys(ctx, e.decisions, string(e.org)+".>")
+	keys, err := bus.ListKeys(ctx, e.decisions, string(e.org)+".>")
 	if err != nil {
 		return 0, err
 	}
@@ -42,7 +42,7 @@ func (e *Evaluator) recountAllowed(ctx context.Context) (int, error) {
 			n++
 		}
 	}
-	if keys, err = listKeys(ctx, e.parts, string(e.org)+".>"); err != nil {
+	if keys, err = bus.ListKeys(ctx, e.parts, string(e.org)+".>"); err != nil {
 		return 0, err
 	}
 	for _, k := range keys {

@@ -45,7 +45,7 @@ type exposure struct {
 // would list it first.
 func (e *Evaluator) expose(ctx context.Context, dry bool) (*exposure, error) {
 	x := &exposure{pending: map[string]string{}, byKey: map[string]struct{}{}}
-	keys, err := listKeys(ctx, e.parts, string(e.org)+".>")
+	keys, err := bus.ListKeys(ctx, e.parts, string(e.org)+".>")
 	if err != nil {
 		return nil, err
 	}
@@ -235,7 +235,7 @@ func pendingKey(org bus.Org, decisionKey string) (string, error) {
 
 // dropPending forgets the allow-list entries an earlier plan waited for.
 func (e *Evaluator) dropPending(ctx context.Context) error {
-	keys, err := listKeys(ctx, e.staged, string(e.org)+".default.>")
+	keys, err := bus.ListKeys(ctx, e.staged, string(e.org)+".default.>")
 	if err != nil {
 		return err
 	}
@@ -247,7 +247,7 @@ func (e *Evaluator) dropPending(ctx context.Context) error {
 // and judges the default again once none is left. Each look reads only
 // the entries still awaited, not every partnership.
 func (e *Evaluator) waitingDefault(ctx context.Context, pub *bus.Publisher) error {
-	keys, err := listKeys(ctx, e.staged, string(e.org)+".default.>")
+	keys, err := bus.ListKeys(ctx, e.staged, string(e.org)+".default.>")
 	if err != nil || len(keys) == 0 {
 		return err
 	}
@@ -286,7 +286,7 @@ func (e *Evaluator) waitingDefault(ctx context.Context, pub *bus.Publisher) erro
 	// on any replica) and this one never judge at once; the plan is read
 	// again inside it, since a new one may have been made meanwhile.
 	return e.guarded(ctx, func(ctx context.Context) error {
-		if keys, err := listKeys(ctx, e.staged, string(e.org)+".default.>"); err != nil || len(keys) > 0 {
+		if keys, err := bus.ListKeys(ctx, e.staged, string(e.org)+".default.>"); err != nil || len(keys) > 0 {
 			return err // a newer plan waits for its own entries
 		}
 		plan, ok, err := status.Get[status.DefaultPlan](ctx, e.status, e.org, status.DefaultPlanKey)

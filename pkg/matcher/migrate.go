@@ -29,7 +29,7 @@ func (m *Matcher) migrate(ctx context.Context, js jetstream.JetStream) error {
 	if err != nil {
 		return fmt.Errorf("matcher: open %s: %w", bus.BucketMDMDevicesLegacy, err)
 	}
-	keys, err := listKeys(ctx, old, string(m.org)+".>")
+	keys, err := bus.ListKeys(ctx, old, string(m.org)+".>")
 	if err != nil {
 		return fmt.Errorf("matcher: migrate %s: %w", bus.BucketMDMDevicesLegacy, err)
 	}
@@ -47,7 +47,7 @@ func (m *Matcher) migrate(ctx context.Context, js jetstream.JetStream) error {
 			return fmt.Errorf("matcher: migrate %s: %w", key, err)
 		}
 	}
-	rest, err := listKeys(ctx, old, ">")
+	rest, err := bus.ListKeys(ctx, old, ">")
 	if err != nil {
 		return fmt.Errorf("matcher: migrate %s: %w", bus.BucketMDMDevicesLegacy, err)
 	}
@@ -57,22 +57,6 @@ func (m *Matcher) migrate(ctx context.Context, js jetstream.JetStream) error {
 		}
 	}
 	return nil
-}
-
-// listKeys lists a bucket's keys under filter; none is not an error.
-func listKeys(ctx context.Context, kv jetstream.KeyValue, filter string) ([]string, error) {
-	l, err := kv.ListKeysFiltered(ctx, filter)
-	if err != nil {
-		if errors.Is(err, jetstream.ErrNoKeysFound) {
-			return nil, nil
-		}
-		return nil, err
-	}
-	var keys []string
-	for k := range l.Keys() {
-		keys = append(keys, k)
-	}
-	return keys, nil
 }
 
 // fold puts MDM record id of the old index into the device record under
