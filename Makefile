@@ -115,10 +115,13 @@ contract:
 fuzz:
 	$(GO) test ./pkg/exchange -run '^$$' -fuzz FuzzValuesReachExchangeByteForByte -fuzztime 2m
 
-## proto: regenerate the Go code of proto/ with protoc and the pinned protoc-gen-go
+## proto: regenerate the Go code of proto/ with protoc, the pinned protoc-gen-go and protoc-gen-go-vtproto (reflection-free decoding and comparison of state records)
 proto:
 	protoc -I proto --plugin=protoc-gen-go="$$($(GO) tool -n protoc-gen-go)" \
-		--go_out=. --go_opt=module=github.com/easguard/easguard $(PROTOS)
+		--plugin=protoc-gen-go-vtproto="$$($(GO) tool -n protoc-gen-go-vtproto)" \
+		--go_out=. --go_opt=module=github.com/easguard/easguard \
+		--go-vtproto_out=. --go-vtproto_opt=module=github.com/easguard/easguard,features=unmarshal+equal \
+		$(PROTOS)
 
 ## proto-check: fail if the committed generated code is not what make proto produces
 proto-check: proto

@@ -43,6 +43,14 @@ const benchSizeEnv = "EASGUARD_BENCH_PARTNERSHIPS"
 // can be compared with another on the same benchmark.
 const benchEnvEnv = "EASGUARD_BENCH_ENV"
 
+// benchProfileEnv names a directory where BenchmarkReconcile100k's steady
+// shape saves the all-in-one's allocation profiles at the measured pass's
+// start and end (steady-allocs-start.pb.gz, steady-allocs-end.pb.gz; compare
+// them with pprof -diff_base) and its CPU profile over the pass
+// (steady-cpu.pb.gz), so that a profile shows the pass and nothing of the
+// unmeasured one before it.
+const benchProfileEnv = "EASGUARD_BENCH_PROFILE_DIR"
+
 // benchSessions is the Exchange workers (sessions) of the easguard process,
 // EASGUARD_EXCHANGE_WORKERS's default, written out because the onboarding
 // limit divides by it.
@@ -324,6 +332,8 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	// reset, so what it says afterwards is the pass's.
 	res.startRSSMB = largestEasguard(r.resetPeakRSS())
 	alloc0, objects0, _ := r.allocated()
+	r.saveProfile("allocs", "steady-allocs-start.pb.gz")
+	stopCPU := r.profileCPU("steady-cpu.pb.gz")
 	cpu0, sim0 := r.cpuSeconds(), telemetrytest.ProcessCPU(b).Seconds()
 	b.StartTimer()
 	t0 := time.Now()
@@ -331,6 +341,8 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	done := r.waitSyncs(before.seq[bus.StreamSync], 30*time.Minute, ev.SyncKind_SYNC_KIND_FULL)[0]
 	r.waitIdle(30 * time.Minute)
 	b.StopTimer()
+	stopCPU()
+	r.saveProfile("allocs", "steady-allocs-end.pb.gz")
 	r.phase("measured full sync settled")
 	cpu, sim := r.cpuSeconds()-cpu0, telemetrytest.ProcessCPU(b).Seconds()-sim0
 	if alloc1, objects1, ok := r.allocated(); ok {
@@ -839,6 +851,72 @@ func (r *reconcileRig) allocated() (bytes, objects float64, ok bool) {
 		r.tb.Fatalf("easguard's heap statistics: %d of TotalAlloc and Mallocs found (%v)", seen, err)
 	}
 	return bytes, objects, true
+}
+
+// saveProfile saves the all-in-one's profile of kind (a /debug/pprof
+// name) as name in benchProfileEnv's directory; nothing without one.
+func (r *reconcileRig) saveProfile(kind, name string) {
+	r.tb.Helper()
+	dir := os.Getenv(benchProfileEnv)
+	if dir == "" || r.debugAddr == "" {
+		return
+	}
+	path := filepath.Join(dir, name)
+	if err := fetchProfile("http://"+r.debugAddr+"/debug/pprof/"+kind, path); err != nil {
+		r.tb.Fatal(err)
+	}
+	r.tb.Logf("saved %s", path)
+}
+
+// fetchProfile saves what url answers as path.
+func fetchProfile(url, path string) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return fmt.Errorf("profile %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("profile %s: %s", url, resp.Status)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("profile %s: %w", url, err)
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return fmt.Errorf("profile %s: %w", url, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("profile %s: %w", url, err)
+	}
+	return nil
+}
+
+// profileCPU starts a CPU profile of the all-in-one, saved as name in
+// benchProfileEnv's directory by the returned func; nothing without one.
+// net/http/pprof profiles for a time given in advance and writes nothing
+// to a client that leaves early, so the profile covers three times the
+// bare listing's time from the pass's start, longer than any pass took,
+// and the returned func waits for it: the idle tail adds no samples.
+func (r *steadyRig) profileCPU(name string) (wait func()) {
+	r.tb.Helper()
+	dir := os.Getenv(benchProfileEnv)
+	if dir == "" || r.debugAddr == "" {
+		return func() {}
+	}
+	seconds := int(3*r.listing.Seconds()) + 1
+	path := filepath.Join(dir, name)
+	done := make(chan error, 1)
+	go func() {
+		done <- fetchProfile(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", r.debugAddr, seconds), path)
+	}()
+	return func() {
+		r.tb.Helper()
+		if err := <-done; err != nil {
+			r.tb.Fatal(err)
+		}
+		r.tb.Logf("saved %s (%d s from the pass's start)", path, seconds)
+	}
 }
 
 // splitWorkers are the worker processes of the split shape, one each, in

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"time"
 
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/easguard/easguard/pkg/bus"
@@ -113,7 +112,7 @@ func compactLastDecision(rec *ev.DecisionRecord) {
 		return
 	}
 	p := m.GetObserved().GetPartnership()
-	if !(d.GetPartnership() == p || proto.Equal(d.GetPartnership(), p)) || !(d.GetMdm() == m.GetMdm() || proto.Equal(d.GetMdm(), m.GetMdm())) {
+	if !d.GetPartnership().EqualVT(p) || !d.GetMdm().EqualVT(m.GetMdm()) {
 		return
 	}
 	c := shallowCopy(d)
@@ -127,9 +126,9 @@ func weigh(f facts, rec *ev.DecisionRecord, exists bool) judgement {
 	obs := in.GetObserved()
 	p := obs.GetPartnership()
 	// A redelivery carries the very verdict judged: its matched_at first,
-	// which tells apart in one comparison what proto.Equal would only
+	// which tells apart in one comparison what comparing the verdicts would only
 	// find different after comparing the partnership and MDM record.
-	if exists && rec.GetLastMatched().GetMatchedAt().AsTime().Equal(in.GetMatchedAt().AsTime()) && proto.Equal(rec.GetLastMatched(), in) {
+	if exists && rec.GetLastMatched().GetMatchedAt().AsTime().Equal(in.GetMatchedAt().AsTime()) && rec.GetLastMatched().EqualVT(in) {
 		// Redelivered after it was judged (the worker died before
 		// acknowledging): offer the same decision again. Its message id
 		// makes a copy that did go out a duplicate the stream drops.

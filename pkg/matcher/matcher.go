@@ -233,7 +233,7 @@ func (m *Matcher) index(ctx context.Context, key string, in *ev.EASPartnershipOb
 			return bus.Write, nil
 		}
 		if in.GetChange() == ev.ObservationChange_OBSERVATION_CHANGE_UNCHANGED && prev != nil &&
-			proto.Equal(prev.GetPartnership(), in.GetPartnership()) &&
+			prev.GetPartnership().EqualVT(in.GetPartnership()) &&
 			in.GetObservedAt().AsTime().Sub(prev.GetObservedAt().AsTime()) < observedResolution {
 			// Indexed as it is: only the time it was seen would change.
 			// An older observation that differs and comes late may pass

@@ -18,10 +18,12 @@ const MaxDeviceIDLen = 32
 // problems collects what is wrong with one message.
 type problems []string
 
-func (p *problems) need(ok bool, format string, args ...any) {
-	if !ok {
-		*p = append(*p, fmt.Sprintf(format, args...))
-	}
+// add records a problem. Callers test first and call add only for a
+// problem: a check that passes formats nothing and allocates nothing, as
+// each event's arguments would otherwise be boxed for a message never
+// made (every event is validated on every hop).
+func (p *problems) add(format string, args ...any) {
+	*p = append(*p, fmt.Sprintf(format, args...))
 }
 
 func (p problems) err() error {
@@ -32,18 +34,46 @@ func (p problems) err() error {
 }
 
 func (p *problems) deviceID(field, id string) {
-	p.need(id != "", "%s is empty", field)
-	p.need(utf8.RuneCountInString(id) <= MaxDeviceIDLen, "%s is longer than %d characters", field, MaxDeviceIDLen)
-	p.need(utf8.ValidString(id), "%s is not valid UTF-8", field)
+	if id == "" {
+		p.add("%s is empty", field)
+	}
+	if utf8.RuneCountInString(id) > MaxDeviceIDLen {
+		p.add("%s is longer than %d characters", field, MaxDeviceIDLen)
+	}
+	if !utf8.ValidString(id) {
+		p.add("%s is not valid UTF-8", field)
+	}
 }
 
 func (p *problems) partnership(field string, e *EASPartnership) {
+	p.partnershipAt(field, -1, e)
+}
+
+// partnershipAt checks a partnership that is element at of the repeated
+// field (at < 0: the field itself). The field's name is made only for a
+// problem: a page's partnerships are checked on every hop.
+func (p *problems) partnershipAt(field string, at int, e *EASPartnership) {
+	name := func(sub string) string {
+		if at >= 0 {
+			return fmt.Sprintf("%s[%d]%s", field, at, sub)
+		}
+		return field + sub
+	}
 	if e == nil {
-		p.need(false, "%s is missing", field)
+		p.add("%s is missing", name(""))
 		return
 	}
-	p.deviceID(field+".device_id", e.GetDeviceId())
-	p.need(e.GetMailbox().GetIdentity() != "", "%s.mailbox.identity is empty", field)
+	if id := e.GetDeviceId(); !validDeviceID(id) {
+		p.deviceID(name(".device_id"), id)
+	}
+	if e.GetMailbox().GetIdentity() == "" {
+		p.add("%s.mailbox.identity is empty", name(""))
+	}
+}
+
+// validDeviceID reports whether deviceID would find nothing wrong with id.
+func validDeviceID(id string) bool {
+	return id != "" && utf8.RuneCountInString(id) <= MaxDeviceIDLen && utf8.ValidString(id)
 }
 
 // Validate checks a partnership as every consumer of an observation of it
@@ -57,12 +87,22 @@ func (e *EASPartnership) Validate() error {
 // Validate checks what every consumer of an observation relies on.
 func (e *EASPartnershipObserved) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
 	p.partnership("partnership", e.GetPartnership())
-	p.need(e.GetSync().GetSyncId() != "", "sync.sync_id is empty")
-	p.need(e.GetSync().GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "sync.kind is unspecified")
-	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
-	p.need(e.GetChange() != ObservationChange_OBSERVATION_CHANGE_UNSPECIFIED, "change is unspecified")
+	if e.GetSync().GetSyncId() == "" {
+		p.add("sync.sync_id is empty")
+	}
+	if e.GetSync().GetKind() == SyncKind_SYNC_KIND_UNSPECIFIED {
+		p.add("sync.kind is unspecified")
+	}
+	if !e.GetObservedAt().IsValid() {
+		p.add("observed_at is missing")
+	}
+	if e.GetChange() == ObservationChange_OBSERVATION_CHANGE_UNSPECIFIED {
+		p.add("change is unspecified")
+	}
 	return p.err()
 }
 
@@ -72,14 +112,26 @@ func (e *EASPartnershipObserved) Validate() error {
 // by itself and never takes a page of good ones with it.
 func (e *EASPartnershipsConfirmed) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetSync().GetSyncId() != "", "sync.sync_id is empty")
-	p.need(e.GetSync().GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "sync.kind is unspecified")
-	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
-	p.need(e.GetPage() > 0, "page is 0")
-	p.need(len(e.GetPartnerships()) > 0, "partnerships is empty")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetSync().GetSyncId() == "" {
+		p.add("sync.sync_id is empty")
+	}
+	if e.GetSync().GetKind() == SyncKind_SYNC_KIND_UNSPECIFIED {
+		p.add("sync.kind is unspecified")
+	}
+	if !e.GetObservedAt().IsValid() {
+		p.add("observed_at is missing")
+	}
+	if e.GetPage() == 0 {
+		p.add("page is 0")
+	}
+	if len(e.GetPartnerships()) == 0 {
+		p.add("partnerships is empty")
+	}
 	for i, ep := range e.GetPartnerships() {
-		p.partnership(fmt.Sprintf("partnerships[%d]", i), ep)
+		p.partnershipAt("partnerships", i, ep)
 	}
 	return p.err()
 }
@@ -99,33 +151,57 @@ func (e *EASPartnershipsConfirmed) Observations() []*EASPartnershipObserved {
 // Validate checks what the matcher relies on.
 func (e *MDMDeviceChanged) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
 	d := e.GetDevice()
-	p.need(d != nil, "device is missing")
-	p.need(d.GetSource() != "", "device.source is empty")
-	p.need(d.GetMdmDeviceId() != "", "device.mdm_device_id is empty")
+	if d == nil {
+		p.add("device is missing")
+	}
+	if d.GetSource() == "" {
+		p.add("device.source is empty")
+	}
+	if d.GetMdmDeviceId() == "" {
+		p.add("device.mdm_device_id is empty")
+	}
 	if id := d.GetEasDeviceId(); id != "" {
 		p.deviceID("device.eas_device_id", id)
 	}
-	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
+	if !e.GetObservedAt().IsValid() {
+		p.add("observed_at is missing")
+	}
 	return p.err()
 }
 
 // Validate checks that a verdict is either a match or a reasoned no-match.
 func (e *DeviceMatched) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetObserved() != nil, "observed is missing")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetObserved() == nil {
+		p.add("observed is missing")
+	}
 	p.partnership("observed.partnership", e.GetObserved().GetPartnership())
 	// A record without a user travels with its no-match reason, so that the
 	// policy can choose to trust it; every other record is a match.
 	userless := e.GetNoMatchReason() == NoMatchReason_NO_MATCH_REASON_RECORD_WITHOUT_USER
 	matched := e.GetMdm() != nil && !userless
-	p.need(e.GetMdm() == nil || e.GetMethod() != MatchMethod_MATCH_METHOD_UNSPECIFIED, "mdm is set but method is unspecified")
-	p.need(matched || e.GetNoMatchReason() != NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, "no mdm record and no no_match_reason")
-	p.need(!userless || e.GetMdm() != nil, "no_match_reason is record_without_user but mdm is missing")
-	p.need(!matched || e.GetNoMatchReason() == NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, "mdm is set together with no_match_reason")
-	p.need(e.GetMatchedAt().IsValid(), "matched_at is missing")
+	if !(e.GetMdm() == nil || e.GetMethod() != MatchMethod_MATCH_METHOD_UNSPECIFIED) {
+		p.add("mdm is set but method is unspecified")
+	}
+	if !(matched || e.GetNoMatchReason() != NoMatchReason_NO_MATCH_REASON_UNSPECIFIED) {
+		p.add("no mdm record and no no_match_reason")
+	}
+	if userless && e.GetMdm() == nil {
+		p.add("no_match_reason is record_without_user but mdm is missing")
+	}
+	if matched && e.GetNoMatchReason() != NoMatchReason_NO_MATCH_REASON_UNSPECIFIED {
+		p.add("mdm is set together with no_match_reason")
+	}
+	if !e.GetMatchedAt().IsValid() {
+		p.add("matched_at is missing")
+	}
 	return p.err()
 }
 
@@ -133,17 +209,29 @@ func (e *DeviceMatched) Validate() error {
 // and that journeys, if any, go one to one with them.
 func (e *DevicesMatched) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetSync().GetSyncId() != "", "sync.sync_id is empty")
-	p.need(e.GetPage() > 0, "page is 0")
-	p.need(len(e.GetMatches()) > 0, "matches is empty")
-	p.need(len(e.GetJourneys()) == 0 || len(e.GetJourneys()) == len(e.GetMatches()), "%d journeys for %d matches", len(e.GetJourneys()), len(e.GetMatches()))
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetSync().GetSyncId() == "" {
+		p.add("sync.sync_id is empty")
+	}
+	if e.GetPage() == 0 {
+		p.add("page is 0")
+	}
+	if len(e.GetMatches()) == 0 {
+		p.add("matches is empty")
+	}
+	if !(len(e.GetJourneys()) == 0 || len(e.GetJourneys()) == len(e.GetMatches())) {
+		p.add("%d journeys for %d matches", len(e.GetJourneys()), len(e.GetMatches()))
+	}
 	for i, m := range e.GetMatches() {
 		if err := m.Validate(); err != nil {
-			p.need(false, "matches[%d]: %s", i, strings.TrimPrefix(err.Error(), ErrInvalid.Error()+": "))
+			p.add("matches[%d]: %s", i, strings.TrimPrefix(err.Error(), ErrInvalid.Error()+": "))
 			continue
 		}
-		p.need(m.GetOrg() == e.GetOrg(), "matches[%d].org is %q, not %q", i, m.GetOrg(), e.GetOrg())
+		if m.GetOrg() != e.GetOrg() {
+			p.add("matches[%d].org is %q, not %q", i, m.GetOrg(), e.GetOrg())
+		}
 	}
 	return p.err()
 }
@@ -164,46 +252,84 @@ func (e *DevicesMatched) Journey(i int) string {
 // Validate checks what the executor and the mailer rely on.
 func (e *AccessDecided) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetDecisionId() != "", "decision_id is empty")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetDecisionId() == "" {
+		p.add("decision_id is empty")
+	}
 	p.partnership("partnership", e.GetPartnership())
-	p.need(e.GetDesired() != DesiredAccess_DESIRED_ACCESS_UNSPECIFIED, "desired is unspecified")
-	p.need(e.GetRule() != "", "rule is empty")
-	p.need(e.GetDecidedAt().IsValid(), "decided_at is missing")
+	if e.GetDesired() == DesiredAccess_DESIRED_ACCESS_UNSPECIFIED {
+		p.add("desired is unspecified")
+	}
+	if e.GetRule() == "" {
+		p.add("rule is empty")
+	}
+	if !e.GetDecidedAt().IsValid() {
+		p.add("decided_at is missing")
+	}
 	return p.err()
 }
 
 // Validate checks that every item of an applied batch says what happened.
 func (e *AccessApplied) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(len(e.GetItems()) > 0, "items is empty")
-	for i, it := range e.GetItems() {
-		p.need(it.GetDeviceId() != "", "items[%d].device_id is empty", i)
-		p.need(it.GetOutcome() != ApplyOutcome_APPLY_OUTCOME_UNSPECIFIED, "items[%d].outcome is unspecified", i)
+	if e.GetOrg() == "" {
+		p.add("org is empty")
 	}
-	p.need(e.GetAppliedAt().IsValid(), "applied_at is missing")
+	if len(e.GetItems()) == 0 {
+		p.add("items is empty")
+	}
+	for i, it := range e.GetItems() {
+		if it.GetDeviceId() == "" {
+			p.add("items[%d].device_id is empty", i)
+		}
+		if it.GetOutcome() == ApplyOutcome_APPLY_OUTCOME_UNSPECIFIED {
+			p.add("items[%d].outcome is unspecified", i)
+		}
+	}
+	if !e.GetAppliedAt().IsValid() {
+		p.add("applied_at is missing")
+	}
 	return p.err()
 }
 
 // Validate checks the record of a sent mail.
 func (e *NotificationSent) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetRecipient() != "", "recipient is empty")
-	p.need(e.GetTemplate() != "", "template is empty")
-	p.need(e.GetMessageId() != "", "message_id is empty")
-	p.need(e.GetSentAt().IsValid(), "sent_at is missing")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetRecipient() == "" {
+		p.add("recipient is empty")
+	}
+	if e.GetTemplate() == "" {
+		p.add("template is empty")
+	}
+	if e.GetMessageId() == "" {
+		p.add("message_id is empty")
+	}
+	if !e.GetSentAt().IsValid() {
+		p.add("sent_at is missing")
+	}
 	return p.err()
 }
 
 // Validate checks a sync command.
 func (e *SyncRequested) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetSyncId() != "", "sync_id is empty")
-	p.need(e.GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "kind is unspecified")
-	p.need(e.GetRequestedBy() != "", "requested_by is empty")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetSyncId() == "" {
+		p.add("sync_id is empty")
+	}
+	if e.GetKind() == SyncKind_SYNC_KIND_UNSPECIFIED {
+		p.add("kind is unspecified")
+	}
+	if e.GetRequestedBy() == "" {
+		p.add("requested_by is empty")
+	}
 	return p.err()
 }
 
@@ -228,25 +354,48 @@ const maxNotifyAddresses = 10
 // out, and is dead-lettered with the reason.
 func (e *DeviceCommand) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetCommandId() != "", "command_id is empty")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetCommandId() == "" {
+		p.add("command_id is empty")
+	}
 	action := e.GetAction()
-	p.need(action == CommandRemove || action == CommandWipe || action == CommandRejudge, "action %q is not remove, wipe or rejudge", action)
+	if !(action == CommandRemove || action == CommandWipe || action == CommandRejudge) {
+		p.add("action %q is not remove, wipe or rejudge", action)
+	}
 	p.deviceID("device_id", e.GetDeviceId())
 	if id := e.GetPartnershipId(); id != "" || action != CommandRejudge {
-		p.need(strings.TrimSpace(id) != "", "partnership_id is empty")
-		p.need(utf8.ValidString(id), "partnership_id is not valid UTF-8")
-		p.need(!strings.ContainsFunc(id, unicode.IsControl), "partnership_id contains a control character")
-		p.need(len(id) <= 1024, "partnership_id is %d bytes long", len(id))
+		if strings.TrimSpace(id) == "" {
+			p.add("partnership_id is empty")
+		}
+		if !utf8.ValidString(id) {
+			p.add("partnership_id is not valid UTF-8")
+		}
+		if strings.ContainsFunc(id, unicode.IsControl) {
+			p.add("partnership_id contains a control character")
+		}
+		if len(id) > 1024 {
+			p.add("partnership_id is %d bytes long", len(id))
+		}
 	}
-	p.need(e.GetRequestedBy() != "", "requested_by is empty")
-	p.need(e.GetRequestedAt().IsValid(), "requested_at is missing")
-	p.need(action == CommandWipe || len(e.GetNotifyAddresses()) == 0, "notify_addresses are only for a wipe")
-	p.need(len(e.GetNotifyAddresses()) <= maxNotifyAddresses, "%d notify_addresses, at most %d", len(e.GetNotifyAddresses()), maxNotifyAddresses)
+	if e.GetRequestedBy() == "" {
+		p.add("requested_by is empty")
+	}
+	if !e.GetRequestedAt().IsValid() {
+		p.add("requested_at is missing")
+	}
+	if !(action == CommandWipe || len(e.GetNotifyAddresses()) == 0) {
+		p.add("notify_addresses are only for a wipe")
+	}
+	if len(e.GetNotifyAddresses()) > maxNotifyAddresses {
+		p.add("%d notify_addresses, at most %d", len(e.GetNotifyAddresses()), maxNotifyAddresses)
+	}
 	for i, a := range e.GetNotifyAddresses() {
 		at := strings.LastIndexByte(a, '@')
-		p.need(at > 0 && at < len(a)-1 && len(a) <= 320 && utf8.ValidString(a) && !strings.ContainsFunc(a, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }),
-			"notify_addresses[%d] %q is not a mail address", i, a)
+		if !(at > 0 && at < len(a)-1 && len(a) <= 320 && utf8.ValidString(a) && !strings.ContainsFunc(a, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) })) {
+			p.add("notify_addresses[%d] %q is not a mail address", i, a)
+		}
 	}
 	return p.err()
 }
@@ -254,21 +403,39 @@ func (e *DeviceCommand) Validate() error {
 // Validate checks a sync report.
 func (e *SyncCompleted) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetSyncId() != "", "sync_id is empty")
-	p.need(e.GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "kind is unspecified")
-	p.need(e.GetStartedAt().IsValid(), "started_at is missing")
-	p.need(e.GetFinishedAt().IsValid(), "finished_at is missing")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetSyncId() == "" {
+		p.add("sync_id is empty")
+	}
+	if e.GetKind() == SyncKind_SYNC_KIND_UNSPECIFIED {
+		p.add("kind is unspecified")
+	}
+	if !e.GetStartedAt().IsValid() {
+		p.add("started_at is missing")
+	}
+	if !e.GetFinishedAt().IsValid() {
+		p.add("finished_at is missing")
+	}
 	return p.err()
 }
 
 // Validate checks an alert.
 func (e *Alert) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetAlertId() != "", "alert_id is empty")
-	p.need(e.GetKind() != AlertKind_ALERT_KIND_UNSPECIFIED, "kind is unspecified")
-	p.need(e.GetSummary() != "", "summary is empty")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetAlertId() == "" {
+		p.add("alert_id is empty")
+	}
+	if e.GetKind() == AlertKind_ALERT_KIND_UNSPECIFIED {
+		p.add("kind is unspecified")
+	}
+	if e.GetSummary() == "" {
+		p.add("summary is empty")
+	}
 	return p.err()
 }
 
@@ -303,12 +470,24 @@ var accessLevels = map[string]bool{"Allow": true, "Block": true, "Quarantine": t
 // to record the outcome under.
 func (e *OrgSettingsDecided) Validate() error {
 	var p problems
-	p.need(e.GetOrg() != "", "org is empty")
-	p.need(e.GetDecisionId() != "", "decision_id is empty")
-	p.need(accessLevels[e.GetFromLevel()], "from_level %q is not Allow, Block or Quarantine", e.GetFromLevel())
-	p.need(accessLevels[e.GetToLevel()], "to_level %q is not Allow, Block or Quarantine", e.GetToLevel())
-	p.need(e.GetFromLevel() != e.GetToLevel(), "from_level and to_level are both %q", e.GetToLevel())
-	p.need(e.GetDecidedAt().IsValid(), "decided_at is missing")
+	if e.GetOrg() == "" {
+		p.add("org is empty")
+	}
+	if e.GetDecisionId() == "" {
+		p.add("decision_id is empty")
+	}
+	if !accessLevels[e.GetFromLevel()] {
+		p.add("from_level %q is not Allow, Block or Quarantine", e.GetFromLevel())
+	}
+	if !accessLevels[e.GetToLevel()] {
+		p.add("to_level %q is not Allow, Block or Quarantine", e.GetToLevel())
+	}
+	if e.GetFromLevel() == e.GetToLevel() {
+		p.add("from_level and to_level are both %q", e.GetToLevel())
+	}
+	if !e.GetDecidedAt().IsValid() {
+		p.add("decided_at is missing")
+	}
 	return p.err()
 }
 
