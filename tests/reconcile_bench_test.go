@@ -45,10 +45,12 @@ const benchEnvEnv = "EASGUARD_BENCH_ENV"
 
 // benchProfileEnv names a directory where BenchmarkReconcile100k's steady
 // shape saves the all-in-one's allocation profiles at the measured pass's
-// start and end (steady-allocs-start.pb.gz, steady-allocs-end.pb.gz; compare
-// them with pprof -diff_base) and its CPU profile over the pass
-// (steady-cpu.pb.gz), so that a profile shows the pass and nothing of the
-// unmeasured one before it.
+// start and end (steady-1-allocs-start.pb.gz, steady-1-allocs-end.pb.gz for
+// the first measured pass; compare them with pprof -diff_base) and its CPU
+// profile over the pass (steady-1-cpu.pb.gz), so that a profile shows the
+// pass and nothing of the unmeasured one before it. Their in-use figures
+// at the ends of two passes show what the process kept from one to the
+// next.
 const benchProfileEnv = "EASGUARD_BENCH_PROFILE_DIR"
 
 // benchSessions is the Exchange workers (sessions) of the easguard process,
@@ -283,6 +285,7 @@ type steadyRig struct {
 	*reconcileRig
 	listing time.Duration // the bare listing's, measured before easguard started
 	split   bool
+	passes  int // measured so far, which numbers their profiles
 }
 
 // startSteady seeds the organisation, times the bare listing, starts
@@ -332,8 +335,9 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	// reset, so what it says afterwards is the pass's.
 	res.startRSSMB = largestEasguard(r.resetPeakRSS())
 	alloc0, objects0, _ := r.allocated()
-	r.saveProfile("allocs", "steady-allocs-start.pb.gz")
-	stopCPU := r.profileCPU("steady-cpu.pb.gz")
+	r.passes++
+	r.saveProfile("allocs", fmt.Sprintf("steady-%d-allocs-start.pb.gz", r.passes))
+	stopCPU := r.profileCPU(fmt.Sprintf("steady-%d-cpu.pb.gz", r.passes))
 	cpu0, sim0 := r.cpuSeconds(), telemetrytest.ProcessCPU(b).Seconds()
 	b.StartTimer()
 	t0 := time.Now()
@@ -342,7 +346,7 @@ func (r *steadyRig) steadyPass(b *testing.B) steadyResult {
 	r.waitIdle(30 * time.Minute)
 	b.StopTimer()
 	stopCPU()
-	r.saveProfile("allocs", "steady-allocs-end.pb.gz")
+	r.saveProfile("allocs", fmt.Sprintf("steady-%d-allocs-end.pb.gz", r.passes))
 	r.phase("measured full sync settled")
 	cpu, sim := r.cpuSeconds()-cpu0, telemetrytest.ProcessCPU(b).Seconds()-sim0
 	if alloc1, objects1, ok := r.allocated(); ok {

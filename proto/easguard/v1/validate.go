@@ -18,10 +18,17 @@ const MaxDeviceIDLen = 32
 // problems collects what is wrong with one message.
 type problems []string
 
-// add records a problem. Callers test first and call add only for a
-// problem: a check that passes formats nothing and allocates nothing, as
-// each event's arguments would otherwise be boxed for a message never
-// made (every event is validated on every hop).
+// need records problem unless ok.
+func (p *problems) need(ok bool, problem string) {
+	if !ok {
+		*p = append(*p, problem)
+	}
+}
+
+// add records a problem made of a format and its arguments. Callers test
+// first and call add only for a problem: a check that passes then formats
+// nothing and allocates nothing, where need with arguments boxed them for
+// a message never made, on every event of every hop.
 func (p *problems) add(format string, args ...any) {
 	*p = append(*p, fmt.Sprintf(format, args...))
 }
@@ -87,22 +94,12 @@ func (e *EASPartnership) Validate() error {
 // Validate checks what every consumer of an observation relies on.
 func (e *EASPartnershipObserved) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
 	p.partnership("partnership", e.GetPartnership())
-	if e.GetSync().GetSyncId() == "" {
-		p.add("sync.sync_id is empty")
-	}
-	if e.GetSync().GetKind() == SyncKind_SYNC_KIND_UNSPECIFIED {
-		p.add("sync.kind is unspecified")
-	}
-	if !e.GetObservedAt().IsValid() {
-		p.add("observed_at is missing")
-	}
-	if e.GetChange() == ObservationChange_OBSERVATION_CHANGE_UNSPECIFIED {
-		p.add("change is unspecified")
-	}
+	p.need(e.GetSync().GetSyncId() != "", "sync.sync_id is empty")
+	p.need(e.GetSync().GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "sync.kind is unspecified")
+	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
+	p.need(e.GetChange() != ObservationChange_OBSERVATION_CHANGE_UNSPECIFIED, "change is unspecified")
 	return p.err()
 }
 
@@ -112,24 +109,12 @@ func (e *EASPartnershipObserved) Validate() error {
 // by itself and never takes a page of good ones with it.
 func (e *EASPartnershipsConfirmed) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetSync().GetSyncId() == "" {
-		p.add("sync.sync_id is empty")
-	}
-	if e.GetSync().GetKind() == SyncKind_SYNC_KIND_UNSPECIFIED {
-		p.add("sync.kind is unspecified")
-	}
-	if !e.GetObservedAt().IsValid() {
-		p.add("observed_at is missing")
-	}
-	if e.GetPage() == 0 {
-		p.add("page is 0")
-	}
-	if len(e.GetPartnerships()) == 0 {
-		p.add("partnerships is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetSync().GetSyncId() != "", "sync.sync_id is empty")
+	p.need(e.GetSync().GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "sync.kind is unspecified")
+	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
+	p.need(e.GetPage() > 0, "page is 0")
+	p.need(len(e.GetPartnerships()) > 0, "partnerships is empty")
 	for i, ep := range e.GetPartnerships() {
 		p.partnershipAt("partnerships", i, ep)
 	}
@@ -151,57 +136,33 @@ func (e *EASPartnershipsConfirmed) Observations() []*EASPartnershipObserved {
 // Validate checks what the matcher relies on.
 func (e *MDMDeviceChanged) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
 	d := e.GetDevice()
-	if d == nil {
-		p.add("device is missing")
-	}
-	if d.GetSource() == "" {
-		p.add("device.source is empty")
-	}
-	if d.GetMdmDeviceId() == "" {
-		p.add("device.mdm_device_id is empty")
-	}
+	p.need(d != nil, "device is missing")
+	p.need(d.GetSource() != "", "device.source is empty")
+	p.need(d.GetMdmDeviceId() != "", "device.mdm_device_id is empty")
 	if id := d.GetEasDeviceId(); id != "" {
 		p.deviceID("device.eas_device_id", id)
 	}
-	if !e.GetObservedAt().IsValid() {
-		p.add("observed_at is missing")
-	}
+	p.need(e.GetObservedAt().IsValid(), "observed_at is missing")
 	return p.err()
 }
 
 // Validate checks that a verdict is either a match or a reasoned no-match.
 func (e *DeviceMatched) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetObserved() == nil {
-		p.add("observed is missing")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetObserved() != nil, "observed is missing")
 	p.partnership("observed.partnership", e.GetObserved().GetPartnership())
 	// A record without a user travels with its no-match reason, so that the
 	// policy can choose to trust it; every other record is a match.
 	userless := e.GetNoMatchReason() == NoMatchReason_NO_MATCH_REASON_RECORD_WITHOUT_USER
 	matched := e.GetMdm() != nil && !userless
-	if !(e.GetMdm() == nil || e.GetMethod() != MatchMethod_MATCH_METHOD_UNSPECIFIED) {
-		p.add("mdm is set but method is unspecified")
-	}
-	if !(matched || e.GetNoMatchReason() != NoMatchReason_NO_MATCH_REASON_UNSPECIFIED) {
-		p.add("no mdm record and no no_match_reason")
-	}
-	if userless && e.GetMdm() == nil {
-		p.add("no_match_reason is record_without_user but mdm is missing")
-	}
-	if matched && e.GetNoMatchReason() != NoMatchReason_NO_MATCH_REASON_UNSPECIFIED {
-		p.add("mdm is set together with no_match_reason")
-	}
-	if !e.GetMatchedAt().IsValid() {
-		p.add("matched_at is missing")
-	}
+	p.need(e.GetMdm() == nil || e.GetMethod() != MatchMethod_MATCH_METHOD_UNSPECIFIED, "mdm is set but method is unspecified")
+	p.need(matched || e.GetNoMatchReason() != NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, "no mdm record and no no_match_reason")
+	p.need(!userless || e.GetMdm() != nil, "no_match_reason is record_without_user but mdm is missing")
+	p.need(!matched || e.GetNoMatchReason() == NoMatchReason_NO_MATCH_REASON_UNSPECIFIED, "mdm is set together with no_match_reason")
+	p.need(e.GetMatchedAt().IsValid(), "matched_at is missing")
 	return p.err()
 }
 
@@ -209,18 +170,10 @@ func (e *DeviceMatched) Validate() error {
 // and that journeys, if any, go one to one with them.
 func (e *DevicesMatched) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetSync().GetSyncId() == "" {
-		p.add("sync.sync_id is empty")
-	}
-	if e.GetPage() == 0 {
-		p.add("page is 0")
-	}
-	if len(e.GetMatches()) == 0 {
-		p.add("matches is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetSync().GetSyncId() != "", "sync.sync_id is empty")
+	p.need(e.GetPage() > 0, "page is 0")
+	p.need(len(e.GetMatches()) > 0, "matches is empty")
 	if !(len(e.GetJourneys()) == 0 || len(e.GetJourneys()) == len(e.GetMatches())) {
 		p.add("%d journeys for %d matches", len(e.GetJourneys()), len(e.GetMatches()))
 	}
@@ -252,34 +205,20 @@ func (e *DevicesMatched) Journey(i int) string {
 // Validate checks what the executor and the mailer rely on.
 func (e *AccessDecided) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetDecisionId() == "" {
-		p.add("decision_id is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetDecisionId() != "", "decision_id is empty")
 	p.partnership("partnership", e.GetPartnership())
-	if e.GetDesired() == DesiredAccess_DESIRED_ACCESS_UNSPECIFIED {
-		p.add("desired is unspecified")
-	}
-	if e.GetRule() == "" {
-		p.add("rule is empty")
-	}
-	if !e.GetDecidedAt().IsValid() {
-		p.add("decided_at is missing")
-	}
+	p.need(e.GetDesired() != DesiredAccess_DESIRED_ACCESS_UNSPECIFIED, "desired is unspecified")
+	p.need(e.GetRule() != "", "rule is empty")
+	p.need(e.GetDecidedAt().IsValid(), "decided_at is missing")
 	return p.err()
 }
 
 // Validate checks that every item of an applied batch says what happened.
 func (e *AccessApplied) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if len(e.GetItems()) == 0 {
-		p.add("items is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(len(e.GetItems()) > 0, "items is empty")
 	for i, it := range e.GetItems() {
 		if it.GetDeviceId() == "" {
 			p.add("items[%d].device_id is empty", i)
@@ -288,48 +227,28 @@ func (e *AccessApplied) Validate() error {
 			p.add("items[%d].outcome is unspecified", i)
 		}
 	}
-	if !e.GetAppliedAt().IsValid() {
-		p.add("applied_at is missing")
-	}
+	p.need(e.GetAppliedAt().IsValid(), "applied_at is missing")
 	return p.err()
 }
 
 // Validate checks the record of a sent mail.
 func (e *NotificationSent) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetRecipient() == "" {
-		p.add("recipient is empty")
-	}
-	if e.GetTemplate() == "" {
-		p.add("template is empty")
-	}
-	if e.GetMessageId() == "" {
-		p.add("message_id is empty")
-	}
-	if !e.GetSentAt().IsValid() {
-		p.add("sent_at is missing")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetRecipient() != "", "recipient is empty")
+	p.need(e.GetTemplate() != "", "template is empty")
+	p.need(e.GetMessageId() != "", "message_id is empty")
+	p.need(e.GetSentAt().IsValid(), "sent_at is missing")
 	return p.err()
 }
 
 // Validate checks a sync command.
 func (e *SyncRequested) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetSyncId() == "" {
-		p.add("sync_id is empty")
-	}
-	if e.GetKind() == SyncKind_SYNC_KIND_UNSPECIFIED {
-		p.add("kind is unspecified")
-	}
-	if e.GetRequestedBy() == "" {
-		p.add("requested_by is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetSyncId() != "", "sync_id is empty")
+	p.need(e.GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "kind is unspecified")
+	p.need(e.GetRequestedBy() != "", "requested_by is empty")
 	return p.err()
 }
 
@@ -354,40 +273,24 @@ const maxNotifyAddresses = 10
 // out, and is dead-lettered with the reason.
 func (e *DeviceCommand) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetCommandId() == "" {
-		p.add("command_id is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetCommandId() != "", "command_id is empty")
 	action := e.GetAction()
 	if !(action == CommandRemove || action == CommandWipe || action == CommandRejudge) {
 		p.add("action %q is not remove, wipe or rejudge", action)
 	}
 	p.deviceID("device_id", e.GetDeviceId())
 	if id := e.GetPartnershipId(); id != "" || action != CommandRejudge {
-		if strings.TrimSpace(id) == "" {
-			p.add("partnership_id is empty")
-		}
-		if !utf8.ValidString(id) {
-			p.add("partnership_id is not valid UTF-8")
-		}
-		if strings.ContainsFunc(id, unicode.IsControl) {
-			p.add("partnership_id contains a control character")
-		}
+		p.need(strings.TrimSpace(id) != "", "partnership_id is empty")
+		p.need(utf8.ValidString(id), "partnership_id is not valid UTF-8")
+		p.need(!strings.ContainsFunc(id, unicode.IsControl), "partnership_id contains a control character")
 		if len(id) > 1024 {
 			p.add("partnership_id is %d bytes long", len(id))
 		}
 	}
-	if e.GetRequestedBy() == "" {
-		p.add("requested_by is empty")
-	}
-	if !e.GetRequestedAt().IsValid() {
-		p.add("requested_at is missing")
-	}
-	if !(action == CommandWipe || len(e.GetNotifyAddresses()) == 0) {
-		p.add("notify_addresses are only for a wipe")
-	}
+	p.need(e.GetRequestedBy() != "", "requested_by is empty")
+	p.need(e.GetRequestedAt().IsValid(), "requested_at is missing")
+	p.need(action == CommandWipe || len(e.GetNotifyAddresses()) == 0, "notify_addresses are only for a wipe")
 	if len(e.GetNotifyAddresses()) > maxNotifyAddresses {
 		p.add("%d notify_addresses, at most %d", len(e.GetNotifyAddresses()), maxNotifyAddresses)
 	}
@@ -403,39 +306,21 @@ func (e *DeviceCommand) Validate() error {
 // Validate checks a sync report.
 func (e *SyncCompleted) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetSyncId() == "" {
-		p.add("sync_id is empty")
-	}
-	if e.GetKind() == SyncKind_SYNC_KIND_UNSPECIFIED {
-		p.add("kind is unspecified")
-	}
-	if !e.GetStartedAt().IsValid() {
-		p.add("started_at is missing")
-	}
-	if !e.GetFinishedAt().IsValid() {
-		p.add("finished_at is missing")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetSyncId() != "", "sync_id is empty")
+	p.need(e.GetKind() != SyncKind_SYNC_KIND_UNSPECIFIED, "kind is unspecified")
+	p.need(e.GetStartedAt().IsValid(), "started_at is missing")
+	p.need(e.GetFinishedAt().IsValid(), "finished_at is missing")
 	return p.err()
 }
 
 // Validate checks an alert.
 func (e *Alert) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetAlertId() == "" {
-		p.add("alert_id is empty")
-	}
-	if e.GetKind() == AlertKind_ALERT_KIND_UNSPECIFIED {
-		p.add("kind is unspecified")
-	}
-	if e.GetSummary() == "" {
-		p.add("summary is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetAlertId() != "", "alert_id is empty")
+	p.need(e.GetKind() != AlertKind_ALERT_KIND_UNSPECIFIED, "kind is unspecified")
+	p.need(e.GetSummary() != "", "summary is empty")
 	return p.err()
 }
 
@@ -470,12 +355,8 @@ var accessLevels = map[string]bool{"Allow": true, "Block": true, "Quarantine": t
 // to record the outcome under.
 func (e *OrgSettingsDecided) Validate() error {
 	var p problems
-	if e.GetOrg() == "" {
-		p.add("org is empty")
-	}
-	if e.GetDecisionId() == "" {
-		p.add("decision_id is empty")
-	}
+	p.need(e.GetOrg() != "", "org is empty")
+	p.need(e.GetDecisionId() != "", "decision_id is empty")
 	if !accessLevels[e.GetFromLevel()] {
 		p.add("from_level %q is not Allow, Block or Quarantine", e.GetFromLevel())
 	}
@@ -485,9 +366,7 @@ func (e *OrgSettingsDecided) Validate() error {
 	if e.GetFromLevel() == e.GetToLevel() {
 		p.add("from_level and to_level are both %q", e.GetToLevel())
 	}
-	if !e.GetDecidedAt().IsValid() {
-		p.add("decided_at is missing")
-	}
+	p.need(e.GetDecidedAt().IsValid(), "decided_at is missing")
 	return p.err()
 }
 
