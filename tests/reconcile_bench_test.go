@@ -857,15 +857,24 @@ func (r *reconcileRig) allocated() (bytes, objects float64, ok bool) {
 	return bytes, objects, true
 }
 
+// profilePath is where the profile name goes in benchProfileEnv's
+// directory; "" when none is asked for, or the process has no profiler.
+func (r *reconcileRig) profilePath(name string) string {
+	dir := os.Getenv(benchProfileEnv)
+	if dir == "" || r.debugAddr == "" {
+		return ""
+	}
+	return filepath.Join(dir, name)
+}
+
 // saveProfile saves the all-in-one's profile of kind (a /debug/pprof
 // name) as name in benchProfileEnv's directory; nothing without one.
 func (r *reconcileRig) saveProfile(kind, name string) {
 	r.tb.Helper()
-	dir := os.Getenv(benchProfileEnv)
-	if dir == "" || r.debugAddr == "" {
+	path := r.profilePath(name)
+	if path == "" {
 		return
 	}
-	path := filepath.Join(dir, name)
 	if err := fetchProfile("http://"+r.debugAddr+"/debug/pprof/"+kind, path); err != nil {
 		r.tb.Fatal(err)
 	}
@@ -904,12 +913,11 @@ func fetchProfile(url, path string) error {
 // and the returned func waits for it: the idle tail adds no samples.
 func (r *steadyRig) profileCPU(name string) (wait func()) {
 	r.tb.Helper()
-	dir := os.Getenv(benchProfileEnv)
-	if dir == "" || r.debugAddr == "" {
+	path := r.profilePath(name)
+	if path == "" {
 		return func() {}
 	}
 	seconds := int(3*r.listing.Seconds()) + 1
-	path := filepath.Join(dir, name)
 	done := make(chan error, 1)
 	go func() {
 		done <- fetchProfile(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", r.debugAddr, seconds), path)

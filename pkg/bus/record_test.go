@@ -12,7 +12,7 @@ import (
 )
 
 // TestRecordsDecodeAsProtoUnmarshalDoes: state records decode through
-// their generated code (decodeRecord), and must come out exactly as
+// their generated code (DecodeRecord), and must come out exactly as
 // proto.Unmarshal makes them: maps, nested messages, timestamps, a field
 // of a newer version kept as unknown, and a message decoded into after an
 // earlier use left nothing behind.
@@ -57,7 +57,7 @@ func TestRecordsDecodeAsProtoUnmarshalDoes(t *testing.T) {
 			if _, ok := got.(vtDecoder); !ok {
 				t.Fatalf("%T has no generated decoder: run make proto", got)
 			}
-			if err := decodeRecord(b, got); err != nil {
+			if err := DecodeRecord(b, got); err != nil {
 				t.Fatal(err)
 			}
 			if !proto.Equal(got, want) {
@@ -68,7 +68,7 @@ func TestRecordsDecodeAsProtoUnmarshalDoes(t *testing.T) {
 			}
 		})
 	}
-	if err := decodeRecord([]byte{0xff}, &ev.DecisionRecord{}); err == nil {
+	if err := DecodeRecord([]byte{0xff}, &ev.DecisionRecord{}); err == nil {
 		t.Fatal("decoding a truncated record succeeded")
 	}
 }

@@ -24,7 +24,7 @@ func Load[T any, PT interface {
 	if err != nil {
 		return rec, false, fmt.Errorf("load %s/%s: %w", kv.Bucket(), key, err)
 	}
-	if err := decodeRecord(e.Value(), rec); err != nil {
+	if err := DecodeRecord(e.Value(), rec); err != nil {
 		return rec, false, fmt.Errorf("load %s/%s: %w", kv.Bucket(), key, err)
 	}
 	return rec, true, nil
@@ -35,14 +35,16 @@ type vtDecoder interface {
 	UnmarshalVT([]byte) error
 }
 
-// decodeRecord decodes a state record into rec, which it resets first, as
-// proto.Unmarshal does. Records easguard's own types decode through their
-// generated code: a full sync reads a record per partnership on each of
-// two hops, and the reflection-driven decoder, its maps most of all, was a
-// twentieth of the pipeline's CPU there. Unlike proto.Unmarshal it does not
-// check that strings are UTF-8: the records are easguard's own, written by
-// proto.Marshal, which does; events from the bus keep proto.Unmarshal.
-func decodeRecord(b []byte, rec proto.Message) error {
+// DecodeRecord decodes a state record (a KV value easguard wrote) into
+// rec, which it resets first, as proto.Unmarshal does; every reader of a
+// record, watchers included, decodes it here. Records of easguard's own
+// types decode through their generated code: a full sync reads a record
+// per partnership on each of two hops, and the reflection-driven decoder,
+// its maps most of all, was a twentieth of the pipeline's CPU there.
+// Unlike proto.Unmarshal it does not check that strings are UTF-8: the
+// records are easguard's own, written by proto.Marshal, which does; events
+// from the bus keep proto.Unmarshal.
+func DecodeRecord(b []byte, rec proto.Message) error {
 	if v, ok := rec.(vtDecoder); ok {
 		proto.Reset(rec)
 		return v.UnmarshalVT(b)
@@ -150,7 +152,7 @@ func (r Read) Into(rec proto.Message) error {
 	if !r.Exists {
 		return nil
 	}
-	return decodeRecord(r.Value, rec)
+	return DecodeRecord(r.Value, rec)
 }
 
 // readKey reads one key as Modify needs it. kv.Get reports a deleted key

@@ -421,7 +421,7 @@ func (s *Server) preview(r *request) (any, error) {
 			break
 		}
 		var rec ev.DecisionRecord
-		if proto.Unmarshal(e.Value(), &rec) != nil {
+		if bus.DecodeRecord(e.Value(), &rec) != nil {
 			continue
 		}
 		m := rec.GetLastMatched()

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/easguard/easguard/pkg/bus"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
@@ -180,7 +179,7 @@ func (x *deviceIndex) applySeen(e jetstream.KeyValueEntry) {
 		return
 	}
 	var r ev.CollectorRecord
-	if e.Operation() != jetstream.KeyValuePut || proto.Unmarshal(e.Value(), &r) != nil || r.GetPartnership() == nil {
+	if e.Operation() != jetstream.KeyValuePut || bus.DecodeRecord(e.Value(), &r) != nil || r.GetPartnership() == nil {
 		return
 	}
 	p := r.GetPartnership()
@@ -226,7 +225,7 @@ func (x *deviceIndex) apply(e jetstream.KeyValueEntry) {
 		return
 	}
 	var r ev.DecisionRecord
-	if err := proto.Unmarshal(e.Value(), &r); err != nil {
+	if err := bus.DecodeRecord(e.Value(), &r); err != nil {
 		return
 	}
 	d := x.current(deviceFromRecord(e.Key(), &r))

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/easguard/easguard/pkg/bus"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
@@ -241,12 +240,12 @@ func (v *allowedView) apply(bucket int, e jetstream.KeyValueEntry) {
 		switch bucket {
 		case bucketDecisions:
 			rec := &ev.DecisionRecord{}
-			if decErr = proto.Unmarshal(e.Value(), rec); decErr == nil {
+			if decErr = bus.DecodeRecord(e.Value(), rec); decErr == nil {
 				counts = hasMail(rec)
 			}
 		case bucketParts:
 			idx := &ev.PartnershipIndex{}
-			if decErr = proto.Unmarshal(e.Value(), idx); decErr == nil {
+			if decErr = bus.DecodeRecord(e.Value(), idx); decErr == nil {
 				allowed = v.allowedOf(idx)
 			}
 		}

@@ -487,7 +487,7 @@ func (x *Executor) claimOnce(ctx context.Context, key string, d *ev.AccessDecide
 	e, err := x.applied.Get(ctx, key)
 	switch {
 	case err == nil:
-		if err := proto.Unmarshal(e.Value(), rec); err != nil {
+		if err := bus.DecodeRecord(e.Value(), rec); err != nil {
 			return claimVerdict{}, fmt.Errorf("claim %s: %w", key, err)
 		}
 		rev = e.Revision()

@@ -408,7 +408,7 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 func place(records *map[string]*ev.MDMDevice, mdmID string, d *ev.MDMDevice, present bool) bool {
 	had, ok := (*records)[mdmID]
 	switch {
-	case !present && !ok, present && ok && proto.Equal(had, d):
+	case !present && !ok, present && ok && had.EqualVT(d):
 		return false
 	case !present:
 		delete(*records, mdmID)
@@ -436,7 +436,7 @@ func sameReport(last *ev.MDMIndex, mdmID string, in *ev.MDMDeviceChanged) bool {
 	}
 	// A removal is stored with the identity its record had (withIdentity),
 	// which the removal itself may not name.
-	return in.GetRemoved() || proto.Equal(stored, in.GetDevice())
+	return in.GetRemoved() || stored.EqualVT(in.GetDevice())
 }
 
 // withIdentity returns a removal's record with the EAS id and user of the

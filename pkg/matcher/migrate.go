@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/easguard/easguard/pkg/bus"
 	ev "github.com/easguard/easguard/proto/easguard/v1"
@@ -104,7 +103,7 @@ func (m *Matcher) fold(ctx context.Context, key, id string, d *ev.MDMDevice) err
 	// have found nothing to take out.
 	_, err = bus.Modify(ctx, m.parts, key, func(rec *ev.PartnershipIndex, _ bool) (bus.Change, error) {
 		switch got := rec.GetMdmById()[id]; {
-		case got == nil || !proto.Equal(got, r) || !place(&rec.MdmById, id, nil, false):
+		case got == nil || !got.EqualVT(r) || !place(&rec.MdmById, id, nil, false):
 			return bus.Keep, nil
 		case len(rec.MdmById) == 0 && len(rec.ById) == 0:
 			return bus.Remove, nil

@@ -9,8 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"google.golang.org/protobuf/proto"
-
 	ev "github.com/easguard/easguard/proto/easguard/v1"
 )
 
@@ -142,7 +140,7 @@ func (r *reconciler) save(ctx context.Context, prev map[string]*ev.MDMDevice) er
 		d := r.known.byID[id]
 		since := r.missingSince[id]
 		old, had := prev[id]
-		if had && proto.Equal(old, d) && since.Equal(r.savedMissing[id]) {
+		if had && old.EqualVT(d) && since.Equal(r.savedMissing[id]) {
 			continue
 		}
 		put = append(put, KnownDevice{Device: d, MissingSince: since})
@@ -206,7 +204,7 @@ func (r *reconciler) apply(ctx context.Context, next *inventory, resync bool) er
 	for _, id := range next.order {
 		d := next.byID[id]
 		old, had := known[id]
-		if had && !resync && proto.Equal(old, d) {
+		if had && !resync && old.EqualVT(d) {
 			continue
 		}
 		c := Change{Device: d}

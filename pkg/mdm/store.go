@@ -108,7 +108,7 @@ func (s *KVInventoryStore) Load(ctx context.Context, source string) ([]KnownDevi
 				return out, nil
 			}
 			var rec ev.MDMSourceRecord
-			if err := proto.Unmarshal(e.Value(), &rec); err != nil {
+			if err := bus.DecodeRecord(e.Value(), &rec); err != nil {
 				return nil, fmt.Errorf("load mdm inventory %s: key %s: %w", prefix, e.Key(), err)
 			}
 			if rec.GetDevice().GetMdmDeviceId() == "" {

@@ -78,9 +78,13 @@ func (p *problems) partnershipAt(field string, at int, e *EASPartnership) {
 	}
 }
 
-// validDeviceID reports whether deviceID would find nothing wrong with id.
+// validDeviceID reports whether deviceID finds nothing wrong with id,
+// without naming the field (which a page's partnerships make for a
+// problem only).
 func validDeviceID(id string) bool {
-	return id != "" && utf8.RuneCountInString(id) <= MaxDeviceIDLen && utf8.ValidString(id)
+	var p problems
+	p.deviceID("", id)
+	return len(p) == 0
 }
 
 // Validate checks a partnership as every consumer of an observation of it

@@ -2,6 +2,7 @@ package easguardv1
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -20,7 +21,7 @@ func validPage(n int) *EASPartnershipsConfirmed {
 	page := &EASPartnershipsConfirmed{Org: "contoso", Sync: &SyncRef{SyncId: "full-1", Kind: SyncKind_SYNC_KIND_FULL},
 		ObservedAt: timestamppb.New(time.Date(2026, 12, 7, 8, 0, 0, 0, time.UTC)), Page: 1}
 	for i := range n {
-		page.Partnerships = append(page.Partnerships, validPartnership("Appl"+strings.Repeat("0", 4)+string(rune('A'+i%26))))
+		page.Partnerships = append(page.Partnerships, validPartnership(fmt.Sprintf("Appl%06d", i)))
 	}
 	return page
 }
@@ -38,7 +39,7 @@ func TestValidateNamesEachProblem(t *testing.T) {
 		want string // the error's text after "invalid event: "; "" for none
 	}{
 		{"valid page", validPage(3), ""},
-		{"page without partnerships", func() *EASPartnershipsConfirmed { p := validPage(0); return p }(), "partnerships is empty"},
+		{"page without partnerships", validPage(0), "partnerships is empty"},
 		{"page with an empty device id at 2", func() *EASPartnershipsConfirmed {
 			p := validPage(3)
 			p.Partnerships[2].DeviceId = ""
