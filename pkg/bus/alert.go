@@ -64,7 +64,7 @@ func AlertDue(ctx context.Context, status jetstream.KeyValue, org Org, what stri
 		return false, nil
 	}
 	if _, err := status.Update(ctx, key, stamp, e.Revision()); err != nil {
-		if errors.Is(err, jetstream.ErrKeyExists) {
+		if IsConflict(err) {
 			return false, nil
 		}
 		return false, fmt.Errorf("alert %s: %w", what, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
 )
@@ -60,7 +61,29 @@ const (
 	Keep   Change = iota // write nothing
 	Write                // store the record
 	Remove               // delete the key
+	// Expire stores the record for a while only: the server removes the
+	// key the TTL given to Modify (ExpireAfter) after this write, unless
+	// a later write replaces it first. It is for records whose only use
+	// ends with time, a removal's tombstone say, which a bucket would
+	// otherwise keep forever. The bucket needs limit markers (per-message
+	// TTLs); Modify without ExpireAfter refuses it.
+	Expire
 )
+
+// ModifyOption tunes Modify.
+type ModifyOption func(*modifyOptions)
+
+type modifyOptions struct {
+	js  jetstream.JetStream
+	ttl time.Duration
+}
+
+// ExpireAfter lets the callback answer Expire: the record is written with
+// a per-message TTL of ttl. js publishes it: the key-value API sets a TTL
+// only on a key it creates, and a tombstone replaces a live record.
+func ExpireAfter(js jetstream.JetStream, ttl time.Duration) ModifyOption {
+	return func(o *modifyOptions) { o.js, o.ttl = js, ttl }
+}
 
 // Modify reads a record, lets fn change it, and stores the result only if
 // nobody else changed the key in between, retrying with a fresh read when
@@ -69,8 +92,8 @@ const (
 func Modify[T any, PT interface {
 	*T
 	proto.Message
-}](ctx context.Context, kv jetstream.KeyValue, key string, fn func(rec PT, exists bool) (Change, error)) (PT, error) {
-	return ModifyRead[T, PT](ctx, kv, key, nil, fn)
+}](ctx context.Context, kv jetstream.KeyValue, key string, fn func(rec PT, exists bool) (Change, error), opts ...ModifyOption) (PT, error) {
+	return ModifyRead[T, PT](ctx, kv, key, nil, fn, opts...)
 }
 
 // ModifyRead is Modify starting from a read already made (by a
@@ -80,7 +103,11 @@ func Modify[T any, PT interface {
 func ModifyRead[T any, PT interface {
 	*T
 	proto.Message
-}](ctx context.Context, kv jetstream.KeyValue, key string, read *Read, fn func(rec PT, exists bool) (Change, error)) (PT, error) {
+}](ctx context.Context, kv jetstream.KeyValue, key string, read *Read, fn func(rec PT, exists bool) (Change, error), opts ...ModifyOption) (PT, error) {
+	var o modifyOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	for attempt := 0; ; attempt++ {
 		rec := PT(new(T))
 		r := read
@@ -108,26 +135,55 @@ func ModifyRead[T any, PT interface {
 				return rec, nil
 			}
 			err = kv.Delete(ctx, key, jetstream.LastRevision(rev))
-		case Write:
+		case Write, Expire:
 			var b []byte
 			b, err = proto.Marshal(rec)
 			if err != nil {
 				return nil, fmt.Errorf("modify %s/%s: %w", kv.Bucket(), key, err)
 			}
-			if rev == 0 {
+			switch {
+			case change == Expire && (o.js == nil || o.ttl <= 0):
+				return nil, fmt.Errorf("modify %s/%s: %w", kv.Bucket(), key, errExpireWithoutTTL)
+			case change == Expire && rev == 0:
+				// Create sets a key's TTL, and takes a deleted key's place.
+				_, err = kv.Create(ctx, key, b, jetstream.KeyTTL(o.ttl))
+			case change == Expire:
+				_, err = o.js.PublishMsg(ctx, &nats.Msg{Subject: "$KV." + kv.Bucket() + "." + key, Data: b},
+					jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(o.ttl))
+			case rev == 0:
 				_, err = kv.Create(ctx, key, b)
-			} else {
+			default:
 				_, err = kv.Update(ctx, key, b, rev)
 			}
 		}
 		if err == nil {
 			return rec, nil
 		}
-		if (errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch)) && attempt < 50 {
+		if IsConflict(err) && attempt < 50 {
 			continue
 		}
 		return nil, fmt.Errorf("modify %s/%s: %w", kv.Bucket(), key, err)
 	}
+}
+
+// errExpireWithoutTTL is a callback's Expire when Modify was given no TTL.
+var errExpireWithoutTTL = errors.New("expire asked for without ExpireAfter")
+
+// IsConflict reports a compare-and-set on a bucket that lost: the key was
+// written, created or deleted since it was read. nats.go's key-value calls
+// report it as ErrKeyExists or ErrKeyRevisionMismatch; a message published
+// to the bucket's stream gets the server's "wrong last sequence", under a
+// code of its own (10164) on a replicated stream while another write to
+// the key is still in flight. Every conditional write and delete of
+// easguard's state asks this, so that a lost race on a cluster is retried
+// or ignored as on a single server, not taken for a failure.
+func IsConflict(err error) bool {
+	if errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+		return true
+	}
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
 // Read is one key of a bucket as read: its value and revision, or that it

@@ -108,6 +108,19 @@ const BucketMDMDevicesLegacy = "easguard_mdm_devices"
 // StateBuckets lists the state buckets Provision creates.
 var StateBuckets = []string{BucketPartnerships, BucketMDMUsers, BucketDecisions, BucketStaged, BucketApplied, BucketNotified, BucketCollector, BucketStatus, BucketMDMSources}
 
+// StateBucketConfig returns the configuration of a state bucket. The MDM
+// memory (BucketMDMUsers) has limit markers, which per-key TTLs need: a
+// removal's tombstone there is written to expire (the matcher's
+// tombstoneTTL), where it would otherwise stay for good, one key for every
+// MDM record ever removed.
+func (t Topology) StateBucketConfig(bucket string) jetstream.KeyValueConfig {
+	cfg := jetstream.KeyValueConfig{Bucket: bucket, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas}
+	if bucket == BucketMDMUsers {
+		cfg.LimitMarkerTTL = time.Minute
+	}
+	return cfg
+}
+
 // StateKey builds a state key: the org, then each part as a subject-safe
 // token (KeyToken), so a hostile device id or user name cannot escape its
 // place in the key.
@@ -340,7 +353,7 @@ func Provision(ctx context.Context, js jetstream.JetStream, t Topology) error {
 	}
 	buckets := []jetstream.KeyValueConfig{t.LeaseBucketConfig(), t.MDMReplayBucketConfig(), t.ConsoleSessionsBucketConfig()}
 	for _, b := range StateBuckets {
-		buckets = append(buckets, jetstream.KeyValueConfig{Bucket: b, History: 1, Storage: jetstream.FileStorage, Replicas: t.Replicas})
+		buckets = append(buckets, t.StateBucketConfig(b))
 	}
 	for _, cfg := range buckets {
 		if err := retryProvision(ctx, func(ctx context.Context) error { return provisionBucket(ctx, js, cfg) }); err != nil {

@@ -375,3 +375,38 @@ func TestWaitVisibleAsksUntilAStreamIsFound(t *testing.T) {
 		}
 	})
 }
+
+// The MDM memory that an earlier easguard made without limit markers gets
+// them when a worker of this one provisions, and keeps what it holds: the
+// matcher's tombstones there expire by a per-key TTL, which needs them.
+func TestProvisionGivesTheMDMMemoryLimitMarkers(t *testing.T) {
+	_, _, js := natstest.Start(t)
+	ctx := natstest.Context(t)
+	earlier := jetstream.KeyValueConfig{Bucket: bus.BucketMDMUsers, History: 1, Storage: jetstream.FileStorage, Replicas: 1}
+	if _, err := js.CreateStream(ctx, bus.BucketStreamConfig(earlier)); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx, bus.BucketMDMUsers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, "contoso.mdm-id.m1", []byte("kept")); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := kv.Status(ctx); st.LimitMarkerTTL() != 0 {
+		t.Fatalf("the earlier bucket has limit markers (%s) already", st.LimitMarkerTTL())
+	}
+	if err := bus.Provision(ctx, js, bus.DefaultTopology()); err != nil {
+		t.Fatal(err)
+	}
+	st, err := kv.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := bus.DefaultTopology().StateBucketConfig(bus.BucketMDMUsers).LimitMarkerTTL; want <= 0 || st.LimitMarkerTTL() != want {
+		t.Fatalf("limit markers after provisioning: %s, want %s", st.LimitMarkerTTL(), want)
+	}
+	if e, err := kv.Get(ctx, "contoso.mdm-id.m1"); err != nil || string(e.Value()) != "kept" {
+		t.Fatalf("the record the earlier bucket held: %v", err)
+	}
+}

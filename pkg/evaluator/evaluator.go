@@ -1066,17 +1066,11 @@ func (e *Evaluator) rechecks(ctx context.Context, pub *bus.Publisher) error {
 		// Only the entry read above: if the re-evaluation scheduled the
 		// same recheck again, that one stays.
 		if err := e.staged.Delete(ctx, k, jetstream.LastRevision(entry.Revision())); err != nil &&
-			!errors.Is(err, jetstream.ErrKeyNotFound) && !errors.Is(err, jetstream.ErrKeyExists) && !isWrongLastSequence(err) {
+			!errors.Is(err, jetstream.ErrKeyNotFound) && !bus.IsConflict(err) {
 			return fmt.Errorf("drop recheck %s: %w", k, err)
 		}
 	}
 	return nil
-}
-
-// isWrongLastSequence reports a conditional delete that lost to a newer write.
-func isWrongLastSequence(err error) bool {
-	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence
 }
 
 // scheduleRecheck remembers to re-evaluate a decision at a time.

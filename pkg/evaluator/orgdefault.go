@@ -275,7 +275,7 @@ func (e *Evaluator) waitingDefault(ctx context.Context, pub *bus.Publisher) erro
 			left++
 			continue
 		}
-		if err := e.staged.Delete(ctx, k, jetstream.LastRevision(entry.Revision())); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) && !isWrongLastSequence(err) {
+		if err := e.staged.Delete(ctx, k, jetstream.LastRevision(entry.Revision())); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) && !bus.IsConflict(err) {
 			return fmt.Errorf("default plan: %w", err)
 		}
 	}

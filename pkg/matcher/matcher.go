@@ -43,7 +43,11 @@ type Matcher struct {
 	// Pages of confirmed partnerships read their device records and
 	// users a page at a time.
 	partsBulk, usersBulk *bus.BulkReader
-	now                  func() time.Time
+	// js writes the tombstones, which expire tombstoneTTL after they are
+	// written (0: never).
+	js           jetstream.JetStream
+	tombstoneTTL time.Duration
+	now          func() time.Time
 	// afterMDMRead, when set (by tests), runs between a page's read of its
 	// device records (the MDM side with them) and its verdicts.
 	afterMDMRead func()
@@ -52,7 +56,7 @@ type Matcher struct {
 // New opens the matcher's indexes, folding in the MDM index an earlier
 // easguard kept in a bucket of its own.
 func New(ctx context.Context, js jetstream.JetStream, org bus.Org) (*Matcher, error) {
-	m := &Matcher{org: org, now: time.Now}
+	m := &Matcher{org: org, js: js, now: time.Now}
 	for _, b := range []struct {
 		name string
 		kv   *jetstream.KeyValue
@@ -75,7 +79,40 @@ func New(ctx context.Context, js jetstream.JetStream, org bus.Org) (*Matcher, er
 	if err := m.migrate(ctx, js); err != nil {
 		return nil, err
 	}
+	ttl, err := tombstoneTTL(ctx, js, m.users)
+	if err != nil {
+		return nil, fmt.Errorf("matcher: %w", err)
+	}
+	m.tombstoneTTL = ttl
 	return m, nil
+}
+
+// tombstoneMargin is how long a tombstone outlives the MDM reports it
+// guards against: a report taken from the stream just before it expired
+// may still be in a handler, or be redelivered once.
+const tombstoneMargin = time.Hour
+
+// tombstoneTTL is how long a removal's tombstone in the MDM memory is
+// kept. It refuses reports of the record older than the removal, handled
+// late (another replica, a redelivery); every report is stamped when its
+// source published it, so none can arrive once the MDM stream no longer
+// keeps it. A stream that keeps reports for good, or a bucket without the
+// limit markers a per-key TTL needs (provisioned by an earlier easguard),
+// keeps tombstones for good.
+func tombstoneTTL(ctx context.Context, js jetstream.JetStream, users jetstream.KeyValue) (time.Duration, error) {
+	st, err := js.Stream(ctx, bus.StreamMDM)
+	if err != nil {
+		return 0, fmt.Errorf("retention of %s: %w", bus.StreamMDM, err)
+	}
+	status, err := users.Status(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("status of %s: %w", bus.BucketMDMUsers, err)
+	}
+	age := st.CachedInfo().Config.MaxAge
+	if age <= 0 || status.LimitMarkerTTL() <= 0 {
+		return 0, nil
+	}
+	return age + tombstoneMargin, nil
 }
 
 // Routes returns the matcher's handlers.
@@ -313,9 +350,12 @@ func (m *Matcher) MDMChanged(ctx context.Context, in *ev.MDMDeviceChanged) ([]bu
 		}
 		if in.GetRemoved() {
 			last.RemovedById = map[string]bool{mdmID: true}
+			if m.tombstoneTTL > 0 {
+				return bus.Expire, nil
+			}
 		}
 		return bus.Write, nil
-	}); err != nil {
+	}, bus.ExpireAfter(m.js, m.tombstoneTTL)); err != nil {
 		return nil, fmt.Errorf("matcher: record %s: %w", mdmID, err)
 	}
 	if newer {

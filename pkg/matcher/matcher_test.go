@@ -566,3 +566,70 @@ func TestMDMIndexOfAnEarlierVersionIsFoldedIn(t *testing.T) {
 		t.Fatalf("the old bucket after every organisation's matcher started: %v, want it deleted", err)
 	}
 }
+
+// A removal's tombstone in the MDM memory is kept as long as the MDM
+// stream keeps reports it could refuse (plus a margin), then the server
+// removes it: without that, the memory keeps a key for every MDM record
+// ever removed. A live record's memory does not expire, and a bucket that
+// an earlier easguard made without limit markers keeps tombstones for good
+// rather than failing the removal.
+func TestRemovalTombstoneExpires(t *testing.T) {
+	memory := func(t *testing.T, h *harness, id string) (*ev.MDMIndex, bool) {
+		t.Helper()
+		kv, err := h.js.KeyValue(natstest.Context(t), bus.BucketMDMUsers)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key, _ := bus.StateKey(org, "mdm-id", id)
+		idx, ok, err := bus.Load[ev.MDMIndex](natstest.Context(t), kv, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return idx, ok
+	}
+	// m2 enrolled, m1 enrolled and removed (indexed when mdm returns).
+	removeM1 := func(t *testing.T, h *harness) {
+		t.Helper()
+		h.mdm(&ev.MDMDevice{MdmDeviceId: "m2", UserPrincipalName: "bob@contoso.com", EasDeviceId: "ApplKEPT"}, false, "")
+		for _, removed := range []bool{false, true} {
+			h.mdm(&ev.MDMDevice{MdmDeviceId: "m1", UserPrincipalName: "alice@contoso.com", EasDeviceId: "ApplGONE"}, removed, "")
+		}
+	}
+	tombstoned := func(t *testing.T, h *harness) {
+		t.Helper()
+		if idx, ok := memory(t, h, "m1"); !ok || !idx.GetRemovedById()["m1"] {
+			t.Fatalf("m1's memory after its removal: %v (present %v), want a tombstone", idx, ok)
+		}
+		if _, ok := memory(t, h, "m2"); !ok {
+			t.Fatal("m2's memory missing")
+		}
+	}
+	t.Run("expires", func(t *testing.T) {
+		h := start(t)
+		if got, want := matcher.TombstoneTTL(h.m), bus.DefaultTopology().FactsMaxAge+time.Hour; got != want {
+			t.Fatalf("tombstone TTL %s, want the MDM stream's retention and an hour, %s", got, want)
+		}
+		matcher.SetTombstoneTTL(h.m, 3*time.Second)
+		removeM1(t, h)
+		tombstoned(t, h)
+		natstest.Eventually(t, 30*time.Second, "m1's tombstone gone", func() bool { _, ok := memory(t, h, "m1"); return !ok })
+		if _, kept := memory(t, h, "m2"); !kept {
+			t.Fatal("m2's record, live, expired with the tombstone")
+		}
+	})
+	t.Run("bucket without limit markers", func(t *testing.T) {
+		h := startAfter(t, func(ctx context.Context, js jetstream.JetStream) {
+			if err := js.DeleteKeyValue(ctx, bus.BucketMDMUsers); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bus.BucketMDMUsers, History: 1}); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if got := matcher.TombstoneTTL(h.m); got != 0 {
+			t.Fatalf("tombstone TTL %s on a bucket without limit markers, want 0 (kept)", got)
+		}
+		removeM1(t, h)
+		tombstoned(t, h)
+	})
+}

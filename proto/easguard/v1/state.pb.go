@@ -119,7 +119,9 @@ type MDMIndex struct {
 	// the memory is kept as a tombstone holding the record's last EAS id and
 	// user, so that a removal run again (which may name only the MDM id)
 	// still knows which partnerships to match again, and a report older
-	// than the removal, processed late, does not bring the record back.
+	// than the removal, processed late, does not bring the record back. The
+	// tombstone expires once the MDM stream keeps no report it could refuse
+	// (pkg/matcher, tombstoneTTL).
 	RemovedById   map[string]bool `protobuf:"bytes,4,rep,name=removed_by_id,json=removedById,proto3" json:"removed_by_id,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
