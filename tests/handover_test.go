@@ -2,9 +2,6 @@ package tests
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
-	"io"
 	"log/slog"
 	"strings"
 	"sync"
@@ -58,18 +55,13 @@ func TestCollectorTakingItsLeaseBackReadsWhatAnotherReplicaWrote(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	key := pipeline.Collector + "." + s.org
-	release := holdLease(t, leases, key, "handover-test-replica")
+	lease, release := takeLease(t, leases, pipeline.Collector, bus.Org(s.org), "handover-test-replica")
 
 	// The other replica, under the lease: the phone blocked, recorded,
 	// then unlisted, as an administrator might undo a mistake.
-	pool, err := exchange.NewPool(ctx, *s.sections.Exchange, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pool.Close(context.Background()) })
-	client := exchange.NewClient(pool, *s.sections.Exchange)
-	other, err := collector.New(ctx, s.svc.JS, bus.Org(s.org), *s.sections.Collector, client, s.svc.Publisher(), pool.Current, nil)
+	client, closeClient := bareClient(t, *s.sections.Exchange)
+	t.Cleanup(closeClient)
+	other, err := collector.New(ctx, s.svc.JS, bus.Org(s.org), *s.sections.Collector, client, s.svc.Publisher(), nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +87,8 @@ func TestCollectorTakingItsLeaseBackReadsWhatAnotherReplicaWrote(t *testing.T) {
 
 	release()
 	natstest.Eventually(t, 30*time.Second, "the stack's collector holding its lease again", func() bool {
-		return leaseHolder(t, leases, key) == s.svc.InstanceID()
+		h, err := lease.Holder(ctx)
+		return err == nil && h == s.svc.InstanceID()
 	})
 	// The first passes of the new term: the schedule's quick sync, which
 	// reports partnerships changed lately, and a full sync asked for.
@@ -129,81 +122,42 @@ func changesIn(s *stack, sync *ev.SyncCompleted, deviceID string) []*ev.EASPartn
 	})
 }
 
-// holdLease takes a lease key from whoever holds it, as a replica whose
-// holder lost it (a renewal that went unanswered) sees it happen, and
-// renews it until the returned function releases it. The holder notices
-// at its next renewal and campaigns again; it gets the key back only
-// after the release.
-func holdLease(t *testing.T, kv jetstream.KeyValue, key, holder string) (release func()) {
+// takeLease takes a duty's lease from the replica that holds it, as a
+// standby does when the holder's renewals go unanswered: its key is
+// deleted until a real bus.Lease under holder creates it (the holder, which
+// learns of the loss at its next renewal, may take it back first), and
+// that lease is then held, and renewed, until release. The holder gets the
+// key back only after the release.
+func takeLease(t *testing.T, kv jetstream.KeyValue, duty string, org bus.Org, holder string) (lease *bus.Lease, release func()) {
 	t.Helper()
-	ctx := t.Context()
-	record := func() []byte {
-		b, err := json.Marshal(map[string]any{"holder": holder, "acquired_at": time.Now().UTC(), "renewed_at": time.Now().UTC()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
+	lease, err := bus.NewLease(t.Context(), kv, duty, org, holder, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
 	}
-	var rev uint64
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- lease.Run(ctx, func(lctx context.Context) { <-lctx.Done() }) }()
+	key := duty + "." + string(org)
 	natstest.Eventually(t, 30*time.Second, "the test holding lease "+key, func() bool {
-		if err := kv.Delete(ctx, key); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
-			t.Fatal(err)
+		if lease.Held() {
+			return true
 		}
-		r, err := kv.Create(ctx, key, record())
-		if err != nil {
-			return false // the holder took it back between the two
-		}
-		rev = r
-		return true
-	})
-	stop, stopped := make(chan struct{}), make(chan error, 1)
-	go func() {
-		// Renewed as a replica renews, well within the key's TTL.
-		tick := time.NewTicker(200 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				stopped <- kv.Delete(context.Background(), key, jetstream.LastRevision(rev))
-				return
-			case <-tick.C:
-				r, err := kv.Update(context.Background(), key, record(), rev)
-				if err != nil {
-					stopped <- err
-					return
-				}
-				rev = r
+		if h, err := lease.Holder(t.Context()); err == nil && h != "" && h != holder {
+			if err := kv.Delete(t.Context(), key); err != nil {
+				t.Fatal(err)
 			}
 		}
-	}()
+		return false
+	})
 	var once sync.Once
 	release = func() {
 		once.Do(func() {
-			close(stop)
-			if err := <-stopped; err != nil {
+			cancel()
+			if err := <-ran; err != nil {
 				t.Errorf("lease %s held by the test: %v", key, err)
 			}
 		})
 	}
 	t.Cleanup(release)
-	return release
-}
-
-// leaseHolder is who holds a lease now, "" for nobody.
-func leaseHolder(t testing.TB, kv jetstream.KeyValue, key string) string {
-	t.Helper()
-	e, err := kv.Get(t.Context(), key)
-	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
-		return ""
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	var rec struct {
-		Holder string `json:"holder"`
-	}
-	if err := json.Unmarshal(e.Value(), &rec); err != nil {
-		t.Fatal(err)
-	}
-	return rec.Holder
+	return lease, release
 }

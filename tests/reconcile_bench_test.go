@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"maps"
 	"net/http"
 	"os"
@@ -771,12 +770,8 @@ func (r *reconcileRig) timeListing() time.Duration {
 	ctx := tb.Context()
 	cfg := r.f.sim.ExchangeConfig(tb)
 	cfg.Workers = benchSessions
-	pool, err := exchange.NewPool(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer pool.Close(context.Background())
-	c := exchange.NewClient(pool, cfg)
+	c, closePool := bareClient(tb, cfg)
+	defer closePool()
 	if err := c.ListRecipients(ctx, func([]exchange.Recipient) error { return nil }); err != nil {
 		tb.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -832,4 +833,16 @@ func (s *stack) waitSyncs(kind string, n int) {
 	natstest.Eventually(s.t, 60*time.Second, fmt.Sprintf("%d %s syncs", n, kind), func() bool {
 		return len(find(s.events, func(m *ev.SyncCompleted) bool { return m.GetKind() == want && m.GetSuccess() })) >= n
 	})
+}
+
+// bareClient is an exchange.Client of the test's own, over a pool of its
+// own with cfg, outside any easguard; close ends its sessions, which the
+// simulator counts against the service account's budget.
+func bareClient(tb testing.TB, cfg exchange.Config) (c *exchange.Client, close func()) {
+	tb.Helper()
+	pool, err := exchange.NewPool(tb.Context(), cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return exchange.NewClient(pool, cfg), func() { pool.Close(context.Background()) }
 }

@@ -37,7 +37,7 @@ func NewBulkReader(ctx context.Context, js jetstream.JetStream, kv jetstream.Key
 	if err != nil {
 		return nil, fmt.Errorf("bulk reader for %s: %w", kv.Bucket(), err)
 	}
-	b := &BulkReader{js: js, kv: kv, stream: "KV_" + kv.Bucket(), prefix: "$KV." + kv.Bucket() + "."}
+	b := &BulkReader{js: js, kv: kv, stream: BucketStream(kv.Bucket()), prefix: KeySubject(kv.Bucket(), "")}
 	if s, ok := st.(*jetstream.KeyValueBucketStatus); ok {
 		b.direct = s.StreamInfo().Config.AllowDirect
 	}

@@ -148,7 +148,7 @@ func ModifyRead[T any, PT interface {
 				// Create sets a key's TTL, and takes a deleted key's place.
 				_, err = kv.Create(ctx, key, b, jetstream.KeyTTL(o.ttl))
 			case change == Expire:
-				_, err = o.js.PublishMsg(ctx, &nats.Msg{Subject: "$KV." + kv.Bucket() + "." + key, Data: b},
+				_, err = o.js.PublishMsg(ctx, &nats.Msg{Subject: KeySubject(kv.Bucket(), key), Data: b},
 					jetstream.WithExpectLastSequencePerSubject(rev), jetstream.WithMsgTTL(o.ttl))
 			case rev == 0:
 				_, err = kv.Create(ctx, key, b)

@@ -496,6 +496,16 @@ func provisionBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.
 	return err
 }
 
+// BucketStream names the stream behind a KV bucket, as nats.go does.
+func BucketStream(bucket string) string { return "KV_" + bucket }
+
+// KeySubject is the subject a KV bucket stores key under, as nats.go
+// makes it; a key filter ("<org>.>") makes the filter of those keys. What
+// reads or writes a bucket's stream rather than through the key-value
+// API (batched reads, a write with a per-key TTL, a leader's last
+// sequence) names its subjects here.
+func KeySubject(bucket, key string) string { return "$KV." + bucket + "." + key }
+
 // BucketStreamConfig returns the stream behind a KV bucket: what nats.go
 // (v1.55) creates for cfg, except that direct gets are off when the bucket
 // has replicas. A direct get may be answered by any replica, and a
@@ -519,9 +529,9 @@ func BucketStreamConfig(cfg jetstream.KeyValueConfig) jetstream.StreamConfig {
 		duplicates = cfg.TTL
 	}
 	sc := jetstream.StreamConfig{
-		Name:              "KV_" + cfg.Bucket,
+		Name:              BucketStream(cfg.Bucket),
 		Description:       cfg.Description,
-		Subjects:          []string{"$KV." + cfg.Bucket + ".>"},
+		Subjects:          []string{KeySubject(cfg.Bucket, ">")},
 		MaxMsgsPerSubject: history,
 		MaxBytes:          -1,
 		MaxAge:            cfg.TTL,

@@ -77,6 +77,8 @@ type allowedView struct {
 	// streams are the buckets' streams (decisions, partnerships), whose
 	// leaders say how far a count must wait (upTo).
 	streams [2]jetstream.Stream
+	// orgKeys are the filters of the organisation's keys in each.
+	orgKeys [2]string
 
 	mu sync.Mutex
 	// keys: per decision key, what decides whether it has mail.
@@ -142,7 +144,7 @@ const (
 func startAllowedView(ctx context.Context, js jetstream.JetStream, org bus.Org, decisions, parts jetstream.KeyValue) (*allowedView, error) {
 	v := &allowedView{org: string(org), done: make(chan struct{}), keys: map[string]viewKey{}, parts: map[string][]string{}, bad: map[string]error{}}
 	for i, kv := range []jetstream.KeyValue{decisions, parts} {
-		name := "KV_" + kv.Bucket()
+		name := bus.BucketStream(kv.Bucket())
 		s, err := js.Stream(ctx, name)
 		if err != nil {
 			return nil, fmt.Errorf("guard view: %s: %w", name, err)
@@ -152,7 +154,7 @@ func startAllowedView(ctx context.Context, js jetstream.JetStream, org bus.Org, 
 			// lagging replica may answer.
 			return nil, fmt.Errorf("guard view: %s allows direct gets on %d replicas; provision the buckets (bus.Provision)", name, cfg.Replicas)
 		}
-		v.streams[i] = s
+		v.streams[i], v.orgKeys[i] = s, bus.KeySubject(kv.Bucket(), string(org)+".>")
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	v.stop = cancel
@@ -409,7 +411,7 @@ func (e *Evaluator) allowedCount(ctx context.Context) (int, error) {
 	}
 	var upTo [2]uint64
 	for i, s := range v.streams {
-		if upTo[i], err = lastSeq(ctx, s, string(e.org)+".>"); err != nil {
+		if upTo[i], err = lastSeq(ctx, s, v.orgKeys[i]); err != nil {
 			return 0, err
 		}
 	}
@@ -442,16 +444,16 @@ func (e *Evaluator) allowedView(ctx context.Context) (*allowedView, error) {
 }
 
 // lastSeq returns the stream sequence of the last message a KV bucket's
-// stream holds under a key filter (0 if none), as the stream's leader
-// knows it. bus.Provision turns direct gets off on every replicated
-// bucket (a follower may answer a direct get with what it has not caught
-// up on; startAllowedView checks), so the client's GetLastMsgForSubject is
-// a STREAM.MSG.GET that the leader answers, or, on a bucket of one
-// replica, a direct get that the only server holding it answers; both
-// take a wildcard filter.
+// stream holds under a filter of its keys' subjects (bus.KeySubject; 0 if
+// none), as the stream's leader knows it. bus.Provision turns direct gets
+// off on every replicated bucket (a follower may answer a direct get with
+// what it has not caught up on; startAllowedView checks), so the client's
+// GetLastMsgForSubject is a STREAM.MSG.GET that the leader answers, or, on
+// a bucket of one replica, a direct get that the only server holding it
+// answers; both take a wildcard filter.
 func lastSeq(ctx context.Context, s jetstream.Stream, filter string) (uint64, error) {
 	name := s.CachedInfo().Config.Name
-	m, err := s.GetLastMsgForSubject(ctx, "$KV."+strings.TrimPrefix(name, "KV_")+"."+filter)
+	m, err := s.GetLastMsgForSubject(ctx, filter)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return 0, nil
 	}
